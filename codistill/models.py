@@ -1,0 +1,102 @@
+"""Building causal LMs from a transformers config or a local pretrained folder, and
+the checks that make a teacher and its students comparable token by token.
+
+All checks run on configs, before any weights exist, so bad input fails fast.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
+
+from .config import ConfigError, ModelSpec
+
+_WEIGHTS = ("*.safetensors", "pytorch_model*.bin")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def _pretrained_dir(spec: ModelSpec) -> Path:
+    path = Path(spec.pretrained).expanduser()
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{spec.name}.pretrained: {path} is not a model folder (no config.json)")
+    if not any(next(path.glob(pattern), None) for pattern in _WEIGHTS):
+        raise ConfigError(f"{spec.name}.pretrained: {path} holds no weights (*.safetensors or pytorch_model*.bin)")
+    return path
+
+
+def pretrained_tokenizer_dir(spec: ModelSpec) -> Optional[Path]:
+    """The model's own tokenizer folder, if it was saved with one."""
+    if not spec.pretrained:
+        return None
+    path = Path(spec.pretrained).expanduser()
+    return path if any((path / f).exists() for f in _TOKENIZER_FILES) else None
+
+
+def model_config(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
+    """The transformers config the model will be built from (no weights are touched).
+
+    A random-init model gets the tokenizer's vocabulary size (unless ``config.vocab_size``
+    pads it larger) and its bos/eos/pad ids.
+    """
+    if spec.pretrained:
+        path = _pretrained_dir(spec)
+        return AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=spec.trust_remote_code)
+    kwargs = {
+        "vocab_size": len(tokenizer),
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        **spec.config,
+    }
+    try:
+        return AutoConfig.for_model(spec.arch, **kwargs)
+    except ValueError as exc:
+        raise ConfigError(f"{spec.name}.arch: '{spec.arch}' is not a transformers model type ({str(exc).splitlines()[0][:120]})") from None
+
+
+def check_model(spec: ModelSpec, cfg: PretrainedConfig, tokenizer: PreTrainedTokenizerBase,
+                tokenizer_fp: str, seq_len: int) -> None:
+    """Refuse a model that cannot read this run's token ids or sequence length."""
+    from .data import load_tokenizer, tokenizer_fingerprint
+
+    own = pretrained_tokenizer_dir(spec)
+    if own is not None and tokenizer_fingerprint(load_tokenizer(own)) != tokenizer_fp:
+        raise ConfigError(
+            f"{spec.name}.pretrained: the tokenizer in {own} differs from the run's tokenizer; teacher "
+            "and students must share one vocabulary"
+        )
+    vocab = getattr(cfg, "vocab_size", None)
+    if vocab is None or vocab < len(tokenizer):
+        raise ConfigError(
+            f"{spec.name}: embedding rows ({vocab}) are fewer than the tokenizer's {len(tokenizer)} tokens; "
+            "teacher and students must share the tokenizer's vocabulary"
+        )
+    positions = getattr(cfg, "max_position_embeddings", None)
+    if positions is not None and seq_len > positions:
+        raise ConfigError(
+            f"data.seq_len={seq_len} exceeds {spec.name}'s max_position_embeddings={positions}; "
+            "lower data.seq_len or raise the model's positions"
+        )
+
+
+def build_model(spec: ModelSpec, cfg: PretrainedConfig, seed: int) -> torch.nn.Module:
+    """Weights for ``spec``: random init under ``seed`` (identical on every rank) or loaded offline."""
+    if spec.pretrained:
+        return AutoModelForCausalLM.from_pretrained(
+            str(_pretrained_dir(spec)), config=cfg, local_files_only=True,
+            trust_remote_code=spec.trust_remote_code, dtype=torch.float32,
+        )
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg, trust_remote_code=spec.trust_remote_code, dtype=torch.float32)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Total parameters, also under ZeRO-3 where each rank holds a shard."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
+def local_parameters(model: torch.nn.Module) -> int:
+    """Parameters stored on this rank (a ZeRO-3 shard, or everything)."""
+    return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())

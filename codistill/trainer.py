@@ -1,0 +1,297 @@
+"""The co-distillation trainer: one DeepSpeed engine per model, all on the world group.
+
+Per micro-batch every model sees the identical batch. The teacher's forward runs
+once: its cross-entropy on the ground truth trains it, and its detached logits are
+the soft targets of every student.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from . import checkpoint, distributed
+from .config import ConfigError, ModelSpec, RunConfig, TrainConfig, dump_config, load_deepspeed_config
+from .data import BatchStream, build_splits, eval_batches, resolve_tokenizer, tokenizer_fingerprint
+from .losses import blend, cross_entropy, forward_kl, shift_for_next_token, top1_agreement
+from .metrics import Metrics, format_values
+from .models import build_model, check_model, count_parameters, local_parameters, model_config, pretrained_tokenizer_dir
+from .schedules import alpha_at
+
+log = logging.getLogger("codistill")
+
+_ADAM = {"adam", "adamw"}
+
+
+def quiet_library_noise() -> None:
+    """torch 2.13 warns ~70 times per ZeRO step about deprecated collectives; DeepSpeed
+    prints its whole config per engine. Neither helps a user reading the run's log."""
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed.*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"deepspeed.*")
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\._(all_gather_base|reduce_scatter_base).*")
+    from deepspeed.utils import logger as ds_logger
+    from transformers.utils import logging as hf_logging
+
+    ds_logger.setLevel(logging.ERROR)
+    hf_logging.set_verbosity_error()
+
+
+def resolve_deepspeed_config(spec: ModelSpec, train: TrainConfig, world_size: int, on_cpu: bool) -> dict[str, Any]:
+    """The model's DeepSpeed JSON with the shared batch geometry filled in and checked."""
+    ds = load_deepspeed_config(spec)
+    shared = {
+        "train_micro_batch_size_per_gpu": ("train.micro_batch_size", train.micro_batch_size),
+        "gradient_accumulation_steps": ("train.gradient_accumulation_steps", train.gradient_accumulation_steps),
+        "train_batch_size": ("micro_batch_size x accumulation x world size",
+                             train.micro_batch_size * train.gradient_accumulation_steps * world_size),
+    }
+    for key, (ours_name, ours) in shared.items():
+        given = ds.get(key, "auto")
+        if given != "auto" and given != ours:
+            raise ConfigError(
+                f"{spec.name}.deepspeed.{key}={given} disagrees with {ours_name}={ours}; the batch "
+                "geometry is shared by all models and set in the train section"
+            )
+        ds[key] = ours
+    optimizer = ds.get("optimizer")
+    if not isinstance(optimizer, dict) or "type" not in optimizer:
+        raise ConfigError(f"{spec.name}.deepspeed.optimizer: a trainable model needs an optimizer section with a type")
+    if on_cpu and optimizer["type"].lower() in _ADAM:
+        # DeepSpeed's FusedAdam is a ~65 s JIT compile and CPU-only anyway slower than torch's.
+        optimizer.setdefault("params", {}).setdefault("torch_adam", True)
+    scheduler_params = (ds.get("scheduler") or {}).get("params", {})
+    if scheduler_params.get("total_num_steps") == "auto":
+        scheduler_params["total_num_steps"] = train.max_steps
+    ds.setdefault("steps_per_print", 10**9)
+    return ds
+
+
+@dataclass
+class Member:
+    """One model of the run and its engine."""
+
+    spec: ModelSpec
+    engine: Any  # deepspeed.DeepSpeedEngine
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+class Trainer:
+    """Builds every component from a validated config; :meth:`fit` runs the loop."""
+
+    def __init__(self, cfg: RunConfig, debug: bool = False):
+        if not debug:
+            quiet_library_noise()
+        import deepspeed
+
+        self.cfg = cfg
+        self.debug = debug
+        self.world = distributed.init()
+        self.output_dir = Path(cfg.output_dir).expanduser().resolve()
+        on_cpu = self.world.device.type == "cpu"
+
+        # Everything that can be wrong with the input is checked before any engine exists.
+        fallback = pretrained_tokenizer_dir(cfg.teacher)
+        self.tokenizer = resolve_tokenizer(cfg.data, str(fallback) if fallback else None)
+        self.vocab = len(self.tokenizer)
+        fingerprint = tokenizer_fingerprint(self.tokenizer)
+        hf_configs = {s.name: model_config(s, self.tokenizer) for s in cfg.models}
+        for spec in cfg.models:
+            check_model(spec, hf_configs[spec.name], self.tokenizer, fingerprint, cfg.data.seq_len)
+        ds_configs = {s.name: resolve_deepspeed_config(s, cfg.train, self.world.size, on_cpu) for s in cfg.models}
+        checkpoint.refuse_foreign_checkpoints(self.output_dir, cfg.overwrite)
+        splits = build_splits(cfg.data, self.tokenizer, cfg.train.seed)
+        self.stream = BatchStream(splits.train, cfg.train.micro_batch_size, self.world.rank, self.world.size, cfg.train.seed)
+        self.val_batches = eval_batches(splits.validation, cfg.train.micro_batch_size, self.world.rank,
+                                        self.world.size, cfg.train.eval_batches)
+        if not self.val_batches:
+            raise ConfigError(
+                f"data: the validation split has fewer than {self.world.size} blocks; one per rank is needed"
+            )
+
+        self.members: list[Member] = []
+        for i, spec in enumerate(cfg.models):
+            model = build_model(spec, hf_configs[spec.name], seed=cfg.train.seed + i)
+            engine, *_ = deepspeed.initialize(
+                model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+                config=ds_configs[spec.name],
+            )
+            self.members.append(Member(spec, engine))
+        self.teacher, self.students = self.members[0], self.members[1:]
+        self._seed_rngs(cfg.train.seed + 1000 * self.world.rank)
+        self.tokens_per_step = (cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps
+                                * self.world.size * cfg.data.seq_len)
+        self.metrics: Optional[Metrics] = None
+
+    @staticmethod
+    def _seed_rngs(seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+    # ------------------------------------------------------------------ the step
+
+    def _forward(self, member: Member, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Shifted logits over the real vocabulary [B, S-1, V], labels and mask [B, S-1]."""
+        out = member.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return shift_for_next_token(out.logits[..., : self.vocab], batch["input_ids"], batch["attention_mask"])
+
+    def teacher_micro_step(self, batch: dict[str, torch.Tensor], sums: dict[str, float]) -> torch.Tensor:
+        """Teacher: CE on the ground truth, backward, step. Returns its detached logits."""
+        logits, labels, mask = self._forward(self.teacher, batch)
+        ce = cross_entropy(logits, labels, mask)
+        self.teacher.engine.backward(ce)
+        self.teacher.engine.step()
+        sums[f"{self.teacher.name}/train/loss"] += ce.item()
+        sums[f"{self.teacher.name}/train/loss_ce"] += ce.item()
+        return logits.detach()
+
+    def student_micro_step(self, student: Member, batch: dict[str, torch.Tensor], targets: Optional[torch.Tensor],
+                           alpha: float, temperature: float, sums: dict[str, float]) -> None:
+        """Student: (1-α)·CE + α·T²·KL(teacher ‖ student); with ``targets=None``, CE alone."""
+        logits, labels, mask = self._forward(student, batch)
+        ce = cross_entropy(logits, labels, mask)
+        if targets is None:
+            loss = ce
+        elif alpha > 0.0:
+            kd = forward_kl(logits, targets, mask, temperature)
+            loss = blend(ce, kd, alpha)
+        else:  # the soft term is logged during burn-in but adds nothing to the graph
+            with torch.no_grad():
+                kd = forward_kl(logits.detach(), targets, mask, temperature)
+            loss = ce
+        student.engine.backward(loss)
+        student.engine.step()
+        sums[f"{student.name}/train/loss"] += loss.item()
+        sums[f"{student.name}/train/loss_ce"] += ce.item()
+        if targets is not None:
+            sums[f"{student.name}/train/loss_kd"] += kd.item()
+
+    def _next_batch(self) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.world.device, non_blocking=True) for k, v in next(self.stream).items()}
+
+    def train_step(self, step: int) -> dict[str, float]:
+        """One optimizer step of every model (``step`` is 0-based); returns rank-averaged metrics."""
+        d = self.cfg.distill
+        alpha = alpha_at(step, d.alpha_max, d.burn_in_steps, d.warmup_steps, d.warmup)
+        temperature = d.temperature
+        gas = self.cfg.train.gradient_accumulation_steps
+        sums: dict[str, float] = {}
+        for member in self.members:
+            sums[f"{member.name}/train/loss"] = sums[f"{member.name}/train/loss_ce"] = 0.0
+        for student in self.students:
+            sums[f"{student.name}/train/loss_kd"] = 0.0
+        start = time.perf_counter()
+        for _ in range(gas):
+            batch = self._next_batch()
+            targets = self.teacher_micro_step(batch, sums)
+            for student in self.students:
+                self.student_micro_step(student, batch, targets, alpha, temperature, sums)
+        elapsed = time.perf_counter() - start
+        values = self._mean_over_ranks({k: v / gas for k, v in sums.items()})
+        for member in self.members:
+            values[f"{member.name}/train/lr"] = float(member.engine.get_lr()[0])
+            norm = member.engine.get_global_grad_norm()
+            values[f"{member.name}/train/grad_norm"] = float(norm) if norm is not None else float("nan")
+        values["schedule/alpha"] = alpha
+        values["schedule/temperature"] = temperature
+        values["perf/tokens_per_sec"] = self.tokens_per_step / self._max_over_ranks(elapsed)
+        return values
+
+    def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
+        keys = sorted(values)
+        t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        return {k: float(v) / self.world.size for k, v in zip(keys, t.tolist())}
+
+    def _max_over_ranks(self, value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return float(t.item())
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation CE of every model and each student's top-1 agreement with the teacher."""
+        for m in self.members:
+            m.engine.eval()
+        names = [m.name for m in self.members]
+        sums = torch.zeros(len(names) + 2 * len(self.students), dtype=torch.float64)
+        tokens = 0
+        for raw in self.val_batches:
+            batch = {k: v.to(self.world.device) for k, v in raw.items()}
+            t_logits, labels, mask = self._forward(self.teacher, batch)
+            n = int(mask.sum())
+            tokens += n
+            sums[0] += cross_entropy(t_logits, labels, mask).item() * n
+            for j, student in enumerate(self.students):
+                s_logits, _, _ = self._forward(student, batch)
+                sums[1 + j] += cross_entropy(s_logits, labels, mask).item() * n
+                sums[len(names) + j] += top1_agreement(s_logits, t_logits, mask)[0]
+        for m in self.members:
+            m.engine.train()
+        sums[len(names) + len(self.students):] = tokens
+        torch.distributed.all_reduce(sums)
+        total = float(sums[-1])
+        out = {f"{name}/eval/loss": float(sums[i]) / total for i, name in enumerate(names)}
+        for j, student in enumerate(self.students):
+            out[f"{student.name}/eval/agreement"] = float(sums[len(names) + j]) / total
+        return out
+
+    # ------------------------------------------------------------------ the loop
+
+    def describe(self) -> list[str]:
+        """One line per model: size, ZeRO stage, precision and what each rank stores."""
+        lines = []
+        for m in self.members:
+            module = m.engine.module
+            local = torch.tensor([local_parameters(module)], dtype=torch.int64)
+            gathered = [torch.zeros_like(local) for _ in range(self.world.size)]
+            torch.distributed.all_gather(gathered, local)
+            stored = " ".join(f"{int(t):,}" for t in gathered)
+            lines.append(
+                f"{m.name}: {count_parameters(module):,} parameters, ZeRO stage {m.engine.zero_optimization_stage()}, "
+                f"bf16={m.engine.bfloat16_enabled()}; stored per rank: {stored}"
+            )
+        return lines
+
+    def fit(self) -> dict[str, float]:
+        """Train for ``train.max_steps`` optimizer steps; returns the final evaluation."""
+        cfg, world = self.cfg, self.world
+        if world.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.yaml").write_text(dump_config(cfg))
+        torch.autograd.set_detect_anomaly(cfg.train.detect_anomaly)
+        metrics = self.metrics = Metrics(self.output_dir, world.is_main, cfg.train.max_steps)
+        for line in [f"world: {world.size} rank(s) on {world.device.type} ({world.how}); "
+                     f"{self.tokens_per_step:,} tokens per step", *self.describe()]:
+            metrics.message(line)
+        final = self.evaluate()
+        metrics.scalars(0, final)
+        metrics.message("step 0: " + format_values(final))
+        for step in range(cfg.train.max_steps):
+            values = self.train_step(step)
+            done = step + 1
+            last = done == cfg.train.max_steps
+            metrics.advance(done, values, line=done % cfg.train.log_interval == 0 or last)
+            if done % cfg.train.eval_interval == 0 or last:
+                final = self.evaluate()
+                metrics.scalars(done, final)
+                metrics.message(f"eval at step {done}: " + format_values(final))
+        saved = checkpoint.save(
+            self.output_dir, cfg.train.max_steps, [(m.name, m.engine) for m in self.members],
+            {"models": [m.name for m in self.members], "config": cfg.model_dump(mode="json")}, world.is_main,
+        )
+        metrics.message(f"saved final checkpoint to {saved}")
+        metrics.close()
+        return final

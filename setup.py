@@ -1,0 +1,30 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="codistill",
+    version="0.1.0",
+    description="Co-distillation of LLMs on DeepSpeed: a teacher and its students trained together",
+    packages=find_packages(include=["codistill", "codistill.*"]),
+    python_requires=">=3.10",
+    # torch is pinned in the install command (README): `torch==2.13.0` takes the CPU
+    # wheel on CPU-only machines; left open here, deepspeed would pull a CUDA build.
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.16",
+        "transformers>=4.46",
+        "datasets>=3.0",
+        "tokenizers>=0.20",
+        "tensorboard>=2.15",
+        "mpi4py>=4.0",
+        "pydantic>=2.6",
+        "pyyaml>=6.0",
+        "tqdm>=4.66",
+        "filelock>=3.12",
+        "numpy>=1.24",
+    ],
+    extras_require={
+        # An MPI for `mpirun -np N python launch/train.py` (bundles its libraries and mpirun).
+        "mpi": ["mpich>=4.1"],
+        "test": ["pytest>=8", "mpich>=4.1"],
+    },
+)
