@@ -205,6 +205,11 @@ def _source_identity(cfg: DataConfig) -> tuple[str, list]:
     return "files", [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in _data_files(cfg.dataset)]
 
 
+def check_data_source(cfg: DataConfig) -> None:
+    """Fail fast on a dataset path that does not exist (before any process group is made)."""
+    _source_identity(cfg)
+
+
 def _load_raw(cfg: DataConfig, kind: str) -> datasets.DatasetDict:
     if kind == "shakespeare":
         root = prepare_shakespeare(cfg.resolved_cache_dir())

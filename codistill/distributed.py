@@ -54,6 +54,14 @@ def env_rank() -> int:
     return 0
 
 
+def env_world_size() -> int:
+    """The world size the launcher announced, before the process group exists."""
+    for var in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 1
+
+
 def init(timeout_s: int = 600) -> World:
     """Create the world process group (gloo on CPU, NCCL on GPU) and pick this rank's device."""
     import deepspeed

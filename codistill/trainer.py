@@ -19,7 +19,7 @@ import torch
 
 from . import checkpoint, distributed
 from .config import ConfigError, ModelSpec, RunConfig, TrainConfig, dump_config, load_deepspeed_config
-from .data import BatchStream, build_splits, eval_batches, resolve_tokenizer, tokenizer_fingerprint
+from .data import BatchStream, build_splits, check_data_source, eval_batches, resolve_tokenizer, tokenizer_fingerprint
 from .losses import blend, cross_entropy, forward_kl, shift_for_next_token, top1_agreement
 from .metrics import Metrics, format_values
 from .models import build_model, check_model, count_parameters, local_parameters, model_config, pretrained_tokenizer_dir
@@ -95,11 +95,11 @@ class Trainer:
 
         self.cfg = cfg
         self.debug = debug
-        self.world = distributed.init()
         self.output_dir = Path(cfg.output_dir).expanduser().resolve()
-        on_cpu = self.world.device.type == "cpu"
 
-        # Everything that can be wrong with the input is checked before any engine exists.
+        # Everything that can be wrong with the input is checked before any process group
+        # or engine exists, so a typo costs seconds and leaves nothing behind.
+        check_data_source(cfg.data)
         fallback = pretrained_tokenizer_dir(cfg.teacher)
         self.tokenizer = resolve_tokenizer(cfg.data, str(fallback) if fallback else None)
         self.vocab = len(self.tokenizer)
@@ -107,8 +107,12 @@ class Trainer:
         hf_configs = {s.name: model_config(s, self.tokenizer) for s in cfg.models}
         for spec in cfg.models:
             check_model(spec, hf_configs[spec.name], self.tokenizer, fingerprint, cfg.data.seq_len)
-        ds_configs = {s.name: resolve_deepspeed_config(s, cfg.train, self.world.size, on_cpu) for s in cfg.models}
+        on_cpu = not torch.cuda.is_available()
+        world_size = distributed.env_world_size()
+        ds_configs = {s.name: resolve_deepspeed_config(s, cfg.train, world_size, on_cpu) for s in cfg.models}
         checkpoint.refuse_foreign_checkpoints(self.output_dir, cfg.overwrite)
+
+        self.world = distributed.init()
         splits = build_splits(cfg.data, self.tokenizer, cfg.train.seed)
         self.stream = BatchStream(splits.train, cfg.train.micro_batch_size, self.world.rank, self.world.size, cfg.train.seed)
         self.val_batches = eval_batches(splits.validation, cfg.train.micro_batch_size, self.world.rank,
@@ -208,7 +212,7 @@ class Trainer:
         return values
 
     def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
-        keys = sorted(values)
+        keys = list(values)
         t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
         torch.distributed.all_reduce(t)
         return {k: float(v) / self.world.size for k, v in zip(keys, t.tolist())}

@@ -1,0 +1,96 @@
+import json
+
+import pytest
+
+from codistill.config import DEFAULT_CONFIG, ConfigError, load_config, load_deepspeed_config
+from codistill.trainer import resolve_deepspeed_config
+
+from conftest import MICRO, ROOT
+
+
+def test_embedded_default_loads_with_a_teacher_and_a_student():
+    cfg = load_config()
+    assert DEFAULT_CONFIG == ROOT / "configs" / "tiny.yaml"
+    assert cfg.mode == "codistill"
+    assert [m.name for m in cfg.models] == ["teacher", "student"]
+    assert cfg.data.dataset == "shakespeare"
+
+
+def test_dotted_overrides_change_any_key():
+    cfg = load_config(MICRO, ["output_dir=/tmp/x", "train.max_steps=17", "train.seed=3",
+                              "students.0.config.hidden_size=48", "distill.warmup=cosine",
+                              "teacher.deepspeed.zero_optimization.stage=3"])
+    assert cfg.output_dir == "/tmp/x"
+    assert cfg.train.max_steps == 17 and isinstance(cfg.train.max_steps, int)
+    assert cfg.train.seed == 3
+    assert cfg.students[0].config["hidden_size"] == 48
+    assert cfg.distill.warmup == "cosine"
+    assert cfg.teacher.deepspeed["zero_optimization"]["stage"] == 3
+
+
+@pytest.mark.parametrize("override, message", [
+    (["train.max_stepz=3"], "unknown config key 'train.max_stepz'"),
+    (["banana=1"], "unknown config key 'banana'"),
+    (["train.max_steps=many"], "config key 'train.max_steps'"),
+    (["train.micro_batch_size=0"], "config key 'train.micro_batch_size': input should be greater than 0"),
+    (["data.seq_len=-5"], "config key 'data.seq_len'"),
+    (["distill.alpha_max=1.5"], "config key 'distill.alpha_max'"),
+    (["distill.warmup=exponential"], "config key 'distill.warmup'"),
+    (["students.3.name=x"], "expected a list index below 1"),
+    (["train.max_steps"], "must look like key.path=value"),
+    (["students=[]"], "config key 'students'"),
+    (["students.0.name=teacher"], "model names must be unique"),
+])
+def test_bad_config_values_give_one_line_naming_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(MICRO, override)
+    text = str(err.value)
+    assert message in text
+    assert "\n" not in text
+
+
+def test_missing_and_malformed_config_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_deepspeed_json_by_path_is_read_as_is(tmp_path):
+    cfg = load_config(MICRO, ["teacher.deepspeed=configs/ds/zero3_cpu.json"])
+    ds = load_deepspeed_config(cfg.teacher)
+    assert ds == json.loads((ROOT / "configs/ds/zero3_cpu.json").read_text())
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    cfg = load_config(MICRO, [f"teacher.deepspeed={broken}"])
+    with pytest.raises(ConfigError, match="teacher.deepspeed: .*broken.json is not valid JSON"):
+        load_deepspeed_config(cfg.teacher)
+    cfg = load_config(MICRO, [f"teacher.deepspeed={tmp_path / 'absent.json'}"])
+    with pytest.raises(ConfigError, match="absent.json does not exist"):
+        load_deepspeed_config(cfg.teacher)
+
+
+def test_shared_batch_geometry_is_filled_in_and_checked():
+    cfg = load_config(MICRO, ["train.gradient_accumulation_steps=2"])
+    ds = resolve_deepspeed_config(cfg.teacher, cfg.train, world_size=2, on_cpu=True)
+    assert ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["gradient_accumulation_steps"] == 2
+    assert ds["train_batch_size"] == 16
+    assert ds["optimizer"]["params"]["torch_adam"] is True  # no FusedAdam JIT on CPU
+    cfg = load_config(MICRO, ["teacher.deepspeed.train_micro_batch_size_per_gpu=16"])
+    with pytest.raises(ConfigError, match="teacher.deepspeed.train_micro_batch_size_per_gpu=16 disagrees"):
+        resolve_deepspeed_config(cfg.teacher, cfg.train, world_size=1, on_cpu=True)
+    cfg = load_config(MICRO, ["teacher.deepspeed.train_batch_size=100"])
+    with pytest.raises(ConfigError, match="train_batch_size=100 disagrees"):
+        resolve_deepspeed_config(cfg.teacher, cfg.train, world_size=2, on_cpu=True)
+    cfg = load_config(MICRO, ["teacher.deepspeed.optimizer=null"])
+    with pytest.raises(ConfigError, match="teacher.deepspeed.optimizer"):
+        resolve_deepspeed_config(cfg.teacher, cfg.train, world_size=1, on_cpu=True)
+
+
+def test_scheduler_total_steps_auto_follows_max_steps():
+    cfg = load_config(None, ["train.max_steps=42"])
+    ds = resolve_deepspeed_config(cfg.teacher, cfg.train, world_size=1, on_cpu=True)
+    assert ds["scheduler"]["params"]["total_num_steps"] == 42

@@ -1,0 +1,129 @@
+import json
+import os
+
+import datasets
+import pytest
+import torch
+
+from codistill.config import ConfigError, DataConfig
+from codistill.data import BatchStream, build_splits, eval_batches, prepare_shakespeare, tokenizer_fingerprint
+
+
+def test_bundled_corpus_is_split_by_document_with_a_4096_token_bpe(tokenizer):
+    root = prepare_shakespeare(DataConfig().resolved_cache_dir())
+    train = [json.loads(line) for line in open(root / "train.jsonl")]
+    val = [json.loads(line) for line in open(root / "validation.jsonl")]
+    assert len(train) > 30 and 3 <= len(val) <= 6
+    assert not {d["title"] for d in train} & {d["title"] for d in val}
+    assert "hamlet" in {d["title"] for d in train + val}
+    assert len(tokenizer) == 4096
+    text = "To be, or not to be, that is the question."
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == text
+    assert len(ids) < len(text) / 2  # a trained BPE, not bytes
+    assert tokenizer.eos_token_id == tokenizer.pad_token_id == tokenizer.bos_token_id
+
+
+def test_blocks_are_cached_and_deterministic(tokenizer):
+    cfg = DataConfig(seq_len=32)
+    a = build_splits(cfg, tokenizer, seed=1)
+    b = build_splits(cfg, tokenizer, seed=1)
+    assert a.fingerprint == b.fingerprint
+    assert a.train[0]["input_ids"].shape == (32,)
+    assert torch.equal(a.train[:5]["input_ids"], b.train[:5]["input_ids"])
+    assert int(a.train[:10]["attention_mask"].sum()) == 10 * 32  # packed: no padding
+    assert len(a.validation) > 100
+    other = build_splits(DataConfig(seq_len=16), tokenizer, seed=1)
+    assert other.fingerprint != a.fingerprint
+
+
+@pytest.fixture
+def local_docs(tmp_path):
+    docs = [f"Document {i}. " + "The quick brown fox jumps over the lazy dog. " * (5 + i) for i in range(20)]
+    return tmp_path, docs
+
+
+@pytest.mark.parametrize("kind", ["text", "jsonl", "parquet", "saved"])
+def test_local_formats_load_tokenize_and_split(local_docs, tokenizer, kind):
+    tmp, docs = local_docs
+    cache = str(tmp / "cache")
+    if kind == "text":
+        folder = tmp / "txt"
+        folder.mkdir()
+        for i, d in enumerate(docs):
+            (folder / f"{i:02d}.txt").write_text(d)
+        spec = str(folder)
+    elif kind == "jsonl":
+        spec = str(tmp / "docs.jsonl")
+        with open(spec, "w") as fh:
+            for d in docs:
+                fh.write(json.dumps({"body": d}) + "\n")
+    elif kind == "parquet":
+        spec = str(tmp / "docs.parquet")
+        datasets.Dataset.from_dict({"body": docs}).to_parquet(spec)
+    else:
+        spec = str(tmp / "saved")
+        datasets.Dataset.from_dict({"body": docs}).save_to_disk(spec)
+    field = "text" if kind == "text" else "body"
+    splits = build_splits(DataConfig(dataset=spec, text_field=field, seq_len=16, val_fraction=0.2,
+                                     cache_dir=cache), tokenizer, seed=0)
+    assert len(splits.train) > len(splits.validation) > 0
+    first = tokenizer.decode(splits.train[0]["input_ids"])
+    assert "quick" in first or "Document" in first or "fox" in first
+
+
+def test_unpacked_documents_are_padded_with_a_mask(local_docs, tokenizer):
+    tmp, docs = local_docs
+    spec = str(tmp / "short.jsonl")
+    with open(spec, "w") as fh:
+        for i in range(10):
+            fh.write(json.dumps({"text": "a short line " * (i + 1)}) + "\n")
+    splits = build_splits(DataConfig(dataset=spec, seq_len=24, pack=False, val_fraction=0.2,
+                                     cache_dir=str(tmp / "c")), tokenizer, seed=0)
+    masks = splits.train[:]["attention_mask"]
+    assert masks.shape[1] == 24
+    assert int(masks.sum()) < masks.numel()  # some padding exists and is marked
+
+
+def test_missing_files_and_bad_fields_are_named(tmp_path, tokenizer):
+    with pytest.raises(ConfigError, match="no data file matches '.*nothing-here.*'"):
+        build_splits(DataConfig(dataset=str(tmp_path / "nothing-here/*.txt"), cache_dir=str(tmp_path)), tokenizer, 0)
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"body": f"doc {i}"}) + "\n" for i in range(4)))
+    with pytest.raises(ConfigError, match="data.text_field: 'text' is not a column"):
+        build_splits(DataConfig(dataset=str(path), cache_dir=str(tmp_path)), tokenizer, 0)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"text": ""}) + "\n" + json.dumps({"text": ""}) + "\n")
+    with pytest.raises(ConfigError, match="no complete block"):
+        build_splits(DataConfig(dataset=str(empty), seq_len=64, cache_dir=str(tmp_path)), tokenizer, 0)
+
+
+def test_ranks_get_disjoint_deterministic_shards(tokenizer):
+    splits = build_splits(DataConfig(seq_len=32), tokenizer, seed=1)
+
+    def first_batches(rank, n=3):
+        stream = BatchStream(splits.train, 4, rank=rank, world=2, seed=5)
+        return [next(stream)["input_ids"] for _ in range(n)]
+
+    r0, r0_again, r1 = first_batches(0), first_batches(0), first_batches(1)
+    assert all(torch.equal(a, b) for a, b in zip(r0, r0_again))
+    rows0 = {tuple(row.tolist()) for batch in r0 for row in batch}
+    rows1 = {tuple(row.tolist()) for batch in r1 for row in batch}
+    assert not rows0 & rows1
+    v0 = eval_batches(splits.validation, 4, 0, 2, limit=3)
+    v1 = eval_batches(splits.validation, 4, 1, 2, limit=3)
+    assert len(v0) == len(v1) == 3 and not torch.equal(v0[0]["input_ids"], v1[0]["input_ids"])
+
+
+def test_tokenizer_fingerprint_tells_vocabularies_apart(tokenizer):
+    from codistill.data import train_bpe_tokenizer
+
+    other = train_bpe_tokenizer(["some other text entirely " * 50], 300)
+    assert tokenizer_fingerprint(tokenizer) != tokenizer_fingerprint(other)
+    assert tokenizer_fingerprint(tokenizer) == tokenizer_fingerprint(tokenizer)
+
+
+def test_cache_dir_defaults_to_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("CODISTILL_CACHE", str(tmp_path))
+    assert DataConfig().resolved_cache_dir() == tmp_path.resolve()
+    assert os.fspath(DataConfig(cache_dir="/x/y").resolved_cache_dir()) == "/x/y"

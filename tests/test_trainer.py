@@ -1,0 +1,90 @@
+"""A 1-process run inside the test process: a teacher loaded from a local pretrained
+folder (saved first, loaded offline) and a student whose embedding is padded past
+the tokenizer's vocabulary."""
+import hashlib
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from codistill.config import load_config
+from codistill.trainer import Trainer
+
+from conftest import MICRO
+
+PADDED_VOCAB = 4096 + 64
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tokenizer):
+    tmp = tmp_path_factory.mktemp("inprocess")
+    pretrained = tmp / "teacher-pretrained"
+    hf = AutoConfig.for_model("llama", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                              num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                              max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    saved = AutoModelForCausalLM.from_config(hf)
+    saved.save_pretrained(pretrained)
+    tokenizer.save_pretrained(pretrained)
+    cfg = load_config(MICRO, [f"output_dir={tmp / 'out'}", f"teacher.pretrained={pretrained}", "teacher.config={}",
+                              f"students.0.config.vocab_size={PADDED_VOCAB}", "train.gradient_accumulation_steps=2"])
+    trainer = Trainer(cfg)
+    start_weights = {k: v.clone() for k, v in trainer.teacher.engine.module.state_dict().items()}
+    seen = {m.name: [] for m in trainer.members}
+    for m in trainer.members:
+        def record(module, inputs, kwargs, name=m.name):
+            seen[name].append(hashlib.sha1(kwargs["input_ids"].numpy().tobytes()).hexdigest())
+        m.engine.module.register_forward_pre_hook(record, with_kwargs=True)
+    before = trainer.evaluate()
+    for m in seen.values():
+        m.clear()
+    after = trainer.fit()
+    yield dict(trainer=trainer, saved=saved, start=start_weights, seen=seen, before=before, after=after, cfg=cfg)
+    torch.distributed.destroy_process_group()
+
+
+def test_pretrained_teacher_starts_from_the_saved_weights(run):
+    for name, tensor in run["saved"].state_dict().items():
+        torch.testing.assert_close(run["start"][name], tensor)
+
+
+def test_padded_student_vocabulary_trains(run):
+    student = run["trainer"].students[0].engine.module
+    assert student.get_input_embeddings().num_embeddings == PADDED_VOCAB
+    assert run["trainer"].vocab == 4096
+
+
+def test_every_model_sees_the_identical_batch(run):
+    seen = run["seen"]
+    assert len(seen["teacher"]) == len(seen["student"]) > 6  # train micro-steps + eval batches
+    assert seen["teacher"] == seen["student"]
+    assert len(set(seen["teacher"])) > 3
+
+
+def test_validation_loss_drops_for_both_models(run):
+    before, after = run["before"], run["after"]
+    for name in ("teacher", "student"):
+        assert after[f"{name}/eval/loss"] < before[f"{name}/eval/loss"] - 0.1
+    assert 0.0 <= after["student/eval/agreement"] <= 1.0
+
+
+def test_output_holds_resolved_config_and_final_checkpoints(run):
+    out = run["trainer"].output_dir
+    assert load_config(out / "config.yaml").train.max_steps == run["cfg"].train.max_steps
+    step = out / "checkpoints" / "step_00000006"
+    for name in ("teacher", "student"):
+        assert (step / name / "latest").read_text().strip() == "global_step6"
+        assert any((step / name / "global_step6").iterdir())
+    assert (step / "trainer_state.json").exists()
+
+
+def test_train_step_reports_every_metric(run):
+    trainer = run["trainer"]
+    values = trainer.train_step(10)
+    for name in ("teacher", "student"):
+        for part in ("loss", "loss_ce", "lr", "grad_norm"):
+            assert torch.isfinite(torch.tensor(values[f"{name}/train/{part}"]))
+    assert values["student/train/loss_kd"] > 0
+    assert values["schedule/alpha"] == 0.5 and values["schedule/temperature"] == 2.0
+    blended = 0.5 * values["student/train/loss_ce"] + 0.5 * values["student/train/loss_kd"]
+    assert values["student/train/loss"] == pytest.approx(blended, rel=1e-6)
