@@ -1,0 +1,111 @@
+"""Bad input ends with one line naming the key or file and what was expected, before
+any process group or engine exists, and leaves the user's files alone."""
+import json
+import sys
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from conftest import MICRO, ROOT, run_cmd
+
+sys.path.insert(0, str(ROOT / "launch"))
+import train as entry  # noqa: E402
+
+
+def fails_with(capsys, *args) -> str:
+    capsys.readouterr()  # drop what the test's own set-up printed
+    code = entry.main(["--config", str(MICRO), *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("codistill: error: ")
+    assert not torch.distributed.is_initialized()
+    return err
+
+
+def tiny_pretrained(folder, tokenizer, weights=True):
+    hf = AutoConfig.for_model("llama", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                              num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                              max_position_embeddings=64)
+    AutoModelForCausalLM.from_config(hf).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    if not weights:
+        for f in folder.glob("*.safetensors"):
+            f.unlink()
+    return folder
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.batch_size=4", "unknown config key 'train.batch_size'"),
+    ("teacher.pretrianed=x", "unknown config key 'teacher.pretrianed'"),
+    ("train.max_steps=lots", "config key 'train.max_steps': input should be a valid integer"),
+    ("train.micro_batch_size=-2", "config key 'train.micro_batch_size': input should be greater than 0"),
+    ("distill.alpha_max=2", "config key 'distill.alpha_max': input should be less than or equal to 1"),
+    ("data.seq_len=128", "data.seq_len=128 exceeds teacher's max_position_embeddings=64"),
+    ("students.0.config.vocab_size=100", "student: embedding rows (100) are fewer than the tokenizer's 4096"),
+    ("teacher.arch=no-such-model", "teacher.arch: 'no-such-model' is not a transformers model type"),
+    ("data.dataset=/nonexistent/corpus.jsonl", "data.dataset: no data file matches '/nonexistent/corpus.jsonl'"),
+    ("teacher.deepspeed.train_micro_batch_size_per_gpu=3", "disagrees with train.micro_batch_size=4"),
+    ("teacher.deepspeed=/nonexistent/ds.json", "teacher.deepspeed: file /nonexistent/ds.json does not exist"),
+])
+def test_bad_values(capsys, tmp_path, override, expected):
+    assert expected in fails_with(capsys, f"output_dir={tmp_path}", override)
+
+
+def test_dataset_without_a_tokenizer(capsys, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"text": "hello"}) + "\n")
+    assert "data.tokenizer: dataset" in fails_with(capsys, f"data.dataset={data}")
+
+
+def test_missing_config_file(capsys, tmp_path):
+    code = entry.main(["--config", str(tmp_path / "missing.yaml")])
+    assert code == 2 and "missing.yaml does not exist" in capsys.readouterr().err
+
+
+def test_unparsable_deepspeed_json(capsys, tmp_path):
+    bad = tmp_path / "ds.json"
+    bad.write_text('{"zero_optimization": {"stage": 2,}}')
+    assert f"teacher.deepspeed: {bad} is not valid JSON" in fails_with(capsys, f"teacher.deepspeed={bad}")
+
+
+def test_teacher_with_another_tokenizer_is_refused(capsys, tmp_path, tokenizer):
+    from codistill.data import train_bpe_tokenizer
+
+    other = train_bpe_tokenizer(["completely different text " * 100], 4096)
+    folder = tiny_pretrained(tmp_path / "other-vocab", other)
+    err = fails_with(capsys, f"teacher.pretrained={folder}", "teacher.config={}")
+    assert "tokenizer in" in err and "differs from the run's tokenizer" in err
+
+
+def test_pretrained_folder_without_weights(capsys, tmp_path, tokenizer):
+    folder = tiny_pretrained(tmp_path / "no-weights", tokenizer, weights=False)
+    err = fails_with(capsys, f"teacher.pretrained={folder}", "teacher.config={}")
+    assert "holds no weights" in err
+
+
+def test_output_dir_with_another_runs_checkpoints_is_never_overwritten(capsys, tmp_path):
+    keep = tmp_path / "checkpoints" / "step_00000100" / "teacher" / "weights.pt"
+    keep.parent.mkdir(parents=True)
+    keep.write_text("precious")
+    err = fails_with(capsys, f"output_dir={tmp_path}")
+    assert "already holds checkpoints" in err and "overwrite=true" in err
+    assert keep.read_text() == "precious"
+
+
+def test_the_user_sees_one_line_and_no_traceback_and_debug_shows_it(tmp_path):
+    proc = run_cmd([sys.executable, "launch/train.py", "--config", str(MICRO), "train.max_stepz=1"])
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["codistill: error: " + f"{MICRO}: unknown config key 'train.max_stepz'"]
+    proc = run_cmd([sys.executable, "launch/train.py", "--config", str(MICRO), "--debug", "train.max_stepz=1"])
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_dataset_too_small_for_one_block(capsys, tmp_path, tokenizer):
+    data = tmp_path / "tiny.jsonl"
+    data.write_text("".join(json.dumps({"text": "hi"}) + "\n" for _ in range(3)))
+    tokenizer.save_pretrained(tmp_path / "tok")
+    err = fails_with(capsys, f"data.dataset={data}", f"data.tokenizer={tmp_path / 'tok'}",
+                     f"data.cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'out'}")
+    assert "gives no complete block of data.seq_len=32 tokens" in err
