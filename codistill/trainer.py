@@ -20,7 +20,7 @@ import torch
 from . import checkpoint, distributed
 from .config import ConfigError, ModelSpec, RunConfig, TrainConfig, dump_config, load_deepspeed_config
 from .data import BatchStream, build_splits, check_data_source, eval_batches, resolve_tokenizer, tokenizer_fingerprint
-from .losses import blend, cross_entropy, forward_kl, shift_for_next_token, top1_agreement
+from .losses import distill_loss, next_token_targets, top1_agreement
 from .metrics import Metrics, format_values
 from .models import build_model, check_model, count_parameters, local_parameters, model_config, pretrained_tokenizer_dir
 from .schedules import alpha_at
@@ -144,44 +144,38 @@ class Trainer:
 
     # ------------------------------------------------------------------ the step
 
-    def _forward(self, member: Member, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Shifted logits over the real vocabulary [B, S-1, V], labels and mask [B, S-1]."""
+    def _logits(self, member: Member, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[B, S, V] logits over the tokenizer's real vocabulary (embedding padding sliced away)."""
         out = member.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        return shift_for_next_token(out.logits[..., : self.vocab], batch["input_ids"], batch["attention_mask"])
+        return out.logits[..., : self.vocab]
 
     def teacher_micro_step(self, batch: dict[str, torch.Tensor], sums: dict[str, float]) -> torch.Tensor:
         """Teacher: CE on the ground truth, backward, step. Returns its detached logits."""
-        logits, labels, mask = self._forward(self.teacher, batch)
-        ce = cross_entropy(logits, labels, mask)
-        self.teacher.engine.backward(ce)
+        logits = self._logits(self.teacher, batch)
+        parts = distill_loss(logits, batch["labels"], batch["mask"])
+        self.teacher.engine.backward(parts.loss)
         self.teacher.engine.step()
-        sums[f"{self.teacher.name}/train/loss"] += ce.item()
-        sums[f"{self.teacher.name}/train/loss_ce"] += ce.item()
+        sums[f"{self.teacher.name}/train/loss"] += parts.ce.item()
+        sums[f"{self.teacher.name}/train/loss_ce"] += parts.ce.item()
         return logits.detach()
 
     def student_micro_step(self, student: Member, batch: dict[str, torch.Tensor], targets: Optional[torch.Tensor],
                            alpha: float, temperature: float, sums: dict[str, float]) -> None:
         """Student: (1-α)·CE + α·T²·KL(teacher ‖ student); with ``targets=None``, CE alone."""
-        logits, labels, mask = self._forward(student, batch)
-        ce = cross_entropy(logits, labels, mask)
-        if targets is None:
-            loss = ce
-        elif alpha > 0.0:
-            kd = forward_kl(logits, targets, mask, temperature)
-            loss = blend(ce, kd, alpha)
-        else:  # the soft term is logged during burn-in but adds nothing to the graph
-            with torch.no_grad():
-                kd = forward_kl(logits.detach(), targets, mask, temperature)
-            loss = ce
-        student.engine.backward(loss)
+        logits = self._logits(student, batch)
+        parts = distill_loss(logits, batch["labels"], batch["mask"], targets, alpha, temperature)
+        student.engine.backward(parts.loss)
         student.engine.step()
-        sums[f"{student.name}/train/loss"] += loss.item()
-        sums[f"{student.name}/train/loss_ce"] += ce.item()
+        sums[f"{student.name}/train/loss"] += parts.loss.item()
+        sums[f"{student.name}/train/loss_ce"] += parts.ce.item()
         if targets is not None:
-            sums[f"{student.name}/train/loss_kd"] += kd.item()
+            sums[f"{student.name}/train/loss_kd"] += parts.kd.item()
 
-    def _next_batch(self) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.world.device, non_blocking=True) for k, v in next(self.stream).items()}
+    def prepare_batch(self, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Move a micro-batch to this rank's device and add next-token labels and mask."""
+        batch = {k: v.to(self.world.device, non_blocking=True) for k, v in raw.items()}
+        batch["labels"], batch["mask"] = next_token_targets(batch["input_ids"], batch["attention_mask"])
+        return batch
 
     def train_step(self, step: int) -> dict[str, float]:
         """One optimizer step of every model (``step`` is 0-based); returns rank-averaged metrics."""
@@ -196,7 +190,7 @@ class Trainer:
             sums[f"{student.name}/train/loss_kd"] = 0.0
         start = time.perf_counter()
         for _ in range(gas):
-            batch = self._next_batch()
+            batch = self.prepare_batch(next(self.stream))
             targets = self.teacher_micro_step(batch, sums)
             for student in self.students:
                 self.student_micro_step(student, batch, targets, alpha, temperature, sums)
@@ -233,15 +227,15 @@ class Trainer:
         sums = torch.zeros(len(names) + 2 * len(self.students), dtype=torch.float64)
         tokens = 0
         for raw in self.val_batches:
-            batch = {k: v.to(self.world.device) for k, v in raw.items()}
-            t_logits, labels, mask = self._forward(self.teacher, batch)
-            n = int(mask.sum())
+            batch = self.prepare_batch(raw)
+            t_logits = self._logits(self.teacher, batch)
+            n = int(batch["mask"].sum())
             tokens += n
-            sums[0] += cross_entropy(t_logits, labels, mask).item() * n
+            sums[0] += distill_loss(t_logits, batch["labels"], batch["mask"]).ce.item() * n
             for j, student in enumerate(self.students):
-                s_logits, _, _ = self._forward(student, batch)
-                sums[1 + j] += cross_entropy(s_logits, labels, mask).item() * n
-                sums[len(names) + j] += top1_agreement(s_logits, t_logits, mask)[0]
+                s_logits = self._logits(student, batch)
+                sums[1 + j] += distill_loss(s_logits, batch["labels"], batch["mask"]).ce.item() * n
+                sums[len(names) + j] += top1_agreement(s_logits, t_logits, batch["mask"])
         for m in self.members:
             m.engine.train()
         sums[len(names) + len(self.students):] = tokens

@@ -1,0 +1,114 @@
+#!/usr/bin/env python
+"""Cost of a co-distillation step against training the models separately.
+
+In one run, on the same engines and the same batches, alternates
+  (a) the co-distillation step: teacher fwd + CE + bwd + step, then each student
+      fwd + (1-α)·CE + α·T²·KL to the teacher's logits + bwd + step;
+  (b) a teacher-only step plus a student-only (CE) step on the same batch,
+and prints median times and the ratio a/b. Alternating the two, round by round,
+cancels most of the drift of a shared, noisy machine.
+
+    python tools/bench_step.py [--config configs/tiny.yaml] [--rounds 20] [key.path=value ...]
+    deepspeed --num_gpus 2 tools/bench_step.py --rounds 20
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from codistill.config import ConfigError, load_config  # noqa: E402
+from codistill.distributed import env_rank  # noqa: E402
+
+
+def timed(fn) -> float:
+    torch.distributed.barrier()
+    start = time.perf_counter()
+    fn()
+    torch.distributed.barrier()
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML run config (default: configs/tiny.yaml)")
+    parser.add_argument("--rounds", type=int, default=20, help="timed rounds of each variant (default 20)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default 3)")
+    parser.add_argument("--out", help="also write the figures as JSON here (rank 0)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", metavar="key.path=value")
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or args.warmup < 0:
+        parser.error("--rounds must be at least 1 and --warmup at least 0")
+    try:
+        from codistill.trainer import Trainer
+
+        cfg = load_config(args.config, ["overwrite=true", *args.overrides])
+        trainer = Trainer(cfg)
+    except ConfigError as exc:
+        if env_rank() == 0:
+            print(f"bench_step: error: {exc}", file=sys.stderr)
+        return 2
+
+    alpha = cfg.distill.alpha_max or 0.5  # measure the soft term even if the config turns it off
+    temperature = cfg.distill.temperature
+    gas = cfg.train.gradient_accumulation_steps
+    sink: dict[str, float] = {}
+    for member in trainer.members:
+        for part in ("loss", "loss_ce", "loss_kd"):
+            sink[f"{member.name}/train/{part}"] = 0.0
+
+    def codistill(batches):
+        for batch in batches:
+            targets = trainer.teacher_micro_step(batch, sink)
+            for student in trainer.students:
+                trainer.student_micro_step(student, batch, targets, alpha, temperature, sink)
+
+    def separate(batches):
+        for batch in batches:
+            trainer.teacher_micro_step(batch, sink)
+            for student in trainer.students:
+                trainer.student_micro_step(student, batch, None, alpha, temperature, sink)
+
+    times = {"codistill": [], "separate": []}
+    for r in range(args.warmup + args.rounds):
+        batches = [trainer.prepare_batch(next(trainer.stream)) for _ in range(gas)]
+        order = [("codistill", codistill), ("separate", separate)]
+        for name, fn in order if r % 2 == 0 else order[::-1]:
+            t = timed(lambda: fn(batches))
+            if r >= args.warmup:
+                times[name].append(t)
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ratio = med["codistill"] / med["separate"]
+    tokens = trainer.tokens_per_step
+    result = {
+        "config": args.config or "configs/tiny.yaml", "world_size": trainer.world.size,
+        "device": trainer.world.device.type, "tokens_per_step": tokens, "rounds": args.rounds,
+        "codistill_ms": med["codistill"] * 1e3, "separate_ms": med["separate"] * 1e3,
+        "codistill_tokens_per_sec": tokens / med["codistill"], "separate_tokens_per_sec": tokens / med["separate"],
+        "ratio_codistill_over_separate": ratio,
+    }
+    if trainer.world.is_main:
+        print(f"world {trainer.world.size} x {trainer.world.device.type}, {tokens:,} tokens/step, "
+              f"{args.rounds} rounds (median):")
+        print(f"  (a) co-distillation step          {result['codistill_ms']:9.1f} ms  "
+              f"{result['codistill_tokens_per_sec']:10,.0f} tok/s")
+        print(f"  (b) teacher step + student step   {result['separate_ms']:9.1f} ms  "
+              f"{result['separate_tokens_per_sec']:10,.0f} tok/s")
+        print(f"  ratio a/b = {ratio:.3f}")
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
