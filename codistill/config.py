@@ -114,15 +114,17 @@ class RunConfig(_Section):
 # --------------------------------------------------------------------------- loading
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def _read_mapping(path: Path, where: str, kind: str) -> dict[str, Any]:
+    """Read a YAML or JSON file that must hold a mapping; ``where`` starts every error."""
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError(f"{where}file {path} does not exist")
+    parse, malformed = (yaml.safe_load, yaml.YAMLError) if kind == "YAML" else (json.loads, json.JSONDecodeError)
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(exc).split())}") from None
+        data = parse(path.read_text())
+    except malformed as exc:
+        raise ConfigError(f"{where}{path} is not valid {kind}: {' '.join(str(exc).split())}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(data).__name__}")
+        raise ConfigError(f"{where}{path} must hold a mapping of keys, got {type(data).__name__}")
     return data
 
 
@@ -191,7 +193,7 @@ def validate(tree: dict[str, Any], source: str) -> RunConfig:
 def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | list[str] = ()) -> RunConfig:
     """Read a YAML config (default: the embedded ``configs/tiny.yaml``) and apply overrides."""
     path = Path(path) if path else DEFAULT_CONFIG
-    tree = _read_yaml(path)
+    tree = _read_mapping(path, "config ", "YAML")
     for item in overrides:
         apply_override(tree, item)
     cfg = validate(tree, str(path))
@@ -209,16 +211,7 @@ def load_deepspeed_config(spec: ModelSpec) -> dict[str, Any]:
     ds = spec.deepspeed
     if isinstance(ds, dict):
         return json.loads(json.dumps(ds))
-    path = Path(ds).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"{spec.name}.deepspeed: file {path} does not exist")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{spec.name}.deepspeed: {path} is not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{spec.name}.deepspeed: {path} must hold a JSON object")
-    return data
+    return _read_mapping(Path(ds).expanduser(), f"{spec.name}.deepspeed: ", "JSON")
 
 
 def dump_config(cfg: RunConfig) -> str:
