@@ -65,11 +65,27 @@ class TrainConfig(_Section):
 
 
 class DistillConfig(_Section):
+    """How a student learns from the teacher. The top-level ``distill`` section is the
+    default of every student; ``students[i].distill`` overrides any of its keys."""
+
+    schedule: Literal["adaptive", "warmup", "constant"] = Field(
+        "adaptive", description="adaptive: α follows the running gap by which the teacher's CE "
+        "beats the student's; warmup: burn-in then a ramp; constant: alpha_max throughout")
     alpha_max: float = Field(0.5, ge=0.0, le=1.0)
-    burn_in_steps: int = Field(0, ge=0, description="steps at alpha=0 before the warm-up")
-    warmup_steps: int = Field(100, ge=0)
+    burn_in_steps: int = Field(0, ge=0, description="steps at alpha=0 before any schedule moves")
+    warmup_steps: int = Field(100, ge=0, description="warmup schedule: steps of the ramp")
     warmup: Literal["linear", "cosine"] = "linear"
+    adaptive_gap: float = Field(0.2, gt=0.0, description="adaptive: gap (nats) at which α reaches alpha_max")
+    adaptive_ema: float = Field(0.9, ge=0.0, lt=1.0, description="adaptive: smoothing of the gap signal")
+    head_start_steps: int = Field(0, ge=0, description="the teacher trains alone for this many steps first")
     temperature: float = Field(1.0, gt=0.0)
+    temperature_final: Optional[float] = Field(None, gt=0.0, description="anneal T linearly to this by max_steps")
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "tvd"] = "forward_kl"
+    beta: float = Field(0.5, ge=0.0, le=1.0, description="jsd: 0 = forward KL, 1 = reverse KL")
+    targets: Literal["full", "topk"] = "full"
+    top_k: int = Field(64, gt=0)
+    token_gate: bool = Field(False, description="distil only on tokens where the teacher's CE < the student's")
+    chunk_tokens: Optional[int] = Field(None, gt=0, description="positions per loss chunk (default ~4M logits)")
 
 
 class ModelSpec(_Section):
@@ -78,6 +94,7 @@ class ModelSpec(_Section):
     config: dict[str, Any] = Field(default_factory=dict, description="transformers config overrides")
     pretrained: Optional[str] = Field(None, description="local folder for from_pretrained")
     trust_remote_code: bool = False
+    distill: dict[str, Any] = Field(default_factory=dict, description="students: overrides of the distill section")
     deepspeed: Union[str, dict[str, Any]] = Field(
         ..., description="DeepSpeed config: a JSON file path or an inline mapping"
     )
@@ -104,7 +121,13 @@ class RunConfig(_Section):
         names = [self.teacher.name] + [s.name for s in self.students]
         if len(set(names)) != len(names):
             raise ValueError(f"model names must be unique, got {names}")
+        if self.teacher.distill:
+            raise ValueError("teacher.distill: only students take distill settings")
         return self
+
+    def distill_for(self, index: int) -> DistillConfig:
+        """Student ``index``'s settings: the top-level section with its overrides applied."""
+        return DistillConfig.model_validate({**self.distill.model_dump(), **self.students[index].distill})
 
     @property
     def models(self) -> list[ModelSpec]:
@@ -170,8 +193,8 @@ def _list_index(node: list, part: str, where: str) -> int:
     return int(part)
 
 
-def _describe(err: dict[str, Any]) -> str:
-    key = ".".join(str(p) for p in err["loc"]) or "<top level>"
+def _describe(err: dict[str, Any], prefix: str = "") -> str:
+    key = ".".join([prefix] * bool(prefix) + [str(p) for p in err["loc"]]) or "<top level>"
     kind = err["type"]
     if kind == "extra_forbidden":
         return f"unknown config key '{key}'"
@@ -197,6 +220,12 @@ def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | 
     for item in overrides:
         apply_override(tree, item)
     cfg = validate(tree, str(path))
+    for i, student in enumerate(cfg.students):
+        try:
+            cfg.distill_for(i)
+        except ValidationError as exc:
+            problems = "; ".join(_describe(e, f"students.{i}.distill") for e in exc.errors())
+            raise ConfigError(f"{path}: {problems}") from None
     for spec in cfg.models:
         # A relative DeepSpeed JSON path is taken from the working directory, else beside the YAML.
         if isinstance(spec.deepspeed, str) and not Path(spec.deepspeed).expanduser().exists():

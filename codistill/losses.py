@@ -1,33 +1,87 @@
-"""Losses for co-distillation. Pure tensor functions, no state.
+"""Losses for distillation. Pure tensor functions, no state.
 
 Shapes: ``B`` batch, ``S`` sequence, ``V`` vocabulary (the tokenizer's real
 vocabulary: callers slice away embedding padding first), ``N = B·S`` positions,
-``n`` the positions whose target is a real token.
+``n`` the positions whose target counts (not padding, not prompt), ``k`` top-k.
 
-The student objective is ``(1 − α)·CE + α·T²·KL(p_teacher^T ‖ p_student^T)`` with
-``p^T = softmax(logits / T)``, averaged over the ``n`` real targets. The ``T²``
-factor (Hinton et al., 2015) keeps the soft term's gradient on the scale of the
-hard term's when ``T`` changes, since ∂KL/∂z_student = (p_s^T − p_t^T) / T.
+A student's objective is ``(1 − α)·CE + α·T²·D(P ‖ Q)`` averaged over the ``n``
+counted positions, where ``P = softmax(z_teacher / T)``, ``Q = softmax(z_student / T)``
+and ``D`` is one of
 
-:func:`distill_loss` computes CE, KL and the gradient with respect to the student's
-logits together, chunk by chunk over positions, in one custom autograd function:
-no full-size fp32 softmax of either model is ever held, and the backward pass is a
-single multiply of the stored gradient.
+- ``forward_kl``: ``Σ P (log P − log Q)`` (mode-covering; the classic KD loss)
+- ``reverse_kl``: ``Σ Q (log Q − log P)`` (mode-seeking)
+- ``jsd`` with ``β``: ``β·KL(P ‖ M) + (1 − β)·KL(Q ‖ M)``, ``M = β·P + (1 − β)·Q``;
+  as in TRL/Liger, ``β = 0`` is taken to mean forward KL and ``β = 1`` reverse KL
+  (the mixture form itself vanishes at both ends); ``β = 0.5`` is the usual JSD
+- ``tvd``: ``½ Σ |P − Q|``
+
+The ``T²`` factor (Hinton et al., 2015) keeps the soft term's gradient on the scale
+of the hard term's when ``T`` changes: ∂D/∂z_student carries a ``1/T``.
+
+**Top-k targets** keep only the teacher's ``k`` most likely tokens and put the rest
+of its mass in one tail bucket; the student's distribution is coarsened the same
+way, so ``D`` is still a divergence between two proper distributions over ``k + 1``
+outcomes (with ``k = V`` it is exactly the full loss).
+
+:func:`distill_loss` computes CE, ``D`` and the gradient with respect to the
+student's logits together, chunk by chunk over positions, in one custom autograd
+function: no full [N × V] fp32 softmax of either model is held, the teacher's logits
+stay detached in their own dtype, and backward is one multiply of the stored
+gradient. The gradient uses ``∂D/∂z_v = q_v (G_b(v) − Σ_b Q_b G_b)`` with
+``G = ∂D/∂Q`` over buckets ``b`` (tokens, or top-k tokens plus the tail).
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
-CHUNK_ELEMENTS = 1 << 22  # positions per chunk = CHUNK_ELEMENTS // V: ~16 MB fp32 temporaries
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")
+CHUNK_ELEMENTS = 1 << 22  # default chunk: CHUNK_ELEMENTS // V positions, ~16 MB per fp32 temporary
 
 
 class LossParts(NamedTuple):
     loss: torch.Tensor  # the differentiable objective
     ce: torch.Tensor  # mean hard cross-entropy (nats), no gradient
-    kd: torch.Tensor  # T²·mean KL(teacher ‖ student), no gradient; 0 without a teacher
+    kd: torch.Tensor  # T²·mean D(P ‖ Q), no gradient; 0 without targets
+    token_ce: torch.Tensor  # [N] per-position CE (T = 1), no gradient; 0 where not counted
+    gated: torch.Tensor  # share of counted positions the soft term used (1 without gating)
+
+
+@dataclass
+class Targets:
+    """The teacher's side of the soft term for N positions: full logits, or top-k."""
+
+    temperature: float
+    logits: Optional[torch.Tensor] = None  # [N, V], any float dtype, detached
+    topk_ids: Optional[torch.Tensor] = None  # [N, k] int32 (int64 per chunk when used)
+    topk_logp: Optional[torch.Tensor] = None  # [N, k] log P of those ids (at ``temperature``)
+    tail_logp: Optional[torch.Tensor] = None  # [N] log of the remaining mass (−inf if none)
+    token_ce: Optional[torch.Tensor] = None  # [N] the teacher's own CE per position, for gating
+
+    def nbytes(self) -> int:
+        held = (self.logits, self.topk_ids, self.topk_logp, self.tail_logp)
+        return sum(t.numel() * t.element_size() for t in held if t is not None)
+
+
+@dataclass(frozen=True)
+class SoftSpec:
+    divergence: str = "forward_kl"
+    beta: float = 0.5
+    alpha: float = 0.0
+    token_gate: bool = False  # use the soft term only where the teacher's CE < the student's
+
+    def resolved(self) -> str:
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"unknown divergence {self.divergence!r}; expected one of {DIVERGENCES}")
+        if self.divergence == "jsd" and self.beta == 0.0:
+            return "forward_kl"
+        if self.divergence == "jsd" and self.beta == 1.0:
+            return "reverse_kl"
+        return self.divergence
 
 
 def next_token_targets(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,58 +99,136 @@ def next_token_targets(input_ids: torch.Tensor, attention_mask: torch.Tensor) ->
     return labels, mask
 
 
-def _chunk_rows(vocab: int) -> int:
-    return max(1, CHUNK_ELEMENTS // vocab)
+def chunk_rows(vocab: int, chunk_tokens: Optional[int] = None) -> int:
+    return chunk_tokens or max(1, CHUNK_ELEMENTS // vocab)
 
 
-def _forward_and_grad(student, labels, weights, teacher, alpha, temperature, need_grad):
-    """Sums over chunks of positions; see :func:`distill_loss` for the formulas."""
+def topk_targets(logits: torch.Tensor, k: int, temperature: float, chunk_tokens: Optional[int] = None) -> Targets:
+    """The teacher's top-``k`` tokens, their log-probabilities at ``T`` and the tail mass.
+
+    logits: [..., V] (flattened to [N, V]); computed chunk by chunk in fp32.
+    """
+    flat = logits.detach().reshape(-1, logits.shape[-1])
+    k = min(k, flat.shape[1])
+    ids = torch.empty(flat.shape[0], k, dtype=torch.int32, device=flat.device)
+    logp = torch.empty(flat.shape[0], k, dtype=torch.float32, device=flat.device)
+    tail = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)
+    rows = chunk_rows(flat.shape[1], chunk_tokens)
+    for i in range(0, flat.shape[0], rows):
+        lp = F.log_softmax(flat[i:i + rows].float() / temperature, dim=-1)
+        top = lp.topk(k, dim=-1)
+        ids[i:i + rows], logp[i:i + rows] = top.indices, top.values
+        tail[i:i + rows] = torch.logsumexp(lp.scatter_(1, top.indices, -math.inf), dim=-1)
+    return Targets(temperature=temperature, topk_ids=ids, topk_logp=logp, tail_logp=tail)
+
+
+def _divergence_terms(div: str, beta: float, log_p: torch.Tensor, log_q: torch.Tensor):
+    """Per-bucket terms of ``D(P ‖ Q)`` (summing over the last dim gives D) and
+    ``W = Q ⊙ ∂D/∂Q``, both [n, b] over ``b`` buckets."""
+    if div == "forward_kl":
+        p = log_p.exp()
+        return p * (log_p - log_q), p.neg_()
+    q = log_q.exp()
+    if div == "reverse_kl":
+        r = log_q - log_p
+        return q * r, q * r.add_(1.0)
+    p = log_p.exp()
+    if div == "jsd":
+        log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log(1.0 - beta))
+        lq_m = log_q - log_m
+        w = (1.0 - beta) * q * lq_m
+        return beta * p * (log_p - log_m) + w, w
+    diff = q - p  # tvd
+    return 0.5 * diff.abs(), 0.5 * q * diff.sign()
+
+
+def _soft_chunk(spec: SoftSpec, div: str, targets: Targets, rows: slice, log_q: torch.Tensor, need_grad: bool):
+    """Divergence per row and (if asked) its gradient with respect to the scaled logits."""
+    if targets.logits is not None:
+        log_p = F.log_softmax(targets.logits[rows].float() / targets.temperature, dim=-1)
+        terms, w = _divergence_terms(div, spec.beta, log_p, log_q)
+        value = terms.sum(-1)
+        if not need_grad:
+            return value, None
+        if div == "forward_kl":  # Σ W = −Σ P = −1, so the gradient is simply Q − P
+            return value, w.add_(log_q.exp())
+        q = log_q.exp()
+        return value, w.sub_(q * w.sum(-1, keepdim=True))
+    ids = targets.topk_ids[rows].long()
+    log_p = torch.cat([targets.topk_logp[rows].float(), targets.tail_logp[rows].float().unsqueeze(1)], dim=1)
+    log_q_tail = torch.logsumexp(log_q.scatter(1, ids, -math.inf), dim=-1, keepdim=True)
+    log_q_top = log_q.gather(1, ids)
+    terms, w = _divergence_terms(div, spec.beta, log_p, torch.cat([log_q_top, log_q_tail], dim=1))
+    keep = dict(nan=0.0, posinf=math.inf, neginf=-math.inf)  # 0·log 0 = 0 for an empty tail
+    value, w = torch.nan_to_num(terms, **keep).sum(-1), torch.nan_to_num(w, **keep)
+    if not need_grad:
+        return value, None
+    c = w.sum(-1, keepdim=True)
+    w_top, w_tail = w[:, :-1], w[:, -1:]
+    per_tail = torch.where(log_q_tail > -math.inf, w_tail / log_q_tail.exp(), torch.zeros_like(w_tail))
+    q = log_q.exp()
+    grad = q * (per_tail - c)
+    grad.scatter_(1, ids, w_top - log_q_top.exp() * c)
+    return value, grad
+
+
+def _forward_and_grad(student, labels, weights, targets, spec, chunk_tokens, need_grad):
     n_pos, vocab = student.shape
+    soft = targets is not None
+    div = spec.resolved() if soft else None
+    temp = targets.temperature if soft else 1.0
+    ce_scale = 1.0 - spec.alpha if soft else 1.0
     grad = torch.empty_like(student) if need_grad else None
+    token_ce = torch.zeros(n_pos, dtype=torch.float32, device=student.device)
     ce_sum = student.new_zeros((), dtype=torch.float64)
     kd_sum = student.new_zeros((), dtype=torch.float64)
-    ce_scale = 1.0 - alpha if teacher is not None else 1.0
-    rows = _chunk_rows(vocab)
-    for i in range(0, n_pos, rows):
-        w = weights[i:i + rows]
-        y = labels[i:i + rows].unsqueeze(1)
-        log_ps = F.log_softmax(student[i:i + rows].float(), dim=-1)  # a fresh fp32 buffer
-        ce_sum += -(log_ps.gather(1, y).squeeze(1) * w).sum(dtype=torch.float64)
-        if teacher is not None:
-            log_pt = F.log_softmax(teacher[i:i + rows].float() / temperature, dim=-1)
-            log_ps_t = log_ps if temperature == 1.0 else F.log_softmax(student[i:i + rows].float() / temperature, dim=-1)
-            pt = log_pt.exp()
-            log_pt.sub_(log_ps_t)  # now log(p_t / p_s)
-            kd_sum += ((pt * log_pt).sum(-1) * w).sum(dtype=torch.float64)
+    gated = student.new_zeros((), dtype=torch.float64)
+    step = chunk_rows(vocab, chunk_tokens)
+    for i in range(0, n_pos, step):
+        rows = slice(i, i + step)
+        w, y = weights[rows], labels[rows].unsqueeze(1)
+        log_q1 = F.log_softmax(student[rows].float(), dim=-1)
+        tok_ce = -log_q1.gather(1, y).squeeze(1)
+        token_ce[rows] = tok_ce * (w > 0)
+        ce_sum += (tok_ce * w).sum(dtype=torch.float64)
+        if soft:
+            w_soft = w
+            if spec.token_gate:
+                w_soft = w * (targets.token_ce[rows] < tok_ce)
+            gated += w_soft.sum(dtype=torch.float64)
+            log_q = log_q1 if temp == 1.0 else F.log_softmax(student[rows].float() / temp, dim=-1)
+            value, g_soft = _soft_chunk(spec, div, targets, rows, log_q, need_grad and spec.alpha > 0.0)
+            kd_sum += (value * w_soft).sum(dtype=torch.float64)
         if grad is None:
             continue
-        # ∂/∂z per position of (1-α)·CE + α·T²·KL = (1-α)(p_s - onehot(y)) + α·T·(p_s^T - p_t^T)
-        g = log_ps.exp_()  # p_s, reusing the buffer
-        if teacher is not None and alpha > 0.0 and temperature == 1.0:
-            g.add_(pt, alpha=-alpha)  # (1-α)p_s + α p_s - α p_t
-        elif teacher is not None and alpha > 0.0:
-            g.mul_(ce_scale).add_(log_ps_t.exp_().sub_(pt), alpha=alpha * temperature)
-        else:
-            g.mul_(ce_scale)
-        g.scatter_add_(1, y, torch.full(y.shape, -ce_scale, dtype=g.dtype, device=g.device))
-        g.mul_(w.unsqueeze(1))
-        grad[i:i + rows] = g
+        g = None
+        if soft and spec.alpha > 0.0:
+            g = g_soft.mul_((w_soft * (spec.alpha * temp)).unsqueeze(1))
+        if ce_scale > 0.0:
+            g_ce = log_q1.exp_()  # ∂CE/∂z = softmax(z) − onehot(y), reusing the buffer
+            g_ce.scatter_add_(1, y, torch.full(y.shape, -1.0, dtype=g_ce.dtype, device=g_ce.device))
+            g_ce.mul_((w * ce_scale).unsqueeze(1))
+            g = g_ce if g is None else g.add_(g_ce)
+        grad[rows] = g
     ce = ce_sum.float()
-    kd = (kd_sum * temperature**2).float()
-    loss = ce.clone() if teacher is None else (1.0 - alpha) * ce + alpha * kd
-    return loss, ce, kd, grad
+    kd = (kd_sum * temp**2).float()
+    loss = ce.clone() if not soft else (1.0 - spec.alpha) * ce + spec.alpha * kd
+    total = weights.sum(dtype=torch.float64)
+    share = (gated / total).float() if soft and total > 0 else torch.ones((), device=student.device)
+    return loss, ce, kd, token_ce, share, grad
 
 
 class _DistillLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student, labels, weights, teacher, alpha, temperature, need_grad):
-        loss, ce, kd, grad = _forward_and_grad(student, labels, weights, teacher, alpha, temperature, need_grad)
+    def forward(ctx, student, labels, weights, targets, spec, chunk_tokens, need_grad):
+        loss, ce, kd, token_ce, share, grad = _forward_and_grad(
+            student, labels, weights, targets, spec, chunk_tokens, need_grad)
         ctx.save_for_backward(grad)
-        ctx.mark_non_differentiable(ce, kd)
-        return loss, ce, kd
+        ctx.mark_non_differentiable(ce, kd, token_ce, share)
+        return loss, ce, kd, token_ce, share
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_ce, _grad_kd):
+    def backward(ctx, grad_loss, *_unused):
         (grad,) = ctx.saved_tensors
         if grad_loss.item() != 1.0:
             grad.mul_(grad_loss.to(grad.dtype))  # used once: the graph is not retained
@@ -107,40 +239,40 @@ def distill_loss(
     student_logits: torch.Tensor,
     labels: torch.Tensor,
     mask: torch.Tensor,
-    teacher_logits: Optional[torch.Tensor] = None,
-    alpha: float = 0.0,
-    temperature: float = 1.0,
+    targets: Optional[Targets] = None,
+    spec: SoftSpec = SoftSpec(),
+    chunk_tokens: Optional[int] = None,
 ) -> LossParts:
-    """Mean next-token CE, and with a teacher the blended distillation objective.
+    """Mean next-token CE, and with ``targets`` the blended distillation objective.
 
     Args:
         student_logits: [B, S, V] or [N, V], any float dtype (computed in fp32 per chunk).
         labels: [B, S] / [N] target ids (from :func:`next_token_targets`).
-        mask: [B, S] / [N] bool, true where the target counts.
-        teacher_logits: same shape as ``student_logits``, treated as constants; ``None``
-            for plain CE (then ``loss == ce``).
-        alpha: weight α of the soft term; temperature: T > 0 applied to both models.
+        mask: [B, S] / [N] bool, true where the position counts.
+        targets: the teacher's full logits (same shape as the student's) or top-k;
+            ``None`` for plain CE (then ``loss == ce``).
+        spec: divergence, β, α and per-token gating.
+        chunk_tokens: positions per chunk (default: about 4M logits per chunk).
 
-    Returns ``LossParts(loss, ce, kd)`` where
-    ``loss = (1 − α)·CE + α·T²·mean_n Σ_v p_t^T(v) (log p_t^T(v) − log p_s^T(v))``.
-    With no real target the result is 0 and so is the gradient.
+    Returns ``LossParts`` with ``loss = (1 − α)·CE + α·T²·mean_n D(P ‖ Q)``.
+    With no counted position the result is 0 and so is the gradient.
     """
     vocab = student_logits.shape[-1]
     student = student_logits.reshape(-1, vocab)
-    teacher = None
-    if teacher_logits is not None:
-        if teacher_logits.shape != student_logits.shape:
+    if targets is not None and targets.logits is not None:
+        if targets.logits.shape[-1] != vocab or targets.logits.numel() != student.numel():
             raise ValueError(
                 f"student logits {tuple(student_logits.shape)} and teacher logits "
-                f"{tuple(teacher_logits.shape)} differ; slice both to the tokenizer's vocabulary"
+                f"{tuple(targets.logits.shape)} differ; slice both to the tokenizer's vocabulary"
             )
-        teacher = teacher_logits.detach().reshape(-1, vocab)
+        targets = Targets(**{**targets.__dict__, "logits": targets.logits.detach().reshape(-1, vocab)})
+    if spec.token_gate and (targets is None or targets.token_ce is None):
+        raise ValueError("token_gate needs the teacher's per-token CE in targets.token_ce")
     flat_mask = mask.reshape(-1)
     weights = flat_mask.float() / flat_mask.sum().clamp(min=1)
     need_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    loss, ce, kd = _DistillLoss.apply(student, labels.reshape(-1), weights, teacher, float(alpha),
-                                      float(temperature), need_grad)
-    return LossParts(loss, ce, kd)
+    parts = _DistillLoss.apply(student, labels.reshape(-1), weights, targets, spec, chunk_tokens, need_grad)
+    return LossParts(*parts)
 
 
 def top1_agreement(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> int:

@@ -18,12 +18,12 @@ import numpy as np
 import torch
 
 from . import checkpoint, distributed
-from .config import ConfigError, ModelSpec, RunConfig, TrainConfig, dump_config, load_deepspeed_config
+from .config import ConfigError, DistillConfig, ModelSpec, RunConfig, TrainConfig, dump_config, load_deepspeed_config
 from .data import BatchStream, build_splits, check_data_source, eval_batches, resolve_tokenizer, tokenizer_fingerprint
-from .losses import distill_loss, next_token_targets, top1_agreement
+from .losses import SoftSpec, Targets, distill_loss, next_token_targets, top1_agreement, topk_targets
 from .metrics import Metrics, format_values
 from .models import build_model, check_model, count_parameters, local_parameters, model_config, pretrained_tokenizer_dir
-from .schedules import alpha_at
+from .schedules import adaptive_alpha, alpha_at, ema, temperature_at
 
 log = logging.getLogger("codistill")
 
@@ -71,6 +71,15 @@ def resolve_deepspeed_config(spec: ModelSpec, train: TrainConfig, world_size: in
         scheduler_params["total_num_steps"] = train.max_steps
     ds.setdefault("steps_per_print", 10**9)
     return ds
+
+
+@dataclass(frozen=True)
+class StudentPlan:
+    """What one student does in one optimizer step."""
+
+    active: bool  # false during the teacher's head start
+    temperature: float
+    spec: SoftSpec  # divergence, β, α, gating
 
 
 @dataclass
@@ -131,6 +140,8 @@ class Trainer:
             )
             self.members.append(Member(spec, engine))
         self.teacher, self.students = self.members[0], self.members[1:]
+        self.distill = [cfg.distill_for(i) for i in range(len(self.students))]
+        self.gap: list[Optional[float]] = [None] * len(self.students)  # running student CE − teacher CE
         self._seed_rngs(cfg.train.seed + 1000 * self.world.rank)
         self.tokens_per_step = (cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps
                                 * self.world.size * cfg.data.seq_len)
@@ -149,27 +160,74 @@ class Trainer:
         out = member.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         return out.logits[..., : self.vocab]
 
-    def teacher_micro_step(self, batch: dict[str, torch.Tensor], sums: dict[str, float]) -> torch.Tensor:
-        """Teacher: CE on the ground truth, backward, step. Returns its detached logits."""
+    def teacher_micro_step(self, batch: dict[str, torch.Tensor], sums: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher: CE on the ground truth, backward, step. Returns its detached logits
+        [B, S, V] and its CE per position [N] (for per-token gating)."""
         logits = self._logits(self.teacher, batch)
         parts = distill_loss(logits, batch["labels"], batch["mask"])
         self.teacher.engine.backward(parts.loss)
         self.teacher.engine.step()
         sums[f"{self.teacher.name}/train/loss"] += parts.ce.item()
         sums[f"{self.teacher.name}/train/loss_ce"] += parts.ce.item()
-        return logits.detach()
+        return logits.detach(), parts.token_ce
 
-    def student_micro_step(self, student: Member, batch: dict[str, torch.Tensor], targets: Optional[torch.Tensor],
-                           alpha: float, temperature: float, sums: dict[str, float]) -> None:
-        """Student: (1-α)·CE + α·T²·KL(teacher ‖ student); with ``targets=None``, CE alone."""
+    def student_micro_step(self, index: int, batch: dict[str, torch.Tensor], targets: Optional[Targets],
+                           plan: StudentPlan, sums: dict[str, float]) -> None:
+        """Student: (1-α)·CE + α·T²·D(teacher ‖ student); with ``targets=None``, CE alone."""
+        student, d = self.students[index], self.distill[index]
         logits = self._logits(student, batch)
-        parts = distill_loss(logits, batch["labels"], batch["mask"], targets, alpha, temperature)
+        spec = plan.spec if targets is not None else SoftSpec()
+        parts = distill_loss(logits, batch["labels"], batch["mask"], targets, spec, d.chunk_tokens)
         student.engine.backward(parts.loss)
         student.engine.step()
         sums[f"{student.name}/train/loss"] += parts.loss.item()
         sums[f"{student.name}/train/loss_ce"] += parts.ce.item()
         if targets is not None:
             sums[f"{student.name}/train/loss_kd"] += parts.kd.item()
+            if d.token_gate:
+                sums[f"{student.name}/train/gate_fraction"] += parts.gated.item()
+
+    def _targets(self, d: DistillConfig, logits: torch.Tensor, token_ce: torch.Tensor, temperature: float) -> Targets:
+        if d.targets == "topk":
+            out = topk_targets(logits, d.top_k, temperature, d.chunk_tokens)
+        else:
+            out = Targets(temperature=temperature, logits=logits)
+        out.token_ce = token_ce
+        return out
+
+    def micro_step(self, batch: dict[str, torch.Tensor], plans: list[StudentPlan], sums: dict[str, float]) -> None:
+        """The co-distillation micro-step: one teacher forward feeds every active student."""
+        logits, token_ce = self.teacher_micro_step(batch, sums)
+        targets, shared = {}, {}
+        for i, plan in enumerate(plans):
+            if plan.active:
+                d = self.distill[i]
+                key = (d.targets, d.top_k if d.targets == "topk" else 0, plan.temperature)
+                if key not in shared:
+                    shared[key] = self._targets(d, logits, token_ce, plan.temperature)
+                targets[i] = shared[key]
+        del logits, shared  # with top-k targets the full teacher logits can go now
+        for i, target in targets.items():
+            self.student_micro_step(i, batch, target, plans[i], sums)
+
+    def plan(self, step: int) -> list[StudentPlan]:
+        """What every student does at optimizer step ``step``: α, T and whether it trains."""
+        plans = []
+        for i, d in enumerate(self.distill):
+            if d.schedule == "adaptive":
+                alpha = adaptive_alpha(step, d.alpha_max, d.burn_in_steps, self.gap[i], d.adaptive_gap)
+            elif d.schedule == "warmup":
+                alpha = alpha_at(step, d.alpha_max, d.burn_in_steps, d.warmup_steps, d.warmup)
+            else:
+                alpha = d.alpha_max if step >= d.burn_in_steps else 0.0
+            temperature = temperature_at(step, self.cfg.train.max_steps, d.temperature, d.temperature_final)
+            spec = SoftSpec(divergence=d.divergence, beta=d.beta, alpha=alpha, token_gate=d.token_gate)
+            plans.append(StudentPlan(active=step >= d.head_start_steps, temperature=temperature, spec=spec))
+        return plans
+
+    def _schedule_tag(self, key: str, index: int) -> str:
+        """``schedule/<key>`` with one student, ``schedule/<key>/<student>`` with several."""
+        return f"schedule/{key}" if len(self.students) == 1 else f"schedule/{key}/{self.students[index].name}"
 
     def prepare_batch(self, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Move a micro-batch to this rank's device and add next-token labels and mask."""
@@ -179,31 +237,44 @@ class Trainer:
 
     def train_step(self, step: int) -> dict[str, float]:
         """One optimizer step of every model (``step`` is 0-based); returns rank-averaged metrics."""
-        d = self.cfg.distill
-        alpha = alpha_at(step, d.alpha_max, d.burn_in_steps, d.warmup_steps, d.warmup)
-        temperature = d.temperature
+        plans = self.plan(step)
         gas = self.cfg.train.gradient_accumulation_steps
         sums: dict[str, float] = {}
         for member in self.members:
             sums[f"{member.name}/train/loss"] = sums[f"{member.name}/train/loss_ce"] = 0.0
-        for student in self.students:
+        for student, plan, d in zip(self.students, plans, self.distill):
             sums[f"{student.name}/train/loss_kd"] = 0.0
+            if d.token_gate:
+                sums[f"{student.name}/train/gate_fraction"] = 0.0
+            if not plan.active:  # head start: the teacher trains alone
+                for part in ("loss", "loss_ce", "loss_kd", "gate_fraction"):
+                    sums.pop(f"{student.name}/train/{part}", None)
         start = time.perf_counter()
         for _ in range(gas):
-            batch = self.prepare_batch(next(self.stream))
-            targets = self.teacher_micro_step(batch, sums)
-            for student in self.students:
-                self.student_micro_step(student, batch, targets, alpha, temperature, sums)
+            self.micro_step(self.prepare_batch(next(self.stream)), plans, sums)
         elapsed = time.perf_counter() - start
         values = self._mean_over_ranks({k: v / gas for k, v in sums.items()})
-        for member in self.members:
+        teacher_ce = values[f"{self.teacher.name}/train/loss_ce"]
+        for i, (student, plan, d) in enumerate(zip(self.students, plans, self.distill)):
+            if plan.active:  # identical on every rank: the CEs were averaged over ranks
+                self.gap[i] = ema(self.gap[i], values[f"{student.name}/train/loss_ce"] - teacher_ce, d.adaptive_ema)
+        for member, plan in zip(self.members, [None, *plans]):
+            if plan is not None and not plan.active:
+                continue
             values[f"{member.name}/train/lr"] = float(member.engine.get_lr()[0])
             norm = member.engine.get_global_grad_norm()
             values[f"{member.name}/train/grad_norm"] = float(norm) if norm is not None else float("nan")
-        values["schedule/alpha"] = alpha
-        values["schedule/temperature"] = temperature
+        for i, plan in enumerate(plans):
+            values[self._schedule_tag("alpha", i)] = plan.spec.alpha
+            values[self._schedule_tag("temperature", i)] = plan.temperature
+            if self.gap[i] is not None:
+                values[self._schedule_tag("gap", i)] = self.gap[i]
         values["perf/tokens_per_sec"] = self.tokens_per_step / self._max_over_ranks(elapsed)
         return values
+
+    def schedule_state(self) -> dict[str, Any]:
+        """What the schedules remember, for the trainer state saved with a checkpoint."""
+        return {"gap_ema": {s.name: g for s, g in zip(self.students, self.gap)}}
 
     def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
         keys = list(values)
@@ -288,7 +359,8 @@ class Trainer:
                 metrics.message(f"eval at step {done}: " + format_values(final))
         saved = checkpoint.save(
             self.output_dir, cfg.train.max_steps, [(m.name, m.engine) for m in self.members],
-            {"models": [m.name for m in self.members], "config": cfg.model_dump(mode="json")}, world.is_main,
+            {"models": [m.name for m in self.members], "schedule": self.schedule_state(),
+             "config": cfg.model_dump(mode="json")}, world.is_main,
         )
         metrics.message(f"saved final checkpoint to {saved}")
         metrics.close()

@@ -1,14 +1,13 @@
-"""Loss math against plain reference formulas: token-by-token float64 loops for the
-values, and plain PyTorch (full log_softmax, autograd) for the gradients."""
+"""Loss math against reference formulas written independently here: token-by-token
+float64 loops for CE and KL values, and plain float64 PyTorch (full softmax, autograd)
+for every divergence's value and gradient."""
 import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import codistill.losses as losses
-from codistill.losses import distill_loss, next_token_targets, top1_agreement
-
+from codistill.losses import SoftSpec, Targets, distill_loss, next_token_targets, top1_agreement, topk_targets
 
 def _batch(seed=0, b=3, s=7, v=11, pad_from=(7, 4, 5)):
     g = torch.Generator().manual_seed(seed)
@@ -47,13 +46,38 @@ def _ref_kl(student, teacher, mask, temp):
     return temp**2 * total / n
 
 
-def _autograd_reference(student, teacher, labels, mask, alpha, temp):
-    """The naive objective: full fp32 softmaxes, autograd backward."""
-    s, t, y = student[mask].float(), teacher[mask].float(), labels[mask]
-    ce = F.cross_entropy(s, y)
-    log_ps, log_pt = F.log_softmax(s / temp, -1), F.log_softmax(t / temp, -1)
-    kd = (log_pt.exp() * (log_pt - log_ps)).sum(-1).mean() * temp**2
+def _ref_divergence(div, beta, p, q):
+    """Per-row D(P || Q) for probability rows, float64, straight from the definitions."""
+    if div == "jsd" and beta == 0.0:
+        div = "forward_kl"
+    if div == "jsd" and beta == 1.0:
+        div = "reverse_kl"
+    if div == "forward_kl":
+        return (p * (p.log() - q.log())).sum(-1)
+    if div == "reverse_kl":
+        return (q * (q.log() - p.log())).sum(-1)
+    if div == "jsd":
+        m = beta * p + (1 - beta) * q
+        return beta * (p * (p / m).log()).sum(-1) + (1 - beta) * (q * (q / m).log()).sum(-1)
+    return 0.5 * (p - q).abs().sum(-1)
+
+
+def _reference(student, teacher, labels, mask, div="forward_kl", beta=0.5, alpha=0.5, temp=1.0, k=None):
+    """(loss, ce, kd) of the naive objective in float64; backward through autograd."""
+    s, t, y = student[mask].double(), teacher[mask].double(), labels[mask]
+    ce = torch.nn.functional.cross_entropy(s, y)
+    p, q = torch.softmax(t / temp, -1), torch.softmax(s / temp, -1)
+    if k is not None:  # coarsen both to the teacher's top-k plus one tail bucket
+        ids = p.topk(k, -1).indices
+        p_top, q_top = p.gather(1, ids), q.gather(1, ids)
+        p = torch.cat([p_top, (1 - p_top.sum(-1, keepdim=True)).clamp(min=1e-300)], 1)
+        q = torch.cat([q_top, (1 - q_top.sum(-1, keepdim=True)).clamp(min=1e-300)], 1)
+    kd = _ref_divergence(div, beta, p, q).mean() * temp**2
     return (1 - alpha) * ce + alpha * kd, ce, kd
+
+
+def full(teacher, temp=1.0):
+    return Targets(temperature=temp, logits=teacher)
 
 
 @pytest.fixture(params=[False, True], ids=["one-chunk", "many-chunks"])
@@ -70,27 +94,95 @@ def test_cross_entropy_matches_reference_and_ignores_padding(chunking):
     garbage = student.clone()
     garbage[~mask] = 1e4  # padding positions must not matter
     assert distill_loss(garbage, labels, mask).ce.item() == pytest.approx(got.ce.item(), rel=1e-6)
+    assert torch.count_nonzero(got.token_ce[~mask.reshape(-1)]) == 0
 
 
 @pytest.mark.parametrize("temp", [1.0, 2.0, 0.5])
-def test_kd_value_matches_reference(temp, chunking):
+def test_forward_kl_value_matches_token_loop(temp, chunking):
     student, teacher, labels, mask = _batch(seed=1)
-    got = distill_loss(student, labels, mask, teacher, alpha=0.3, temperature=temp)
+    got = distill_loss(student, labels, mask, full(teacher, temp), SoftSpec(alpha=0.3))
     kd = _ref_kl(student, teacher, mask, temp)
     assert got.kd.item() == pytest.approx(kd, rel=1e-5)
     assert got.loss.item() == pytest.approx(0.7 * _ref_ce(student, labels, mask) + 0.3 * kd, rel=1e-5)
 
 
-@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
-@pytest.mark.parametrize("temp", [1.0, 3.0])
-def test_gradient_matches_autograd_of_the_naive_loss(alpha, temp, chunking):
+DIVS = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.0), ("jsd", 0.5), ("jsd", 1.0), ("jsd", 0.2), ("tvd", 0.5)]
+
+
+@pytest.mark.parametrize("div, beta", DIVS)
+@pytest.mark.parametrize("temp", [1.0, 2.5])
+@pytest.mark.parametrize("k", [None, 3, 11], ids=["full", "top3", "top-all"])
+def test_every_divergence_value_and_gradient_match_the_reference(div, beta, temp, k, chunking):
     student, teacher, labels, mask = _batch(seed=2)
+    alpha = 0.6
+    spec = SoftSpec(divergence=div, beta=beta, alpha=alpha)
+    targets = full(teacher, temp) if k is None else topk_targets(teacher, k, temp)
     mine = student.clone().requires_grad_(True)
-    ref = student.clone().requires_grad_(True)
-    distill_loss(mine, labels, mask, teacher, alpha, temp).loss.backward()
-    _autograd_reference(ref, teacher, labels, mask, alpha, temp)[0].backward()
-    torch.testing.assert_close(mine.grad, ref.grad, rtol=1e-4, atol=1e-7)
+    got = distill_loss(mine, labels, mask, targets, spec)
+    got.loss.backward()
+    ref_in = student.clone().double().requires_grad_(True)
+    ref_loss, ref_ce, ref_kd = _reference(ref_in, teacher, labels, mask, div, beta, alpha, temp, k)
+    ref_loss.backward()
+    assert got.kd.item() == pytest.approx(ref_kd.item(), rel=1e-5, abs=1e-7)
+    assert got.loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
+    torch.testing.assert_close(mine.grad, ref_in.grad.float(), rtol=1e-4, atol=1e-6)
     assert torch.count_nonzero(mine.grad[~mask]) == 0
+
+
+@pytest.mark.parametrize("div, beta", DIVS)
+def test_top_k_with_k_equal_to_vocab_is_the_full_loss(div, beta):
+    student, teacher, labels, mask = _batch(seed=8)
+    spec = SoftSpec(divergence=div, beta=beta, alpha=1.0)
+    a, b = student.clone().requires_grad_(True), student.clone().requires_grad_(True)
+    whole = distill_loss(a, labels, mask, full(teacher, 2.0), spec)
+    top = distill_loss(b, labels, mask, topk_targets(teacher, 11, 2.0), spec)
+    whole.loss.backward()
+    top.loss.backward()
+    assert top.kd.item() == pytest.approx(whole.kd.item(), rel=1e-5, abs=1e-7)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("div, beta", DIVS)
+def test_chunked_equals_unchunked(div, beta):
+    student, teacher, labels, mask = _batch(seed=9, b=4, s=9)
+    spec = SoftSpec(divergence=div, beta=beta, alpha=0.4)
+    results = []
+    for chunk in (None, 1, 5):
+        x = student.clone().requires_grad_(True)
+        parts = distill_loss(x, labels, mask, full(teacher, 1.5), spec, chunk_tokens=chunk)
+        parts.loss.backward()
+        results.append((parts.loss.item(), x.grad))
+    for loss, grad in results[1:]:
+        assert loss == pytest.approx(results[0][0], rel=1e-6)
+        torch.testing.assert_close(grad, results[0][1], rtol=1e-5, atol=1e-8)
+
+
+def test_topk_targets_hold_the_teachers_best_tokens_and_the_rest_of_the_mass():
+    _, teacher, _, _ = _batch(seed=10)
+    t = topk_targets(teacher, 4, 2.0)
+    p = torch.softmax(teacher.reshape(-1, 11).double() / 2.0, -1)
+    assert torch.equal(t.topk_ids.long(), p.topk(4, -1).indices)
+    mass = t.topk_logp.double().exp().sum(-1) + t.tail_logp.double().exp()
+    torch.testing.assert_close(mass, torch.ones_like(mass), rtol=0, atol=1e-6)
+    assert t.nbytes() < teacher.numel() * teacher.element_size()
+
+
+def test_token_gate_uses_only_positions_where_the_teacher_is_better():
+    student, teacher, labels, mask = _batch(seed=11)
+    teacher_ce = distill_loss(teacher, labels, mask).token_ce
+    targets = Targets(temperature=1.0, logits=teacher, token_ce=teacher_ce)
+    x = student.clone().requires_grad_(True)
+    gated = distill_loss(x, labels, mask, targets, SoftSpec(alpha=1.0, token_gate=True))
+    gated.loss.backward()
+    student_ce = distill_loss(student, labels, mask).token_ce
+    keep = (teacher_ce < student_ce) & mask.reshape(-1)
+    assert 0 < int(keep.sum()) < int(mask.sum())
+    assert gated.gated.item() == pytest.approx(int(keep.sum()) / int(mask.sum()))
+    flat_grad = x.grad.reshape(-1, 11)
+    assert torch.count_nonzero(flat_grad[~keep]) == 0 and torch.count_nonzero(flat_grad[keep]) > 0
+    n = int(mask.sum())
+    kl = (torch.softmax(teacher, -1) * (torch.log_softmax(teacher, -1) - torch.log_softmax(student, -1))).sum(-1)
+    assert gated.kd.item() == pytest.approx(float(kl.reshape(-1)[keep].sum()) / n, rel=1e-5)
 
 
 def test_kd_gradient_is_t_times_prob_difference():
@@ -98,7 +190,7 @@ def test_kd_gradient_is_t_times_prob_difference():
     student, teacher, labels, mask = _batch(seed=4)
     student.requires_grad_(True)
     temp = 2.0
-    distill_loss(student, labels, mask, teacher, alpha=1.0, temperature=temp).loss.backward()
+    distill_loss(student, labels, mask, full(teacher, temp), SoftSpec(alpha=1.0)).loss.backward()
     n = int(mask.sum())
     expected = temp * (torch.softmax(student.detach() / temp, -1) - torch.softmax(teacher / temp, -1)) / n
     expected[~mask] = 0.0
@@ -109,48 +201,54 @@ def test_teacher_logits_are_constants():
     student, teacher, labels, mask = _batch(seed=5)
     student.requires_grad_(True)
     teacher.requires_grad_(True)
-    distill_loss(student, labels, mask, teacher, 0.5, 2.0).loss.backward()
+    distill_loss(student, labels, mask, full(teacher, 2.0), SoftSpec(alpha=0.5)).loss.backward()
     assert teacher.grad is None
 
 
 def test_padded_vocabulary_slice_and_bf16_inputs():
     student, teacher, labels, mask = _batch(seed=6)
     padded = torch.cat([student, torch.randn(*student.shape[:2], 5) * 100], -1).requires_grad_(True)
-    distill_loss(padded[..., :11], labels, mask, teacher, 0.5, 1.0).loss.backward()
+    distill_loss(padded[..., :11], labels, mask, full(teacher), SoftSpec(alpha=0.5)).loss.backward()
     assert torch.count_nonzero(padded.grad[..., 11:]) == 0
-    low = distill_loss(student.bfloat16(), labels, mask, teacher.bfloat16(), 0.5, 1.0)
-    full = distill_loss(student.bfloat16().float(), labels, mask, teacher.bfloat16().float(), 0.5, 1.0)
-    assert low.loss.item() == pytest.approx(full.loss.item(), rel=1e-6)
+    low = distill_loss(student.bfloat16(), labels, mask, full(teacher.bfloat16()), SoftSpec(alpha=0.5))
+    wide = distill_loss(student.bfloat16().float(), labels, mask, full(teacher.bfloat16().float()), SoftSpec(alpha=0.5))
+    assert low.loss.item() == pytest.approx(wide.loss.item(), rel=1e-6)
 
 
 def test_a_scaled_loss_scales_the_gradient():
     student, teacher, labels, mask = _batch(seed=7)
     a = student.clone().requires_grad_(True)
     b = student.clone().requires_grad_(True)
-    distill_loss(a, labels, mask, teacher, 0.5, 1.0).loss.backward()
-    (distill_loss(b, labels, mask, teacher, 0.5, 1.0).loss / 4).backward()  # gradient accumulation
+    distill_loss(a, labels, mask, full(teacher), SoftSpec(alpha=0.5)).loss.backward()
+    (distill_loss(b, labels, mask, full(teacher), SoftSpec(alpha=0.5)).loss / 4).backward()  # accumulation
     torch.testing.assert_close(b.grad, a.grad / 4)
 
 
-def test_kl_is_zero_for_identical_distributions_and_positive_otherwise():
+def test_divergences_are_zero_for_identical_distributions_and_positive_otherwise():
     student, teacher, labels, mask = _batch(seed=3)
-    assert distill_loss(teacher, labels, mask, teacher, 1.0, 2.0).kd.item() == pytest.approx(0.0, abs=1e-6)
-    assert distill_loss(student, labels, mask, teacher, 1.0, 2.0).kd.item() > 0
+    for div, beta in DIVS:
+        spec = SoftSpec(divergence=div, beta=beta, alpha=1.0)
+        assert distill_loss(teacher, labels, mask, full(teacher, 2.0), spec).kd.item() == pytest.approx(0.0, abs=1e-6)
+        assert distill_loss(student, labels, mask, full(teacher, 2.0), spec).kd.item() > 0
 
 
-def test_no_real_target_gives_zero_loss_and_gradient():
+def test_no_counted_position_gives_zero_loss_and_gradient():
     student, teacher, labels, _ = _batch()
     student.requires_grad_(True)
     none = torch.zeros(student.shape[:2], dtype=torch.bool)
-    parts = distill_loss(student, labels, none, teacher, 0.5, 1.0)
+    parts = distill_loss(student, labels, none, full(teacher), SoftSpec(alpha=0.5))
     parts.loss.backward()
     assert parts.loss.item() == 0.0 and torch.count_nonzero(student.grad) == 0
 
 
-def test_mismatched_vocabularies_are_refused():
+def test_bad_arguments_are_refused():
     student, teacher, labels, mask = _batch()
     with pytest.raises(ValueError, match="slice both"):
-        distill_loss(student[..., :-1], labels, mask, teacher)
+        distill_loss(student[..., :-1], labels, mask, full(teacher))
+    with pytest.raises(ValueError, match="unknown divergence"):
+        distill_loss(student, labels, mask, full(teacher), SoftSpec(divergence="kl"))
+    with pytest.raises(ValueError, match="token_gate needs"):
+        distill_loss(student, labels, mask, full(teacher), SoftSpec(token_gate=True))
 
 
 def test_next_token_targets_align_positions():

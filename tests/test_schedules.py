@@ -28,3 +28,42 @@ def test_no_warmup_jumps_to_alpha_max_after_burn_in():
 def test_unknown_shape_is_refused():
     with pytest.raises(ValueError, match="linear"):
         alpha_at(5, 0.5, 0, 10, "exp")
+
+
+def test_adaptive_alpha_is_zero_while_the_teacher_is_behind():
+    from codistill.schedules import adaptive_alpha
+
+    assert adaptive_alpha(500, 0.5, 0, gap=-0.3, full_gap=0.2) == 0.0
+    assert adaptive_alpha(500, 0.5, 0, gap=0.0, full_gap=0.2) == 0.0
+    assert adaptive_alpha(500, 0.5, 0, gap=None, full_gap=0.2) == 0.0
+
+
+def test_adaptive_alpha_follows_the_gap_and_respects_burn_in():
+    from codistill.schedules import adaptive_alpha
+
+    assert adaptive_alpha(10, 0.5, 0, gap=0.1, full_gap=0.2) == pytest.approx(0.25)
+    assert adaptive_alpha(10, 0.5, 0, gap=0.4, full_gap=0.2) == 0.5
+    assert adaptive_alpha(10, 0.5, 20, gap=0.4, full_gap=0.2) == 0.0
+
+
+def test_adaptive_alpha_moves_only_when_the_gap_signal_does():
+    from codistill.schedules import adaptive_alpha, ema
+
+    gap, alphas = None, []
+    for student_ce, teacher_ce in [(5.0, 5.5)] * 20 + [(5.0, 4.6)] * 40:
+        alphas.append(adaptive_alpha(len(alphas), 0.5, 0, gap, 0.2))
+        gap = ema(gap, student_ce - teacher_ce, 0.9)
+    assert alphas[:21] == [0.0] * 21  # teacher behind: nothing moves
+    assert all(b >= a for a, b in zip(alphas[20:], alphas[21:]))
+    assert alphas[-1] == pytest.approx(0.5)
+
+
+def test_ema_and_temperature_schedule():
+    from codistill.schedules import ema, temperature_at
+
+    assert ema(None, 3.0, 0.9) == 3.0
+    assert ema(1.0, 2.0, 0.75) == pytest.approx(1.25)
+    assert temperature_at(0, 11, 4.0, 1.0) == 4.0
+    assert temperature_at(5, 11, 4.0, 1.0) == pytest.approx(2.5)
+    assert temperature_at(10, 11, 4.0, 1.0) == 1.0
+    assert temperature_at(7, 11, 2.0, None) == 2.0

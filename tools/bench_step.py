@@ -14,6 +14,8 @@ cancels most of the drift of a shared, noisy machine.
 from __future__ import annotations
 
 import argparse
+from collections import defaultdict
+from dataclasses import replace
 import json
 import statistics
 import sys
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1 or args.warmup < 0:
         parser.error("--rounds must be at least 1 and --warmup at least 0")
     try:
-        from codistill.trainer import Trainer
+        from codistill.trainer import StudentPlan, Trainer
 
         cfg = load_config(args.config, ["overwrite=true", *args.overrides])
         trainer = Trainer(cfg)
@@ -57,25 +59,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench_step: error: {exc}", file=sys.stderr)
         return 2
 
-    alpha = cfg.distill.alpha_max or 0.5  # measure the soft term even if the config turns it off
-    temperature = cfg.distill.temperature
+    # Every student active with its soft term on (alpha_max, or 0.5 if the config turns it off).
+    plans = [StudentPlan(True, p.temperature, replace(p.spec, alpha=d.alpha_max or 0.5))
+             for p, d in zip(trainer.plan(0), trainer.distill)]
     gas = cfg.train.gradient_accumulation_steps
-    sink: dict[str, float] = {}
-    for member in trainer.members:
-        for part in ("loss", "loss_ce", "loss_kd"):
-            sink[f"{member.name}/train/{part}"] = 0.0
+    sink: defaultdict[str, float] = defaultdict(float)
 
     def codistill(batches):
         for batch in batches:
-            targets = trainer.teacher_micro_step(batch, sink)
-            for student in trainer.students:
-                trainer.student_micro_step(student, batch, targets, alpha, temperature, sink)
+            trainer.micro_step(batch, plans, sink)
 
     def separate(batches):
         for batch in batches:
             trainer.teacher_micro_step(batch, sink)
-            for student in trainer.students:
-                trainer.student_micro_step(student, batch, None, alpha, temperature, sink)
+            for i, plan in enumerate(plans):
+                trainer.student_micro_step(i, batch, None, plan, sink)
 
     times = {"codistill": [], "separate": []}
     for r in range(args.warmup + args.rounds):
