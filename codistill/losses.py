@@ -223,13 +223,17 @@ class _DistillLoss(torch.autograd.Function):
     def forward(ctx, student, labels, weights, targets, spec, chunk_tokens, need_grad):
         loss, ce, kd, token_ce, share, grad = _forward_and_grad(
             student, labels, weights, targets, spec, chunk_tokens, need_grad)
-        ctx.save_for_backward(grad)
+        # Kept as a plain attribute, not saved_tensors, so backward can hand the buffer
+        # over without autograd copying it (the graph is never retained for this loss).
+        ctx.grad = grad
         ctx.mark_non_differentiable(ce, kd, token_ce, share)
         return loss, ce, kd, token_ce, share
 
     @staticmethod
     def backward(ctx, grad_loss, *_unused):
-        (grad,) = ctx.saved_tensors
+        grad, ctx.grad = ctx.grad, None
+        if grad is None:
+            raise RuntimeError("distill_loss was back-propagated twice; its gradient is computed once")
         if grad_loss.item() != 1.0:
             grad.mul_(grad_loss.to(grad.dtype))  # used once: the graph is not retained
         return grad, None, None, None, None, None, None

@@ -332,6 +332,14 @@ class Trainer:
                 f"{m.name}: {count_parameters(module):,} parameters, ZeRO stage {m.engine.zero_optimization_stage()}, "
                 f"bf16={m.engine.bfloat16_enabled()}; stored per rank: {stored}"
             )
+        positions = self.cfg.train.micro_batch_size * self.cfg.data.seq_len
+        logit_bytes = 2 if (self.teacher.engine.bfloat16_enabled() or self.teacher.engine.fp16_enabled()) else 4
+        for student, d in zip(self.students, self.distill):
+            if d.targets == "topk":
+                k = min(d.top_k, self.vocab)
+                kept, full = positions * (8 * k + 4), positions * self.vocab * logit_bytes
+                lines.append(f"{student.name}: top-{k} targets hold {kept / 2**20:.2f} MB per micro-batch instead of "
+                             f"{full / 2**20:.2f} MB of full teacher logits ({full / kept:.1f}x less)")
         return lines
 
     def fit(self) -> dict[str, float]:

@@ -80,9 +80,10 @@ def worker(variant: str, tokens: int, vocab: int, div: str, beta: float, temp: f
         times.append(time.perf_counter() - start)
         value = loss.item()
         del loss
+    own_peak = peak_rss_bytes() - baseline  # before the checks below allocate anything
     grad = student.grad.double()
     rows = torch.linspace(0, tokens - 1, SAMPLE_ROWS).long()
-    torch.save({"value": value, "time": min(times), "own_peak": peak_rss_bytes() - baseline,
+    torch.save({"value": value, "time": min(times), "own_peak": own_peak,
                 "baseline": baseline, "row_sum": grad.sum(-1), "row_norm": grad.norm(dim=-1),
                 "sample": student.grad[rows].clone()}, out)
 
