@@ -1,37 +1,171 @@
-"""Checkpoints on disk: one directory per step holding every engine and the trainer state."""
+"""Checkpoints on disk: one directory per step holding every engine and the trainer state.
+
+Layout of ``<output_dir>/checkpoints``::
+
+    step_00000100/
+        <model>/                DeepSpeed save_checkpoint of each engine (tag "ds")
+        rank_00000.pt ...       per-rank state: RNGs, data cursor
+        trainer_state.json      step, schedules, config
+        manifest.json           every file with its size and sha256, written last
+    latest                      name of the newest complete checkpoint
+
+A checkpoint is written under ``.staging_step_<N>`` and renamed into place by rank 0
+only after every rank has finished writing and the manifest is complete, so a crash
+mid-save leaves the previous checkpoints untouched and nothing half-written visible.
+Older checkpoints are pruned only after a newer one is complete.
+"""
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import os
+import shutil
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 
 from .config import ConfigError
 
+log = logging.getLogger("codistill")
+
 CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+MANIFEST = "manifest.json"
+STATE = "trainer_state.json"
+TAG = "ds"  # the DeepSpeed tag inside each engine's folder
 
 
 def step_dir(output_dir: Path, step: int) -> Path:
     return output_dir / CHECKPOINTS / f"step_{step:08d}"
 
 
-def refuse_foreign_checkpoints(output_dir: Path, overwrite: bool) -> None:
+def rank_file(root: Path, rank: int) -> Path:
+    return root / f"rank_{rank:05d}.pt"
+
+
+def refuse_foreign_checkpoints(output_dir: Path, overwrite: bool, resume: Optional[str]) -> None:
     """Never write over another run's checkpoints unless the user said so."""
     root = output_dir / CHECKPOINTS
-    if root.is_dir() and any(root.iterdir()) and not overwrite:
+    if root.is_dir() and any(root.glob("step_*")) and not overwrite and resume is None:
         raise ConfigError(
-            f"output_dir {output_dir} already holds checkpoints of another run; choose a new "
-            "output_dir or pass overwrite=true"
+            f"output_dir {output_dir} already holds checkpoints of another run; pass resume=auto to "
+            "continue it, choose a new output_dir, or pass overwrite=true"
         )
 
 
-def save(output_dir: Path, step: int, engines: Iterable[tuple[str, object]], state: dict, is_main: bool) -> Path:
-    """Every engine's DeepSpeed checkpoint under ``step_<N>/<model>`` plus ``trainer_state.json``."""
-    root = step_dir(output_dir, step)
-    for name, engine in engines:
-        engine.save_checkpoint(str(root / name), tag=f"global_step{step}")
-    if is_main:
-        (root / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=2) + "\n")
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def save(output_dir: Path, step: int, engines: Iterable[tuple[str, object]], state: dict, rank_state: dict,
+         rank: int, keep_last: int) -> Path:
+    """Write a complete checkpoint of every engine and the trainer; collective (all ranks)."""
+    root = output_dir / CHECKPOINTS
+    final = step_dir(output_dir, step)
+    staging = root / f".staging_{final.name}"
+    if rank == 0:
+        if staging.exists():  # left by a save that was killed
+            shutil.rmtree(staging)
+        staging.mkdir(parents=True)
     torch.distributed.barrier()
-    return root
+    for name, engine in engines:
+        engine.save_checkpoint(str(staging / name), tag=TAG)
+    torch.save(rank_state, rank_file(staging, rank))
+    torch.distributed.barrier()
+    if rank == 0:
+        _write_atomically(staging / STATE, json.dumps({"step": step, **state}, indent=2) + "\n")
+        files = {str(p.relative_to(staging)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+                 for p in sorted(staging.rglob("*")) if p.is_file()}
+        _write_atomically(staging / MANIFEST, json.dumps({"step": step, "files": files}, indent=1) + "\n")
+        if final.exists():  # overwrite=true on an output_dir with this step already saved
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        _write_atomically(root / LATEST, final.name + "\n")
+        _prune(root, keep_last, keep=final)
+    torch.distributed.barrier()
+    return final
+
+
+def remove_partial(output_dir: Path) -> list[Path]:
+    """Delete what killed saves left behind (never visible as checkpoints); rank 0 only."""
+    partial = sorted((output_dir / CHECKPOINTS).glob(".staging_*"))
+    for path in partial:
+        shutil.rmtree(path, ignore_errors=True)
+    return partial
+
+
+def _prune(root: Path, keep_last: int, keep: Path) -> None:
+    if keep_last <= 0:
+        return
+    complete = [p for p in sorted(root.glob("step_*")) if (p / MANIFEST).exists()]
+    for old in complete[:-keep_last]:
+        if old != keep:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def verify(path: Path) -> Optional[str]:
+    """None if ``path`` is a complete, intact checkpoint; otherwise what is wrong with it."""
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        return f"{path} is not a complete checkpoint (no {MANIFEST})"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (json.JSONDecodeError, KeyError):
+        return f"{manifest} is corrupted"
+    for rel, meta in files.items():
+        f = path / rel
+        if not f.is_file():
+            return f"checkpoint file {f} is missing"
+        size = f.stat().st_size
+        if size != meta["size"]:
+            return f"checkpoint file {f} is truncated or changed ({size} bytes, expected {meta['size']})"
+        if _sha256(f) != meta["sha256"]:
+            return f"checkpoint file {f} is corrupted (sha256 differs from the manifest)"
+    return None
+
+
+def find_resume(output_dir: Path, resume: Optional[str]) -> Optional[Path]:
+    """The checkpoint to resume from: ``resume=auto`` takes the newest intact one in
+    ``output_dir`` (falling back past corrupted ones with a warning; none means a fresh
+    start); ``resume=<path>`` must be an intact checkpoint (or a run's output_dir)."""
+    if resume is None:
+        return None
+    if resume != "auto":
+        path = Path(resume).expanduser()
+        if (path / CHECKPOINTS).is_dir():
+            found = find_resume(path, "auto")
+            if found is None:
+                raise ConfigError(f"resume: {path} holds no complete checkpoint")
+            return found
+        if not path.is_dir():
+            raise ConfigError(f"resume: {path} does not exist")
+        problem = verify(path)
+        if problem:
+            raise ConfigError(f"resume: {problem}")
+        return path
+    candidates = sorted((output_dir / CHECKPOINTS).glob("step_*"), reverse=True)
+    for candidate in candidates:
+        problem = verify(candidate)
+        if problem is None:
+            return candidate
+        log.warning("resume=auto: skipping %s: %s", candidate.name, problem)
+    return None
+
+
+def read_state(path: Path) -> dict:
+    return json.loads((path / STATE).read_text())

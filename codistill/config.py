@@ -62,6 +62,16 @@ class TrainConfig(_Section):
     eval_interval: int = Field(50, gt=0)
     eval_batches: int = Field(8, gt=0, description="validation micro-batches per rank")
     detect_anomaly: bool = False
+    steps_this_run: Optional[int] = Field(
+        None, gt=0, description="stop with a checkpoint after this many steps (e.g. a job's time limit)")
+    nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="a NaN/inf loss: stop with a checkpoint of the last good state, or skip the step")
+    collective_timeout_s: int = Field(120, gt=0, description="a rank silent this long ends the job")
+
+
+class CheckpointConfig(_Section):
+    interval: int = Field(0, ge=0, description="steps between checkpoints; 0: only at the end")
+    keep_last: int = Field(2, ge=0, description="complete checkpoints kept; 0 keeps all")
 
 
 class DistillConfig(_Section):
@@ -110,6 +120,8 @@ class RunConfig(_Section):
     mode: Literal["codistill"] = "codistill"
     output_dir: str = "runs/tiny"
     overwrite: bool = Field(False, description="allow writing into an output_dir holding checkpoints")
+    resume: Optional[str] = Field(None, description="'auto' (newest intact checkpoint in output_dir) or a path")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)

@@ -325,32 +325,42 @@ class BatchStream:
 
     ``DistributedSampler`` with ``drop_last`` gives every rank the same number of
     batches and no shared examples; the order depends only on the seed and epoch.
+    The cursor (epoch, batches taken in it) is part of a checkpoint: resuming from it
+    continues with exactly the batches an uninterrupted run would have seen.
     """
 
     def __init__(self, dataset: datasets.Dataset, micro_batch_size: int, rank: int, world: int, seed: int):
+        self.dataset = dataset
+        self.batch_size = micro_batch_size
         self.sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
         if len(self.sampler) < micro_batch_size:
             raise ConfigError(
                 f"train.micro_batch_size={micro_batch_size} is larger than this rank's share of the training "
                 f"data ({len(self.sampler)} blocks over {world} ranks); lower it or add data"
             )
-        self.loader = DataLoader(dataset, batch_size=micro_batch_size, sampler=self.sampler, drop_last=True)
         self.epoch = 0
-        self._it: Optional[Iterator] = None
+        self.position = 0  # micro-batches already taken in this epoch
+        self._order: Optional[list[int]] = None
 
     def __iter__(self) -> "BatchStream":
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        while True:
-            if self._it is None:
-                self.sampler.set_epoch(self.epoch)
-                self._it = iter(self.loader)
-            try:
-                return next(self._it)
-            except StopIteration:
-                self._it = None
-                self.epoch += 1
+        if self._order is None:
+            self.sampler.set_epoch(self.epoch)
+            self._order = list(self.sampler)
+        start = self.position * self.batch_size
+        if start + self.batch_size > len(self._order):
+            self.epoch, self.position, self._order = self.epoch + 1, 0, None
+            return next(self)
+        self.position += 1
+        return self.dataset[self._order[start:start + self.batch_size]]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position, self._order = int(state["epoch"]), int(state["position"]), None
 
 
 def eval_batches(dataset: datasets.Dataset, micro_batch_size: int, rank: int, world: int, limit: int) -> list[dict]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
+import signal
 import time
 import warnings
 from dataclasses import dataclass
@@ -119,9 +120,10 @@ class Trainer:
         on_cpu = not torch.cuda.is_available()
         world_size = distributed.env_world_size()
         ds_configs = {s.name: resolve_deepspeed_config(s, cfg.train, world_size, on_cpu) for s in cfg.models}
-        checkpoint.refuse_foreign_checkpoints(self.output_dir, cfg.overwrite)
+        checkpoint.refuse_foreign_checkpoints(self.output_dir, cfg.overwrite, cfg.resume)
+        self.resume_from = checkpoint.find_resume(self.output_dir, cfg.resume)
 
-        self.world = distributed.init()
+        self.world = distributed.init(timeout_s=cfg.train.collective_timeout_s)
         splits = build_splits(cfg.data, self.tokenizer, cfg.train.seed)
         self.stream = BatchStream(splits.train, cfg.train.micro_batch_size, self.world.rank, self.world.size, cfg.train.seed)
         self.val_batches = eval_batches(splits.validation, cfg.train.micro_batch_size, self.world.rank,
@@ -146,6 +148,10 @@ class Trainer:
         self.tokens_per_step = (cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps
                                 * self.world.size * cfg.data.seq_len)
         self.metrics: Optional[Metrics] = None
+        self.step = 0  # optimizer steps completed
+        self._signal: Optional[int] = None
+        if self.resume_from is not None:
+            self._load(self.resume_from)
 
     @staticmethod
     def _seed_rngs(seed: int) -> None:
@@ -342,34 +348,111 @@ class Trainer:
                              f"{full / 2**20:.2f} MB of full teacher logits ({full / kept:.1f}x less)")
         return lines
 
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self) -> Path:
+        """A complete checkpoint of every engine, the schedules, the data cursor and RNGs."""
+        state = {"world_size": self.world.size, "models": [m.name for m in self.members],
+                 "schedule": self.schedule_state(), "config": self.cfg.model_dump(mode="json")}
+        rank_state = {"data": self.stream.state_dict(), "python": random.getstate(),
+                      "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                      "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        return checkpoint.save(self.output_dir, self.step, [(m.name, m.engine) for m in self.members], state,
+                               rank_state, self.world.rank, self.cfg.checkpoint.keep_last)
+
+    def _load(self, path: Path) -> None:
+        state = checkpoint.read_state(path)
+        for m in self.members:
+            loaded, _ = m.engine.load_checkpoint(str(path / m.name), tag=checkpoint.TAG)
+            if loaded is None:
+                raise ConfigError(f"resume: {path / m.name} holds no checkpoint of model '{m.name}'")
+        self.step = int(state["step"])
+        gaps = state["schedule"]["gap_ema"]
+        self.gap = [gaps.get(s.name) for s in self.students]
+        rank_state = torch.load(checkpoint.rank_file(path, self.world.rank), weights_only=False)
+        self.stream.load_state_dict(rank_state["data"])
+        random.setstate(rank_state["python"])
+        np.random.set_state(rank_state["numpy"])
+        torch.set_rng_state(rank_state["torch"])
+        if rank_state["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rank_state["cuda"])
+        changed = _changed_keys(state["config"], self.cfg.model_dump(mode="json"))
+        if changed and self.world.is_main:
+            log.warning("resuming with a config that differs from the checkpoint's in: %s", ", ".join(changed))
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self._signal = signum
+
+    def _stop_requested(self) -> bool:
+        """True on every rank once any rank was asked to stop (SIGTERM/SIGINT)."""
+        flag = torch.tensor([0 if self._signal is None else 1], dtype=torch.int32)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    # ------------------------------------------------------------------ the loop
+
     def fit(self) -> dict[str, float]:
-        """Train for ``train.max_steps`` optimizer steps; returns the final evaluation."""
+        """Train up to ``train.max_steps`` optimizer steps (from a resumed step, if any);
+        returns the last evaluation. SIGTERM/SIGINT finish the step, save and return."""
         cfg, world = self.cfg, self.world
         if world.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.yaml").write_text(dump_config(cfg))
+            for partial in checkpoint.remove_partial(self.output_dir):
+                log.warning("removed %s, left by a save that did not finish", partial)
         torch.autograd.set_detect_anomaly(cfg.train.detect_anomaly)
-        metrics = self.metrics = Metrics(self.output_dir, world.is_main, cfg.train.max_steps)
-        for line in [f"world: {world.size} rank(s) on {world.device.type} ({world.how}); "
-                     f"{self.tokens_per_step:,} tokens per step", *self.describe()]:
+        metrics = self.metrics = Metrics(self.output_dir, world.is_main, cfg.train.max_steps, start_step=self.step)
+        lines = [f"world: {world.size} rank(s) on {world.device.type} ({world.how}); "
+                 f"{self.tokens_per_step:,} tokens per step", *self.describe()]
+        if self.resume_from is not None:
+            lines.append(f"resumed from {self.resume_from} at step {self.step}")
+        for line in lines:
             metrics.message(line)
-        final = self.evaluate()
-        metrics.scalars(0, final)
-        metrics.message("step 0: " + format_values(final))
-        for step in range(cfg.train.max_steps):
-            values = self.train_step(step)
-            done = step + 1
-            last = done == cfg.train.max_steps
-            metrics.advance(done, values, line=done % cfg.train.log_interval == 0 or last)
-            if done % cfg.train.eval_interval == 0 or last:
-                final = self.evaluate()
-                metrics.scalars(done, final)
-                metrics.message(f"eval at step {done}: " + format_values(final))
-        saved = checkpoint.save(
-            self.output_dir, cfg.train.max_steps, [(m.name, m.engine) for m in self.members],
-            {"models": [m.name for m in self.members], "schedule": self.schedule_state(),
-             "config": cfg.model_dump(mode="json")}, world.is_main,
-        )
-        metrics.message(f"saved final checkpoint to {saved}")
-        metrics.close()
+        final: dict[str, float] = {}
+        if self.step == 0:
+            final = self.evaluate()
+            metrics.scalars(0, final)
+            metrics.message("step 0: " + format_values(final))
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        first, saved_at = self.step, None
+        try:
+            while self.step < cfg.train.max_steps:
+                values = self.train_step(self.step)
+                self.step += 1
+                last = self.step == cfg.train.max_steps
+                metrics.advance(self.step, values, line=self.step % cfg.train.log_interval == 0 or last)
+                if self.step % cfg.train.eval_interval == 0 or last:
+                    final = self.evaluate()
+                    metrics.scalars(self.step, final)
+                    metrics.message(f"eval at step {self.step}: " + format_values(final))
+                stop = self._stop_requested() or self.step - first == cfg.train.steps_this_run
+                interval = cfg.checkpoint.interval
+                if last or stop or (interval and self.step % interval == 0):
+                    metrics.message(f"saved checkpoint {self.save()}")
+                    saved_at = self.step
+                if stop and not last:
+                    why = f"signal {signal.Signals(self._signal).name}" if self._signal else "train.steps_this_run"
+                    metrics.message(f"stopping at step {self.step} ({why}); continue with resume=auto")
+                    break
+            if saved_at != self.step:  # resumed at or past max_steps: nothing ran
+                metrics.message(f"saved checkpoint {self.save()}")
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            metrics.close()
         return final
+
+
+def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ (ignoring where the run writes and how it resumes)."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        dotted = f"{prefix}{key}"
+        if dotted in ("output_dir", "resume", "overwrite", "train.steps_this_run"):
+            continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changed_keys(a, b, dotted + ".")
+        elif a != b:
+            out.append(dotted)
+    return out

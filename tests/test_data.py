@@ -127,3 +127,17 @@ def test_cache_dir_defaults_to_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("CODISTILL_CACHE", str(tmp_path))
     assert DataConfig().resolved_cache_dir() == tmp_path.resolve()
     assert os.fspath(DataConfig(cache_dir="/x/y").resolved_cache_dir()) == "/x/y"
+
+
+def test_stream_cursor_resumes_with_the_same_batches_across_epochs(tokenizer):
+    splits = build_splits(DataConfig(seq_len=32), tokenizer, seed=1)
+    small = splits.train.select(range(40))  # 20 blocks per rank: 5 batches per epoch
+    stream = BatchStream(small, 4, rank=1, world=2, seed=3)
+    for _ in range(7):
+        next(stream)
+    state = stream.state_dict()
+    assert state == {"epoch": 1, "position": 2}
+    expected = [next(stream)["input_ids"] for _ in range(6)]
+    again = BatchStream(small, 4, rank=1, world=2, seed=3)
+    again.load_state_dict(state)
+    assert all(torch.equal(a, next(again)["input_ids"]) for a in expected)

@@ -2,6 +2,7 @@
 folder (saved first, loaded offline) and a student whose embedding is padded past
 the tokenizer's vocabulary."""
 import hashlib
+import json
 
 import pytest
 import torch
@@ -72,10 +73,15 @@ def test_output_holds_resolved_config_and_final_checkpoints(run):
     out = run["trainer"].output_dir
     assert load_config(out / "config.yaml").train.max_steps == run["cfg"].train.max_steps
     step = out / "checkpoints" / "step_00000006"
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000006"
     for name in ("teacher", "student"):
-        assert (step / name / "latest").read_text().strip() == "global_step6"
-        assert any((step / name / "global_step6").iterdir())
-    assert (step / "trainer_state.json").exists()
+        assert (step / name / "latest").read_text().strip() == "ds"
+        assert any((step / name / "ds").iterdir())
+    state = json.loads((step / "trainer_state.json").read_text())
+    assert state["step"] == 6 and state["world_size"] == 1 and set(state["schedule"]["gap_ema"]) == {"student"}
+    assert (step / "rank_00000.pt").exists()
+    from codistill.checkpoint import verify
+    assert verify(step) is None
 
 
 def test_train_step_reports_every_metric(run):

@@ -1,0 +1,138 @@
+"""Never lose a run: exact resume, preemption, crashes during a save, corrupted files."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from codistill.distributed import free_port
+
+from conftest import MICRO, ROOT, bin_path, launch_env, run_cmd
+
+TRACKED = ["teacher/train/loss", "student/train/loss", "student/train/loss_kd", "teacher/train/lr",
+           "student/train/grad_norm", "schedule/alpha"]
+# The adaptive schedule's state must survive the restart too.
+COMMON = ["train.max_steps=8", "distill.schedule=adaptive", "distill.adaptive_gap=0.01", "distill.burn_in_steps=0"]
+
+
+def deepspeed(out, *overrides):
+    cmd = [bin_path("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
+           "--config", str(MICRO), f"output_dir={out}", *COMMON, *overrides]
+    proc = run_cmd(cmd)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def per_step(out):
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in TRACKED}
+
+
+def final_weights(out, step=8):
+    root = out / "checkpoints" / f"step_{step:08d}"
+    return {name: get_fp32_state_dict_from_zero_checkpoint(str(root / name), tag="ds") for name in ("teacher", "student")}
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_stop_and_resume_mid_epoch_matches_an_uninterrupted_run_bitwise(tmp_path, stage):
+    zero = [f"teacher.deepspeed.zero_optimization.stage={stage}", f"students.0.deepspeed.zero_optimization.stage={stage}"]
+    deepspeed(tmp_path / "straight", *zero)
+    first = deepspeed(tmp_path / "split", *zero, "train.steps_this_run=4")
+    assert "stopping at step 4 (train.steps_this_run); continue with resume=auto" in first
+    second = deepspeed(tmp_path / "split", *zero, "resume=auto")
+    assert "resumed from" in second and "step_00000004 at step 4" in second
+    a, b = per_step(tmp_path / "straight"), per_step(tmp_path / "split")
+    for tag in TRACKED:
+        assert sorted(b[tag]) == list(range(1, 9)), tag
+        assert [a[tag][s] for s in range(1, 9)] == [b[tag][s] for s in range(1, 9)], tag
+    assert max(a["schedule/alpha"].values()) > 0  # the adaptive state was live across the restart
+    wa, wb = final_weights(tmp_path / "straight"), final_weights(tmp_path / "split")
+    for name in wa:
+        for key in wa[name]:
+            assert torch.equal(wa[name][key], wb[name][key]), (name, key)
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_zero_then_resumes(tmp_path):
+    out = tmp_path / "run"
+    cmd = [bin_path("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
+           "--config", str(MICRO), f"output_dir={out}", "train.max_steps=500", "train.log_interval=1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("step 3/500"):
+            break
+    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "--local_rank" in " ".join(p.cmdline())]
+    assert len(ranks) == 2
+    for p in ranks:  # as SLURM or Kubernetes do: every training process gets SIGTERM
+        p.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=120)
+    log = "".join(seen) + rest
+    assert proc.returncode == 0, log[-3000:]
+    stopped = [line for line in log.splitlines() if "(signal SIGTERM); continue with resume=auto" in line]
+    assert stopped, log[-3000:]
+    step = int(stopped[0].split("stopping at step ")[1].split()[0])
+    assert (out / "checkpoints" / f"step_{step:08d}" / "manifest.json").exists()
+    resumed = run_cmd([bin_path("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
+                       "--config", str(MICRO), f"output_dir={out}", f"train.max_steps={step + 2}", "resume=auto"])
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert f"at step {step}" in resumed.stdout and f"step {step + 2}/{step + 2}" in resumed.stdout
+
+
+def test_a_kill_during_a_save_leaves_the_previous_checkpoint_to_resume_from(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cmd([sys.executable, "tests/helpers/crash_during_save.py", f"output_dir={out}"])
+    assert proc.returncode == -signal.SIGKILL
+    root = out / "checkpoints"
+    assert (root / "latest").read_text().strip() == "step_00000002"
+    assert not (root / "step_00000004").exists() and (root / ".staging_step_00000004").exists()
+    resumed = run_cmd([sys.executable, "launch/train.py", "--config", str(MICRO), f"output_dir={out}", "resume=auto"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "step_00000002 at step 2" in resumed.stdout
+    assert (root / "step_00000006" / "manifest.json").exists() and not (root / ".staging_step_00000004").exists()
+
+
+def test_corrupted_checkpoint_is_named_and_auto_resume_falls_back(tmp_path):
+    out = tmp_path / "run"
+    ok = run_cmd([sys.executable, "launch/train.py", "--config", str(MICRO), f"output_dir={out}",
+                  "checkpoint.interval=2", "checkpoint.keep_last=0", "train.max_steps=4"])
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    newest = out / "checkpoints" / "step_00000004"
+    victim = next(p for p in sorted((newest / "student").rglob("*.pt")))
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    explicit = run_cmd([sys.executable, "launch/train.py", "--config", str(MICRO), f"output_dir={out}",
+                        f"resume={newest}", "train.max_steps=6"])
+    assert explicit.returncode == 2
+    assert explicit.stderr.strip().splitlines()[-1] == (
+        f"codistill: error: resume: checkpoint file {victim} is corrupted (sha256 differs from the manifest)")
+    auto = run_cmd([sys.executable, "launch/train.py", "--config", str(MICRO), f"output_dir={out}",
+                    "resume=auto", "train.max_steps=6"])
+    assert auto.returncode == 0, auto.stderr[-2000:]
+    assert f"skipping step_00000004: checkpoint file {victim} is corrupted" in auto.stderr
+    assert "step_00000002 at step 2" in auto.stdout
+
+
+def test_checkpoints_are_pruned_only_after_a_newer_one_is_complete(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cmd([sys.executable, "launch/train.py", "--config", str(MICRO), f"output_dir={out}",
+                    "checkpoint.interval=1", "checkpoint.keep_last=2", "train.max_steps=4"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000003", "step_00000004"]
+    state = json.loads((out / "checkpoints" / "step_00000004" / "trainer_state.json").read_text())
+    assert state["step"] == 4
+
+
+def test_resume_path_without_a_checkpoint_is_refused(tmp_path):
+    proc = run_cmd([sys.executable, "launch/train.py", "--config", str(MICRO), f"output_dir={tmp_path / 'o'}",
+                    f"resume={tmp_path}"])
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"codistill: error: resume: {tmp_path} is not a complete checkpoint (no manifest.json)"
