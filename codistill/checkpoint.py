@@ -22,7 +22,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 
@@ -73,8 +73,9 @@ def _write_atomically(path: Path, text: str) -> None:
 
 
 def save(output_dir: Path, step: int, engines: Iterable[tuple[str, object]], state: dict, rank_state: dict,
-         rank: int, keep_last: int) -> Path:
-    """Write a complete checkpoint of every engine and the trainer; collective (all ranks)."""
+         rank: int, keep_last: int, write_extra: Callable[[Path], None]) -> Path:
+    """Write a complete checkpoint of every engine and the trainer; collective (all ranks).
+    ``write_extra(folder)`` runs on rank 0 before the manifest (model configs, tokenizer)."""
     root = output_dir / CHECKPOINTS
     final = step_dir(output_dir, step)
     staging = root / f".staging_{final.name}"
@@ -88,6 +89,7 @@ def save(output_dir: Path, step: int, engines: Iterable[tuple[str, object]], sta
     torch.save(rank_state, rank_file(staging, rank))
     torch.distributed.barrier()
     if rank == 0:
+        write_extra(staging)
         _write_atomically(staging / STATE, json.dumps({"step": step, **state}, indent=2) + "\n")
         files = {str(p.relative_to(staging)): {"size": p.stat().st_size, "sha256": _sha256(p)}
                  for p in sorted(staging.rglob("*")) if p.is_file()}
@@ -169,3 +171,42 @@ def find_resume(output_dir: Path, resume: Optional[str]) -> Optional[Path]:
 
 def read_state(path: Path) -> dict:
     return json.loads((path / STATE).read_text())
+
+
+def export_hf(path: Path, out: Path, names: Optional[list[str]] = None, overwrite: bool = False) -> list[Path]:
+    """Write models of a checkpoint as Hugging Face folders (safetensors, config, tokenizer).
+
+    ``path`` is a checkpoint folder or a run's output_dir (its newest intact checkpoint).
+    ZeRO-1/2/3 shards are consolidated to fp32 with DeepSpeed's zero_to_fp32.
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    found = find_resume(path, "auto") if (path / CHECKPOINTS).is_dir() else path
+    if found is None:
+        raise ConfigError(f"{path} holds no complete checkpoint")
+    problem = verify(found)
+    if problem:
+        raise ConfigError(problem)
+    models = read_state(found)["models"]
+    for name in names or []:
+        if name not in models:
+            raise ConfigError(f"model '{name}' is not in {found} (it holds {models})")
+    exported = []
+    for name in names or models:
+        target = out / name
+        if target.exists() and any(target.iterdir()) and not overwrite:
+            raise ConfigError(f"{target} is not empty; choose another folder or pass --overwrite")
+        config = AutoConfig.from_pretrained(str(found / "hf" / name), local_files_only=True)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        state = get_fp32_state_dict_from_zero_checkpoint(str(found / name), tag=TAG)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        tied = {k for k in missing if k.endswith("lm_head.weight") and config.tie_word_embeddings}
+        if set(missing) - tied or unexpected:
+            raise ConfigError(f"{found / name} does not match its config: missing {sorted(set(missing) - tied)}, "
+                              f"unexpected {sorted(unexpected)}")
+        model.tie_weights()
+        model.save_pretrained(str(target), safe_serialization=True)
+        AutoTokenizer.from_pretrained(str(found / "tokenizer"), local_files_only=True).save_pretrained(str(target))
+        exported.append(target)
+    return exported

@@ -358,7 +358,13 @@ class Trainer:
                       "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                       "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
         return checkpoint.save(self.output_dir, self.step, [(m.name, m.engine) for m in self.members], state,
-                               rank_state, self.world.rank, self.cfg.checkpoint.keep_last)
+                               rank_state, self.world.rank, self.cfg.checkpoint.keep_last, self._write_extra)
+
+    def _write_extra(self, folder: Path) -> None:
+        """What an export needs beside the weights: each model's config and the tokenizer."""
+        for m in self.members:
+            m.engine.module.config.save_pretrained(str(folder / "hf" / m.name))
+        self.tokenizer.save_pretrained(str(folder / "tokenizer"))
 
     def _load(self, path: Path) -> None:
         state = checkpoint.read_state(path)

@@ -4,6 +4,7 @@ the tokenizer's vocabulary."""
 import hashlib
 import json
 
+import deepspeed
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -28,9 +29,13 @@ def run(tmp_path_factory, tokenizer):
     saved.save_pretrained(pretrained)
     tokenizer.save_pretrained(pretrained)
     cfg = load_config(MICRO, [f"output_dir={tmp / 'out'}", f"teacher.pretrained={pretrained}", "teacher.config={}",
-                              f"students.0.config.vocab_size={PADDED_VOCAB}", "train.gradient_accumulation_steps=2"])
+                              f"students.0.config.vocab_size={PADDED_VOCAB}", "train.gradient_accumulation_steps=2",
+                              "teacher.deepspeed.zero_optimization.stage=3",
+                              "teacher.deepspeed.zero_optimization.stage3_param_persistence_threshold=0"])
     trainer = Trainer(cfg)
-    start_weights = {k: v.clone() for k, v in trainer.teacher.engine.module.state_dict().items()}
+    teacher = trainer.teacher.engine.module  # ZeRO-3: gather the shards to read the weights
+    with deepspeed.zero.GatheredParameters(list(teacher.parameters())):
+        start_weights = {k: v.clone() for k, v in teacher.state_dict().items()}
     seen = {m.name: [] for m in trainer.members}
     for m in trainer.members:
         def record(module, inputs, kwargs, name=m.name):
@@ -84,7 +89,32 @@ def test_output_holds_resolved_config_and_final_checkpoints(run):
     assert verify(step) is None
 
 
+def test_export_gives_hf_folders_whose_logits_equal_the_engines(run, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import tools.export_hf as export_tool
+
+    trainer = run["trainer"]
+    proc_args = [str(trainer.output_dir), str(tmp_path / "hf")]
+
+    assert export_tool.main(proc_args) == 0
+    batch = trainer.prepare_batch(trainer.val_batches[0])
+    for member in trainer.members:  # the teacher is ZeRO-3 partitioned, the student ZeRO-2
+        exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf" / member.name, local_files_only=True)
+        assert (tmp_path / "hf" / member.name / "model.safetensors").exists()
+        with torch.no_grad():
+            member.engine.eval()
+            want = member.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            got = exported(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            member.engine.train()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf" / "student", local_files_only=True)
+    assert len(tok) == 4096
+    assert export_tool.main(proc_args) == 2  # never writes over an export silently
+
+
 def test_train_step_reports_every_metric(run):
+    """Runs last: it moves the engines past the saved checkpoint."""
     trainer = run["trainer"]
     values = trainer.train_step(10)
     for name in ("teacher", "student"):
