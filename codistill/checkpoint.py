@@ -21,6 +21,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
@@ -35,6 +37,7 @@ LATEST = "latest"
 MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
 TAG = "ds"  # the DeepSpeed tag inside each engine's folder
+UNIVERSAL_TAG = "ds_universal"
 
 
 def step_dir(output_dir: Path, step: int) -> Path:
@@ -118,6 +121,7 @@ def _prune(root: Path, keep_last: int, keep: Path) -> None:
     for old in complete[:-keep_last]:
         if old != keep:
             shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(old.parent / f".universal_{old.name}", ignore_errors=True)
 
 
 def verify(path: Path) -> Optional[str]:
@@ -167,6 +171,27 @@ def find_resume(output_dir: Path, resume: Optional[str]) -> Optional[Path]:
             return candidate
         log.warning("resume=auto: skipping %s: %s", candidate.name, problem)
     return None
+
+
+def universal(path: Path, model: str, is_main: bool) -> Path:
+    """A DeepSpeed universal checkpoint of ``model`` from checkpoint ``path``, made once by
+    rank 0 beside the checkpoints (``.universal_<step>/<model>``); collective."""
+    folder = path.parent / f".universal_{path.name}" / model
+    if is_main and not (folder / UNIVERSAL_TAG).is_dir():
+        tmp = folder.with_name(f".{model}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+               str(path / model / TAG), "--output_folder", str(tmp / UNIVERSAL_TAG), "--inject_missing_state"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            why = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise ConfigError(f"resume: converting {path / model} to a universal checkpoint failed: {why}")
+        (tmp / "latest_universal").write_text(UNIVERSAL_TAG)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    torch.distributed.barrier()
+    return folder
 
 
 def read_state(path: Path) -> dict:

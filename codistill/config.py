@@ -66,7 +66,7 @@ class TrainConfig(_Section):
         None, gt=0, description="stop with a checkpoint after this many steps (e.g. a job's time limit)")
     nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="a NaN/inf loss: stop with a checkpoint of the last good state, or skip the step")
-    collective_timeout_s: int = Field(120, gt=0, description="a rank silent this long ends the job")
+    collective_timeout_s: int = Field(90, gt=0, description="a rank silent this long ends the job")
 
 
 class CheckpointConfig(_Section):
@@ -135,6 +135,9 @@ class RunConfig(_Section):
             raise ValueError(f"model names must be unique, got {names}")
         if self.teacher.distill:
             raise ValueError("teacher.distill: only students take distill settings")
+        if self.train.nonfinite == "skip" and self.train.gradient_accumulation_steps != 1:
+            raise ValueError("train.nonfinite=skip needs train.gradient_accumulation_steps=1 (a skipped "
+                             "micro-batch would shift DeepSpeed's accumulation boundary)")
         return self
 
     def distill_for(self, index: int) -> DistillConfig:

@@ -7,6 +7,7 @@ the soft targets of every student.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import signal
 import time
@@ -74,6 +75,14 @@ def resolve_deepspeed_config(spec: ModelSpec, train: TrainConfig, world_size: in
     return ds
 
 
+class NonFinite(RuntimeError):
+    """A NaN/inf loss or gradient with ``train.nonfinite=stop`` (or a gradient, which cannot be skipped)."""
+
+    def __init__(self, message: str, save: bool = True):
+        super().__init__(message)
+        self.save = save  # whether the in-memory state is still good enough to checkpoint
+
+
 @dataclass(frozen=True)
 class StudentPlan:
     """What one student does in one optimizer step."""
@@ -122,6 +131,13 @@ class Trainer:
         ds_configs = {s.name: resolve_deepspeed_config(s, cfg.train, world_size, on_cpu) for s in cfg.models}
         checkpoint.refuse_foreign_checkpoints(self.output_dir, cfg.overwrite, cfg.resume)
         self.resume_from = checkpoint.find_resume(self.output_dir, cfg.resume)
+        # A checkpoint from another number of ranks is loaded through DeepSpeed's universal
+        # format (ZeRO-partitioned optimizer states re-sliced for the new world).
+        self.saved_world = checkpoint.read_state(self.resume_from)["world_size"] if self.resume_from else world_size
+        if self.saved_world != world_size:
+            for ds in ds_configs.values():
+                if ds.get("zero_optimization", {}).get("stage", 0) > 0:
+                    ds.setdefault("checkpoint", {})["load_universal"] = True
 
         self.world = distributed.init(timeout_s=cfg.train.collective_timeout_s)
         splits = build_splits(cfg.data, self.tokenizer, cfg.train.seed)
@@ -144,6 +160,7 @@ class Trainer:
         self.teacher, self.students = self.members[0], self.members[1:]
         self.distill = [cfg.distill_for(i) for i in range(len(self.students))]
         self.gap: list[Optional[float]] = [None] * len(self.students)  # running student CE − teacher CE
+        self.skipped = {m.name: 0 for m in self.members}  # updates skipped for a non-finite loss
         self._seed_rngs(cfg.train.seed + 1000 * self.world.rank)
         self.tokens_per_step = (cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps
                                 * self.world.size * cfg.data.seq_len)
@@ -166,11 +183,26 @@ class Trainer:
         out = member.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         return out.logits[..., : self.vocab]
 
-    def teacher_micro_step(self, batch: dict[str, torch.Tensor], sums: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _finite(self, member: Member, loss: torch.Tensor) -> bool:
+        """Whether ``loss`` is finite on every rank; if not, apply ``train.nonfinite``:
+        ``stop`` raises, ``skip`` counts the skipped update and returns False."""
+        flag = torch.tensor([0 if bool(torch.isfinite(loss)) else 1], dtype=torch.int32)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if not flag.item():
+            return True
+        if self.cfg.train.nonfinite == "stop":
+            raise NonFinite(f"non-finite loss of {member.name} at step {self.step + 1}")
+        self.skipped[member.name] += 1
+        return False
+
+    def teacher_micro_step(self, batch: dict[str, torch.Tensor],
+                           sums: dict[str, float]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         """Teacher: CE on the ground truth, backward, step. Returns its detached logits
-        [B, S, V] and its CE per position [N] (for per-token gating)."""
+        [B, S, V] and its CE per position [N] (for per-token gating); None if skipped."""
         logits = self._logits(self.teacher, batch)
         parts = distill_loss(logits, batch["labels"], batch["mask"])
+        if not self._finite(self.teacher, parts.loss):
+            return None
         self.teacher.engine.backward(parts.loss)
         self.teacher.engine.step()
         sums[f"{self.teacher.name}/train/loss"] += parts.ce.item()
@@ -184,6 +216,8 @@ class Trainer:
         logits = self._logits(student, batch)
         spec = plan.spec if targets is not None else SoftSpec()
         parts = distill_loss(logits, batch["labels"], batch["mask"], targets, spec, d.chunk_tokens)
+        if not self._finite(student, parts.loss):
+            return
         student.engine.backward(parts.loss)
         student.engine.step()
         sums[f"{student.name}/train/loss"] += parts.loss.item()
@@ -203,7 +237,10 @@ class Trainer:
 
     def micro_step(self, batch: dict[str, torch.Tensor], plans: list[StudentPlan], sums: dict[str, float]) -> None:
         """The co-distillation micro-step: one teacher forward feeds every active student."""
-        logits, token_ce = self.teacher_micro_step(batch, sums)
+        teacher_out = self.teacher_micro_step(batch, sums)
+        if teacher_out is None:  # skipped: no trustworthy targets, so no student steps either
+            return
+        logits, token_ce = teacher_out
         targets, shared = {}, {}
         for i, plan in enumerate(plans):
             if plan.active:
@@ -255,14 +292,19 @@ class Trainer:
             if not plan.active:  # head start: the teacher trains alone
                 for part in ("loss", "loss_ce", "loss_kd", "gate_fraction"):
                     sums.pop(f"{student.name}/train/{part}", None)
+        skipped_before = dict(self.skipped)
         start = time.perf_counter()
         for _ in range(gas):
             self.micro_step(self.prepare_batch(next(self.stream)), plans, sums)
         elapsed = time.perf_counter() - start
+        for name, count in self.skipped.items():
+            if count != skipped_before[name]:  # this model did not update: log no loss for it
+                for part in ("loss", "loss_ce", "loss_kd", "gate_fraction"):
+                    sums.pop(f"{name}/train/{part}", None)
         values = self._mean_over_ranks({k: v / gas for k, v in sums.items()})
-        teacher_ce = values[f"{self.teacher.name}/train/loss_ce"]
+        teacher_ce = values.get(f"{self.teacher.name}/train/loss_ce")
         for i, (student, plan, d) in enumerate(zip(self.students, plans, self.distill)):
-            if plan.active:  # identical on every rank: the CEs were averaged over ranks
+            if plan.active and teacher_ce is not None and f"{student.name}/train/loss_ce" in values:  # identical on every rank: the CEs were averaged over ranks
                 self.gap[i] = ema(self.gap[i], values[f"{student.name}/train/loss_ce"] - teacher_ce, d.adaptive_ema)
         for member, plan in zip(self.members, [None, *plans]):
             if plan is not None and not plan.active:
@@ -270,6 +312,11 @@ class Trainer:
             values[f"{member.name}/train/lr"] = float(member.engine.get_lr()[0])
             norm = member.engine.get_global_grad_norm()
             values[f"{member.name}/train/grad_norm"] = float(norm) if norm is not None else float("nan")
+            if norm is not None and not math.isfinite(float(norm)):
+                raise NonFinite(f"non-finite gradient norm of {member.name} at step {step + 1}; its update "
+                                "is already applied, so the newest checkpoint holds the last good state", save=False)
+            if self.cfg.train.nonfinite == "skip":
+                values[f"{member.name}/train/skipped_steps"] = float(self.skipped[member.name])
         for i, plan in enumerate(plans):
             values[self._schedule_tag("alpha", i)] = plan.spec.alpha
             values[self._schedule_tag("temperature", i)] = plan.temperature
@@ -368,15 +415,33 @@ class Trainer:
 
     def _load(self, path: Path) -> None:
         state = checkpoint.read_state(path)
+        rescaled = self.saved_world != self.world.size
+        if rescaled and self.world.is_main:
+            log.warning("resuming a %d-rank checkpoint on %d rank(s) through DeepSpeed's universal checkpoint",
+                        self.saved_world, self.world.size)
         for m in self.members:
-            loaded, _ = m.engine.load_checkpoint(str(path / m.name), tag=checkpoint.TAG)
+            folder, tag = path / m.name, checkpoint.TAG
+            if m.engine.load_universal_checkpoint():
+                folder, tag = checkpoint.universal(path, m.name, self.world.is_main), checkpoint.UNIVERSAL_TAG
+            loaded, _ = m.engine.load_checkpoint(str(folder), tag=tag)
             if loaded is None:
-                raise ConfigError(f"resume: {path / m.name} holds no checkpoint of model '{m.name}'")
+                raise ConfigError(f"resume: {folder} holds no checkpoint of model '{m.name}'")
         self.step = int(state["step"])
         gaps = state["schedule"]["gap_ema"]
         self.gap = [gaps.get(s.name) for s in self.students]
-        rank_state = torch.load(checkpoint.rank_file(path, self.world.rank), weights_only=False)
-        self.stream.load_state_dict(rank_state["data"])
+        rank_state = torch.load(checkpoint.rank_file(path, min(self.world.rank, self.saved_world - 1)),
+                                weights_only=False)
+        cursor = dict(rank_state["data"])
+        if rescaled:
+            # DistributedSampler deals one global permutation round-robin, so after p micro-batches
+            # of b on W ranks exactly the first p·b·W samples of the epoch are used; continue there.
+            used = cursor["position"] * self.cfg.train.micro_batch_size * self.saved_world
+            per_step = self.cfg.train.micro_batch_size * self.world.size
+            cursor["position"] = used // per_step
+            if used % per_step and self.world.is_main:
+                log.warning("resume: %d samples of the epoch were used, not a multiple of %d; skipping to the next "
+                            "micro-batch boundary", used, per_step)
+        self.stream.load_state_dict(cursor)
         random.setstate(rank_state["python"])
         np.random.set_state(rank_state["numpy"])
         torch.set_rng_state(rank_state["torch"])
@@ -442,6 +507,10 @@ class Trainer:
                     break
             if saved_at != self.step:  # resumed at or past max_steps: nothing ran
                 metrics.message(f"saved checkpoint {self.save()}")
+        except NonFinite as exc:
+            if exc.save:
+                exc.args = (f"{exc}; saved the last good state to {self.save()} (train.nonfinite=stop)",)
+            raise
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

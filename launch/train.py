@@ -15,8 +15,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from codistill.config import ConfigError  # noqa: E402
+from codistill.config import ConfigError, load_config  # noqa: E402
 from codistill.distributed import env_rank  # noqa: E402
+from codistill.trainer import NonFinite, Trainer  # noqa: E402
 
 # --debug shrinks the run so a problem shows up in seconds; user overrides still win.
 DEBUG_OVERRIDES = [
@@ -39,21 +40,40 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def fail(args: argparse.Namespace, error: object, code: int, every_rank: bool = False) -> int:
+    """One line on stderr (rank 0, or every rank when the ranks disagree), or the traceback with --debug."""
+    if args.debug and isinstance(error, BaseException):
+        raise error
+    if every_rank or env_rank() == 0:
+        prefix = f"codistill: error: rank {env_rank()}: " if every_rank else "codistill: error: "
+        print(f"{prefix}{error}", file=sys.stderr, flush=True)
+    return code
+
+
+def lost_contact(exc: RuntimeError) -> bool:
+    """A collective failed because a peer died or went silent (gloo/NCCL wording)."""
+    import torch.distributed as dist
+
+    text = str(exc).lower()
+    return isinstance(exc, dist.DistError) or any(
+        s in text for s in ("connection closed", "connection reset", "timed out", "timeout", "broken pipe", "nccl"))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     overrides = (DEBUG_OVERRIDES if args.debug else []) + list(args.overrides)
     try:
-        from codistill.config import load_config
-        from codistill.trainer import Trainer
-
         cfg = load_config(args.config, overrides)
         Trainer(cfg, debug=args.debug).fit()
     except ConfigError as exc:
-        if args.debug:
+        return fail(args, exc, 2)
+    except NonFinite as exc:
+        return fail(args, exc, 3)
+    except RuntimeError as exc:
+        if not lost_contact(exc):
             raise
-        if env_rank() == 0:
-            print(f"codistill: error: {exc}", file=sys.stderr, flush=True)
-        return 2
+        return fail(args, f"lost contact with another rank, ending the job ({' '.join(str(exc).split())[:200]})", 4,
+                    every_rank=True)
     finally:
         import torch.distributed as dist
 

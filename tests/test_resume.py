@@ -136,3 +136,58 @@ def test_resume_path_without_a_checkpoint_is_refused(tmp_path):
                     f"resume={tmp_path}"])
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"codistill: error: resume: {tmp_path} is not a complete checkpoint (no manifest.json)"
+
+
+def test_nan_loss_stops_with_a_checkpoint_of_the_last_good_state(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cmd([sys.executable, "tests/helpers/inject_nan.py", "4", "--config", str(MICRO), f"output_dir={out}"])
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("codistill: error: non-finite loss of student at step 4; saved the last good state to ")
+    assert last.endswith("step_00000003 (train.nonfinite=stop)")
+    resumed = run_cmd([sys.executable, "launch/train.py", "--config", str(MICRO), f"output_dir={out}", "resume=auto"])
+    assert resumed.returncode == 0 and "step_00000003 at step 3" in resumed.stdout
+
+
+def test_nan_loss_with_skip_policy_skips_that_update_and_counts_it(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cmd([sys.executable, "tests/helpers/inject_nan.py", "4", "--config", str(MICRO), f"output_dir={out}",
+                    "train.nonfinite=skip"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    assert [e.value for e in acc.Scalars("student/train/skipped_steps")] == [0, 0, 0, 1, 1, 1]
+    assert [e.step for e in acc.Scalars("student/train/loss")] == [1, 2, 3, 5, 6]
+    assert len(acc.Scalars("teacher/train/loss")) == 6
+
+
+def test_a_killed_rank_ends_the_whole_job_with_an_error(tmp_path):
+    cmd = [bin_path("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
+           "--config", str(MICRO), f"output_dir={tmp_path}", "train.max_steps=100000", "train.log_interval=1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith("step 2/"):
+            break
+    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "--local_rank=1" in " ".join(p.cmdline())]
+    start = time.monotonic()
+    ranks[0].kill()
+    rest, _ = proc.communicate(timeout=150)
+    assert time.monotonic() - start < 120
+    assert proc.returncode != 0
+    assert "exits with return code" in rest or "codistill: error: rank 0: lost contact with another rank" in rest
+
+
+def test_a_two_rank_checkpoint_resumes_on_one_rank(tmp_path):
+    """Saved by 2 ranks, resumed by 1 with twice the accumulation (same global batch, same
+    samples): the continuation matches the 2-rank run up to float summation order."""
+    deepspeed(tmp_path / "straight")
+    deepspeed(tmp_path / "split", "train.steps_this_run=4")
+    proc = run_cmd([sys.executable, "launch/train.py", "--config", str(MICRO), f"output_dir={tmp_path / 'split'}",
+                    *COMMON, "resume=auto", "train.gradient_accumulation_steps=2"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming a 2-rank checkpoint on 1 rank(s) through DeepSpeed's universal checkpoint" in proc.stderr
+    assert "world: 1 rank(s)" in proc.stdout and "at step 4" in proc.stdout
+    a, b = per_step(tmp_path / "straight"), per_step(tmp_path / "split")
+    for tag in ("teacher/train/loss", "student/train/loss"):
+        for step in range(5, 9):
+            assert b[tag][step] == pytest.approx(a[tag][step], rel=1e-4), (tag, step)

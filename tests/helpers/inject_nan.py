@@ -1,0 +1,35 @@
+"""Train while the student's loss turns NaN on its Nth training micro-step, to test
+the train.nonfinite policy. Runs the real entry point:
+
+    inject_nan.py N --config ... [key.path=value ...]
+"""
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "launch"))
+
+import torch  # noqa: E402
+
+import codistill.trainer as trainer_module  # noqa: E402
+import train  # noqa: E402
+
+
+def main() -> int:
+    nan_at, calls, real = int(sys.argv[1]), [0], trainer_module.distill_loss
+
+    def poisoned(logits, labels, mask, targets=None, *args, **kwargs):
+        parts = real(logits, labels, mask, targets, *args, **kwargs)
+        if targets is not None and torch.is_grad_enabled():  # a student's training micro-step
+            calls[0] += 1
+            if calls[0] == nan_at:
+                return parts._replace(loss=parts.loss * float("nan"))
+        return parts
+
+    trainer_module.distill_loss = poisoned
+    return train.main(sys.argv[2:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
