@@ -183,6 +183,10 @@ def _data_files(spec: str) -> list[Path]:
         files = [Path(p) for p in sorted(glob.glob(str(path)))]
     if not files:
         raise ConfigError(f"data.dataset: no data file matches '{spec}' (expected .txt, .jsonl, .json or .parquet)")
+    empty = [str(p) for p in files if p.stat().st_size == 0]
+    if empty:
+        raise ConfigError(f"data.dataset: {', '.join(empty[:3])} {'is' if len(empty) == 1 else 'are'} empty; "
+                          "expected documents")
     return files
 
 
@@ -228,7 +232,11 @@ def _load_raw(cfg: DataConfig, kind: str) -> datasets.DatasetDict:
             raise ConfigError(f"data.format: cannot infer one format from {sorted({p.suffix for p in files})}; set data.format")
         fmt = kinds.pop()
     extra = {"sample_by": "document"} if fmt == "text" else {}
-    return datasets.load_dataset(fmt, data_files=[str(p) for p in files], split=None, **extra)
+    try:
+        return datasets.load_dataset(fmt, data_files=[str(p) for p in files], split=None, **extra)
+    except Exception as exc:  # datasets raises many types (ArrowInvalid, DatasetGenerationError, ...)
+        why = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise ConfigError(f"data.dataset: could not read {cfg.dataset} as {fmt}: {why}") from None
 
 
 def build_splits(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> Splits:

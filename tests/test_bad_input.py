@@ -48,9 +48,30 @@ def tiny_pretrained(folder, tokenizer, weights=True):
     ("data.dataset=/nonexistent/corpus.jsonl", "data.dataset: no data file matches '/nonexistent/corpus.jsonl'"),
     ("teacher.deepspeed.train_micro_batch_size_per_gpu=3", "disagrees with train.micro_batch_size=4"),
     ("teacher.deepspeed=/nonexistent/ds.json", "teacher.deepspeed: file /nonexistent/ds.json does not exist"),
+    ("distill.divergence=kl", "config key 'distill.divergence': input should be 'forward_kl', 'reverse_kl', 'jsd' or 'tvd'"),
+    ("students.0.distill.alpha_max=-0.5", "config key 'students.0.distill.alpha_max': input should be greater than or equal to 0"),
+    ("students.0.distill.top_k=0", "config key 'students.0.distill.top_k': input should be greater than 0"),
+    ("resume=/nonexistent/ckpt", "resume: /nonexistent/ckpt does not exist"),
 ])
 def test_bad_values(capsys, tmp_path, override, expected):
     assert expected in fails_with(capsys, f"output_dir={tmp_path}", override)
+
+
+def test_skip_policy_with_accumulation(capsys):
+    err = fails_with(capsys, "train.nonfinite=skip", "train.gradient_accumulation_steps=2")
+    assert "train.nonfinite=skip needs train.gradient_accumulation_steps=1" in err
+
+
+def test_empty_and_unreadable_data_files(capsys, tmp_path, tokenizer):
+    data = tmp_path / "empty.jsonl"
+    data.write_text("")
+    assert f"data.dataset: {data} is empty; expected documents" in fails_with(capsys, f"data.dataset={data}")
+    garbled = tmp_path / "garbled.jsonl"
+    garbled.write_text("{this is not json\n")
+    tokenizer.save_pretrained(tmp_path / "tok")
+    err = fails_with(capsys, f"data.dataset={garbled}", f"data.tokenizer={tmp_path / 'tok'}",
+                     f"data.cache_dir={tmp_path / 'c'}", f"output_dir={tmp_path / 'o'}")
+    assert f"data.dataset: could not read {garbled} as json" in err
 
 
 def test_dataset_without_a_tokenizer(capsys, tmp_path):
