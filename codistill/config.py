@@ -117,7 +117,8 @@ class ModelSpec(_Section):
 
 
 class RunConfig(_Section):
-    mode: Literal["codistill"] = "codistill"
+    mode: Literal["codistill", "soft"] = Field(
+        "codistill", description="codistill: the teacher trains too; soft: a frozen pretrained teacher")
     output_dir: str = "runs/tiny"
     overwrite: bool = Field(False, description="allow writing into an output_dir holding checkpoints")
     resume: Optional[str] = Field(None, description="'auto' (newest intact checkpoint in output_dir) or a path")
@@ -135,6 +136,8 @@ class RunConfig(_Section):
             raise ValueError(f"model names must be unique, got {names}")
         if self.teacher.distill:
             raise ValueError("teacher.distill: only students take distill settings")
+        if self.mode == "soft" and not self.teacher.pretrained:
+            raise ValueError("mode=soft distils from a trained, frozen teacher: set teacher.pretrained to its folder")
         if self.train.nonfinite == "skip" and self.train.gradient_accumulation_steps != 1:
             raise ValueError("train.nonfinite=skip needs train.gradient_accumulation_steps=1 (a skipped "
                              "micro-batch would shift DeepSpeed's accumulation boundary)")

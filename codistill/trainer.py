@@ -45,9 +45,14 @@ def quiet_library_noise() -> None:
     hf_logging.set_verbosity_error()
 
 
-def resolve_deepspeed_config(spec: ModelSpec, train: TrainConfig, world_size: int, on_cpu: bool) -> dict[str, Any]:
-    """The model's DeepSpeed JSON with the shared batch geometry filled in and checked."""
+def resolve_deepspeed_config(spec: ModelSpec, train: TrainConfig, world_size: int, on_cpu: bool,
+                             trainable: bool = True) -> dict[str, Any]:
+    """The model's DeepSpeed JSON with the shared batch geometry filled in and checked.
+    A frozen model's optimizer and scheduler sections are dropped (it never steps)."""
     ds = load_deepspeed_config(spec)
+    if not trainable:
+        ds.pop("optimizer", None)
+        ds.pop("scheduler", None)
     shared = {
         "train_micro_batch_size_per_gpu": ("train.micro_batch_size", train.micro_batch_size),
         "gradient_accumulation_steps": ("train.gradient_accumulation_steps", train.gradient_accumulation_steps),
@@ -63,6 +68,9 @@ def resolve_deepspeed_config(spec: ModelSpec, train: TrainConfig, world_size: in
             )
         ds[key] = ours
     optimizer = ds.get("optimizer")
+    if not trainable:
+        ds.setdefault("steps_per_print", 10**9)
+        return ds
     if not isinstance(optimizer, dict) or "type" not in optimizer:
         raise ConfigError(f"{spec.name}.deepspeed.optimizer: a trainable model needs an optimizer section with a type")
     if on_cpu and optimizer["type"].lower() in _ADAM:
@@ -98,6 +106,7 @@ class Member:
 
     spec: ModelSpec
     engine: Any  # deepspeed.DeepSpeedEngine
+    trainable: bool = True  # False for the frozen teacher of soft mode
 
     @property
     def name(self) -> str:
@@ -128,7 +137,9 @@ class Trainer:
             check_model(spec, hf_configs[spec.name], self.tokenizer, fingerprint, cfg.data.seq_len)
         on_cpu = not torch.cuda.is_available()
         world_size = distributed.env_world_size()
-        ds_configs = {s.name: resolve_deepspeed_config(s, cfg.train, world_size, on_cpu) for s in cfg.models}
+        ds_configs = {s.name: resolve_deepspeed_config(s, cfg.train, world_size, on_cpu,
+                                                       trainable=not (s is cfg.teacher and cfg.mode == "soft"))
+                      for s in cfg.models}
         checkpoint.refuse_foreign_checkpoints(self.output_dir, cfg.overwrite, cfg.resume)
         self.resume_from = checkpoint.find_resume(self.output_dir, cfg.resume)
         # A checkpoint from another number of ranks is loaded through DeepSpeed's universal
@@ -152,12 +163,17 @@ class Trainer:
         self.members: list[Member] = []
         for i, spec in enumerate(cfg.models):
             model = build_model(spec, hf_configs[spec.name], seed=cfg.train.seed + i)
+            if spec is cfg.teacher and cfg.mode == "soft":  # frozen: an inference-only engine
+                engine, *_ = deepspeed.initialize(model=model.requires_grad_(False).eval(), config=ds_configs[spec.name])
+                self.members.append(Member(spec, engine, trainable=False))
+                continue
             engine, *_ = deepspeed.initialize(
                 model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                 config=ds_configs[spec.name],
             )
             self.members.append(Member(spec, engine))
         self.teacher, self.students = self.members[0], self.members[1:]
+        self.trainable = [m for m in self.members if m.trainable]
         self.distill = [cfg.distill_for(i) for i in range(len(self.students))]
         self.gap: list[Optional[float]] = [None] * len(self.students)  # running student CE − teacher CE
         self.skipped = {m.name: 0 for m in self.members}  # updates skipped for a non-finite loss
@@ -199,12 +215,14 @@ class Trainer:
                            sums: dict[str, float]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         """Teacher: CE on the ground truth, backward, step. Returns its detached logits
         [B, S, V] and its CE per position [N] (for per-token gating); None if skipped."""
-        logits = self._logits(self.teacher, batch)
-        parts = distill_loss(logits, batch["labels"], batch["mask"])
+        with torch.set_grad_enabled(self.teacher.trainable):
+            logits = self._logits(self.teacher, batch)
+            parts = distill_loss(logits, batch["labels"], batch["mask"])
         if not self._finite(self.teacher, parts.loss):
             return None
-        self.teacher.engine.backward(parts.loss)
-        self.teacher.engine.step()
+        if self.teacher.trainable:
+            self.teacher.engine.backward(parts.loss)
+            self.teacher.engine.step()
         sums[f"{self.teacher.name}/train/loss"] += parts.ce.item()
         sums[f"{self.teacher.name}/train/loss_ce"] += parts.ce.item()
         return logits.detach(), parts.token_ce
@@ -304,10 +322,11 @@ class Trainer:
         values = self._mean_over_ranks({k: v / gas for k, v in sums.items()})
         teacher_ce = values.get(f"{self.teacher.name}/train/loss_ce")
         for i, (student, plan, d) in enumerate(zip(self.students, plans, self.distill)):
-            if plan.active and teacher_ce is not None and f"{student.name}/train/loss_ce" in values:  # identical on every rank: the CEs were averaged over ranks
+            # Identical on every rank: the CEs were averaged over ranks.
+            if plan.active and teacher_ce is not None and f"{student.name}/train/loss_ce" in values:
                 self.gap[i] = ema(self.gap[i], values[f"{student.name}/train/loss_ce"] - teacher_ce, d.adaptive_ema)
         for member, plan in zip(self.members, [None, *plans]):
-            if plan is not None and not plan.active:
+            if not member.trainable or (plan is not None and not plan.active):
                 continue
             values[f"{member.name}/train/lr"] = float(member.engine.get_lr()[0])
             norm = member.engine.get_global_grad_norm()
@@ -360,7 +379,7 @@ class Trainer:
                 s_logits = self._logits(student, batch)
                 sums[1 + j] += distill_loss(s_logits, batch["labels"], batch["mask"]).ce.item() * n
                 sums[len(names) + j] += top1_agreement(s_logits, t_logits, batch["mask"])
-        for m in self.members:
+        for m in self.trainable:
             m.engine.train()
         sums[len(names) + len(self.students):] = tokens
         torch.distributed.all_reduce(sums)
@@ -383,7 +402,7 @@ class Trainer:
             stored = " ".join(f"{int(t):,}" for t in gathered)
             lines.append(
                 f"{m.name}: {count_parameters(module):,} parameters, ZeRO stage {m.engine.zero_optimization_stage()}, "
-                f"bf16={m.engine.bfloat16_enabled()}; stored per rank: {stored}"
+                f"bf16={m.engine.bfloat16_enabled()}{'' if m.trainable else ', frozen'}; stored per rank: {stored}"
             )
         positions = self.cfg.train.micro_batch_size * self.cfg.data.seq_len
         logit_bytes = 2 if (self.teacher.engine.bfloat16_enabled() or self.teacher.engine.fp16_enabled()) else 4
@@ -399,17 +418,17 @@ class Trainer:
 
     def save(self) -> Path:
         """A complete checkpoint of every engine, the schedules, the data cursor and RNGs."""
-        state = {"world_size": self.world.size, "models": [m.name for m in self.members],
+        state = {"world_size": self.world.size, "models": [m.name for m in self.trainable],
                  "schedule": self.schedule_state(), "config": self.cfg.model_dump(mode="json")}
         rank_state = {"data": self.stream.state_dict(), "python": random.getstate(),
                       "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                       "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-        return checkpoint.save(self.output_dir, self.step, [(m.name, m.engine) for m in self.members], state,
+        return checkpoint.save(self.output_dir, self.step, [(m.name, m.engine) for m in self.trainable], state,
                                rank_state, self.world.rank, self.cfg.checkpoint.keep_last, self._write_extra)
 
     def _write_extra(self, folder: Path) -> None:
         """What an export needs beside the weights: each model's config and the tokenizer."""
-        for m in self.members:
+        for m in self.trainable:
             m.engine.module.config.save_pretrained(str(folder / "hf" / m.name))
         self.tokenizer.save_pretrained(str(folder / "tokenizer"))
 
@@ -419,7 +438,7 @@ class Trainer:
         if rescaled and self.world.is_main:
             log.warning("resuming a %d-rank checkpoint on %d rank(s) through DeepSpeed's universal checkpoint",
                         self.saved_world, self.world.size)
-        for m in self.members:
+        for m in self.trainable:
             folder, tag = path / m.name, checkpoint.TAG
             if m.engine.load_universal_checkpoint():
                 folder, tag = checkpoint.universal(path, m.name, self.world.is_main), checkpoint.UNIVERSAL_TAG

@@ -1,0 +1,54 @@
+"""Soft-label distillation from a frozen pretrained teacher (live logits)."""
+import json
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from codistill.config import ConfigError, load_config
+from codistill.distributed import free_port
+
+from conftest import MICRO, ROOT, bin_path, run_cmd
+
+
+@pytest.fixture(scope="module")
+def pretrained_teacher(tmp_path_factory, tokenizer):
+    folder = tmp_path_factory.mktemp("teacher") / "teacher"
+    hf = AutoConfig.for_model("llama", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                              num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                              max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(1)
+    AutoModelForCausalLM.from_config(hf).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_soft_mode_needs_a_pretrained_teacher():
+    with pytest.raises(ConfigError, match="mode=soft distils from a trained, frozen teacher"):
+        load_config(MICRO, ["mode=soft"])
+    assert load_config(ROOT / "configs" / "soft.yaml").mode == "soft"
+
+
+def test_frozen_zero3_teacher_is_partitioned_unchanged_and_still_logged(tmp_path, pretrained_teacher):
+    out = tmp_path / "run"
+    proc = run_cmd([bin_path("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
+                    "--config", str(MICRO), f"output_dir={out}", "mode=soft", f"teacher.pretrained={pretrained_teacher}",
+                    "teacher.config={}", "teacher.deepspeed=configs/ds/zero3_cpu.json"])
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    line = next(x for x in log.splitlines() if x.startswith("teacher: "))
+    assert "ZeRO stage 3, bf16=False, frozen" in line
+    total = int(line.split(" parameters")[0].split(": ")[1].replace(",", ""))
+    shards = [int(x.replace(",", "")) for x in line.split("stored per rank: ")[1].split()]
+    assert all(abs(s - total / 2) / total < 0.02 for s in shards)
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    evals = [e.value for e in acc.Scalars("teacher/eval/loss")]
+    assert len(evals) == 3 and evals[0] == evals[-1]  # same weights, same validation batches
+    assert len(acc.Scalars("teacher/train/loss")) == 6  # its CE on every batch is still logged
+    assert "teacher/train/lr" not in acc.Tags()["scalars"]
+    student = [e.value for e in acc.Scalars("student/eval/loss")]
+    assert student[-1] < student[0]
+    state = json.loads((out / "checkpoints" / "step_00000006" / "trainer_state.json").read_text())
+    assert state["models"] == ["student"]  # the frozen teacher is not re-saved
