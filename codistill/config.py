@@ -105,6 +105,7 @@ class ModelSpec(_Section):
     pretrained: Optional[str] = Field(None, description="local folder for from_pretrained")
     trust_remote_code: bool = False
     distill: dict[str, Any] = Field(default_factory=dict, description="students: overrides of the distill section")
+    cache: Optional[str] = Field(None, description="soft-mode teacher: a top-k cache folder used instead of the model")
     deepspeed: Union[str, dict[str, Any]] = Field(
         ..., description="DeepSpeed config: a JSON file path or an inline mapping"
     )
@@ -136,8 +137,13 @@ class RunConfig(_Section):
             raise ValueError(f"model names must be unique, got {names}")
         if self.teacher.distill:
             raise ValueError("teacher.distill: only students take distill settings")
-        if self.mode == "soft" and not self.teacher.pretrained:
-            raise ValueError("mode=soft distils from a trained, frozen teacher: set teacher.pretrained to its folder")
+        if self.mode == "soft" and not (self.teacher.pretrained or self.teacher.cache):
+            raise ValueError("mode=soft distils from a trained, frozen teacher: set teacher.pretrained to its folder "
+                             "(or teacher.cache to a cache of its predictions)")
+        if self.teacher.cache and self.mode != "soft":
+            raise ValueError("teacher.cache needs mode=soft (a co-distilled teacher changes every step)")
+        if any(s.cache for s in self.students):
+            raise ValueError("students[i].cache: only the teacher can be cached")
         if self.train.nonfinite == "skip" and self.train.gradient_accumulation_steps != 1:
             raise ValueError("train.nonfinite=skip needs train.gradient_accumulation_steps=1 (a skipped "
                              "micro-batch would shift DeepSpeed's accumulation boundary)")

@@ -362,7 +362,8 @@ class BatchStream:
             self.epoch, self.position, self._order = self.epoch + 1, 0, None
             return next(self)
         self.position += 1
-        return self.dataset[self._order[start:start + self.batch_size]]
+        index = self._order[start:start + self.batch_size]
+        return {**self.dataset[index], "index": torch.tensor(index)}
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position}

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from . import checkpoint, distributed
+from .cache import TeacherCache
 from .config import ConfigError, DistillConfig, ModelSpec, RunConfig, TrainConfig, dump_config, load_deepspeed_config
 from .data import BatchStream, build_splits, check_data_source, eval_batches, resolve_tokenizer, tokenizer_fingerprint
 from .losses import SoftSpec, Targets, distill_loss, next_token_targets, top1_agreement, topk_targets
@@ -53,6 +54,9 @@ def resolve_deepspeed_config(spec: ModelSpec, train: TrainConfig, world_size: in
     if not trainable:
         ds.pop("optimizer", None)
         ds.pop("scheduler", None)
+        zero = ds.get("zero_optimization") or {}
+        if zero.get("stage", 0) in (1, 2):  # they shard optimizer states and gradients: it has none
+            ds["zero_optimization"] = {**zero, "stage": 0}
     shared = {
         "train_micro_batch_size_per_gpu": ("train.micro_batch_size", train.micro_batch_size),
         "gradient_accumulation_steps": ("train.gradient_accumulation_steps", train.gradient_accumulation_steps),
@@ -132,14 +136,16 @@ class Trainer:
         self.tokenizer = resolve_tokenizer(cfg.data, str(fallback) if fallback else None)
         self.vocab = len(self.tokenizer)
         fingerprint = tokenizer_fingerprint(self.tokenizer)
-        hf_configs = {s.name: model_config(s, self.tokenizer) for s in cfg.models}
-        for spec in cfg.models:
+        # With a cached teacher (soft mode) the teacher model is never loaded.
+        built = [s for s in cfg.models if not (s is cfg.teacher and s.cache)]
+        hf_configs = {s.name: model_config(s, self.tokenizer) for s in built}
+        for spec in built:
             check_model(spec, hf_configs[spec.name], self.tokenizer, fingerprint, cfg.data.seq_len)
         on_cpu = not torch.cuda.is_available()
         world_size = distributed.env_world_size()
         ds_configs = {s.name: resolve_deepspeed_config(s, cfg.train, world_size, on_cpu,
                                                        trainable=not (s is cfg.teacher and cfg.mode == "soft"))
-                      for s in cfg.models}
+                      for s in built}
         checkpoint.refuse_foreign_checkpoints(self.output_dir, cfg.overwrite, cfg.resume)
         self.resume_from = checkpoint.find_resume(self.output_dir, cfg.resume)
         # A checkpoint from another number of ranks is loaded through DeepSpeed's universal
@@ -159,9 +165,19 @@ class Trainer:
             raise ConfigError(
                 f"data: the validation split has fewer than {self.world.size} blocks; one per rank is needed"
             )
+        self.cache: Optional[TeacherCache] = None
+        if cfg.teacher.cache:
+            temperatures = {cfg.distill_for(i).temperature for i in range(len(cfg.students))}
+            if len(temperatures) != 1 or any(cfg.distill_for(i).temperature_final for i in range(len(cfg.students))):
+                raise ConfigError("teacher.cache holds probabilities at one temperature: every student needs the "
+                                  "same constant distill.temperature")
+            self.cache = TeacherCache.open(
+                Path(cfg.teacher.cache).expanduser(),
+                {"tokenizer": fingerprint, "data": splits.fingerprint, "seq_len": cfg.data.seq_len},
+                temperatures.pop())
 
         self.members: list[Member] = []
-        for i, spec in enumerate(cfg.models):
+        for i, spec in enumerate(built):
             model = build_model(spec, hf_configs[spec.name], seed=cfg.train.seed + i)
             if spec is cfg.teacher and cfg.mode == "soft":  # frozen: an inference-only engine
                 engine, *_ = deepspeed.initialize(model=model.requires_grad_(False).eval(), config=ds_configs[spec.name])
@@ -172,7 +188,9 @@ class Trainer:
                 config=ds_configs[spec.name],
             )
             self.members.append(Member(spec, engine))
-        self.teacher, self.students = self.members[0], self.members[1:]
+        self.teacher_name = cfg.teacher.name
+        self.teacher: Optional[Member] = None if self.cache else self.members[0]
+        self.students = self.members[0 if self.cache else 1:]
         self.trainable = [m for m in self.members if m.trainable]
         self.distill = [cfg.distill_for(i) for i in range(len(self.students))]
         self.gap: list[Optional[float]] = [None] * len(self.students)  # running student CE − teacher CE
@@ -255,6 +273,16 @@ class Trainer:
 
     def micro_step(self, batch: dict[str, torch.Tensor], plans: list[StudentPlan], sums: dict[str, float]) -> None:
         """The co-distillation micro-step: one teacher forward feeds every active student."""
+        if self.cache is not None:
+            cached = self.cache.targets(batch["index"], self.world.device)
+            mask = batch["mask"].reshape(-1)
+            teacher_ce = float((cached.token_ce * mask).sum() / mask.sum().clamp(min=1))
+            sums[f"{self.teacher_name}/train/loss"] += teacher_ce
+            sums[f"{self.teacher_name}/train/loss_ce"] += teacher_ce
+            for i, plan in enumerate(plans):
+                if plan.active:
+                    self.student_micro_step(i, batch, cached, plan, sums)
+            return
         teacher_out = self.teacher_micro_step(batch, sums)
         if teacher_out is None:  # skipped: no trustworthy targets, so no student steps either
             return
@@ -301,8 +329,8 @@ class Trainer:
         plans = self.plan(step)
         gas = self.cfg.train.gradient_accumulation_steps
         sums: dict[str, float] = {}
-        for member in self.members:
-            sums[f"{member.name}/train/loss"] = sums[f"{member.name}/train/loss_ce"] = 0.0
+        for name in [self.teacher_name] + [s.name for s in self.students]:
+            sums[f"{name}/train/loss"] = sums[f"{name}/train/loss_ce"] = 0.0
         for student, plan, d in zip(self.students, plans, self.distill):
             sums[f"{student.name}/train/loss_kd"] = 0.0
             if d.token_gate:
@@ -320,13 +348,13 @@ class Trainer:
                 for part in ("loss", "loss_ce", "loss_kd", "gate_fraction"):
                     sums.pop(f"{name}/train/{part}", None)
         values = self._mean_over_ranks({k: v / gas for k, v in sums.items()})
-        teacher_ce = values.get(f"{self.teacher.name}/train/loss_ce")
+        teacher_ce = values.get(f"{self.teacher_name}/train/loss_ce")
         for i, (student, plan, d) in enumerate(zip(self.students, plans, self.distill)):
             # Identical on every rank: the CEs were averaged over ranks.
             if plan.active and teacher_ce is not None and f"{student.name}/train/loss_ce" in values:
                 self.gap[i] = ema(self.gap[i], values[f"{student.name}/train/loss_ce"] - teacher_ce, d.adaptive_ema)
-        for member, plan in zip(self.members, [None, *plans]):
-            if not member.trainable or (plan is not None and not plan.active):
+        for member, plan in zip([self.teacher, *self.students], [None, *plans]):
+            if member is None or not member.trainable or (plan is not None and not plan.active):
                 continue
             values[f"{member.name}/train/lr"] = float(member.engine.get_lr()[0])
             norm = member.engine.get_global_grad_norm()
@@ -363,31 +391,29 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Validation CE of every model and each student's top-1 agreement with the teacher."""
+        """Validation CE of every model and each student's top-1 agreement with the teacher
+        (a cached teacher has neither: it is not loaded)."""
         for m in self.members:
             m.engine.eval()
-        names = [m.name for m in self.members]
-        sums = torch.zeros(len(names) + 2 * len(self.students), dtype=torch.float64)
-        tokens = 0
+        keys = [f"{m.name}/eval/loss" for m in self.members]
+        if self.teacher is not None:
+            keys += [f"{s.name}/eval/agreement" for s in self.students]
+        sums = torch.zeros(len(keys) + 1, dtype=torch.float64)  # the last entry counts tokens
         for raw in self.val_batches:
             batch = self.prepare_batch(raw)
-            t_logits = self._logits(self.teacher, batch)
             n = int(batch["mask"].sum())
-            tokens += n
-            sums[0] += distill_loss(t_logits, batch["labels"], batch["mask"]).ce.item() * n
-            for j, student in enumerate(self.students):
-                s_logits = self._logits(student, batch)
-                sums[1 + j] += distill_loss(s_logits, batch["labels"], batch["mask"]).ce.item() * n
-                sums[len(names) + j] += top1_agreement(s_logits, t_logits, batch["mask"])
+            sums[-1] += n
+            logits = {m.name: self._logits(m, batch) for m in self.members}
+            for i, m in enumerate(self.members):
+                sums[i] += distill_loss(logits[m.name], batch["labels"], batch["mask"]).ce.item() * n
+            if self.teacher is not None:
+                for j, student in enumerate(self.students):
+                    sums[len(self.members) + j] += top1_agreement(
+                        logits[student.name], logits[self.teacher.name], batch["mask"])
         for m in self.trainable:
             m.engine.train()
-        sums[len(names) + len(self.students):] = tokens
         torch.distributed.all_reduce(sums)
-        total = float(sums[-1])
-        out = {f"{name}/eval/loss": float(sums[i]) / total for i, name in enumerate(names)}
-        for j, student in enumerate(self.students):
-            out[f"{student.name}/eval/agreement"] = float(sums[len(names) + j]) / total
-        return out
+        return {key: float(sums[i] / sums[-1]) for i, key in enumerate(keys)}
 
     # ------------------------------------------------------------------ the loop
 
@@ -404,6 +430,11 @@ class Trainer:
                 f"{m.name}: {count_parameters(module):,} parameters, ZeRO stage {m.engine.zero_optimization_stage()}, "
                 f"bf16={m.engine.bfloat16_enabled()}{'' if m.trainable else ', frozen'}; stored per rank: {stored}"
             )
+        if self.cache is not None:
+            meta = self.cache.meta
+            lines.append(f"{self.teacher_name}: not loaded; top-{meta['k']} predictions at T={meta['temperature']} "
+                         f"from the cache {self.cache.folder} ({meta.get('bytes_per_token', 0):.1f} bytes/token)")
+            return lines
         positions = self.cfg.train.micro_batch_size * self.cfg.data.seq_len
         logit_bytes = 2 if (self.teacher.engine.bfloat16_enabled() or self.teacher.engine.fp16_enabled()) else 4
         for student, d in zip(self.students, self.distill):

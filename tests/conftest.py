@@ -35,3 +35,20 @@ def tokenizer():
     from codistill.data import resolve_tokenizer
 
     return resolve_tokenizer(DataConfig(), None)
+
+
+@pytest.fixture(scope="session")
+def pretrained_teacher(tmp_path_factory, tokenizer):
+    """A small Llama saved with the bundled tokenizer, as a 'trained' teacher folder."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = tmp_path_factory.mktemp("teacher") / "teacher"
+    hf = AutoConfig.for_model("llama", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                              num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                              max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
+                              initializer_range=0.1)
+    torch.manual_seed(1)
+    AutoModelForCausalLM.from_config(hf).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -4,24 +4,11 @@ import json
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from codistill.config import ConfigError, load_config
 from codistill.distributed import free_port
 
 from conftest import MICRO, ROOT, bin_path, run_cmd
-
-
-@pytest.fixture(scope="module")
-def pretrained_teacher(tmp_path_factory, tokenizer):
-    folder = tmp_path_factory.mktemp("teacher") / "teacher"
-    hf = AutoConfig.for_model("llama", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                              num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                              max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(1)
-    AutoModelForCausalLM.from_config(hf).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def test_soft_mode_needs_a_pretrained_teacher():

@@ -1,0 +1,105 @@
+"""Soft-label distillation from cached top-k teacher predictions."""
+import json
+import sys
+
+import datasets
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from codistill.cache import TeacherCache, part_path, read_meta, write_meta
+from codistill.config import DataConfig
+from codistill.data import build_splits, tokenizer_fingerprint
+from codistill.losses import topk_targets
+
+from conftest import MICRO, run_cmd
+
+K = 16
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, tokenizer):
+    root = tmp_path_factory.mktemp("cachecorpus")
+    with open(root / "docs.jsonl", "w") as fh:
+        for i in range(40):
+            fh.write(json.dumps({"text": f"Scene {i}. " + "Now is the winter of our discontent. " * 12}) + "\n")
+    tokenizer.save_pretrained(root / "tok")
+    return root
+
+
+def overrides(corpus, teacher, out):
+    return [f"data.dataset={corpus / 'docs.jsonl'}", f"data.tokenizer={corpus / 'tok'}",
+            f"data.cache_dir={corpus / 'cache'}", "mode=soft", f"teacher.pretrained={teacher}", "teacher.config={}",
+            f"teacher.cache={out}", f"distill.top_k={K}", "distill.temperature=2.0", "train.max_steps=6"]
+
+
+def make_cache(corpus, teacher, out, *extra):
+    proc = run_cmd([sys.executable, "tools/cache_teacher_logits.py", "--config", str(MICRO), "--shard-blocks", "16",
+                    *overrides(corpus, teacher, out), *extra])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def cached(corpus, pretrained_teacher):
+    out = corpus / "teacher-cache"
+    proc = make_cache(corpus, pretrained_teacher, out)
+    return out, proc
+
+
+def test_cache_holds_the_live_teachers_top_k_within_fp16(cached, corpus, pretrained_teacher, tokenizer):
+    out, proc = cached
+    meta = read_meta(out)
+    assert meta["complete"] and meta["k"] == K and meta["temperature"] == 2.0
+    assert meta["bytes_per_token"] <= 8 * K
+    assert f"bytes/token (bound {8 * K})" in proc.stdout
+    splits = build_splits(DataConfig(dataset=str(corpus / "docs.jsonl"), tokenizer=str(corpus / "tok"), seq_len=32,
+                                     cache_dir=str(corpus / "cache")), tokenizer, seed=7)
+    cache = TeacherCache.open(out, {"tokenizer": tokenizer_fingerprint(tokenizer), "data": splits.fingerprint,
+                                    "seq_len": 32}, 2.0)
+    index = torch.tensor([0, 5, len(splits.train) - 1])
+    model = AutoModelForCausalLM.from_pretrained(pretrained_teacher, local_files_only=True)
+    with torch.no_grad():
+        live = topk_targets(model(input_ids=splits.train[index.tolist()]["input_ids"]).logits, K, 2.0)
+    got = cache.targets(index, torch.device("cpu"))
+    assert torch.equal(got.topk_ids.long(), live.topk_ids.long())
+    torch.testing.assert_close(got.topk_logp, live.topk_logp, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(got.tail_logp, live.tail_logp, rtol=2e-3, atol=2e-3)
+
+
+def test_training_from_the_cache_does_not_load_the_teacher(cached, corpus, pretrained_teacher, tmp_path):
+    out, _ = cached
+    proc = run_cmd([sys.executable, "launch/train.py", "--config", str(MICRO), f"output_dir={tmp_path}",
+                    *overrides(corpus, "/nonexistent/teacher", out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"teacher: not loaded; top-{K} predictions at T=2.0 from the cache" in proc.stdout
+
+
+def test_a_cache_for_other_data_or_temperature_is_refused(cached, corpus, pretrained_teacher, tmp_path):
+    out, _ = cached
+    base = [sys.executable, "launch/train.py", "--config", str(MICRO), f"output_dir={tmp_path}",
+            *overrides(corpus, pretrained_teacher, out)]
+    proc = run_cmd(base + ["data.seq_len=16"])
+    assert proc.returncode == 2 and "was made for seq_len=32 but this run has seq_len=16" in proc.stderr
+    proc = run_cmd(base + ["distill.temperature=1.0"])
+    assert proc.returncode == 2 and "holds probabilities at temperature 2.0, but distill.temperature=1.0" in proc.stderr
+
+
+def test_an_interrupted_cache_run_resumes_to_the_same_cache(cached, corpus, pretrained_teacher, tmp_path):
+    out, _ = cached
+    partial = tmp_path / "partial"
+    make_cache(corpus, pretrained_teacher, partial)
+    parts = sorted(partial.glob("part-*.parquet"))
+    assert len(parts) >= 3
+    for victim in parts[1::2]:  # as if killed: some parts never written, metadata not complete
+        victim.unlink()
+    write_meta(partial, {**read_meta(partial), "complete": False})
+    make_cache(corpus, pretrained_teacher, partial)
+    assert read_meta(partial)["complete"]
+    for chunk in range(len(parts)):
+        a = datasets.Dataset.from_parquet(str(part_path(out, chunk))).to_dict()
+        b = datasets.Dataset.from_parquet(str(part_path(partial, chunk))).to_dict()
+        assert a == b, chunk
+    proc = run_cmd([sys.executable, "tools/cache_teacher_logits.py", "--config", str(MICRO), "--shard-blocks", "16",
+                    *overrides(corpus, pretrained_teacher, partial), "distill.top_k=8"])
+    assert proc.returncode == 2 and "made with other settings (k: 16 here, 8 asked)" in proc.stderr
