@@ -37,7 +37,9 @@ class DataConfig(_Section):
         "(text, jsonl, parquet, or a datasets.save_to_disk folder), or 'hub:<name>'.",
     )
     format: Literal["auto", "text", "json", "parquet", "saved"] = "auto"
-    text_field: str = "text"
+    text_field: str = Field("text", description="the text column; with prompt_field, the response")
+    prompt_field: Optional[str] = Field(
+        None, description="a prompt column: its tokens are context only, masked out of every loss")
     tokenizer: Optional[str] = Field(
         None, description="tokenizer folder; default: the bundled corpus's or the teacher's"
     )
@@ -118,8 +120,9 @@ class ModelSpec(_Section):
 
 
 class RunConfig(_Section):
-    mode: Literal["codistill", "soft"] = Field(
-        "codistill", description="codistill: the teacher trains too; soft: a frozen pretrained teacher")
+    mode: Literal["codistill", "soft", "hard"] = Field(
+        "codistill", description="codistill: the teacher trains too; soft: a frozen pretrained teacher; "
+        "hard: students train with CE on text the teacher generated (the teacher is not loaded)")
     output_dir: str = "runs/tiny"
     overwrite: bool = Field(False, description="allow writing into an output_dir holding checkpoints")
     resume: Optional[str] = Field(None, description="'auto' (newest intact checkpoint in output_dir) or a path")

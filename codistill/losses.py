@@ -84,18 +84,21 @@ class SoftSpec:
         return self.divergence
 
 
-def next_token_targets(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def next_token_targets(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       loss_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Labels and mask aligned with unshifted causal-LM logits.
 
     Position ``t`` of the logits predicts token ``t + 1``; the last position has no
     target. Returns labels [B, S] (the last column is a placeholder 0) and a bool
-    mask [B, S], true where the target is a real (non-padding) token. Keeping the
+    mask [B, S], true where the target is a real token that counts: not padding and,
+    when ``loss_mask`` [B, S] marks them with 0, not a prompt token. Keeping the
     logits unshifted lets them be viewed as [N, V] without a copy.
     """
     labels = torch.zeros_like(input_ids)
     labels[:, :-1] = input_ids[:, 1:]
-    mask = torch.zeros_like(attention_mask, dtype=torch.bool)
-    mask[:, :-1] = attention_mask[:, 1:].bool()
+    counted = attention_mask.bool() if loss_mask is None else attention_mask.bool() & loss_mask.bool()
+    mask = torch.zeros_like(counted)
+    mask[:, :-1] = counted[:, 1:]
     return labels, mask
 
 

@@ -137,7 +137,7 @@ class Trainer:
         self.vocab = len(self.tokenizer)
         fingerprint = tokenizer_fingerprint(self.tokenizer)
         # With a cached teacher (soft mode) the teacher model is never loaded.
-        built = [s for s in cfg.models if not (s is cfg.teacher and s.cache)]
+        built = [s for s in cfg.models if not (s is cfg.teacher and (s.cache or cfg.mode == "hard"))]
         hf_configs = {s.name: model_config(s, self.tokenizer) for s in built}
         for spec in built:
             check_model(spec, hf_configs[spec.name], self.tokenizer, fingerprint, cfg.data.seq_len)
@@ -189,8 +189,9 @@ class Trainer:
             )
             self.members.append(Member(spec, engine))
         self.teacher_name = cfg.teacher.name
-        self.teacher: Optional[Member] = None if self.cache else self.members[0]
-        self.students = self.members[0 if self.cache else 1:]
+        loaded = cfg.teacher in built
+        self.teacher: Optional[Member] = self.members[0] if loaded else None
+        self.students = self.members[1 if loaded else 0:]
         self.trainable = [m for m in self.members if m.trainable]
         self.distill = [cfg.distill_for(i) for i in range(len(self.students))]
         self.gap: list[Optional[float]] = [None] * len(self.students)  # running student CE − teacher CE
@@ -273,6 +274,11 @@ class Trainer:
 
     def micro_step(self, batch: dict[str, torch.Tensor], plans: list[StudentPlan], sums: dict[str, float]) -> None:
         """The co-distillation micro-step: one teacher forward feeds every active student."""
+        if self.cfg.mode == "hard":  # the teacher's influence is in the data: plain CE
+            for i, plan in enumerate(plans):
+                if plan.active:
+                    self.student_micro_step(i, batch, None, plan, sums)
+            return
         if self.cache is not None:
             cached = self.cache.targets(batch["index"], self.world.device)
             mask = batch["mask"].reshape(-1)
@@ -321,7 +327,8 @@ class Trainer:
     def prepare_batch(self, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Move a micro-batch to this rank's device and add next-token labels and mask."""
         batch = {k: v.to(self.world.device, non_blocking=True) for k, v in raw.items()}
-        batch["labels"], batch["mask"] = next_token_targets(batch["input_ids"], batch["attention_mask"])
+        batch["labels"], batch["mask"] = next_token_targets(batch["input_ids"], batch["attention_mask"],
+                                                            batch.get("loss_mask"))
         return batch
 
     def train_step(self, step: int) -> dict[str, float]:
@@ -329,10 +336,12 @@ class Trainer:
         plans = self.plan(step)
         gas = self.cfg.train.gradient_accumulation_steps
         sums: dict[str, float] = {}
-        for name in [self.teacher_name] + [s.name for s in self.students]:
+        logged = ([] if self.cfg.mode == "hard" else [self.teacher_name]) + [s.name for s in self.students]
+        for name in logged:
             sums[f"{name}/train/loss"] = sums[f"{name}/train/loss_ce"] = 0.0
         for student, plan, d in zip(self.students, plans, self.distill):
-            sums[f"{student.name}/train/loss_kd"] = 0.0
+            if self.cfg.mode != "hard":
+                sums[f"{student.name}/train/loss_kd"] = 0.0
             if d.token_gate:
                 sums[f"{student.name}/train/gate_fraction"] = 0.0
             if not plan.active:  # head start: the teacher trains alone
@@ -364,7 +373,7 @@ class Trainer:
                                 "is already applied, so the newest checkpoint holds the last good state", save=False)
             if self.cfg.train.nonfinite == "skip":
                 values[f"{member.name}/train/skipped_steps"] = float(self.skipped[member.name])
-        for i, plan in enumerate(plans):
+        for i, plan in enumerate(plans if self.cfg.mode != "hard" else []):
             values[self._schedule_tag("alpha", i)] = plan.spec.alpha
             values[self._schedule_tag("temperature", i)] = plan.temperature
             if self.gap[i] is not None:
@@ -430,6 +439,10 @@ class Trainer:
                 f"{m.name}: {count_parameters(module):,} parameters, ZeRO stage {m.engine.zero_optimization_stage()}, "
                 f"bf16={m.engine.bfloat16_enabled()}{'' if m.trainable else ', frozen'}; stored per rank: {stored}"
             )
+        if self.cfg.mode == "hard":
+            lines.append(f"{self.teacher_name}: not loaded; hard mode trains on the text it generated (CE on "
+                         "response tokens)")
+            return lines
         if self.cache is not None:
             meta = self.cache.meta
             lines.append(f"{self.teacher_name}: not loaded; top-{meta['k']} predictions at T={meta['temperature']} "

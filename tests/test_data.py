@@ -141,3 +141,27 @@ def test_stream_cursor_resumes_with_the_same_batches_across_epochs(tokenizer):
     again = BatchStream(small, 4, rank=1, world=2, seed=3)
     again.load_state_dict(state)
     assert all(torch.equal(a, next(again)["input_ids"]) for a in expected)
+
+
+def test_prompt_tokens_are_masked_out_of_the_loss(tmp_path, tokenizer):
+    from codistill.losses import next_token_targets
+
+    spec = tmp_path / "pairs.jsonl"
+    with open(spec, "w") as fh:
+        for i in range(12):
+            fh.write(json.dumps({"prompt": f"Question {i}: who wrote Hamlet?", "response": " Shakespeare."}) + "\n")
+    cfg = DataConfig(dataset=str(spec), text_field="response", prompt_field="prompt", seq_len=24, pack=False,
+                     val_fraction=0.2, cache_dir=str(tmp_path / "c"))
+    splits = build_splits(cfg, tokenizer, seed=0)
+    row = splits.train[0]
+    prompt_len = len(tokenizer(tokenizer.decode(row["input_ids"]).split(" Shakespeare")[0],
+                               add_special_tokens=False)["input_ids"])
+    counted = row["loss_mask"].tolist()
+    assert counted[:prompt_len] == [0] * prompt_len and sum(counted) > 0
+    assert tokenizer.decode(row["input_ids"][torch.tensor(counted).bool()]).startswith(" Shakespeare.")
+    labels, mask = next_token_targets(row["input_ids"][None], row["attention_mask"][None], row["loss_mask"][None])
+    targets = tokenizer.decode(labels[0][mask[0]])
+    assert targets.startswith(" Shakespeare") and "Question" not in targets
+    with pytest.raises(ConfigError, match="data.prompt_field: 'query' is not a column"):
+        build_splits(DataConfig(dataset=str(spec), text_field="response", prompt_field="query",
+                                cache_dir=str(tmp_path / "c")), tokenizer, seed=0)

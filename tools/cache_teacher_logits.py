@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> None:
             batch = {key: v.to(world.device) for key, v in train[index or [0]].items()}
             with torch.no_grad():
                 logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[..., :vocab]
-                labels, mask = next_token_targets(batch["input_ids"], batch["attention_mask"])
+                labels, mask = next_token_targets(batch["input_ids"], batch["attention_mask"], batch.get("loss_mask"))
                 ce = distill_loss(logits, labels, mask).token_ce
                 top = topk_targets(logits, k, temperature)
             if index:
