@@ -178,8 +178,8 @@ class Splits:
 
 def _data_files(spec: str) -> list[Path]:
     path = Path(spec).expanduser()
-    if path.is_dir():
-        files = [p for p in sorted(path.rglob("*")) if p.suffix in _FORMATS]
+    if path.is_dir():  # codistill_*.json beside the data are our own metadata, not documents
+        files = [p for p in sorted(path.rglob("*")) if p.suffix in _FORMATS and not p.name.startswith("codistill_")]
     else:
         files = [Path(p) for p in sorted(glob.glob(str(path)))]
     if not files:
