@@ -94,3 +94,9 @@ def test_scheduler_total_steps_auto_follows_max_steps():
     cfg = load_config(None, ["train.max_steps=42"])
     ds = resolve_deepspeed_config(cfg.teacher, cfg.train, world_size=1, on_cpu=True)
     assert ds["scheduler"]["params"]["total_num_steps"] == 42
+
+
+@pytest.mark.parametrize("name", ["tiny", "soft", "hard"])
+def test_every_shipped_config_is_valid(name):
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+    assert cfg.mode == ("codistill" if name == "tiny" else name)

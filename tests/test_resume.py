@@ -40,20 +40,30 @@ def final_weights(out, step=8):
     return {name: get_fp32_state_dict_from_zero_checkpoint(str(root / name), tag="ds") for name in ("teacher", "student")}
 
 
+@pytest.fixture(scope="module")
+def straight_zero2(tmp_path_factory):
+    """An uninterrupted 2-rank ZeRO-2 run, the reference for several resume tests."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    deepspeed(out)
+    return out
+
+
 @pytest.mark.parametrize("stage", [2, 3])
-def test_stop_and_resume_mid_epoch_matches_an_uninterrupted_run_bitwise(tmp_path, stage):
+def test_stop_and_resume_mid_epoch_matches_an_uninterrupted_run_bitwise(tmp_path, stage, straight_zero2):
     zero = [f"teacher.deepspeed.zero_optimization.stage={stage}", f"students.0.deepspeed.zero_optimization.stage={stage}"]
-    deepspeed(tmp_path / "straight", *zero)
+    straight = straight_zero2 if stage == 2 else tmp_path / "straight"
+    if stage != 2:
+        deepspeed(straight, *zero)
     first = deepspeed(tmp_path / "split", *zero, "train.steps_this_run=4")
     assert "stopping at step 4 (train.steps_this_run); continue with resume=auto" in first
     second = deepspeed(tmp_path / "split", *zero, "resume=auto")
     assert "resumed from" in second and "step_00000004 at step 4" in second
-    a, b = per_step(tmp_path / "straight"), per_step(tmp_path / "split")
+    a, b = per_step(straight), per_step(tmp_path / "split")
     for tag in TRACKED:
         assert sorted(b[tag]) == list(range(1, 9)), tag
         assert [a[tag][s] for s in range(1, 9)] == [b[tag][s] for s in range(1, 9)], tag
     assert max(a["schedule/alpha"].values()) > 0  # the adaptive state was live across the restart
-    wa, wb = final_weights(tmp_path / "straight"), final_weights(tmp_path / "split")
+    wa, wb = final_weights(straight), final_weights(tmp_path / "split")
     for name in wa:
         for key in wa[name]:
             assert torch.equal(wa[name][key], wb[name][key]), (name, key)
@@ -177,17 +187,16 @@ def test_a_killed_rank_ends_the_whole_job_with_an_error(tmp_path):
     assert "exits with return code" in rest or "codistill: error: rank 0: lost contact with another rank" in rest
 
 
-def test_a_two_rank_checkpoint_resumes_on_one_rank(tmp_path):
+def test_a_two_rank_checkpoint_resumes_on_one_rank(tmp_path, straight_zero2):
     """Saved by 2 ranks, resumed by 1 with twice the accumulation (same global batch, same
     samples): the continuation matches the 2-rank run up to float summation order."""
-    deepspeed(tmp_path / "straight")
     deepspeed(tmp_path / "split", "train.steps_this_run=4")
     proc = run_cmd([sys.executable, "launch/train.py", "--config", str(MICRO), f"output_dir={tmp_path / 'split'}",
                     *COMMON, "resume=auto", "train.gradient_accumulation_steps=2"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming a 2-rank checkpoint on 1 rank(s) through DeepSpeed's universal checkpoint" in proc.stderr
     assert "world: 1 rank(s)" in proc.stdout and "at step 4" in proc.stdout
-    a, b = per_step(tmp_path / "straight"), per_step(tmp_path / "split")
+    a, b = per_step(straight_zero2), per_step(tmp_path / "split")
     for tag in ("teacher/train/loss", "student/train/loss"):
         for step in range(5, 9):
             assert b[tag][step] == pytest.approx(a[tag][step], rel=1e-4), (tag, step)
