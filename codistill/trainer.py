@@ -273,37 +273,40 @@ class Trainer:
         return out
 
     def micro_step(self, batch: dict[str, torch.Tensor], plans: list[StudentPlan], sums: dict[str, float]) -> None:
-        """The co-distillation micro-step: one teacher forward feeds every active student."""
-        if self.cfg.mode == "hard":  # the teacher's influence is in the data: plain CE
-            for i, plan in enumerate(plans):
-                if plan.active:
-                    self.student_micro_step(i, batch, None, plan, sums)
+        """One micro-batch: the teacher's targets (one forward, or the cache) feed every active student."""
+        targets = self._teacher_targets(batch, plans, sums)
+        if targets is None:  # the teacher's update was skipped: no trustworthy targets
             return
+        for i, plan in enumerate(plans):
+            if plan.active:
+                self.student_micro_step(i, batch, targets.get(i), plan, sums)
+
+    def _teacher_targets(self, batch: dict[str, torch.Tensor], plans: list[StudentPlan],
+                         sums: dict[str, float]) -> Optional[dict[int, Targets]]:
+        """Each active student's targets: none in hard mode (the teacher is in the data), the
+        cached top-k, or the live teacher's (it steps first in co-distillation)."""
+        active = [i for i, plan in enumerate(plans) if plan.active]
+        if self.cfg.mode == "hard":
+            return {}
         if self.cache is not None:
             cached = self.cache.targets(batch["index"], self.world.device)
             mask = batch["mask"].reshape(-1)
             teacher_ce = float((cached.token_ce * mask).sum() / mask.sum().clamp(min=1))
             sums[f"{self.teacher_name}/train/loss"] += teacher_ce
             sums[f"{self.teacher_name}/train/loss_ce"] += teacher_ce
-            for i, plan in enumerate(plans):
-                if plan.active:
-                    self.student_micro_step(i, batch, cached, plan, sums)
-            return
+            return {i: cached for i in active}
         teacher_out = self.teacher_micro_step(batch, sums)
-        if teacher_out is None:  # skipped: no trustworthy targets, so no student steps either
-            return
+        if teacher_out is None:
+            return None
         logits, token_ce = teacher_out
         targets, shared = {}, {}
-        for i, plan in enumerate(plans):
-            if plan.active:
-                d = self.distill[i]
-                key = (d.targets, d.top_k if d.targets == "topk" else 0, plan.temperature)
-                if key not in shared:
-                    shared[key] = self._targets(d, logits, token_ce, plan.temperature)
-                targets[i] = shared[key]
-        del logits, shared  # with top-k targets the full teacher logits can go now
-        for i, target in targets.items():
-            self.student_micro_step(i, batch, target, plans[i], sums)
+        for i in active:
+            d, temperature = self.distill[i], plans[i].temperature
+            key = (d.targets, d.top_k if d.targets == "topk" else 0, temperature)
+            if key not in shared:
+                shared[key] = self._targets(d, logits, token_ce, temperature)
+            targets[i] = shared[key]
+        return targets  # with only top-k targets, the full teacher logits are freed on return
 
     def plan(self, step: int) -> list[StudentPlan]:
         """What every student does at optimizer step ``step``: α, T and whether it trains."""
