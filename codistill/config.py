@@ -40,6 +40,9 @@ class DataConfig(_Section):
     text_field: str = Field("text", description="the text column; with prompt_field, the response")
     prompt_field: Optional[str] = Field(
         None, description="a prompt column: its tokens are context only, masked out of every loss")
+    messages_field: Optional[str] = Field(
+        None, description="a chat column (lists of {role, content}): the tokenizer's chat template renders "
+        "all but the last message as the prompt; the last, the assistant's, is the response")
     tokenizer: Optional[str] = Field(
         None, description="tokenizer folder; default: the bundled corpus's or the teacher's"
     )
@@ -49,6 +52,12 @@ class DataConfig(_Section):
     val_fraction: float = Field(0.05, gt=0.0, lt=1.0, description="share of documents held out")
     cache_dir: Optional[str] = Field(None, description="default: $CODISTILL_CACHE or ~/.cache/codistill")
     num_proc: int = Field(1, gt=0)
+
+    @model_validator(mode="after")
+    def _one_layout(self) -> "DataConfig":
+        if self.messages_field and self.prompt_field:
+            raise ValueError("give data.messages_field or data.prompt_field, not both")
+        return self
 
     def resolved_cache_dir(self) -> Path:
         root = self.cache_dir or os.environ.get("CODISTILL_CACHE") or "~/.cache/codistill"

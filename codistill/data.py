@@ -244,7 +244,8 @@ def build_splits(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int)
     """Tokenized, packed (or padded) train and validation blocks, cached on disk."""
     kind, identity = _source_identity(cfg)
     key = json.dumps(
-        [BLOCKS_VERSION, kind, identity, cfg.format, cfg.text_field, cfg.prompt_field, cfg.seq_len, cfg.pack,
+        [BLOCKS_VERSION, kind, identity, cfg.format, cfg.text_field, cfg.prompt_field, cfg.messages_field,
+         cfg.seq_len, cfg.pack,
          cfg.val_split,
          cfg.val_fraction, seed, tokenizer_fingerprint(tokenizer)]
     )
@@ -266,7 +267,9 @@ def _build_and_save(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: i
     train = raw[train_name]
     if len(train) == 0:
         raise ConfigError(f"data.dataset: '{cfg.dataset}' holds no documents")
-    for key, column in (("text_field", cfg.text_field), ("prompt_field", cfg.prompt_field)):
+    text_column = None if cfg.messages_field else cfg.text_field
+    for key, column in (("text_field", text_column), ("prompt_field", cfg.prompt_field),
+                        ("messages_field", cfg.messages_field)):
         if column is not None and column not in train.column_names:
             raise ConfigError(
                 f"data.{key}: '{column}' is not a column of '{cfg.dataset}' (columns: {train.column_names})"
@@ -281,6 +284,9 @@ def _build_and_save(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: i
             raise ConfigError(f"data.dataset: '{cfg.dataset}' has one document; a validation split needs two or more")
         parts = train.train_test_split(test_size=cfg.val_fraction, seed=seed)
         train, val = parts["train"], parts["test"]
+    if cfg.messages_field and not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("data.messages_field: the tokenizer has no chat template to render the messages with; "
+                          "give one that has, or use data.prompt_field/text_field")
     out = {}
     for name, part in (("train", train), ("validation", val)):
         blocks = _to_blocks(part, cfg, tokenizer)
@@ -304,7 +310,11 @@ def _build_and_save(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: i
 
 def _to_blocks(part: datasets.Dataset, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> datasets.Dataset:
     seq_len, eos, pad = cfg.seq_len, tokenizer.eos_token_id, tokenizer.pad_token_id
-    field = cfg.text_field
+    field, prompt_field = cfg.text_field, cfg.prompt_field
+    if cfg.messages_field:
+        part = part.map(lambda batch: _split_chats(batch[cfg.messages_field], tokenizer), batched=True,
+                        remove_columns=part.column_names, num_proc=cfg.num_proc)
+        field, prompt_field = "response", "prompt"
 
     def encode(texts):
         return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
@@ -313,9 +323,9 @@ def _to_blocks(part: datasets.Dataset, cfg: DataConfig, tokenizer: PreTrainedTok
         # ``counted`` marks the tokens the losses are computed on: all of a plain text,
         # the response (and its eos) of a prompt/response pair.
         ids = [x + [eos] for x in encode(batch[field])]
-        if cfg.prompt_field is None:
+        if prompt_field is None:
             return {"ids": ids, "counted": [[1] * len(x) for x in ids]}
-        prompts = encode(batch[cfg.prompt_field])
+        prompts = encode(batch[prompt_field])
         return {"ids": [p + x for p, x in zip(prompts, ids)],
                 "counted": [[0] * len(p) + [1] * len(x) for p, x in zip(prompts, ids)]}
 
@@ -338,6 +348,19 @@ def _to_blocks(part: datasets.Dataset, cfg: DataConfig, tokenizer: PreTrainedTok
     tokens = part.map(tokenize, batched=True, remove_columns=part.column_names, num_proc=cfg.num_proc)
     return tokens.map(pack if cfg.pack else pad_each, batched=True, batch_size=1000,
                       remove_columns=["ids", "counted"], num_proc=cfg.num_proc)
+
+
+def _split_chats(chats: list, tokenizer: PreTrainedTokenizerBase) -> dict[str, list[str]]:
+    """Chat examples to prompt/response: the last message must be the assistant's reply;
+    the ones before it, rendered by the tokenizer's chat template, are the prompt."""
+    prompts, responses = [], []
+    for messages in chats:
+        if not messages or not isinstance(messages[-1], dict) or messages[-1].get("role") != "assistant":
+            raise ConfigError("data.messages_field: every example must be a list of {role, content} messages "
+                              "ending with the assistant's reply")
+        prompts.append(tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False))
+        responses.append(messages[-1]["content"])
+    return {"prompt": prompts, "response": responses}
 
 
 # --------------------------------------------------------------------------- per-rank streams

@@ -165,3 +165,24 @@ def test_prompt_tokens_are_masked_out_of_the_loss(tmp_path, tokenizer):
     with pytest.raises(ConfigError, match="data.prompt_field: 'query' is not a column"):
         build_splits(DataConfig(dataset=str(spec), text_field="response", prompt_field="query",
                                 cache_dir=str(tmp_path / "c")), tokenizer, seed=0)
+
+
+def test_chat_messages_use_the_chat_template_and_count_only_the_reply(tmp_path, tokenizer):
+    import copy
+
+    spec = tmp_path / "chats.jsonl"
+    with open(spec, "w") as fh:
+        for i in range(10):
+            chat = [{"role": "user", "content": f"Who wrote play {i}?"}, {"role": "assistant", "content": " Shakespeare."}]
+            fh.write(json.dumps({"messages": chat}) + "\n")
+    cfg = DataConfig(dataset=str(spec), messages_field="messages", seq_len=24, pack=False, val_fraction=0.2,
+                     cache_dir=str(tmp_path / "c"))
+    with pytest.raises(ConfigError, match="the tokenizer has no chat template"):
+        build_splits(cfg, tokenizer, seed=0)
+    chatty = copy.deepcopy(tokenizer)
+    chatty.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                            "{% if add_generation_prompt %}<assistant>{% endif %}")
+    row = build_splits(cfg, chatty, seed=0).train[0]
+    text = chatty.decode(row["input_ids"][row["attention_mask"].bool()])
+    assert text.startswith("<user>Who wrote play") and "<assistant> Shakespeare." in text
+    assert chatty.decode(row["input_ids"][row["loss_mask"].bool()]).startswith(" Shakespeare.")

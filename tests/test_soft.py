@@ -17,11 +17,18 @@ def test_soft_mode_needs_a_pretrained_teacher():
     assert load_config(ROOT / "configs" / "soft.yaml").mode == "soft"
 
 
+STUDENT = ("{name: %s, config: {hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, "
+           "num_key_value_heads: 2, max_position_embeddings: 64}, distill: {divergence: %s}, "
+           "deepspeed: {zero_optimization: {stage: 2}, optimizer: {type: AdamW, params: {lr: 0.003}}}}")
+
+
 def test_frozen_zero3_teacher_is_partitioned_unchanged_and_still_logged(tmp_path, pretrained_teacher):
+    """Two students learn from one frozen teacher (ZeRO-3 across 2 ranks)."""
     out = tmp_path / "run"
+    students = f"students=[{STUDENT % ('student', 'forward_kl')}, {STUDENT % ('second', 'jsd')}]"
     proc = run_cmd([bin_path("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
                     "--config", str(MICRO), f"output_dir={out}", "mode=soft", f"teacher.pretrained={pretrained_teacher}",
-                    "teacher.config={}", "teacher.deepspeed=configs/ds/zero3_cpu.json"])
+                    "teacher.config={}", "teacher.deepspeed=configs/ds/zero3_cpu.json", students])
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
     line = next(x for x in log.splitlines() if x.startswith("teacher: "))
@@ -35,7 +42,9 @@ def test_frozen_zero3_teacher_is_partitioned_unchanged_and_still_logged(tmp_path
     assert len(evals) == 3 and evals[0] == evals[-1]  # same weights, same validation batches
     assert len(acc.Scalars("teacher/train/loss")) == 6  # its CE on every batch is still logged
     assert "teacher/train/lr" not in acc.Tags()["scalars"]
-    student = [e.value for e in acc.Scalars("student/eval/loss")]
-    assert student[-1] < student[0]
+    for name in ("student", "second"):
+        losses = [e.value for e in acc.Scalars(f"{name}/eval/loss")]
+        assert losses[-1] < losses[0]
+        assert len(acc.Scalars(f"{name}/train/loss_kd")) == 6
     state = json.loads((out / "checkpoints" / "step_00000006" / "trainer_state.json").read_text())
-    assert state["models"] == ["student"]  # the frozen teacher is not re-saved
+    assert state["models"] == ["student", "second"]  # the frozen teacher is not re-saved
