@@ -1,12 +1,15 @@
 #!/usr/bin/env python
 """Cost of a co-distillation step against training the models separately.
 
-In one run, on the same engines and the same batches, alternates
+In one run, on the same engines and the same batches, rotates through
   (a) the co-distillation step: teacher fwd + CE + bwd + step, then each student
       fwd + (1-α)·CE + α·T²·KL to the teacher's logits + bwd + step;
-  (b) a teacher-only step plus a student-only (CE) step on the same batch,
-and prints median times and the ratio a/b. Alternating the two, round by round,
-cancels most of the drift of a shared, noisy machine.
+  (b) a teacher-only step plus a student-only (CE) step on the same batch;
+  (c) the two-stage pipeline's cost per student step: a teacher training step, plus a
+      frozen-teacher forward (no grad) whose logits the student step then learns from,
+and prints median times, tokens/s, the ratios a/b and a/c, and each rank's peak
+memory. Rotating the order round by round cancels most of the drift of a shared,
+noisy machine.
 
     python tools/bench_step.py [--config configs/tiny.yaml] [--rounds 20] [key.path=value ...]
     deepspeed --num_gpus 2 tools/bench_step.py --rounds 20
@@ -17,6 +20,7 @@ import argparse
 from collections import defaultdict
 from dataclasses import replace
 import json
+import resource
 import statistics
 import sys
 import time
@@ -50,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1 or args.warmup < 0:
         parser.error("--rounds must be at least 1 and --warmup at least 0")
     try:
+        from codistill.losses import Targets, distill_loss
         from codistill.trainer import StudentPlan, Trainer
 
         cfg = load_config(args.config, ["overwrite=true", *args.overrides])
@@ -75,33 +80,51 @@ def main(argv: list[str] | None = None) -> int:
             for i, plan in enumerate(plans):
                 trainer.student_micro_step(i, batch, None, plan, sink)
 
-    times = {"codistill": [], "separate": []}
+    def two_stage(batches):
+        for batch in batches:
+            trainer.teacher_micro_step(batch, sink)  # stage 1: the teacher's own training
+            with torch.no_grad():  # stage 2: the trained teacher, frozen, feeds the student
+                logits = trainer._logits(trainer.teacher, batch)
+            for i, plan in enumerate(plans):
+                targets = Targets(temperature=plan.temperature, logits=logits)
+                if trainer.distill[i].token_gate:
+                    targets.token_ce = distill_loss(logits, batch["labels"], batch["mask"]).token_ce
+                trainer.student_micro_step(i, batch, targets, plan, sink)
+
+    variants = [("codistill", codistill), ("separate", separate), ("two_stage", two_stage)]
+    labels = {"codistill": "(a) co-distillation step", "separate": "(b) teacher step + student step",
+              "two_stage": "(c) two-stage: teacher step + frozen fwd + student step"}
+    times: dict[str, list[float]] = {name: [] for name, _ in variants}
     for r in range(args.warmup + args.rounds):
         batches = [trainer.prepare_batch(next(trainer.stream)) for _ in range(gas)]
-        order = [("codistill", codistill), ("separate", separate)]
-        for name, fn in order if r % 2 == 0 else order[::-1]:
+        shift = r % len(variants)
+        for name, fn in variants[shift:] + variants[:shift]:
             t = timed(lambda: fn(batches))
             if r >= args.warmup:
                 times[name].append(t)
 
     med = {k: statistics.median(v) for k, v in times.items()}
-    ratio = med["codistill"] / med["separate"]
     tokens = trainer.tokens_per_step
+    peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 if trainer.world.device.type == "cpu"
+                         else torch.cuda.max_memory_allocated()], dtype=torch.float64)
+    peaks = [torch.zeros_like(peak) for _ in range(trainer.world.size)]
+    torch.distributed.all_gather(peaks, peak)
     result = {
         "config": args.config or "configs/tiny.yaml", "world_size": trainer.world.size,
         "device": trainer.world.device.type, "tokens_per_step": tokens, "rounds": args.rounds,
-        "codistill_ms": med["codistill"] * 1e3, "separate_ms": med["separate"] * 1e3,
-        "codistill_tokens_per_sec": tokens / med["codistill"], "separate_tokens_per_sec": tokens / med["separate"],
-        "ratio_codistill_over_separate": ratio,
+        **{f"{k}_ms": v * 1e3 for k, v in med.items()},
+        **{f"{k}_tokens_per_sec": tokens / v for k, v in med.items()},
+        "ratio_a_over_b": med["codistill"] / med["separate"], "ratio_a_over_c": med["codistill"] / med["two_stage"],
+        "peak_memory_mb_per_rank": [float(p) / 2**20 for p in peaks],
     }
     if trainer.world.is_main:
         print(f"world {trainer.world.size} x {trainer.world.device.type}, {tokens:,} tokens/step, "
               f"{args.rounds} rounds (median):")
-        print(f"  (a) co-distillation step          {result['codistill_ms']:9.1f} ms  "
-              f"{result['codistill_tokens_per_sec']:10,.0f} tok/s")
-        print(f"  (b) teacher step + student step   {result['separate_ms']:9.1f} ms  "
-              f"{result['separate_tokens_per_sec']:10,.0f} tok/s")
-        print(f"  ratio a/b = {ratio:.3f}")
+        for name, _ in variants:
+            print(f"  {labels[name]:<58} {result[name + '_ms']:9.1f} ms  {result[name + '_tokens_per_sec']:10,.0f} tok/s")
+        print(f"  ratio a/b = {result['ratio_a_over_b']:.3f}   ratio a/c = {result['ratio_a_over_c']:.3f}")
+        kind = "peak RSS" if trainer.world.device.type == "cpu" else "peak allocated"
+        print(f"  {kind} per rank (whole run): " + ", ".join(f"{m:,.0f} MB" for m in result["peak_memory_mb_per_rank"]))
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     torch.distributed.destroy_process_group()
