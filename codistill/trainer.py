@@ -47,9 +47,11 @@ def quiet_library_noise() -> None:
 
 
 def resolve_deepspeed_config(spec: ModelSpec, train: TrainConfig, world_size: int, on_cpu: bool,
-                             trainable: bool = True) -> dict[str, Any]:
+                             trainable: bool = True, steps: Optional[int] = None) -> dict[str, Any]:
     """The model's DeepSpeed JSON with the shared batch geometry filled in and checked.
-    A frozen model's optimizer and scheduler sections are dropped (it never steps)."""
+    A frozen model's optimizer and scheduler sections are dropped (it never steps).
+    ``steps``: the optimizer steps this model takes (default train.max_steps; a student
+    with a head start takes fewer), which a scheduler's ``total_num_steps: auto`` becomes."""
     ds = load_deepspeed_config(spec)
     if not trainable:
         ds.pop("optimizer", None)
@@ -82,9 +84,21 @@ def resolve_deepspeed_config(spec: ModelSpec, train: TrainConfig, world_size: in
         optimizer.setdefault("params", {}).setdefault("torch_adam", True)
     scheduler_params = (ds.get("scheduler") or {}).get("params", {})
     if scheduler_params.get("total_num_steps") == "auto":
-        scheduler_params["total_num_steps"] = train.max_steps
+        scheduler_params["total_num_steps"] = max(1, steps if steps is not None else train.max_steps)
     ds.setdefault("steps_per_print", 10**9)
     return ds
+
+
+def optimizer_steps(cfg: RunConfig) -> dict[str, int]:
+    """How many optimizer steps each model takes: train.max_steps, less a student's head start."""
+    steps = {cfg.teacher.name: cfg.train.max_steps}
+    for i, s in enumerate(cfg.students):
+        head_start = cfg.distill_for(i).head_start_steps
+        if head_start >= cfg.train.max_steps:
+            raise ConfigError(f"{s.name}: distill.head_start_steps={head_start} leaves no steps of "
+                              f"train.max_steps={cfg.train.max_steps} for the student")
+        steps[s.name] = cfg.train.max_steps - head_start
+    return steps
 
 
 class NonFinite(RuntimeError):
@@ -143,8 +157,10 @@ class Trainer:
             check_model(spec, hf_configs[spec.name], self.tokenizer, fingerprint, cfg.data.seq_len)
         on_cpu = not torch.cuda.is_available()
         world_size = distributed.env_world_size()
+        steps = optimizer_steps(cfg)
         ds_configs = {s.name: resolve_deepspeed_config(s, cfg.train, world_size, on_cpu,
-                                                       trainable=not (s is cfg.teacher and cfg.mode == "soft"))
+                                                       trainable=not (s is cfg.teacher and cfg.mode == "soft"),
+                                                       steps=steps[s.name])
                       for s in built}
         checkpoint.refuse_foreign_checkpoints(self.output_dir, cfg.overwrite, cfg.resume)
         self.resume_from = checkpoint.find_resume(self.output_dir, cfg.resume)
@@ -178,7 +194,8 @@ class Trainer:
 
         self.members: list[Member] = []
         for i, spec in enumerate(built):
-            model = build_model(spec, hf_configs[spec.name], seed=cfg.train.seed + i)
+            seed = spec.init_seed if spec.init_seed is not None else cfg.train.seed + cfg.models.index(spec)
+            model = build_model(spec, hf_configs[spec.name], seed=seed)
             if spec is cfg.teacher and cfg.mode == "soft":  # frozen: an inference-only engine
                 engine, *_ = deepspeed.initialize(model=model.requires_grad_(False).eval(), config=ds_configs[spec.name])
                 self.members.append(Member(spec, engine, trainable=False))
@@ -295,6 +312,8 @@ class Trainer:
             sums[f"{self.teacher_name}/train/loss"] += teacher_ce
             sums[f"{self.teacher_name}/train/loss_ce"] += teacher_ce
             return {i: cached for i in active}
+        if not active and not self.teacher.trainable:  # a frozen teacher with nobody to teach
+            return {}
         teacher_out = self.teacher_micro_step(batch, sums)
         if teacher_out is None:
             return None
@@ -339,7 +358,10 @@ class Trainer:
         plans = self.plan(step)
         gas = self.cfg.train.gradient_accumulation_steps
         sums: dict[str, float] = {}
-        logged = ([] if self.cfg.mode == "hard" else [self.teacher_name]) + [s.name for s in self.students]
+        # A frozen teacher runs only while a student learns from it (not during a head start).
+        teacher_runs = self.cfg.mode != "hard" and (self.teacher is None or self.teacher.trainable
+                                                     or any(p.active for p in plans))
+        logged = ([self.teacher_name] if teacher_runs else []) + [s.name for s in self.students]
         for name in logged:
             sums[f"{name}/train/loss"] = sums[f"{name}/train/loss_ce"] = 0.0
         for student, plan, d in zip(self.students, plans, self.distill):

@@ -96,7 +96,19 @@ def test_scheduler_total_steps_auto_follows_max_steps():
     assert ds["scheduler"]["params"]["total_num_steps"] == 42
 
 
-@pytest.mark.parametrize("name", ["tiny", "soft", "hard"])
+def test_a_head_start_shortens_the_students_schedule_only():
+    from codistill.trainer import optimizer_steps
+
+    cfg = load_config(None, ["train.max_steps=400", "distill.head_start_steps=100"])
+    steps = optimizer_steps(cfg)
+    assert steps == {"teacher": 400, "student": 300}
+    ds = resolve_deepspeed_config(cfg.students[0], cfg.train, world_size=1, on_cpu=True, steps=steps["student"])
+    assert ds["scheduler"]["params"]["total_num_steps"] == 300  # its cosine ends at its own last step
+    with pytest.raises(ConfigError, match="student: distill.head_start_steps=400 leaves no steps"):
+        optimizer_steps(load_config(None, ["train.max_steps=400", "distill.head_start_steps=400"]))
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny_gpt2", "soft", "hard"])
 def test_every_shipped_config_is_valid(name):
     cfg = load_config(ROOT / "configs" / f"{name}.yaml")
-    assert cfg.mode == ("codistill" if name == "tiny" else name)
+    assert cfg.mode == ("codistill" if name.startswith("tiny") else name)
