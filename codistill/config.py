@@ -73,6 +73,8 @@ class TrainConfig(_Section):
     log_interval: int = Field(10, gt=0)
     eval_interval: int = Field(50, gt=0)
     eval_batches: int = Field(8, gt=0, description="validation micro-batches per rank")
+    panel_interval: int = Field(25, ge=0, description="steps between the distillation diagnostics in "
+                                "TensorBoard (entropies, top-k mass, KD/CE gradient ratio, KD by position); 0: off")
     detect_anomaly: bool = False
     steps_this_run: Optional[int] = Field(
         None, gt=0, description="stop with a checkpoint after this many steps (e.g. a job's time limit)")

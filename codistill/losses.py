@@ -286,3 +286,68 @@ def top1_agreement(student_logits: torch.Tensor, teacher_logits: torch.Tensor, m
     """How many masked positions have the student's argmax equal to the teacher's."""
     same = student_logits.argmax(dim=-1) == teacher_logits.argmax(dim=-1)
     return int(same[mask].sum())
+
+
+PANEL_BUCKETS = 4  # KD loss is reported per quarter of the sequence
+
+
+@torch.no_grad()
+def panel_stats(student_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, targets: Targets,
+                spec: SoftSpec, k: int, teacher_logits: Optional[torch.Tensor] = None,
+                chunk_tokens: Optional[int] = None) -> dict[str, float]:
+    """Diagnostics of one student against its teacher on one micro-batch, chunked like the loss.
+
+    Returns (means over counted positions; ``teacher_logits`` [N, V] enables the first three):
+      ``teacher_entropy``, ``student_entropy``: H of each model's distribution (T = 1), nats;
+      ``topk_mass``: the teacher's probability mass on the student's ``k`` most likely tokens;
+      ``kd_ce_grad_ratio``: ‖∂(T²·D)/∂z‖ / ‖∂CE/∂z‖ over the student's logits z, before α weighs
+        the two (multiply by α/(1 − α) for their ratio in the update);
+      ``kd_pos_<a>-<b>``: T²·D averaged over the positions a..b of the sequence (quarters).
+    """
+    seq = student_logits.shape[-2] if student_logits.dim() == 3 else student_logits.shape[0]
+    vocab = student_logits.shape[-1]
+    student = student_logits.detach().reshape(-1, vocab)
+    teacher = teacher_logits.detach().reshape(-1, vocab) if teacher_logits is not None else None
+    if targets.logits is not None:
+        targets = Targets(**{**targets.__dict__, "logits": targets.logits.detach().reshape(-1, vocab)})
+    flat_labels, counted = labels.reshape(-1), mask.reshape(-1).float()
+    div, temp = spec.resolved(), targets.temperature
+    position = torch.arange(student.shape[0], device=student.device) % seq
+    bucket = (position * PANEL_BUCKETS) // seq
+    sums = {"teacher_entropy": 0.0, "student_entropy": 0.0, "topk_mass": 0.0}
+    kd_by_bucket = torch.zeros(PANEL_BUCKETS, dtype=torch.float64, device=student.device)
+    n_by_bucket = torch.zeros(PANEL_BUCKETS, dtype=torch.float64, device=student.device)
+    grad_sq = {"kd": 0.0, "ce": 0.0}
+    step = chunk_rows(vocab, chunk_tokens)
+    for i in range(0, student.shape[0], step):
+        rows = slice(i, i + step)
+        m = counted[rows]
+        log_q1 = F.log_softmax(student[rows].float(), dim=-1)
+        q1 = log_q1.exp()
+        sums["student_entropy"] += float((-(q1 * log_q1).sum(-1) * m).sum())
+        if teacher is not None:
+            log_p1 = F.log_softmax(teacher[rows].float(), dim=-1)
+            p1 = log_p1.exp()
+            sums["teacher_entropy"] += float((-(p1 * log_p1).sum(-1) * m).sum())
+            top = student[rows].topk(min(k, vocab), dim=-1).indices
+            sums["topk_mass"] += float((p1.gather(1, top).sum(-1) * m).sum())
+        log_q = log_q1 if temp == 1.0 else F.log_softmax(student[rows].float() / temp, dim=-1)
+        value, g_soft = _soft_chunk(spec, div, targets, rows, log_q, need_grad=True)
+        kd = value * temp**2
+        kd_by_bucket.index_add_(0, bucket[rows], (kd * m).double())
+        n_by_bucket.index_add_(0, bucket[rows], m.double())
+        grad_sq["kd"] += float(((g_soft * temp).square().sum(-1) * m).sum())  # ∂(T²D)/∂z = T·∂D/∂(z/T)
+        g_ce = q1.scatter_add_(1, flat_labels[rows].unsqueeze(1), torch.full((q1.shape[0], 1), -1.0,
+                                                                            device=q1.device))
+        grad_sq["ce"] += float((g_ce.square().sum(-1) * m).sum())
+    n = max(float(counted.sum()), 1.0)
+    out = {"student_entropy": sums["student_entropy"] / n,
+           "kd_ce_grad_ratio": math.sqrt(grad_sq["kd"]) / max(math.sqrt(grad_sq["ce"]), 1e-30)}
+    if teacher is not None:
+        out["teacher_entropy"] = sums["teacher_entropy"] / n
+        out["topk_mass"] = sums["topk_mass"] / n
+    for b in range(PANEL_BUCKETS):
+        lo, hi = -(-b * seq // PANEL_BUCKETS), -(-(b + 1) * seq // PANEL_BUCKETS) - 1
+        if n_by_bucket[b] > 0:
+            out[f"kd_pos_{lo:03d}-{hi:03d}"] = float(kd_by_bucket[b] / n_by_bucket[b])
+    return out

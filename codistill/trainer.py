@@ -23,7 +23,7 @@ from . import checkpoint, distributed
 from .cache import TeacherCache
 from .config import ConfigError, DistillConfig, ModelSpec, RunConfig, TrainConfig, dump_config, load_deepspeed_config
 from .data import BatchStream, build_splits, check_data_source, eval_batches, resolve_tokenizer, tokenizer_fingerprint
-from .losses import SoftSpec, Targets, distill_loss, next_token_targets, top1_agreement, topk_targets
+from .losses import SoftSpec, Targets, distill_loss, next_token_targets, panel_stats, top1_agreement, topk_targets
 from .metrics import Metrics, format_values
 from .models import build_model, check_model, count_parameters, local_parameters, model_config, pretrained_tokenizer_dir
 from .schedules import adaptive_alpha, alpha_at, ema, temperature_at
@@ -264,12 +264,22 @@ class Trainer:
         return logits.detach(), parts.token_ce
 
     def student_micro_step(self, index: int, batch: dict[str, torch.Tensor], targets: Optional[Targets],
-                           plan: StudentPlan, sums: dict[str, float]) -> None:
-        """Student: (1-α)·CE + α·T²·D(teacher ‖ student); with ``targets=None``, CE alone."""
+                           plan: StudentPlan, sums: dict[str, float], panels: Optional[dict[str, float]] = None,
+                           teacher_logits: Optional[torch.Tensor] = None) -> None:
+        """Student: (1-α)·CE + α·T²·D(teacher ‖ student); with ``targets=None``, CE alone.
+        With ``panels``, also the distillation diagnostics of this micro-batch (see panel_stats)."""
         student, d = self.students[index], self.distill[index]
         logits = self._logits(student, batch)
         spec = plan.spec if targets is not None else SoftSpec()
         parts = distill_loss(logits, batch["labels"], batch["mask"], targets, spec, d.chunk_tokens)
+        if panels is not None and targets is not None:
+            stats = panel_stats(logits, batch["labels"], batch["mask"], targets, spec, d.top_k, teacher_logits,
+                                d.chunk_tokens)
+            for key, value in stats.items():
+                if key == "teacher_entropy":
+                    panels["distill/teacher_entropy"] = value
+                else:
+                    panels[self._tag("distill", key, index)] = value
         if not self._finite(student, parts.loss):
             return
         student.engine.backward(parts.loss)
@@ -289,31 +299,38 @@ class Trainer:
         out.token_ce = token_ce
         return out
 
-    def micro_step(self, batch: dict[str, torch.Tensor], plans: list[StudentPlan], sums: dict[str, float]) -> None:
-        """One micro-batch: the teacher's targets (one forward, or the cache) feed every active student."""
-        targets = self._teacher_targets(batch, plans, sums)
-        if targets is None:  # the teacher's update was skipped: no trustworthy targets
+    def micro_step(self, batch: dict[str, torch.Tensor], plans: list[StudentPlan], sums: dict[str, float],
+                   panels: Optional[dict[str, float]] = None) -> None:
+        """One micro-batch: the teacher's targets (one forward, or the cache) feed every active student.
+        With ``panels``, the distillation diagnostics of this micro-batch are written into it."""
+        out = self._teacher_targets(batch, plans, sums)
+        if out is None:  # the teacher's update was skipped: no trustworthy targets
             return
+        targets, teacher_logits = out
+        del out
+        if panels is None:  # with top-k targets this frees the full logits before the students run
+            teacher_logits = None
         for i, plan in enumerate(plans):
             if plan.active:
-                self.student_micro_step(i, batch, targets.get(i), plan, sums)
+                self.student_micro_step(i, batch, targets.get(i), plan, sums, panels, teacher_logits)
 
     def _teacher_targets(self, batch: dict[str, torch.Tensor], plans: list[StudentPlan],
-                         sums: dict[str, float]) -> Optional[dict[int, Targets]]:
+                         sums: dict[str, float]) -> Optional[tuple[dict[int, Targets], Optional[torch.Tensor]]]:
         """Each active student's targets: none in hard mode (the teacher is in the data), the
-        cached top-k, or the live teacher's (it steps first in co-distillation)."""
+        cached top-k, or the live teacher's (it steps first in co-distillation); and the live
+        teacher's full logits (None from a cache)."""
         active = [i for i, plan in enumerate(plans) if plan.active]
         if self.cfg.mode == "hard":
-            return {}
+            return {}, None
         if self.cache is not None:
             cached = self.cache.targets(batch["index"], self.world.device)
             mask = batch["mask"].reshape(-1)
             teacher_ce = float((cached.token_ce * mask).sum() / mask.sum().clamp(min=1))
             sums[f"{self.teacher_name}/train/loss"] += teacher_ce
             sums[f"{self.teacher_name}/train/loss_ce"] += teacher_ce
-            return {i: cached for i in active}
+            return {i: cached for i in active}, None
         if not active and not self.teacher.trainable:  # a frozen teacher with nobody to teach
-            return {}
+            return {}, None
         teacher_out = self.teacher_micro_step(batch, sums)
         if teacher_out is None:
             return None
@@ -325,7 +342,7 @@ class Trainer:
             if key not in shared:
                 shared[key] = self._targets(d, logits, token_ce, temperature)
             targets[i] = shared[key]
-        return targets  # with only top-k targets, the full teacher logits are freed on return
+        return targets, logits  # with only top-k targets, the caller drops the full logits after use
 
     def plan(self, step: int) -> list[StudentPlan]:
         """What every student does at optimizer step ``step``: α, T and whether it trains."""
@@ -342,9 +359,12 @@ class Trainer:
             plans.append(StudentPlan(active=step >= d.head_start_steps, temperature=temperature, spec=spec))
         return plans
 
+    def _tag(self, group: str, key: str, index: int) -> str:
+        """``<group>/<key>`` with one student, ``<group>/<key>/<student>`` with several."""
+        return f"{group}/{key}" if len(self.students) == 1 else f"{group}/{key}/{self.students[index].name}"
+
     def _schedule_tag(self, key: str, index: int) -> str:
-        """``schedule/<key>`` with one student, ``schedule/<key>/<student>`` with several."""
-        return f"schedule/{key}" if len(self.students) == 1 else f"schedule/{key}/{self.students[index].name}"
+        return self._tag("schedule", key, index)
 
     def prepare_batch(self, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Move a micro-batch to this rank's device and add next-token labels and mask."""
@@ -373,20 +393,24 @@ class Trainer:
                 for part in ("loss", "loss_ce", "loss_kd", "gate_fraction"):
                     sums.pop(f"{student.name}/train/{part}", None)
         skipped_before = dict(self.skipped)
+        interval = self.cfg.train.panel_interval
+        panels: Optional[dict[str, float]] = {} if interval and (step + 1) % interval == 0 else None
         start = time.perf_counter()
-        for _ in range(gas):
-            self.micro_step(self.prepare_batch(next(self.stream)), plans, sums)
+        for micro in range(gas):  # the diagnostics look at the first micro-batch of the step
+            self.micro_step(self.prepare_batch(next(self.stream)), plans, sums, panels if micro == 0 else None)
         elapsed = time.perf_counter() - start
         for name, count in self.skipped.items():
             if count != skipped_before[name]:  # this model did not update: log no loss for it
                 for part in ("loss", "loss_ce", "loss_kd", "gate_fraction"):
                     sums.pop(f"{name}/train/{part}", None)
-        values = self._mean_over_ranks({k: v / gas for k, v in sums.items()})
+        values = self._mean_over_ranks({**{k: v / gas for k, v in sums.items()}, **(panels or {})})
         teacher_ce = values.get(f"{self.teacher_name}/train/loss_ce")
         for i, (student, plan, d) in enumerate(zip(self.students, plans, self.distill)):
             # Identical on every rank: the CEs were averaged over ranks.
             if plan.active and teacher_ce is not None and f"{student.name}/train/loss_ce" in values:
-                self.gap[i] = ema(self.gap[i], values[f"{student.name}/train/loss_ce"] - teacher_ce, d.adaptive_ema)
+                diff = teacher_ce - values[f"{student.name}/train/loss_ce"]
+                values[self._tag("distill", "teacher_minus_student_ce", i)] = diff
+                self.gap[i] = ema(self.gap[i], -diff, d.adaptive_ema)
         for member, plan in zip([self.teacher, *self.students], [None, *plans]):
             if member is None or not member.trainable or (plan is not None and not plan.active):
                 continue

@@ -1,4 +1,5 @@
 """Training runs that exercise the distillation choices end to end."""
+import math
 import sys
 
 import pytest
@@ -41,9 +42,25 @@ def test_every_divergence_trains_on_two_ranks_and_its_kd_term_falls(tmp_path):
     cmd = [bin_path("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
            "--config", str(MICRO), f"output_dir={out}", "train.max_steps=24", "train.eval_interval=24",
            "distill.schedule=constant", "distill.alpha_max=1.0", "distill.burn_in_steps=0",
-           "distill.temperature=1.0", *FROZEN_TEACHER, f"students=[{', '.join(students)}]"]
+           "distill.temperature=1.0", "train.panel_interval=6", *FROZEN_TEACHER, f"students=[{', '.join(students)}]"]
     proc = run_cmd(cmd)
     ok(proc)
+    # The distillation panels: present for every student, every panel_interval steps, finite.
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    panels = [t for t in acc.Tags()["scalars"] if t.startswith("distill/")]
+    assert "distill/teacher_entropy" in panels
+    for i in range(4):
+        keys = ["teacher_minus_student_ce", "student_entropy", "topk_mass", "kd_ce_grad_ratio",
+                "kd_pos_000-007", "kd_pos_008-015", "kd_pos_016-023", "kd_pos_024-031"]
+        for key in keys:
+            values = [e.value for e in acc.Scalars(f"distill/{key}/s{i}")]
+            assert len(values) == (24 if key == "teacher_minus_student_ce" else 4), (key, i)
+            assert all(math.isfinite(v) for v in values), (key, i, values)
+        mass = [e.value for e in acc.Scalars(f"distill/topk_mass/s{i}")]
+        assert all(0.0 < m <= 1.0 for m in mass)
+        assert all(e.value > 0 for e in acc.Scalars(f"distill/kd_ce_grad_ratio/s{i}"))
+    assert [e.step for e in acc.Scalars("distill/teacher_entropy")] == [6, 12, 18, 24]
     assert "s1: top-32 targets hold 0.03 MB per micro-batch instead of 2.00 MB of full teacher logits" in proc.stdout
     for i in range(4):
         kd = scalars(out, f"s{i}/train/loss_kd")

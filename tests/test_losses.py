@@ -264,3 +264,33 @@ def test_top1_agreement_counts_masked_tokens_only():
     t = torch.tensor([[[0.0, 2.0], [0.0, 2.0], [3.0, 0.0]]])
     mask = torch.tensor([[True, True, False]])
     assert top1_agreement(s, t, mask) == 1
+
+
+@pytest.mark.parametrize("div,temp", [("forward_kl", 1.0), ("jsd", 2.0)])
+def test_panel_stats_match_the_definitions(div, temp, chunking):
+    student, teacher, labels, mask = _batch(b=2, s=8, pad_from=(8, 5))
+    stats = losses.panel_stats(student, labels, mask, full(teacher, temp), SoftSpec(div, 0.5), k=3,
+                               teacher_logits=teacher)
+    s, t = student[mask].double(), teacher[mask].double()
+    p, q = torch.softmax(t, -1), torch.softmax(s, -1)
+    assert stats["teacher_entropy"] == pytest.approx(float(-(p * p.log()).sum(-1).mean()), rel=1e-5)
+    assert stats["student_entropy"] == pytest.approx(float(-(q * q.log()).sum(-1).mean()), rel=1e-5)
+    top = s.topk(3, -1).indices
+    assert stats["topk_mass"] == pytest.approx(float(p.gather(1, top).sum(-1).mean()), rel=1e-5)
+    # Gradient norms of the summed per-token terms with respect to the student's logits.
+    z = s.clone().requires_grad_(True)
+    pt, qt = torch.softmax(t / temp, -1), torch.softmax(z / temp, -1)
+    (g_kd,) = torch.autograd.grad((_ref_divergence(div, 0.5, pt, qt) * temp**2).sum(), z)
+    z2 = s.clone().requires_grad_(True)
+    (g_ce,) = torch.autograd.grad(torch.nn.functional.cross_entropy(z2, labels[mask], reduction="sum"), z2)
+    assert stats["kd_ce_grad_ratio"] == pytest.approx(float(g_kd.norm() / g_ce.norm()), rel=1e-4)
+    # KD by quarter of the sequence (8 positions: 0-1, 2-3, 4-5, 6-7).
+    per_token = torch.zeros(mask.shape, dtype=torch.float64)
+    per_token[mask] = _ref_divergence(div, 0.5, pt, torch.softmax(s / temp, -1)) * temp**2
+    for lo in (0, 2, 4, 6):
+        m = mask[:, lo:lo + 2]
+        want = float(per_token[:, lo:lo + 2][m].mean())
+        assert stats[f"kd_pos_{lo:03d}-{lo + 1:03d}"] == pytest.approx(want, rel=1e-5)
+    cached = losses.panel_stats(student, labels, mask, topk_targets(teacher, 11, temp), SoftSpec(div, 0.5), k=3)
+    assert "teacher_entropy" not in cached  # a cache holds no full teacher distribution
+    assert cached["kd_ce_grad_ratio"] == pytest.approx(stats["kd_ce_grad_ratio"], rel=1e-4)  # k = V: the full loss
