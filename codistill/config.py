@@ -140,6 +140,7 @@ class RunConfig(_Section):
         "hard: students train with CE on text the teacher generated (the teacher is not loaded)")
     output_dir: str = "runs/tiny"
     overwrite: bool = Field(False, description="allow writing into an output_dir holding checkpoints")
+    dry_run: bool = Field(False, description="print the expected memory per rank and stop (nothing is trained)")
     resume: Optional[str] = Field(None, description="'auto' (newest intact checkpoint in output_dir) or a path")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     data: DataConfig = Field(default_factory=DataConfig)

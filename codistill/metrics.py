@@ -69,6 +69,8 @@ def format_values(values: Mapping[str, float]) -> str:
             extra.append(f"T {value:g}")
         elif tag == "perf/tokens_per_sec":
             extra.append(f"{value:,.0f} tok/s")
+        elif tag == "perf/peak_memory_gb":
+            extra.append(f"peak {value:.2f} GB")
     shown = []
     for name, items in models.items():
         head, rest = items[0], items[1:]

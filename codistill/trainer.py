@@ -24,6 +24,7 @@ from .cache import TeacherCache
 from .config import ConfigError, DistillConfig, ModelSpec, RunConfig, TrainConfig, dump_config, load_deepspeed_config
 from .data import BatchStream, build_splits, check_data_source, eval_batches, resolve_tokenizer, tokenizer_fingerprint
 from .losses import SoftSpec, Targets, distill_loss, next_token_targets, panel_stats, top1_agreement, topk_targets
+from .memory import peak_bytes
 from .metrics import Metrics, format_values
 from .models import build_model, check_model, count_parameters, local_parameters, model_config, pretrained_tokenizer_dir
 from .schedules import adaptive_alpha, alpha_at, ema, temperature_at
@@ -427,7 +428,9 @@ class Trainer:
             values[self._schedule_tag("temperature", i)] = plan.temperature
             if self.gap[i] is not None:
                 values[self._schedule_tag("gap", i)] = self.gap[i]
-        values["perf/tokens_per_sec"] = self.tokens_per_step / self._max_over_ranks(elapsed)
+        slowest, peak = self._max_over_ranks(elapsed, float(peak_bytes()))
+        values["perf/tokens_per_sec"] = self.tokens_per_step / slowest
+        values["perf/peak_memory_gb"] = peak / 2**30  # the largest rank's, so far (GPU: allocated; CPU: RSS)
         return values
 
     def schedule_state(self) -> dict[str, Any]:
@@ -440,10 +443,10 @@ class Trainer:
         torch.distributed.all_reduce(t)
         return {k: float(v) / self.world.size for k, v in zip(keys, t.tolist())}
 
-    def _max_over_ranks(self, value: float) -> float:
-        t = torch.tensor([value], dtype=torch.float64)
+    def _max_over_ranks(self, *values: float) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return float(t.item())
+        return t.tolist()
 
     # ------------------------------------------------------------------ evaluation
 

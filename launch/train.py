@@ -16,13 +16,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from codistill.config import ConfigError, load_config  # noqa: E402
-from codistill.distributed import env_rank  # noqa: E402
+from codistill import memory  # noqa: E402
+from codistill.distributed import env_rank, env_world_size  # noqa: E402
 from codistill.trainer import NonFinite, Trainer  # noqa: E402
 
 # --debug shrinks the run so a problem shows up in seconds; user overrides still win.
 DEBUG_OVERRIDES = [
     "train.max_steps=8", "train.log_interval=1", "train.eval_interval=4",
-    "train.eval_batches=2", "train.detect_anomaly=true",
+    "train.eval_batches=2", "train.detect_anomaly=true", "distill.head_start_steps=1",
 ]
 
 
@@ -64,6 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     overrides = (DEBUG_OVERRIDES if args.debug else []) + list(args.overrides)
     try:
         cfg = load_config(args.config, overrides)
+        if cfg.dry_run:  # the memory estimate, then stop: nothing is built or written
+            lines = memory.report(cfg, env_world_size())
+            if env_rank() == 0:
+                print("\n".join(["dry run (dry_run=true): nothing trained or written", *lines]), flush=True)
+            return 0
         Trainer(cfg, debug=args.debug).fit()
     except ConfigError as exc:
         return fail(args, exc, 2)

@@ -1,0 +1,277 @@
+"""Memory per rank, estimated before launch and measured during a run.
+
+The estimate needs no weights and no process group: every model is built on the
+``meta`` device, its parameters are counted, and one forward pass of a single
+sequence is traced on ``meta`` to sum what autograd saves for backward. From that,
+per rank and per model:
+
+- **parameters**, **gradients**, **optimizer states** (fp32 master copy under bf16/fp16
+  plus Adam's two moments) under the model's ZeRO stage: stage ≥ 1 shards the optimizer
+  states, ≥ 2 the gradients, 3 the parameters, across the world; an ``offload_*`` section
+  moves them to host memory (shown apart);
+- **activations** of one micro-batch (the traced bytes × micro_batch_size) and its
+  logits ([B·S, V]) with their gradient;
+- the **KD working set**: the distillation loss runs chunk by chunk over positions
+  (:data:`codistill.losses.CHUNK_ELEMENTS` logits per chunk), against a plain PyTorch
+  loss that would hold every [B·S, V] fp32 temporary at once;
+- the **runtime**: what the framework itself occupies (on CPU, measured in this
+  process after importing what a rank imports, plus :data:`RANK_OVERHEAD_BYTES`; on a
+  GPU, a typical CUDA context).
+
+The peak is runtime + every model's states + the larger of the two phases of a
+co-distillation step: the teacher's (its activations and logits) and the students'
+(the teacher's kept logits, one student's activations, logits and loss working set).
+The largest micro-batch that fits a given memory follows, since only activations,
+logits and the working set grow with it.
+"""
+from __future__ import annotations
+
+import resource
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .config import ConfigError, ModelSpec, RunConfig
+from .losses import CHUNK_ELEMENTS
+
+CUDA_CONTEXT_BYTES = 600 * 2**20  # a CUDA context + torch's kernels, typically 0.5-0.8 GB
+# A CPU rank beyond its imports: the process group, DeepSpeed's engines and buffers, the data
+# and its loader (measured with the tiny config on the 2-core CI machine: 130-170 MB).
+RANK_OVERHEAD_BYTES = 150 * 2**20
+LOSS_TEMPORARIES = 6  # fp32 [rows, V] buffers alive at once in one chunk of the distillation loss
+_OPTIMIZER_STATES = {"adam": 2, "adamw": 2, "lamb": 2, "onebitadam": 2, "zerooneadam": 2, "onebitlamb": 2,
+                     "adagrad": 1, "sgd": 1, "lion": 1, "muadam": 2, "muadamw": 2, "musgd": 1}
+
+
+@dataclass
+class ModelMemory:
+    """One model's bytes on one rank."""
+
+    name: str
+    parameters: int
+    trainable: bool
+    stage: int
+    dtype_bytes: int  # 2 under bf16/fp16, else 4
+    params: int = 0
+    grads: int = 0
+    optimizer: int = 0  # master weights + optimizer moments
+    host: int = 0  # offloaded to CPU memory
+    activations: int = 0  # saved for backward, per micro-batch
+    logits: int = 0  # [B·S, V] output, per micro-batch
+
+    @property
+    def states(self) -> int:
+        return self.params + self.grads + self.optimizer
+
+
+@dataclass
+class Estimate:
+    world_size: int
+    micro_batch_size: int
+    seq_len: int
+    vocab: int
+    device: str
+    runtime: int
+    teacher: str  # the teacher's name (it may not be loaded: a cache, or hard mode)
+    distills: bool  # whether any loss over the vocabulary compares to a teacher
+    chunk_rows: int  # positions per chunk of the distillation loss
+    models: list[ModelMemory] = field(default_factory=list)
+    kept_per_position: int = 0  # bytes the students' phase holds of the teacher per position
+
+    def kd_bytes(self, batch: int, chunked: bool = True) -> int:
+        """The distillation loss's fp32 temporaries: one chunk, or all [B·S, V] at once."""
+        positions = batch * self.seq_len
+        rows = min(positions, self.chunk_rows) if chunked else positions
+        return LOSS_TEMPORARIES * rows * self.vocab * 4
+
+    def _phases(self, batch: int) -> tuple[int, int]:
+        scale = batch / self.micro_batch_size
+        teacher = next((m for m in self.models if m.name == self.teacher), None)
+        students = [m for m in self.models if m.name != self.teacher]
+        kd = self.kd_bytes(batch) if self.distills else 0
+        t_phase = 0
+        if teacher is not None:
+            t_phase = int((teacher.activations + teacher.logits * (2 if teacher.trainable else 1)) * scale + kd)
+        s_phase = int(self.kept_per_position * batch * self.seq_len + max(
+            ((m.activations + 2 * m.logits) * scale + kd for m in students), default=0))
+        return t_phase, s_phase
+
+    def peak(self, batch: Optional[int] = None) -> int:
+        """Expected peak bytes per rank at micro-batch ``batch`` (default: the config's)."""
+        return self.runtime + sum(m.states for m in self.models) + max(self._phases(batch or self.micro_batch_size))
+
+    def largest_micro_batch(self, memory: int) -> int:
+        """The largest micro-batch whose peak fits ``memory`` bytes (0 if not even one)."""
+        if self.peak(1) > memory:
+            return 0
+        lo, hi = 1, 1
+        while self.peak(hi * 2) <= memory and hi < 2**20:
+            hi *= 2
+        lo, hi = hi, hi * 2
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if self.peak(mid) <= memory else (lo, mid)
+        return lo
+
+    def lines(self, device_memory: Optional[int] = None) -> list[str]:
+        gb = lambda b: f"{b / 2**30:8.3f} GB"  # noqa: E731
+        out = [f"memory per rank, {self.world_size} rank(s) on {self.device}, micro-batch {self.micro_batch_size} x "
+               f"{self.seq_len} tokens, vocabulary {self.vocab:,}:",
+               f"  {'model':<14}{'params':>12}{'grads':>12}{'optimizer':>12}{'activations':>13}{'logits':>12}"
+               f"{'host':>12}"]
+        for m in self.models:
+            role = f"{m.name}{'' if m.trainable else ' (frozen)'}"
+            out.append(f"  {role:<14}{gb(m.params):>12}{gb(m.grads):>12}{gb(m.optimizer):>12}{gb(m.activations):>13}"
+                       f"{gb(m.logits):>12}{gb(m.host):>12}   ZeRO-{m.stage}, {m.parameters:,} parameters")
+        t_phase, s_phase = self._phases(self.micro_batch_size)
+        out += [f"  KD loss working set: {gb(self.kd_bytes(self.micro_batch_size)).strip()} chunked (plain PyTorch "
+                f"over full logits: {gb(self.kd_bytes(self.micro_batch_size, chunked=False)).strip()})",
+                f"  runtime ({'measured in this process' if self.device == 'cpu' else 'CUDA context'}): "
+                f"{gb(self.runtime).strip()}",
+                f"  teacher phase {gb(t_phase).strip()}, students' phase {gb(s_phase).strip()} (the larger counts)",
+                f"  expected peak per rank: {gb(self.peak()).strip()}"
+                + (f" (+ {gb(sum(m.host for m in self.models)).strip()} offloaded to host)"
+                   if any(m.host for m in self.models) else "")]
+        if device_memory:
+            fit = self.largest_micro_batch(device_memory)
+            out.append(f"  largest micro-batch in {device_memory / 2**30:.1f} GB: "
+                       + (f"{fit}" if fit else "none (the model states alone do not fit)"))
+        return out
+
+
+def parse_size(text: str) -> int:
+    """'80GB', '80GiB', '512MB', '1e9' -> bytes (GB and GiB both mean 2**30 here)."""
+    units = {"": 1, "B": 1, "KB": 2**10, "KIB": 2**10, "MB": 2**20, "MIB": 2**20, "GB": 2**30, "GIB": 2**30,
+             "TB": 2**40, "TIB": 2**40}
+    raw = text.strip().upper().replace(" ", "")
+    number = raw.rstrip("KMGTIB")
+    try:
+        value = float(number) * units[raw[len(number):]]
+    except (ValueError, KeyError):
+        raise ConfigError(f"memory size '{text}': expected a number with a unit, e.g. 80GB or 512MB") from None
+    if value <= 0:
+        raise ConfigError(f"memory size '{text}' must be positive")
+    return int(value)
+
+
+def runtime_bytes(device: str) -> int:
+    """What a rank holds besides the models and their step: on CPU the peak RSS of this process
+    once it has imported what a rank imports (torch, DeepSpeed, transformers and the model's
+    code, which building the models on meta did) plus RANK_OVERHEAD; on a GPU a CUDA context."""
+    if device == "cpu":
+        import codistill.trainer  # noqa: F401  (the rest of what a rank imports: datasets, TensorBoard)
+
+        return peak_bytes() + RANK_OVERHEAD_BYTES
+    return CUDA_CONTEXT_BYTES
+
+
+def peak_bytes() -> int:
+    """This process's peak memory so far: allocated device memory on a GPU, else peak RSS."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return int(torch.cuda.max_memory_allocated())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _saved_activation_bytes(model: torch.nn.Module, seq_len: int) -> int:
+    """Bytes autograd saves for backward in one forward of one sequence, traced on ``meta``
+    (no compute). Views share their storage and count once; weights (and their transposes)
+    are parameters, counted elsewhere."""
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage._cdata not in params:
+            storages[storage._cdata] = storage.nbytes()
+        return t
+
+    ids = torch.zeros(1, seq_len, dtype=torch.long, device="meta")
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(input_ids=ids)  # no attention mask: a meta tensor cannot be inspected for padding
+        del out  # the logits are returned, not saved: counted apart
+    return sum(storages.values())
+
+
+def _model_memory(spec: ModelSpec, hf_config, ds: dict, trainable: bool, world: int, batch: int,
+                  seq_len: int, vocab: int) -> ModelMemory:
+    from transformers import AutoModelForCausalLM
+
+    half = bool((ds.get("bf16") or {}).get("enabled")) or bool((ds.get("fp16") or {}).get("enabled"))
+    dtype = torch.bfloat16 if half else torch.float32
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=spec.trust_remote_code, dtype=dtype)
+    except Exception as exc:  # transformers raises many types for a bad config
+        raise ConfigError(f"{spec.name}: could not build the model on 'meta' ({' '.join(str(exc).split())[:160]})") from None
+    n = sum(p.numel() for p in model.parameters())
+    zero = ds.get("zero_optimization") or {}
+    stage = int(zero.get("stage", 0))
+    m = ModelMemory(spec.name, n, trainable, stage, 2 if half else 4)
+    m.params = m.dtype_bytes * n // (world if stage == 3 else 1)
+    offload_params = (zero.get("offload_param") or {}).get("device", "none") in ("cpu", "nvme")
+    if offload_params and stage == 3:
+        m.host, m.params = m.params, 0
+    m.logits = batch * seq_len * vocab * m.dtype_bytes
+    if not trainable:
+        return m
+    m.grads = m.dtype_bytes * n // (world if stage >= 2 else 1)
+    kind = str((ds.get("optimizer") or {}).get("type", "adamw")).lower()
+    per_param = 4 * _OPTIMIZER_STATES.get(kind, 2) + (4 if half else 0)  # fp32 moments (+ master copy)
+    m.optimizer = per_param * n // (world if stage >= 1 else 1)
+    if (zero.get("offload_optimizer") or {}).get("device", "none") in ("cpu", "nvme"):
+        m.host += m.optimizer
+        m.optimizer = 0
+    m.activations = _saved_activation_bytes(model.train(), seq_len) * batch
+    return m
+
+
+def estimate(cfg: RunConfig, world_size: int, device: Optional[str] = None) -> Estimate:
+    """Expected memory per rank of the run ``cfg`` on ``world_size`` ranks (see the module doc)."""
+    from .data import resolve_tokenizer
+    from .models import model_config, pretrained_tokenizer_dir
+    from .trainer import resolve_deepspeed_config
+
+    if world_size < 1:
+        raise ConfigError(f"world size {world_size}: expected at least 1")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    fallback = pretrained_tokenizer_dir(cfg.teacher)
+    tokenizer = resolve_tokenizer(cfg.data, str(fallback) if fallback else None)
+    vocab = len(tokenizer)
+    batch, seq = cfg.train.micro_batch_size, cfg.data.seq_len
+    rows = max(1, CHUNK_ELEMENTS // vocab)
+    chunks = {cfg.distill_for(i).chunk_tokens for i in range(len(cfg.students))}
+    if None not in chunks:
+        rows = max(chunks)
+    est = Estimate(world_size, batch, seq, vocab, device, 0, teacher=cfg.teacher.name,
+                   distills=cfg.mode != "hard", chunk_rows=rows)
+    loaded = [s for s in cfg.models if not (s is cfg.teacher and (s.cache or cfg.mode == "hard"))]
+    for spec in loaded:
+        trainable = not (spec is cfg.teacher and cfg.mode == "soft")
+        ds = resolve_deepspeed_config(spec, cfg.train, world_size, device == "cpu", trainable=trainable)
+        est.models.append(_model_memory(spec, model_config(spec, tokenizer), ds, trainable, world_size, batch,
+                                        seq, vocab))
+    teacher = next((m for m in est.models if m.name == cfg.teacher.name), None)
+    settings = [cfg.distill_for(i) for i in range(len(cfg.students))]
+    if cfg.teacher.cache or (teacher is not None and all(d.targets == "topk" for d in settings)):
+        k = max(d.top_k for d in settings)
+        est.kept_per_position = 8 * min(k, vocab) + 8  # top-k ids and log-probs, the tail, the teacher's CE
+    elif teacher is not None:
+        est.kept_per_position = vocab * teacher.dtype_bytes  # the detached logits, for every student
+    est.runtime = runtime_bytes(device)  # after the models' code was imported above
+    return est
+
+
+def report(cfg: RunConfig, world_size: int, device: Optional[str] = None,
+           device_memory: Optional[int] = None) -> list[str]:
+    """The estimate as lines of text; ``device_memory`` defaults to this machine's (a GPU's
+    total memory, or on CPU the RAM shared by the ranks of one node)."""
+    est = estimate(cfg, world_size, device)
+    if device_memory is None and est.device == "cuda" and torch.cuda.is_available():
+        device_memory = torch.cuda.get_device_properties(0).total_memory
+    elif device_memory is None and est.device == "cpu":
+        import os
+
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", min(world_size, os.cpu_count() or 1)))
+        device_memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(1, local)
+    return est.lines(device_memory)

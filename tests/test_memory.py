@@ -1,0 +1,93 @@
+"""The memory estimate: its accounting per ZeRO stage, the dry run, and its total against
+the measured peak of a real 2-rank run of the tiny config."""
+import re
+import sys
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from codistill.config import ConfigError, load_config
+from codistill.distributed import free_port
+from codistill.memory import estimate, parse_size
+
+from conftest import MICRO, bin_path, run_cmd
+
+
+def by_name(est):
+    return {m.name: m for m in est.models}
+
+
+def test_zero_stages_shard_what_they_promise_and_offload_moves_states_to_the_host():
+    plain = by_name(estimate(load_config(MICRO, ["teacher.deepspeed.zero_optimization.stage=0"]), 4))["teacher"]
+    n = plain.parameters
+    assert (plain.params, plain.grads, plain.optimizer) == (4 * n, 4 * n, 8 * n)  # fp32, Adam's two moments
+    for stage, (params, grads, optimizer) in {1: (4 * n, 4 * n, 2 * n), 2: (4 * n, n, 2 * n),
+                                              3: (n, n, 2 * n)}.items():
+        m = by_name(estimate(load_config(MICRO, [f"teacher.deepspeed.zero_optimization.stage={stage}"]), 4))["teacher"]
+        assert (m.params, m.grads, m.optimizer) == (params, grads, optimizer), stage
+    bf16 = by_name(estimate(load_config(MICRO, ["teacher.deepspeed.bf16={enabled: true}"]), 4))["teacher"]
+    assert bf16.params == 2 * n and bf16.optimizer == 12 * n // 4  # + an fp32 master copy, sharded
+    assert bf16.activations < plain.activations  # saved in bf16
+    offload = by_name(estimate(load_config(MICRO, [
+        "teacher.deepspeed.zero_optimization={stage: 3, offload_optimizer: {device: cpu}, offload_param: {device: cpu}}"]),
+        4))["teacher"]
+    assert offload.optimizer == offload.params == 0 and offload.host == n + 2 * n
+
+
+def test_activations_and_the_largest_micro_batch_scale_with_the_batch():
+    small, large = estimate(load_config(MICRO), 1), estimate(load_config(MICRO, ["train.micro_batch_size=8"]), 1)
+    assert by_name(large)["teacher"].activations == 2 * by_name(small)["teacher"].activations
+    assert large.peak() > small.peak() == small.peak(small.micro_batch_size)
+    fit = small.largest_micro_batch(small.peak(40))
+    assert fit >= 40 and small.peak(fit + 1) > small.peak(40)
+    assert small.largest_micro_batch(small.runtime) == 0
+
+
+def test_a_frozen_teacher_holds_only_its_weights(pretrained_teacher):
+    est = estimate(load_config(MICRO, ["mode=soft", f"teacher.pretrained={pretrained_teacher}", "teacher.config={}"]), 2)
+    teacher = by_name(est)["teacher"]
+    assert not teacher.trainable and teacher.params == 4 * teacher.parameters
+    assert teacher.grads == teacher.optimizer == teacher.activations == 0
+
+
+def test_a_chunked_loss_holds_a_fraction_of_the_full_logits():
+    est = estimate(load_config(MICRO, ["train.micro_batch_size=64", "data.seq_len=64",
+                                       "teacher.config.max_position_embeddings=64",
+                                       "students.0.config.max_position_embeddings=64"]), 1)
+    assert est.kd_bytes(64) * 4 <= est.kd_bytes(64, chunked=False)
+
+
+def test_memory_sizes_parse_and_bad_ones_are_refused():
+    assert parse_size("80GB") == parse_size("80 GiB") == 80 * 2**30
+    assert parse_size("512MB") == 2**29 and parse_size("1e9") == 10**9
+    for bad in ("lots", "-3GB", "12XB"):
+        with pytest.raises(ConfigError, match="memory size"):
+            parse_size(bad)
+
+
+def test_dry_run_prints_the_estimate_and_writes_nothing(tmp_path):
+    out = tmp_path / "never"
+    proc = run_cmd([sys.executable, "launch/train.py", "--config", str(MICRO), f"output_dir={out}", "dry_run=true"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "dry run (dry_run=true): nothing trained or written" in proc.stdout
+    assert re.search(r"teacher +\d+\.\d+ GB", proc.stdout) and "expected peak per rank" in proc.stdout
+    assert "largest micro-batch in" in proc.stdout
+    assert not out.exists()
+    tool = run_cmd([sys.executable, "tools/estimate_memory.py", "--config", str(MICRO), "--world-size", "0"])
+    assert tool.returncode == 2 and "world size 0" in tool.stderr
+
+
+def test_the_estimate_is_within_25_percent_of_the_measured_peak_of_a_tiny_run(tmp_path):
+    """The embedded default, 2 ranks: every rank's peak RSS against the estimate."""
+    out = tmp_path / "tiny"
+    run = run_cmd([bin_path("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
+                   f"output_dir={out}", "train.max_steps=6", "distill.head_start_steps=2", "train.eval_interval=6",
+                   "train.eval_batches=1", "train.log_interval=6"])
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    measured = max(e.value for e in acc.Scalars("perf/peak_memory_gb"))
+    tool = run_cmd([sys.executable, "tools/estimate_memory.py", "--world-size", "2"])
+    assert tool.returncode == 0, tool.stderr[-2000:]
+    estimated = float(re.search(r"expected peak per rank: ([\d.]+) GB", tool.stdout).group(1))
+    assert abs(estimated - measured) <= 0.25 * measured, (estimated, measured, tool.stdout)
