@@ -251,7 +251,8 @@ class Trainer:
     def teacher_micro_step(self, batch: dict[str, torch.Tensor],
                            sums: dict[str, float]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         """Teacher: CE on the ground truth, backward, step. Returns its detached logits
-        [B, S, V] and its CE per position [N] (for per-token gating); None if skipped."""
+        [B, S, V], its CE per position [N] (for per-token gating) and the logsumexp of its
+        logits [N] (the students' loss reuses it); None if skipped."""
         with torch.set_grad_enabled(self.teacher.trainable):
             logits = self._logits(self.teacher, batch)
             parts = distill_loss(logits, batch["labels"], batch["mask"])
@@ -262,7 +263,7 @@ class Trainer:
             self.teacher.engine.step()
         sums[f"{self.teacher.name}/train/loss"] += parts.ce.item()
         sums[f"{self.teacher.name}/train/loss_ce"] += parts.ce.item()
-        return logits.detach(), parts.token_ce
+        return logits.detach(), parts.token_ce, parts.lse
 
     def student_micro_step(self, index: int, batch: dict[str, torch.Tensor], targets: Optional[Targets],
                            plan: StudentPlan, sums: dict[str, float], panels: Optional[dict[str, float]] = None,
@@ -292,11 +293,12 @@ class Trainer:
             if d.token_gate:
                 sums[f"{student.name}/train/gate_fraction"] += parts.gated.item()
 
-    def _targets(self, d: DistillConfig, logits: torch.Tensor, token_ce: torch.Tensor, temperature: float) -> Targets:
+    def _targets(self, d: DistillConfig, logits: torch.Tensor, token_ce: torch.Tensor, temperature: float,
+                 lse: Optional[torch.Tensor] = None) -> Targets:
         if d.targets == "topk":
             out = topk_targets(logits, d.top_k, temperature, d.chunk_tokens)
         else:
-            out = Targets(temperature=temperature, logits=logits)
+            out = Targets(temperature=temperature, logits=logits, lse=lse)
         out.token_ce = token_ce
         return out
 
@@ -335,13 +337,13 @@ class Trainer:
         teacher_out = self.teacher_micro_step(batch, sums)
         if teacher_out is None:
             return None
-        logits, token_ce = teacher_out
+        logits, token_ce, lse = teacher_out
         targets, shared = {}, {}
         for i in active:
             d, temperature = self.distill[i], plans[i].temperature
             key = (d.targets, d.top_k if d.targets == "topk" else 0, temperature)
             if key not in shared:
-                shared[key] = self._targets(d, logits, token_ce, temperature)
+                shared[key] = self._targets(d, logits, token_ce, temperature, lse)
             targets[i] = shared[key]
         return targets, logits  # with only top-k targets, the caller drops the full logits after use
 

@@ -294,3 +294,17 @@ def test_panel_stats_match_the_definitions(div, temp, chunking):
     cached = losses.panel_stats(student, labels, mask, topk_targets(teacher, 11, temp), SoftSpec(div, 0.5), k=3)
     assert "teacher_entropy" not in cached  # a cache holds no full teacher distribution
     assert cached["kd_ce_grad_ratio"] == pytest.approx(stats["kd_ce_grad_ratio"], rel=1e-4)  # k = V: the full loss
+
+
+def test_a_teachers_logsumexp_from_its_own_loss_gives_the_students_loss_unchanged(chunking):
+    student, teacher, labels, mask = _batch()
+    own = distill_loss(teacher, labels, mask)
+    torch.testing.assert_close(own.lse, torch.logsumexp(teacher.reshape(-1, 11), -1))
+    spec = SoftSpec(alpha=0.5)
+    a, b = student.clone().requires_grad_(True), student.clone().requires_grad_(True)
+    plain = distill_loss(a, labels, mask, full(teacher), spec)
+    reused = distill_loss(b, labels, mask, Targets(1.0, logits=teacher, lse=own.lse), spec)
+    torch.testing.assert_close(reused.loss, plain.loss)
+    plain.loss.backward()
+    reused.loss.backward()
+    torch.testing.assert_close(b.grad, a.grad)
