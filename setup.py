@@ -21,6 +21,7 @@ setup(
         "tqdm>=4.66",
         "filelock>=3.12",
         "numpy>=1.24",
+        "matplotlib>=3.7",  # tools/compare.py plots
     ],
     extras_require={
         # An MPI for `mpirun -np N python launch/train.py` (bundles its libraries and mpirun).

@@ -96,7 +96,8 @@ class DistillConfig(_Section):
         "adaptive", description="adaptive: α follows the running gap by which the teacher's CE "
         "beats the student's; warmup: burn-in then a ramp; constant: alpha_max throughout")
     alpha_max: float = Field(0.5, ge=0.0, le=1.0)
-    burn_in_steps: int = Field(0, ge=0, description="steps at alpha=0 before any schedule moves")
+    burn_in_steps: int = Field(0, ge=0, description="the student's first steps (after any head start) at "
+                               "alpha=0, before any schedule moves: a fresh student is behind every teacher")
     warmup_steps: int = Field(100, ge=0, description="warmup schedule: steps of the ramp")
     warmup: Literal["linear", "cosine"] = "linear"
     adaptive_gap: float = Field(0.2, gt=0.0, description="adaptive: gap (nats) at which α reaches alpha_max")

@@ -12,7 +12,7 @@ per rank and per model:
 - **activations** of one micro-batch (the traced bytes × micro_batch_size) and its
   logits ([B·S, V]) with their gradient;
 - the **KD working set**: the distillation loss runs chunk by chunk over positions
-  (:data:`codistill.losses.CHUNK_ELEMENTS` logits per chunk), against a plain PyTorch
+  (:func:`codistill.losses.chunk_rows`), against a plain PyTorch
   loss that would hold every [B·S, V] fp32 temporary at once;
 - the **runtime**: what the framework itself occupies (on CPU, measured in this
   process after importing what a rank imports, plus :data:`RANK_OVERHEAD_BYTES`; on a
@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 
 from .config import ConfigError, ModelSpec, RunConfig
-from .losses import CHUNK_ELEMENTS
+from .losses import chunk_rows
 
 CUDA_CONTEXT_BYTES = 600 * 2**20  # a CUDA context + torch's kernels, typically 0.5-0.8 GB
 # A CPU rank beyond its imports: the process group, DeepSpeed's engines and buffers, the data
@@ -239,7 +239,7 @@ def estimate(cfg: RunConfig, world_size: int, device: Optional[str] = None) -> E
     tokenizer = resolve_tokenizer(cfg.data, str(fallback) if fallback else None)
     vocab = len(tokenizer)
     batch, seq = cfg.train.micro_batch_size, cfg.data.seq_len
-    rows = max(1, CHUNK_ELEMENTS // vocab)
+    rows = chunk_rows(vocab, None, torch.device(device))
     chunks = {cfg.distill_for(i).chunk_tokens for i in range(len(cfg.students))}
     if None not in chunks:
         rows = max(chunks)

@@ -351,12 +351,13 @@ class Trainer:
         """What every student does at optimizer step ``step``: α, T and whether it trains."""
         plans = []
         for i, d in enumerate(self.distill):
+            own = step - d.head_start_steps  # α's schedule counts the student's own steps
             if d.schedule == "adaptive":
-                alpha = adaptive_alpha(step, d.alpha_max, d.burn_in_steps, self.gap[i], d.adaptive_gap)
+                alpha = adaptive_alpha(own, d.alpha_max, d.burn_in_steps, self.gap[i], d.adaptive_gap)
             elif d.schedule == "warmup":
-                alpha = alpha_at(step, d.alpha_max, d.burn_in_steps, d.warmup_steps, d.warmup)
+                alpha = alpha_at(own, d.alpha_max, d.burn_in_steps, d.warmup_steps, d.warmup)
             else:
-                alpha = d.alpha_max if step >= d.burn_in_steps else 0.0
+                alpha = d.alpha_max if own >= d.burn_in_steps else 0.0
             temperature = temperature_at(step, self.cfg.train.max_steps, d.temperature, d.temperature_final)
             spec = SoftSpec(divergence=d.divergence, beta=d.beta, alpha=alpha, token_gate=d.token_gate)
             plans.append(StudentPlan(active=step >= d.head_start_steps, temperature=temperature, spec=spec))

@@ -24,6 +24,7 @@ from codistill.trainer import NonFinite, Trainer  # noqa: E402
 DEBUG_OVERRIDES = [
     "train.max_steps=8", "train.log_interval=1", "train.eval_interval=4",
     "train.eval_batches=2", "train.detect_anomaly=true", "distill.head_start_steps=1",
+    "distill.burn_in_steps=1",
 ]
 
 
