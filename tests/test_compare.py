@@ -10,19 +10,19 @@ from conftest import MICRO, run_cmd
 
 def test_compare_trains_four_arms_writes_table_and_plot_and_resumes(tmp_path):
     out = tmp_path / "cmp"
-    cmd = [sys.executable, "tools/compare.py", "--config", str(MICRO), "--seeds", "2", "--output-dir", str(out),
+    cmd = [sys.executable, "tools/compare.py", "--config", str(MICRO), "--seeds", "1", "--output-dir", str(out),
            "train.max_steps=6", "distill.head_start_steps=2", "train.eval_interval=3"]
     proc = run_cmd(cmd, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     table = (out / "results.md").read_text()
     for label in ("(a) student alone", "(b) co-distilled", "(c) two-stage (frozen teacher)",
-                  "(d) co-distilled, handicapped teacher", "teacher (trained alone)", "seed 7", "seed 8",
+                  "(d) co-distilled, handicapped teacher", "teacher (trained alone)", "seed 7",
                   "never worse", "helps"):
         assert label in table
     assert (out / "validation_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     data = json.loads((out / "results.json").read_text())
     curves = data["curves"]
-    for seed in ("7", "8"):
+    for seed in ("7",):
         alone, codistilled = dict(curves["alone"][seed]), dict(curves["codistill"][seed])
         assert sorted(alone) == sorted(codistilled) == [0, 3, 6]
         assert alone[0] == codistilled[0]  # equal initial weights: a paired comparison
@@ -40,7 +40,7 @@ def test_compare_trains_four_arms_writes_table_and_plot_and_resumes(tmp_path):
     # A second run finds every run done and only rebuilds the report.
     again = run_cmd(cmd, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert again.stdout.count("already done") == 6 and "training ->" not in again.stdout
+    assert again.stdout.count("already done") == 3 and "training ->" not in again.stdout
 
 
 def test_compare_refuses_a_config_that_is_not_co_distillation(tmp_path):
