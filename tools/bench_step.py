@@ -20,7 +20,6 @@ import argparse
 from collections import defaultdict
 from dataclasses import replace
 import json
-import resource
 import statistics
 import sys
 import time
@@ -32,6 +31,7 @@ import torch  # noqa: E402
 
 from codistill.config import ConfigError, load_config  # noqa: E402
 from codistill.distributed import env_rank  # noqa: E402
+from codistill.memory import peak_bytes  # noqa: E402
 
 
 def timed(fn) -> float:
@@ -105,8 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
     med = {k: statistics.median(v) for k, v in times.items()}
     tokens = trainer.tokens_per_step
-    peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 if trainer.world.device.type == "cpu"
-                         else torch.cuda.max_memory_allocated()], dtype=torch.float64)
+    peak = torch.tensor([float(peak_bytes())], dtype=torch.float64)  # RSS on CPU, allocated on a GPU
     peaks = [torch.zeros_like(peak) for _ in range(trainer.world.size)]
     torch.distributed.all_gather(peaks, peak)
     result = {
