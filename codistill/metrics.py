@@ -2,19 +2,31 @@
 from __future__ import annotations
 
 import logging
+import math
+import resource
 import sys
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Optional
 
+import torch
 from tqdm.auto import tqdm
 
 log = logging.getLogger("codistill")
 
 
+def peak_bytes() -> int:
+    """This process's peak memory so far: allocated device memory on a GPU, else peak RSS."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return int(torch.cuda.max_memory_allocated())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 class Metrics:
     """Writes ``<output_dir>/tensorboard`` on rank 0; a no-op on other ranks."""
 
-    def __init__(self, output_dir: Path, enabled: bool, total_steps: int, start_step: int = 0):
+    def __init__(self, output_dir: Path, enabled: bool, total_steps: int, start_step: int = 0,
+                 layout: Optional[dict] = None):
+        """``layout``: TensorBoard's custom-scalars layout ({category: {chart: ["Multiline", [tag regexes]]}})."""
         self.enabled = enabled
         self.total = total_steps
         self.writer = None
@@ -22,6 +34,8 @@ class Metrics:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+            if layout:
+                self.writer.add_custom_scalars(layout)
         self.bar = tqdm(total=total_steps, initial=start_step, disable=not (enabled and sys.stderr.isatty()), unit="step",
                         dynamic_ncols=True, leave=True)
 
@@ -76,3 +90,26 @@ def format_values(values: Mapping[str, float]) -> str:
         head, rest = items[0], items[1:]
         shown.append(f"{name} {head}" + (f" ({', '.join(rest)})" if rest else ""))
     return " | ".join(shown + extra)
+
+
+def summary_lines(final: Mapping[str, float], start: Mapping[str, float], teacher: str, students: list[str],
+                  wall_s: float, tokens: int, checkpoint: Path, output_dir: Path) -> list[str]:
+    """The run's face at its end: each model's validation loss and perplexity, each student's gap
+    to the teacher and its change since step 0, time and throughput, and where to look next."""
+    lines = ["run finished:"]
+    for name in [teacher, *students]:
+        loss = final.get(f"{name}/eval/loss")
+        if loss is None:  # a teacher that was not loaded (cached, or hard mode)
+            continue
+        parts = [f"validation loss {loss:.4f} (perplexity {math.exp(min(loss, 50.0)):,.1f})"]
+        if name != teacher and f"{teacher}/eval/loss" in final:
+            parts.append(f"{loss - final[f'{teacher}/eval/loss']:+.4f} vs the teacher")
+        if f"{name}/eval/loss" in start:
+            parts.append(f"{loss - start[f'{name}/eval/loss']:+.4f} since step 0")
+        lines.append(f"  {name}: " + ", ".join(parts))
+    rate = f", {tokens / wall_s:,.0f} tokens/s" if wall_s > 0 and tokens else ""
+    lines += [f"  {wall_s:,.1f} s of training in this run{rate}",
+              f"  checkpoint: {checkpoint}",
+              f"  TensorBoard logs: {output_dir / 'tensorboard'}; view them with: "
+              f"tensorboard --logdir {output_dir / 'tensorboard'}"]
+    return lines

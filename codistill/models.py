@@ -6,15 +6,14 @@ All checks run on configs, before any weights exist, so bad input fails fast.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
 
 from .config import ConfigError, ModelSpec
+from .data import load_tokenizer, pretrained_tokenizer_dir, tokenizer_fingerprint
 
 _WEIGHTS = ("*.safetensors", "pytorch_model*.bin")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
 def _pretrained_dir(spec: ModelSpec) -> Path:
@@ -24,14 +23,6 @@ def _pretrained_dir(spec: ModelSpec) -> Path:
     if not any(next(path.glob(pattern), None) for pattern in _WEIGHTS):
         raise ConfigError(f"{spec.name}.pretrained: {path} holds no weights (*.safetensors or pytorch_model*.bin)")
     return path
-
-
-def pretrained_tokenizer_dir(spec: ModelSpec) -> Optional[Path]:
-    """The model's own tokenizer folder, if it was saved with one."""
-    if not spec.pretrained:
-        return None
-    path = Path(spec.pretrained).expanduser()
-    return path if any((path / f).exists() for f in _TOKENIZER_FILES) else None
 
 
 def model_config(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
@@ -59,8 +50,6 @@ def model_config(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase) -> Pretrai
 def check_model(spec: ModelSpec, cfg: PretrainedConfig, tokenizer: PreTrainedTokenizerBase,
                 tokenizer_fp: str, seq_len: int) -> None:
     """Refuse a model that cannot read this run's token ids or sequence length."""
-    from .data import load_tokenizer, tokenizer_fingerprint
-
     own = pretrained_tokenizer_dir(spec)
     if own is not None and tokenizer_fingerprint(load_tokenizer(own)) != tokenizer_fp:
         raise ConfigError(

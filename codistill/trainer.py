@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import random
 import signal
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -21,85 +21,17 @@ import torch
 
 from . import checkpoint, distributed
 from .cache import TeacherCache
-from .config import ConfigError, DistillConfig, ModelSpec, RunConfig, TrainConfig, dump_config, load_deepspeed_config
-from .data import BatchStream, build_splits, check_data_source, eval_batches, resolve_tokenizer, tokenizer_fingerprint
-from .losses import SoftSpec, Targets, distill_loss, next_token_targets, panel_stats, top1_agreement, topk_targets
-from .memory import peak_bytes
-from .metrics import Metrics, format_values
-from .models import build_model, check_model, count_parameters, local_parameters, model_config, pretrained_tokenizer_dir
+from .config import ConfigError, DistillConfig, RunConfig, dump_config
+from .data import BatchStream, build_splits, check_data_source, eval_batches, run_tokenizer, tokenizer_fingerprint
+from .engines import (Member, build_engine, deepspeed_configs, init_seed, is_trainable, loaded_models, logits,
+                      quiet_library_noise)
+from .losses import (SoftSpec, Targets, distill_loss, next_token_targets, panel_stats, top1_agreement,
+                     topk_bytes_per_position, topk_targets)
+from .metrics import Metrics, format_values, peak_bytes, summary_lines
+from .models import check_model, count_parameters, local_parameters, model_config
 from .schedules import adaptive_alpha, alpha_at, ema, temperature_at
 
 log = logging.getLogger("codistill")
-
-_ADAM = {"adam", "adamw"}
-
-
-def quiet_library_noise() -> None:
-    """torch 2.13 warns ~70 times per ZeRO step about deprecated collectives; DeepSpeed
-    prints its whole config per engine. Neither helps a user reading the run's log."""
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed.*")
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"deepspeed.*")
-    warnings.filterwarnings("ignore", message=r".*torch\.distributed\._(all_gather_base|reduce_scatter_base).*")
-    from deepspeed.utils import logger as ds_logger
-    from transformers.utils import logging as hf_logging
-
-    ds_logger.setLevel(logging.ERROR)
-    hf_logging.set_verbosity_error()
-
-
-def resolve_deepspeed_config(spec: ModelSpec, train: TrainConfig, world_size: int, on_cpu: bool,
-                             trainable: bool = True, steps: Optional[int] = None) -> dict[str, Any]:
-    """The model's DeepSpeed JSON with the shared batch geometry filled in and checked.
-    A frozen model's optimizer and scheduler sections are dropped (it never steps).
-    ``steps``: the optimizer steps this model takes (default train.max_steps; a student
-    with a head start takes fewer), which a scheduler's ``total_num_steps: auto`` becomes."""
-    ds = load_deepspeed_config(spec)
-    if not trainable:
-        ds.pop("optimizer", None)
-        ds.pop("scheduler", None)
-        zero = ds.get("zero_optimization") or {}
-        if zero.get("stage", 0) in (1, 2):  # they shard optimizer states and gradients: it has none
-            ds["zero_optimization"] = {**zero, "stage": 0}
-    shared = {
-        "train_micro_batch_size_per_gpu": ("train.micro_batch_size", train.micro_batch_size),
-        "gradient_accumulation_steps": ("train.gradient_accumulation_steps", train.gradient_accumulation_steps),
-        "train_batch_size": ("micro_batch_size x accumulation x world size",
-                             train.micro_batch_size * train.gradient_accumulation_steps * world_size),
-    }
-    for key, (ours_name, ours) in shared.items():
-        given = ds.get(key, "auto")
-        if given != "auto" and given != ours:
-            raise ConfigError(
-                f"{spec.name}.deepspeed.{key}={given} disagrees with {ours_name}={ours}; the batch "
-                "geometry is shared by all models and set in the train section"
-            )
-        ds[key] = ours
-    optimizer = ds.get("optimizer")
-    if not trainable:
-        ds.setdefault("steps_per_print", 10**9)
-        return ds
-    if not isinstance(optimizer, dict) or "type" not in optimizer:
-        raise ConfigError(f"{spec.name}.deepspeed.optimizer: a trainable model needs an optimizer section with a type")
-    if on_cpu and optimizer["type"].lower() in _ADAM:
-        # DeepSpeed's FusedAdam is a ~65 s JIT compile and CPU-only anyway slower than torch's.
-        optimizer.setdefault("params", {}).setdefault("torch_adam", True)
-    scheduler_params = (ds.get("scheduler") or {}).get("params", {})
-    if scheduler_params.get("total_num_steps") == "auto":
-        scheduler_params["total_num_steps"] = max(1, steps if steps is not None else train.max_steps)
-    ds.setdefault("steps_per_print", 10**9)
-    return ds
-
-
-def optimizer_steps(cfg: RunConfig) -> dict[str, int]:
-    """How many optimizer steps each model takes: train.max_steps, less a student's head start."""
-    steps = {cfg.teacher.name: cfg.train.max_steps}
-    for i, s in enumerate(cfg.students):
-        head_start = cfg.distill_for(i).head_start_steps
-        if head_start >= cfg.train.max_steps:
-            raise ConfigError(f"{s.name}: distill.head_start_steps={head_start} leaves no steps of "
-                              f"train.max_steps={cfg.train.max_steps} for the student")
-        steps[s.name] = cfg.train.max_steps - head_start
-    return steps
 
 
 class NonFinite(RuntimeError):
@@ -119,17 +51,8 @@ class StudentPlan:
     spec: SoftSpec  # divergence, β, α, gating
 
 
-@dataclass
-class Member:
-    """One model of the run and its engine."""
-
-    spec: ModelSpec
-    engine: Any  # deepspeed.DeepSpeedEngine
-    trainable: bool = True  # False for the frozen teacher of soft mode
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
+def _add(sums: dict[str, float], key: str, value: float) -> None:
+    sums[key] = sums.get(key, 0.0) + value
 
 
 class Trainer:
@@ -138,31 +61,35 @@ class Trainer:
     def __init__(self, cfg: RunConfig, debug: bool = False):
         if not debug:
             quiet_library_noise()
-        import deepspeed
-
-        self.cfg = cfg
-        self.debug = debug
+        self.cfg, self.debug = cfg, debug
         self.output_dir = Path(cfg.output_dir).expanduser().resolve()
-
         # Everything that can be wrong with the input is checked before any process group
         # or engine exists, so a typo costs seconds and leaves nothing behind.
+        specs, hf_configs, ds_configs = self._check_inputs()
+        self.world = distributed.init(timeout_s=cfg.train.collective_timeout_s)
+        fingerprint = self._load_data()
+        self.cache = self._open_cache(fingerprint)
+        self._build_engines(specs, hf_configs, ds_configs)
+        self._init_state()
+        if self.resume_from is not None:
+            self._load(self.resume_from)
+
+    # ------------------------------------------------------------------ set-up phases
+
+    def _check_inputs(self) -> tuple[list, dict, dict]:
+        """Data source, tokenizer, every model against it, DeepSpeed configs, the checkpoint to
+        resume from: all before any process group exists."""
+        cfg = self.cfg
         check_data_source(cfg.data)
-        fallback = pretrained_tokenizer_dir(cfg.teacher)
-        self.tokenizer = resolve_tokenizer(cfg.data, str(fallback) if fallback else None)
+        self.tokenizer = run_tokenizer(cfg)
         self.vocab = len(self.tokenizer)
-        fingerprint = tokenizer_fingerprint(self.tokenizer)
-        # With a cached teacher (soft mode) the teacher model is never loaded.
-        built = [s for s in cfg.models if not (s is cfg.teacher and (s.cache or cfg.mode == "hard"))]
-        hf_configs = {s.name: model_config(s, self.tokenizer) for s in built}
-        for spec in built:
-            check_model(spec, hf_configs[spec.name], self.tokenizer, fingerprint, cfg.data.seq_len)
-        on_cpu = not torch.cuda.is_available()
+        self.tokenizer_fp = tokenizer_fingerprint(self.tokenizer)
+        specs = loaded_models(cfg)
+        hf_configs = {s.name: model_config(s, self.tokenizer) for s in specs}
+        for spec in specs:
+            check_model(spec, hf_configs[spec.name], self.tokenizer, self.tokenizer_fp, cfg.data.seq_len)
         world_size = distributed.env_world_size()
-        steps = optimizer_steps(cfg)
-        ds_configs = {s.name: resolve_deepspeed_config(s, cfg.train, world_size, on_cpu,
-                                                       trainable=not (s is cfg.teacher and cfg.mode == "soft"),
-                                                       steps=steps[s.name])
-                      for s in built}
+        ds_configs = deepspeed_configs(cfg, specs, world_size, on_cpu=not torch.cuda.is_available())
         checkpoint.refuse_foreign_checkpoints(self.output_dir, cfg.overwrite, cfg.resume)
         self.resume_from = checkpoint.find_resume(self.output_dir, cfg.resume)
         # A checkpoint from another number of ranks is loaded through DeepSpeed's universal
@@ -172,56 +99,52 @@ class Trainer:
             for ds in ds_configs.values():
                 if ds.get("zero_optimization", {}).get("stage", 0) > 0:
                     ds.setdefault("checkpoint", {})["load_universal"] = True
+        return specs, hf_configs, ds_configs
 
-        self.world = distributed.init(timeout_s=cfg.train.collective_timeout_s)
+    def _load_data(self) -> str:
+        """This rank's training stream and validation batches; returns the data's fingerprint."""
+        cfg, world = self.cfg, self.world
         splits = build_splits(cfg.data, self.tokenizer, cfg.train.seed)
-        self.stream = BatchStream(splits.train, cfg.train.micro_batch_size, self.world.rank, self.world.size, cfg.train.seed)
-        self.val_batches = eval_batches(splits.validation, cfg.train.micro_batch_size, self.world.rank,
-                                        self.world.size, cfg.train.eval_batches)
+        self.stream = BatchStream(splits.train, cfg.train.micro_batch_size, world.rank, world.size, cfg.train.seed)
+        self.val_batches = eval_batches(splits.validation, cfg.train.micro_batch_size, world.rank, world.size,
+                                        cfg.train.eval_batches)
         if not self.val_batches:
-            raise ConfigError(
-                f"data: the validation split has fewer than {self.world.size} blocks; one per rank is needed"
-            )
-        self.cache: Optional[TeacherCache] = None
-        if cfg.teacher.cache:
-            temperatures = {cfg.distill_for(i).temperature for i in range(len(cfg.students))}
-            if len(temperatures) != 1 or any(cfg.distill_for(i).temperature_final for i in range(len(cfg.students))):
-                raise ConfigError("teacher.cache holds probabilities at one temperature: every student needs the "
-                                  "same constant distill.temperature")
-            self.cache = TeacherCache.open(
-                Path(cfg.teacher.cache).expanduser(),
-                {"tokenizer": fingerprint, "data": splits.fingerprint, "seq_len": cfg.data.seq_len},
-                temperatures.pop())
+            raise ConfigError(f"data: the validation split has fewer than {world.size} blocks; one per rank is needed")
+        return splits.fingerprint
 
-        self.members: list[Member] = []
-        for i, spec in enumerate(built):
-            seed = spec.init_seed if spec.init_seed is not None else cfg.train.seed + cfg.models.index(spec)
-            model = build_model(spec, hf_configs[spec.name], seed=seed)
-            if spec is cfg.teacher and cfg.mode == "soft":  # frozen: an inference-only engine
-                engine, *_ = deepspeed.initialize(model=model.requires_grad_(False).eval(), config=ds_configs[spec.name])
-                self.members.append(Member(spec, engine, trainable=False))
-                continue
-            engine, *_ = deepspeed.initialize(
-                model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-                config=ds_configs[spec.name],
-            )
-            self.members.append(Member(spec, engine))
+    def _open_cache(self, data_fingerprint: str) -> Optional[TeacherCache]:
+        """The cached teacher of soft mode (its one temperature was checked with the config)."""
+        cfg = self.cfg
+        if not cfg.teacher.cache:
+            return None
+        return TeacherCache.open(Path(cfg.teacher.cache).expanduser(),
+                                 {"tokenizer": self.tokenizer_fp, "data": data_fingerprint,
+                                  "seq_len": cfg.data.seq_len},
+                                 cfg.distill_for(0).temperature)
+
+    def _build_engines(self, specs: list, hf_configs: dict, ds_configs: dict) -> None:
+        cfg = self.cfg
+        self.members: list[Member] = [
+            build_engine(s, hf_configs[s.name], ds_configs[s.name], init_seed(cfg, s), is_trainable(cfg, s))
+            for s in specs]
         self.teacher_name = cfg.teacher.name
-        loaded = cfg.teacher in built
-        self.teacher: Optional[Member] = self.members[0] if loaded else None
-        self.students = self.members[1 if loaded else 0:]
+        self.teacher: Optional[Member] = self.members[0] if cfg.teacher in specs else None
+        self.students = self.members[1 if self.teacher is not None else 0:]
         self.trainable = [m for m in self.members if m.trainable]
-        self.distill = [cfg.distill_for(i) for i in range(len(self.students))]
+        self.distill: list[DistillConfig] = [cfg.distill_for(i) for i in range(len(self.students))]
+
+    def _init_state(self) -> None:
+        """What the loop keeps between steps (saved with a checkpoint) and this rank's RNGs."""
+        cfg = self.cfg
+        self.step = 0  # optimizer steps completed
         self.gap: list[Optional[float]] = [None] * len(self.students)  # running student CE − teacher CE
         self.skipped = {m.name: 0 for m in self.members}  # updates skipped for a non-finite loss
+        self.start_eval: dict[str, float] = {}  # validation losses at step 0, for the run's summary
         self._seed_rngs(cfg.train.seed + 1000 * self.world.rank)
         self.tokens_per_step = (cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps
                                 * self.world.size * cfg.data.seq_len)
         self.metrics: Optional[Metrics] = None
-        self.step = 0  # optimizer steps completed
         self._signal: Optional[int] = None
-        if self.resume_from is not None:
-            self._load(self.resume_from)
 
     @staticmethod
     def _seed_rngs(seed: int) -> None:
@@ -231,121 +154,22 @@ class Trainer:
 
     # ------------------------------------------------------------------ the step
 
-    def _logits(self, member: Member, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """[B, S, V] logits over the tokenizer's real vocabulary (embedding padding sliced away)."""
-        out = member.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        return out.logits[..., : self.vocab]
-
-    def _finite(self, member: Member, loss: torch.Tensor) -> bool:
-        """Whether ``loss`` is finite on every rank; if not, apply ``train.nonfinite``:
-        ``stop`` raises, ``skip`` counts the skipped update and returns False."""
-        flag = torch.tensor([0 if bool(torch.isfinite(loss)) else 1], dtype=torch.int32)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        if not flag.item():
-            return True
-        if self.cfg.train.nonfinite == "stop":
-            raise NonFinite(f"non-finite loss of {member.name} at step {self.step + 1}")
-        self.skipped[member.name] += 1
-        return False
-
-    def teacher_micro_step(self, batch: dict[str, torch.Tensor],
-                           sums: dict[str, float]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-        """Teacher: CE on the ground truth, backward, step. Returns its detached logits
-        [B, S, V], its CE per position [N] (for per-token gating) and the logsumexp of its
-        logits [N] (the students' loss reuses it); None if skipped."""
-        with torch.set_grad_enabled(self.teacher.trainable):
-            logits = self._logits(self.teacher, batch)
-            parts = distill_loss(logits, batch["labels"], batch["mask"])
-        if not self._finite(self.teacher, parts.loss):
-            return None
-        if self.teacher.trainable:
-            self.teacher.engine.backward(parts.loss)
-            self.teacher.engine.step()
-        sums[f"{self.teacher.name}/train/loss"] += parts.ce.item()
-        sums[f"{self.teacher.name}/train/loss_ce"] += parts.ce.item()
-        return logits.detach(), parts.token_ce, parts.lse
-
-    def student_micro_step(self, index: int, batch: dict[str, torch.Tensor], targets: Optional[Targets],
-                           plan: StudentPlan, sums: dict[str, float], panels: Optional[dict[str, float]] = None,
-                           teacher_logits: Optional[torch.Tensor] = None) -> None:
-        """Student: (1-α)·CE + α·T²·D(teacher ‖ student); with ``targets=None``, CE alone.
-        With ``panels``, also the distillation diagnostics of this micro-batch (see panel_stats)."""
-        student, d = self.students[index], self.distill[index]
-        logits = self._logits(student, batch)
-        spec = plan.spec if targets is not None else SoftSpec()
-        parts = distill_loss(logits, batch["labels"], batch["mask"], targets, spec, d.chunk_tokens)
-        if panels is not None and targets is not None:
-            stats = panel_stats(logits, batch["labels"], batch["mask"], targets, spec, d.top_k, teacher_logits,
-                                d.chunk_tokens)
-            for key, value in stats.items():
-                if key == "teacher_entropy":
-                    panels["distill/teacher_entropy"] = value
-                else:
-                    panels[self._tag("distill", key, index)] = value
-        if not self._finite(student, parts.loss):
-            return
-        student.engine.backward(parts.loss)
-        student.engine.step()
-        sums[f"{student.name}/train/loss"] += parts.loss.item()
-        sums[f"{student.name}/train/loss_ce"] += parts.ce.item()
-        if targets is not None:
-            sums[f"{student.name}/train/loss_kd"] += parts.kd.item()
-            if d.token_gate:
-                sums[f"{student.name}/train/gate_fraction"] += parts.gated.item()
-
-    def _targets(self, d: DistillConfig, logits: torch.Tensor, token_ce: torch.Tensor, temperature: float,
-                 lse: Optional[torch.Tensor] = None) -> Targets:
-        if d.targets == "topk":
-            out = topk_targets(logits, d.top_k, temperature, d.chunk_tokens)
-        else:
-            out = Targets(temperature=temperature, logits=logits, lse=lse)
-        out.token_ce = token_ce
-        return out
-
-    def micro_step(self, batch: dict[str, torch.Tensor], plans: list[StudentPlan], sums: dict[str, float],
-                   panels: Optional[dict[str, float]] = None) -> None:
-        """One micro-batch: the teacher's targets (one forward, or the cache) feed every active student.
-        With ``panels``, the distillation diagnostics of this micro-batch are written into it."""
-        out = self._teacher_targets(batch, plans, sums)
-        if out is None:  # the teacher's update was skipped: no trustworthy targets
-            return
-        targets, teacher_logits = out
-        del out
-        if panels is None:  # with top-k targets this frees the full logits before the students run
-            teacher_logits = None
-        for i, plan in enumerate(plans):
-            if plan.active:
-                self.student_micro_step(i, batch, targets.get(i), plan, sums, panels, teacher_logits)
-
-    def _teacher_targets(self, batch: dict[str, torch.Tensor], plans: list[StudentPlan],
-                         sums: dict[str, float]) -> Optional[tuple[dict[int, Targets], Optional[torch.Tensor]]]:
-        """Each active student's targets: none in hard mode (the teacher is in the data), the
-        cached top-k, or the live teacher's (it steps first in co-distillation); and the live
-        teacher's full logits (None from a cache)."""
-        active = [i for i, plan in enumerate(plans) if plan.active]
-        if self.cfg.mode == "hard":
-            return {}, None
-        if self.cache is not None:
-            cached = self.cache.targets(batch["index"], self.world.device)
-            mask = batch["mask"].reshape(-1)
-            teacher_ce = float((cached.token_ce * mask).sum() / mask.sum().clamp(min=1))
-            sums[f"{self.teacher_name}/train/loss"] += teacher_ce
-            sums[f"{self.teacher_name}/train/loss_ce"] += teacher_ce
-            return {i: cached for i in active}, None
-        if not active and not self.teacher.trainable:  # a frozen teacher with nobody to teach
-            return {}, None
-        teacher_out = self.teacher_micro_step(batch, sums)
-        if teacher_out is None:
-            return None
-        logits, token_ce, lse = teacher_out
-        targets, shared = {}, {}
-        for i in active:
-            d, temperature = self.distill[i], plans[i].temperature
-            key = (d.targets, d.top_k if d.targets == "topk" else 0, temperature)
-            if key not in shared:
-                shared[key] = self._targets(d, logits, token_ce, temperature, lse)
-            targets[i] = shared[key]
-        return targets, logits  # with only top-k targets, the caller drops the full logits after use
+    def train_step(self, step: int) -> dict[str, float]:
+        """One optimizer step of every model (``step`` is 0-based); returns rank-averaged metrics."""
+        plans = self.plan(step)
+        gas = self.cfg.train.gradient_accumulation_steps
+        sums: dict[str, float] = {}  # what ran, summed over micro-steps
+        panels = {} if self._panels_due(step) else None  # diagnostics of the first micro-batch
+        start = time.perf_counter()
+        for micro in range(gas):
+            self.micro_step(self.prepare_batch(next(self.stream)), plans, sums, panels if micro == 0 else None)
+        elapsed = time.perf_counter() - start
+        values = self._mean_over_ranks({**{k: v / gas for k, v in sums.items()}, **(panels or {})})
+        values.update(self._update_gates(plans, values))
+        values.update(self._engine_values(plans, step))
+        values.update(self._schedule_values(plans))
+        values.update(self._perf_values(elapsed))
+        return values
 
     def plan(self, step: int) -> list[StudentPlan]:
         """What every student does at optimizer step ``step``: α, T and whether it trains."""
@@ -363,12 +187,169 @@ class Trainer:
             plans.append(StudentPlan(active=step >= d.head_start_steps, temperature=temperature, spec=spec))
         return plans
 
+    def micro_step(self, batch: dict[str, torch.Tensor], plans: list[StudentPlan], sums: dict[str, float],
+                   panels: Optional[dict[str, float]] = None) -> None:
+        """One micro-batch: the teacher's targets (one forward, or the cache) feed every active student.
+        With ``panels``, the distillation diagnostics of this micro-batch are written into it."""
+        out = self.teacher_targets(batch, plans, sums)
+        if out is None:  # the teacher's update was skipped: no trustworthy targets
+            return
+        targets, teacher_logits = out
+        del out
+        if panels is None:  # with top-k targets this frees the full logits before the students run
+            teacher_logits = None
+        for i, plan in enumerate(plans):
+            if plan.active:
+                self.student_micro_step(i, batch, targets.get(i), plan, sums, panels, teacher_logits)
+
+    def teacher_targets(self, batch: dict[str, torch.Tensor], plans: list[StudentPlan],
+                        sums: dict[str, float]) -> Optional[tuple[dict[int, Targets], Optional[torch.Tensor]]]:
+        """The one place that decides what the teacher does in a micro-step, and each active
+        student's targets: none in hard mode (the teacher is in the data), the cached top-k, or
+        the live teacher's (it steps first in co-distillation; a frozen one runs only while a
+        student learns from it). Also returns the live teacher's full logits (None otherwise),
+        or None altogether when the teacher's update was skipped."""
+        active = [i for i, plan in enumerate(plans) if plan.active]
+        if self.cfg.mode == "hard":
+            return {}, None
+        if self.cache is not None:
+            cached = self.cache.targets(batch["index"], self.world.device)
+            mask = batch["mask"].reshape(-1)
+            teacher_ce = float((cached.token_ce * mask).sum() / mask.sum().clamp(min=1))
+            _add(sums, f"{self.teacher_name}/train/loss", teacher_ce)
+            _add(sums, f"{self.teacher_name}/train/loss_ce", teacher_ce)
+            return {i: cached for i in active}, None
+        if not active and not self.teacher.trainable:  # a frozen teacher with nobody to teach
+            return {}, None
+        teacher_out = self.teacher_micro_step(batch, sums)
+        if teacher_out is None:
+            return None
+        teacher_logits, token_ce, lse = teacher_out
+        targets, shared = {}, {}
+        for i in active:
+            d, temperature = self.distill[i], plans[i].temperature
+            key = (d.targets, d.top_k if d.targets == "topk" else 0, temperature)
+            if key not in shared:
+                shared[key] = self._targets(d, teacher_logits, token_ce, temperature, lse)
+            targets[i] = shared[key]
+        return targets, teacher_logits  # with only top-k targets, the caller drops the full logits after use
+
+    def teacher_micro_step(self, batch: dict[str, torch.Tensor],
+                           sums: dict[str, float]) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Teacher: CE on the ground truth, backward, step. Returns its detached logits
+        [B, S, V], its CE per position [N] (for per-token gating) and the logsumexp of its
+        logits [N] (the students' loss reuses it); None if skipped."""
+        with torch.set_grad_enabled(self.teacher.trainable):
+            out = self._logits(self.teacher, batch)
+            parts = distill_loss(out, batch["labels"], batch["mask"])
+        if not self._finite(self.teacher, parts.loss):
+            return None
+        if self.teacher.trainable:
+            self.teacher.engine.backward(parts.loss)
+            self.teacher.engine.step()
+        _add(sums, f"{self.teacher.name}/train/loss", parts.ce.item())
+        _add(sums, f"{self.teacher.name}/train/loss_ce", parts.ce.item())
+        return out.detach(), parts.token_ce, parts.lse
+
+    def student_micro_step(self, index: int, batch: dict[str, torch.Tensor], targets: Optional[Targets],
+                           plan: StudentPlan, sums: dict[str, float], panels: Optional[dict[str, float]] = None,
+                           teacher_logits: Optional[torch.Tensor] = None) -> None:
+        """Student: (1-α)·CE + α·T²·D(teacher ‖ student); with ``targets=None``, CE alone.
+        With ``panels``, also the distillation diagnostics of this micro-batch (see panel_stats)."""
+        student, d = self.students[index], self.distill[index]
+        out = self._logits(student, batch)
+        spec = plan.spec if targets is not None else SoftSpec()
+        parts = distill_loss(out, batch["labels"], batch["mask"], targets, spec, d.chunk_tokens)
+        if panels is not None and targets is not None:
+            stats = panel_stats(out, batch["labels"], batch["mask"], targets, spec, d.top_k, teacher_logits,
+                                d.chunk_tokens)
+            for key, value in stats.items():
+                panels["distill/teacher_entropy" if key == "teacher_entropy" else self._tag("distill", key, index)] = value
+        if not self._finite(student, parts.loss):
+            return
+        student.engine.backward(parts.loss)
+        student.engine.step()
+        _add(sums, f"{student.name}/train/loss", parts.loss.item())
+        _add(sums, f"{student.name}/train/loss_ce", parts.ce.item())
+        if targets is not None:
+            _add(sums, f"{student.name}/train/loss_kd", parts.kd.item())
+            if d.token_gate:
+                _add(sums, f"{student.name}/train/gate_fraction", parts.gated.item())
+
+    def _targets(self, d: DistillConfig, teacher_logits: torch.Tensor, token_ce: torch.Tensor, temperature: float,
+                 lse: Optional[torch.Tensor] = None) -> Targets:
+        if d.targets == "topk":
+            out = topk_targets(teacher_logits, d.top_k, temperature, d.chunk_tokens)
+        else:
+            out = Targets(temperature=temperature, logits=teacher_logits, lse=lse)
+        out.token_ce = token_ce
+        return out
+
+    def _logits(self, member: Member, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return logits(member, batch, self.vocab)
+
+    def _finite(self, member: Member, loss: torch.Tensor) -> bool:
+        """Whether ``loss`` is finite on every rank; if not, apply ``train.nonfinite``:
+        ``stop`` raises, ``skip`` counts the skipped update and returns False."""
+        flag = torch.tensor([0 if bool(torch.isfinite(loss)) else 1], dtype=torch.int32)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if not flag.item():
+            return True
+        if self.cfg.train.nonfinite == "stop":
+            raise NonFinite(f"non-finite loss of {member.name} at step {self.step + 1}")
+        self.skipped[member.name] += 1
+        return False
+
+    def _panels_due(self, step: int) -> bool:
+        interval = self.cfg.train.panel_interval
+        return bool(interval) and (step + 1) % interval == 0
+
+    def _update_gates(self, plans: list[StudentPlan], values: dict[str, float]) -> dict[str, float]:
+        """Each training student's running gap to the teacher (the adaptive gate's signal), from
+        the rank-averaged CEs (so identical on every rank); returns the gap of this step."""
+        out = {}
+        teacher_ce = values.get(f"{self.teacher_name}/train/loss_ce")
+        for i, (student, plan, d) in enumerate(zip(self.students, plans, self.distill)):
+            student_ce = values.get(f"{student.name}/train/loss_ce")
+            if plan.active and teacher_ce is not None and student_ce is not None:
+                out[self._tag("distill", "teacher_minus_student_ce", i)] = teacher_ce - student_ce
+                self.gap[i] = ema(self.gap[i], student_ce - teacher_ce, d.adaptive_ema)
+        return out
+
+    def _engine_values(self, plans: list[StudentPlan], step: int) -> dict[str, float]:
+        """Learning rate, gradient norm (a non-finite one stops the run) and skipped updates of
+        every model that stepped."""
+        out = {}
+        for member, plan in zip([self.teacher, *self.students], [None, *plans]):
+            if member is None or not member.trainable or (plan is not None and not plan.active):
+                continue
+            out[f"{member.name}/train/lr"] = float(member.engine.get_lr()[0])
+            norm = member.engine.get_global_grad_norm()
+            out[f"{member.name}/train/grad_norm"] = float(norm) if norm is not None else float("nan")
+            if norm is not None and not math.isfinite(float(norm)):
+                raise NonFinite(f"non-finite gradient norm of {member.name} at step {step + 1}; its update "
+                                "is already applied, so the newest checkpoint holds the last good state", save=False)
+            if self.cfg.train.nonfinite == "skip":
+                out[f"{member.name}/train/skipped_steps"] = float(self.skipped[member.name])
+        return out
+
+    def _schedule_values(self, plans: list[StudentPlan]) -> dict[str, float]:
+        out = {}
+        for i, plan in enumerate(plans if self.cfg.mode != "hard" else []):
+            out[self._tag("schedule", "alpha", i)] = plan.spec.alpha
+            out[self._tag("schedule", "temperature", i)] = plan.temperature
+            if self.gap[i] is not None:
+                out[self._tag("schedule", "gap", i)] = self.gap[i]
+        return out
+
+    def _perf_values(self, elapsed: float) -> dict[str, float]:
+        slowest, peak = self._max_over_ranks(elapsed, float(peak_bytes()))
+        # The largest rank's peak so far (GPU: allocated; CPU: RSS).
+        return {"perf/tokens_per_sec": self.tokens_per_step / slowest, "perf/peak_memory_gb": peak / 2**30}
+
     def _tag(self, group: str, key: str, index: int) -> str:
         """``<group>/<key>`` with one student, ``<group>/<key>/<student>`` with several."""
         return f"{group}/{key}" if len(self.students) == 1 else f"{group}/{key}/{self.students[index].name}"
-
-    def _schedule_tag(self, key: str, index: int) -> str:
-        return self._tag("schedule", key, index)
 
     def prepare_batch(self, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Move a micro-batch to this rank's device and add next-token labels and mask."""
@@ -377,71 +358,8 @@ class Trainer:
                                                             batch.get("loss_mask"))
         return batch
 
-    def train_step(self, step: int) -> dict[str, float]:
-        """One optimizer step of every model (``step`` is 0-based); returns rank-averaged metrics."""
-        plans = self.plan(step)
-        gas = self.cfg.train.gradient_accumulation_steps
-        sums: dict[str, float] = {}
-        # A frozen teacher runs only while a student learns from it (not during a head start).
-        teacher_runs = self.cfg.mode != "hard" and (self.teacher is None or self.teacher.trainable
-                                                     or any(p.active for p in plans))
-        logged = ([self.teacher_name] if teacher_runs else []) + [s.name for s in self.students]
-        for name in logged:
-            sums[f"{name}/train/loss"] = sums[f"{name}/train/loss_ce"] = 0.0
-        for student, plan, d in zip(self.students, plans, self.distill):
-            if self.cfg.mode != "hard":
-                sums[f"{student.name}/train/loss_kd"] = 0.0
-            if d.token_gate:
-                sums[f"{student.name}/train/gate_fraction"] = 0.0
-            if not plan.active:  # head start: the teacher trains alone
-                for part in ("loss", "loss_ce", "loss_kd", "gate_fraction"):
-                    sums.pop(f"{student.name}/train/{part}", None)
-        skipped_before = dict(self.skipped)
-        interval = self.cfg.train.panel_interval
-        panels: Optional[dict[str, float]] = {} if interval and (step + 1) % interval == 0 else None
-        start = time.perf_counter()
-        for micro in range(gas):  # the diagnostics look at the first micro-batch of the step
-            self.micro_step(self.prepare_batch(next(self.stream)), plans, sums, panels if micro == 0 else None)
-        elapsed = time.perf_counter() - start
-        for name, count in self.skipped.items():
-            if count != skipped_before[name]:  # this model did not update: log no loss for it
-                for part in ("loss", "loss_ce", "loss_kd", "gate_fraction"):
-                    sums.pop(f"{name}/train/{part}", None)
-        values = self._mean_over_ranks({**{k: v / gas for k, v in sums.items()}, **(panels or {})})
-        teacher_ce = values.get(f"{self.teacher_name}/train/loss_ce")
-        for i, (student, plan, d) in enumerate(zip(self.students, plans, self.distill)):
-            # Identical on every rank: the CEs were averaged over ranks.
-            if plan.active and teacher_ce is not None and f"{student.name}/train/loss_ce" in values:
-                diff = teacher_ce - values[f"{student.name}/train/loss_ce"]
-                values[self._tag("distill", "teacher_minus_student_ce", i)] = diff
-                self.gap[i] = ema(self.gap[i], -diff, d.adaptive_ema)
-        for member, plan in zip([self.teacher, *self.students], [None, *plans]):
-            if member is None or not member.trainable or (plan is not None and not plan.active):
-                continue
-            values[f"{member.name}/train/lr"] = float(member.engine.get_lr()[0])
-            norm = member.engine.get_global_grad_norm()
-            values[f"{member.name}/train/grad_norm"] = float(norm) if norm is not None else float("nan")
-            if norm is not None and not math.isfinite(float(norm)):
-                raise NonFinite(f"non-finite gradient norm of {member.name} at step {step + 1}; its update "
-                                "is already applied, so the newest checkpoint holds the last good state", save=False)
-            if self.cfg.train.nonfinite == "skip":
-                values[f"{member.name}/train/skipped_steps"] = float(self.skipped[member.name])
-        for i, plan in enumerate(plans if self.cfg.mode != "hard" else []):
-            values[self._schedule_tag("alpha", i)] = plan.spec.alpha
-            values[self._schedule_tag("temperature", i)] = plan.temperature
-            if self.gap[i] is not None:
-                values[self._schedule_tag("gap", i)] = self.gap[i]
-        slowest, peak = self._max_over_ranks(elapsed, float(peak_bytes()))
-        values["perf/tokens_per_sec"] = self.tokens_per_step / slowest
-        values["perf/peak_memory_gb"] = peak / 2**30  # the largest rank's, so far (GPU: allocated; CPU: RSS)
-        return values
-
-    def schedule_state(self) -> dict[str, Any]:
-        """What the schedules remember, for the trainer state saved with a checkpoint."""
-        return {"gap_ema": {s.name: g for s, g in zip(self.students, self.gap)}}
-
     def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
-        keys = list(values)
+        keys = list(values)  # the same keys in the same order on every rank: what runs is decided collectively
         t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
         torch.distributed.all_reduce(t)
         return {k: float(v) / self.world.size for k, v in zip(keys, t.tolist())}
@@ -479,7 +397,7 @@ class Trainer:
         torch.distributed.all_reduce(sums)
         return {key: float(sums[i] / sums[-1]) for i, key in enumerate(keys)}
 
-    # ------------------------------------------------------------------ the loop
+    # ------------------------------------------------------------------ what the run shows
 
     def describe(self) -> list[str]:
         """One line per model: size, ZeRO stage, precision and what each rank stores."""
@@ -508,17 +426,31 @@ class Trainer:
         for student, d in zip(self.students, self.distill):
             if d.targets == "topk":
                 k = min(d.top_k, self.vocab)
-                kept, full = positions * (8 * k + 4), positions * self.vocab * logit_bytes
+                kept, full = positions * topk_bytes_per_position(k), positions * self.vocab * logit_bytes
                 lines.append(f"{student.name}: top-{k} targets hold {kept / 2**20:.2f} MB per micro-batch instead of "
                              f"{full / 2**20:.2f} MB of full teacher logits ({full / kept:.1f}x less)")
         return lines
+
+    def scalars_layout(self) -> dict[str, dict[str, list]]:
+        """TensorBoard's custom-scalars layout: what a user compares, on one chart each."""
+        exact = lambda tags: [f"^{re.escape(t)}$" for t in tags]  # noqa: E731  (the plugin takes regexes)
+        charts = {"validation loss, every model": ["Multiline", exact(f"{m.name}/eval/loss" for m in self.members)],
+                  "training loss, every model": ["Multiline", exact(
+                      f"{n}/train/loss" for n in [self.teacher_name, *(s.name for s in self.students)])]}
+        if self.cfg.mode != "hard":
+            for i, student in enumerate(self.students):
+                charts[f"{student.name}: alpha, its gate signal (gap) and teacher - student CE"] = ["Multiline", exact([
+                    self._tag("schedule", "alpha", i), self._tag("schedule", "gap", i),
+                    self._tag("distill", "teacher_minus_student_ce", i)])]
+        return {"codistill": charts}
 
     # ------------------------------------------------------------------ checkpoints
 
     def save(self) -> Path:
         """A complete checkpoint of every engine, the schedules, the data cursor and RNGs."""
         state = {"world_size": self.world.size, "models": [m.name for m in self.trainable],
-                 "schedule": self.schedule_state(), "config": self.cfg.model_dump(mode="json")}
+                 "schedule": {"gap_ema": {s.name: g for s, g in zip(self.students, self.gap)}},
+                 "start_eval": self.start_eval, "config": self.cfg.model_dump(mode="json")}
         rank_state = {"data": self.stream.state_dict(), "python": random.getstate(),
                       "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                       "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
@@ -547,6 +479,7 @@ class Trainer:
         self.step = int(state["step"])
         gaps = state["schedule"]["gap_ema"]
         self.gap = [gaps.get(s.name) for s in self.students]
+        self.start_eval = state.get("start_eval", {})  # absent in checkpoints of earlier releases
         rank_state = torch.load(checkpoint.rank_file(path, min(self.world.rank, self.saved_world - 1)),
                                 weights_only=False)
         cursor = dict(rank_state["data"])
@@ -583,48 +516,35 @@ class Trainer:
     def fit(self) -> dict[str, float]:
         """Train up to ``train.max_steps`` optimizer steps (from a resumed step, if any);
         returns the last evaluation. SIGTERM/SIGINT finish the step, save and return."""
-        cfg, world = self.cfg, self.world
-        if world.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.yaml").write_text(dump_config(cfg))
-            for partial in checkpoint.remove_partial(self.output_dir):
-                log.warning("removed %s, left by a save that did not finish", partial)
-        torch.autograd.set_detect_anomaly(cfg.train.detect_anomaly)
-        metrics = self.metrics = Metrics(self.output_dir, world.is_main, cfg.train.max_steps, start_step=self.step)
-        lines = [f"world: {world.size} rank(s) on {world.device.type} ({world.how}); "
-                 f"{self.tokens_per_step:,} tokens per step", *self.describe()]
-        if self.resume_from is not None:
-            lines.append(f"resumed from {self.resume_from} at step {self.step}")
-        for line in lines:
-            metrics.message(line)
+        cfg, metrics = self.cfg, self._start_run()
+        first, saved_at, stop = self.step, None, None
         final: dict[str, float] = {}
         if self.step == 0:
-            final = self.evaluate()
-            metrics.scalars(0, final)
-            metrics.message("step 0: " + format_values(final))
+            final = self.start_eval = self._evaluate_and_log()
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-        first, saved_at = self.step, None
+        started = time.perf_counter()
         try:
-            while self.step < cfg.train.max_steps:
+            while self.step < cfg.train.max_steps and stop is None:
                 values = self.train_step(self.step)
                 self.step += 1
                 last = self.step == cfg.train.max_steps
                 metrics.advance(self.step, values, line=self.step % cfg.train.log_interval == 0 or last)
                 if self.step % cfg.train.eval_interval == 0 or last:
-                    final = self.evaluate()
-                    metrics.scalars(self.step, final)
-                    metrics.message(f"eval at step {self.step}: " + format_values(final))
-                stop = self._stop_requested() or self.step - first == cfg.train.steps_this_run
-                interval = cfg.checkpoint.interval
-                if last or stop or (interval and self.step % interval == 0):
+                    final = self._evaluate_and_log()
+                stop = self._stop_reason(first)
+                if self._save_due(stop, saved_at):
                     metrics.message(f"saved checkpoint {self.save()}")
                     saved_at = self.step
-                if stop and not last:
-                    why = f"signal {signal.Signals(self._signal).name}" if self._signal else "train.steps_this_run"
-                    metrics.message(f"stopping at step {self.step} ({why}); continue with resume=auto")
-                    break
-            if saved_at != self.step:  # resumed at or past max_steps: nothing ran
+            if self._save_due(stop, saved_at):  # resumed at max_steps: nothing ran, still leave a checkpoint
                 metrics.message(f"saved checkpoint {self.save()}")
+                saved_at = self.step
+            if stop is not None and self.step < cfg.train.max_steps:
+                metrics.message(f"stopping at step {self.step} ({stop}); continue with resume=auto")
+            else:
+                for line in summary_lines(final, self.start_eval, self.teacher_name, [s.name for s in self.students],
+                                          time.perf_counter() - started, (self.step - first) * self.tokens_per_step,
+                                          checkpoint.step_dir(self.output_dir, saved_at), self.output_dir):
+                    metrics.message(line)
         except NonFinite as exc:
             if exc.save:
                 exc.args = (f"{exc}; saved the last good state to {self.save()} (train.nonfinite=stop)",)
@@ -634,6 +554,46 @@ class Trainer:
                 signal.signal(sig, handler)
             metrics.close()
         return final
+
+    def _start_run(self) -> Metrics:
+        """The output folder (rank 0), TensorBoard and the run's opening lines."""
+        cfg, world = self.cfg, self.world
+        if world.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.yaml").write_text(dump_config(cfg))
+            for partial in checkpoint.remove_partial(self.output_dir):
+                log.warning("removed %s, left by a save that did not finish", partial)
+        torch.autograd.set_detect_anomaly(cfg.train.detect_anomaly)
+        metrics = self.metrics = Metrics(self.output_dir, world.is_main, cfg.train.max_steps, start_step=self.step,
+                                         layout=self.scalars_layout())
+        lines = [f"world: {world.size} rank(s) on {world.device.type} ({world.how}); "
+                 f"{self.tokens_per_step:,} tokens per step", *self.describe()]
+        if self.resume_from is not None:
+            lines.append(f"resumed from {self.resume_from} at step {self.step}")
+        for line in lines:
+            metrics.message(line)
+        return metrics
+
+    def _evaluate_and_log(self) -> dict[str, float]:
+        values = self.evaluate()
+        self.metrics.scalars(self.step, values)
+        self.metrics.message(("step 0: " if self.step == 0 else f"eval at step {self.step}: ") + format_values(values))
+        return values
+
+    def _stop_reason(self, first: int) -> Optional[str]:
+        """Why to stop before max_steps (collective: every rank agrees), or None."""
+        if self._stop_requested():
+            return f"signal {signal.Signals(self._signal).name}" if self._signal else "signal on another rank"
+        if self.step - first == self.cfg.train.steps_this_run:
+            return "train.steps_this_run"
+        return None
+
+    def _save_due(self, stop: Optional[str], saved_at: Optional[int]) -> bool:
+        """When to checkpoint: every checkpoint.interval steps, at the last step and when asked to
+        stop; never twice at one step."""
+        interval = self.cfg.checkpoint.interval
+        return saved_at != self.step and (stop is not None or self.step >= self.cfg.train.max_steps
+                                          or bool(interval and self.step % interval == 0))
 
 
 def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:

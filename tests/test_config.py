@@ -3,7 +3,7 @@ import json
 import pytest
 
 from codistill.config import DEFAULT_CONFIG, ConfigError, load_config, load_deepspeed_config
-from codistill.trainer import resolve_deepspeed_config
+from codistill.engines import optimizer_steps, resolve_deepspeed_config
 
 from conftest import MICRO, ROOT
 
@@ -91,21 +91,37 @@ def test_shared_batch_geometry_is_filled_in_and_checked():
 
 
 def test_scheduler_total_steps_auto_follows_max_steps():
-    cfg = load_config(None, ["train.max_steps=42"])
+    cfg = load_config(None, ["train.max_steps=42", "distill.head_start_steps=0"])
     ds = resolve_deepspeed_config(cfg.teacher, cfg.train, world_size=1, on_cpu=True)
     assert ds["scheduler"]["params"]["total_num_steps"] == 42
 
 
 def test_a_head_start_shortens_the_students_schedule_only():
-    from codistill.trainer import optimizer_steps
-
     cfg = load_config(None, ["train.max_steps=400", "distill.head_start_steps=100"])
     steps = optimizer_steps(cfg)
     assert steps == {"teacher": 400, "student": 300}
     ds = resolve_deepspeed_config(cfg.students[0], cfg.train, world_size=1, on_cpu=True, steps=steps["student"])
     assert ds["scheduler"]["params"]["total_num_steps"] == 300  # its cosine ends at its own last step
     with pytest.raises(ConfigError, match="student: distill.head_start_steps=400 leaves no steps"):
-        optimizer_steps(load_config(None, ["train.max_steps=400", "distill.head_start_steps=400"]))
+        load_config(None, ["train.max_steps=400", "distill.head_start_steps=400"])
+
+
+def test_student_distill_overrides_are_typed_merged_once_and_written_back_as_given():
+    cfg = load_config(MICRO, ["students.0.distill.divergence=jsd", "students.0.distill.beta=0.3",
+                              "distill.alpha_max=0.4"])
+    merged = cfg.distill_for(0)
+    assert (merged.divergence, merged.beta, merged.alpha_max) == ("jsd", 0.3, 0.4)
+    assert merged is cfg.distill_for(0)  # merged at validation, not at every call
+    assert cfg.model_dump()["students"][0]["distill"] == {"divergence": "jsd", "beta": 0.3}
+    with pytest.raises(ConfigError, match="students.0.distill.divergence': input should be"):
+        load_config(MICRO, ["students.0.distill.divergence=kl"])
+    with pytest.raises(ConfigError, match="unknown config key 'students.0.distill.betta'"):
+        load_config(MICRO, ["students.0.distill.betta=0.3"])
+
+
+def test_a_cache_holds_one_temperature_for_every_student(tmp_path):
+    with pytest.raises(ConfigError, match="teacher.cache holds probabilities at one temperature"):
+        load_config(MICRO, ["mode=soft", f"teacher.cache={tmp_path}", "distill.temperature_final=1.0"])
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny_gpt2", "soft", "hard"])

@@ -1,0 +1,142 @@
+"""DeepSpeed engines: one per model, every engine on the same ranks (the world group).
+
+Each model keeps its own DeepSpeed section (ZeRO stage, offload, precision, optimizer,
+scheduler); the batch geometry is shared and filled in from the ``train`` section.
+This is where a model becomes an engine, trainable or frozen, and the one place that
+knows how DeepSpeed wants its config.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from .config import ConfigError, ModelSpec, RunConfig, TrainConfig, load_deepspeed_config
+from .models import build_model
+
+_ADAM = {"adam", "adamw"}
+
+
+def quiet_library_noise() -> None:
+    """torch 2.13 warns ~70 times per ZeRO step about deprecated collectives; DeepSpeed
+    prints its whole config per engine. Neither helps a user reading the run's log."""
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed.*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"deepspeed.*")
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\._(all_gather_base|reduce_scatter_base).*")
+    from deepspeed.utils import logger as ds_logger
+    from transformers.utils import logging as hf_logging
+
+    ds_logger.setLevel(logging.ERROR)
+    hf_logging.set_verbosity_error()
+
+
+def optimizer_steps(cfg: RunConfig) -> dict[str, int]:
+    """How many optimizer steps each model takes: train.max_steps, less a student's head start
+    (the config's validator guarantees at least one)."""
+    steps = {cfg.teacher.name: cfg.train.max_steps}
+    for i, s in enumerate(cfg.students):
+        steps[s.name] = cfg.train.max_steps - cfg.distill_for(i).head_start_steps
+    return steps
+
+
+def resolve_deepspeed_config(spec: ModelSpec, train: TrainConfig, world_size: int, on_cpu: bool,
+                             trainable: bool = True, steps: Optional[int] = None) -> dict[str, Any]:
+    """The model's DeepSpeed JSON with the shared batch geometry filled in and checked.
+    A frozen model's optimizer and scheduler sections are dropped (it never steps).
+    ``steps``: the optimizer steps this model takes (default train.max_steps; a student
+    with a head start takes fewer), which a scheduler's ``total_num_steps: auto`` becomes."""
+    ds = load_deepspeed_config(spec)
+    if not trainable:
+        ds.pop("optimizer", None)
+        ds.pop("scheduler", None)
+        zero = ds.get("zero_optimization") or {}
+        if zero.get("stage", 0) in (1, 2):  # they shard optimizer states and gradients: it has none
+            ds["zero_optimization"] = {**zero, "stage": 0}
+    shared = {
+        "train_micro_batch_size_per_gpu": ("train.micro_batch_size", train.micro_batch_size),
+        "gradient_accumulation_steps": ("train.gradient_accumulation_steps", train.gradient_accumulation_steps),
+        "train_batch_size": ("micro_batch_size x accumulation x world size",
+                             train.micro_batch_size * train.gradient_accumulation_steps * world_size),
+    }
+    for key, (ours_name, ours) in shared.items():
+        given = ds.get(key, "auto")
+        if given != "auto" and given != ours:
+            raise ConfigError(
+                f"{spec.name}.deepspeed.{key}={given} disagrees with {ours_name}={ours}; the batch "
+                "geometry is shared by all models and set in the train section"
+            )
+        ds[key] = ours
+    ds.setdefault("steps_per_print", 10**9)
+    if not trainable:
+        return ds
+    optimizer = ds.get("optimizer")
+    if not isinstance(optimizer, dict) or "type" not in optimizer:
+        raise ConfigError(f"{spec.name}.deepspeed.optimizer: a trainable model needs an optimizer section with a type")
+    if on_cpu and optimizer["type"].lower() in _ADAM:
+        # DeepSpeed's FusedAdam is a ~65 s JIT compile and CPU-only anyway slower than torch's.
+        optimizer.setdefault("params", {}).setdefault("torch_adam", True)
+    scheduler_params = (ds.get("scheduler") or {}).get("params", {})
+    if scheduler_params.get("total_num_steps") == "auto":
+        scheduler_params["total_num_steps"] = max(1, steps if steps is not None else train.max_steps)
+    return ds
+
+
+def deepspeed_configs(cfg: RunConfig, specs: list[ModelSpec], world_size: int,
+                      on_cpu: bool) -> dict[str, dict[str, Any]]:
+    """Every listed model's resolved DeepSpeed config, by name (checked before any process group)."""
+    steps = optimizer_steps(cfg)
+    return {s.name: resolve_deepspeed_config(s, cfg.train, world_size, on_cpu, trainable=is_trainable(cfg, s),
+                                             steps=steps[s.name])
+            for s in specs}
+
+
+def is_trainable(cfg: RunConfig, spec: ModelSpec) -> bool:
+    """Every model trains except the frozen teacher of soft mode."""
+    return not (spec is cfg.teacher and cfg.mode == "soft")
+
+
+def loaded_models(cfg: RunConfig) -> list[ModelSpec]:
+    """The models a run builds: all of them, except a teacher that is cached (soft mode) or
+    whose text is the data (hard mode)."""
+    return [s for s in cfg.models if not (s is cfg.teacher and (s.cache or cfg.mode == "hard"))]
+
+
+def init_seed(cfg: RunConfig, spec: ModelSpec) -> int:
+    """A random init's seed: the model's own ``init_seed``, else train.seed + its position."""
+    return spec.init_seed if spec.init_seed is not None else cfg.train.seed + cfg.models.index(spec)
+
+
+@dataclass
+class Member:
+    """One model of the run and its engine."""
+
+    spec: ModelSpec
+    engine: Any  # deepspeed.DeepSpeedEngine
+    trainable: bool = True  # False for the frozen teacher of soft mode
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+def build_engine(spec: ModelSpec, hf_config, ds_config: dict[str, Any], seed: int, trainable: bool) -> Member:
+    """The model's weights (random init under ``seed``, or loaded) wrapped in its DeepSpeed
+    engine; a frozen model gets an inference-only engine (no optimizer, eval mode, no grads)."""
+    import deepspeed
+
+    model = build_model(spec, hf_config, seed=seed)
+    if not trainable:
+        engine, *_ = deepspeed.initialize(model=model.requires_grad_(False).eval(), config=ds_config)
+        return Member(spec, engine, trainable=False)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+                                      config=ds_config)
+    return Member(spec, engine)
+
+
+def logits(member: Member, batch: dict[str, torch.Tensor], vocab: int) -> torch.Tensor:
+    """[B, S, V] logits over the tokenizer's real vocabulary (embedding padding sliced away)."""
+    out = member.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return out.logits[..., :vocab]
