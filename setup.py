@@ -21,11 +21,25 @@ setup(
         "tqdm>=4.66",
         "filelock>=3.12",
         "numpy>=1.24",
-        "matplotlib>=3.7",  # tools/compare.py plots
+        "matplotlib>=3.7",  # codistill-compare plots
     ],
+    entry_points={
+        "console_scripts": [
+            "codistill-train = codistill.commands.train:main",
+            "codistill-export = codistill.commands.export_hf:main",
+            "codistill-estimate = codistill.commands.estimate_memory:main",
+            "codistill-compare = codistill.commands.compare:main",
+            "codistill-bench-step = codistill.commands.bench_step:main",
+            "codistill-bench-loss = codistill.commands.bench_loss:main",
+            "codistill-cache-logits = codistill.commands.cache_teacher_logits:main",
+            "codistill-cache-quality = codistill.commands.soft_cache_quality:main",
+            "codistill-generate = codistill.commands.generate_hard_labels:main",
+            "codistill-prepare-corpus = codistill.commands.prepare_corpus:main",
+        ],
+    },
     extras_require={
         # An MPI for `mpirun -np N python launch/train.py` (bundles its libraries and mpirun).
         "mpi": ["mpich>=4.1"],
-        "test": ["pytest>=8", "mpich>=4.1"],
+        "test": ["pytest>=8", "mpich>=4.1", "psutil>=5.9"],  # psutil: the tests find and signal a run's ranks
     },
 )

@@ -33,6 +33,12 @@ MATCHED = ("tokenizer", "seq_len", "data")  # must equal the training run's (the
 PARAMS = ("tokenizer", "data", "seq_len", "teacher", "k", "temperature", "shard_blocks", "blocks")
 
 
+def stored_bytes_per_token(k: int) -> int:
+    """The most a cache stores per token before Parquet's compression: k int32 ids (uint16
+    when the vocabulary fits), k fp16 log-probabilities, the fp16 tail and the fp16 CE."""
+    return 6 * k + 4
+
+
 def part_path(folder: Path, chunk: int) -> Path:
     return folder / f"part-{chunk:06d}.parquet"
 

@@ -21,11 +21,9 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
                       model_validator)
 from pydantic.fields import FieldInfo
 
+from .errors import ConfigError
+
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
-
-
-class ConfigError(ValueError):
-    """Bad user input. The message is one line: what is wrong, where, what was expected."""
 
 
 class _Section(BaseModel):

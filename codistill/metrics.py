@@ -14,6 +14,16 @@ from tqdm.auto import tqdm
 log = logging.getLogger("codistill")
 
 
+def read_scalars(output_dir: Path) -> dict[str, dict[int, float]]:
+    """Every scalar a run wrote to ``<output_dir>/tensorboard``: tag -> {step: value} (the
+    last value written at a step wins, e.g. after a resume repeats it)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(Path(output_dir) / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
 def peak_bytes() -> int:
     """This process's peak memory so far: allocated device memory on a GPU, else peak RSS."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():

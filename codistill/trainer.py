@@ -25,6 +25,7 @@ from .config import ConfigError, DistillConfig, RunConfig, dump_config
 from .data import BatchStream, build_splits, check_data_source, eval_batches, run_tokenizer, tokenizer_fingerprint
 from .engines import (Member, build_engine, deepspeed_configs, init_seed, is_trainable, loaded_models, logits,
                       quiet_library_noise)
+from .errors import NonFinite
 from .losses import (SoftSpec, Targets, distill_loss, next_token_targets, panel_stats, top1_agreement,
                      topk_bytes_per_position, topk_targets)
 from .metrics import Metrics, format_values, peak_bytes, summary_lines
@@ -32,14 +33,6 @@ from .models import check_model, count_parameters, local_parameters, model_confi
 from .schedules import adaptive_alpha, alpha_at, ema, temperature_at
 
 log = logging.getLogger("codistill")
-
-
-class NonFinite(RuntimeError):
-    """A NaN/inf loss or gradient with ``train.nonfinite=stop`` (or a gradient, which cannot be skipped)."""
-
-    def __init__(self, message: str, save: bool = True):
-        super().__init__(message)
-        self.save = save  # whether the in-memory state is still good enough to checkpoint
 
 
 @dataclass(frozen=True)

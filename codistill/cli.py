@@ -1,0 +1,132 @@
+"""The command-line shell every entry point shares: ``--config`` plus ``dotted.key=value``
+overrides, one-line errors on rank 0 and the exit codes of :mod:`codistill.errors`.
+
+A command is a parser and a body::
+
+    def main(argv=None) -> int:
+        return cli.run("codistill-x", build_parser(), body, argv)
+
+``body(args)`` returns an exit code (or None for 0). Bad input (:class:`ConfigError`)
+ends with ``<prog>: error: <one line>`` on rank 0 and exit 2; a non-finite loss with exit
+3; a lost rank with ``<prog>: error: rank R: lost contact ...`` on every rank and exit 4.
+``--debug`` (where a command has it) shows the traceback instead. Any process group the
+body made is torn down on the way out.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+from .config import RunConfig, load_config
+from .distributed import env_rank, free_port
+from .errors import EXIT_INPUT, EXIT_LOST_RANK, EXIT_NONFINITE, ConfigError, NonFinite
+
+
+def parser_for(prog: str, doc: Optional[str], config: bool = True, debug: bool = False) -> argparse.ArgumentParser:
+    """An argument parser with the shared options: ``--config`` and overrides (when ``config``),
+    ``--debug`` (when ``debug``) and the hidden ``--local_rank`` the deepspeed launcher passes."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if config:
+        parser.add_argument("--config", help="YAML run config (default: the embedded configs/tiny.yaml)")
+    if debug:
+        parser.add_argument("--debug", action="store_true",
+                            help="a short run with anomaly detection, a log line per step and full tracebacks")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    if config:
+        parser.add_argument("overrides", nargs="*", metavar="key.path=value",
+                            help="override any config key, e.g. output_dir=runs/x train.max_steps=50 train.seed=1")
+    return parser
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got '{text}'") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer of at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+positive_int = int_at_least(1)
+
+
+def run_config(args: argparse.Namespace, before: tuple[str, ...] | list[str] = ()) -> RunConfig:
+    """The validated config of ``--config`` with ``before`` and then the user's overrides applied."""
+    return load_config(args.config, [*before, *args.overrides])
+
+
+def run(prog: str, parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], Optional[int]],
+        argv: Optional[list[str]] = None) -> int:
+    """Parse ``argv`` (default: the command line), run ``body`` and map failures to exit codes."""
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    debug = bool(getattr(args, "debug", False))
+    try:
+        return body(args) or 0
+    except ConfigError as exc:
+        return _fail(prog, exc, EXIT_INPUT, debug)
+    except NonFinite as exc:
+        return _fail(prog, exc, EXIT_NONFINITE, debug)
+    except RuntimeError as exc:
+        if not lost_contact(exc):
+            raise
+        why = " ".join(str(exc).split())[:200]
+        return _fail(prog, f"lost contact with another rank, ending the job ({why})", EXIT_LOST_RANK, debug,
+                     every_rank=True, error=exc)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _fail(prog: str, message: object, code: int, debug: bool, every_rank: bool = False,
+          error: Optional[BaseException] = None) -> int:
+    """One line on stderr (rank 0, or every rank when the ranks disagree), or the traceback with --debug."""
+    error = error if error is not None else message
+    if debug and isinstance(error, BaseException):
+        raise error
+    if every_rank or env_rank() == 0:
+        where = f"rank {env_rank()}: " if every_rank else ""
+        print(f"{prog}: error: {where}{message}", file=sys.stderr, flush=True)
+    return code
+
+
+def lost_contact(exc: RuntimeError) -> bool:
+    """A collective failed because a peer died or went silent (gloo/NCCL wording)."""
+    import torch.distributed as dist
+
+    text = str(exc).lower()
+    return isinstance(exc, dist.DistError) or any(
+        s in text for s in ("connection closed", "connection reset", "timed out", "timeout", "broken pipe", "nccl"))
+
+
+def module_command(module: str, nproc: int = 1) -> list[str]:
+    """The command line that runs ``python -m module`` on ``nproc`` local ranks (torchrun with
+    a free port for more than one), for tools that start training runs of their own."""
+    if nproc == 1:
+        return [sys.executable, "-m", module]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+            "-m", module]
+
+
+def run_module(module: str, args: list[str], nproc: int = 1, log_file: Optional[Path] = None,
+               cwd: Optional[Path] = None) -> None:
+    """Run a codistill command as a subprocess (appending its output to ``log_file``, else
+    inheriting ours); a failure is a RuntimeError naming the command and where to look."""
+    cmd = module_command(module, nproc) + args
+    if log_file is None:
+        proc = subprocess.run(cmd, cwd=cwd)
+    else:
+        with open(log_file, "a") as fh:
+            proc = subprocess.run(cmd, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        where = f"; see {log_file}" if log_file else ""
+        raise RuntimeError(f"'{' '.join(cmd[-len(args) - 1:][:3])} ...' failed with exit code {proc.returncode}{where}")

@@ -1,0 +1,175 @@
+"""The chunked distillation loss against a plain PyTorch reference, side by side.
+
+For each (tokens, vocab) shape and divergence, runs each variant in its own process:
+  reference  fp32 log_softmax of both models over the whole [tokens x vocab] tensor,
+             the divergence from its formula, autograd backward;
+  chunked    codistill.losses.distill_loss (α = 1: the soft term alone, like the reference).
+Each process first allocates what both variants must hold anyway: the student's and
+the teacher's logits and a gradient-sized buffer. Its peak RSS after that is its
+baseline; the variant's own peak memory is its peak RSS at the end minus that baseline.
+Times are the best of --repeats forward+backward passes. Values and gradients are
+compared between the two processes (loss value; every row's gradient sum and norm; and
+a fixed sample of full gradient rows).
+
+    python tools/bench_loss.py [--shapes 4096x50257 4096x128256] [--divergences forward_kl jsd]
+    codistill-bench-loss ...   (the same, as a console command)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import cli
+from ..losses import DIVERGENCES, SoftSpec, Targets, distill_loss
+
+SAMPLE_ROWS = 32
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def reference_loss(student: torch.Tensor, teacher: torch.Tensor, div: str, beta: float, temp: float) -> torch.Tensor:
+    """The naive soft loss: whole-tensor fp32 softmaxes, autograd does the rest."""
+    log_q = F.log_softmax(student / temp, dim=-1)
+    log_p = F.log_softmax(teacher / temp, dim=-1)
+    if div == "jsd" and beta in (0.0, 1.0):
+        div = "forward_kl" if beta == 0.0 else "reverse_kl"
+    if div == "forward_kl":
+        per_row = (log_p.exp() * (log_p - log_q)).sum(-1)
+    elif div == "reverse_kl":
+        per_row = (log_q.exp() * (log_q - log_p)).sum(-1)
+    elif div == "jsd":
+        log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log(1 - beta))
+        per_row = beta * (log_p.exp() * (log_p - log_m)).sum(-1) + (1 - beta) * (log_q.exp() * (log_q - log_m)).sum(-1)
+    else:
+        per_row = 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+    return per_row.mean() * temp**2
+
+
+def worker(variant: str, tokens: int, vocab: int, div: str, beta: float, temp: float, repeats: int, out: Path) -> None:
+    torch.manual_seed(0)
+    student = (torch.randn(tokens, vocab) * 2).requires_grad_(True)
+    teacher = torch.randn(tokens, vocab) * 2
+    labels = torch.randint(0, vocab, (tokens,))
+    mask = torch.ones(tokens, dtype=torch.bool)
+    must_hold = torch.ones_like(student)  # the gradient w.r.t. the student's logits, held by both variants
+    del must_hold
+    baseline = peak_rss_bytes()
+    spec = SoftSpec(divergence=div, beta=beta, alpha=1.0)
+    times, value = [], None
+    for _ in range(repeats):
+        student.grad = None
+        start = time.perf_counter()
+        if variant == "reference":
+            loss = reference_loss(student, teacher, div, beta, temp)
+        else:
+            loss = distill_loss(student, labels, mask, Targets(temperature=temp, logits=teacher), spec).loss
+        loss.backward()
+        times.append(time.perf_counter() - start)
+        value = loss.item()
+        del loss
+    own_peak = peak_rss_bytes() - baseline  # before the checks below allocate anything
+    grad = student.grad.double()
+    rows = torch.linspace(0, tokens - 1, SAMPLE_ROWS).long()
+    torch.save({"value": value, "time": min(times), "own_peak": own_peak,
+                "baseline": baseline, "row_sum": grad.sum(-1), "row_norm": grad.norm(dim=-1),
+                "sample": student.grad[rows].clone()}, out)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
+
+
+def shape(text: str) -> tuple[int, int]:
+    """An argparse type: TOKENSxVOCAB with positive numbers."""
+    try:
+        tokens, vocab = (int(x) for x in text.lower().split("x"))
+        if min(tokens, vocab) >= 1:
+            return tokens, vocab
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected TOKENSxVOCAB with positive numbers, got '{text}'")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.parser_for("codistill-bench-loss", __doc__, config=False)
+    parser.add_argument("--shapes", nargs="+", type=shape, default=[(4096, 50257), (4096, 128256)],
+                        help="TOKENSxVOCAB ...")
+    parser.add_argument("--divergences", nargs="+", default=["forward_kl", "jsd"], choices=DIVERGENCES)
+    parser.add_argument("--beta", type=float, default=0.5, help="β for jsd (default 0.5)")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--repeats", type=cli.positive_int, default=2, help="timed passes per variant; the best counts")
+    parser.add_argument("--out", help="also write the figures as JSON here")
+    parser.add_argument("--worker", nargs=3, metavar=("VARIANT", "SHAPE", "FILE"), help=argparse.SUPPRESS)
+    parser.add_argument("--divergence", help=argparse.SUPPRESS)
+    return parser
+
+
+def body(args: argparse.Namespace) -> int:
+    if args.worker:
+        variant, shape, file = args.worker
+        tokens, vocab = (int(x) for x in shape.split("x"))
+        worker(variant, tokens, vocab, args.divergence, args.beta, args.temperature, args.repeats, Path(file))
+        return 0
+
+    results = []
+    print(f"{'shape':>14} {'divergence':>10} | {'ref ms':>8} {'ours ms':>8} {'time':>6} | "
+          f"{'ref MB':>8} {'ours MB':>8} {'memory':>7} | {'value rel':>9} {'grad rel':>9}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for tokens, vocab in args.shapes:
+            for div in args.divergences:
+                figures = {}
+                for variant in ("reference", "chunked"):
+                    file = Path(tmp) / f"{variant}.pt"
+                    cmd = [*cli.module_command("codistill.commands.bench_loss"), "--worker", variant, f"{tokens}x{vocab}", str(file),
+                           "--divergence", div, "--beta", str(args.beta), "--temperature", str(args.temperature),
+                           "--repeats", str(args.repeats)]
+                    proc = subprocess.run(cmd, capture_output=True, text=True)
+                    if proc.returncode != 0:
+                        print(f"bench_loss: error: the {variant} worker failed at {tokens}x{vocab} {div}: "
+                              f"{(proc.stderr.strip().splitlines() or ['killed (out of memory?)'])[-1]}", file=sys.stderr)
+                        return 1
+                    figures[variant] = torch.load(file)
+                ref, ours = figures["reference"], figures["chunked"]
+                row = {
+                    "tokens": tokens, "vocab": vocab, "divergence": div, "beta": args.beta,
+                    "reference_ms": ref["time"] * 1e3, "chunked_ms": ours["time"] * 1e3,
+                    "time_ratio": ours["time"] / ref["time"],
+                    "reference_own_peak_mb": ref["own_peak"] / 2**20, "chunked_own_peak_mb": ours["own_peak"] / 2**20,
+                    "memory_ratio": ours["own_peak"] / max(ref["own_peak"], 1),
+                    "must_hold_mb": 3 * tokens * vocab * 4 / 2**20,
+                    "value_rel_err": abs(ours["value"] - ref["value"]) / abs(ref["value"]),
+                    "grad_rel_err": max(rel(ours["sample"].double(), ref["sample"].double()),
+                                        rel(ours["row_norm"], ref["row_norm"])),
+                    "row_sum_abs_err": float((ours["row_sum"] - ref["row_sum"]).abs().max()),
+                }
+                results.append(row)
+                print(f"{tokens:>6}x{vocab:<7} {div:>10} | {row['reference_ms']:8.0f} {row['chunked_ms']:8.0f} "
+                      f"{row['time_ratio']:5.2f}x | {row['reference_own_peak_mb']:8.0f} {row['chunked_own_peak_mb']:8.0f} "
+                      f"{row['memory_ratio']:6.3f}x | {row['value_rel_err']:9.1e} {row['grad_rel_err']:9.1e}")
+    print("memory: peak RSS above the logits and gradient both variants hold "
+          "(3 x tokens x vocab x 4 bytes); time: best forward+backward; grad rel: max |Δ| / max |ref| "
+          f"over {SAMPLE_ROWS} sampled rows and every row's norm")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    return cli.run("bench_loss", build_parser(), body, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

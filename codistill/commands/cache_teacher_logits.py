@@ -1,0 +1,113 @@
+"""Run a frozen teacher over the training data once and cache its top-k predictions,
+so soft-label students can train without loading the teacher.
+
+    python tools/cache_teacher_logits.py --config configs/soft.yaml [--out DIR] [--top-k 64]
+    deepspeed --num_gpus 2 tools/cache_teacher_logits.py --config configs/soft.yaml
+    codistill-cache-logits ...   (the same, as a console command)
+
+The run's config gives the data, tokenizer, seq_len, seed and the teacher (its
+``pretrained`` folder and DeepSpeed section, e.g. ZeRO-3 across ranks); the output
+folder defaults to ``teacher.cache``; k and T default to the first student's
+``distill.top_k`` and ``distill.temperature``. Work is split over ranks in parts
+of ``--shard-blocks`` blocks; a killed run continues where it stopped. Prints the
+storage cost in bytes per token at the end.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import cache, cli, distributed
+from ..config import ConfigError
+from ..data import build_splits, check_data_source, run_tokenizer, tokenizer_fingerprint
+from ..engines import build_engine, quiet_library_noise, resolve_deepspeed_config
+from ..losses import distill_loss, next_token_targets, topk_targets
+from ..models import check_model, model_config
+
+
+def body(args: argparse.Namespace) -> None:
+    quiet_library_noise()
+    cfg = cli.run_config(args)
+    if not cfg.teacher.pretrained:
+        raise ConfigError("teacher.pretrained: caching needs a trained teacher folder")
+    out = Path(args.out or cfg.teacher.cache or "").expanduser()
+    if not str(args.out or cfg.teacher.cache or ""):
+        raise ConfigError("give --out or teacher.cache: the folder to write the cache to")
+    settings = cfg.distill_for(0)
+    k, temperature = args.top_k or settings.top_k, settings.temperature
+    check_data_source(cfg.data)
+    tokenizer = run_tokenizer(cfg)
+    hf = model_config(cfg.teacher, tokenizer)
+    check_model(cfg.teacher, hf, tokenizer, tokenizer_fingerprint(tokenizer), cfg.data.seq_len)
+    ds_config = resolve_deepspeed_config(cfg.teacher, cfg.train, distributed.env_world_size(),
+                                         not torch.cuda.is_available(), trainable=False)
+    world = distributed.init(timeout_s=cfg.train.collective_timeout_s)
+    splits = build_splits(cfg.data, tokenizer, cfg.train.seed)
+    train, fingerprint = splits.train, splits.fingerprint
+    params = {"tokenizer": tokenizer_fingerprint(tokenizer), "data": fingerprint, "seq_len": cfg.data.seq_len,
+              "teacher": str(Path(cfg.teacher.pretrained).expanduser().resolve()), "k": min(k, len(tokenizer)),
+              "temperature": temperature, "shard_blocks": args.shard_blocks, "blocks": len(train)}
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        cache.check_started(out, params)
+        cache.write_meta(out, {**params, "complete": False})
+    torch.distributed.barrier()
+
+    engine = build_engine(cfg.teacher, hf, ds_config, seed=cfg.train.seed, trainable=False).engine
+    vocab, seq_len, mbs = len(tokenizer), cfg.data.seq_len, cfg.train.micro_batch_size
+    chunks = -(-len(train) // args.shard_blocks)
+    todo = [c for c in range(chunks) if c % world.size == world.rank and not cache.part_path(out, c).exists()]
+    rounds = torch.tensor([len(todo)])
+    torch.distributed.all_reduce(rounds, op=torch.distributed.ReduceOp.MAX)
+    bar = tqdm(total=chunks, initial=chunks - len(todo) * world.size if world.is_main else 0,
+               disable=not world.is_main, unit="part", desc="caching teacher")
+    for r in range(int(rounds)):
+        chunk = todo[r] if r < len(todo) else None
+        blocks = list(range(chunk * args.shard_blocks, min(len(train), (chunk + 1) * args.shard_blocks))) \
+            if chunk is not None else []
+        # ZeRO-3 gathers parameters in every forward: every rank runs the same number of them.
+        steps = torch.tensor([-(-len(blocks) // mbs)])
+        torch.distributed.all_reduce(steps, op=torch.distributed.ReduceOp.MAX)
+        rows: dict[str, list] = {}
+        for b in range(int(steps)):
+            index = blocks[b * mbs:(b + 1) * mbs]
+            batch = {key: v.to(world.device) for key, v in train[index or [0]].items()}
+            with torch.no_grad():
+                logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[..., :vocab]
+                labels, mask = next_token_targets(batch["input_ids"], batch["attention_mask"], batch.get("loss_mask"))
+                ce = distill_loss(logits, labels, mask).token_ce
+                top = topk_targets(logits, k, temperature)
+            if index:
+                for key, value in cache.block_rows(index, top, ce, seq_len, vocab).items():
+                    rows.setdefault(key, []).extend(value)
+        if chunk is not None:
+            cache.write_part(out, chunk, rows)
+        bar.update(world.size if world.is_main else 0)
+    bar.close()
+    torch.distributed.barrier()
+    if world.is_main:
+        size = sum(cache.part_path(out, c).stat().st_size for c in range(chunks))
+        per_token = size / (len(train) * seq_len)
+        cache.write_meta(out, {**params, "complete": True, "bytes_per_token": per_token})
+        print(f"cached top-{params['k']} teacher predictions of {len(train):,} blocks to {out}: "
+              f"{size / 2**20:.1f} MB, {per_token:.1f} bytes/token (bound {cache.stored_bytes_per_token(params['k'])})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.parser_for("codistill-cache-logits", __doc__)
+    parser.add_argument("--out", help="cache folder (default: teacher.cache)")
+    parser.add_argument("--top-k", type=cli.positive_int, help="k (default: the first student's distill.top_k)")
+    parser.add_argument("--shard-blocks", type=cli.positive_int, default=256, help="blocks per part file (default 256)")
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    return cli.run("cache_teacher_logits", build_parser(), body, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

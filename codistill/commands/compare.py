@@ -1,0 +1,253 @@
+"""Does co-distillation make the student better than training it alone? Four arms, N seeds.
+
+For every seed, on the same data, batches and number of student steps:
+  (a) alone      the student trained alone (cross-entropy only);
+  (b) codistill  the student co-distilled with the teacher (the config's distill settings);
+  (c) two-stage  the teacher trained alone first, then the student from it, frozen (soft mode);
+  (d) handicap   co-distillation with a handicapped teacher (its learning rate x --handicap).
+(a) and (b) are two students of one run: same initial weights (equal init_seed), same batches,
+the same teacher; the alone student has α = 0, so the teacher cannot touch it. That run's
+teacher, exported at the end, is (c)'s frozen teacher. Runs are subprocesses of
+codistill-train (``python -m codistill.commands.train``), one after another; a finished run is not repeated when compare.py is run
+again, and an interrupted one resumes from its last checkpoint.
+
+Writes into --output-dir: results.md (a table of final validation loss and perplexity per
+arm and seed, mean ± sd, the checks below), results.json, and validation_loss.png
+(validation loss against step for every arm and both teachers, mean over seeds).
+
+Checks (printed, and non-zero exit with --strict when one fails):
+  * never worse: (b) and (d) end within 0.01 nats of (a), or better, on every seed;
+  * helps: (b) ends below (a) on every seed (with the share of the (a) → teacher gap closed).
+
+    python tools/compare.py [--config configs/tiny.yaml] [--seeds 3] [--nproc 1] [key.path=value ...]
+    codistill-compare ...   (the same, as a console command)
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import math
+import os
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from .. import cli
+from ..config import ConfigError, ModelSpec, load_deepspeed_config
+from ..metrics import read_scalars
+
+ARMS = {
+    "alone": "(a) student alone",
+    "codistill": "(b) co-distilled",
+    "two_stage": "(c) two-stage (frozen teacher)",
+    "handicap": "(d) co-distilled, handicapped teacher",
+}
+NEVER_WORSE = 0.01  # nats: (b) and (d) may not end more than this above (a)
+ALONE = "alone"  # name of the CE-only copy of the student in the paired run
+
+
+def arm_configs(base: dict[str, Any], seed: int, folder: Path, handicap: float) -> dict[str, dict[str, Any]]:
+    """The three runs of one seed, as config trees: paired (a+b), handicap (d), two_stage (c)."""
+    base = copy.deepcopy(base)
+    base["train"]["seed"] = seed
+    base["resume"] = "auto"
+    base["overwrite"] = True
+    teacher, student = base["teacher"], base["students"][0]
+    # Equal seeds give the two copies of the student equal initial weights.
+    student["init_seed"] = student.get("init_seed") if student.get("init_seed") is not None else seed + 1
+    for spec in (teacher, student):  # inline the DeepSpeed JSON, so it can be edited and travels
+        spec["deepspeed"] = load_deepspeed_config(ModelSpec.model_validate(spec))
+
+    paired = copy.deepcopy(base)
+    alone = copy.deepcopy(student)
+    alone["name"] = ALONE
+    alone["distill"] = {**alone.get("distill", {}), "schedule": "constant", "alpha_max": 0.0,
+                        "token_gate": False}
+    paired["students"] = [copy.deepcopy(student), alone]
+    paired["output_dir"] = str(folder / "paired")
+
+    weak = copy.deepcopy(base)
+    weak["students"] = [copy.deepcopy(student)]
+    optimizer = weak["teacher"]["deepspeed"].get("optimizer", {})
+    params = optimizer.setdefault("params", {})
+    if "lr" not in params:
+        raise ConfigError("teacher.deepspeed.optimizer.params.lr: compare.py handicaps the teacher through its "
+                          "learning rate; give it explicitly")
+    params["lr"] = params["lr"] * handicap
+    weak["output_dir"] = str(folder / "handicap")
+
+    two = copy.deepcopy(base)
+    two["mode"] = "soft"
+    two["students"] = [copy.deepcopy(student)]
+    two["teacher"] = {"name": teacher["name"], "pretrained": str(folder / "teacher_hf" / teacher["name"]),
+                      "deepspeed": teacher["deepspeed"]}
+    two["output_dir"] = str(folder / "two_stage")
+    return {"paired": paired, "handicap": weak, "two_stage": two}
+
+
+def run_training(name: str, tree: dict[str, Any], nproc: int, log_file: Path) -> None:
+    """One training run as a subprocess; skipped when its DONE marker exists."""
+    import yaml
+
+    out = Path(tree["output_dir"])
+    done = out / "DONE"
+    if done.exists():
+        print(f"  {name}: already done ({out})", flush=True)
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_file = out.parent / f"{name}.yaml"
+    cfg_file.write_text(yaml.safe_dump(tree, sort_keys=False))
+    start = time.time()
+    print(f"  {name}: training -> {out} (log {log_file})", flush=True)
+    cli.run_module("codistill.commands.train", ["--config", str(cfg_file)], nproc, log_file)
+    done.write_text(f"{time.time() - start:.0f} s\n")
+    print(f"  {name}: finished in {time.time() - start:.0f} s", flush=True)
+
+
+def eval_curve(run_dir: Path, model: str) -> dict[int, float]:
+    """step -> validation loss of ``model``, from the run's TensorBoard events."""
+    tag = f"{model}/eval/loss"
+    curve = read_scalars(run_dir).get(tag)
+    if curve is None:
+        raise RuntimeError(f"{run_dir}: no '{tag}' in its TensorBoard events")
+    return curve
+
+
+def summarize(values: list[float]) -> str:
+    mean = statistics.fmean(values)
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.4f} ± {sd:.4f}"
+
+
+def report(curves: dict[str, dict[int, dict[int, float]]], seeds: list[int], cmdline: str,
+           machine: str, minutes: float) -> tuple[str, dict[str, Any], bool, bool]:
+    """Markdown table + checks from the curves (curve name -> seed -> step -> loss)."""
+    final = {arm: {s: curves[arm][s][max(curves[arm][s])] for s in seeds} for arm in curves}
+    lines = [f"Command: `{cmdline}`  ", f"Machine: {machine}; {minutes:.0f} min in all.", "",
+             "Final validation loss (perplexity) per seed; lower is better.", "",
+             "| arm | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd | vs (a), per seed |",
+             "|---|" + "---|" * len(seeds) + "---|---|"]
+    for arm, label in [*ARMS.items(), ("teacher", "teacher (trained alone)"),
+                       ("weak_teacher", "handicapped teacher")]:
+        cells = [f"{final[arm][s]:.4f} ({math.exp(final[arm][s]):.1f})" for s in seeds]
+        delta = "" if arm in ("alone",) else ", ".join(f"{final[arm][s] - final['alone'][s]:+.4f}" for s in seeds)
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {summarize(list(final[arm].values()))} | {delta} |")
+    never_worse = all(final[arm][s] - final["alone"][s] <= NEVER_WORSE for arm in ("codistill", "handicap")
+                      for s in seeds)
+    helps = all(final["codistill"][s] < final["alone"][s] for s in seeds)
+    closed = []
+    for s in seeds:
+        gap = final["alone"][s] - final["teacher"][s]
+        closed.append((final["alone"][s] - final["codistill"][s]) / gap if gap > 0 else float("nan"))
+    lines += ["",
+              f"- never worse: (b) and (d) within {NEVER_WORSE} nats of (a) or better on every seed: "
+              f"**{'yes' if never_worse else 'no'}**",
+              f"- helps: (b) below (a) on every seed: **{'yes' if helps else 'no'}**; share of the (a) → teacher "
+              "gap closed by (b), per seed: " + ", ".join("n/a (teacher not ahead)" if math.isnan(c) else f"{c:.0%}"
+                                                          for c in closed)]
+    data = {"seeds": seeds, "final": final, "never_worse": never_worse, "helps": helps, "gap_closed": closed,
+            "curves": {k: {s: sorted(v.items()) for s, v in c.items()} for k, c in curves.items()}}
+    return "\n".join(lines) + "\n", data, never_worse, helps
+
+
+def plot(curves: dict[str, dict[int, dict[int, float]]], seeds: list[int], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    styles = {"alone": ("C0", "-"), "codistill": ("C1", "-"), "two_stage": ("C2", "-"), "handicap": ("C3", "-"),
+              "teacher": ("k", "--"), "weak_teacher": ("C3", ":")}
+    labels = {**ARMS, "teacher": "teacher", "weak_teacher": "handicapped teacher"}
+    for name, (color, style) in styles.items():
+        steps = sorted(set.intersection(*(set(curves[name][s]) for s in seeds)))
+        mean = [statistics.fmean(curves[name][s][t] for s in seeds) for t in steps]
+        ax.plot(steps, mean, style, color=color, label=labels[name], linewidth=1.6)
+        if len(seeds) > 1:
+            lo = [min(curves[name][s][t] for s in seeds) for t in steps]
+            hi = [max(curves[name][s][t] for s in seeds) for t in steps]
+            ax.fill_between(steps, lo, hi, color=color, alpha=0.12, linewidth=0)
+    finals = [curves[n][s][max(curves[n][s])] for n in styles for s in seeds]
+    ax.set_ylim(min(finals) - 0.3, min(finals) + 2.5)  # the interesting part, not the first steps at ~8
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.parser_for("codistill-compare", __doc__)
+    parser.add_argument("--seeds", type=cli.positive_int, default=3, help="seeds train.seed, +1, ... (default 3)")
+    parser.add_argument("--nproc", type=cli.positive_int, default=1,
+                        help="processes per run (default 1; >1 uses torchrun)")
+    parser.add_argument("--handicap", type=float, default=0.1, help="arm (d): teacher lr factor (default 0.1)")
+    parser.add_argument("--output-dir", type=Path, help="default: <config's output_dir>/compare")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when a check fails")
+    return parser
+
+
+def body(args: argparse.Namespace) -> int:
+    if args.handicap <= 0:
+        raise ConfigError(f"--handicap={args.handicap}: expected a positive learning-rate factor")
+    cfg = cli.run_config(args)
+    if cfg.mode != "codistill":
+        raise ConfigError(f"mode={cfg.mode}: compare.py needs a co-distillation config (mode=codistill)")
+    base = cfg.model_dump(mode="json")
+    out = (args.output_dir or Path(cfg.output_dir) / "compare").expanduser().resolve()
+    seeds = [cfg.train.seed + k for k in range(args.seeds)]
+    plans = {s: arm_configs(base, s, out / f"seed_{s}", args.handicap) for s in seeds}
+    out.mkdir(parents=True, exist_ok=True)
+    from ..checkpoint import export_hf
+
+    teacher, student = cfg.teacher.name, cfg.students[0].name
+    start = time.time()
+    curves: dict[str, dict[int, dict[int, float]]] = {k: {} for k in [*ARMS, "teacher", "weak_teacher"]}
+    try:
+        for s in seeds:
+            folder = out / f"seed_{s}"
+            print(f"seed {s}:", flush=True)
+            runs = plans[s]
+            run_training("paired", runs["paired"], args.nproc, folder / "paired.log")
+            exported = folder / "teacher_hf" / teacher
+            if not (exported / "config.json").exists():
+                with open(folder / "paired.log", "a") as fh, contextlib.redirect_stdout(fh):
+                    export_hf(folder / "paired", folder / "teacher_hf", [teacher], overwrite=True)
+            run_training("two_stage", runs["two_stage"], args.nproc, folder / "two_stage.log")
+            run_training("handicap", runs["handicap"], args.nproc, folder / "handicap.log")
+            curves["alone"][s] = eval_curve(folder / "paired", ALONE)
+            curves["codistill"][s] = eval_curve(folder / "paired", student)
+            curves["teacher"][s] = eval_curve(folder / "paired", teacher)
+            curves["two_stage"][s] = eval_curve(folder / "two_stage", student)
+            curves["handicap"][s] = eval_curve(folder / "handicap", student)
+            curves["weak_teacher"][s] = eval_curve(folder / "handicap", teacher)
+    except RuntimeError as exc:  # a run failed: its log says why
+        print(f"compare: error: {exc}", file=sys.stderr)
+        return 1
+    cmdline = "codistill-compare " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    machine = f"{os.cpu_count()} CPU cores, {args.nproc} process(es) per run"
+    text, data, never_worse, helps = report(curves, seeds, cmdline.strip(), machine, (time.time() - start) / 60)
+    plot(curves, seeds, out / "validation_loss.png",
+         f"{Path(args.config or 'configs/tiny.yaml').name}: validation loss, mean (band: min-max) of {len(seeds)} seeds")
+    (out / "results.md").write_text(text + "\n![validation loss](validation_loss.png)\n")
+    (out / "results.json").write_text(json.dumps(data, indent=1) + "\n")
+    print(text)
+    print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'validation_loss.png'}")
+    return 0 if (never_worse and helps) or not args.strict else 1
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    return cli.run("compare", build_parser(), body, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

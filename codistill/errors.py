@@ -1,0 +1,18 @@
+"""The project's own exceptions and the exit codes every entry point ends with."""
+from __future__ import annotations
+
+EXIT_INPUT = 2  # bad input: a config key, a file, an argument
+EXIT_NONFINITE = 3  # a NaN/inf loss or gradient stopped the run (train.nonfinite=stop)
+EXIT_LOST_RANK = 4  # another rank died or went silent (train.collective_timeout_s)
+
+
+class ConfigError(ValueError):
+    """Bad user input. The message is one line: what is wrong, where, what was expected."""
+
+
+class NonFinite(RuntimeError):
+    """A NaN/inf loss or gradient with ``train.nonfinite=stop`` (or a gradient, which cannot be skipped)."""
+
+    def __init__(self, message: str, save: bool = True):
+        super().__init__(message)
+        self.save = save  # whether the in-memory state is still good enough to checkpoint
