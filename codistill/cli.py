@@ -9,8 +9,8 @@ A command is a parser and a body::
 ``body(args)`` returns an exit code (or None for 0). Bad input (:class:`ConfigError`)
 ends with ``<prog>: error: <one line>`` on rank 0 and exit 2; a non-finite loss with exit
 3; a lost rank with ``<prog>: error: rank R: lost contact ...`` on every rank and exit 4.
-``--debug`` (where a command has it) shows the traceback instead. Any process group the
-body made is torn down on the way out.
+``--debug`` (where a command has it) shows the traceback instead. A process group the
+body made is torn down on the way out (one that existed before is left alone).
 """
 from __future__ import annotations
 
@@ -66,8 +66,11 @@ def run_config(args: argparse.Namespace, before: tuple[str, ...] | list[str] = (
 def run(prog: str, parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], Optional[int]],
         argv: Optional[list[str]] = None) -> int:
     """Parse ``argv`` (default: the command line), run ``body`` and map failures to exit codes."""
+    import torch.distributed as dist
+
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     debug = bool(getattr(args, "debug", False))
+    ours = not (dist.is_available() and dist.is_initialized())  # a caller's process group is left alone
     try:
         return body(args) or 0
     except ConfigError as exc:
@@ -81,9 +84,7 @@ def run(prog: str, parser: argparse.ArgumentParser, body: Callable[[argparse.Nam
         return _fail(prog, f"lost contact with another rank, ending the job ({why})", EXIT_LOST_RANK, debug,
                      every_rank=True, error=exc)
     finally:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
+        if ours and dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
 

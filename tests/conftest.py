@@ -1,3 +1,5 @@
+"""Shared fixtures and helpers: one way to start a run (deepspeed, python, mpirun or
+torchrun, each rendezvous on a free port) and one reader of a run's TensorBoard scalars."""
 import os
 import subprocess
 import sys
@@ -5,14 +7,21 @@ from pathlib import Path
 
 import pytest
 
+from codistill.distributed import free_port
+from codistill.metrics import read_scalars
+
 ROOT = Path(__file__).resolve().parent.parent
 MICRO = ROOT / "tests" / "configs" / "micro.yaml"
+TRAIN = "launch/train.py"
 # One corpus/tokenizer/processed-data cache for the whole suite (built on first use).
 os.environ.setdefault("CODISTILL_CACHE", str(ROOT / ".cache"))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+__all__ = ["MICRO", "ROOT", "TRAIN", "launch", "launch_cmd", "launch_env", "read_scalars", "run_cmd"]
+
 
 def launch_env(**extra: str) -> dict:
+    """This process's environment without any rendezvous variables of its own, plus ``extra``."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env.update(extra)
@@ -20,13 +29,42 @@ def launch_env(**extra: str) -> dict:
 
 
 def run_cmd(cmd: list[str], timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=ROOT, env=launch_env(**env), capture_output=True, text=True, timeout=timeout)
-    return proc
+    return subprocess.run(cmd, cwd=ROOT, env=launch_env(**env), capture_output=True, text=True, timeout=timeout)
 
 
 def bin_path(name: str) -> str:
     """A console script of this interpreter's environment (deepspeed, mpirun)."""
     return str(Path(sys.executable).parent / name)
+
+
+def launch_cmd(args: list[str], how: str = "deepspeed", ranks: int = 2, script: str = TRAIN) -> list[str]:
+    """The command line that starts ``script args`` on ``ranks`` local ranks, as users start it:
+    ``deepspeed``, ``torchrun`` (each with a free port), ``mpirun``, or ``python`` (one process)."""
+    if how == "python":
+        assert ranks == 1, "python runs one process"
+        return [sys.executable, script, *args]
+    if how == "deepspeed":
+        return [bin_path("deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()), script, *args]
+    if how == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
+                f"--master_port={free_port()}", script, *args]
+    if how == "mpirun":
+        return [bin_path("mpirun"), "-np", str(ranks), sys.executable, script, *args]
+    raise ValueError(f"unknown launcher {how!r}")
+
+
+def launch(*args: str, how: str = "deepspeed", ranks: int = 2, script: str = TRAIN, config=MICRO,
+           timeout: int = 300, ok: bool = True, **env: str) -> subprocess.CompletedProcess:
+    """Run ``script`` (default: training on the micro config) and wait; with ``ok`` assert it
+    succeeded, showing the end of its output if not. ``config=None`` passes no --config."""
+    if how == "python":
+        ranks = 1
+    extra = {"MASTER_PORT": str(free_port())} if how == "mpirun" else {}
+    cmd = launch_cmd([*(["--config", str(config)] if config else []), *args], how, ranks, script)
+    proc = run_cmd(cmd, timeout=timeout, **extra, **env)
+    if ok:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
 
 
 @pytest.fixture(scope="session")

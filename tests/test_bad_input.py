@@ -1,16 +1,14 @@
 """Bad input ends with one line naming the key or file and what was expected, before
 any process group or engine exists, and leaves the user's files alone."""
 import json
-import sys
 
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from conftest import MICRO, ROOT, run_cmd
+from codistill.commands import train as entry
 
-sys.path.insert(0, str(ROOT / "launch"))
-import train as entry  # noqa: E402
+from conftest import MICRO, launch
 
 
 def fails_with(capsys, *args) -> str:
@@ -116,10 +114,10 @@ def test_output_dir_with_another_runs_checkpoints_is_never_overwritten(capsys, t
 
 
 def test_the_user_sees_one_line_and_no_traceback_and_debug_shows_it(tmp_path):
-    proc = run_cmd([sys.executable, "launch/train.py", "--config", str(MICRO), "train.max_stepz=1"])
+    proc = launch("train.max_stepz=1", how="python", ok=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["codistill: error: " + f"{MICRO}: unknown config key 'train.max_stepz'"]
-    proc = run_cmd([sys.executable, "launch/train.py", "--config", str(MICRO), "--debug", "train.max_stepz=1"])
+    proc = launch("--debug", "train.max_stepz=1", how="python", ok=False)
     assert proc.returncode != 0 and "Traceback" in proc.stderr
 
 

@@ -1,7 +1,6 @@
 """Soft-label distillation from cached top-k teacher predictions."""
 import json
 import shutil
-import sys
 
 import datasets
 import pytest
@@ -13,7 +12,9 @@ from codistill.config import DataConfig
 from codistill.data import build_splits, tokenizer_fingerprint
 from codistill.losses import topk_targets
 
-from conftest import MICRO, run_cmd
+from codistill.cache import stored_bytes_per_token
+
+from conftest import launch
 
 K = 16
 
@@ -35,10 +36,8 @@ def overrides(corpus, teacher, out):
 
 
 def make_cache(corpus, teacher, out, *extra):
-    proc = run_cmd([sys.executable, "tools/cache_teacher_logits.py", "--config", str(MICRO), "--shard-blocks", "16",
-                    *overrides(corpus, teacher, out), *extra])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+    return launch("--shard-blocks", "16", *overrides(corpus, teacher, out), *extra, how="python",
+                  script="tools/cache_teacher_logits.py")
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +51,8 @@ def test_cache_holds_the_live_teachers_top_k_within_fp16(cached, corpus, pretrai
     out, proc = cached
     meta = read_meta(out)
     assert meta["complete"] and meta["k"] == K and meta["temperature"] == 2.0
-    assert meta["bytes_per_token"] <= 8 * K
-    assert f"bytes/token (bound {8 * K})" in proc.stdout
+    assert meta["bytes_per_token"] <= stored_bytes_per_token(K)
+    assert f"bytes/token (bound {stored_bytes_per_token(K)})" in proc.stdout
     splits = build_splits(DataConfig(dataset=str(corpus / "docs.jsonl"), tokenizer=str(corpus / "tok"), seq_len=32,
                                      cache_dir=str(corpus / "cache")), tokenizer, seed=7)
     cache = TeacherCache.open(out, {"tokenizer": tokenizer_fingerprint(tokenizer), "data": splits.fingerprint,
@@ -70,19 +69,16 @@ def test_cache_holds_the_live_teachers_top_k_within_fp16(cached, corpus, pretrai
 
 def test_training_from_the_cache_does_not_load_the_teacher(cached, corpus, pretrained_teacher, tmp_path):
     out, _ = cached
-    proc = run_cmd([sys.executable, "launch/train.py", "--config", str(MICRO), f"output_dir={tmp_path}",
-                    *overrides(corpus, "/nonexistent/teacher", out)])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = launch(f"output_dir={tmp_path}", *overrides(corpus, "/nonexistent/teacher", out), how="python")
     assert f"teacher: not loaded; top-{K} predictions at T=2.0 from the cache" in proc.stdout
 
 
 def test_a_cache_for_other_data_or_temperature_is_refused(cached, corpus, pretrained_teacher, tmp_path):
     out, _ = cached
-    base = [sys.executable, "launch/train.py", "--config", str(MICRO), f"output_dir={tmp_path}",
-            *overrides(corpus, pretrained_teacher, out)]
-    proc = run_cmd(base + ["data.seq_len=16"])
+    base = [f"output_dir={tmp_path}", *overrides(corpus, pretrained_teacher, out)]
+    proc = launch(*base, "data.seq_len=16", how="python", ok=False)
     assert proc.returncode == 2 and "was made for seq_len=32 but this run has seq_len=16" in proc.stderr
-    proc = run_cmd(base + ["distill.temperature=1.0"])
+    proc = launch(*base, "distill.temperature=1.0", how="python", ok=False)
     assert proc.returncode == 2 and "holds probabilities at temperature 2.0, but distill.temperature=1.0" in proc.stderr
 
 
@@ -101,6 +97,6 @@ def test_an_interrupted_cache_run_resumes_to_the_same_cache(cached, corpus, pret
         a = datasets.Dataset.from_parquet(str(part_path(out, chunk))).to_dict()
         b = datasets.Dataset.from_parquet(str(part_path(partial, chunk))).to_dict()
         assert a == b, chunk
-    proc = run_cmd([sys.executable, "tools/cache_teacher_logits.py", "--config", str(MICRO), "--shard-blocks", "16",
-                    *overrides(corpus, pretrained_teacher, partial), "distill.top_k=8"])
+    proc = launch("--shard-blocks", "16", *overrides(corpus, pretrained_teacher, partial), "distill.top_k=8",
+                  how="python", script="tools/cache_teacher_logits.py", ok=False)
     assert proc.returncode == 2 and "made with other settings (k: 16 here, 8 asked)" in proc.stderr

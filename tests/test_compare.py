@@ -1,16 +1,16 @@
-"""tools/compare.py end to end on micro models: four arms, a table, a plot, and a rerun
-that repeats nothing."""
+"""codistill-compare end to end on micro models (through its console entry point): four arms,
+a table, a plot, and a rerun that repeats nothing."""
 import json
 import sys
 
 import yaml
 
-from conftest import MICRO, run_cmd
+from conftest import MICRO, bin_path, run_cmd
 
 
 def test_compare_trains_four_arms_writes_table_and_plot_and_resumes(tmp_path):
     out = tmp_path / "cmp"
-    cmd = [sys.executable, "tools/compare.py", "--config", str(MICRO), "--seeds", "1", "--output-dir", str(out),
+    cmd = [bin_path("codistill-compare"), "--config", str(MICRO), "--seeds", "1", "--output-dir", str(out),
            "train.max_steps=6", "distill.head_start_steps=2", "train.eval_interval=3"]
     proc = run_cmd(cmd, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -1,25 +1,15 @@
 """Training runs that exercise the distillation choices end to end."""
 import math
-import sys
 
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from codistill.distributed import free_port
-
-from conftest import MICRO, bin_path, run_cmd
+from conftest import launch, read_scalars
 
 FROZEN_TEACHER = ["teacher.deepspeed.optimizer.params.lr=0.0"]
 
 
 def scalars(out, tag):
-    acc = EventAccumulator(str(out / "tensorboard"))
-    acc.Reload()
-    return [e.value for e in acc.Scalars(tag)]
-
-
-def ok(proc):
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return list(read_scalars(out)[tag].values())
 
 
 def test_every_divergence_trains_on_two_ranks_and_its_kd_term_falls(tmp_path):
@@ -39,28 +29,23 @@ def test_every_divergence_trains_on_two_ranks_and_its_kd_term_falls(tmp_path):
             % (i, "{" + ", ".join(f"{k}: {v}" for k, v in extra.items()) + "}")
         )
     out = tmp_path / "run"
-    cmd = [bin_path("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
-           "--config", str(MICRO), f"output_dir={out}", "train.max_steps=24", "train.eval_interval=24",
-           "distill.schedule=constant", "distill.alpha_max=1.0", "distill.burn_in_steps=0",
-           "distill.temperature=1.0", "train.panel_interval=6", *FROZEN_TEACHER, f"students=[{', '.join(students)}]"]
-    proc = run_cmd(cmd)
-    ok(proc)
+    proc = launch(f"output_dir={out}", "train.max_steps=24", "train.eval_interval=24",
+                  "distill.schedule=constant", "distill.alpha_max=1.0", "distill.burn_in_steps=0",
+                  "distill.temperature=1.0", "train.panel_interval=6", *FROZEN_TEACHER,
+                  f"students=[{', '.join(students)}]")
     # The distillation panels: present for every student, every panel_interval steps, finite.
-    acc = EventAccumulator(str(out / "tensorboard"))
-    acc.Reload()
-    panels = [t for t in acc.Tags()["scalars"] if t.startswith("distill/")]
-    assert "distill/teacher_entropy" in panels
+    tb = read_scalars(out)
+    assert "distill/teacher_entropy" in tb
     for i in range(4):
         keys = ["teacher_minus_student_ce", "student_entropy", "topk_mass", "kd_ce_grad_ratio",
                 "kd_pos_000-007", "kd_pos_008-015", "kd_pos_016-023", "kd_pos_024-031"]
         for key in keys:
-            values = [e.value for e in acc.Scalars(f"distill/{key}/s{i}")]
+            values = list(tb[f"distill/{key}/s{i}"].values())
             assert len(values) == (24 if key == "teacher_minus_student_ce" else 4), (key, i)
             assert all(math.isfinite(v) for v in values), (key, i, values)
-        mass = [e.value for e in acc.Scalars(f"distill/topk_mass/s{i}")]
-        assert all(0.0 < m <= 1.0 for m in mass)
-        assert all(e.value > 0 for e in acc.Scalars(f"distill/kd_ce_grad_ratio/s{i}"))
-    assert [e.step for e in acc.Scalars("distill/teacher_entropy")] == [6, 12, 18, 24]
+        assert all(0.0 < m <= 1.0 for m in tb[f"distill/topk_mass/s{i}"].values())
+        assert all(v > 0 for v in tb[f"distill/kd_ce_grad_ratio/s{i}"].values())
+    assert sorted(tb["distill/teacher_entropy"]) == [6, 12, 18, 24]
     assert "s1: top-32 targets hold 0.03 MB per micro-batch instead of 2.00 MB of full teacher logits" in proc.stdout
     for i in range(4):
         kd = scalars(out, f"s{i}/train/loss_kd")
@@ -71,8 +56,8 @@ def test_every_divergence_trains_on_two_ranks_and_its_kd_term_falls(tmp_path):
 
 def test_adaptive_alpha_stays_zero_while_the_teacher_is_behind(tmp_path):
     out = tmp_path / "behind"
-    ok(run_cmd([sys.executable, "launch/train.py", "--config", str(MICRO), f"output_dir={out}",
-                "train.max_steps=12", "distill.schedule=adaptive", "distill.burn_in_steps=0", *FROZEN_TEACHER]))
+    launch(f"output_dir={out}", "train.max_steps=12", "distill.schedule=adaptive", "distill.burn_in_steps=0",
+           *FROZEN_TEACHER, how="python")
     assert scalars(out, "schedule/alpha") == [0.0] * 12
     gap = scalars(out, "schedule/gap")
     assert gap[-1] < 0  # the student's CE is below the frozen teacher's
@@ -80,10 +65,9 @@ def test_adaptive_alpha_stays_zero_while_the_teacher_is_behind(tmp_path):
 
 def test_adaptive_alpha_rises_once_the_teacher_is_ahead_and_gating_and_head_start_work(tmp_path):
     out = tmp_path / "ahead"
-    ok(run_cmd([sys.executable, "launch/train.py", "--config", str(MICRO), f"output_dir={out}",
-                "train.max_steps=12", "distill.schedule=adaptive", "distill.burn_in_steps=2",
-                "distill.adaptive_gap=0.05", "distill.head_start_steps=3", "distill.token_gate=true",
-                "students.0.deepspeed.optimizer.params.lr=0.0"]))
+    launch(f"output_dir={out}", "train.max_steps=12", "distill.schedule=adaptive", "distill.burn_in_steps=2",
+           "distill.adaptive_gap=0.05", "distill.head_start_steps=3", "distill.token_gate=true",
+           "students.0.deepspeed.optimizer.params.lr=0.0", how="python")
     alpha = scalars(out, "schedule/alpha")
     # 3 steps of head start, then the student's own 2 burn-in steps at α = 0.
     assert alpha[:5] == [0.0] * 5 and alpha[5] > 0 and alpha[-1] == pytest.approx(0.5)

@@ -1,10 +1,9 @@
 """Hard-label (sequence-level) distillation: CE on teacher-written responses only."""
 import json
-import sys
 
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+import datasets
 
-from conftest import MICRO, run_cmd
+from conftest import launch, read_scalars
 
 
 def test_hard_mode_trains_on_responses_without_loading_the_teacher(tmp_path, tokenizer):
@@ -14,42 +13,29 @@ def test_hard_mode_trains_on_responses_without_loading_the_teacher(tmp_path, tok
             fh.write(json.dumps({"prompt": f"Line {i} of the play:", "response": " To be, or not to be." * 3}) + "\n")
     tokenizer.save_pretrained(tmp_path / "tok")
     out = tmp_path / "run"
-    proc = run_cmd([sys.executable, "launch/train.py", "--config", str(MICRO), f"output_dir={out}", "mode=hard",
-                    f"data.dataset={data}", "data.text_field=response", "data.prompt_field=prompt", "data.pack=false",
-                    f"data.tokenizer={tmp_path / 'tok'}", f"data.cache_dir={tmp_path / 'cache'}",
-                    "teacher.pretrained=/nonexistent/teacher", "teacher.config={}", "train.max_steps=8",
-                    "train.eval_interval=8"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = launch(f"output_dir={out}", "mode=hard", f"data.dataset={data}", "data.text_field=response",
+                  "data.prompt_field=prompt", "data.pack=false", f"data.tokenizer={tmp_path / 'tok'}",
+                  f"data.cache_dir={tmp_path / 'cache'}", "teacher.pretrained=/nonexistent/teacher",
+                  "teacher.config={}", "train.max_steps=8", "train.eval_interval=8", how="python")
     assert "teacher: not loaded; hard mode trains on the text it generated" in proc.stdout
-    acc = EventAccumulator(str(out / "tensorboard"))
-    acc.Reload()
-    tags = acc.Tags()["scalars"]
-    assert "student/train/loss" in tags and not any(t.startswith("teacher/") or t.startswith("schedule/") for t in tags)
-    losses = [e.value for e in acc.Scalars("student/eval/loss")]
+    tb = read_scalars(out)
+    assert "student/train/loss" in tb and not any(t.startswith("teacher/") or t.startswith("schedule/") for t in tb)
+    losses = list(tb["student/eval/loss"].values())
     assert losses[-1] < losses[0]  # the repeated response is learnt
 
 
 def test_generation_is_seeded_identical_on_one_and_two_ranks_and_trains(tmp_path, pretrained_teacher):
-    import datasets
-
-    from codistill.distributed import free_port
-    from conftest import bin_path
-
-    args = ["--config", str(MICRO), "--num-prompts", "6", "--prompt-tokens", "8", "--max-new-tokens", "6",
+    args = ["--num-prompts", "6", "--prompt-tokens", "8", "--max-new-tokens", "6",
             "--batch-size", "2", "--seed", "3", "--top-p", "0.9", f"teacher.pretrained={pretrained_teacher}",
             "teacher.config={}"]
-    one = run_cmd([sys.executable, "tools/generate_hard_labels.py", "--out", str(tmp_path / "one"), *args])
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = run_cmd([bin_path("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-                   "tools/generate_hard_labels.py", "--out", str(tmp_path / "two"), *args])
-    assert two.returncode == 0, two.stderr[-3000:]
+    launch("--out", str(tmp_path / "one"), *args, how="python", script="tools/generate_hard_labels.py")
+    launch("--out", str(tmp_path / "two"), *args, script="tools/generate_hard_labels.py")
     a = datasets.load_dataset("parquet", data_files=sorted(str(p) for p in (tmp_path / "one").glob("part-*")))["train"]
     b = datasets.load_dataset("parquet", data_files=sorted(str(p) for p in (tmp_path / "two").glob("part-*")))["train"]
     assert len(a) == 6 and a.to_dict() == b.to_dict()
     assert all(len(r) > 0 for r in a["response"])
     assert json.loads((tmp_path / "one" / "codistill_generation.json").read_text())["complete"]
-    proc = run_cmd([sys.executable, "launch/train.py", "--config", str(MICRO), f"output_dir={tmp_path / 'run'}",
-                    "mode=hard", f"data.dataset={tmp_path / 'one'}", "data.text_field=response",
-                    "data.prompt_field=prompt", "data.pack=false", "data.val_fraction=0.34", "train.micro_batch_size=2",
-                    "train.max_steps=2", f"teacher.pretrained={pretrained_teacher}", "teacher.config={}"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    launch(f"output_dir={tmp_path / 'run'}", "mode=hard", f"data.dataset={tmp_path / 'one'}",
+           "data.text_field=response", "data.prompt_field=prompt", "data.pack=false", "data.val_fraction=0.34",
+           "train.micro_batch_size=2", "train.max_steps=2", f"teacher.pretrained={pretrained_teacher}",
+           "teacher.config={}", how="python")

@@ -4,13 +4,11 @@ import re
 import sys
 
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from codistill.config import ConfigError, load_config
-from codistill.distributed import free_port
 from codistill.memory import estimate, parse_size
 
-from conftest import MICRO, bin_path, run_cmd
+from conftest import MICRO, launch, read_scalars, run_cmd
 
 
 def by_name(est):
@@ -67,8 +65,7 @@ def test_memory_sizes_parse_and_bad_ones_are_refused():
 
 def test_dry_run_prints_the_estimate_and_writes_nothing(tmp_path):
     out = tmp_path / "never"
-    proc = run_cmd([sys.executable, "launch/train.py", "--config", str(MICRO), f"output_dir={out}", "dry_run=true"])
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = launch(f"output_dir={out}", "dry_run=true", how="python")
     assert "dry run (dry_run=true): nothing trained or written" in proc.stdout
     assert re.search(r"teacher +\d+\.\d+ GB", proc.stdout) and "expected peak per rank" in proc.stdout
     assert "largest micro-batch in" in proc.stdout
@@ -80,13 +77,9 @@ def test_dry_run_prints_the_estimate_and_writes_nothing(tmp_path):
 def test_the_estimate_is_within_25_percent_of_the_measured_peak_of_a_tiny_run(tmp_path):
     """The embedded default, 2 ranks: every rank's peak RSS against the estimate."""
     out = tmp_path / "tiny"
-    run = run_cmd([bin_path("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
-                   f"output_dir={out}", "train.max_steps=6", "distill.head_start_steps=2", "train.eval_interval=6",
-                   "train.eval_batches=1", "train.log_interval=6"])
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    acc = EventAccumulator(str(out / "tensorboard"))
-    acc.Reload()
-    measured = max(e.value for e in acc.Scalars("perf/peak_memory_gb"))
+    launch(f"output_dir={out}", "train.max_steps=6", "distill.head_start_steps=2", "train.eval_interval=6",
+           "train.eval_batches=1", "train.log_interval=6", config=None)
+    measured = max(read_scalars(out)["perf/peak_memory_gb"].values())
     tool = run_cmd([sys.executable, "tools/estimate_memory.py", "--world-size", "2"])
     assert tool.returncode == 0, tool.stderr[-2000:]
     estimated = float(re.search(r"expected peak per rank: ([\d.]+) GB", tool.stdout).group(1))

@@ -2,18 +2,16 @@
 import json
 import signal
 import subprocess
-import sys
 import time
 
 import psutil
 import pytest
 import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from codistill.distributed import free_port
 
-from conftest import MICRO, ROOT, bin_path, launch_env, run_cmd
+from conftest import MICRO, ROOT, launch, launch_cmd, launch_env, read_scalars
 
 TRACKED = ["teacher/train/loss", "student/train/loss", "student/train/loss_kd", "teacher/train/lr",
            "student/train/grad_norm", "schedule/alpha"]
@@ -22,17 +20,13 @@ COMMON = ["train.max_steps=8", "distill.schedule=adaptive", "distill.adaptive_ga
 
 
 def deepspeed(out, *overrides):
-    cmd = [bin_path("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
-           "--config", str(MICRO), f"output_dir={out}", *COMMON, *overrides]
-    proc = run_cmd(cmd)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = launch(f"output_dir={out}", *COMMON, *overrides)
     return proc.stdout + proc.stderr
 
 
 def per_step(out):
-    acc = EventAccumulator(str(out / "tensorboard"))
-    acc.Reload()
-    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in TRACKED}
+    scalars = read_scalars(out)
+    return {tag: scalars[tag] for tag in TRACKED}
 
 
 def final_weights(out, step=8):
@@ -71,8 +65,7 @@ def test_stop_and_resume_mid_epoch_matches_an_uninterrupted_run_bitwise(tmp_path
 
 def test_sigterm_finishes_the_step_saves_and_exits_zero_then_resumes(tmp_path):
     out = tmp_path / "run"
-    cmd = [bin_path("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
-           "--config", str(MICRO), f"output_dir={out}", "train.max_steps=500", "train.log_interval=1"]
+    cmd = launch_cmd(["--config", str(MICRO), f"output_dir={out}", "train.max_steps=500", "train.log_interval=1"])
     proc = subprocess.Popen(cmd, cwd=ROOT, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen = []
     for line in proc.stdout:
@@ -90,110 +83,112 @@ def test_sigterm_finishes_the_step_saves_and_exits_zero_then_resumes(tmp_path):
     assert stopped, log[-3000:]
     step = int(stopped[0].split("stopping at step ")[1].split()[0])
     assert (out / "checkpoints" / f"step_{step:08d}" / "manifest.json").exists()
-    resumed = run_cmd([bin_path("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
-                       "--config", str(MICRO), f"output_dir={out}", f"train.max_steps={step + 2}", "resume=auto"])
-    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    resumed = launch(f"output_dir={out}", f"train.max_steps={step + 2}", "resume=auto")
     assert f"at step {step}" in resumed.stdout and f"step {step + 2}/{step + 2}" in resumed.stdout
 
 
 def test_a_kill_during_a_save_leaves_the_previous_checkpoint_to_resume_from(tmp_path):
     out = tmp_path / "run"
-    proc = run_cmd([sys.executable, "tests/helpers/crash_during_save.py", f"output_dir={out}"])
+    proc = launch(f"output_dir={out}", how="python", script="tests/helpers/crash_during_save.py", config=None, ok=False)
     assert proc.returncode == -signal.SIGKILL
     root = out / "checkpoints"
     assert (root / "latest").read_text().strip() == "step_00000002"
     assert not (root / "step_00000004").exists() and (root / ".staging_step_00000004").exists()
-    resumed = run_cmd([sys.executable, "launch/train.py", "--config", str(MICRO), f"output_dir={out}", "resume=auto"])
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed = launch(f"output_dir={out}", "resume=auto", how="python")
     assert "step_00000002 at step 2" in resumed.stdout
     assert (root / "step_00000006" / "manifest.json").exists() and not (root / ".staging_step_00000004").exists()
 
 
 def test_corrupted_checkpoint_is_named_and_auto_resume_falls_back(tmp_path):
     out = tmp_path / "run"
-    ok = run_cmd([sys.executable, "launch/train.py", "--config", str(MICRO), f"output_dir={out}",
-                  "checkpoint.interval=2", "checkpoint.keep_last=0", "train.max_steps=4"])
-    assert ok.returncode == 0, ok.stderr[-2000:]
+    launch(f"output_dir={out}", "checkpoint.interval=2", "checkpoint.keep_last=0", "train.max_steps=4", how="python")
     newest = out / "checkpoints" / "step_00000004"
     victim = next(p for p in sorted((newest / "student").rglob("*.pt")))
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF
     victim.write_bytes(bytes(data))
-    explicit = run_cmd([sys.executable, "launch/train.py", "--config", str(MICRO), f"output_dir={out}",
-                        f"resume={newest}", "train.max_steps=6"])
+    explicit = launch(f"output_dir={out}", f"resume={newest}", "train.max_steps=6", how="python", ok=False)
     assert explicit.returncode == 2
     assert explicit.stderr.strip().splitlines()[-1] == (
         f"codistill: error: resume: checkpoint file {victim} is corrupted (sha256 differs from the manifest)")
-    auto = run_cmd([sys.executable, "launch/train.py", "--config", str(MICRO), f"output_dir={out}",
-                    "resume=auto", "train.max_steps=6"])
-    assert auto.returncode == 0, auto.stderr[-2000:]
+    auto = launch(f"output_dir={out}", "resume=auto", "train.max_steps=6", how="python")
     assert f"skipping step_00000004: checkpoint file {victim} is corrupted" in auto.stderr
     assert "step_00000002 at step 2" in auto.stdout
 
 
 def test_checkpoints_are_pruned_only_after_a_newer_one_is_complete(tmp_path):
     out = tmp_path / "run"
-    proc = run_cmd([sys.executable, "launch/train.py", "--config", str(MICRO), f"output_dir={out}",
-                    "checkpoint.interval=1", "checkpoint.keep_last=2", "train.max_steps=4"])
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    launch(f"output_dir={out}", "checkpoint.interval=1", "checkpoint.keep_last=2", "train.max_steps=4", how="python")
     assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000003", "step_00000004"]
     state = json.loads((out / "checkpoints" / "step_00000004" / "trainer_state.json").read_text())
     assert state["step"] == 4
 
 
 def test_resume_path_without_a_checkpoint_is_refused(tmp_path):
-    proc = run_cmd([sys.executable, "launch/train.py", "--config", str(MICRO), f"output_dir={tmp_path / 'o'}",
-                    f"resume={tmp_path}"])
+    proc = launch(f"output_dir={tmp_path / 'o'}", f"resume={tmp_path}", how="python", ok=False)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"codistill: error: resume: {tmp_path} is not a complete checkpoint (no manifest.json)"
 
 
 def test_nan_loss_stops_with_a_checkpoint_of_the_last_good_state(tmp_path):
     out = tmp_path / "run"
-    proc = run_cmd([sys.executable, "tests/helpers/inject_nan.py", "4", "--config", str(MICRO), f"output_dir={out}"])
+    proc = launch("4", "--config", str(MICRO), f"output_dir={out}", how="python", script="tests/helpers/inject_nan.py",
+                  config=None, ok=False)
     assert proc.returncode == 3, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("codistill: error: non-finite loss of student at step 4; saved the last good state to ")
     assert last.endswith("step_00000003 (train.nonfinite=stop)")
-    resumed = run_cmd([sys.executable, "launch/train.py", "--config", str(MICRO), f"output_dir={out}", "resume=auto"])
-    assert resumed.returncode == 0 and "step_00000003 at step 3" in resumed.stdout
+    resumed = launch(f"output_dir={out}", "resume=auto", how="python")
+    assert "step_00000003 at step 3" in resumed.stdout
 
 
 def test_nan_loss_with_skip_policy_skips_that_update_and_counts_it(tmp_path):
     out = tmp_path / "run"
-    proc = run_cmd([sys.executable, "tests/helpers/inject_nan.py", "4", "--config", str(MICRO), f"output_dir={out}",
-                    "train.nonfinite=skip"])
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    acc = EventAccumulator(str(out / "tensorboard"))
-    acc.Reload()
-    assert [e.value for e in acc.Scalars("student/train/skipped_steps")] == [0, 0, 0, 1, 1, 1]
-    assert [e.step for e in acc.Scalars("student/train/loss")] == [1, 2, 3, 5, 6]
-    assert len(acc.Scalars("teacher/train/loss")) == 6
+    launch("4", "--config", str(MICRO), f"output_dir={out}", "train.nonfinite=skip", how="python",
+           script="tests/helpers/inject_nan.py", config=None)
+    scalars = read_scalars(out)
+    assert list(scalars["student/train/skipped_steps"].values()) == [0, 0, 0, 1, 1, 1]
+    assert sorted(scalars["student/train/loss"]) == [1, 2, 3, 5, 6]
+    assert len(scalars["teacher/train/loss"]) == 6
 
 
-def test_a_killed_rank_ends_the_whole_job_with_an_error(tmp_path):
-    cmd = [bin_path("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
-           "--config", str(MICRO), f"output_dir={tmp_path}", "train.max_steps=100000", "train.log_interval=1"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:
-        if line.startswith("step 2/"):
-            break
-    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "--local_rank=1" in " ".join(p.cmdline())]
-    start = time.monotonic()
-    ranks[0].kill()
-    rest, _ = proc.communicate(timeout=150)
-    assert time.monotonic() - start < 120
-    assert proc.returncode != 0
-    assert "exits with return code" in rest or "codistill: error: rank 0: lost contact with another rank" in rest
+@pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "silent"])
+def test_a_dead_or_silent_rank_ends_the_job_through_the_trainers_own_handling(tmp_path, fault):
+    """Two ranks started as bare processes (no launcher that could stop them for us): when
+    rank 1 dies or hangs, rank 0 itself must end with exit code 4 and one 'lost contact'
+    line, within train.collective_timeout_s (plus start-up slack)."""
+    timeout_s, port, ranks = 10, str(free_port()), []
+    for rank in range(2):
+        env = launch_env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                         MASTER_PORT=port)
+        ranks.append(subprocess.Popen(
+            launch_cmd(["--config", str(MICRO), f"output_dir={tmp_path}", "train.max_steps=100000",
+                        "train.log_interval=1", f"train.collective_timeout_s={timeout_s}"], how="python", ranks=1),
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        for line in ranks[0].stdout:
+            if line.startswith("step 2/"):
+                break
+        start = time.monotonic()
+        ranks[1].send_signal(fault)
+        _, err = ranks[0].communicate(timeout=120)
+        elapsed = time.monotonic() - start
+    finally:
+        for proc in ranks:
+            proc.kill()
+            proc.wait()
+    assert ranks[0].returncode == 4, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("codistill: error: rank 0: lost contact with another rank, ending the job ("), last
+    assert elapsed < timeout_s + 15, elapsed
 
 
 def test_a_two_rank_checkpoint_resumes_on_one_rank(tmp_path, straight_zero2):
     """Saved by 2 ranks, resumed by 1 with twice the accumulation (same global batch, same
     samples): the continuation matches the 2-rank run up to float summation order."""
     deepspeed(tmp_path / "split", "train.steps_this_run=4")
-    proc = run_cmd([sys.executable, "launch/train.py", "--config", str(MICRO), f"output_dir={tmp_path / 'split'}",
-                    *COMMON, "resume=auto", "train.gradient_accumulation_steps=2"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = launch(f"output_dir={tmp_path / 'split'}", *COMMON, "resume=auto", "train.gradient_accumulation_steps=2",
+                  how="python")
     assert "resuming a 2-rank checkpoint on 1 rank(s) through DeepSpeed's universal checkpoint" in proc.stderr
     assert "world: 1 rank(s)" in proc.stdout and "at step 4" in proc.stdout
     a, b = per_step(straight_zero2), per_step(tmp_path / "split")

@@ -1,6 +1,7 @@
 """The package's shape: imports only go down (no cycle among codistill modules, function-level
 imports included), and no file of the project edits sys.path."""
 import ast
+import sys
 from pathlib import Path
 
 from conftest import ROOT
@@ -77,3 +78,34 @@ def test_no_file_of_the_project_edits_sys_path():
                         and node.value.id == "sys"):
                     offenders.append(str(path.relative_to(ROOT)))
     assert not offenders, offenders
+
+
+def console_scripts() -> dict[str, str]:
+    """name -> 'module:function' of the project's console entry points (as installed)."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep.value for ep in entry_points(group="console_scripts") if ep.name.startswith("codistill-")}
+
+
+def test_every_tool_is_a_thin_script_over_a_command_with_a_console_entry_point():
+    targets = set(console_scripts().values())
+    scripts = sorted((ROOT / "tools").glob("*.py")) + [ROOT / "launch" / "train.py"]
+    assert len(scripts) == len(targets) == 10
+    for path in scripts:
+        tree = ast.parse(path.read_text())
+        imported = [n for n in tree.body if isinstance(n, ast.ImportFrom)]
+        assert [(n.module, [a.name for a in n.names]) for n in imported] == [(f"codistill.commands.{path.stem}", ["main"])]
+        assert f"codistill.commands.{path.stem}:main" in targets, path
+
+
+def test_every_tool_runs_as_a_script_and_as_its_console_command():
+    import concurrent.futures
+
+    from conftest import bin_path, run_cmd
+
+    commands = [[sys.executable, str(p)] for p in sorted((ROOT / "tools").glob("*.py"))]
+    commands += [[sys.executable, "launch/train.py"]] + [[bin_path(name)] for name in sorted(console_scripts())]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda cmd: run_cmd([*cmd, "--help"], timeout=120), commands))
+    for cmd, proc in zip(commands, results):
+        assert proc.returncode == 0 and proc.stdout.startswith("usage: codistill-"), (cmd, proc.stderr[-2000:])

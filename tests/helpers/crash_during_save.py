@@ -9,14 +9,13 @@ import signal
 import sys
 from pathlib import Path
 
+import torch
+
+from codistill import checkpoint
+from codistill.config import load_config
+from codistill.trainer import Trainer
+
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-
-from codistill import checkpoint  # noqa: E402
-from codistill.config import load_config  # noqa: E402
-from codistill.trainer import Trainer  # noqa: E402
 
 
 def main() -> None:

@@ -4,16 +4,11 @@ the train.nonfinite policy. Runs the real entry point:
     inject_nan.py N --config ... [key.path=value ...]
 """
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "launch"))
+import torch
 
-import torch  # noqa: E402
-
-import codistill.trainer as trainer_module  # noqa: E402
-import train  # noqa: E402
+import codistill.trainer as trainer_module
+from codistill.commands import train
 
 
 def main() -> int:

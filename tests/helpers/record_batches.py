@@ -8,11 +8,10 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from codistill.config import load_config
+from codistill.trainer import Trainer
 
-from codistill.config import load_config  # noqa: E402
-from codistill.trainer import Trainer  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def main() -> None:
