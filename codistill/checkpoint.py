@@ -20,12 +20,14 @@ import hashlib
 import json
 import logging
 import os
+import random
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
+import numpy as np
 import torch
 
 from .config import ConfigError
@@ -192,6 +194,38 @@ def universal(path: Path, model: str, is_main: bool) -> Path:
         os.replace(tmp, folder)
     torch.distributed.barrier()
     return folder
+
+
+def rank_state(data_cursor: dict[str, int]) -> dict:
+    """What one rank saves besides its engines: the data cursor and every RNG it draws from."""
+    return {"data": data_cursor, "python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def restore_rank_state(path: Path, rank: int) -> dict[str, int]:
+    """Restore this rank's RNGs from checkpoint ``path`` (rank ``rank``'s file); returns its data cursor."""
+    state = torch.load(rank_file(path, rank), weights_only=False)
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    return dict(state["data"])
+
+
+def rescale_cursor(cursor: dict[str, int], micro_batch_size: int, saved_world: int, world: int,
+                   warn: bool = True) -> dict[str, int]:
+    """A data cursor saved on ``saved_world`` ranks, for ``world`` ranks. DistributedSampler deals
+    one global permutation round-robin, so after p micro-batches of b on W ranks exactly the
+    first p·b·W samples of the epoch are used; continue there, or at the micro-batch boundary
+    just before it (those few samples are seen twice)."""
+    used = cursor["position"] * micro_batch_size * saved_world
+    per_step = micro_batch_size * world
+    if used % per_step and warn:
+        log.warning("resume: %d samples of the epoch were used, not a multiple of %d; continuing from the "
+                    "micro-batch boundary before it", used, per_step)
+    return {**cursor, "position": used // per_step}
 
 
 def read_state(path: Path) -> dict:

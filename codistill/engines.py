@@ -136,7 +136,7 @@ def build_engine(spec: ModelSpec, hf_config, ds_config: dict[str, Any], seed: in
     return Member(spec, engine)
 
 
-def logits(member: Member, batch: dict[str, torch.Tensor], vocab: int) -> torch.Tensor:
+def forward_logits(member: Member, batch: dict[str, torch.Tensor], vocab: int) -> torch.Tensor:
     """[B, S, V] logits over the tokenizer's real vocabulary (embedding padding sliced away)."""
     out = member.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     return out.logits[..., :vocab]

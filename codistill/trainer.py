@@ -23,7 +23,7 @@ from . import checkpoint, distributed
 from .cache import TeacherCache
 from .config import ConfigError, DistillConfig, RunConfig, dump_config
 from .data import BatchStream, build_splits, check_data_source, eval_batches, run_tokenizer, tokenizer_fingerprint
-from .engines import (Member, build_engine, deepspeed_configs, init_seed, is_trainable, loaded_models, logits,
+from .engines import (Member, build_engine, deepspeed_configs, forward_logits, init_seed, is_trainable, loaded_models,
                       quiet_library_noise)
 from .errors import NonFinite
 from .losses import (SoftSpec, Targets, distill_loss, next_token_targets, panel_stats, top1_agreement,
@@ -279,7 +279,7 @@ class Trainer:
         return out
 
     def _logits(self, member: Member, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return logits(member, batch, self.vocab)
+        return forward_logits(member, batch, self.vocab)
 
     def _finite(self, member: Member, loss: torch.Tensor) -> bool:
         """Whether ``loss`` is finite on every rank; if not, apply ``train.nonfinite``:
@@ -444,11 +444,9 @@ class Trainer:
         state = {"world_size": self.world.size, "models": [m.name for m in self.trainable],
                  "schedule": {"gap_ema": {s.name: g for s, g in zip(self.students, self.gap)}},
                  "start_eval": self.start_eval, "config": self.cfg.model_dump(mode="json")}
-        rank_state = {"data": self.stream.state_dict(), "python": random.getstate(),
-                      "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                      "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
         return checkpoint.save(self.output_dir, self.step, [(m.name, m.engine) for m in self.trainable], state,
-                               rank_state, self.world.rank, self.cfg.checkpoint.keep_last, self._write_extra)
+                               checkpoint.rank_state(self.stream.state_dict()), self.world.rank,
+                               self.cfg.checkpoint.keep_last, self._write_extra)
 
     def _write_extra(self, folder: Path) -> None:
         """What an export needs beside the weights: each model's config and the tokenizer."""
@@ -473,24 +471,11 @@ class Trainer:
         gaps = state["schedule"]["gap_ema"]
         self.gap = [gaps.get(s.name) for s in self.students]
         self.start_eval = state.get("start_eval", {})  # absent in checkpoints of earlier releases
-        rank_state = torch.load(checkpoint.rank_file(path, min(self.world.rank, self.saved_world - 1)),
-                                weights_only=False)
-        cursor = dict(rank_state["data"])
+        cursor = checkpoint.restore_rank_state(path, min(self.world.rank, self.saved_world - 1))
         if rescaled:
-            # DistributedSampler deals one global permutation round-robin, so after p micro-batches
-            # of b on W ranks exactly the first p·b·W samples of the epoch are used; continue there.
-            used = cursor["position"] * self.cfg.train.micro_batch_size * self.saved_world
-            per_step = self.cfg.train.micro_batch_size * self.world.size
-            cursor["position"] = used // per_step
-            if used % per_step and self.world.is_main:
-                log.warning("resume: %d samples of the epoch were used, not a multiple of %d; skipping to the next "
-                            "micro-batch boundary", used, per_step)
+            cursor = checkpoint.rescale_cursor(cursor, self.cfg.train.micro_batch_size, self.saved_world,
+                                               self.world.size, warn=self.world.is_main)
         self.stream.load_state_dict(cursor)
-        random.setstate(rank_state["python"])
-        np.random.set_state(rank_state["numpy"])
-        torch.set_rng_state(rank_state["torch"])
-        if rank_state["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rank_state["cuda"])
         changed = _changed_keys(state["config"], self.cfg.model_dump(mode="json"))
         if changed and self.world.is_main:
             log.warning("resuming with a config that differs from the checkpoint's in: %s", ", ".join(changed))

@@ -17,7 +17,7 @@ TRAIN = "launch/train.py"
 os.environ.setdefault("CODISTILL_CACHE", str(ROOT / ".cache"))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-__all__ = ["MICRO", "ROOT", "TRAIN", "launch", "launch_cmd", "launch_env", "read_scalars", "run_cmd"]
+__all__ = ["MICRO", "ROOT", "TRAIN", "launch", "launch_cmd", "launch_env", "read_layout", "read_scalars", "run_cmd"]
 
 
 def launch_env(**extra: str) -> dict:
@@ -65,6 +65,19 @@ def launch(*args: str, how: str = "deepspeed", ranks: int = 2, script: str = TRA
     if ok:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
+
+
+def read_layout(output_dir) -> dict[str, list[str]]:
+    """The custom-scalars layout a run wrote to TensorBoard: chart title -> its tag regexes."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2, metadata
+    from tensorboard.util import tensor_util
+
+    acc = EventAccumulator(str(Path(output_dir) / "tensorboard"), size_guidance={"tensors": 0})
+    acc.Reload()
+    event = acc.Tensors(metadata.CONFIG_SUMMARY_TAG)[0]
+    layout = layout_pb2.Layout.FromString(tensor_util.make_ndarray(event.tensor_proto).item())
+    return {chart.title: list(chart.multiline.tag) for category in layout.category for chart in category.chart}
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from conftest import launch, read_scalars
+from conftest import launch, read_layout, read_scalars
 
 FROZEN_TEACHER = ["teacher.deepspeed.optimizer.params.lr=0.0"]
 
@@ -46,6 +46,11 @@ def test_every_divergence_trains_on_two_ranks_and_its_kd_term_falls(tmp_path):
         assert all(0.0 < m <= 1.0 for m in tb[f"distill/topk_mass/s{i}"].values())
         assert all(v > 0 for v in tb[f"distill/kd_ce_grad_ratio/s{i}"].values())
     assert sorted(tb["distill/teacher_entropy"]) == [6, 12, 18, 24]
+    layout = read_layout(out)  # each student's own chart of its α, gate signal and gap
+    for i in range(4):
+        assert layout[f"s{i}: alpha, its gate signal (gap) and teacher - student CE"] == [
+            f"^schedule/alpha/s{i}$", f"^schedule/gap/s{i}$", f"^distill/teacher_minus_student_ce/s{i}$"]
+    assert len(layout["validation loss, every model"]) == 5
     assert "s1: top-32 targets hold 0.03 MB per micro-batch instead of 2.00 MB of full teacher logits" in proc.stdout
     for i in range(4):
         kd = scalars(out, f"s{i}/train/loss_kd")

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from conftest import launch, read_scalars
+from conftest import launch, read_layout, read_scalars
 
 TAGS = [
     "teacher/train/loss", "teacher/train/loss_ce", "teacher/train/lr", "teacher/train/grad_norm",
@@ -54,6 +54,29 @@ def test_tensorboard_holds_every_tag_with_finite_values(zero2):
     assert all(b >= a for a, b in zip(alpha, alpha[1:])) and alpha[-1] > alpha[0]
     assert sorted(scalars["teacher/eval/loss"]) == [0, 3, 6]
     assert list(scalars["schedule/temperature"].values()) == [2.0] * 6
+
+
+def test_the_run_ends_with_a_summary_and_tensorboard_has_the_comparison_charts(zero2):
+    out, log = zero2
+    scalars = read_scalars(out)
+    summary = log[log.index("run finished:"):].splitlines()
+    final = {name: scalars[f"{name}/eval/loss"][6] for name in ("teacher", "student")}
+    start = {name: scalars[f"{name}/eval/loss"][0] for name in ("teacher", "student")}
+    assert summary[1] == (f"  teacher: validation loss {final['teacher']:.4f} (perplexity {math.exp(final['teacher']):,.1f}), "
+                          f"{final['teacher'] - start['teacher']:+.4f} since step 0")
+    assert summary[2] == (f"  student: validation loss {final['student']:.4f} (perplexity {math.exp(final['student']):,.1f}), "
+                          f"{final['student'] - final['teacher']:+.4f} vs the teacher, "
+                          f"{final['student'] - start['student']:+.4f} since step 0")
+    assert re.fullmatch(r"  [\d.,]+ s of training in this run, [\d,]+ tokens/s", summary[3])
+    assert summary[4] == f"  checkpoint: {out.resolve() / 'checkpoints' / 'step_00000006'}"
+    assert summary[5].endswith(f"view them with: tensorboard --logdir {out.resolve() / 'tensorboard'}")
+    layout = read_layout(out)
+    assert layout["validation loss, every model"] == ["^teacher/eval/loss$", "^student/eval/loss$"]
+    assert layout["student: alpha, its gate signal (gap) and teacher - student CE"] == [
+        "^schedule/alpha$", "^schedule/gap$", "^distill/teacher_minus_student_ce$"]
+    for chart, tags in layout.items():  # every chart shows something the run wrote
+        for tag in tags:
+            assert any(re.fullmatch(tag, t) for t in scalars), (chart, tag)
 
 
 def test_deepspeed_two_ranks_zero3_partitions_every_model(tmp_path):

@@ -52,6 +52,7 @@ def test_stop_and_resume_mid_epoch_matches_an_uninterrupted_run_bitwise(tmp_path
     assert "stopping at step 4 (train.steps_this_run); continue with resume=auto" in first
     second = deepspeed(tmp_path / "split", *zero, "resume=auto")
     assert "resumed from" in second and "step_00000004 at step 4" in second
+    assert "since step 0" in second  # the summary knows the start from the checkpoint
     a, b = per_step(straight), per_step(tmp_path / "split")
     for tag in TRACKED:
         assert sorted(b[tag]) == list(range(1, 9)), tag

@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def body(args: argparse.Namespace) -> None:
-    from ..engines import logits as teacher_logits
+    from ..engines import forward_logits
     from ..losses import Targets, distill_loss
     from ..trainer import StudentPlan, Trainer
 
@@ -74,7 +74,7 @@ def body(args: argparse.Namespace) -> None:
         for batch in batches:
             trainer.teacher_micro_step(batch, sink)  # stage 1: the teacher's own training
             with torch.no_grad():  # stage 2: the trained teacher, frozen, feeds the student
-                logits = teacher_logits(trainer.teacher, batch, trainer.vocab)
+                logits = forward_logits(trainer.teacher, batch, trainer.vocab)
             for i, plan in enumerate(plans):
                 targets = Targets(temperature=plan.temperature, logits=logits)
                 if trainer.distill[i].token_gate:
