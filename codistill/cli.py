@@ -8,7 +8,8 @@ A command is a parser and a body::
 
 ``body(args)`` returns an exit code (or None for 0). Bad input (:class:`ConfigError`)
 ends with ``<prog>: error: <one line>`` on rank 0 and exit 2; a non-finite loss with exit
-3; a lost rank with ``<prog>: error: rank R: lost contact ...`` on every rank and exit 4.
+3; a lost rank with ``<prog>: error: rank R: lost contact ...`` on every rank and exit 4;
+a run the command started that failed (:class:`RunFailed`) with exit 1.
 ``--debug`` (where a command has it) shows the traceback instead. A process group the
 body made is torn down on the way out (one that existed before is left alone).
 """
@@ -22,7 +23,7 @@ from typing import Callable, Optional
 
 from .config import RunConfig, load_config
 from .distributed import env_rank, free_port
-from .errors import EXIT_INPUT, EXIT_LOST_RANK, EXIT_NONFINITE, ConfigError, NonFinite
+from .errors import EXIT_FAILED, EXIT_INPUT, EXIT_LOST_RANK, EXIT_NONFINITE, ConfigError, NonFinite, RunFailed
 
 
 def parser_for(prog: str, doc: Optional[str], config: bool = True, debug: bool = False) -> argparse.ArgumentParser:
@@ -77,6 +78,8 @@ def run(prog: str, parser: argparse.ArgumentParser, body: Callable[[argparse.Nam
         return _fail(prog, exc, EXIT_INPUT, debug)
     except NonFinite as exc:
         return _fail(prog, exc, EXIT_NONFINITE, debug)
+    except RunFailed as exc:
+        return _fail(prog, exc, EXIT_FAILED, debug)
     except RuntimeError as exc:
         if not lost_contact(exc):
             raise
@@ -118,16 +121,15 @@ def module_command(module: str, nproc: int = 1) -> list[str]:
             "-m", module]
 
 
-def run_module(module: str, args: list[str], nproc: int = 1, log_file: Optional[Path] = None,
-               cwd: Optional[Path] = None) -> None:
+def run_module(module: str, args: list[str], nproc: int = 1, log_file: Optional[Path] = None) -> None:
     """Run a codistill command as a subprocess (appending its output to ``log_file``, else
-    inheriting ours); a failure is a RuntimeError naming the command and where to look."""
+    inheriting ours); a failure raises :class:`RunFailed` naming the command and where to look."""
     cmd = module_command(module, nproc) + args
     if log_file is None:
-        proc = subprocess.run(cmd, cwd=cwd)
+        proc = subprocess.run(cmd)
     else:
         with open(log_file, "a") as fh:
-            proc = subprocess.run(cmd, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT)
+            proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
-        where = f"; see {log_file}" if log_file else ""
-        raise RuntimeError(f"'{' '.join(cmd[-len(args) - 1:][:3])} ...' failed with exit code {proc.returncode}{where}")
+        where = f"; see {log_file}" if log_file else " (its output is above)"
+        raise RunFailed(f"'python -m {module} {' '.join(args[:3])} ...' failed with exit code {proc.returncode}{where}")

@@ -1,6 +1,7 @@
 """The project's own exceptions and the exit codes every entry point ends with."""
 from __future__ import annotations
 
+EXIT_FAILED = 1  # a run that a command started as a subprocess failed (its log says why)
 EXIT_INPUT = 2  # bad input: a config key, a file, an argument
 EXIT_NONFINITE = 3  # a NaN/inf loss or gradient stopped the run (train.nonfinite=stop)
 EXIT_LOST_RANK = 4  # another rank died or went silent (train.collective_timeout_s)
@@ -16,3 +17,7 @@ class NonFinite(RuntimeError):
     def __init__(self, message: str, save: bool = True):
         super().__init__(message)
         self.save = save  # whether the in-memory state is still good enough to checkpoint
+
+
+class RunFailed(RuntimeError):
+    """A run that a command started as a subprocess failed; the message names it and its log."""

@@ -39,6 +39,7 @@ from typing import Any, Optional
 
 from .. import cli
 from ..config import ConfigError, ModelSpec, load_deepspeed_config
+from ..errors import RunFailed
 from ..metrics import read_scalars
 
 ARMS = {
@@ -114,7 +115,7 @@ def eval_curve(run_dir: Path, model: str) -> dict[int, float]:
     tag = f"{model}/eval/loss"
     curve = read_scalars(run_dir).get(tag)
     if curve is None:
-        raise RuntimeError(f"{run_dir}: no '{tag}' in its TensorBoard events")
+        raise RunFailed(f"{run_dir}: no '{tag}' in its TensorBoard events")
     return curve
 
 
@@ -212,27 +213,23 @@ def body(args: argparse.Namespace) -> int:
     teacher, student = cfg.teacher.name, cfg.students[0].name
     start = time.time()
     curves: dict[str, dict[int, dict[int, float]]] = {k: {} for k in [*ARMS, "teacher", "weak_teacher"]}
-    try:
-        for s in seeds:
-            folder = out / f"seed_{s}"
-            print(f"seed {s}:", flush=True)
-            runs = plans[s]
-            run_training("paired", runs["paired"], args.nproc, folder / "paired.log")
-            exported = folder / "teacher_hf" / teacher
-            if not (exported / "config.json").exists():
-                with open(folder / "paired.log", "a") as fh, contextlib.redirect_stdout(fh):
-                    export_hf(folder / "paired", folder / "teacher_hf", [teacher], overwrite=True)
-            run_training("two_stage", runs["two_stage"], args.nproc, folder / "two_stage.log")
-            run_training("handicap", runs["handicap"], args.nproc, folder / "handicap.log")
-            curves["alone"][s] = eval_curve(folder / "paired", ALONE)
-            curves["codistill"][s] = eval_curve(folder / "paired", student)
-            curves["teacher"][s] = eval_curve(folder / "paired", teacher)
-            curves["two_stage"][s] = eval_curve(folder / "two_stage", student)
-            curves["handicap"][s] = eval_curve(folder / "handicap", student)
-            curves["weak_teacher"][s] = eval_curve(folder / "handicap", teacher)
-    except RuntimeError as exc:  # a run failed: its log says why
-        print(f"compare: error: {exc}", file=sys.stderr)
-        return 1
+    for s in seeds:
+        folder = out / f"seed_{s}"
+        print(f"seed {s}:", flush=True)
+        runs = plans[s]
+        run_training("paired", runs["paired"], args.nproc, folder / "paired.log")
+        exported = folder / "teacher_hf" / teacher
+        if not (exported / "config.json").exists():
+            with open(folder / "paired.log", "a") as fh, contextlib.redirect_stdout(fh):
+                export_hf(folder / "paired", folder / "teacher_hf", [teacher], overwrite=True)
+        run_training("two_stage", runs["two_stage"], args.nproc, folder / "two_stage.log")
+        run_training("handicap", runs["handicap"], args.nproc, folder / "handicap.log")
+        curves["alone"][s] = eval_curve(folder / "paired", ALONE)
+        curves["codistill"][s] = eval_curve(folder / "paired", student)
+        curves["teacher"][s] = eval_curve(folder / "paired", teacher)
+        curves["two_stage"][s] = eval_curve(folder / "two_stage", student)
+        curves["handicap"][s] = eval_curve(folder / "handicap", student)
+        curves["weak_teacher"][s] = eval_curve(folder / "handicap", teacher)
     cmdline = "codistill-compare " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     machine = f"{os.cpu_count()} CPU cores, {args.nproc} process(es) per run"
     text, data, never_worse, helps = report(curves, seeds, cmdline.strip(), machine, (time.time() - start) / 60)

@@ -1,0 +1,65 @@
+"""The command-line shell every command shares: one line per failure, the documented exit
+codes, and a process group torn down only if the command made it (no process group here)."""
+import pytest
+
+from codistill import cli
+from codistill.errors import ConfigError, NonFinite, RunFailed
+
+from conftest import MICRO
+
+
+def run(body, *argv, debug=False):
+    parser = cli.parser_for("codistill-x", "a test command", debug=debug)
+    return cli.run("x", parser, body, list(argv))
+
+
+def raising(exc):
+    def body(args):
+        raise exc
+    return body
+
+
+@pytest.mark.parametrize("exc, code, line", [
+    (ConfigError("train.max_steps: expected a number"), 2, "x: error: train.max_steps: expected a number"),
+    (NonFinite("non-finite loss of student at step 4"), 3, "x: error: non-finite loss of student at step 4"),
+    (RunFailed("'python -m y' failed with exit code 2"), 1, "x: error: 'python -m y' failed with exit code 2"),
+    (RuntimeError("[gloo] Connection reset by peer"), 4,
+     "x: error: rank 0: lost contact with another rank, ending the job ([gloo] Connection reset by peer)"),
+])
+def test_each_failure_is_one_line_with_its_exit_code(capsys, exc, code, line):
+    assert run(raising(exc)) == code
+    assert capsys.readouterr().err.strip().splitlines() == [line]
+
+
+def test_other_errors_and_debug_keep_the_traceback():
+    with pytest.raises(RuntimeError, match="a bug"):
+        run(raising(RuntimeError("a bug")))
+    with pytest.raises(ConfigError):
+        run(raising(ConfigError("bad")), "--debug", debug=True)
+
+
+def test_the_body_gets_config_and_overrides_and_its_exit_code_is_returned():
+    seen = {}
+
+    def body(args):
+        seen["cfg"] = cli.run_config(args, ["train.max_steps=5"])
+        return 7
+
+    assert run(body, "--local_rank=1", "--config", str(MICRO), "train.seed=3") == 7
+    assert (seen["cfg"].train.max_steps, seen["cfg"].train.seed) == (5, 3)
+
+
+def test_bad_arguments_are_refused_by_the_parser(capsys):
+    parser = cli.parser_for("codistill-x", None, config=False)
+    parser.add_argument("--rounds", type=cli.positive_int)
+    with pytest.raises(SystemExit) as stop:
+        cli.run("x", parser, lambda args: None, ["--rounds", "0"])
+    assert stop.value.code == 2 and "expected an integer of at least 1, got 0" in capsys.readouterr().err
+
+
+def test_a_failed_subprocess_run_names_itself_and_its_log(tmp_path):
+    log = tmp_path / "run.log"
+    with pytest.raises(RunFailed, match=r"'python -m codistill.commands.train --config /nonexistent.yaml ...' "
+                                        rf"failed with exit code 2; see {log}"):
+        cli.run_module("codistill.commands.train", ["--config", "/nonexistent.yaml"], log_file=log)
+    assert "codistill: error: config file /nonexistent.yaml does not exist" in log.read_text()
