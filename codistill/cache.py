@@ -82,11 +82,12 @@ def block_rows(indices: list[int], topk: Targets, ce: torch.Tensor, seq_len: int
             "tail_logp": list(tail), "ce": list(tok_ce)}
 
 
-def write_part(folder: Path, chunk: int, rows: dict[str, list]) -> int:
-    """Write one part atomically; returns its size in bytes."""
+def write_part(folder: Path, chunk: int, rows: dict[str, list], features: Optional[datasets.Features] = None) -> int:
+    """Write one part atomically; returns its size in bytes. ``features`` fixes the schema (a part
+    with no rows must still read back with the others)."""
     target = part_path(folder, chunk)
     tmp = target.with_name(f".{target.name}.tmp")
-    datasets.Dataset.from_dict(rows).to_parquet(str(tmp))
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp))
     os.replace(tmp, target)
     return target.stat().st_size
 

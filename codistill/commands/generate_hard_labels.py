@@ -4,13 +4,24 @@
     deepspeed --num_gpus 2 tools/generate_hard_labels.py --config configs/hard.yaml --out runs/generated
     codistill-generate ...   (the same, as a console command)
 
-Prompts come from a JSON-lines file with a "prompt" field (--prompts) or are cut from
-the run's training blocks (--num-prompts of --prompt-tokens tokens each, chosen by
---seed). The teacher is ``teacher.pretrained`` of the config. Prompts are generated
-in fixed batches, batch b on rank b mod world, each batch sampled with seed + b, so
-the output is the same for any number of ranks. Each batch is written atomically
-as a Parquet part (prompt, response); a killed run continues where it stopped.
-Train on it with mode=hard data.dataset=OUT data.prompt_field=prompt data.text_field=response.
+Prompts come from a JSON-lines file (--prompts), each line {"prompt": "..."} or
+{"messages": [{"role": ..., "content": ...}, ...]} (a conversation awaiting the assistant's
+reply), or are cut from the run's training blocks (--num-prompts of --prompt-tokens tokens
+each, chosen by --seed). The teacher is ``teacher.pretrained`` of the config.
+
+Instruct teachers: when the teacher's tokenizer has a chat template, each prompt is
+rendered through it as a user turn (after --system-prompt, if given) and the teacher
+writes the assistant's reply, stopping at the template's end-of-turn marker or EOS; the
+reply is stored without template tokens, with the conversation in a ``messages`` column.
+Train on that with mode=hard data.messages_field=messages: the prompt is rendered
+through the same template and masked out of the loss. --no-chat-template gives raw
+continuations; prompts cut from training data are rendered only with --chat-template.
+Empty replies (the teacher ended its turn at once) are counted and not written.
+
+Prompts are generated in fixed batches, batch b on rank b mod world, each batch sampled
+with seed + b, so the output is the same for any number of ranks. Each batch is written
+atomically as a Parquet part; a killed run continues where it stopped. Without a chat
+template, train with mode=hard data.dataset=OUT data.prompt_field=prompt data.text_field=response.
 """
 from __future__ import annotations
 
@@ -19,34 +30,94 @@ import json
 from pathlib import Path
 from typing import Optional
 
+import datasets
 import torch
 from tqdm.auto import tqdm
 
 from .. import cache, cli, distributed
 from ..config import ConfigError
-from ..data import build_splits, run_tokenizer, tokenizer_fingerprint
+from ..data import build_splits, render_prompt, run_tokenizer, tokenizer_fingerprint, turn_end
 from ..models import check_model, model_config
 
 META = "codistill_generation.json"
+MESSAGE = {"role": datasets.Value("string"), "content": datasets.Value("string")}
+FEATURES = {"plain": datasets.Features({"prompt": datasets.Value("string"), "response": datasets.Value("string")}),
+            "chat": datasets.Features({"prompt": datasets.Value("string"), "response": datasets.Value("string"),
+                                       "messages": [MESSAGE]})}
 
 
-def load_prompts(args: argparse.Namespace, cfg, tokenizer) -> list[str]:
-    if args.prompts:
-        path = Path(args.prompts)
-        if not path.is_file():
-            raise ConfigError(f"--prompts: {path} does not exist")
-        prompts = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            try:
-                prompts.append(json.loads(line)["prompt"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise ConfigError(f"--prompts: line {n} of {path} is not a JSON object with a 'prompt' string") from None
-        if not prompts:
-            raise ConfigError(f"--prompts: {path} holds no prompts")
-        return prompts
+def read_prompts(path: Path) -> list[list[dict] | str]:
+    """The prompts of a JSON-lines file: a string per {"prompt"} line, a message list per {"messages"} line."""
+    if not path.is_file():
+        raise ConfigError(f"--prompts: {path} does not exist")
+    prompts: list[list[dict] | str] = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict) and isinstance(row.get("prompt"), str):
+            prompts.append(row["prompt"])
+        elif isinstance(row, dict) and _is_conversation(row.get("messages")):
+            prompts.append(row["messages"])
+        else:
+            raise ConfigError(f"--prompts: line {n} of {path} is not a JSON object with a 'prompt' string or a "
+                              "'messages' list of {role, content} awaiting the assistant's reply")
+    if not prompts:
+        raise ConfigError(f"--prompts: {path} holds no prompts")
+    return prompts
+
+
+def _is_conversation(messages: object) -> bool:
+    return (isinstance(messages, list) and bool(messages)
+            and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                    for m in messages)
+            and messages[-1]["role"] != "assistant")
+
+
+def cut_prompts(args: argparse.Namespace, cfg, tokenizer) -> list[str]:
+    """--num-prompts prompts of --prompt-tokens tokens, cut from the run's training blocks."""
     train = build_splits(cfg.data, tokenizer, cfg.train.seed).train
     picked = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[:args.num_prompts]
     return [tokenizer.decode(train[int(i)]["input_ids"][:args.prompt_tokens]) for i in picked]
+
+
+def use_chat_template(asked: Optional[bool], tokenizer, from_file: bool) -> bool:
+    """--chat-template / --no-chat-template, else: on for a prompts file when the tokenizer has one."""
+    has = bool(getattr(tokenizer, "chat_template", None))
+    if asked and not has:
+        raise ConfigError("--chat-template: the teacher's tokenizer has no chat template")
+    return has and from_file if asked is None else bool(asked)
+
+
+def conversation(prompt: list[dict] | str, system: Optional[str]) -> list[dict]:
+    messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+    if system is not None and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system}, *messages]
+    return messages
+
+
+def stop_ids(tokenizer) -> tuple[list[int], str]:
+    """Token ids that end a reply (EOS, and the template's end-of-turn marker when it is one
+    token) and the marker's text (cut from a reply however it was tokenized)."""
+    end = turn_end(tokenizer)
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    marker = tokenizer.encode(end, add_special_tokens=False) if end else []
+    if len(marker) == 1 and marker[0] not in ids:
+        ids.append(marker[0])
+    return ids, end
+
+
+def clean_reply(tokenizer, ids: list[int], stops: list[int], end: str, chat: bool) -> str:
+    """A generated reply as text: up to its first stop token or end-of-turn marker, without
+    special tokens (and, in a chat, without the whitespace around it)."""
+    cut = next((i for i, t in enumerate(ids) if t in stops), len(ids))
+    text = tokenizer.decode(ids[:cut], skip_special_tokens=True)
+    if end and end in text:
+        text = text[:text.index(end)]
+    return text.strip() if chat else text
 
 
 def body(args: argparse.Namespace) -> None:
@@ -56,15 +127,34 @@ def body(args: argparse.Namespace) -> None:
     if not cfg.teacher.pretrained:
         raise ConfigError("teacher.pretrained: generation needs a trained teacher folder")
     tokenizer = run_tokenizer(cfg)
-    check_model(cfg.teacher, model_config(cfg.teacher, tokenizer), tokenizer, tokenizer_fingerprint(tokenizer),
-                cfg.data.seq_len)
-    prompts = load_prompts(args, cfg, tokenizer)
+    hf_config = model_config(cfg.teacher, tokenizer)
+    check_model(cfg.teacher, hf_config, tokenizer, tokenizer_fingerprint(tokenizer), cfg.data.seq_len)
+    prompts = read_prompts(Path(args.prompts)) if args.prompts else cut_prompts(args, cfg, tokenizer)
+    chat = use_chat_template(args.chat_template, tokenizer, from_file=bool(args.prompts))
+    if args.system_prompt is not None and not chat:
+        raise ConfigError("--system-prompt needs the chat template (the teacher's tokenizer has none, or "
+                          "--no-chat-template was given)")
+    if not chat and any(isinstance(p, list) for p in prompts):
+        raise ConfigError("--prompts: 'messages' prompts need the chat template (the teacher's tokenizer has "
+                          "none, or --no-chat-template was given)")
+    conversations = [conversation(p, args.system_prompt) for p in prompts] if chat else None
+    texts = ([render_prompt(tokenizer, c, f"prompt {n}") for n, c in enumerate(conversations, 1)] if chat
+             else list(prompts))
+    positions = getattr(hf_config, "max_position_embeddings", None)
+    for n, text in enumerate(texts, 1):
+        length = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if positions is not None and length + args.max_new_tokens > positions:
+            raise ConfigError(f"prompt {n} is {length} tokens{' as rendered by the chat template' if chat else ''}; "
+                              f"with --max-new-tokens={args.max_new_tokens} it exceeds the teacher's "
+                              f"{positions} positions")
+    stops, end = stop_ids(tokenizer) if chat else ([tokenizer.eos_token_id], "")
     world = distributed.init(timeout_s=cfg.train.collective_timeout_s)
     out = Path(args.out)
     settings = {"teacher": str(Path(cfg.teacher.pretrained).expanduser().resolve()), "greedy": args.greedy,
                 "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
                 "seed": args.seed, "batch_size": args.batch_size, "prompts": len(prompts),
-                "tokenizer": tokenizer_fingerprint(tokenizer)}
+                "tokenizer": tokenizer_fingerprint(tokenizer), "chat_template": chat,
+                "system_prompt": args.system_prompt}
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
         old = json.loads((out / META).read_text()) if (out / META).exists() else None
@@ -79,20 +169,35 @@ def body(args: argparse.Namespace) -> None:
     todo = [b for b in range(batches) if b % world.size == world.rank and not cache.part_path(out, b).exists()]
     bar = tqdm(total=len(todo), disable=not world.is_main, unit="batch", desc=f"generating (rank 0 of {world.size})")
     for b in todo:
-        chunk = prompts[b * args.batch_size:(b + 1) * args.batch_size]
-        enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(world.device)
+        span = slice(b * args.batch_size, (b + 1) * args.batch_size)
+        enc = tokenizer(texts[span], return_tensors="pt", padding=True, add_special_tokens=False).to(world.device)
         torch.manual_seed(args.seed + b)
         with torch.no_grad():
             ids = model.generate(**enc, do_sample=not args.greedy, temperature=args.temperature, top_p=args.top_p,
-                                 max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
-        responses = tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        cache.write_part(out, b, {"prompt": chunk, "response": responses})
+                                 max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=stops)
+        replies = [clean_reply(tokenizer, row.tolist(), stops, end, chat) for row in ids[:, enc["input_ids"].shape[1]:]]
+        kept = [i for i, reply in enumerate(replies) if reply]  # an empty reply teaches nothing
+        rows = {"prompt": [p if isinstance(p, str) else p[-1]["content"] for p in prompts[span]],
+                "response": replies}
+        if chat:
+            rows["messages"] = [[*c, {"role": "assistant", "content": r}] for c, r in zip(conversations[span], replies)]
+        cache.write_part(out, b, {k: [v[i] for i in kept] for k, v in rows.items()},
+                         FEATURES["chat" if chat else "plain"])
         bar.update(1)
     bar.close()
     torch.distributed.barrier()
     if world.is_main:
-        (out / META).write_text(json.dumps({**settings, "complete": True}, indent=2) + "\n")
-        print(f"wrote {len(prompts)} prompt/response pairs to {out}")
+        import pyarrow.parquet as pq
+
+        written = sum(pq.read_metadata(cache.part_path(out, b)).num_rows for b in range(batches))
+        (out / META).write_text(json.dumps({**settings, "complete": True, "written": written}, indent=2) + "\n")
+        print(f"wrote {written} prompt/response pairs to {out}"
+              + (f"; {len(prompts) - written} of {len(prompts)} replies were empty (the teacher ended its turn at "
+                 "once) and were not written" if written < len(prompts) else ""))
+        if written == 0:
+            raise ConfigError(f"every reply of the teacher was empty; {out} holds no training data (check the "
+                              "teacher's chat template and --max-new-tokens)")
 
 
 def probability(text: str) -> float:
@@ -113,7 +218,12 @@ def positive_float(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = cli.parser_for("codistill-generate", __doc__)
     parser.add_argument("--out", required=True, help="output folder (a datasets Parquet dataset)")
-    parser.add_argument("--prompts", help="JSON-lines file with a 'prompt' field (default: cut from training data)")
+    parser.add_argument("--prompts", help="JSON-lines file, each line {\"prompt\": ...} or {\"messages\": [...]} "
+                        "(default: prompts cut from the training data)")
+    parser.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
+                        help="render prompts as a user turn through the teacher's chat template (default: yes for "
+                        "a --prompts file when the tokenizer has a template; no for prompts cut from data)")
+    parser.add_argument("--system-prompt", help="a system message before every prompt (chat template only)")
     parser.add_argument("--num-prompts", type=cli.positive_int, default=256)
     parser.add_argument("--prompt-tokens", type=cli.positive_int, default=32)
     parser.add_argument("--max-new-tokens", type=cli.positive_int, default=64)
