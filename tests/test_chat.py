@@ -13,7 +13,7 @@ from codistill.commands.generate_hard_labels import clean_reply, stop_ids
 from codistill.config import ConfigError, DataConfig, load_config
 from codistill.data import build_splits, render_prompt, resolve_tokenizer, run_tokenizer, turn_end
 
-from conftest import MICRO, ROOT, launch
+from conftest import MICRO, ROOT, launch, read_scalars
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -92,6 +92,18 @@ def test_the_end_of_turn_marker_is_read_from_the_template(chat_tokenizer, tokeni
     assert clean_reply(chat_tokenizer, ids, stops, end, chat=True) == "the king"
 
 
+def test_the_template_is_used_for_a_prompts_file_and_for_cut_prompts_only_when_asked(chat_tokenizer, tokenizer):
+    from codistill.commands.generate_hard_labels import use_chat_template
+
+    assert use_chat_template(None, chat_tokenizer, from_file=True)
+    assert not use_chat_template(None, chat_tokenizer, from_file=False)
+    assert use_chat_template(True, chat_tokenizer, from_file=False)
+    assert not use_chat_template(False, chat_tokenizer, from_file=True)
+    assert not use_chat_template(None, tokenizer, from_file=True)  # no template: raw continuations
+    with pytest.raises(ConfigError, match="--chat-template: the teacher's tokenizer has no chat template"):
+        use_chat_template(True, tokenizer, from_file=True)
+
+
 def test_replies_follow_the_template_stop_at_its_end_and_are_stored_clean(generated):
     data = datasets.load_dataset("parquet", data_files=sorted(str(p) for p in generated["out"].glob("part-*")))["train"]
     assert data["response"] == ["the king"] * 3
@@ -117,6 +129,18 @@ def test_hard_mode_trains_on_the_conversation_with_the_templated_prompt_masked(g
            f"data.tokenizer={teacher}", "data.pack=false", "data.val_fraction=0.34", "train.micro_batch_size=1",
            "train.max_steps=2", f"teacher.pretrained={teacher}", "teacher.config={}",
            f"data.cache_dir={tmp_path / 'cache'}", how="python")
+
+
+def test_soft_distillation_on_the_conversations_from_the_frozen_instruct_teacher(generated, tmp_path):
+    teacher, out = generated["teacher"], generated["out"]
+    proc = launch(f"output_dir={tmp_path / 'run'}", "mode=soft", f"data.dataset={out}", "data.messages_field=messages",
+                  f"data.tokenizer={teacher}", "data.pack=false", "data.val_fraction=0.34", "train.micro_batch_size=1",
+                  "train.max_steps=2", "train.eval_interval=2", "distill.burn_in_steps=0", "distill.schedule=constant",
+                  f"teacher.pretrained={teacher}", "teacher.config={}", f"data.cache_dir={tmp_path / 'cache'}",
+                  how="python")
+    assert "teacher: " in proc.stdout and "frozen" in proc.stdout
+    kd = read_scalars(tmp_path / "run")["student/train/loss_kd"]
+    assert len(kd) == 2 and all(v > 0 for v in kd.values())
 
 
 def test_bad_chat_input_gets_one_line(generated, tmp_path, tokenizer):
