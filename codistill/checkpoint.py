@@ -20,12 +20,15 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import random
+import re
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -40,6 +43,47 @@ MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
 TAG = "ds"  # the DeepSpeed tag inside each engine's folder
 UNIVERSAL_TAG = "ds_universal"
+
+
+def _allowed_globals() -> list:
+    """The classes and functions, beyond plain tensors and containers, that checkpoint files of
+    DeepSpeed (ZeRO 0-3, fp32/bf16/fp16, its LR schedulers) and of codistill (numpy RNG state)
+    hold. Nothing else may be unpickled from a checkpoint."""
+    import numpy
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    multiarray = getattr(numpy, "_core", None) or numpy.core
+    dtypes = [type(numpy.dtype(t)) for t in ("uint32", "int64", "float64", "float32")]
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address, numpy.ndarray, numpy.dtype,
+            multiarray.multiarray._reconstruct, *dtypes]
+
+
+@contextmanager
+def data_only_loads() -> Iterator[None]:
+    """While open, every ``torch.load`` of this process (ours, DeepSpeed's engine and universal
+    conversion, ``zero_to_fp32``) is ``weights_only`` with :func:`_allowed_globals`: loading a
+    checkpoint never runs code from it. A file that needs anything else is refused with a
+    ConfigError naming it and what it asked for."""
+    real = torch.load
+
+    def load(f, *args, **kwargs):
+        kwargs["weights_only"] = True
+        try:
+            with torch.serialization.safe_globals(_allowed_globals()):
+                return real(f, *args, **kwargs)
+        except pickle.UnpicklingError as exc:
+            wanted = re.search(r"GLOBAL (\S+)", str(exc))
+            raise ConfigError(f"checkpoint file {f} asks to load {wanted.group(1) if wanted else 'an object'}, "
+                              "which is not data DeepSpeed or codistill writes; refusing it (loading it could run "
+                              "code)") from None
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = real
 
 
 def step_dir(output_dir: Path, step: int) -> Path:
@@ -183,8 +227,8 @@ def universal(path: Path, model: str, is_main: bool) -> Path:
         tmp = folder.with_name(f".{model}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-               str(path / model / TAG), "--output_folder", str(tmp / UNIVERSAL_TAG), "--inject_missing_state"]
+        cmd = [sys.executable, "-m", "codistill.checkpoint", "--input_folder", str(path / model / TAG),
+               "--output_folder", str(tmp / UNIVERSAL_TAG), "--inject_missing_state"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             why = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -205,7 +249,8 @@ def rank_state(data_cursor: dict[str, int]) -> dict:
 
 def restore_rank_state(path: Path, rank: int) -> dict[str, int]:
     """Restore this rank's RNGs from checkpoint ``path`` (rank ``rank``'s file); returns its data cursor."""
-    state = torch.load(rank_file(path, rank), weights_only=False)
+    with data_only_loads():
+        state = torch.load(rank_file(path, rank), weights_only=True)
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -258,7 +303,8 @@ def export_hf(path: Path, out: Path, names: Optional[list[str]] = None, overwrit
             raise ConfigError(f"{target} is not empty; choose another folder or pass --overwrite")
         config = AutoConfig.from_pretrained(str(found / "hf" / name), local_files_only=True)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        state = get_fp32_state_dict_from_zero_checkpoint(str(found / name), tag=TAG)
+        with data_only_loads():
+            state = get_fp32_state_dict_from_zero_checkpoint(str(found / name), tag=TAG)
         missing, unexpected = model.load_state_dict(state, strict=False)
         tied = {k for k in missing if k.endswith("lm_head.weight") and config.tie_word_embeddings}
         if set(missing) - tied or unexpected:
@@ -269,3 +315,16 @@ def export_hf(path: Path, out: Path, names: Optional[list[str]] = None, overwrit
         AutoTokenizer.from_pretrained(str(found / "tokenizer"), local_files_only=True).save_pretrained(str(target))
         exported.append(target)
     return exported
+
+
+if __name__ == "__main__":
+    # DeepSpeed's universal-checkpoint conversion (checkpoint.universal runs it as a subprocess),
+    # with every load of the checkpoint's files data-only.
+    from deepspeed.checkpoint import ds_to_universal
+
+    try:
+        with data_only_loads():
+            ds_to_universal.main(ds_to_universal.parse_arguments())
+    except ConfigError as exc:
+        print(f"codistill: error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -464,7 +464,8 @@ class Trainer:
             folder, tag = path / m.name, checkpoint.TAG
             if m.engine.load_universal_checkpoint():
                 folder, tag = checkpoint.universal(path, m.name, self.world.is_main), checkpoint.UNIVERSAL_TAG
-            loaded, _ = m.engine.load_checkpoint(str(folder), tag=tag)
+            with checkpoint.data_only_loads():  # a checkpoint is data: nothing in it may run code
+                loaded, _ = m.engine.load_checkpoint(str(folder), tag=tag)
             if loaded is None:
                 raise ConfigError(f"resume: {folder} holds no checkpoint of model '{m.name}'")
         self.step = int(state["step"])

@@ -1,0 +1,72 @@
+"""Checkpoints are data: a crafted pickle in any checkpoint file is refused, by resume and by
+export alike, and its payload never runs."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from codistill.checkpoint import MANIFEST, _sha256
+
+from conftest import launch
+
+
+class Payload:
+    """Unpickling this runs a shell command that creates ``path``."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.path}",)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    out = tmp_path_factory.mktemp("trust") / "run"
+    launch(f"output_dir={out}", "train.max_steps=2", "train.eval_interval=2", how="python")
+    return out
+
+
+def poisoned_copy(saved, tmp_path, victim: str):
+    """A copy of the run whose ``victim`` file holds the payload, its manifest entry recomputed
+    (the manifest is unsigned: it cannot be what protects)."""
+    run = tmp_path / "run"
+    shutil.copytree(saved, run)
+    step = run / "checkpoints" / "step_00000002"
+    marker = tmp_path / "pwned"
+    torch.save({"state": Payload(marker)}, step / victim)
+    manifest = json.loads((step / MANIFEST).read_text())
+    manifest["files"][victim] = {"size": (step / victim).stat().st_size, "sha256": _sha256(step / victim)}
+    (step / MANIFEST).write_text(json.dumps(manifest))
+    return run, step / victim, marker
+
+
+@pytest.mark.parametrize("victim", ["rank_00000.pt", "student/ds/mp_rank_00_model_states.pt"])
+def test_resume_refuses_a_checkpoint_file_that_would_run_code(saved, tmp_path, victim):
+    run, file, marker = poisoned_copy(saved, tmp_path, victim)
+    proc = launch(f"output_dir={run}", "resume=auto", "train.max_steps=3", how="python", ok=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"codistill: error: checkpoint file {file} asks to load posix.system, which is not data DeepSpeed or "
+        "codistill writes; refusing it (loading it could run code)")
+    assert not marker.exists()
+
+
+def test_export_refuses_a_checkpoint_file_that_would_run_code(saved, tmp_path):
+    run, file, marker = poisoned_copy(saved, tmp_path, "teacher/ds/mp_rank_00_model_states.pt")
+    proc = launch(str(run), str(tmp_path / "hf"), how="python", script="tools/export_hf.py", config=None, ok=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("export_hf: error: checkpoint file ") and "asks to load posix.system" in line
+    assert not marker.exists()
+
+
+def test_an_honest_checkpoint_still_resumes_and_exports(saved, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(saved, run)
+    proc = launch(f"output_dir={run}", "resume=auto", "train.max_steps=3", how="python")
+    assert "at step 2" in proc.stdout
+    launch(str(run), str(tmp_path / "hf"), how="python", script="tools/export_hf.py", config=None)
+    assert (tmp_path / "hf" / "student" / "model.safetensors").exists()
