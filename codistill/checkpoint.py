@@ -33,7 +33,7 @@ from typing import Callable, Iterable, Iterator, Optional
 import numpy as np
 import torch
 
-from .config import ConfigError
+from .config import ConfigError, check_name
 
 log = logging.getLogger("codistill")
 
@@ -112,7 +112,8 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``path`` so that it is either the old file or the whole new one, never a part."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as fh:
         fh.write(text)
@@ -139,14 +140,14 @@ def save(output_dir: Path, step: int, engines: Iterable[tuple[str, object]], sta
     torch.distributed.barrier()
     if rank == 0:
         write_extra(staging)
-        _write_atomically(staging / STATE, json.dumps({"step": step, **state}, indent=2) + "\n")
+        write_atomically(staging / STATE, json.dumps({"step": step, **state}, indent=2) + "\n")
         files = {str(p.relative_to(staging)): {"size": p.stat().st_size, "sha256": _sha256(p)}
                  for p in sorted(staging.rglob("*")) if p.is_file()}
-        _write_atomically(staging / MANIFEST, json.dumps({"step": step, "files": files}, indent=1) + "\n")
+        write_atomically(staging / MANIFEST, json.dumps({"step": step, "files": files}, indent=1) + "\n")
         if final.exists():  # overwrite=true on an output_dir with this step already saved
             shutil.rmtree(final)
         os.replace(staging, final)
-        _write_atomically(root / LATEST, final.name + "\n")
+        write_atomically(root / LATEST, final.name + "\n")
         _prune(root, keep_last, keep=final)
     torch.distributed.barrier()
     return final
@@ -293,6 +294,11 @@ def export_hf(path: Path, out: Path, names: Optional[list[str]] = None, overwrit
     if problem:
         raise ConfigError(problem)
     models = read_state(found)["models"]
+    for name in models:  # names read from disk become paths: the same rule as in a config
+        try:
+            check_name(name, "model name")
+        except ValueError as exc:
+            raise ConfigError(f"{found / STATE}: {exc}") from None
     for name in names or []:
         if name not in models:
             raise ConfigError(f"model '{name}' is not in {found} (it holds {models})")

@@ -13,17 +13,29 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model, model_serializer,
-                      model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model, field_validator,
+                      model_serializer, model_validator)
 from pydantic.fields import FieldInfo
 
 from .errors import ConfigError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+
+
+NAME_RULE = "letters, digits, _ and -, starting with a letter or digit"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
+def check_name(name: object, what: str) -> str:
+    """A model name that is safe as a folder name (no '.', '..', '/' or empty); ValueError if not."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(f"{what} {name!r} is not allowed: it names folders, so it must be {NAME_RULE}")
+    return name
 
 
 class _Section(BaseModel):
@@ -149,7 +161,7 @@ DistillOverrides = _all_optional(
 
 
 class ModelSpec(_Section):
-    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(..., description="names the model's folders and TensorBoard tags: " + NAME_RULE)
     arch: str = Field("llama", description="transformers model_type for a random init")
     config: dict[str, Any] = Field(default_factory=dict, description="transformers config overrides")
     pretrained: Optional[str] = Field(None, description="local folder for from_pretrained")
@@ -164,6 +176,12 @@ class ModelSpec(_Section):
         ..., description="DeepSpeed config: a JSON file path or an inline mapping"
     )
 
+    @field_validator("name")
+    @classmethod
+    def _a_name(cls, name: str) -> str:
+        check_name(name, "model name")
+        return name
+
     @model_validator(mode="after")
     def _one_source(self) -> "ModelSpec":
         if self.pretrained and self.config:
@@ -175,7 +193,7 @@ class RunConfig(_Section):
     mode: Literal["codistill", "soft", "hard"] = Field(
         "codistill", description="codistill: the teacher trains too; soft: a frozen pretrained teacher; "
         "hard: students train with CE on text the teacher generated (the teacher is not loaded)")
-    output_dir: str = "runs/tiny"
+    output_dir: str = Field("runs/tiny", description="where the run writes (config.yaml, TensorBoard, checkpoints)")
     overwrite: bool = Field(False, description="allow writing into an output_dir holding checkpoints")
     dry_run: bool = Field(False, description="print the expected memory per rank and stop (nothing is trained)")
     resume: Optional[str] = Field(None, description="'auto' (newest intact checkpoint in output_dir) or a path")
@@ -187,6 +205,14 @@ class RunConfig(_Section):
     students: list[ModelSpec] = Field(..., min_length=1)
 
     _merged: list[DistillConfig] = PrivateAttr(default_factory=list)
+
+    @field_validator("output_dir")
+    @classmethod
+    def _a_folder(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("expected the folder the run writes to, got an empty value (it would mean the "
+                             "current directory)")
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":
@@ -347,5 +373,22 @@ def load_deepspeed_config(spec: ModelSpec) -> dict[str, Any]:
     return _read_mapping(Path(ds).expanduser(), f"{spec.name}.deepspeed: ", "JSON")
 
 
+RESOLVED_HEADER = "# codistill: the resolved config of this run, rewritten at every start (edit a copy)\n"
+
+
 def dump_config(cfg: RunConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The resolved config as YAML, marked as written by codistill."""
+    return RESOLVED_HEADER + yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def is_resolved_config(path: Path) -> bool:
+    """Whether ``path`` is a resolved config codistill wrote (so a run may replace it): it carries
+    the header, or (written before the header existed) it is exactly the dump of the config it holds."""
+    try:
+        text = path.read_text()
+        if text.startswith(RESOLVED_HEADER):
+            return True
+        return text == yaml.safe_dump(RunConfig.model_validate(yaml.safe_load(text)).model_dump(mode="json"),
+                                      sort_keys=False)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, ValidationError, TypeError):
+        return False

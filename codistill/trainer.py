@@ -21,7 +21,7 @@ import torch
 
 from . import checkpoint, distributed
 from .cache import TeacherCache
-from .config import ConfigError, DistillConfig, RunConfig, dump_config
+from .config import ConfigError, DistillConfig, RunConfig, dump_config, is_resolved_config
 from .data import BatchStream, build_splits, check_data_source, eval_batches, run_tokenizer, tokenizer_fingerprint
 from .engines import (Member, build_engine, deepspeed_configs, forward_logits, init_seed, is_trainable, loaded_models,
                       quiet_library_noise)
@@ -83,6 +83,12 @@ class Trainer:
             check_model(spec, hf_configs[spec.name], self.tokenizer, self.tokenizer_fp, cfg.data.seq_len)
         world_size = distributed.env_world_size()
         ds_configs = deepspeed_configs(cfg, specs, world_size, on_cpu=not torch.cuda.is_available())
+        if self.output_dir.exists() and not self.output_dir.is_dir():
+            raise ConfigError(f"output_dir: {self.output_dir} is a file; expected a folder")
+        written = self.output_dir / "config.yaml"
+        if written.exists() and not is_resolved_config(written):
+            raise ConfigError(f"output_dir: {written} is not a config this program wrote, and the run would replace "
+                              "it with its resolved config; move it or choose another output_dir")
         checkpoint.refuse_foreign_checkpoints(self.output_dir, cfg.overwrite, cfg.resume)
         self.resume_from = checkpoint.find_resume(self.output_dir, cfg.resume)
         # A checkpoint from another number of ranks is loaded through DeepSpeed's universal
@@ -539,7 +545,7 @@ class Trainer:
         cfg, world = self.cfg, self.world
         if world.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.yaml").write_text(dump_config(cfg))
+            checkpoint.write_atomically(self.output_dir / "config.yaml", dump_config(cfg))
             for partial in checkpoint.remove_partial(self.output_dir):
                 log.warning("removed %s, left by a save that did not finish", partial)
         torch.autograd.set_detect_anomaly(cfg.train.detect_anomaly)

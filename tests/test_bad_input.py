@@ -50,6 +50,9 @@ def tiny_pretrained(folder, tokenizer, weights=True):
     ("students.0.distill.alpha_max=-0.5", "config key 'students.0.distill.alpha_max': input should be greater than or equal to 0"),
     ("students.0.distill.top_k=0", "config key 'students.0.distill.top_k': input should be greater than 0"),
     ("resume=/nonexistent/ckpt", "resume: /nonexistent/ckpt does not exist"),
+    ("students.0.name=..", "students.0.name: model name '..' is not allowed: it names folders"),
+    ("teacher.name=a/b", "teacher.name: model name 'a/b' is not allowed"),
+    ("output_dir=", "output_dir: expected the folder the run writes to, got an empty value"),
 ])
 def test_bad_values(capsys, tmp_path, override, expected):
     assert expected in fails_with(capsys, f"output_dir={tmp_path}", override)
@@ -111,6 +114,21 @@ def test_output_dir_with_another_runs_checkpoints_is_never_overwritten(capsys, t
     err = fails_with(capsys, f"output_dir={tmp_path}")
     assert "already holds checkpoints" in err and "overwrite=true" in err
     assert keep.read_text() == "precious"
+
+
+def test_a_users_own_config_yaml_in_output_dir_is_never_replaced(capsys, tmp_path):
+    mine = tmp_path / "config.yaml"
+    mine.write_text("# my notes\n" + MICRO.read_text())
+    err = fails_with(capsys, f"output_dir={tmp_path}")
+    assert f"output_dir: {mine} is not a config this program wrote" in err
+    assert mine.read_text().startswith("# my notes")
+
+
+def test_an_output_dir_that_is_a_file_is_refused(capsys, tmp_path):
+    file = tmp_path / "out"
+    file.write_text("not a folder")
+    assert f"output_dir: {file} is a file; expected a folder" in fails_with(capsys, f"output_dir={file}")
+    assert file.read_text() == "not a folder"
 
 
 def test_the_user_sees_one_line_and_no_traceback_and_debug_shows_it(tmp_path):

@@ -70,3 +70,23 @@ def test_an_honest_checkpoint_still_resumes_and_exports(saved, tmp_path):
     assert "at step 2" in proc.stdout
     launch(str(run), str(tmp_path / "hf"), how="python", script="tools/export_hf.py", config=None)
     assert (tmp_path / "hf" / "student" / "model.safetensors").exists()
+
+
+def test_export_refuses_a_model_name_from_disk_that_would_leave_its_folder(saved, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(saved, run)
+    step = run / "checkpoints" / "step_00000002"
+    state = json.loads((step / "trainer_state.json").read_text())
+    state["models"] = ["teacher", ".."]
+    (step / "trainer_state.json").write_text(json.dumps(state))
+    manifest = json.loads((step / MANIFEST).read_text())
+    manifest["files"]["trainer_state.json"] = {"size": (step / "trainer_state.json").stat().st_size,
+                                               "sha256": _sha256(step / "trainer_state.json")}
+    (step / MANIFEST).write_text(json.dumps(manifest))
+    out = tmp_path / "hf" / "inner"
+    proc = launch(str(run), str(out), how="python", script="tools/export_hf.py", config=None, ok=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"export_hf: error: {step / 'trainer_state.json'}: model name '..' is not allowed: it names folders, so it "
+        "must be letters, digits, _ and -, starting with a letter or digit")
+    assert not (tmp_path / "hf" / "model.safetensors").exists()
