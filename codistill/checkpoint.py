@@ -43,6 +43,8 @@ MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
 TAG = "ds"  # the DeepSpeed tag inside each engine's folder
 UNIVERSAL_TAG = "ds_universal"
+LEGACY_RUN = "legacy"  # the run of checkpoints written before runs had an id
+REQUIRED = (STATE, "rank_00000.pt")  # besides the manifest, every checkpoint holds these
 
 
 def _allowed_globals() -> list:
@@ -148,7 +150,7 @@ def save(output_dir: Path, step: int, engines: Iterable[tuple[str, object]], sta
             shutil.rmtree(final)
         os.replace(staging, final)
         write_atomically(root / LATEST, final.name + "\n")
-        _prune(root, keep_last, keep=final)
+        _prune(root, keep_last, keep=final, run=state.get("run_id", LEGACY_RUN))
     torch.distributed.barrier()
     return final
 
@@ -161,14 +163,26 @@ def remove_partial(output_dir: Path) -> list[Path]:
     return partial
 
 
-def _prune(root: Path, keep_last: int, keep: Path) -> None:
+def run_id(path: Path) -> Optional[str]:
+    """The run a checkpoint belongs to (``LEGACY_RUN`` for one written before runs had an id;
+    None if its state cannot be read)."""
+    try:
+        state = json.loads((path / STATE).read_text())
+    except (OSError, ValueError):
+        return None
+    return state.get("run_id", LEGACY_RUN) if isinstance(state, dict) else None
+
+
+def _prune(root: Path, keep_last: int, keep: Path, run: str) -> None:
+    """Remove this run's oldest complete checkpoints beyond ``keep_last``; never another run's."""
     if keep_last <= 0:
         return
-    complete = [p for p in sorted(root.glob("step_*")) if (p / MANIFEST).exists()]
-    for old in complete[:-keep_last]:
+    ours = [p for p in sorted(root.glob("step_*")) if (p / MANIFEST).exists() and run_id(p) == run]
+    for old in ours[:-keep_last]:
         if old != keep:
-            shutil.rmtree(old, ignore_errors=True)
-            shutil.rmtree(old.parent / f".universal_{old.name}", ignore_errors=True)
+            for folder in (old, old.parent / f".universal_{old.name}"):
+                shutil.rmtree(folder, onerror=lambda _f, path, exc: log.warning(
+                    "could not remove %s while pruning old checkpoints: %s", path, exc[1]))
 
 
 def verify(path: Path) -> Optional[str]:
@@ -178,24 +192,32 @@ def verify(path: Path) -> Optional[str]:
         return f"{path} is not a complete checkpoint (no {MANIFEST})"
     try:
         files = json.loads(manifest.read_text())["files"]
-    except (json.JSONDecodeError, KeyError):
-        return f"{manifest} is corrupted"
-    for rel, meta in files.items():
+        entries = [(rel, int(meta["size"]), str(meta["sha256"])) for rel, meta in files.items()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return f"{manifest} is corrupted (expected a files table with each file's size and sha256)"
+    listed = {rel for rel, _, _ in entries}
+    for rel in REQUIRED:
+        if rel not in listed:
+            return f"{manifest} does not list {rel}, which every checkpoint holds"
+    for rel, size, sha256 in entries:
         f = path / rel
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            return f"{manifest} lists {rel}, outside the checkpoint"
         if not f.is_file():
             return f"checkpoint file {f} is missing"
-        size = f.stat().st_size
-        if size != meta["size"]:
-            return f"checkpoint file {f} is truncated or changed ({size} bytes, expected {meta['size']})"
-        if _sha256(f) != meta["sha256"]:
+        if f.stat().st_size != size:
+            return f"checkpoint file {f} is truncated or changed ({f.stat().st_size} bytes, expected {size})"
+        if _sha256(f) != sha256:
             return f"checkpoint file {f} is corrupted (sha256 differs from the manifest)"
     return None
 
 
 def find_resume(output_dir: Path, resume: Optional[str]) -> Optional[Path]:
-    """The checkpoint to resume from: ``resume=auto`` takes the newest intact one in
-    ``output_dir`` (falling back past corrupted ones with a warning; none means a fresh
-    start); ``resume=<path>`` must be an intact checkpoint (or a run's output_dir)."""
+    """The checkpoint to resume from. ``resume=auto``: this run's newest intact checkpoint in
+    ``output_dir``, the one ``checkpoints/latest`` names, falling back past damaged ones (with a
+    warning) to older checkpoints of the same run, never to another run's (one that
+    ``overwrite=true`` wrote beside); none means a fresh start. ``resume=<path>``: an intact
+    checkpoint, or a run's output_dir (its ``resume=auto`` choice)."""
     if resume is None:
         return None
     if resume != "auto":
@@ -211,8 +233,18 @@ def find_resume(output_dir: Path, resume: Optional[str]) -> Optional[Path]:
         if problem:
             raise ConfigError(f"resume: {problem}")
         return path
-    candidates = sorted((output_dir / CHECKPOINTS).glob("step_*"), reverse=True)
+    root = output_dir / CHECKPOINTS
+    candidates = sorted(root.glob("step_*"), reverse=True)
+    latest = root / LATEST
+    run = None
+    if latest.is_file():  # this run's newest checkpoint; older ones of the same run are the fallback
+        named = root / latest.read_text().strip()
+        if named.parent == root and named.name.startswith("step_") and named.is_dir():
+            run = run_id(named)
+            candidates = [named, *(c for c in candidates if c.name < named.name)]
     for candidate in candidates:
+        if run is not None and candidate != candidates[0] and run_id(candidate) != run:
+            continue  # another run's checkpoint (written before overwrite=true started this one)
         problem = verify(candidate)
         if problem is None:
             return candidate

@@ -12,6 +12,7 @@ import re
 import random
 import signal
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -139,11 +140,19 @@ class Trainer:
         self.gap: list[Optional[float]] = [None] * len(self.students)  # running student CE − teacher CE
         self.skipped = {m.name: 0 for m in self.members}  # updates skipped for a non-finite loss
         self.start_eval: dict[str, float] = {}  # validation losses at step 0, for the run's summary
+        # Which run a checkpoint belongs to: resume=auto and pruning never touch another run's.
+        self.run_id = self._shared_run_id()
         self._seed_rngs(cfg.train.seed + 1000 * self.world.rank)
         self.tokens_per_step = (cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps
                                 * self.world.size * cfg.data.seq_len)
         self.metrics: Optional[Metrics] = None
         self._signal: Optional[int] = None
+
+    def _shared_run_id(self) -> str:
+        """A fresh run's id, the same on every rank (rank 0 draws it)."""
+        drawn = torch.tensor(list(uuid.uuid4().bytes[:8]), dtype=torch.uint8)
+        torch.distributed.broadcast(drawn, src=0)
+        return bytes(drawn.tolist()).hex()
 
     @staticmethod
     def _seed_rngs(seed: int) -> None:
@@ -449,7 +458,8 @@ class Trainer:
         """A complete checkpoint of every engine, the schedules, the data cursor and RNGs."""
         state = {"world_size": self.world.size, "models": [m.name for m in self.trainable],
                  "schedule": {"gap_ema": {s.name: g for s, g in zip(self.students, self.gap)}},
-                 "start_eval": self.start_eval, "config": self.cfg.model_dump(mode="json")}
+                 "start_eval": self.start_eval, "run_id": self.run_id,
+                 "config": self.cfg.model_dump(mode="json")}
         return checkpoint.save(self.output_dir, self.step, [(m.name, m.engine) for m in self.trainable], state,
                                checkpoint.rank_state(self.stream.state_dict()), self.world.rank,
                                self.cfg.checkpoint.keep_last, self._write_extra)
@@ -478,6 +488,7 @@ class Trainer:
         gaps = state["schedule"]["gap_ema"]
         self.gap = [gaps.get(s.name) for s in self.students]
         self.start_eval = state.get("start_eval", {})  # absent in checkpoints of earlier releases
+        self.run_id = state.get("run_id", checkpoint.LEGACY_RUN)  # a resumed run continues the same run
         cursor = checkpoint.restore_rank_state(path, min(self.world.rank, self.saved_world - 1))
         if rescaled:
             cursor = checkpoint.rescale_cursor(cursor, self.cfg.train.micro_batch_size, self.saved_world,

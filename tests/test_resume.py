@@ -196,3 +196,46 @@ def test_a_two_rank_checkpoint_resumes_on_one_rank(tmp_path, straight_zero2):
     for tag in ("teacher/train/loss", "student/train/loss"):
         for step in range(5, 9):
             assert b[tag][step] == pytest.approx(a[tag][step], rel=1e-4), (tag, step)
+
+
+def test_resume_auto_continues_this_run_never_the_one_overwrite_wrote_beside(tmp_path):
+    """Run A leaves checkpoints 3 and 6; run B (overwrite=true) starts afresh in the same folder
+    and keeps one checkpoint: pruning leaves A's alone, and resume=auto continues B, not A's
+    higher step."""
+    out = tmp_path / "run"
+    launch(f"output_dir={out}", "checkpoint.interval=3", "checkpoint.keep_last=0", how="python")
+    launch(f"output_dir={out}", "overwrite=true", "train.max_steps=2", "checkpoint.keep_last=1", how="python")
+    root = out / "checkpoints"
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000002", "step_00000003", "step_00000006"]
+    assert (root / "latest").read_text().strip() == "step_00000002"
+    resumed = launch(f"output_dir={out}", "resume=auto", "train.max_steps=4", "checkpoint.keep_last=1", how="python")
+    assert "step_00000002 at step 2" in resumed.stdout
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000003", "step_00000004", "step_00000006"]
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda m: [], "is corrupted (expected a files table"),
+    (lambda m: {"files": {k: {"sha256": v["sha256"]} for k, v in m["files"].items()}}, "is corrupted"),
+    (lambda m: {"files": {}}, "does not list trainer_state.json"),
+    (lambda m: {"files": {k: v for k, v in m["files"].items() if k != "rank_00000.pt"}}, "does not list rank_00000.pt"),
+    (lambda m: {"files": {**m["files"], "../outside": m["files"]["rank_00000.pt"]}}, "outside the checkpoint"),
+])
+def test_a_damaged_manifest_is_not_intact_and_auto_resume_falls_back(tmp_path, damage, problem, two_checkpoints):
+    import shutil
+
+    from codistill.checkpoint import find_resume, verify
+
+    out = tmp_path / "run"
+    shutil.copytree(two_checkpoints, out)
+    newest = out / "checkpoints" / "step_00000004"
+    manifest = json.loads((newest / "manifest.json").read_text())
+    (newest / "manifest.json").write_text(json.dumps(damage(manifest)))
+    assert problem in verify(newest)
+    assert find_resume(out, "auto") == out / "checkpoints" / "step_00000002"
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory):
+    out = tmp_path_factory.mktemp("two") / "run"
+    launch(f"output_dir={out}", "checkpoint.interval=2", "checkpoint.keep_last=0", "train.max_steps=4", how="python")
+    return out
