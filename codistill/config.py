@@ -27,6 +27,7 @@ from .errors import ConfigError
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
 
 
+SEED_LIMIT = 2**63 - 2**20  # seeds are offset per rank and model and must stay 64-bit integers
 NAME_RULE = "letters, digits, _ and -, starting with a letter or digit"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
@@ -39,7 +40,7 @@ def check_name(name: object, what: str) -> str:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class TokenizerTraining(_Section):
@@ -94,7 +95,7 @@ class TrainConfig(_Section):
     max_steps: int = Field(200, gt=0)
     micro_batch_size: int = Field(8, gt=0, description="per rank, shared by every model")
     gradient_accumulation_steps: int = Field(1, gt=0)
-    seed: int = 1234
+    seed: int = Field(1234, ge=0, lt=SEED_LIMIT, description="model init, data order, validation split")
     log_interval: int = Field(10, gt=0)
     eval_interval: int = Field(50, gt=0)
     eval_batches: int = Field(8, gt=0, description="validation micro-batches per rank")
@@ -105,7 +106,8 @@ class TrainConfig(_Section):
         None, gt=0, description="stop with a checkpoint after this many steps (e.g. a job's time limit)")
     nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="a NaN/inf loss: stop with a checkpoint of the last good state, or skip the step")
-    collective_timeout_s: int = Field(90, gt=0, description="a rank silent this long ends the job")
+    collective_timeout_s: int = Field(90, gt=0, le=7 * 24 * 3600, description="a rank silent this long ends the job "
+                                      "(at most a week)")
 
 
 class CheckpointConfig(_Section):
@@ -166,7 +168,7 @@ class ModelSpec(_Section):
     config: dict[str, Any] = Field(default_factory=dict, description="transformers config overrides")
     pretrained: Optional[str] = Field(None, description="local folder for from_pretrained")
     init_seed: Optional[int] = Field(
-        None, description="seed of a random init (default train.seed + the model's position: teacher 0, "
+        None, ge=0, lt=SEED_LIMIT, description="seed of a random init (default train.seed + the model's position: teacher 0, "
         "students 1, 2, ...); equal seeds give equal configs equal weights")
     trust_remote_code: bool = False
     distill: DistillOverrides = Field(default_factory=DistillOverrides,

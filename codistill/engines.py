@@ -33,6 +33,61 @@ def quiet_library_noise() -> None:
     hf_logging.set_verbosity_error()
 
 
+def _known_deepspeed_keys() -> set[str]:
+    """Every top-level key DeepSpeed's config reader looks up (the string constants it names them by)."""
+    import deepspeed.runtime.constants as constants
+
+    keys = {v for k, v in vars(constants).items() if k.isupper() and isinstance(v, str)}
+    return keys | {"zero_optimization", "bf16", "fp16", "amp", "activation_checkpointing", "flops_profiler",
+                   "tensorboard", "wandb", "csv_monitor", "comet", "checkpoint", "data_types", "compile",
+                   "aio", "nebula", "autotuning", "elasticity", "pipeline", "compression_training",
+                   "data_efficiency", "curriculum_learning", "sparse_attention", "weight_quantization",
+                   "hybrid_engine", "torch_autocast", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer"}
+
+
+def check_deepspeed_sections(name: str, ds: dict[str, Any]) -> None:
+    """What can be checked of a DeepSpeed config before any process group: the ZeRO section
+    against DeepSpeed's own schema, and top-level keys that look like a misspelling of one
+    DeepSpeed reads (DeepSpeed itself ignores unknown keys silently)."""
+    import difflib
+
+    from pydantic import ValidationError
+
+    zero = ds.get("zero_optimization")
+    if zero is not None:
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+        if not isinstance(zero, dict):
+            raise ConfigError(f"{name}.deepspeed.zero_optimization: expected a mapping, got {type(zero).__name__}")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                DeepSpeedZeroConfig(**zero)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            key = ".".join(str(p) for p in err["loc"])
+            what = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].lower()
+            raise ConfigError(f"{name}.deepspeed.zero_optimization.{key}: {what} (got {err.get('input')!r})") from None
+    known = _known_deepspeed_keys()
+    for key in ds:
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.85)
+        if key not in known and close:
+            raise ConfigError(f"{name}.deepspeed.{key}: not a DeepSpeed key; did you mean '{close[0]}'?")
+
+
+def check_optimizer(name: str, kind: str) -> None:
+    """DeepSpeed builds its own optimizers by name and any of torch.optim's; anything else would fail
+    only once the process group exists."""
+    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+
+    builtin = set(DEEPSPEED_OPTIMIZERS) | {"onebitadam", "zerooneadam", "onebitlamb"}
+    torch_names = {n for n in dir(torch.optim) if isinstance(getattr(torch.optim, n), type)
+                   and issubclass(getattr(torch.optim, n), torch.optim.Optimizer)}
+    if str(kind).lower() not in builtin and kind not in torch_names:
+        raise ConfigError(f"{name}.deepspeed.optimizer.type: '{kind}' is not an optimizer DeepSpeed knows (its own: "
+                          f"{', '.join(sorted(builtin))}; or a torch.optim class such as SGD)")
+
+
 def optimizer_steps(cfg: RunConfig) -> dict[str, int]:
     """How many optimizer steps each model takes: train.max_steps, less a student's head start
     (the config's validator guarantees at least one)."""
@@ -49,6 +104,7 @@ def resolve_deepspeed_config(spec: ModelSpec, train: TrainConfig, world_size: in
     ``steps``: the optimizer steps this model takes (default train.max_steps; a student
     with a head start takes fewer), which a scheduler's ``total_num_steps: auto`` becomes."""
     ds = load_deepspeed_config(spec)
+    check_deepspeed_sections(spec.name, ds)
     if not trainable:
         ds.pop("optimizer", None)
         ds.pop("scheduler", None)
@@ -75,6 +131,7 @@ def resolve_deepspeed_config(spec: ModelSpec, train: TrainConfig, world_size: in
     optimizer = ds.get("optimizer")
     if not isinstance(optimizer, dict) or "type" not in optimizer:
         raise ConfigError(f"{spec.name}.deepspeed.optimizer: a trainable model needs an optimizer section with a type")
+    check_optimizer(spec.name, optimizer["type"])
     if on_cpu and optimizer["type"].lower() in _ADAM:
         # DeepSpeed's FusedAdam is a ~65 s JIT compile and CPU-only anyway slower than torch's.
         optimizer.setdefault("params", {}).setdefault("torch_adam", True)

@@ -53,6 +53,16 @@ def tiny_pretrained(folder, tokenizer, weights=True):
     ("students.0.name=..", "students.0.name: model name '..' is not allowed: it names folders"),
     ("teacher.name=a/b", "teacher.name: model name 'a/b' is not allowed"),
     ("output_dir=", "output_dir: expected the folder the run writes to, got an empty value"),
+    ("teacher.deepspeed.zero_optimization.stage=4", "teacher.deepspeed.zero_optimization.stage: input should be 0, 1, 2, 3"),
+    ("teacher.deepspeed.zero_optimization.stagee=1", "teacher.deepspeed.zero_optimization.stagee: unknown key"),
+    ("students.0.deepspeed.optimizer.type=Adamz", "student.deepspeed.optimizer.type: 'Adamz' is not an optimizer"),
+    ("teacher.deepspeed.gradient_clipin=1.0", "teacher.deepspeed.gradient_clipin: not a DeepSpeed key; did you mean "
+                                              "'gradient_clipping'?"),
+    ("distill.temperature=.inf", "config key 'distill.temperature': input should be a finite number"),
+    ("distill.alpha_max=.nan", "config key 'distill.alpha_max': input should be a finite number"),
+    ("train.seed=99999999999999999999", "config key 'train.seed': input should be less than"),
+    ("train.seed=-1", "config key 'train.seed': input should be greater than or equal to 0"),
+    ("train.collective_timeout_s=99999999999", "config key 'train.collective_timeout_s': input should be less than"),
 ])
 def test_bad_values(capsys, tmp_path, override, expected):
     assert expected in fails_with(capsys, f"output_dir={tmp_path}", override)
