@@ -16,6 +16,7 @@ Older checkpoints are pruned only after a newer one is complete.
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
@@ -24,8 +25,10 @@ import pickle
 import random
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
@@ -86,6 +89,58 @@ def data_only_loads() -> Iterator[None]:
         yield
     finally:
         torch.load = real
+
+
+LOCK = ".codistill.lock"
+
+
+def claim(output_dir: Path) -> Callable[[], None]:
+    """Make this process the one run writing ``output_dir`` (call on rank 0): a lock file
+    holding host, pid and start time, created exclusively. A lock whose process no longer runs
+    on this host is taken over with a warning; a live one, or one from another host (which
+    cannot be checked from here), is refused with one line. Returns the release function
+    (also called at exit)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    lock = output_dir / LOCK
+    mine = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                other = json.loads(lock.read_text())
+                host, pid = str(other["host"]), int(other["pid"])
+            except (OSError, ValueError, KeyError, TypeError):
+                other, host, pid = {}, "?", -1
+            if host == mine["host"] and pid > 0 and not _alive(pid):
+                log.warning("output_dir: taking over %s, left by pid %d which no longer runs", lock, pid)
+                lock.unlink(missing_ok=True)
+                continue
+            raise ConfigError(f"output_dir: {output_dir} is in use by another run (pid {pid} on {host} since "
+                              f"{other.get('since', '?')}); wait for it, or remove {lock} if no run is using it")
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(mine) + "\n")
+        break
+
+    def release() -> None:
+        try:
+            if json.loads(lock.read_text()).get("pid") == mine["pid"]:
+                lock.unlink()
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    atexit.register(release)
+    return release
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def step_dir(output_dir: Path, step: int) -> Path:

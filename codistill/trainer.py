@@ -60,13 +60,17 @@ class Trainer:
         # Everything that can be wrong with the input is checked before any process group
         # or engine exists, so a typo costs seconds and leaves nothing behind.
         specs, hf_configs, ds_configs = self._check_inputs()
-        self.world = distributed.init(timeout_s=cfg.train.collective_timeout_s)
-        fingerprint = self._load_data()
-        self.cache = self._open_cache(fingerprint)
-        self._build_engines(specs, hf_configs, ds_configs)
-        self._init_state()
-        if self.resume_from is not None:
-            self._load(self.resume_from)
+        try:
+            self.world = distributed.init(timeout_s=cfg.train.collective_timeout_s)
+            fingerprint = self._load_data()
+            self.cache = self._open_cache(fingerprint)
+            self._build_engines(specs, hf_configs, ds_configs)
+            self._init_state()
+            if self.resume_from is not None:
+                self._load(self.resume_from)
+        except BaseException:
+            self._release()  # the output_dir is free again for a corrected run
+            raise
 
     # ------------------------------------------------------------------ set-up phases
 
@@ -99,6 +103,8 @@ class Trainer:
             for ds in ds_configs.values():
                 if ds.get("zero_optimization", {}).get("stage", 0) > 0:
                     ds.setdefault("checkpoint", {})["load_universal"] = True
+        # One run per output_dir: another would remove this one's staging folders, or it theirs.
+        self._release = checkpoint.claim(self.output_dir) if distributed.env_rank() == 0 else (lambda: None)
         return specs, hf_configs, ds_configs
 
     def _load_data(self) -> str:
@@ -549,6 +555,7 @@ class Trainer:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             metrics.close()
+            self._release()
         return final
 
     def _start_run(self) -> Metrics:

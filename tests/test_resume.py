@@ -1,5 +1,6 @@
 """Never lose a run: exact resume, preemption, crashes during a save, corrupted files."""
 import json
+import os
 import signal
 import subprocess
 import time
@@ -239,3 +240,27 @@ def two_checkpoints(tmp_path_factory):
     out = tmp_path_factory.mktemp("two") / "run"
     launch(f"output_dir={out}", "checkpoint.interval=2", "checkpoint.keep_last=0", "train.max_steps=4", how="python")
     return out
+
+
+def test_one_run_per_output_dir_and_a_stale_lock_is_taken_over(tmp_path):
+    out = tmp_path / "run"
+    first = subprocess.Popen(launch_cmd(["--config", str(MICRO), f"output_dir={out}", "train.max_steps=100000",
+                                         "train.log_interval=1"], how="python", ranks=1),
+                             cwd=ROOT, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in first.stdout:
+            if line.startswith("step 1/"):
+                break
+        second = launch(f"output_dir={out}", "resume=auto", how="python", ok=False)
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert second.stderr.strip().splitlines() == [
+            f"codistill: error: output_dir: {out.resolve()} is in use by another run (pid {first.pid} on "
+            f"{os.uname().nodename} since {json.loads((out / '.codistill.lock').read_text())['since']}); wait for it, "
+            f"or remove {out.resolve() / '.codistill.lock'} if no run is using it"]
+    finally:
+        first.kill()  # as a crash would: the lock stays behind
+        first.wait()
+    assert (out / ".codistill.lock").exists()
+    third = launch(f"output_dir={out}", "overwrite=true", "train.max_steps=2", how="python")
+    assert f"taking over {out.resolve() / '.codistill.lock'}, left by pid {first.pid} which no longer runs" in third.stderr
+    assert not (out / ".codistill.lock").exists()  # released at the end
