@@ -201,13 +201,32 @@ def save(output_dir: Path, step: int, engines: Iterable[tuple[str, object]], sta
         files = {str(p.relative_to(staging)): {"size": p.stat().st_size, "sha256": _sha256(p)}
                  for p in sorted(staging.rglob("*")) if p.is_file()}
         write_atomically(staging / MANIFEST, json.dumps({"step": step, "files": files}, indent=1) + "\n")
+        _fsync_tree(staging)  # on disk before it becomes visible: a power cut leaves old or whole, never torn
         if final.exists():  # overwrite=true on an output_dir with this step already saved
             shutil.rmtree(final)
         os.replace(staging, final)
+        _fsync(root)
         write_atomically(root / LATEST, final.name + "\n")
+        _fsync(root)
         _prune(root, keep_last, keep=final, run=state.get("run_id", LEGACY_RUN))
     torch.distributed.barrier()
     return final
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's data, or a folder's entries, to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Every file and folder below ``folder``, then ``folder`` itself (children first)."""
+    for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        _fsync(path)
+    _fsync(folder)
 
 
 def remove_partial(output_dir: Path) -> list[Path]:
