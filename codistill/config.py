@@ -261,11 +261,19 @@ class RunConfig(_Section):
 
 def _read_mapping(path: Path, where: str, kind: str) -> dict[str, Any]:
     """Read a YAML or JSON file that must hold a mapping; ``where`` starts every error."""
+    if path.is_dir():
+        raise ConfigError(f"{where}{path} is a folder; expected a {kind} file")
     if not path.is_file():
         raise ConfigError(f"{where}file {path} does not exist")
     parse, malformed = (yaml.safe_load, yaml.YAMLError) if kind == "YAML" else (json.loads, json.JSONDecodeError)
     try:
-        data = parse(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where}{path} is not a text file; expected {kind}") from None
+    except OSError as exc:
+        raise ConfigError(f"{where}{path} cannot be read ({exc.strerror})") from None
+    try:
+        data = parse(text)
     except malformed as exc:
         raise ConfigError(f"{where}{path} is not valid {kind}: {' '.join(str(exc).split())}") from None
     if not isinstance(data, dict):

@@ -316,6 +316,10 @@ def _data_files(spec: str) -> list[Path]:
         files = [Path(p) for p in sorted(glob.glob(str(path)))]
     if not files:
         raise ConfigError(f"data.dataset: no data file matches '{spec}' (expected .txt, .jsonl, .json or .parquet)")
+    broken = [str(p) for p in files if not p.exists()]
+    if broken:
+        raise ConfigError(f"data.dataset: {', '.join(broken[:3])} {'is a link' if len(broken) == 1 else 'are links'} "
+                          "to nothing; expected data files")
     empty = [str(p) for p in files if p.stat().st_size == 0]
     if empty:
         raise ConfigError(f"data.dataset: {', '.join(empty[:3])} {'is' if len(empty) == 1 else 'are'} empty; "
@@ -448,6 +452,11 @@ def _to_blocks(part: datasets.Dataset, cfg: DataConfig, tokenizer: PreTrainedTok
     def tokenize(batch):
         # ``counted`` marks the tokens the losses are computed on: all of a plain text,
         # the response (and its eos) of a prompt/response pair.
+        for column in (field, prompt_field):
+            if column is not None and not all(isinstance(x, str) for x in batch[column]):
+                bad = next(x for x in batch[column] if not isinstance(x, str))
+                raise ConfigError(f"data.{'prompt_field' if column == prompt_field else 'text_field'}: a row of "
+                                  f"'{cfg.dataset}' holds {bad!r} in column '{column}'; expected text in every row")
         ids = [x + [eos] for x in encode(batch[field])]
         if prompt_field is None:
             return {"ids": ids, "counted": [[1] * len(x) for x in ids]}

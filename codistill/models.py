@@ -5,7 +5,10 @@ All checks run on configs, before any weights exist, so bad input fails fast.
 """
 from __future__ import annotations
 
+import json
+import struct
 from pathlib import Path
+from typing import Optional
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
@@ -22,7 +25,30 @@ def _pretrained_dir(spec: ModelSpec) -> Path:
         raise ConfigError(f"{spec.name}.pretrained: {path} is not a model folder (no config.json)")
     if not any(next(path.glob(pattern), None) for pattern in _WEIGHTS):
         raise ConfigError(f"{spec.name}.pretrained: {path} holds no weights (*.safetensors or pytorch_model*.bin)")
+    for weights in sorted(path.glob("*.safetensors")):
+        problem = _safetensors_problem(weights)
+        if problem:
+            raise ConfigError(f"{spec.name}.pretrained: {weights} {problem}")
     return path
+
+
+def _safetensors_problem(path: Path) -> Optional[str]:
+    """What is wrong with a safetensors file's framing (header, tensor extents), read without
+    loading a tensor; None if nothing. Catches truncated and garbage files before any process group."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            length = struct.unpack("<Q", fh.read(8))[0]
+            if length > size - 8:
+                return f"is truncated or not a safetensors file ({size:,} bytes, header of {length:,} announced)"
+            header = json.loads(fh.read(length))
+        ends = [int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"]
+    except (struct.error, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return "is not a safetensors file (its header cannot be read)"
+    needed = 8 + length + max(ends, default=0)
+    if needed > size:
+        return f"is truncated ({size:,} bytes of the {needed:,} its header describes)"
+    return None
 
 
 def model_config(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:

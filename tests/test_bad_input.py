@@ -156,3 +156,38 @@ def test_dataset_too_small_for_one_block(capsys, tmp_path, tokenizer):
     err = fails_with(capsys, f"data.dataset={data}", f"data.tokenizer={tmp_path / 'tok'}",
                      f"data.cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'out'}")
     assert "gives no complete block of data.seq_len=32 tokens" in err
+
+
+def test_a_config_that_is_a_folder_or_not_text(capsys, tmp_path):
+    assert entry.main(["--config", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == f"codistill: error: config {tmp_path} is a folder; expected a YAML file"
+    binary = tmp_path / "model.bin"
+    binary.write_bytes(bytes(range(256)) * 4)
+    assert entry.main(["--config", str(binary)]) == 2
+    assert capsys.readouterr().err.strip() == f"codistill: error: config {binary} is not a text file; expected YAML"
+
+
+def test_rows_without_text_and_broken_links_in_a_data_folder(capsys, tmp_path, tokenizer):
+    tokenizer.save_pretrained(tmp_path / "tok")
+    data = tmp_path / "nulls.jsonl"
+    data.write_text(json.dumps({"text": "a line of text " * 20}) + "\n" + json.dumps({"text": None}) + "\n")
+    err = fails_with(capsys, f"data.dataset={data}", f"data.tokenizer={tmp_path / 'tok'}",
+                     f"data.cache_dir={tmp_path / 'c'}", f"output_dir={tmp_path / 'o'}")
+    assert f"data.text_field: a row of '{data}' holds None in column 'text'; expected text in every row" in err
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.txt").write_text("some text " * 100)
+    (folder / "b.txt").symlink_to(tmp_path / "gone.txt")
+    err = fails_with(capsys, f"data.dataset={folder}", f"data.tokenizer={tmp_path / 'tok'}")
+    assert f"data.dataset: {folder / 'b.txt'} is a link to nothing; expected data files" in err
+
+
+def test_a_truncated_pretrained_weights_file(capsys, tmp_path, tokenizer):
+    folder = tiny_pretrained(tmp_path / "cut", tokenizer)
+    weights = next(folder.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    err = fails_with(capsys, f"teacher.pretrained={folder}", "teacher.config={}")
+    assert f"teacher.pretrained: {weights} is truncated (" in err
+    weights.write_bytes(b"garbage" * 10)
+    assert "is truncated or not a safetensors file" in fails_with(capsys, f"teacher.pretrained={folder}",
+                                                                  "teacher.config={}")
