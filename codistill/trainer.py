@@ -153,6 +153,8 @@ class Trainer:
                                 * self.world.size * cfg.data.seq_len)
         self.metrics: Optional[Metrics] = None
         self._signal: Optional[int] = None
+        self._deferred: Optional[list[Member]] = None  # optimizer steps waiting for the micro-step's end
+        self._step_start: Optional[dict] = None  # this rank's cursor and RNGs when the current step began
 
     def _shared_run_id(self) -> str:
         """A fresh run's id, the same on every rank (rank 0 draws it)."""
@@ -172,6 +174,7 @@ class Trainer:
         """One optimizer step of every model (``step`` is 0-based); returns rank-averaged metrics."""
         plans = self.plan(step)
         gas = self.cfg.train.gradient_accumulation_steps
+        self._step_start = checkpoint.rank_state(self.stream.state_dict())  # what a stop saves of this rank
         sums: dict[str, float] = {}  # what ran, summed over micro-steps
         panels = {} if self._panels_due(step) else None  # diagnostics of the first micro-batch
         start = time.perf_counter()
@@ -205,16 +208,25 @@ class Trainer:
                    panels: Optional[dict[str, float]] = None) -> None:
         """One micro-batch: the teacher's targets (one forward, or the cache) feed every active student.
         With ``panels``, the distillation diagnostics of this micro-batch are written into it."""
-        out = self.teacher_targets(batch, plans, sums)
-        if out is None:  # the teacher's update was skipped: no trustworthy targets
-            return
-        targets, teacher_logits = out
-        del out
-        if panels is None:  # with top-k targets this frees the full logits before the students run
-            teacher_logits = None
-        for i, plan in enumerate(plans):
-            if plan.active:
-                self.student_micro_step(i, batch, targets.get(i), plan, sums, panels, teacher_logits)
+        # Every backward runs at once (freeing its activations); the optimizer steps wait until every
+        # model's loss is known to be finite, so a stop leaves all models at the same step. The
+        # students' targets were computed before the teacher's step either way: same numbers.
+        self._deferred = []
+        try:
+            out = self.teacher_targets(batch, plans, sums)
+            if out is None:  # the teacher's update was skipped: no trustworthy targets
+                return
+            targets, teacher_logits = out
+            del out
+            if panels is None:  # with top-k targets this frees the full logits before the students run
+                teacher_logits = None
+            for i, plan in enumerate(plans):
+                if plan.active:
+                    self.student_micro_step(i, batch, targets.get(i), plan, sums, panels, teacher_logits)
+            for member in self._deferred:
+                member.engine.step()
+        finally:
+            self._deferred = None
 
     def teacher_targets(self, batch: dict[str, torch.Tensor], plans: list[StudentPlan],
                         sums: dict[str, float]) -> Optional[tuple[dict[int, Targets], Optional[torch.Tensor]]]:
@@ -260,7 +272,7 @@ class Trainer:
             return None
         if self.teacher.trainable:
             self.teacher.engine.backward(parts.loss)
-            self.teacher.engine.step()
+            self._step(self.teacher)
         _add(sums, f"{self.teacher.name}/train/loss", parts.ce.item())
         _add(sums, f"{self.teacher.name}/train/loss_ce", parts.ce.item())
         return out.detach(), parts.token_ce, parts.lse
@@ -282,7 +294,7 @@ class Trainer:
         if not self._finite(student, parts.loss):
             return
         student.engine.backward(parts.loss)
-        student.engine.step()
+        self._step(student)
         _add(sums, f"{student.name}/train/loss", parts.loss.item())
         _add(sums, f"{student.name}/train/loss_ce", parts.ce.item())
         if targets is not None:
@@ -301,6 +313,14 @@ class Trainer:
 
     def _logits(self, member: Member, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return forward_logits(member, batch, self.vocab)
+
+    def _step(self, member: Member) -> None:
+        """The optimizer step of ``member``: at the end of the micro-step inside :meth:`micro_step`,
+        at once when a benchmark calls a model's micro-step by itself."""
+        if self._deferred is None:
+            member.engine.step()
+        else:
+            self._deferred.append(member)
 
     def _finite(self, member: Member, loss: torch.Tensor) -> bool:
         """Whether ``loss`` is finite on every rank; if not, apply ``train.nonfinite``:
@@ -460,14 +480,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def save(self) -> Path:
-        """A complete checkpoint of every engine, the schedules, the data cursor and RNGs."""
+    def save(self, rank_state: Optional[dict] = None) -> Path:
+        """A complete checkpoint of every engine, the schedules, the data cursor and RNGs
+        (``rank_state``: this rank's cursor and RNGs to save instead of the current ones)."""
         state = {"world_size": self.world.size, "models": [m.name for m in self.trainable],
                  "schedule": {"gap_ema": {s.name: g for s, g in zip(self.students, self.gap)}},
                  "start_eval": self.start_eval, "run_id": self.run_id,
                  "config": self.cfg.model_dump(mode="json")}
         return checkpoint.save(self.output_dir, self.step, [(m.name, m.engine) for m in self.trainable], state,
-                               checkpoint.rank_state(self.stream.state_dict()), self.world.rank,
+                               rank_state or checkpoint.rank_state(self.stream.state_dict()), self.world.rank,
                                self.cfg.checkpoint.keep_last, self._write_extra)
 
     def _write_extra(self, folder: Path) -> None:
@@ -548,8 +569,9 @@ class Trainer:
                                           checkpoint.step_dir(self.output_dir, saved_at), self.output_dir):
                     metrics.message(line)
         except NonFinite as exc:
-            if exc.save:
-                exc.args = (f"{exc}; saved the last good state to {self.save()} (train.nonfinite=stop)",)
+            if exc.save:  # no model stepped in the failed step: save them with the data cursor before it
+                saved = self.save(rank_state=self._step_start)
+                exc.args = (f"{exc}; saved the last good state to {saved} (train.nonfinite=stop)",)
             raise
         finally:
             for sig, handler in previous.items():

@@ -140,6 +140,16 @@ def test_nan_loss_stops_with_a_checkpoint_of_the_last_good_state(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("codistill: error: non-finite loss of student at step 4; saved the last good state to ")
     assert last.endswith("step_00000003 (train.nonfinite=stop)")
+    # Every model and the data cursor as they were after step 3: the checkpoint equals that of an
+    # uninterrupted 3-step run (the teacher had not stepped for step 4 when the student's loss failed).
+    straight = tmp_path / "straight"
+    launch(f"output_dir={straight}", "train.max_steps=3", how="python")
+    for name, weights in final_weights(out, step=3).items():
+        for key, tensor in weights.items():
+            assert torch.equal(tensor, final_weights(straight, step=3)[name][key]), (name, key)
+    cursors = [torch.load(run / "checkpoints" / "step_00000003" / "rank_00000.pt", weights_only=False)["data"]
+               for run in (out, straight)]
+    assert cursors[0] == cursors[1] == {"epoch": 0, "position": 3}
     resumed = launch(f"output_dir={out}", "resume=auto", how="python")
     assert "step_00000003 at step 3" in resumed.stdout
 
