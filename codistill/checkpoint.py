@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError, check_name
+from .distributed import disk_barrier, disk_group
 
 log = logging.getLogger("codistill")
 
@@ -190,18 +191,28 @@ def save(output_dir: Path, step: int, engines: Iterable[tuple[str, object]], sta
         if staging.exists():  # left by a save that was killed
             shutil.rmtree(staging)
         staging.mkdir(parents=True)
-    torch.distributed.barrier()
+    disk_barrier()
     for name, engine in engines:
         engine.save_checkpoint(str(staging / name), tag=TAG)
     torch.save(rank_state, rank_file(staging, rank))
-    torch.distributed.barrier()
     if rank == 0:
         write_extra(staging)
         write_atomically(staging / STATE, json.dumps({"step": step, **state}, indent=2) + "\n")
-        files = {str(p.relative_to(staging)): {"size": p.stat().st_size, "sha256": _sha256(p)}
-                 for p in sorted(staging.rglob("*")) if p.is_file()}
-        write_atomically(staging / MANIFEST, json.dumps({"step": step, "files": files}, indent=1) + "\n")
-        _fsync_tree(staging)  # on disk before it becomes visible: a power cut leaves old or whole, never torn
+    disk_barrier()
+    # Every rank hashes and fsyncs its share of the files, so no rank waits long on another.
+    world = torch.distributed.get_world_size()
+    everything = [p for p in sorted(staging.rglob("*")) if p.is_file()]
+    share = {}
+    for p in everything[rank::world]:
+        share[str(p.relative_to(staging))] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+        _fsync(p)
+    shares = [None] * world
+    torch.distributed.all_gather_object(shares, share, group=disk_group())
+    if rank == 0:
+        files = {rel: entry for part in shares for rel, entry in part.items()}
+        write_atomically(staging / MANIFEST, json.dumps({"step": step, "files": dict(sorted(files.items()))},
+                                                        indent=1) + "\n")
+        _fsync_tree(staging, files_too=False)  # on disk before it becomes visible: old or whole, never torn
         if final.exists():  # overwrite=true on an output_dir with this step already saved
             shutil.rmtree(final)
         os.replace(staging, final)
@@ -209,7 +220,7 @@ def save(output_dir: Path, step: int, engines: Iterable[tuple[str, object]], sta
         write_atomically(root / LATEST, final.name + "\n")
         _fsync(root)
         _prune(root, keep_last, keep=final, run=state.get("run_id", LEGACY_RUN))
-    torch.distributed.barrier()
+    disk_barrier()
     return final
 
 
@@ -222,10 +233,11 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_tree(folder: Path) -> None:
-    """Every file and folder below ``folder``, then ``folder`` itself (children first)."""
+def _fsync_tree(folder: Path, files_too: bool = True) -> None:
+    """Every folder (and file, with ``files_too``) below ``folder``, then ``folder`` itself."""
     for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-        _fsync(path)
+        if files_too or path.is_dir():
+            _fsync(path)
     _fsync(folder)
 
 
@@ -343,7 +355,7 @@ def universal(path: Path, model: str, is_main: bool) -> Path:
         (tmp / "latest_universal").write_text(UNIVERSAL_TAG)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
-    torch.distributed.barrier()
+    disk_barrier()  # the conversion of a big checkpoint takes minutes on rank 0
     return folder
 
 

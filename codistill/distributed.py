@@ -62,6 +62,21 @@ def env_world_size() -> int:
     return 1
 
 
+DISK_TIMEOUT_S = 6 * 3600  # how long a rank waits for another's disk work (hashing, fsync, conversion)
+_disk_group = None  # the world again, with DISK_TIMEOUT_S: made by init()
+
+
+def disk_barrier() -> None:
+    """A barrier for waits on another rank's disk work (a big checkpoint takes minutes to hash or
+    convert), which must not trip the short collective timeout that detects dead ranks."""
+    torch.distributed.barrier(group=_disk_group)
+
+
+def disk_group():
+    """The process group of :func:`disk_barrier` (None: the default group, if init() did not run)."""
+    return _disk_group
+
+
 def init(timeout_s: int = 600) -> World:
     """Create the world process group (gloo on CPU, NCCL on GPU) and pick this rank's device."""
     import deepspeed
@@ -82,6 +97,10 @@ def init(timeout_s: int = 600) -> World:
             timeout=timedelta(seconds=timeout_s),
             verbose=False,
         )
+    global _disk_group
+    if _disk_group is None:
+        _disk_group = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=max(timeout_s,
+                                                                                              DISK_TIMEOUT_S)))
     rank, size = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if accel.device_name() == "cpu":

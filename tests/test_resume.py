@@ -274,3 +274,15 @@ def test_one_run_per_output_dir_and_a_stale_lock_is_taken_over(tmp_path):
     third = launch(f"output_dir={out}", "overwrite=true", "train.max_steps=2", how="python")
     assert f"taking over {out.resolve() / '.codistill.lock'}, left by pid {first.pid} which no longer runs" in third.stderr
     assert not (out / ".codistill.lock").exists()  # released at the end
+
+
+def test_a_save_that_takes_longer_than_the_collective_timeout_completes(tmp_path):
+    """Rank 0 takes 8 s over its share of the hashing, with collective_timeout_s=4: the other rank
+    waits on the checkpoint's own (long) timeout, not the one that detects dead ranks."""
+    out = tmp_path / "run"
+    proc = launch(f"output_dir={out}", "train.max_steps=2", "train.eval_interval=2", "train.collective_timeout_s=4",
+                  script="tests/helpers/slow_hash.py", timeout=400, SLOW_HASH_S="8")
+    assert (out / "checkpoints" / "step_00000002" / "manifest.json").exists(), proc.stdout[-2000:]
+    from codistill.checkpoint import verify
+
+    assert verify(out / "checkpoints" / "step_00000002") is None
