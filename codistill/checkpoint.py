@@ -101,7 +101,9 @@ def claim(output_dir: Path) -> Callable[[], None]:
     on this host is taken over with a warning; a live one, or one from another host (which
     cannot be checked from here), is refused with one line. Returns the release function
     (also called at exit)."""
-    output_dir.mkdir(parents=True, exist_ok=True)
+    from .data import check_writable
+
+    check_writable(output_dir, "output_dir")
     lock = output_dir / LOCK
     mine = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
     for _ in range(2):

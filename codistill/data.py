@@ -347,8 +347,22 @@ def _source_identity(cfg: DataConfig) -> tuple[str, list]:
 
 
 def check_data_source(cfg: DataConfig) -> None:
-    """Fail fast on a dataset path that does not exist (before any process group is made)."""
+    """Fail fast on a dataset path that does not exist or a cache folder that cannot be written
+    (before any process group is made, and before anything is built)."""
     _source_identity(cfg)
+    check_writable(cfg.resolved_cache_dir(), "data.cache_dir")
+
+
+def check_writable(folder: Path, key: str) -> None:
+    """``folder`` exists (made if needed) and a file can be created in it; a one-line ConfigError if not."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except FileExistsError:
+        raise ConfigError(f"{key}: {folder} is a file; expected a folder") from None
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot write in {folder} ({exc.strerror or exc})") from None
 
 
 def _load_raw(cfg: DataConfig, kind: str) -> datasets.DatasetDict:

@@ -191,3 +191,12 @@ def test_a_truncated_pretrained_weights_file(capsys, tmp_path, tokenizer):
     weights.write_bytes(b"garbage" * 10)
     assert "is truncated or not a safetensors file" in fails_with(capsys, f"teacher.pretrained={folder}",
                                                                   "teacher.config={}")
+
+
+def test_a_cache_dir_or_output_dir_that_cannot_be_written(capsys, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("in the way")
+    err = fails_with(capsys, f"data.cache_dir={blocker / 'cache'}", f"output_dir={tmp_path / 'o'}")
+    assert err.startswith("codistill: error: data.cache_dir: cannot write in ") and blocker.read_text() == "in the way"
+    err = fails_with(capsys, f"output_dir={blocker / 'out'}")
+    assert err == f"codistill: error: output_dir: cannot write in {blocker / 'out'} (Not a directory)"
