@@ -17,7 +17,6 @@ Older checkpoints are pruned only after a newer one is complete.
 from __future__ import annotations
 
 import atexit
-import hashlib
 import json
 import logging
 import os
@@ -37,6 +36,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError, check_name
+from .data import check_writable, sha256_file
 from .distributed import disk_barrier, disk_group
 
 log = logging.getLogger("codistill")
@@ -101,8 +101,6 @@ def claim(output_dir: Path) -> Callable[[], None]:
     on this host is taken over with a warning; a live one, or one from another host (which
     cannot be checked from here), is refused with one line. Returns the release function
     (also called at exit)."""
-    from .data import check_writable
-
     check_writable(output_dir, "output_dir")
     lock = output_dir / LOCK
     mine = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -164,14 +162,6 @@ def refuse_foreign_checkpoints(output_dir: Path, overwrite: bool, resume: Option
         )
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_atomically(path: Path, text: str) -> None:
     """Write ``path`` so that it is either the old file or the whole new one, never a part."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -206,7 +196,7 @@ def save(output_dir: Path, step: int, engines: Iterable[tuple[str, object]], sta
     everything = [p for p in sorted(staging.rglob("*")) if p.is_file()]
     share = {}
     for p in everything[rank::world]:
-        share[str(p.relative_to(staging))] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+        share[str(p.relative_to(staging))] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
         _fsync(p)
     shares = [None] * world
     torch.distributed.all_gather_object(shares, share, group=disk_group())
@@ -214,7 +204,7 @@ def save(output_dir: Path, step: int, engines: Iterable[tuple[str, object]], sta
         files = {rel: entry for part in shares for rel, entry in part.items()}
         write_atomically(staging / MANIFEST, json.dumps({"step": step, "files": dict(sorted(files.items()))},
                                                         indent=1) + "\n")
-        _fsync_tree(staging, files_too=False)  # on disk before it becomes visible: old or whole, never torn
+        _fsync_folders(staging)  # with every file fsynced above: on disk before it becomes visible
         if final.exists():  # overwrite=true on an output_dir with this step already saved
             shutil.rmtree(final)
         os.replace(staging, final)
@@ -235,10 +225,10 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_tree(folder: Path, files_too: bool = True) -> None:
-    """Every folder (and file, with ``files_too``) below ``folder``, then ``folder`` itself."""
+def _fsync_folders(folder: Path) -> None:
+    """Every folder below ``folder`` (deepest first), then ``folder`` itself."""
     for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-        if files_too or path.is_dir():
+        if path.is_dir():
             _fsync(path)
     _fsync(folder)
 
@@ -295,7 +285,7 @@ def verify(path: Path) -> Optional[str]:
             return f"checkpoint file {f} is missing"
         if f.stat().st_size != size:
             return f"checkpoint file {f} is truncated or changed ({f.stat().st_size} bytes, expected {size})"
-        if _sha256(f) != sha256:
+        if sha256_file(f) != sha256:
             return f"checkpoint file {f} is corrupted (sha256 differs from the manifest)"
     return None
 

