@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError, check_name
+from .errors import StorageFailed
 from .data import check_writable, sha256_file
 from .distributed import disk_barrier, disk_group
 
@@ -49,6 +50,7 @@ TAG = "ds"  # the DeepSpeed tag inside each engine's folder
 UNIVERSAL_TAG = "ds_universal"
 LEGACY_RUN = "legacy"  # the run of checkpoints written before runs had an id
 REQUIRED = (STATE, "rank_00000.pt")  # besides the manifest, every checkpoint holds these
+ALMOST_FULL = 16 * 2**20  # free bytes below which a failed write is put down to a full disk
 
 
 def _allowed_globals() -> list:
@@ -175,45 +177,173 @@ def write_atomically(path: Path, text: str) -> None:
 def save(output_dir: Path, step: int, engines: Iterable[tuple[str, object]], state: dict, rank_state: dict,
          rank: int, keep_last: int, write_extra: Callable[[Path], None]) -> Path:
     """Write a complete checkpoint of every engine and the trainer; collective (all ranks).
-    ``write_extra(folder)`` runs on rank 0 before the manifest (model configs, tokenizer)."""
+    ``write_extra(folder)`` runs on rank 0 before the manifest (model configs, tokenizer).
+
+    A write the disk refuses (full, quota, read-only) on any rank ends the save on every rank
+    together with :class:`StorageFailed`: the unfinished checkpoint is removed, ``latest`` and
+    every earlier checkpoint are left as they were."""
     root = output_dir / CHECKPOINTS
     final = step_dir(output_dir, step)
     staging = root / f".staging_{final.name}"
+    writes = _Writes()
     if rank == 0:
-        if staging.exists():  # left by a save that was killed
-            shutil.rmtree(staging)
-        staging.mkdir(parents=True)
+        writes.attempt(lambda: _fresh_folder(staging), staging)
     disk_barrier()
     for name, engine in engines:
-        engine.save_checkpoint(str(staging / name), tag=TAG)
-    torch.save(rank_state, rank_file(staging, rank))
+        with _guarded(engine, writes):  # DeepSpeed's own barriers are still met on a rank whose write failed
+            engine.save_checkpoint(str(staging / name), tag=TAG, save_latest=False)
+        if rank == 0:  # what DeepSpeed's own tools (zero_to_fp32.py) look for
+            writes.attempt(lambda: (staging / name / LATEST).write_text(TAG), staging / name / LATEST)
+    writes.attempt(lambda: _torch_save(torch.save, rank_state, rank_file(staging, rank)), rank_file(staging, rank),
+                   _tensor_bytes(rank_state))
     if rank == 0:
-        write_extra(staging)
-        write_atomically(staging / STATE, json.dumps({"step": step, **state}, indent=2) + "\n")
-    disk_barrier()
+        writes.attempt(lambda: write_extra(staging), staging)
+        writes.attempt(lambda: write_atomically(staging / STATE, json.dumps({"step": step, **state}, indent=2) + "\n"),
+                       staging / STATE)
+    _settle(writes, step, staging, final, rank)
     # Every rank hashes and fsyncs its share of the files, so no rank waits long on another.
     world = torch.distributed.get_world_size()
     everything = [p for p in sorted(staging.rglob("*")) if p.is_file()]
     share = {}
     for p in everything[rank::world]:
         share[str(p.relative_to(staging))] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
-        _fsync(p)
+        writes.attempt(lambda: _fsync(p), p)
     shares = [None] * world
     torch.distributed.all_gather_object(shares, share, group=disk_group())
     if rank == 0:
         files = {rel: entry for part in shares for rel, entry in part.items()}
-        write_atomically(staging / MANIFEST, json.dumps({"step": step, "files": dict(sorted(files.items()))},
-                                                        indent=1) + "\n")
-        _fsync_folders(staging)  # with every file fsynced above: on disk before it becomes visible
-        if final.exists():  # overwrite=true on an output_dir with this step already saved
-            shutil.rmtree(final)
-        os.replace(staging, final)
-        _fsync(root)
-        write_atomically(root / LATEST, final.name + "\n")
-        _fsync(root)
+        writes.attempt(lambda: _publish(staging, final, step, files), final)
+    _settle(writes, step, staging, final, rank)
+    if rank == 0:
         _prune(root, keep_last, keep=final, run=state.get("run_id", LEGACY_RUN))
     disk_barrier()
     return final
+
+
+def _fresh_folder(path: Path) -> None:
+    if path.exists():  # left by a save that was killed
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+
+
+def _publish(staging: Path, final: Path, step: int, files: dict) -> None:
+    """Rank 0: the manifest, then the rename that makes the checkpoint visible, then ``latest``."""
+    root = final.parent
+    write_atomically(staging / MANIFEST, json.dumps({"step": step, "files": dict(sorted(files.items()))},
+                                                    indent=1) + "\n")
+    _fsync_folders(staging)  # with every file fsynced: on disk before it becomes visible
+    if final.exists():  # overwrite=true on an output_dir with this step already saved
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    _fsync(root)
+    write_atomically(root / LATEST, final.name + "\n")
+    _fsync(root)
+
+
+class _Writes:
+    """One rank's writes during a save: the bytes it meant to write and the first write the disk
+    refused (after which it tries no more, but still takes part in every collective)."""
+
+    def __init__(self) -> None:
+        self.error: Optional[OSError] = None
+        self.bytes = 0
+
+    def attempt(self, write: Callable[[], object], path: Path, nbytes: int = 0) -> None:
+        self.bytes += nbytes
+        if self.error is not None:
+            return
+        try:
+            write()
+        except OSError as exc:
+            self.error = exc if exc.filename else OSError(exc.errno, exc.strerror, str(path))
+
+
+@contextmanager
+def _guarded(engine, writes: _Writes) -> Iterator[None]:
+    """Every write of ``engine.save_checkpoint`` goes through ``writes``: its checkpoint engine's
+    and the copy of DeepSpeed's recovery scripts (rank 0)."""
+    inner, copy = engine.checkpoint_engine, engine._copy_recovery_script
+    engine.checkpoint_engine = _Guarded(inner, writes)
+    engine._copy_recovery_script = lambda path: writes.attempt(lambda: copy(path), Path(path))
+    try:
+        yield
+    finally:
+        engine.checkpoint_engine = inner
+        del engine._copy_recovery_script  # the class's own again
+
+
+class _Guarded:
+    """An engine's DeepSpeed checkpoint engine during a save, its writes going through :class:`_Writes`."""
+
+    def __init__(self, inner, writes: _Writes) -> None:
+        self._inner, self._writes = inner, writes
+
+    def save(self, state_dict, path) -> None:
+        self._writes.attempt(lambda: _torch_save(self._inner.save, state_dict, path), Path(path),
+                             _tensor_bytes(state_dict))
+
+    def makedirs(self, path, exist_ok: bool = False) -> None:
+        self._writes.attempt(lambda: self._inner.makedirs(path, exist_ok=exist_ok), Path(path))
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+
+def _torch_save(save: Callable, obj, path) -> None:
+    """``save(obj, path)``: torch.save reports a write the disk refused as a RuntimeError of its
+    zip writer ("unexpected pos ...", "file write failed"), which becomes the OSError it is."""
+    try:
+        save(obj, path)
+    except RuntimeError as exc:
+        raise OSError(None, str(exc).strip().splitlines()[0], str(path)) from exc
+
+
+def _tensor_bytes(obj) -> int:
+    """Bytes of every tensor in a (nested) state dict: what saving it writes, give or take the metadata."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _settle(writes: _Writes, step: int, staging: Path, final: Path, rank: int) -> None:
+    """Collective: if a write failed on any rank, remove the unfinished checkpoint (rank 0) and
+    raise :class:`StorageFailed` on every rank, naming the failure and the space it needed."""
+    import errno
+
+    world, root = torch.distributed.get_world_size(), final.parent
+    error = None
+    if writes.error is not None:  # a disk with (next to) nothing left is full, whatever the error said
+        full = writes.error.errno in (errno.ENOSPC, errno.EDQUOT) or shutil.disk_usage(root).free < ALMOST_FULL
+        error = (full, writes.error.strerror, writes.error.filename)
+    reports = [None] * world
+    torch.distributed.all_gather_object(reports, (error, writes.bytes), group=disk_group())
+    failed = [(r, e) for r, (e, _) in enumerate(reports) if e is not None]
+    if not failed:
+        return
+    who, (full, why, filename) = next(((r, e) for r, e in failed if e[0]), failed[0])
+    if rank == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        named = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
+        if final.is_dir() and named != final.name:  # renamed, but ``latest`` could not be updated
+            shutil.rmtree(final, ignore_errors=True)
+    disk_barrier()
+    needed = sum(nbytes for _, nbytes in reports)
+    what = "the disk is full" if full else "a write failed"
+    why = os.strerror(errno.ENOSPC) if full else why  # not torch's zip-writer wording for the same thing
+    kept = sorted(p.name for p in root.glob("step_*") if (p / MANIFEST).is_file())
+    raise StorageFailed(
+        f"checkpoint {final.name}: {what} (rank {who}: {why}: {filename}); it needs about {_gb(needed)} and "
+        f"{_gb(shutil.disk_usage(root).free)} is free in {root}; removed the unfinished checkpoint, "
+        + (f"the earlier ones are kept (newest: {kept[-1]})" if kept else "no earlier checkpoint exists")
+        + "; free some space and continue with resume=auto")
+
+
+def _gb(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
 
 
 def _fsync(path: Path) -> None:

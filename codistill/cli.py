@@ -9,13 +9,16 @@ A command is a parser and a body::
 ``body(args)`` returns an exit code (or None for 0). Bad input (:class:`ConfigError`)
 ends with ``<prog>: error: <one line>`` on rank 0 and exit 2; a non-finite loss with exit
 3; a lost rank with ``<prog>: error: rank R: lost contact ...`` on every rank and exit 4;
-a run the command started that failed (:class:`RunFailed`) with exit 1.
+a write the disk refused (:class:`StorageFailed` from a checkpoint save, or a full or
+read-only disk anywhere else) with exit 5; a run the command started that failed
+(:class:`RunFailed`) with exit 1.
 ``--debug`` (where a command has it) shows the traceback instead. A process group the
 body made is torn down on the way out (one that existed before is left alone).
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +26,8 @@ from typing import Callable, Optional
 
 from .config import RunConfig, load_config
 from .distributed import env_rank, free_port
-from .errors import EXIT_FAILED, EXIT_INPUT, EXIT_LOST_RANK, EXIT_NONFINITE, ConfigError, NonFinite, RunFailed
+from .errors import (EXIT_FAILED, EXIT_INPUT, EXIT_LOST_RANK, EXIT_NONFINITE, EXIT_STORAGE, ConfigError, NonFinite,
+                     RunFailed, StorageFailed)
 
 
 def parser_for(prog: str, doc: Optional[str], config: bool = True, debug: bool = False) -> argparse.ArgumentParser:
@@ -80,6 +84,13 @@ def run(prog: str, parser: argparse.ArgumentParser, body: Callable[[argparse.Nam
         return _fail(prog, exc, EXIT_NONFINITE, debug)
     except RunFailed as exc:
         return _fail(prog, exc, EXIT_FAILED, debug)
+    except StorageFailed as exc:
+        return _fail(prog, exc, EXIT_STORAGE, debug)
+    except OSError as exc:
+        if exc.errno not in _DISK_REFUSED:
+            raise
+        return _fail(prog, f"could not write {exc.filename or 'a file'}: {exc.strerror}", EXIT_STORAGE, debug,
+                     every_rank=True, error=exc)
     except RuntimeError as exc:
         if not lost_contact(exc):
             raise
@@ -89,6 +100,9 @@ def run(prog: str, parser: argparse.ArgumentParser, body: Callable[[argparse.Nam
     finally:
         if ours and dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+_DISK_REFUSED = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # outside a checkpoint save (caches, logs)
 
 
 def _fail(prog: str, message: object, code: int, debug: bool, every_rank: bool = False,

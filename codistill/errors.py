@@ -5,6 +5,7 @@ EXIT_FAILED = 1  # a run that a command started as a subprocess failed (its log 
 EXIT_INPUT = 2  # bad input: a config key, a file, an argument
 EXIT_NONFINITE = 3  # a NaN/inf loss or gradient stopped the run (train.nonfinite=stop)
 EXIT_LOST_RANK = 4  # another rank died or went silent (train.collective_timeout_s)
+EXIT_STORAGE = 5  # the disk refused a write (full, over quota, read-only): nothing the user had is lost
 
 
 class ConfigError(ValueError):
@@ -21,3 +22,7 @@ class NonFinite(RuntimeError):
 
 class RunFailed(RuntimeError):
     """A run that a command started as a subprocess failed; the message names it and its log."""
+
+
+class StorageFailed(RuntimeError):
+    """A write the disk refused (full, quota, read-only) ended the run; what was being written is removed."""

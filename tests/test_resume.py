@@ -286,3 +286,44 @@ def test_a_save_that_takes_longer_than_the_collective_timeout_completes(tmp_path
     from codistill.checkpoint import verify
 
     assert verify(out / "checkpoints" / "step_00000002") is None
+
+
+def test_a_full_disk_during_a_save_ends_every_rank_with_one_line_and_keeps_the_earlier_checkpoint(tmp_path):
+    """Rank 1's disk fills up part-way through a file of the step-4 save: both ranks stop together
+    (exit 5, not a lost rank), the unfinished checkpoint is gone, step 2 and ``latest`` are as they
+    were, and the run resumes from step 2 once there is space."""
+    from codistill.checkpoint import verify
+
+    out, root = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    proc = launch(f"output_dir={out}", "checkpoint.interval=2", script="tests/helpers/full_disk.py", ok=False,
+                  FULL_DISK_RANK="1", FULL_DISK_STEP="4")
+    assert proc.returncode == 5, proc.stdout[-2000:] + proc.stderr[-2000:]
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "codistill: error" in line]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr and "lost contact" not in proc.stderr, errors
+    assert errors[0].startswith("codistill: error: checkpoint step_00000004: the disk is full (rank 1: No space left "
+                                "on device: ") and "the earlier ones are kept (newest: step_00000002)" in errors[0]
+    needed = float(errors[0].split("it needs about ")[1].split(" MB")[0]) * 1e6
+    stored = sum(f.stat().st_size for f in (root / "step_00000002").rglob("*.pt"))
+    assert 0.8 < needed / stored < 1.25, (needed, stored)  # the size a checkpoint of this run takes
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002"]
+    assert (root / "latest").read_text().strip() == "step_00000002" and verify(root / "step_00000002") is None
+    resumed = launch(f"output_dir={out}", "checkpoint.interval=2", "resume=auto")
+    assert "step_00000002 at step 2" in resumed.stdout and verify(root / "step_00000006") is None
+
+
+def test_a_really_full_disk(tmp_path):
+    """The same on a real disk that fills up (a 22 MB tmpfs holds one checkpoint of the micro run
+    and not two), where torch.save reports the full disk as a RuntimeError of its zip writer."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=22m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root); the injected full disk above covers the logic")
+    try:
+        out, root = disk / "run", disk / "run" / "checkpoints"
+        proc = launch(f"output_dir={out}", "checkpoint.interval=2", "checkpoint.keep_last=0", how="python", ok=False)
+        assert proc.returncode == 5 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert proc.stderr.strip().splitlines()[-1].startswith(
+            "codistill: error: checkpoint step_00000004: the disk is full (rank 0: No space left on device: ")
+        assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002"]
+    finally:
+        subprocess.run(["umount", str(disk)])
