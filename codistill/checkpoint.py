@@ -7,7 +7,7 @@ Layout of ``<output_dir>/checkpoints``::
         rank_00000.pt ...       per-rank state: RNGs, data cursor
         trainer_state.json      step, schedules, config
         manifest.json           every file with its size and sha256, written last
-    latest                      name of the newest complete checkpoint
+    latest                      name of the newest complete checkpoint, and its run's id
 
 A checkpoint is written under ``.staging_step_<N>`` and renamed into place by rank 0
 only after every rank has finished writing and the manifest is complete, so a crash
@@ -185,7 +185,7 @@ def save(output_dir: Path, step: int, engines: Iterable[tuple[str, object]], sta
     root = output_dir / CHECKPOINTS
     final = step_dir(output_dir, step)
     staging = root / f".staging_{final.name}"
-    writes = _Writes()
+    writes, run = _Writes(), state.get("run_id", LEGACY_RUN)
     if rank == 0:
         writes.attempt(lambda: _fresh_folder(staging), staging)
     disk_barrier()
@@ -212,10 +212,10 @@ def save(output_dir: Path, step: int, engines: Iterable[tuple[str, object]], sta
     torch.distributed.all_gather_object(shares, share, group=disk_group())
     if rank == 0:
         files = {rel: entry for part in shares for rel, entry in part.items()}
-        writes.attempt(lambda: _publish(staging, final, step, files), final)
+        writes.attempt(lambda: _publish(staging, final, step, files, run), final)
     _settle(writes, step, staging, final, rank)
     if rank == 0:
-        _prune(root, keep_last, keep=final, run=state.get("run_id", LEGACY_RUN))
+        _prune(root, keep_last, keep=final, run=run)
     disk_barrier()
     return final
 
@@ -226,8 +226,10 @@ def _fresh_folder(path: Path) -> None:
     path.mkdir(parents=True)
 
 
-def _publish(staging: Path, final: Path, step: int, files: dict) -> None:
-    """Rank 0: the manifest, then the rename that makes the checkpoint visible, then ``latest``."""
+def _publish(staging: Path, final: Path, step: int, files: dict, run: str) -> None:
+    """Rank 0: the manifest, then the rename that makes the checkpoint visible, then ``latest``
+    (the checkpoint's name and its run's id, so that ``resume=auto`` knows the run even when that
+    checkpoint is damaged)."""
     root = final.parent
     write_atomically(staging / MANIFEST, json.dumps({"step": step, "files": dict(sorted(files.items()))},
                                                     indent=1) + "\n")
@@ -236,7 +238,7 @@ def _publish(staging: Path, final: Path, step: int, files: dict) -> None:
         shutil.rmtree(final)
     os.replace(staging, final)
     _fsync(root)
-    write_atomically(root / LATEST, final.name + "\n")
+    write_atomically(root / LATEST, f"{final.name}\n{run}\n")
     _fsync(root)
 
 
@@ -327,8 +329,7 @@ def _settle(writes: _Writes, step: int, staging: Path, final: Path, rank: int) -
     who, (full, why, filename) = next(((r, e) for r, e in failed if e[0]), failed[0])
     if rank == 0:
         shutil.rmtree(staging, ignore_errors=True)
-        named = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
-        if final.is_dir() and named != final.name:  # renamed, but ``latest`` could not be updated
+        if final.is_dir() and read_latest(root)[0] != final.name:  # renamed, but ``latest`` could not be updated
             shutil.rmtree(final, ignore_errors=True)
     disk_barrier()
     needed = sum(nbytes for _, nbytes in reports)
@@ -420,6 +421,16 @@ def verify(path: Path) -> Optional[str]:
     return None
 
 
+def read_latest(root: Path) -> tuple[Optional[str], Optional[str]]:
+    """What ``<root>/latest`` says: the newest checkpoint's folder name and the id of its run
+    (None for what it does not say)."""
+    try:
+        lines = (root / LATEST).read_text().split()
+    except (OSError, ValueError):
+        return None, None
+    return (lines[0] if lines else None), (lines[1] if len(lines) > 1 else None)
+
+
 def find_resume(output_dir: Path, resume: Optional[str]) -> Optional[Path]:
     """The checkpoint to resume from. ``resume=auto``: this run's newest intact checkpoint in
     ``output_dir``, the one ``checkpoints/latest`` names, falling back past damaged ones (with a
@@ -443,12 +454,11 @@ def find_resume(output_dir: Path, resume: Optional[str]) -> Optional[Path]:
         return path
     root = output_dir / CHECKPOINTS
     candidates = sorted(root.glob("step_*"), reverse=True)
-    latest = root / LATEST
-    run = None
-    if latest.is_file():  # this run's newest checkpoint; older ones of the same run are the fallback
-        named = root / latest.read_text().strip()
+    name, run = read_latest(root)
+    if name is not None:  # this run's newest checkpoint; older ones of the same run are the fallback
+        named = root / name
         if named.parent == root and named.name.startswith("step_") and named.is_dir():
-            run = run_id(named)
+            run = run or run_id(named)  # ``latest`` of earlier releases holds no run id
             candidates = [named, *(c for c in candidates if c.name < named.name)]
     for candidate in candidates:
         if run is not None and candidate != candidates[0] and run_id(candidate) != run:

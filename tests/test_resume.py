@@ -94,7 +94,7 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint_to_resume_from(tmp_
     proc = launch(f"output_dir={out}", how="python", script="tests/helpers/crash_during_save.py", config=None, ok=False)
     assert proc.returncode == -signal.SIGKILL
     root = out / "checkpoints"
-    assert (root / "latest").read_text().strip() == "step_00000002"
+    assert (root / "latest").read_text().split()[0] == "step_00000002"
     assert not (root / "step_00000004").exists() and (root / ".staging_step_00000004").exists()
     resumed = launch(f"output_dir={out}", "resume=auto", how="python")
     assert "step_00000002 at step 2" in resumed.stdout
@@ -218,10 +218,15 @@ def test_resume_auto_continues_this_run_never_the_one_overwrite_wrote_beside(tmp
     launch(f"output_dir={out}", "overwrite=true", "train.max_steps=2", "checkpoint.keep_last=1", how="python")
     root = out / "checkpoints"
     assert sorted(p.name for p in root.glob("step_*")) == ["step_00000002", "step_00000003", "step_00000006"]
-    assert (root / "latest").read_text().strip() == "step_00000002"
+    assert (root / "latest").read_text().split()[0] == "step_00000002"
     resumed = launch(f"output_dir={out}", "resume=auto", "train.max_steps=4", "checkpoint.keep_last=1", how="python")
     assert "step_00000002 at step 2" in resumed.stdout
     assert sorted(p.name for p in root.glob("step_*")) == ["step_00000003", "step_00000004", "step_00000006"]
+    # B's one checkpoint damaged where its run id is kept: ``latest`` still says whose run this is
+    (root / "step_00000004" / "trainer_state.json").write_text("{not json")
+    from codistill.checkpoint import find_resume
+
+    assert find_resume(out, "auto") is None  # a fresh start, never A's intact step 3
 
 
 @pytest.mark.parametrize("damage, problem", [
@@ -306,7 +311,7 @@ def test_a_full_disk_during_a_save_ends_every_rank_with_one_line_and_keeps_the_e
     stored = sum(f.stat().st_size for f in (root / "step_00000002").rglob("*.pt"))
     assert 0.8 < needed / stored < 1.25, (needed, stored)  # the size a checkpoint of this run takes
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002"]
-    assert (root / "latest").read_text().strip() == "step_00000002" and verify(root / "step_00000002") is None
+    assert (root / "latest").read_text().split()[0] == "step_00000002" and verify(root / "step_00000002") is None
     resumed = launch(f"output_dir={out}", "checkpoint.interval=2", "resume=auto")
     assert "step_00000002 at step 2" in resumed.stdout and verify(root / "step_00000006") is None
 
