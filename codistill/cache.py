@@ -10,12 +10,14 @@ Layout of a cache folder::
 Per token that is ``k`` ids (uint16 when the vocabulary fits, else int32), ``k``
 fp16 log-probabilities at temperature T, the fp16 log of the remaining (tail) mass
 and the teacher's fp16 CE on the ground truth: at most ``6k + 4`` bytes before
-Parquet's compression. Parts are written atomically, so a killed run resumes by
-skipping the parts that exist; the metadata says ``complete`` only at the end.
+Parquet's compression. Parts are written atomically (and fsynced), so a killed run
+resumes by skipping the parts that exist; the metadata says ``complete`` only at the end,
+when it also lists every part's size and sha256, which opening the cache checks.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +28,11 @@ import numpy as np
 import torch
 
 from .config import ConfigError
+from .distributed import disk_group
+from .files import fsync, sha256_file, write_atomically
 from .losses import Targets
+
+log = logging.getLogger("codistill")
 
 META = "codistill_cache.json"
 MATCHED = ("tokenizer", "seq_len", "data")  # must equal the training run's (the data fingerprint covers seq_len too)
@@ -54,9 +60,12 @@ def read_meta(folder: Path) -> Optional[dict[str, Any]]:
 
 
 def write_meta(folder: Path, meta: dict[str, Any]) -> None:
-    tmp = folder / f".{META}.tmp"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, folder / META)
+    write_atomically(folder / META, json.dumps(meta, indent=2) + "\n")
+
+
+def part_entry(path: Path) -> dict[str, Any]:
+    """What the metadata records of a part: its size and sha256."""
+    return {"size": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def check_started(folder: Path, params: dict[str, Any]) -> None:
@@ -88,8 +97,53 @@ def write_part(folder: Path, chunk: int, rows: dict[str, list], features: Option
     target = part_path(folder, chunk)
     tmp = target.with_name(f".{target.name}.tmp")
     datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp))
+    fsync(tmp)
     os.replace(tmp, target)
+    fsync(folder)
     return target.stat().st_size
+
+
+def _check_parts(folder: Path, meta: dict[str, Any], parts: list[Path]) -> Optional[str]:
+    """What is wrong with a complete cache's parts (None: every one is there, with the size and
+    sha256 its metadata lists). Ranks share the hashing when a process group exists."""
+    listed = meta.get("parts")
+    if listed is None:  # made by an earlier release: only whether the parts exist can be checked
+        log.warning("teacher cache %s lists no part hashes (an earlier release made it); remake it to have "
+                    "its parts checked", folder)
+        listed = {}
+    rank, world = 0, 1
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    problem = None
+    for path in parts[rank::world]:
+        entry = listed.get(path.name) if isinstance(listed, dict) else {}
+        try:
+            problem = part_problem(path, entry, bool(listed))
+        except OSError as exc:  # every rank still reaches the gather below
+            problem = f"{path} cannot be read ({exc.strerror or exc})"
+        if problem:
+            break
+    if world > 1:
+        problems = [None] * world
+        torch.distributed.all_gather_object(problems, problem, group=disk_group())
+        problem = next((p for p in problems if p), None)
+    return problem
+
+
+def part_problem(path: Path, entry: Any, listed: bool) -> Optional[str]:
+    """What is wrong with one part against its metadata ``entry`` (``listed``: the metadata lists
+    parts, so one it does not list is wrong too); None if nothing."""
+    if not isinstance(entry, dict):
+        entry = {}
+    if not path.is_file():
+        return f"{path} is missing"
+    if listed and not entry:
+        return f"{META} does not list {path.name}"
+    if entry and path.stat().st_size != entry.get("size"):
+        return f"{path} is truncated or changed ({path.stat().st_size} bytes, {META} says {entry.get('size')})"
+    if entry and sha256_file(path) != entry.get("sha256"):
+        return f"{path} is corrupted (sha256 differs from {META})"
+    return None
 
 
 @dataclass
@@ -118,9 +172,9 @@ class TeacherCache:
                               f"but distill.temperature={temperature}; they must match")
         chunks = -(-meta["blocks"] // meta["shard_blocks"])
         parts = [str(part_path(folder, c)) for c in range(chunks)]
-        missing = [p for p in parts if not Path(p).is_file()]
-        if missing:
-            raise ConfigError(f"teacher.cache: {missing[0]} is missing")
+        problem = _check_parts(folder, meta, [Path(p) for p in parts])
+        if problem:
+            raise ConfigError(f"teacher.cache: {problem}; remake it with tools/cache_teacher_logits.py")
         rows = datasets.load_dataset("parquet", data_files=parts, split="train")
         if len(rows) != meta["blocks"]:
             raise ConfigError(f"teacher.cache: {folder} holds {len(rows)} blocks, its metadata says {meta['blocks']}")

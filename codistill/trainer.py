@@ -27,6 +27,7 @@ from .data import BatchStream, build_splits, check_data_source, eval_batches, ru
 from .engines import (Member, build_engine, deepspeed_configs, forward_logits, init_seed, is_trainable, loaded_models,
                       quiet_library_noise)
 from .errors import NonFinite
+from .files import write_atomically
 from .losses import (SoftSpec, Targets, distill_loss, next_token_targets, panel_stats, top1_agreement,
                      topk_bytes_per_position, topk_targets)
 from .metrics import Metrics, format_values, peak_bytes, summary_lines
@@ -583,7 +584,7 @@ class Trainer:
         cfg, world = self.cfg, self.world
         if world.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            checkpoint.write_atomically(self.output_dir / "config.yaml", dump_config(cfg))
+            write_atomically(self.output_dir / "config.yaml", dump_config(cfg))
             for partial in checkpoint.remove_partial(self.output_dir):
                 log.warning("removed %s, left by a save that did not finish", partial)
         torch.autograd.set_detect_anomaly(cfg.train.detect_anomaly)

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from codistill.cache import TeacherCache, part_path, read_meta, write_meta
-from codistill.config import DataConfig
+from codistill.config import ConfigError, DataConfig
 from codistill.data import build_splits, tokenizer_fingerprint
 from codistill.losses import topk_targets
 
@@ -82,6 +82,27 @@ def test_a_cache_for_other_data_or_temperature_is_refused(cached, corpus, pretra
     assert proc.returncode == 2 and "holds probabilities at temperature 2.0, but distill.temperature=1.0" in proc.stderr
 
 
+def test_a_damaged_part_is_named_when_the_cache_is_opened(cached, tmp_path, corpus, tokenizer):
+    out, _ = cached
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    meta = read_meta(copy)
+    expected = {key: meta[key] for key in ("tokenizer", "data", "seq_len")}
+    part = part_path(copy, 1)
+    data = bytearray(part.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    part.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match=f"teacher.cache: {part} is corrupted \\(sha256 differs from "
+                                          "codistill_cache.json\\); remake it"):
+        TeacherCache.open(copy, expected, meta["temperature"])
+    part.write_bytes(bytes(data[:100]))
+    with pytest.raises(ConfigError, match=f"{part} is truncated or changed \\(100 bytes"):
+        TeacherCache.open(copy, expected, meta["temperature"])
+    part.unlink()
+    with pytest.raises(ConfigError, match=f"{part} is missing"):
+        TeacherCache.open(copy, expected, meta["temperature"])
+
+
 def test_an_interrupted_cache_run_resumes_to_the_same_cache(cached, corpus, pretrained_teacher, tmp_path):
     out, _ = cached
     partial = tmp_path / "partial"
@@ -90,6 +111,9 @@ def test_an_interrupted_cache_run_resumes_to_the_same_cache(cached, corpus, pret
     assert len(parts) >= 3
     for victim in parts[1::2]:  # as if killed: some parts never written, metadata not complete
         victim.unlink()
+    damaged = bytearray(parts[0].read_bytes())  # and one part the metadata lists has rotted on disk
+    damaged[len(damaged) // 2] ^= 0xFF
+    parts[0].write_bytes(bytes(damaged))
     write_meta(partial, {**read_meta(partial), "complete": False})
     make_cache(corpus, pretrained_teacher, partial)
     assert read_meta(partial)["complete"]

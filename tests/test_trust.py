@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from codistill.checkpoint import MANIFEST
-from codistill.data import sha256_file
+from codistill.files import sha256_file
 
 from conftest import launch
 

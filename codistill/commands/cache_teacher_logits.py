@@ -9,8 +9,10 @@ The run's config gives the data, tokenizer, seq_len, seed and the teacher (its
 ``pretrained`` folder and DeepSpeed section, e.g. ZeRO-3 across ranks); the output
 folder defaults to ``teacher.cache``; k and T default to the first student's
 ``distill.top_k`` and ``distill.temperature``. Work is split over ranks in parts
-of ``--shard-blocks`` blocks; a killed run continues where it stopped. Prints the
-storage cost in bytes per token at the end.
+of ``--shard-blocks`` blocks, each written atomically; a killed run continues where it
+stopped, and a run over a finished cache checks every part against the sizes and sha256
+its metadata lists and rewrites any that is damaged. Prints the storage cost in bytes
+per token at the end.
 """
 from __future__ import annotations
 
@@ -54,13 +56,17 @@ def body(args: argparse.Namespace) -> None:
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
         cache.check_started(out, params)
-        cache.write_meta(out, {**params, "complete": False})
+        listed = (cache.read_meta(out) or {}).get("parts")  # a finished cache made again: check its parts
+        listed = listed if isinstance(listed, dict) else {}
+        cache.write_meta(out, {**params, "complete": False, "parts": listed})
     torch.distributed.barrier()
+    listed = cache.read_meta(out)["parts"]
 
     engine = build_engine(cfg.teacher, hf, ds_config, seed=cfg.train.seed, trainable=False).engine
     vocab, seq_len, mbs = len(tokenizer), cfg.data.seq_len, cfg.train.micro_batch_size
     chunks = -(-len(train) // args.shard_blocks)
-    todo = [c for c in range(chunks) if c % world.size == world.rank and not cache.part_path(out, c).exists()]
+    todo = [c for c in range(chunks) if c % world.size == world.rank  # missing, or not what the metadata lists
+            and cache.part_problem(cache.part_path(out, c), listed.get(cache.part_path(out, c).name), False)]
     rounds = torch.tensor([len(todo)])
     torch.distributed.all_reduce(rounds, op=torch.distributed.ReduceOp.MAX)
     bar = tqdm(total=chunks, initial=chunks - len(todo) * world.size if world.is_main else 0,
@@ -88,11 +94,16 @@ def body(args: argparse.Namespace) -> None:
             cache.write_part(out, chunk, rows)
         bar.update(world.size if world.is_main else 0)
     bar.close()
-    torch.distributed.barrier()
+    # Each rank hashes the parts it owns (written now or by an interrupted run) for the metadata.
+    mine = {cache.part_path(out, c).name: cache.part_entry(cache.part_path(out, c))
+            for c in range(world.rank, chunks, world.size)}
+    every = [None] * world.size
+    torch.distributed.all_gather_object(every, mine, group=distributed.disk_group())
     if world.is_main:
-        size = sum(cache.part_path(out, c).stat().st_size for c in range(chunks))
+        parts = dict(sorted((name, entry) for part in every for name, entry in part.items()))
+        size = sum(entry["size"] for entry in parts.values())
         per_token = size / (len(train) * seq_len)
-        cache.write_meta(out, {**params, "complete": True, "bytes_per_token": per_token})
+        cache.write_meta(out, {**params, "complete": True, "bytes_per_token": per_token, "parts": parts})
         print(f"cached top-{params['k']} teacher predictions of {len(train):,} blocks to {out}: "
               f"{size / 2**20:.1f} MB, {per_token:.1f} bytes/token (bound {cache.stored_bytes_per_token(params['k'])})")
 

@@ -1,0 +1,59 @@
+"""Files on disk: hashes, atomic writes, fsync, whether a folder can be written."""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import ConfigError
+
+
+def sha256_file(path: Path) -> str:
+    """The hex sha256 of a file, read in 1 MB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``path`` so that it is either the old file or the whole new one, never a part, and
+    is on disk when this returns (the file, then its folder's entry)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync(path.parent)
+
+
+def fsync(path: Path) -> None:
+    """Flush a file's data, or a folder's entries, to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_folders(folder: Path) -> None:
+    """Every folder below ``folder`` (deepest first), then ``folder`` itself."""
+    for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if path.is_dir():
+            fsync(path)
+    fsync(folder)
+
+
+def check_writable(folder: Path, key: str) -> None:
+    """``folder`` exists (made if needed) and a file can be created in it; a one-line ConfigError if not."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except FileExistsError:
+        raise ConfigError(f"{key}: {folder} is a file; expected a folder") from None
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot write in {folder} ({exc.strerror or exc})") from None
