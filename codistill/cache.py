@@ -55,8 +55,8 @@ def read_meta(folder: Path) -> Optional[dict[str, Any]]:
         return None
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise ConfigError(f"teacher cache metadata {path} is corrupted") from None
+    except (ValueError, OSError):
+        raise ConfigError(f"teacher cache metadata {path} is corrupted (expected JSON)") from None
 
 
 def write_meta(folder: Path, meta: dict[str, Any]) -> None:
@@ -154,15 +154,23 @@ class TeacherCache:
     meta: dict[str, Any]
     rows: datasets.Dataset
 
-    @classmethod
-    def open(cls, folder: Path, expected: dict[str, Any], temperature: float) -> "TeacherCache":
+    @staticmethod
+    def check_ready(folder: Path) -> dict[str, Any]:
+        """The metadata of a finished cache in ``folder``; a one-line ConfigError if it is not one."""
+        if not folder.is_dir():
+            raise ConfigError(f"teacher.cache: {folder} does not exist; make it with tools/cache_teacher_logits.py")
         meta = read_meta(folder)
-        if meta is None:
+        if not isinstance(meta, dict):
             raise ConfigError(f"teacher.cache: {folder} is not a teacher cache (no {META}); make one with "
                               "tools/cache_teacher_logits.py")
         if not meta.get("complete"):
             raise ConfigError(f"teacher.cache: {folder} is incomplete; run tools/cache_teacher_logits.py again "
                               "to finish it")
+        return meta
+
+    @classmethod
+    def open(cls, folder: Path, expected: dict[str, Any], temperature: float) -> "TeacherCache":
+        meta = cls.check_ready(folder)
         for key in MATCHED:
             if meta[key] != expected[key]:
                 raise ConfigError(f"teacher.cache: {folder} was made for {key}={meta[key]!r} but this run has "

@@ -102,7 +102,8 @@ def claim(output_dir: Path) -> Callable[[], None]:
     holding host, pid and start time, created exclusively. A lock whose process no longer runs
     on this host is taken over with a warning; a live one, or one from another host (which
     cannot be checked from here), is refused with one line. Returns the release function
-    (also called at exit)."""
+    (also called at exit), which also removes the folders the claim made if they are still empty."""
+    made = [f for f in (output_dir, *output_dir.parents) if not f.exists()]  # deepest first
     check_writable(output_dir, "output_dir")
     lock = output_dir / LOCK
     mine = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -131,6 +132,11 @@ def claim(output_dir: Path) -> Callable[[], None]:
                 lock.unlink()
         except (OSError, ValueError, AttributeError):
             pass
+        for folder in made:  # a run refused before it wrote anything leaves no trace
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (the run wrote), or gone
+                break
 
     atexit.register(release)
     return release

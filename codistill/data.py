@@ -345,10 +345,34 @@ def _source_identity(cfg: DataConfig) -> tuple[str, list]:
 
 
 def check_data_source(cfg: DataConfig) -> None:
-    """Fail fast on a dataset path that does not exist or a cache folder that cannot be written
+    """Fail fast on a dataset path that does not exist, data files that cannot be what they
+    claim (binary text, parquet without its markers), or a cache folder that cannot be written
     (before any process group is made, and before anything is built)."""
-    _source_identity(cfg)
+    kind, _ = _source_identity(cfg)
+    if kind == "files":
+        _file_format(cfg, _data_files(cfg.dataset))
     check_writable(cfg.resolved_cache_dir(), "data.cache_dir")
+
+
+def _file_format(cfg: DataConfig, files: list[Path]) -> str:
+    """The datasets builder for ``files`` (``data.format``, or inferred from their suffixes),
+    after a look at each file's ends: text with NUL bytes is binary, parquet has PAR1 markers."""
+    fmt = cfg.format
+    if fmt == "auto":
+        kinds = {_FORMATS.get(p.suffix) for p in files}
+        if len(kinds) != 1 or None in kinds:
+            raise ConfigError(f"data.format: cannot infer one format from {sorted({p.suffix for p in files})}; set data.format")
+        fmt = kinds.pop()
+    for path in files:
+        with open(path, "rb") as fh:
+            head = fh.read(8192)
+            fh.seek(-min(4, len(head)), os.SEEK_END)
+            tail = fh.read(4)
+        if fmt in ("text", "json") and b"\x00" in head:  # what `file` and git call binary
+            raise ConfigError(f"data.dataset: {path} is a binary file (it holds NUL bytes); expected {fmt}")
+        if fmt == "parquet" and (head[:4] != b"PAR1" or tail != b"PAR1"):
+            raise ConfigError(f"data.dataset: {path} is not a parquet file (no PAR1 marker at its start and end)")
+    return fmt
 
 
 def _load_raw(cfg: DataConfig, kind: str) -> datasets.DatasetDict:
@@ -362,18 +386,51 @@ def _load_raw(cfg: DataConfig, kind: str) -> datasets.DatasetDict:
         loaded = datasets.load_from_disk(str(Path(cfg.dataset).expanduser()))
         return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict(train=loaded)
     files = _data_files(cfg.dataset)
-    fmt = cfg.format
-    if fmt == "auto":
-        kinds = {_FORMATS.get(p.suffix) for p in files}
-        if len(kinds) != 1 or None in kinds:
-            raise ConfigError(f"data.format: cannot infer one format from {sorted({p.suffix for p in files})}; set data.format")
-        fmt = kinds.pop()
+    fmt = _file_format(cfg, files)
     extra = {"sample_by": "document"} if fmt == "text" else {}
+    level = datasets.logging.get_verbosity()
     try:
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its "Failed to read" line would precede ours
         return datasets.load_dataset(fmt, data_files=[str(p) for p in files], split=None, **extra)
     except Exception as exc:  # datasets raises many types (ArrowInvalid, DatasetGenerationError, ...)
-        why = " ".join(str(exc).split())[:200] or type(exc).__name__
-        raise ConfigError(f"data.dataset: could not read {cfg.dataset} as {fmt}: {why}") from None
+        why = _unreadable(files, fmt)
+        if why is None:  # the innermost cause says the most; datasets' own wrapper says little
+            while exc.__cause__ is not None or exc.__context__ is not None:
+                exc = exc.__cause__ or exc.__context__
+            why = f"could not read {cfg.dataset} as {fmt}: " + (" ".join(str(exc).split())[:200] or type(exc).__name__)
+        raise ConfigError(f"data.dataset: {why}") from None
+    finally:
+        datasets.logging.set_verbosity(level)
+
+
+def _whole_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_bytes())
+        return True
+    except ValueError:
+        return False
+
+
+def _unreadable(files: list[Path], fmt: str) -> Optional[str]:
+    """The first of ``files`` that is not ``fmt`` and why (None if each looks like it is): read
+    only after datasets failed, to say which file and what is wrong with it."""
+    for path in files if fmt in ("text", "json") else ():
+        with open(path, "rb") as fh:
+            for number, line in enumerate(fh, 1):
+                try:
+                    text = line.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    return f"{path} line {number} is not UTF-8 text ({exc.reason} at byte {exc.start} of the line)"
+                if fmt == "json" and text.strip():
+                    try:
+                        row = json.loads(text)
+                    except ValueError as exc:
+                        if number == 1 and _whole_json(path):
+                            break  # one JSON document, not JSON lines
+                        return f"{path} line {number} is not JSON ({exc}); expected one JSON object per line"
+                    if not isinstance(row, dict):
+                        return f"{path} line {number} is a JSON {type(row).__name__}; expected one object per line"
+    return None
 
 
 def build_splits(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> Splits:

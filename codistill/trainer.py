@@ -87,6 +87,8 @@ class Trainer:
         hf_configs = {s.name: model_config(s, self.tokenizer) for s in specs}
         for spec in specs:
             check_model(spec, hf_configs[spec.name], self.tokenizer, self.tokenizer_fp, cfg.data.seq_len)
+        if cfg.teacher.cache:
+            TeacherCache.check_ready(Path(cfg.teacher.cache).expanduser())
         world_size = distributed.env_world_size()
         ds_configs = deepspeed_configs(cfg, specs, world_size, on_cpu=not torch.cuda.is_available())
         written = self.output_dir / "config.yaml"

@@ -1,6 +1,16 @@
-"""Bad input ends with one line naming the key or file and what was expected, before
-any process group or engine exists, and leaves the user's files alone."""
+"""Bad input ends with one line naming the key or file and what was expected, before any
+process group or engine exists, and leaves the user's files alone.
+
+One table: each case makes its inputs in a fresh folder (a data file, a pretrained folder, an
+output_dir holding something) and gives the command-line arguments. Every case runs the real
+entry point in this process and must end with exit code 2, exactly one stderr line
+``codistill: error: ...`` holding the expected text, no process group, every file that was
+there before unchanged, and nothing written into the run's output_dir.
+"""
+import hashlib
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,17 +19,6 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from codistill.commands import train as entry
 
 from conftest import MICRO, launch
-
-
-def fails_with(capsys, *args) -> str:
-    capsys.readouterr()  # drop what the test's own set-up printed
-    code = entry.main(["--config", str(MICRO), *args])
-    err = capsys.readouterr().err.strip()
-    assert code == 2
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith("codistill: error: ")
-    assert not torch.distributed.is_initialized()
-    return err
 
 
 def tiny_pretrained(folder, tokenizer, weights=True):
@@ -34,111 +33,228 @@ def tiny_pretrained(folder, tokenizer, weights=True):
     return folder
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("train.batch_size=4", "unknown config key 'train.batch_size'"),
-    ("teacher.pretrianed=x", "unknown config key 'teacher.pretrianed'"),
-    ("train.max_steps=lots", "config key 'train.max_steps': input should be a valid integer"),
-    ("train.micro_batch_size=-2", "config key 'train.micro_batch_size': input should be greater than 0"),
-    ("distill.alpha_max=2", "config key 'distill.alpha_max': input should be less than or equal to 1"),
-    ("data.seq_len=128", "data.seq_len=128 exceeds teacher's max_position_embeddings=64"),
-    ("students.0.config.vocab_size=100", "student: embedding rows (100) are fewer than the tokenizer's 4096"),
-    ("teacher.arch=no-such-model", "teacher.arch: 'no-such-model' is not a transformers model type"),
-    ("data.dataset=/nonexistent/corpus.jsonl", "data.dataset: no data file matches '/nonexistent/corpus.jsonl'"),
-    ("teacher.deepspeed.train_micro_batch_size_per_gpu=3", "disagrees with train.micro_batch_size=4"),
-    ("teacher.deepspeed=/nonexistent/ds.json", "teacher.deepspeed: file /nonexistent/ds.json does not exist"),
-    ("distill.divergence=kl", "config key 'distill.divergence': input should be 'forward_kl', 'reverse_kl', 'jsd' or 'tvd'"),
-    ("students.0.distill.alpha_max=-0.5", "config key 'students.0.distill.alpha_max': input should be greater than or equal to 0"),
-    ("students.0.distill.top_k=0", "config key 'students.0.distill.top_k': input should be greater than 0"),
-    ("resume=/nonexistent/ckpt", "resume: /nonexistent/ckpt does not exist"),
-    ("students.0.name=..", "students.0.name: model name '..' is not allowed: it names folders"),
-    ("teacher.name=a/b", "teacher.name: model name 'a/b' is not allowed"),
-    ("output_dir=", "output_dir: expected the folder the run writes to, got an empty value"),
-    ("teacher.deepspeed.zero_optimization.stage=4", "teacher.deepspeed.zero_optimization.stage: input should be 0, 1, 2, 3"),
-    ("teacher.deepspeed.zero_optimization.stagee=1", "teacher.deepspeed.zero_optimization.stagee: unknown key"),
-    ("students.0.deepspeed.optimizer.type=Adamz", "student.deepspeed.optimizer.type: 'Adamz' is not an optimizer"),
-    ("teacher.deepspeed.gradient_clipin=1.0", "teacher.deepspeed.gradient_clipin: not a DeepSpeed key; did you mean "
-                                              "'gradient_clipping'?"),
-    ("distill.temperature=.inf", "config key 'distill.temperature': input should be a finite number"),
-    ("distill.alpha_max=.nan", "config key 'distill.alpha_max': input should be a finite number"),
-    ("train.seed=99999999999999999999", "config key 'train.seed': input should be less than"),
-    ("train.seed=-1", "config key 'train.seed': input should be greater than or equal to 0"),
-    ("train.collective_timeout_s=99999999999", "config key 'train.collective_timeout_s': input should be less than"),
-])
-def test_bad_values(capsys, tmp_path, override, expected):
-    assert expected in fails_with(capsys, f"output_dir={tmp_path}", override)
+# ---------------------------------------------------------------- inputs the cases make
+
+def config_arg(value):
+    return lambda tmp, tok: ["--config", str(value(tmp) if callable(value) else value)]
 
 
-def test_skip_policy_with_accumulation(capsys):
-    err = fails_with(capsys, "train.nonfinite=skip", "train.gradient_accumulation_steps=2")
-    assert "train.nonfinite=skip needs train.gradient_accumulation_steps=1" in err
+def own_data(name, content, *extra):
+    """A data file (text, or bytes) of the user's with the bundled tokenizer beside it."""
+    def make(tmp, tok):
+        path = tmp / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        tok.save_pretrained(tmp / "tok")
+        return [f"data.dataset={path}", f"data.tokenizer={tmp / 'tok'}", f"data.cache_dir={tmp / 'cache'}", *extra]
+    return make
 
 
-def test_empty_and_unreadable_data_files(capsys, tmp_path, tokenizer):
-    data = tmp_path / "empty.jsonl"
-    data.write_text("")
-    assert f"data.dataset: {data} is empty; expected documents" in fails_with(capsys, f"data.dataset={data}")
-    garbled = tmp_path / "garbled.jsonl"
-    garbled.write_text("{this is not json\n")
-    tokenizer.save_pretrained(tmp_path / "tok")
-    err = fails_with(capsys, f"data.dataset={garbled}", f"data.tokenizer={tmp_path / 'tok'}",
-                     f"data.cache_dir={tmp_path / 'c'}", f"output_dir={tmp_path / 'o'}")
-    assert f"data.dataset: could not read {garbled} as json" in err
+def jsonl(*rows):
+    return "".join(json.dumps(r) + "\n" for r in rows)
 
 
-def test_dataset_without_a_tokenizer(capsys, tmp_path):
-    data = tmp_path / "d.jsonl"
-    data.write_text(json.dumps({"text": "hello"}) + "\n")
-    assert "data.tokenizer: dataset" in fails_with(capsys, f"data.dataset={data}")
+def mixed(tmp, tok):
+    (tmp / "mixed").mkdir()
+    (tmp / "mixed" / "b.jsonl").write_text(jsonl({"text": "text " * 100}))
+    return []
 
 
-def test_missing_config_file(capsys, tmp_path):
-    code = entry.main(["--config", str(tmp_path / "missing.yaml")])
-    assert code == 2 and "missing.yaml does not exist" in capsys.readouterr().err
+def broken_link(tmp, tok):
+    (tmp / "docs").mkdir()
+    (tmp / "docs" / "a.txt").write_text("some text " * 100)
+    (tmp / "docs" / "b.txt").symlink_to(tmp / "gone.txt")
+    tok.save_pretrained(tmp / "tok")
+    return [f"data.dataset={tmp / 'docs'}", f"data.tokenizer={tmp / 'tok'}"]
 
 
-def test_unparsable_deepspeed_json(capsys, tmp_path):
-    bad = tmp_path / "ds.json"
-    bad.write_text('{"zero_optimization": {"stage": 2,}}')
-    assert f"teacher.deepspeed: {bad} is not valid JSON" in fails_with(capsys, f"teacher.deepspeed={bad}")
+def teacher_folder(damage=None, weights=True, other_vocab=False):
+    def make(tmp, tok):
+        if other_vocab:
+            from codistill.data import train_bpe_tokenizer
+
+            tok = train_bpe_tokenizer(["completely different text " * 100], 4096)
+        folder = tiny_pretrained(tmp / "teacher", tok, weights)
+        if damage:
+            damage(next(folder.glob("*.safetensors")))
+        return [f"teacher.pretrained={folder}", "teacher.config={}"]
+    return make
 
 
-def test_teacher_with_another_tokenizer_is_refused(capsys, tmp_path, tokenizer):
-    from codistill.data import train_bpe_tokenizer
-
-    other = train_bpe_tokenizer(["completely different text " * 100], 4096)
-    folder = tiny_pretrained(tmp_path / "other-vocab", other)
-    err = fails_with(capsys, f"teacher.pretrained={folder}", "teacher.config={}")
-    assert "tokenizer in" in err and "differs from the run's tokenizer" in err
+def truncate(f):
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
 
 
-def test_pretrained_folder_without_weights(capsys, tmp_path, tokenizer):
-    folder = tiny_pretrained(tmp_path / "no-weights", tokenizer, weights=False)
-    err = fails_with(capsys, f"teacher.pretrained={folder}", "teacher.config={}")
-    assert "holds no weights" in err
+def output_dir_holding(rel, content="precious"):
+    def make(tmp, tok):
+        path = tmp / "out" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(content)
+        return []
+    return make
 
 
-def test_output_dir_with_another_runs_checkpoints_is_never_overwritten(capsys, tmp_path):
-    keep = tmp_path / "checkpoints" / "step_00000100" / "teacher" / "weights.pt"
-    keep.parent.mkdir(parents=True)
-    keep.write_text("precious")
-    err = fails_with(capsys, f"output_dir={tmp_path}")
-    assert "already holds checkpoints" in err and "overwrite=true" in err
-    assert keep.read_text() == "precious"
+def a_file(tmp, tok):
+    (tmp / "a-file").write_text("in the way")
+    return []
 
 
-def test_a_users_own_config_yaml_in_output_dir_is_never_replaced(capsys, tmp_path):
-    mine = tmp_path / "config.yaml"
-    mine.write_text("# my notes\n" + MICRO.read_text())
-    err = fails_with(capsys, f"output_dir={tmp_path}")
-    assert f"output_dir: {mine} is not a config this program wrote" in err
-    assert mine.read_text().startswith("# my notes")
+def with_file(name, content):
+    def make(tmp, tok):
+        (tmp / name).write_text(content)
+        return []
+    return make
 
 
-def test_an_output_dir_that_is_a_file_is_refused(capsys, tmp_path):
-    file = tmp_path / "out"
-    file.write_text("not a folder")
-    assert f"output_dir: {file} is a file; expected a folder" in fails_with(capsys, f"output_dir={file}")
-    assert file.read_text() == "not a folder"
+def not_a_cache(meta=None):
+    def make(tmp, tok):
+        (tmp / "cache-folder").mkdir()
+        if meta is not None:
+            (tmp / "cache-folder" / "codistill_cache.json").write_text(meta)
+        return []
+    return make
+
+
+def plain(*args):
+    return lambda tmp, tok: list(args)
+
+
+def fmt(make_args, *overrides):
+    """Overrides with {tmp} filled in after ``make_args`` made the inputs."""
+    def make(tmp, tok):
+        return [*make_args(tmp, tok), *(o.format(tmp=tmp) for o in overrides)]
+    return make
+
+
+PARQUET_LIKE = b"PAR1" + os.urandom(2000)
+SOFT = ["mode=soft", "teacher.pretrained=null"]
+
+CASES = [
+    # config keys and values
+    ("unknown key", plain("train.batch_size=4"), "unknown config key 'train.batch_size'"),
+    ("misspelt model key", plain("teacher.pretrianed=x"), "unknown config key 'teacher.pretrianed'"),
+    ("not an integer", plain("train.max_steps=lots"), "config key 'train.max_steps': input should be a valid integer"),
+    ("negative", plain("train.micro_batch_size=-2"), "config key 'train.micro_batch_size': input should be greater than 0"),
+    ("alpha above 1", plain("distill.alpha_max=2"), "config key 'distill.alpha_max': input should be less than or equal to 1"),
+    ("seq_len too long", plain("data.seq_len=128"), "data.seq_len=128 exceeds teacher's max_position_embeddings=64"),
+    ("embedding too small", plain("students.0.config.vocab_size=100"),
+     "student: embedding rows (100) are fewer than the tokenizer's 4096"),
+    ("unknown arch", plain("teacher.arch=no-such-model"), "teacher.arch: 'no-such-model' is not a transformers model type"),
+    ("missing dataset", plain("data.dataset=/nonexistent/corpus.jsonl"),
+     "data.dataset: no data file matches '/nonexistent/corpus.jsonl'"),
+    ("micro-batch disagrees", plain("teacher.deepspeed.train_micro_batch_size_per_gpu=3"),
+     "disagrees with train.micro_batch_size=4"),
+    ("missing ds json", plain("teacher.deepspeed=/nonexistent/ds.json"),
+     "teacher.deepspeed: file /nonexistent/ds.json does not exist"),
+    ("unknown divergence", plain("distill.divergence=kl"),
+     "config key 'distill.divergence': input should be 'forward_kl', 'reverse_kl', 'jsd' or 'tvd'"),
+    ("per-student override", plain("students.0.distill.alpha_max=-0.5"),
+     "config key 'students.0.distill.alpha_max': input should be greater than or equal to 0"),
+    ("top_k zero", plain("students.0.distill.top_k=0"), "config key 'students.0.distill.top_k': input should be greater than 0"),
+    ("missing resume", plain("resume=/nonexistent/ckpt"), "resume: /nonexistent/ckpt does not exist"),
+    ("resume a folder that is no checkpoint", fmt(plain(), "resume={tmp}"), "is not a complete checkpoint (no manifest.json)"),
+    ("name ..", plain("students.0.name=.."), "students.0.name: model name '..' is not allowed: it names folders"),
+    ("name with /", plain("teacher.name=a/b"), "teacher.name: model name 'a/b' is not allowed"),
+    ("empty output_dir", plain("output_dir="), "output_dir: expected the folder the run writes to, got an empty value"),
+    ("ZeRO stage 4", plain("teacher.deepspeed.zero_optimization.stage=4"),
+     "teacher.deepspeed.zero_optimization.stage: input should be 0, 1, 2, 3"),
+    ("unknown ZeRO key", plain("teacher.deepspeed.zero_optimization.stagee=1"),
+     "teacher.deepspeed.zero_optimization.stagee: unknown key"),
+    ("unknown optimizer", plain("students.0.deepspeed.optimizer.type=Adamz"),
+     "student.deepspeed.optimizer.type: 'Adamz' is not an optimizer"),
+    ("misspelt DeepSpeed key", plain("teacher.deepspeed.gradient_clipin=1.0"),
+     "teacher.deepspeed.gradient_clipin: not a DeepSpeed key; did you mean 'gradient_clipping'?"),
+    ("infinite temperature", plain("distill.temperature=.inf"), "config key 'distill.temperature': input should be a finite number"),
+    ("nan alpha", plain("distill.alpha_max=.nan"), "config key 'distill.alpha_max': input should be a finite number"),
+    ("seed beyond 64 bits", plain("train.seed=99999999999999999999"), "config key 'train.seed': input should be less than"),
+    ("negative seed", plain("train.seed=-1"), "config key 'train.seed': input should be greater than or equal to 0"),
+    ("timeout too large", plain("train.collective_timeout_s=99999999999"),
+     "config key 'train.collective_timeout_s': input should be less than"),
+    ("skip with accumulation", plain("train.nonfinite=skip", "train.gradient_accumulation_steps=2"),
+     "train.nonfinite=skip needs train.gradient_accumulation_steps=1"),
+    ("cache without soft mode", fmt(plain(), "teacher.cache={tmp}"), "teacher.cache needs mode=soft"),
+    ("soft without a teacher", plain("mode=soft"), "teacher.pretrained"),
+    ("cache that does not exist", fmt(plain(*SOFT), "teacher.cache={tmp}/nowhere"), "/nowhere does not exist"),
+    ("folder that is no cache", fmt(not_a_cache(), *SOFT, "teacher.cache={tmp}/cache-folder"),
+     "cache-folder is not a teacher cache (no codistill_cache.json)"),
+    ("unfinished cache", fmt(not_a_cache('{"complete": false}'), *SOFT, "teacher.cache={tmp}/cache-folder"),
+     "cache-folder is incomplete"),
+    ("garbled cache metadata", fmt(not_a_cache("{nope"), *SOFT, "teacher.cache={tmp}/cache-folder"),
+     "codistill_cache.json is corrupted (expected JSON)"),
+    # the config file itself
+    ("config missing", config_arg(lambda tmp: tmp / "missing.yaml"), "missing.yaml does not exist"),
+    ("config is a folder", config_arg(lambda tmp: tmp), "is a folder; expected a YAML file"),
+    ("config is binary", lambda tmp, tok: (tmp / "model.bin").write_bytes(bytes(range(256)) * 4) and
+     ["--config", str(tmp / "model.bin")], "model.bin is not a text file; expected YAML"),
+    ("unparsable DeepSpeed JSON", fmt(with_file("ds.json", '{"zero_optimization": {"stage": 2,}}'),
+                                      "teacher.deepspeed={tmp}/ds.json"), "ds.json is not valid JSON"),
+    # the user's data
+    ("empty data file", own_data("empty.jsonl", ""), "empty.jsonl is empty; expected documents"),
+    ("garbled jsonl", own_data("garbled.jsonl", "{this is not json\n"),
+     "garbled.jsonl line 1 is not JSON (Expecting property name"),
+    ("jsonl broken half-way", own_data("half.jsonl", jsonl({"text": "fine " * 50}) + '{"text": broken}\n'),
+     "half.jsonl line 2 is not JSON"),
+    ("jsonl of lists", own_data("lists.jsonl", "[1, 2]\n[3, 4]\n"), "lists.jsonl line 1 is a JSON list; expected one object"),
+    ("null text rows", own_data("nulls.jsonl", jsonl({"text": "a line of text " * 20}, {"text": None})),
+     "data.text_field: a row of '{tmp}/nulls.jsonl' holds None in column 'text'; expected text in every row"),
+    ("binary .txt", own_data("blob.txt", bytes(range(256)) * 40), "blob.txt is a binary file (it holds NUL bytes); expected text"),
+    ("latin-1 .txt", own_data("latin.txt", "caf\xe9 au lait, ".encode("latin-1") * 200),
+     "latin.txt line 1 is not UTF-8 text (invalid continuation byte"),
+    ("garbage .parquet", own_data("rows.parquet", bytes(range(1, 256)) * 20),
+     "rows.parquet is not a parquet file (no PAR1 marker at its start and end)"),
+    ("damaged .parquet", own_data("rows.parquet", PARQUET_LIKE + b"PAR1"), "could not read"),
+    ("no tokenizer for own data", lambda tmp, tok: (tmp / "d.jsonl").write_text(jsonl({"text": "hello"})) and
+     [f"data.dataset={tmp / 'd.jsonl'}"], "data.tokenizer: dataset"),
+    ("too little text for a block", own_data("tiny.jsonl", jsonl(*[{"text": "hi"}] * 3)),
+     "gives no complete block of data.seq_len=32 tokens"),
+    ("broken link in a data folder", broken_link, "docs/b.txt is a link to nothing; expected data files"),
+    ("mixed formats", fmt(lambda tmp, tok: mixed(tmp, tok) + own_data("mixed/a.txt", "text " * 100)(tmp, tok),
+                          "data.dataset={tmp}/mixed"),
+     "data.format: cannot infer one format from ['.jsonl', '.txt']"),
+    # pretrained folders
+    ("teacher with another tokenizer", teacher_folder(other_vocab=True), "differs from the run's tokenizer"),
+    ("pretrained without weights", teacher_folder(weights=False), "holds no weights"),
+    ("truncated safetensors", teacher_folder(damage=truncate), "model.safetensors is truncated ("),
+    ("garbage safetensors", teacher_folder(damage=lambda f: f.write_bytes(b"garbage" * 10)),
+     "is truncated or not a safetensors file"),
+    # what the run writes to
+    ("another run's checkpoints", output_dir_holding("checkpoints/step_00000100/teacher/weights.pt"),
+     "already holds checkpoints of another run; pass resume=auto"),
+    ("a user's own config.yaml", output_dir_holding("config.yaml", "# my notes\n" + MICRO.read_text()),
+     "config.yaml is not a config this program wrote"),
+    ("output_dir is a file", fmt(a_file, "output_dir={tmp}/a-file"), "output_dir: {tmp}/a-file is a file; expected a folder"),
+    ("output_dir under a file", fmt(a_file, "output_dir={tmp}/a-file/out"),
+     "output_dir: cannot write in {tmp}/a-file/out (Not a directory)"),
+    ("cache_dir under a file", fmt(a_file, "data.cache_dir={tmp}/a-file/cache"), "data.cache_dir: cannot write in "),
+]
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder"
+            for p in sorted(root.rglob("*")) if not p.is_symlink()}
+
+
+@pytest.mark.parametrize("make, expected", [pytest.param(m, e, id=i) for i, m, e in CASES])
+def test_bad_input(capsys, tmp_path, tokenizer, make, expected):
+    args = make(tmp_path, tokenizer)
+    config = args[args.index("--config") + 1] if "--config" in args else str(MICRO)
+    overrides = [a for a in args if a not in ("--config", config)]
+    before = snapshot(tmp_path)
+    capsys.readouterr()  # drop what the set-up printed
+    code = entry.main(["--config", config, f"output_dir={tmp_path / 'out'}", *overrides])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("codistill: error: "), err
+    assert expected.format(tmp=tmp_path) in err
+    assert not torch.distributed.is_initialized()
+    after = snapshot(tmp_path)
+    assert {p: h for p, h in after.items() if p in before} == before  # nothing changed or removed
+    written = [p for p in after if p not in before and Path(p).is_relative_to(tmp_path / "out")]
+    assert not written, written
+
+
+def test_the_table_covers_at_least_forty_cases():
+    assert len(CASES) >= 40 and len({c[0] for c in CASES}) == len(CASES)
 
 
 def test_the_user_sees_one_line_and_no_traceback_and_debug_shows_it(tmp_path):
@@ -149,54 +265,19 @@ def test_the_user_sees_one_line_and_no_traceback_and_debug_shows_it(tmp_path):
     assert proc.returncode != 0 and "Traceback" in proc.stderr
 
 
-def test_dataset_too_small_for_one_block(capsys, tmp_path, tokenizer):
-    data = tmp_path / "tiny.jsonl"
-    data.write_text("".join(json.dumps({"text": "hi"}) + "\n" for _ in range(3)))
-    tokenizer.save_pretrained(tmp_path / "tok")
-    err = fails_with(capsys, f"data.dataset={data}", f"data.tokenizer={tmp_path / 'tok'}",
-                     f"data.cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'out'}")
-    assert "gives no complete block of data.seq_len=32 tokens" in err
+def test_folders_on_a_read_only_disk(capsys, tmp_path):
+    """Not writable for real (root bypasses permission bits, not a read-only mount)."""
+    import subprocess
 
-
-def test_a_config_that_is_a_folder_or_not_text(capsys, tmp_path):
-    assert entry.main(["--config", str(tmp_path)]) == 2
-    assert capsys.readouterr().err.strip() == f"codistill: error: config {tmp_path} is a folder; expected a YAML file"
-    binary = tmp_path / "model.bin"
-    binary.write_bytes(bytes(range(256)) * 4)
-    assert entry.main(["--config", str(binary)]) == 2
-    assert capsys.readouterr().err.strip() == f"codistill: error: config {binary} is not a text file; expected YAML"
-
-
-def test_rows_without_text_and_broken_links_in_a_data_folder(capsys, tmp_path, tokenizer):
-    tokenizer.save_pretrained(tmp_path / "tok")
-    data = tmp_path / "nulls.jsonl"
-    data.write_text(json.dumps({"text": "a line of text " * 20}) + "\n" + json.dumps({"text": None}) + "\n")
-    err = fails_with(capsys, f"data.dataset={data}", f"data.tokenizer={tmp_path / 'tok'}",
-                     f"data.cache_dir={tmp_path / 'c'}", f"output_dir={tmp_path / 'o'}")
-    assert f"data.text_field: a row of '{data}' holds None in column 'text'; expected text in every row" in err
-    folder = tmp_path / "docs"
-    folder.mkdir()
-    (folder / "a.txt").write_text("some text " * 100)
-    (folder / "b.txt").symlink_to(tmp_path / "gone.txt")
-    err = fails_with(capsys, f"data.dataset={folder}", f"data.tokenizer={tmp_path / 'tok'}")
-    assert f"data.dataset: {folder / 'b.txt'} is a link to nothing; expected data files" in err
-
-
-def test_a_truncated_pretrained_weights_file(capsys, tmp_path, tokenizer):
-    folder = tiny_pretrained(tmp_path / "cut", tokenizer)
-    weights = next(folder.glob("*.safetensors"))
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    err = fails_with(capsys, f"teacher.pretrained={folder}", "teacher.config={}")
-    assert f"teacher.pretrained: {weights} is truncated (" in err
-    weights.write_bytes(b"garbage" * 10)
-    assert "is truncated or not a safetensors file" in fails_with(capsys, f"teacher.pretrained={folder}",
-                                                                  "teacher.config={}")
-
-
-def test_a_cache_dir_or_output_dir_that_cannot_be_written(capsys, tmp_path):
-    blocker = tmp_path / "a-file"
-    blocker.write_text("in the way")
-    err = fails_with(capsys, f"data.cache_dir={blocker / 'cache'}", f"output_dir={tmp_path / 'o'}")
-    assert err.startswith("codistill: error: data.cache_dir: cannot write in ") and blocker.read_text() == "in the way"
-    err = fails_with(capsys, f"output_dir={blocker / 'out'}")
-    assert err == f"codistill: error: output_dir: cannot write in {blocker / 'out'} (Not a directory)"
+    disk = tmp_path / "ro"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a read-only tmpfs here (needs root); 'under a file' cases cover the message")
+    try:
+        for key in ("output_dir", "data.cache_dir"):
+            capsys.readouterr()
+            code = entry.main(["--config", str(MICRO), f"output_dir={tmp_path / 'out'}", f"{key}={disk / 'x'}"])
+            err = capsys.readouterr().err.strip()
+            assert code == 2 and err == f"codistill: error: {key}: cannot write in {disk / 'x'} (Read-only file system)"
+    finally:
+        subprocess.run(["umount", str(disk)])
