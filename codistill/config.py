@@ -174,6 +174,12 @@ class ModelSpec(_Section):
     distill: DistillOverrides = Field(default_factory=DistillOverrides,
                                       description="students: overrides of the distill section")
     cache: Optional[str] = Field(None, description="soft-mode teacher: a top-k cache folder used instead of the model")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute each decoder layer in the backward pass (non-reentrant) instead of keeping its "
+        "activations: less memory, about a third more compute; trainable models only")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="attention kernel: sdpa (PyTorch's fused attention), eager (plain matmuls), "
+        "flash_attention_2 (needs the flash_attn package, a CUDA GPU and bf16/fp16)")
     deepspeed: Union[str, dict[str, Any]] = Field(
         ..., description="DeepSpeed config: a JSON file path or an inline mapping"
     )

@@ -15,7 +15,7 @@ from typing import Any, Optional
 import torch
 
 from .config import ConfigError, ModelSpec, RunConfig, TrainConfig, load_deepspeed_config
-from .models import build_model
+from .models import build_model, enable_checkpointing
 
 _ADAM = {"adam", "adamw"}
 
@@ -179,12 +179,19 @@ class Member:
         return self.spec.name
 
 
+def half_precision(ds_config: dict[str, Any]) -> bool:
+    """Whether a DeepSpeed config trains in bf16 or fp16."""
+    return any(bool((ds_config.get(key) or {}).get("enabled")) for key in ("bf16", "fp16"))
+
+
 def build_engine(spec: ModelSpec, hf_config, ds_config: dict[str, Any], seed: int, trainable: bool) -> Member:
     """The model's weights (random init under ``seed``, or loaded) wrapped in its DeepSpeed
     engine; a frozen model gets an inference-only engine (no optimizer, eval mode, no grads)."""
     import deepspeed
 
     model = build_model(spec, hf_config, seed=seed)
+    if spec.gradient_checkpointing and trainable:  # a frozen model keeps no activations to recompute
+        enable_checkpointing(model)
     if not trainable:
         engine, *_ = deepspeed.initialize(model=model.requires_grad_(False).eval(), config=ds_config)
         return Member(spec, engine, trainable=False)
@@ -195,5 +202,5 @@ def build_engine(spec: ModelSpec, hf_config, ds_config: dict[str, Any], seed: in
 
 def forward_logits(member: Member, batch: dict[str, torch.Tensor], vocab: int) -> torch.Tensor:
     """[B, S, V] logits over the tokenizer's real vocabulary (embedding padding sliced away)."""
-    out = member.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    out = member.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     return out.logits[..., :vocab]

@@ -26,14 +26,15 @@ logits and the working set grow with it.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
 from .config import ConfigError, ModelSpec, RunConfig
 from .data import run_tokenizer
-from .engines import deepspeed_configs, is_trainable, loaded_models
+from .engines import deepspeed_configs, half_precision, is_trainable, loaded_models
 from .losses import chunk_rows, topk_bytes_per_position
 from .metrics import peak_bytes
 from .models import model_config
@@ -61,6 +62,7 @@ class ModelMemory:
     optimizer: int = 0  # master weights + optimizer moments
     host: int = 0  # offloaded to CPU memory
     activations: int = 0  # saved for backward, per micro-batch
+    checkpointing: bool = False  # gradient checkpointing: activations are layer inputs + one layer
     logits: int = 0  # [B·S, V] output, per micro-batch
 
     @property
@@ -170,35 +172,110 @@ def runtime_bytes(device: str) -> int:
     return CUDA_CONTEXT_BYTES
 
 
-def _saved_activation_bytes(model: torch.nn.Module, seq_len: int) -> int:
-    """Bytes autograd saves for backward in one forward of one sequence, traced on ``meta``
-    (no compute). Views share their storage and count once; weights (and their transposes)
+@contextmanager
+def _fused_attention() -> Iterator[None]:
+    """On ``meta``, F.scaled_dot_product_attention falls back to its math path and saves the
+    [S, S] attention matrix, which the fused kernels a real run uses (CPU flash, CUDA flash or
+    memory-efficient) never hold: they save q, k, v, the output and a logsumexp per row. The
+    trace runs the fused CPU op instead, whose meta kernel saves exactly that."""
+    import torch.nn.functional as F
+
+    plain = F.scaled_dot_product_attention
+
+    def fused(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if q.device.type != "meta":
+            return plain(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                         enable_gqa=enable_gqa)
+        if enable_gqa and k.shape[-3] != q.shape[-3]:
+            k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+            v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[0]
+
+    F.scaled_dot_product_attention = fused
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = plain
+
+
+@dataclass
+class Activations:
+    """What autograd saves in one forward of one sequence: outside the decoder layers, each
+    layer's input and each layer's own saved tensors."""
+
+    outside: int
+    inputs: list[int]
+    layers: list[int]
+
+    def held(self, checkpointing: bool) -> int:
+        """Saved between the forward and the backward pass."""
+        return self.outside + (sum(self.inputs) if checkpointing else sum(self.layers))
+
+    def peak(self, checkpointing: bool) -> int:
+        """At most during the backward pass: with checkpointing, one layer is recomputed at a time."""
+        return self.held(checkpointing) + (max(self.layers, default=0) if checkpointing else 0)
+
+
+def trace_activations(model: torch.nn.Module, seq_len: int) -> Activations:
+    """Trace one forward of one sequence on ``meta`` (no compute), with the fused attention a
+    real run uses. Views share their storage and count once; weights (and their transposes)
     are parameters, counted elsewhere."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
     params = {p.untyped_storage()._cdata for p in model.parameters()}
-    storages: dict[int, int] = {}
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    saved: list[dict[int, int]] = [{} for _ in range(len(layers) + 1)]  # per layer, then outside them
+    inputs, where = [0] * len(layers), [len(layers)]
+
+    def enter(index: int):
+        def hook(_module, args, kwargs):
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            inputs[index] = hidden.untyped_storage().nbytes() if isinstance(hidden, torch.Tensor) else 0
+            where[0] = index
+        return hook
+
+    def leave(_module, _args, _out):
+        where[0] = len(layers)
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
         if storage._cdata not in params:
-            storages[storage._cdata] = storage.nbytes()
+            saved[where[0]][storage._cdata] = storage.nbytes()
         return t
 
+    handles = [h for i, layer in enumerate(layers) for h in (
+        layer.register_forward_pre_hook(enter(i), with_kwargs=True), layer.register_forward_hook(leave))]
     ids = torch.zeros(1, seq_len, dtype=torch.long, device="meta")
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(input_ids=ids)  # no attention mask: a meta tensor cannot be inspected for padding
-        del out  # the logits are returned, not saved: counted apart
-    return sum(storages.values())
+    fused = model.config._attn_implementation != "eager"
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _fused_attention() if fused else nullcontext():
+            out = model(input_ids=ids)  # no attention mask: meta cannot be inspected for padding
+            del out  # the logits are returned, not saved: counted apart
+    finally:
+        for h in handles:
+            h.remove()
+    inside = {k for layer in saved[:-1] for k in layer}
+    return Activations(sum(v for k, v in saved[-1].items() if k not in inside), inputs,
+                       [sum(layer.values()) for layer in saved[:-1]])
+
+
+def _traceable(attn: str) -> str:
+    """The attention to trace on ``meta``: flash attention's kernel needs a GPU; it saves what
+    sdpa's fused kernels save (no [S, S] matrix)."""
+    return "sdpa" if attn == "flash_attention_2" else attn
 
 
 def _model_memory(spec: ModelSpec, hf_config, ds: dict, trainable: bool, world: int, batch: int,
                   seq_len: int, vocab: int) -> ModelMemory:
     from transformers import AutoModelForCausalLM
 
-    half = bool((ds.get("bf16") or {}).get("enabled")) or bool((ds.get("fp16") or {}).get("enabled"))
+    half = half_precision(ds)
     dtype = torch.bfloat16 if half else torch.float32
     try:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=spec.trust_remote_code, dtype=dtype)
+            model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=spec.trust_remote_code, dtype=dtype,
+                                                     attn_implementation=_traceable(spec.attn_implementation))
     except Exception as exc:  # transformers raises many types for a bad config
         raise ConfigError(f"{spec.name}: could not build the model on 'meta' ({' '.join(str(exc).split())[:160]})") from None
     n = sum(p.numel() for p in model.parameters())
@@ -219,7 +296,8 @@ def _model_memory(spec: ModelSpec, hf_config, ds: dict, trainable: bool, world: 
     if (zero.get("offload_optimizer") or {}).get("device", "none") in ("cpu", "nvme"):
         m.host += m.optimizer
         m.optimizer = 0
-    m.activations = _saved_activation_bytes(model.train(), seq_len) * batch
+    m.checkpointing = spec.gradient_checkpointing
+    m.activations = trace_activations(model.train(), seq_len).peak(spec.gradient_checkpointing) * batch
     return m
 
 

@@ -96,15 +96,43 @@ def check_model(spec: ModelSpec, cfg: PretrainedConfig, tokenizer: PreTrainedTok
         )
 
 
+def check_attention(spec: ModelSpec, cfg: PretrainedConfig, half: bool) -> None:
+    """Refuse an ``attn_implementation`` this model, this machine or this precision cannot run."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    from transformers.utils import is_flash_attn_2_available
+
+    choice, key = spec.attn_implementation, f"{spec.name}.attn_implementation"
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(cfg), None)  # None for remote code: transformers checks it then
+    if choice == "sdpa" and cls is not None and not getattr(cls, "_supports_sdpa", False):
+        raise ConfigError(f"{key}: {cls.__name__} has no sdpa attention in this transformers; use eager")
+    if choice != "flash_attention_2":
+        return
+    if cls is not None and not getattr(cls, "_supports_flash_attn", False):
+        raise ConfigError(f"{key}: {cls.__name__} has no flash_attention_2 in this transformers; use sdpa")
+    if not is_flash_attn_2_available():
+        raise ConfigError(f"{key}: flash_attention_2 needs the flash_attn package and a CUDA GPU, which this "
+                          "machine lacks; use sdpa")
+    if not half:
+        raise ConfigError(f"{key}: flash_attention_2 runs in bf16 or fp16 only; enable bf16 in "
+                          f"{spec.name}.deepspeed or use sdpa")
+
+
 def build_model(spec: ModelSpec, cfg: PretrainedConfig, seed: int) -> torch.nn.Module:
-    """Weights for ``spec``: random init under ``seed`` (identical on every rank) or loaded offline."""
+    """Weights for ``spec``: random init under ``seed`` (identical on every rank) or loaded offline,
+    with its attention kernel."""
     if spec.pretrained:
         return AutoModelForCausalLM.from_pretrained(
-            str(_pretrained_dir(spec)), config=cfg, local_files_only=True,
-            trust_remote_code=spec.trust_remote_code, dtype=torch.float32,
-        )
+            str(_pretrained_dir(spec)), config=cfg, local_files_only=True, trust_remote_code=spec.trust_remote_code,
+            dtype=torch.float32, attn_implementation=spec.attn_implementation)
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(cfg, trust_remote_code=spec.trust_remote_code, dtype=torch.float32)
+    return AutoModelForCausalLM.from_config(cfg, trust_remote_code=spec.trust_remote_code, dtype=torch.float32,
+                                            attn_implementation=spec.attn_implementation)
+
+
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each decoder layer during backward (non-reentrant: works with ZeRO-3's
+    parameter hooks and inputs that need no gradient)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def count_parameters(model: torch.nn.Module) -> int:

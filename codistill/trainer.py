@@ -24,14 +24,14 @@ from . import checkpoint, distributed
 from .cache import TeacherCache
 from .config import ConfigError, DistillConfig, RunConfig, dump_config, is_resolved_config
 from .data import BatchStream, build_splits, check_data_source, eval_batches, run_tokenizer, tokenizer_fingerprint
-from .engines import (Member, build_engine, deepspeed_configs, forward_logits, init_seed, is_trainable, loaded_models,
-                      quiet_library_noise)
+from .engines import (Member, build_engine, deepspeed_configs, forward_logits, half_precision, init_seed, is_trainable,
+                      loaded_models, quiet_library_noise)
 from .errors import NonFinite
 from .files import write_atomically
 from .losses import (SoftSpec, Targets, distill_loss, next_token_targets, panel_stats, top1_agreement,
                      topk_bytes_per_position, topk_targets)
 from .metrics import Metrics, format_values, peak_bytes, summary_lines
-from .models import check_model, count_parameters, local_parameters, model_config
+from .models import check_attention, check_model, count_parameters, local_parameters, model_config
 from .schedules import adaptive_alpha, alpha_at, ema, temperature_at
 
 log = logging.getLogger("codistill")
@@ -91,6 +91,8 @@ class Trainer:
             TeacherCache.check_ready(Path(cfg.teacher.cache).expanduser())
         world_size = distributed.env_world_size()
         ds_configs = deepspeed_configs(cfg, specs, world_size, on_cpu=not torch.cuda.is_available())
+        for spec in specs:
+            check_attention(spec, hf_configs[spec.name], half_precision(ds_configs[spec.name]))
         written = self.output_dir / "config.yaml"
         if written.exists() and not is_resolved_config(written):
             raise ConfigError(f"output_dir: {written} is not a config this program wrote, and the run would replace "

@@ -181,6 +181,10 @@ CASES = [
      "cache-folder is incomplete"),
     ("garbled cache metadata", fmt(not_a_cache("{nope"), *SOFT, "teacher.cache={tmp}/cache-folder"),
      "codistill_cache.json is corrupted (expected JSON)"),
+    ("flash attention without flash_attn", plain("teacher.attn_implementation=flash_attention_2"),
+     "teacher.attn_implementation: flash_attention_2 needs the flash_attn package and a CUDA GPU"),
+    ("unknown attention", plain("students.0.attn_implementation=flash"),
+     "config key 'students.0.attn_implementation': input should be 'sdpa', 'eager' or 'flash_attention_2'"),
     # the config file itself
     ("config missing", config_arg(lambda tmp: tmp / "missing.yaml"), "missing.yaml does not exist"),
     ("config is a folder", config_arg(lambda tmp: tmp), "is a folder; expected a YAML file"),

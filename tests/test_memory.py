@@ -84,3 +84,27 @@ def test_the_estimate_is_within_25_percent_of_the_measured_peak_of_a_tiny_run(tm
     assert tool.returncode == 0, tool.stderr[-2000:]
     estimated = float(re.search(r"expected peak per rank: ([\d.]+) GB", tool.stdout).group(1))
     assert abs(estimated - measured) <= 0.25 * measured, (estimated, measured, tool.stdout)
+
+
+@pytest.mark.parametrize("checkpointing", [0, 1])
+def test_traced_activations_match_what_a_real_forward_holds(checkpointing):
+    """A 6-layer model's forward, measured in a fresh process, holds what the meta trace says:
+    every layer's saved tensors without checkpointing, only the layer inputs with it."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from codistill.memory import trace_activations
+
+    layers, hidden, seq, batch = 6, 256, 512, 8
+    proc = run_cmd([sys.executable, "tests/helpers/held_activations.py", str(checkpointing), str(layers), str(hidden),
+                    str(seq), str(batch)], MALLOC_MMAP_THRESHOLD_="65536")
+    measured = int(proc.stdout.split()[-1])
+    cfg = AutoConfig.for_model("llama", vocab_size=4096, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
+                               num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+                               max_position_embeddings=seq)
+    with torch.device("meta"):
+        traced = trace_activations(AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").train(), seq)
+    expected = traced.held(bool(checkpointing)) * batch
+    assert 0.8 < measured / expected < 1.2, (measured, expected)
+    if checkpointing:  # and what checkpointing saves: the layers' own tensors, all but their inputs
+        assert traced.held(True) < 0.25 * traced.held(False)
