@@ -12,6 +12,7 @@ setup(
         "torch>=2.4",
         "deepspeed>=0.16",
         "transformers>=4.46",
+        "accelerate>=1.0",  # transformers' DeepSpeed integration (ZeRO-3 construction) needs it
         "datasets>=3.0",
         "tokenizers>=0.20",
         "tensorboard>=2.15",
@@ -30,6 +31,7 @@ setup(
             "codistill-estimate = codistill.commands.estimate_memory:main",
             "codistill-compare = codistill.commands.compare:main",
             "codistill-bench-step = codistill.commands.bench_step:main",
+            "codistill-bench-build = codistill.commands.bench_build:main",
             "codistill-bench-loss = codistill.commands.bench_loss:main",
             "codistill-cache-logits = codistill.commands.cache_teacher_logits:main",
             "codistill-cache-quality = codistill.commands.soft_cache_quality:main",

@@ -189,7 +189,8 @@ def build_engine(spec: ModelSpec, hf_config, ds_config: dict[str, Any], seed: in
     engine; a frozen model gets an inference-only engine (no optimizer, eval mode, no grads)."""
     import deepspeed
 
-    model = build_model(spec, hf_config, seed=seed)
+    stage3 = (ds_config.get("zero_optimization") or {}).get("stage", 0) == 3
+    model = build_model(spec, hf_config, seed=seed, zero3=ds_config if stage3 else None)  # ZeRO-3: never whole
     if spec.gradient_checkpointing and trainable:  # a frozen model keeps no activations to recompute
         enable_checkpointing(model)
     if not trainable:

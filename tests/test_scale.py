@@ -33,3 +33,17 @@ def test_checkpointing_and_eager_attention_train_the_same_model(twins):
         assert scalars["recompute/train/loss"][step] == pytest.approx(plain, abs=1e-6), step
         assert scalars["eager/train/loss"][step] == pytest.approx(plain, abs=1e-5), step
     assert scalars["recompute/eval/loss"][5] == pytest.approx(scalars["plain/eval/loss"][5], abs=1e-6)
+
+
+def test_zero3_construction_gives_a_whole_builds_weights_partitioned(pretrained_teacher):
+    """2 ranks, the same seed: random init (tied, GQA, GPT-2, an embedding padded past the
+    vocabulary) and a pretrained folder, built under zero.Init, gather to exactly the weights of
+    a whole build, while each rank holds half of them; the next model is built whole again."""
+    proc = launch(str(pretrained_teacher), how="torchrun", script="tests/helpers/zero3_build.py", config=None)
+    lines = [line for line in proc.stdout.splitlines() if "max difference" in line]
+    assert len(lines) == 4, proc.stdout[-2000:]
+    for line in lines[:3]:
+        assert "max difference 0.0," in line, line
+        local, total = (int(x) for x in line.split("holds ")[1].split(" of "))
+        assert abs(local - total / 2) <= total * 0.01, line
+    assert lines[3] == "pretrained: max difference 0.0; next build whole: True"
