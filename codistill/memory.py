@@ -64,6 +64,11 @@ class ModelMemory:
     activations: int = 0  # saved for backward, per micro-batch
     checkpointing: bool = False  # gradient checkpointing: activations are layer inputs + one layer
     logits: int = 0  # [B·S, V] output, per micro-batch
+    build: int = 0  # host memory while building: a whole fp32 copy, or under ZeRO-3 a share + one module
+    width: int = 0  # the LM head's rows (the tokenizer's vocabulary, or more when the embedding is padded)
+    buckets: int = 0  # DeepSpeed's gradient bucket (contiguous_gradients), kept from the first step on
+    gathered: int = 0  # ZeRO-3: parameters gathered whole while the model runs (stage3_max_live_parameters)
+    step_temp: int = 0  # the optimizer step's temporaries (torch's multi-tensor Adam: two per state)
 
     @property
     def states(self) -> int:
@@ -97,14 +102,73 @@ class Estimate:
         kd = self.kd_bytes(batch) if self.distills else 0
         t_phase = 0
         if teacher is not None:
-            t_phase = int((teacher.activations + teacher.logits * (2 if teacher.trainable else 1)) * scale + kd)
+            t_phase = int((teacher.activations + teacher.logits * (2 if teacher.trainable else 1)) * scale + kd
+                          + teacher.gathered)
         s_phase = int(self.kept_per_position * batch * self.seq_len + max(
-            ((m.activations + 2 * m.logits) * scale + kd for m in students), default=0))
-        return t_phase, s_phase
+            ((m.activations + 2 * m.logits) * scale + kd + m.gathered for m in students), default=0))
+        # The optimizer steps come after every backward: no activations, the largest step's temporaries.
+        return max(t_phase, max((m.step_temp for m in self.models), default=0)), s_phase
+
+    @property
+    def resident(self) -> int:
+        """What a rank holds throughout the steps: runtime, every model's states and buckets."""
+        return self.runtime + sum(m.states + m.buckets for m in self.models)
+
+    def build_peak(self, host: bool = False) -> int:
+        """Bytes per rank while the models are built, one after another (the earlier ones already
+        hold their states). A ZeRO-3 model is built partitioned where it will train; any other is
+        built whole in fp32 in host memory first. ``host``: the host's share on a GPU machine."""
+        if host and self.device == "cpu":
+            return 0  # everything is in the one memory
+        held, worst = 0, 0
+        for m in self.models:
+            in_host = m.stage != 3 and self.device != "cpu"
+            if in_host == host:
+                worst = max(worst, held + m.build)
+            held += 0 if host else m.states
+        return worst + (0 if host else self.runtime)
 
     def peak(self, batch: Optional[int] = None) -> int:
-        """Expected peak bytes per rank at micro-batch ``batch`` (default: the config's)."""
-        return self.runtime + sum(m.states for m in self.models) + max(self._phases(batch or self.micro_batch_size))
+        """Expected peak bytes per rank at micro-batch ``batch`` (default: the config's); on CPU
+        the build counts too, since it happens in the same memory."""
+        step = self.resident + max(self._phases(batch or self.micro_batch_size))
+        return max(step, self.build_peak())
+
+    def terms(self, batch: int) -> dict[str, int]:
+        """The peak's terms at micro-batch ``batch``, in the larger phase (what does not fit is one of these)."""
+        scale = batch / self.micro_batch_size
+        t_phase, s_phase = self._phases(batch)
+        out = {"runtime": self.runtime, "model states": sum(m.states + m.buckets for m in self.models)}
+        teacher = next((m for m in self.models if m.name == self.teacher), None)
+        kd = self.kd_bytes(batch) if self.distills else 0
+        if teacher is not None and t_phase >= s_phase:
+            out[f"{teacher.name} activations"] = int(teacher.activations * scale)
+            out[f"{teacher.name} logits"] = int(teacher.logits * (2 if teacher.trainable else 1) * scale)
+        else:
+            student = max((m for m in self.models if m.name != self.teacher),
+                          key=lambda m: (m.activations + 2 * m.logits), default=None)
+            if student is not None:
+                out[f"{student.name} activations"] = int(student.activations * scale)
+                out[f"{student.name} logits"] = int(2 * student.logits * scale)
+            out["teacher targets kept for the students"] = self.kept_per_position * batch * self.seq_len
+        out["KD loss working set"] = kd
+        return out
+
+    def why_not(self, memory: int) -> str:
+        """Why not even micro-batch 1 fits ``memory`` bytes: the term to cut, by name."""
+        gb = lambda b: f"{b / 2**30:.1f} GB"  # noqa: E731
+        if self.build_peak() > memory:
+            return f"building the models alone needs {gb(self.build_peak())}"
+        states = self.resident
+        if states > memory:
+            return f"the model states alone need {gb(states)} (more ranks, ZeRO-3, offload)"
+        name, size = max(((k, v) for k, v in self.terms(1).items() if k not in ("runtime", "model states")),
+                         key=lambda kv: kv[1])
+        hint = {"activations": "gradient_checkpointing: true", "logits": "a shorter seq_len, or top-k targets",
+                "working set": "a smaller distill.chunk_tokens", "kept": "distill.targets: topk"}
+        advice = next((v for k, v in hint.items() if k in name), "")
+        return (f"the model states take {gb(states)}, and at micro-batch 1 {name} ({gb(size)}) is the largest of "
+                f"the rest" + (f" (try {advice})" if advice else ""))
 
     def largest_micro_batch(self, memory: int) -> int:
         """The largest micro-batch whose peak fits ``memory`` bytes (0 if not even one)."""
@@ -130,7 +194,10 @@ class Estimate:
             out.append(f"  {role:<14}{gb(m.params):>12}{gb(m.grads):>12}{gb(m.optimizer):>12}{gb(m.activations):>13}"
                        f"{gb(m.logits):>12}{gb(m.host):>12}   ZeRO-{m.stage}, {m.parameters:,} parameters")
         t_phase, s_phase = self._phases(self.micro_batch_size)
-        out += [f"  KD loss working set: {gb(self.kd_bytes(self.micro_batch_size)).strip()} chunked (plain PyTorch "
+        out += [f"  DeepSpeed: gradient buckets {gb(sum(m.buckets for m in self.models)).strip()}, ZeRO-3 parameters "
+                f"gathered while a model runs {gb(max((m.gathered for m in self.models), default=0)).strip()}, "
+                f"optimizer-step temporaries {gb(max((m.step_temp for m in self.models), default=0)).strip()}",
+                f"  KD loss working set: {gb(self.kd_bytes(self.micro_batch_size)).strip()} chunked (plain PyTorch "
                 f"over full logits: {gb(self.kd_bytes(self.micro_batch_size, chunked=False)).strip()})",
                 f"  runtime ({'measured in this process' if self.device == 'cpu' else 'CUDA context'}): "
                 f"{gb(self.runtime).strip()}",
@@ -138,10 +205,15 @@ class Estimate:
                 f"  expected peak per rank: {gb(self.peak()).strip()}"
                 + (f" (+ {gb(sum(m.host for m in self.models)).strip()} offloaded to host)"
                    if any(m.host for m in self.models) else "")]
+        built = ", ".join(f"{m.name} {gb(m.build).strip()} " + ("partitioned (ZeRO-3: a share + one module)"
+                                                                 if m.stage == 3 else "whole, fp32") for m in self.models)
+        where = "" if self.device == "cpu" else (f" on the device, {gb(self.build_peak(host=True)).strip()} "
+                                                  "in host memory")
+        out.insert(-1, f"  while building: {gb(self.build_peak()).strip()} per rank{where} ({built})")
         if device_memory:
             fit = self.largest_micro_batch(device_memory)
             out.append(f"  largest micro-batch in {device_memory / 2**30:.1f} GB: "
-                       + (f"{fit}" if fit else "none (the model states alone do not fit)"))
+                       + (f"{fit}" if fit else f"none: {self.why_not(device_memory)}"))
         return out
 
 
@@ -283,19 +355,29 @@ def _model_memory(spec: ModelSpec, hf_config, ds: dict, trainable: bool, world: 
     stage = int(zero.get("stage", 0))
     m = ModelMemory(spec.name, n, trainable, stage, 2 if half else 4)
     m.params = m.dtype_bytes * n // (world if stage == 3 else 1)
+    # Built in fp32 (then cast by DeepSpeed): whole on every rank, or under ZeRO-3 this rank's
+    # share plus the largest module gathered whole (twice: DeepSpeed's gather buffer and the tensor).
+    largest = max((sum(p.numel() for p in mod.parameters(recurse=False)) for mod in model.modules()), default=0)
+    m.build = 4 * n if stage != 3 else 4 * n // world + 2 * 4 * largest
     offload_params = (zero.get("offload_param") or {}).get("device", "none") in ("cpu", "nvme")
     if offload_params and stage == 3:
         m.host, m.params = m.params, 0
-    m.logits = batch * seq_len * vocab * m.dtype_bytes
+    m.width = getattr(hf_config, "vocab_size", None) or vocab  # the head computes every row, padding included
+    m.logits = batch * seq_len * m.width * m.dtype_bytes
+    if stage == 3:  # gathered whole module by module, up to stage3_max_live_parameters at once
+        m.gathered = m.dtype_bytes * min(n, int(zero.get("stage3_max_live_parameters", 10**9)))
     if not trainable:
         return m
     m.grads = m.dtype_bytes * n // (world if stage >= 2 else 1)
+    if stage >= 1 and zero.get("contiguous_gradients", True):  # a bucket of reduce_bucket_size, filled up to n
+        m.buckets = m.dtype_bytes * min(n, int(zero.get("reduce_bucket_size", 5 * 10**8)))
     kind = str((ds.get("optimizer") or {}).get("type", "adamw")).lower()
     per_param = 4 * _OPTIMIZER_STATES.get(kind, 2) + (4 if half else 0)  # fp32 moments (+ master copy)
     m.optimizer = per_param * n // (world if stage >= 1 else 1)
+    m.step_temp = 4 * _OPTIMIZER_STATES.get(kind, 2) * n // (world if stage >= 1 else 1)  # one fp32 per state
     if (zero.get("offload_optimizer") or {}).get("device", "none") in ("cpu", "nvme"):
         m.host += m.optimizer
-        m.optimizer = 0
+        m.optimizer = m.step_temp = 0
     m.checkpointing = spec.gradient_checkpointing
     m.activations = trace_activations(model.train(), seq_len).peak(spec.gradient_checkpointing) * batch
     return m
@@ -326,7 +408,7 @@ def estimate(cfg: RunConfig, world_size: int, device: Optional[str] = None) -> E
         k = max(d.top_k for d in settings)
         est.kept_per_position = topk_bytes_per_position(min(k, vocab))
     elif teacher is not None:
-        est.kept_per_position = vocab * teacher.dtype_bytes  # the detached logits, for every student
+        est.kept_per_position = teacher.width * teacher.dtype_bytes  # the detached logits, for every student
     est.runtime = runtime_bytes(device)  # after the models' code was imported above
     return est
 
