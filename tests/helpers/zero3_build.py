@@ -1,6 +1,7 @@
 """Build models whole and partitioned under ZeRO-3 with the same seed on every rank and
 compare the gathered parameters; load a pretrained folder both ways too. Run under any
 launcher with 2 ranks:  zero3_build.py PRETRAINED_FOLDER  -> prints one line per check."""
+import os
 import sys
 
 import deepspeed
@@ -46,6 +47,8 @@ def main() -> None:
     if rank == 0:
         print(f"pretrained: max difference {diff}; next build whole: {not hasattr(next(after.parameters()), 'ds_tensor')}",
               flush=True)
+    torch.distributed.barrier()
+    os._exit(0)  # see codistill/commands/bench_build.py: no engine, so shutdown may abort
 
 
 if __name__ == "__main__":
