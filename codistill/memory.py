@@ -68,6 +68,7 @@ class ModelMemory:
     width: int = 0  # the LM head's rows (the tokenizer's vocabulary, or more when the embedding is padded)
     buckets: int = 0  # DeepSpeed's gradient bucket (contiguous_gradients), kept from the first step on
     gathered: int = 0  # ZeRO-3: parameters gathered whole while the model runs (stage3_max_live_parameters)
+    reducing: int = 0  # ZeRO-3: the bucket's copies while its gradients are averaged and scattered (backward)
     step_temp: int = 0  # the optimizer step's temporaries (torch's multi-tensor Adam: two per state)
 
     @property
@@ -103,9 +104,9 @@ class Estimate:
         t_phase = 0
         if teacher is not None:
             t_phase = int((teacher.activations + teacher.logits * (2 if teacher.trainable else 1)) * scale + kd
-                          + teacher.gathered)
+                          + teacher.gathered + teacher.reducing)
         s_phase = int(self.kept_per_position * batch * self.seq_len + max(
-            ((m.activations + 2 * m.logits) * scale + kd + m.gathered for m in students), default=0))
+            ((m.activations + 2 * m.logits) * scale + kd + m.gathered + m.reducing for m in students), default=0))
         # The optimizer steps come after every backward: no activations, the largest step's temporaries.
         return max(t_phase, max((m.step_temp for m in self.models), default=0)), s_phase
 
@@ -196,6 +197,7 @@ class Estimate:
         t_phase, s_phase = self._phases(self.micro_batch_size)
         out += [f"  DeepSpeed: gradient buckets {gb(sum(m.buckets for m in self.models)).strip()}, ZeRO-3 parameters "
                 f"gathered while a model runs {gb(max((m.gathered for m in self.models), default=0)).strip()}, "
+                f"ZeRO-3 gradient reduction {gb(max((m.reducing for m in self.models), default=0)).strip()}, "
                 f"optimizer-step temporaries {gb(max((m.step_temp for m in self.models), default=0)).strip()}",
                 f"  KD loss working set: {gb(self.kd_bytes(self.micro_batch_size)).strip()} chunked (plain PyTorch "
                 f"over full logits: {gb(self.kd_bytes(self.micro_batch_size, chunked=False)).strip()})",
@@ -371,6 +373,8 @@ def _model_memory(spec: ModelSpec, hf_config, ds: dict, trainable: bool, world: 
     m.grads = m.dtype_bytes * n // (world if stage >= 2 else 1)
     if stage >= 1 and zero.get("contiguous_gradients", True):  # a bucket of reduce_bucket_size, filled up to n
         m.buckets = m.dtype_bytes * min(n, int(zero.get("reduce_bucket_size", 5 * 10**8)))
+    if stage == 3:  # measured on 2 CPU ranks: a ZeRO-3 backward peaks two bucket copies above the bucket
+        m.reducing = 2 * m.buckets
     kind = str((ds.get("optimizer") or {}).get("type", "adamw")).lower()
     per_param = 4 * _OPTIMIZER_STATES.get(kind, 2) + (4 if half else 0)  # fp32 moments (+ master copy)
     m.optimizer = per_param * n // (world if stage >= 1 else 1)

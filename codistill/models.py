@@ -200,7 +200,10 @@ def _returned_to_the_system() -> Iterator[None]:
 def enable_checkpointing(model: torch.nn.Module) -> None:
     """Recompute each decoder layer during backward (non-reentrant: works with ZeRO-3's
     parameter hooks and inputs that need no gradient)."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2 (the old name warns)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def count_parameters(model: torch.nn.Module) -> int:

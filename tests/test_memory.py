@@ -76,9 +76,8 @@ def test_dry_run_prints_the_estimate_and_writes_nothing(tmp_path):
 
 def test_the_estimate_is_within_25_percent_of_the_measured_peak_of_a_mid_size_zero3_run(tmp_path):
     """A ~90M teacher and a ~17M student, ZeRO-3 with checkpointing, 2 ranks: every rank's peak
-    RSS against the estimate, which the models' states and activations dominate here.
-    NOT YET the issue's 25%: the estimate is ~33% under the measured peak (2.1 vs 3.2 GB; the same
-    run at ZeRO-2 is 8% under), ~0.8 GB of ZeRO-3's own CPU working memory is not modelled yet."""
+    RSS against the estimate, which the models' states, DeepSpeed's buffers and the activations
+    dominate here (measured 3.2 GB, estimated 2.74 GB when written)."""
     mid = ROOT / "tests" / "configs" / "mid.yaml"
     out = tmp_path / "mid"
     launch(f"output_dir={out}", config=mid, timeout=600)
@@ -86,7 +85,7 @@ def test_the_estimate_is_within_25_percent_of_the_measured_peak_of_a_mid_size_ze
     tool = run_cmd([sys.executable, "tools/estimate_memory.py", "--config", str(mid), "--world-size", "2"])
     assert tool.returncode == 0, tool.stderr[-2000:]
     estimated = float(re.search(r"expected peak per rank: ([\d.]+) GB", tool.stdout).group(1))
-    assert abs(estimated - measured) <= 0.40 * measured, (estimated, measured, tool.stdout)
+    assert abs(estimated - measured) <= 0.25 * measured, (estimated, measured, tool.stdout)
 
 
 @pytest.mark.parametrize("checkpointing", [0, 1])
