@@ -445,9 +445,11 @@ class Trainer:
             gathered = [torch.zeros_like(local) for _ in range(self.world.size)]
             torch.distributed.all_gather(gathered, local)
             stored = " ".join(f"{int(t):,}" for t in gathered)
+            recomputed = m.trainable and m.spec.gradient_checkpointing
             lines.append(
                 f"{m.name}: {count_parameters(module):,} parameters, ZeRO stage {m.engine.zero_optimization_stage()}, "
-                f"bf16={m.engine.bfloat16_enabled()}{'' if m.trainable else ', frozen'}; stored per rank: {stored}"
+                f"bf16={m.engine.bfloat16_enabled()}{'' if m.trainable else ', frozen'}, "
+                f"{m.spec.attn_implementation} attention{', checkpointed' if recomputed else ''}; stored per rank: {stored}"
             )
         if self.cfg.mode == "hard":
             lines.append(f"{self.teacher_name}: not loaded; hard mode trains on the text it generated (CE on "

@@ -85,14 +85,14 @@ def test_deepspeed_two_ranks_zero3_partitions_every_model(tmp_path):
         f"output_dir={tmp_path / 'run'}", "train.max_steps=3", "teacher.deepspeed=configs/ds/zero3_cpu.json",
         "students.0.deepspeed.zero_optimization.stage=3",
         "students.0.deepspeed.zero_optimization.stage3_param_persistence_threshold=0",
-        "students.0.deepspeed.bf16.enabled=true",
+        "students.0.deepspeed.bf16.enabled=true", "students.0.gradient_checkpointing=true",
     ))
     for name in ("teacher", "student"):
         total, stored = stored_per_rank(log, name)
         assert len(stored) == 2
         for shard in stored:  # each rank holds about half (shards are padded to equal size)
             assert abs(shard - total / 2) / total < 0.02, (name, total, stored)
-    assert re.search(r"student: [\d,]+ parameters, ZeRO stage 3, bf16=True", log)
+    assert re.search(r"student: [\d,]+ parameters, ZeRO stage 3, bf16=True, sdpa attention, checkpointed", log)
     assert "FutureWarning" not in log
     assert re.search(r"eval at step 3: teacher \d+\.\d+ \| student \d+\.\d+", log)
 
