@@ -411,7 +411,8 @@ def _file_format(cfg: DataConfig, files: list[Path]) -> str:
             fh.seek(-min(4, len(head)), os.SEEK_END)
             tail = fh.read(4)
         if fmt in ("text", "json") and b"\x00" in head:  # what `file` and git call binary
-            raise ConfigError(f"data.dataset: {path} is a binary file (it holds NUL bytes); expected {fmt}")
+            raise ConfigError(f"data.dataset: {path} is a binary file (it holds NUL bytes, as UTF-16 text also "
+                              f"does); expected UTF-8 {fmt}")
         if fmt == "parquet" and (head[:4] != b"PAR1" or tail != b"PAR1"):
             raise ConfigError(f"data.dataset: {path} is not a parquet file (no PAR1 marker at its start and end)")
     return fmt
