@@ -96,19 +96,30 @@ class Estimate:
         rows = min(positions, self.chunk_rows) if chunked else positions
         return LOSS_TEMPORARIES * rows * self.vocab * 4
 
-    def _phases(self, batch: int) -> tuple[int, int]:
+    def _phase_terms(self, batch: int) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
+        """What each part of a step holds on top of the resident bytes, as named terms: the
+        teacher's side (its forward and backward; the optimizer steps, which come after every
+        backward) and the students' side (the teacher's kept targets and one student's pass)."""
         scale = batch / self.micro_batch_size
         teacher = next((m for m in self.models if m.name == self.teacher), None)
         students = [m for m in self.models if m.name != self.teacher]
         kd = self.kd_bytes(batch) if self.distills else 0
-        t_phase = 0
+
+        def running(m: ModelMemory, logit_copies: int) -> dict[str, float]:
+            return {f"{m.name} activations": m.activations * scale, f"{m.name} logits": m.logits * logit_copies * scale,
+                    "KD loss working set": kd, f"{m.name} gathered parameters (ZeRO-3)": m.gathered,
+                    f"{m.name} gradient reduction (ZeRO-3)": m.reducing}
+
+        teacher_side = [{"optimizer-step temporaries": max((m.step_temp for m in self.models), default=0)}]
         if teacher is not None:
-            t_phase = int((teacher.activations + teacher.logits * (2 if teacher.trainable else 1)) * scale + kd
-                          + teacher.gathered + teacher.reducing)
-        s_phase = int(self.kept_per_position * batch * self.seq_len + max(
-            ((m.activations + 2 * m.logits) * scale + kd + m.gathered + m.reducing for m in students), default=0))
-        # The optimizer steps come after every backward: no activations, the largest step's temporaries.
-        return max(t_phase, max((m.step_temp for m in self.models), default=0)), s_phase
+            teacher_side.insert(0, running(teacher, 2 if teacher.trainable else 1))
+        kept = {"teacher targets kept for the students": self.kept_per_position * batch * self.seq_len}
+        student_side = [{**kept, **running(m, 2)} for m in students] or [kept]
+        return teacher_side, student_side
+
+    def _phases(self, batch: int) -> tuple[int, int]:
+        """The larger phase of the teacher's side and of the students' side, in bytes."""
+        return tuple(max(int(sum(phase.values())) for phase in side) for side in self._phase_terms(batch))
 
     @property
     def resident(self) -> int:
@@ -136,24 +147,10 @@ class Estimate:
         return max(step, self.build_peak())
 
     def terms(self, batch: int) -> dict[str, int]:
-        """The peak's terms at micro-batch ``batch``, in the larger phase (what does not fit is one of these)."""
-        scale = batch / self.micro_batch_size
-        t_phase, s_phase = self._phases(batch)
-        out = {"runtime": self.runtime, "model states": sum(m.states + m.buckets for m in self.models)}
-        teacher = next((m for m in self.models if m.name == self.teacher), None)
-        kd = self.kd_bytes(batch) if self.distills else 0
-        if teacher is not None and t_phase >= s_phase:
-            out[f"{teacher.name} activations"] = int(teacher.activations * scale)
-            out[f"{teacher.name} logits"] = int(teacher.logits * (2 if teacher.trainable else 1) * scale)
-        else:
-            student = max((m for m in self.models if m.name != self.teacher),
-                          key=lambda m: (m.activations + 2 * m.logits), default=None)
-            if student is not None:
-                out[f"{student.name} activations"] = int(student.activations * scale)
-                out[f"{student.name} logits"] = int(2 * student.logits * scale)
-            out["teacher targets kept for the students"] = self.kept_per_position * batch * self.seq_len
-        out["KD loss working set"] = kd
-        return out
+        """The peak's terms at micro-batch ``batch``, in the largest phase (what does not fit is one of these)."""
+        largest = max((phase for side in self._phase_terms(batch) for phase in side), key=lambda t: sum(t.values()))
+        return {"runtime": self.runtime, "model states": sum(m.states + m.buckets for m in self.models),
+                **{name: int(size) for name, size in largest.items()}}
 
     def why_not(self, memory: int) -> str:
         """Why not even micro-batch 1 fits ``memory`` bytes: the term to cut, by name."""
