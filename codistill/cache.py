@@ -29,7 +29,7 @@ import torch
 
 from .config import ConfigError
 from .distributed import disk_group
-from .files import fsync, sha256_file, write_atomically
+from .files import entry_problem, fsync, write_atomically
 from .losses import Targets
 
 log = logging.getLogger("codistill")
@@ -61,11 +61,6 @@ def read_meta(folder: Path) -> Optional[dict[str, Any]]:
 
 def write_meta(folder: Path, meta: dict[str, Any]) -> None:
     write_atomically(folder / META, json.dumps(meta, indent=2) + "\n")
-
-
-def part_entry(path: Path) -> dict[str, Any]:
-    """What the metadata records of a part: its size and sha256."""
-    return {"size": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def check_started(folder: Path, params: dict[str, Any]) -> None:
@@ -133,17 +128,11 @@ def _check_parts(folder: Path, meta: dict[str, Any], parts: list[Path]) -> Optio
 def part_problem(path: Path, entry: Any, listed: bool) -> Optional[str]:
     """What is wrong with one part against its metadata ``entry`` (``listed``: the metadata lists
     parts, so one it does not list is wrong too); None if nothing."""
-    if not isinstance(entry, dict):
-        entry = {}
+    if isinstance(entry, dict) and entry:
+        return entry_problem(path, entry.get("size"), entry.get("sha256"), META)
     if not path.is_file():
         return f"{path} is missing"
-    if listed and not entry:
-        return f"{META} does not list {path.name}"
-    if entry and path.stat().st_size != entry.get("size"):
-        return f"{path} is truncated or changed ({path.stat().st_size} bytes, {META} says {entry.get('size')})"
-    if entry and sha256_file(path) != entry.get("sha256"):
-        return f"{path} is corrupted (sha256 differs from {META})"
-    return None
+    return f"{META} does not list {path.name}" if listed else None
 
 
 @dataclass

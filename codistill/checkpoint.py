@@ -38,7 +38,7 @@ import torch
 from .config import ConfigError, check_name
 from .distributed import disk_barrier, disk_group
 from .errors import StorageFailed
-from .files import check_writable, fsync, fsync_folders, sha256_file, write_atomically
+from .files import check_writable, entry_problem, file_entry, fsync, fsync_folders, write_atomically
 
 log = logging.getLogger("codistill")
 
@@ -202,7 +202,7 @@ def save(output_dir: Path, step: int, engines: Iterable[tuple[str, object]], sta
     everything = [p for p in sorted(staging.rglob("*")) if p.is_file()]
     share = {}
     for p in everything[rank::world]:
-        share[str(p.relative_to(staging))] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+        share[str(p.relative_to(staging))] = file_entry(p)
         writes.attempt(lambda: fsync(p), p)
     shares = [None] * world
     torch.distributed.all_gather_object(shares, share, group=disk_group())
@@ -387,15 +387,11 @@ def verify(path: Path) -> Optional[str]:
         if rel not in listed:
             return f"{manifest} does not list {rel}, which every checkpoint holds"
     for rel, size, sha256 in entries:
-        f = path / rel
         if Path(rel).is_absolute() or ".." in Path(rel).parts:
             return f"{manifest} lists {rel}, outside the checkpoint"
-        if not f.is_file():
-            return f"checkpoint file {f} is missing"
-        if f.stat().st_size != size:
-            return f"checkpoint file {f} is truncated or changed ({f.stat().st_size} bytes, expected {size})"
-        if sha256_file(f) != sha256:
-            return f"checkpoint file {f} is corrupted (sha256 differs from the manifest)"
+        problem = entry_problem(path / rel, size, sha256, "the manifest")
+        if problem:
+            return f"checkpoint file {problem}"
     return None
 
 

@@ -5,6 +5,7 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 from .errors import ConfigError
 
@@ -16,6 +17,24 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def file_entry(path: Path) -> dict:
+    """What a manifest records of a file: its size and sha256."""
+    return {"size": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def entry_problem(path: Path, size: object, sha256: object, source: str) -> Optional[str]:
+    """What differs between ``path`` and the size and sha256 that ``source`` lists for it
+    (None: nothing): missing, truncated or changed, corrupted."""
+    if not path.is_file():
+        return f"{path} is missing"
+    actual = path.stat().st_size
+    if actual != size:
+        return f"{path} is truncated or changed ({actual} bytes, expected {size})"
+    if sha256_file(path) != sha256:
+        return f"{path} is corrupted (sha256 differs from {source})"
+    return None
 
 
 def write_atomically(path: Path, text: str) -> None:

@@ -27,6 +27,7 @@ from .. import cache, cli, distributed
 from ..config import ConfigError
 from ..data import build_splits, check_data_source, run_tokenizer, tokenizer_fingerprint
 from ..engines import build_engine, quiet_library_noise, resolve_deepspeed_config
+from ..files import file_entry
 from ..losses import distill_loss, next_token_targets, topk_targets
 from ..models import check_model, model_config
 
@@ -95,8 +96,8 @@ def body(args: argparse.Namespace) -> None:
         bar.update(world.size if world.is_main else 0)
     bar.close()
     # Each rank hashes the parts it owns (written now or by an interrupted run) for the metadata.
-    mine = {cache.part_path(out, c).name: cache.part_entry(cache.part_path(out, c))
-            for c in range(world.rank, chunks, world.size)}
+    owned = [cache.part_path(out, c) for c in range(world.rank, chunks, world.size)]
+    mine = {path.name: file_entry(path) for path in owned}
     every = [None] * world.size
     torch.distributed.all_gather_object(every, mine, group=distributed.disk_group())
     if world.is_main:

@@ -8,12 +8,12 @@ import os
 import sys
 import time
 
-from codistill import checkpoint
+from codistill import checkpoint, files
 from codistill.commands import train
 
 
 def main() -> int:
-    delay, real, slept = float(os.environ["SLOW_HASH_S"]), checkpoint.sha256_file, []
+    delay, real, slept = float(os.environ["SLOW_HASH_S"]), files.sha256_file, []
 
     def slow(path):
         if checkpoint.torch.distributed.get_rank() == 0 and not slept:  # once: one long file
@@ -21,7 +21,7 @@ def main() -> int:
             time.sleep(delay)
         return real(path)
 
-    checkpoint.sha256_file = slow
+    files.sha256_file = slow  # what the checkpoint's manifest entries are hashed with
     return train.main(sys.argv[1:])
 
 
