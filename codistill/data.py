@@ -672,6 +672,16 @@ class BatchStream:
         index = self._order[start:start + self.batch_size]
         return {**self.dataset[index], "index": torch.tensor(index)}
 
+    def peek(self) -> dict[str, torch.Tensor]:
+        """The micro-batch ``next`` will return, without taking it (the cursor does not move)."""
+        saved = self.epoch, self.position, self._order
+        try:
+            return next(self)
+        finally:
+            if self.epoch != saved[0]:  # it crossed into the next epoch: that order is not this one's
+                self._order = saved[2]
+            self.epoch, self.position = saved[0], saved[1]
+
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position}
 

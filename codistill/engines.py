@@ -205,3 +205,11 @@ def forward_logits(member: Member, batch: dict[str, torch.Tensor], vocab: int) -
     """[B, S, V] logits over the tokenizer's real vocabulary (embedding padding sliced away)."""
     out = member.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     return out.logits[..., :vocab]
+
+
+def module_logits(member: Member, batch: dict[str, torch.Tensor], vocab: int) -> torch.Tensor:
+    """As :func:`forward_logits`, through the bare module: DeepSpeed's backward hooks are not attached
+    to the output, so a gradient of it (``torch.autograd.grad``) leaves the engine's state alone."""
+    out = member.engine.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               use_cache=False)
+    return out.logits[..., :vocab]

@@ -13,7 +13,7 @@ import random
 import signal
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -25,9 +25,11 @@ from .cache import TeacherCache
 from .config import ConfigError, DistillConfig, RunConfig, dump_config, is_resolved_config
 from .data import BatchStream, build_splits, check_data_source, eval_batches, run_tokenizer, tokenizer_fingerprint
 from .engines import (Member, build_engine, deepspeed_configs, forward_logits, half_precision, init_seed, is_trainable,
-                      loaded_models, quiet_library_noise)
+                      loaded_models, module_logits, quiet_library_noise)
 from .errors import NonFinite
 from .files import write_atomically
+from .gate import BenefitState, consistency, cosine, hypergradient_terms, trainable_parameters
+from .gate import update as update_benefit
 from .losses import (SoftSpec, Targets, distill_loss, next_token_targets, panel_stats, top1_agreement,
                      topk_bytes_per_position, topk_targets)
 from .metrics import Metrics, format_values, peak_bytes, summary_lines
@@ -43,7 +45,8 @@ class StudentPlan:
 
     active: bool  # false during the teacher's head start
     temperature: float
-    spec: SoftSpec  # divergence, β, α, gating
+    spec: SoftSpec  # divergence, β, α (the schedule's, times the benefit gate's openness), gating
+    measure: bool = False  # the benefit gate measures at this step (first micro-batch)
 
 
 def _add(sums: dict[str, float], key: str, value: float) -> None:
@@ -93,6 +96,7 @@ class Trainer:
         ds_configs = deepspeed_configs(cfg, specs, world_size, on_cpu=not torch.cuda.is_available())
         for spec in specs:
             check_attention(spec, hf_configs[spec.name], half_precision(ds_configs[spec.name]))
+        self._check_benefit_gates(ds_configs)
         written = self.output_dir / "config.yaml"
         if written.exists() and not is_resolved_config(written):
             raise ConfigError(f"output_dir: {written} is not a config this program wrote, and the run would replace "
@@ -109,6 +113,18 @@ class Trainer:
         # One run per output_dir: another would remove this one's staging folders, or it theirs.
         self._release = checkpoint.claim(self.output_dir) if distributed.env_rank() == 0 else (lambda: None)
         return specs, hf_configs, ds_configs
+
+    def _check_benefit_gates(self, ds_configs: dict) -> None:
+        """The benefit gate takes gradients of whole parameters, which a ZeRO-3 student does not hold."""
+        if self.cfg.mode == "hard":
+            return
+        for i, spec in enumerate(self.cfg.students):
+            stage = (ds_configs[spec.name].get("zero_optimization") or {}).get("stage", 0)
+            if self.cfg.distill_for(i).benefit_gate and stage == 3:
+                default = "" if "benefit_gate" in spec.distill.model_fields_set else " (the default)"
+                raise ConfigError(f"students[{i}] ('{spec.name}'): distill.benefit_gate=true{default} measures "
+                                  "gradients of whole parameters, which a ZeRO stage 3 student does not hold; use "
+                                  "ZeRO stage 2 for it, or set its distill.benefit_gate: false (teacher-lead gate only)")
 
     def _load_data(self) -> str:
         """This rank's training stream and validation batches; returns the data's fingerprint."""
@@ -147,6 +163,8 @@ class Trainer:
         cfg = self.cfg
         self.step = 0  # optimizer steps completed
         self.gap: list[Optional[float]] = [None] * len(self.students)  # running student CE − teacher CE
+        self.benefit: list[Optional[BenefitState]] = [  # each student's benefit gate (None: off)
+            BenefitState(d.benefit_init) if d.benefit_gate and cfg.mode != "hard" else None for d in self.distill]
         self.skipped = {m.name: 0 for m in self.members}  # updates skipped for a non-finite loss
         self.start_eval: dict[str, float] = {}  # validation losses at step 0, for the run's summary
         # Which run a checkpoint belongs to: resume=auto and pruning never touch another run's.
@@ -182,7 +200,10 @@ class Trainer:
         panels = {} if self._panels_due(step) else None  # diagnostics of the first micro-batch
         start = time.perf_counter()
         for micro in range(gas):
-            self.micro_step(self.prepare_batch(next(self.stream)), plans, sums, panels if micro == 0 else None)
+            batch = self.prepare_batch(next(self.stream))
+            # The benefit gate's probe: the micro-batch after this one, which no model has seen yet.
+            probe = self.prepare_batch(self.stream.peek()) if micro == 0 and any(p.measure for p in plans) else None
+            self.micro_step(batch, plans, sums, panels if micro == 0 else None, probe)
         elapsed = time.perf_counter() - start
         values = self._mean_over_ranks({**{k: v / gas for k, v in sums.items()}, **(panels or {})})
         values.update(self._update_gates(plans, values))
@@ -202,15 +223,21 @@ class Trainer:
                 alpha = alpha_at(own, d.alpha_max, d.burn_in_steps, d.warmup_steps, d.warmup)
             else:
                 alpha = d.alpha_max if own >= d.burn_in_steps else 0.0
+            measure = False
+            if self.benefit[i] is not None and own >= d.burn_in_steps:
+                alpha *= self.benefit[i].openness
+                measure = (own - d.burn_in_steps) % d.benefit_interval == 0
             temperature = temperature_at(step, self.cfg.train.max_steps, d.temperature, d.temperature_final)
             spec = SoftSpec(divergence=d.divergence, beta=d.beta, alpha=alpha, token_gate=d.token_gate)
-            plans.append(StudentPlan(active=step >= d.head_start_steps, temperature=temperature, spec=spec))
+            plans.append(StudentPlan(active=step >= d.head_start_steps, temperature=temperature, spec=spec,
+                                     measure=measure))
         return plans
 
     def micro_step(self, batch: dict[str, torch.Tensor], plans: list[StudentPlan], sums: dict[str, float],
-                   panels: Optional[dict[str, float]] = None) -> None:
+                   panels: Optional[dict[str, float]] = None, probe: Optional[dict[str, torch.Tensor]] = None) -> None:
         """One micro-batch: the teacher's targets (one forward, or the cache) feed every active student.
-        With ``panels``, the distillation diagnostics of this micro-batch are written into it."""
+        With ``panels``, the distillation diagnostics of this micro-batch are written into it; with
+        ``probe`` (an unseen micro-batch), students whose plan says so measure their benefit gate."""
         # Every backward runs at once (freeing its activations); the optimizer steps wait until every
         # model's loss is known to be finite, so a stop leaves all models at the same step. The
         # students' targets were computed before the teacher's step either way: same numbers.
@@ -225,7 +252,7 @@ class Trainer:
                 teacher_logits = None
             for i, plan in enumerate(plans):
                 if plan.active:
-                    self.student_micro_step(i, batch, targets.get(i), plan, sums, panels, teacher_logits)
+                    self.student_micro_step(i, batch, targets.get(i), plan, sums, panels, teacher_logits, probe)
             for member in self._deferred:
                 member.engine.step()
         finally:
@@ -282,7 +309,8 @@ class Trainer:
 
     def student_micro_step(self, index: int, batch: dict[str, torch.Tensor], targets: Optional[Targets],
                            plan: StudentPlan, sums: dict[str, float], panels: Optional[dict[str, float]] = None,
-                           teacher_logits: Optional[torch.Tensor] = None) -> None:
+                           teacher_logits: Optional[torch.Tensor] = None,
+                           probe: Optional[dict[str, torch.Tensor]] = None) -> None:
         """Student: (1-α)·CE + α·T²·D(teacher ‖ student); with ``targets=None``, CE alone.
         With ``panels``, also the distillation diagnostics of this micro-batch (see panel_stats)."""
         student, d = self.students[index], self.distill[index]
@@ -297,6 +325,9 @@ class Trainer:
         if not self._finite(student, parts.loss):
             return
         student.engine.backward(parts.loss)
+        del out
+        if plan.measure and probe is not None and targets is not None:  # before the student's step
+            self._measure_benefit(index, batch, targets, plan, probe, sums)
         self._step(student)
         _add(sums, f"{student.name}/train/loss", parts.loss.item())
         _add(sums, f"{student.name}/train/loss_ce", parts.ce.item())
@@ -304,6 +335,27 @@ class Trainer:
             _add(sums, f"{student.name}/train/loss_kd", parts.kd.item())
             if d.token_gate:
                 _add(sums, f"{student.name}/train/gate_fraction", parts.gated.item())
+
+    def _measure_benefit(self, index: int, batch: dict[str, torch.Tensor], targets: Targets, plan: StudentPlan,
+                         probe: dict[str, torch.Tensor], sums: dict[str, float]) -> None:
+        """The benefit gate's measurement (see codistill/gate.py): ⟨∇CE(probe), ∇(T²·D − CE)(batch)⟩ and
+        both squared norms, on this rank, at the student's weights before its step. Forwards of the bare
+        module: gradients of them do not go through DeepSpeed's reduction."""
+        student, d = self.students[index], self.distill[index]
+        labels, mask = batch["labels"], batch["mask"]
+
+        def soft_minus_hard() -> torch.Tensor:  # d loss / d alpha: the loss is linear in alpha
+            out = module_logits(student, batch, self.vocab)
+            soft = distill_loss(out, labels, mask, targets, replace(plan.spec, alpha=1.0), d.chunk_tokens).loss
+            return soft - distill_loss(out, labels, mask, chunk_tokens=d.chunk_tokens).loss
+
+        def probe_ce() -> torch.Tensor:
+            return distill_loss(module_logits(student, probe, self.vocab), probe["labels"], probe["mask"],
+                                chunk_tokens=d.chunk_tokens).loss
+
+        terms = hypergradient_terms(trainable_parameters(student.engine.module), soft_minus_hard, probe_ce)
+        for key, value in zip(("dot", "probe_sq", "diff_sq"), terms):
+            _add(sums, f"{student.name}/benefit/{key}", value)
 
     def _targets(self, d: DistillConfig, teacher_logits: torch.Tensor, token_ce: torch.Tensor, temperature: float,
                  lse: Optional[torch.Tensor] = None) -> Targets:
@@ -351,6 +403,13 @@ class Trainer:
             if plan.active and teacher_ce is not None and student_ce is not None:
                 out[self._tag("distill", "teacher_minus_student_ce", i)] = teacher_ce - student_ce
                 self.gap[i] = ema(self.gap[i], student_ce - teacher_ce, d.adaptive_ema)
+            # The benefit gate's raw sums are not logged: their cosine is (identical on every rank).
+            raw = [values.pop(f"{student.name}/benefit/{key}", None) for key in ("dot", "probe_sq", "diff_sq")]
+            if None not in raw and all(math.isfinite(v) for v in raw):
+                signal = cosine(*raw)
+                self.benefit[i] = update_benefit(self.benefit[i], signal, d.benefit_rate, d.benefit_ema)
+                out[self._tag("gate", "signal", i)] = signal
+                out[self._tag("gate", "consistency", i)] = consistency(self.benefit[i])
         return out
 
     def _engine_values(self, plans: list[StudentPlan], step: int) -> dict[str, float]:
@@ -377,6 +436,8 @@ class Trainer:
             out[self._tag("schedule", "temperature", i)] = plan.temperature
             if self.gap[i] is not None:
                 out[self._tag("schedule", "gap", i)] = self.gap[i]
+            if self.benefit[i] is not None and plan.active:
+                out[self._tag("gate", "openness", i)] = self.benefit[i].openness
         return out
 
     def _perf_values(self, elapsed: float) -> dict[str, float]:
@@ -481,6 +542,10 @@ class Trainer:
                 charts[f"{student.name}: alpha, its gate signal (gap) and teacher - student CE"] = ["Multiline", exact([
                     self._tag("schedule", "alpha", i), self._tag("schedule", "gap", i),
                     self._tag("distill", "teacher_minus_student_ce", i)])]
+                if self.benefit[i] is not None:
+                    charts[f"{student.name}: benefit gate (openness, signal, consistency) and alpha"] = [
+                        "Multiline", exact([self._tag("gate", key, i) for key in ("openness", "signal", "consistency")]
+                                           + [self._tag("schedule", "alpha", i)])]
         return {"codistill": charts}
 
     # ------------------------------------------------------------------ checkpoints
@@ -489,7 +554,9 @@ class Trainer:
         """A complete checkpoint of every engine, the schedules, the data cursor and RNGs
         (``rank_state``: this rank's cursor and RNGs to save instead of the current ones)."""
         state = {"world_size": self.world.size, "models": [m.name for m in self.trainable],
-                 "schedule": {"gap_ema": {s.name: g for s, g in zip(self.students, self.gap)}},
+                 "schedule": {"gap_ema": {s.name: g for s, g in zip(self.students, self.gap)},
+                              "benefit": {s.name: b.to_dict() for s, b in zip(self.students, self.benefit)
+                                          if b is not None}},
                  "start_eval": self.start_eval, "run_id": self.run_id,
                  "config": self.cfg.model_dump(mode="json")}
         return checkpoint.save(self.output_dir, self.step, [(m.name, m.engine) for m in self.trainable], state,
@@ -519,6 +586,9 @@ class Trainer:
         self.step = int(state["step"])
         gaps = state["schedule"]["gap_ema"]
         self.gap = [gaps.get(s.name) for s in self.students]
+        gates = state["schedule"].get("benefit", {})  # absent in checkpoints of earlier releases
+        self.benefit = [BenefitState.from_dict(gates[s.name]) if b is not None and s.name in gates else b
+                        for s, b in zip(self.students, self.benefit)]
         self.start_eval = state.get("start_eval", {})  # absent in checkpoints of earlier releases
         self.run_id = state.get("run_id", checkpoint.LEGACY_RUN)  # a resumed run continues the same run
         cursor = checkpoint.restore_rank_state(path, min(self.world.rank, self.saved_world - 1))
