@@ -46,6 +46,7 @@ class StudentPlan:
     active: bool  # false during the teacher's head start
     temperature: float
     spec: SoftSpec  # divergence, β, α (the schedule's, times the benefit gate's openness), gating
+    openness: Optional[float] = None  # the benefit gate's factor on α at this step (None: gate off)
     measure: bool = False  # the benefit gate measures at this step (first micro-batch)
 
 
@@ -96,7 +97,6 @@ class Trainer:
         ds_configs = deepspeed_configs(cfg, specs, world_size, on_cpu=not torch.cuda.is_available())
         for spec in specs:
             check_attention(spec, hf_configs[spec.name], half_precision(ds_configs[spec.name]))
-        self._check_benefit_gates(ds_configs)
         written = self.output_dir / "config.yaml"
         if written.exists() and not is_resolved_config(written):
             raise ConfigError(f"output_dir: {written} is not a config this program wrote, and the run would replace "
@@ -113,18 +113,6 @@ class Trainer:
         # One run per output_dir: another would remove this one's staging folders, or it theirs.
         self._release = checkpoint.claim(self.output_dir) if distributed.env_rank() == 0 else (lambda: None)
         return specs, hf_configs, ds_configs
-
-    def _check_benefit_gates(self, ds_configs: dict) -> None:
-        """The benefit gate takes gradients of whole parameters, which a ZeRO-3 student does not hold."""
-        if self.cfg.mode == "hard":
-            return
-        for i, spec in enumerate(self.cfg.students):
-            stage = (ds_configs[spec.name].get("zero_optimization") or {}).get("stage", 0)
-            if self.cfg.distill_for(i).benefit_gate and stage == 3:
-                default = "" if "benefit_gate" in spec.distill.model_fields_set else " (the default)"
-                raise ConfigError(f"students[{i}] ('{spec.name}'): distill.benefit_gate=true{default} measures "
-                                  "gradients of whole parameters, which a ZeRO stage 3 student does not hold; use "
-                                  "ZeRO stage 2 for it, or set its distill.benefit_gate: false (teacher-lead gate only)")
 
     def _load_data(self) -> str:
         """This rank's training stream and validation batches; returns the data's fingerprint."""
@@ -223,14 +211,15 @@ class Trainer:
                 alpha = alpha_at(own, d.alpha_max, d.burn_in_steps, d.warmup_steps, d.warmup)
             else:
                 alpha = d.alpha_max if own >= d.burn_in_steps else 0.0
-            measure = False
+            openness, measure = None, False
             if self.benefit[i] is not None and own >= d.burn_in_steps:
-                alpha *= self.benefit[i].openness
+                openness = self.benefit[i].openness
+                alpha *= openness
                 measure = (own - d.burn_in_steps) % d.benefit_interval == 0
             temperature = temperature_at(step, self.cfg.train.max_steps, d.temperature, d.temperature_final)
             spec = SoftSpec(divergence=d.divergence, beta=d.beta, alpha=alpha, token_gate=d.token_gate)
             plans.append(StudentPlan(active=step >= d.head_start_steps, temperature=temperature, spec=spec,
-                                     measure=measure))
+                                     openness=openness, measure=measure))
         return plans
 
     def micro_step(self, batch: dict[str, torch.Tensor], plans: list[StudentPlan], sums: dict[str, float],
@@ -436,8 +425,8 @@ class Trainer:
             out[self._tag("schedule", "temperature", i)] = plan.temperature
             if self.gap[i] is not None:
                 out[self._tag("schedule", "gap", i)] = self.gap[i]
-            if self.benefit[i] is not None and plan.active:
-                out[self._tag("gate", "openness", i)] = self.benefit[i].openness
+            if plan.openness is not None and plan.active:  # the factor this step's α was given
+                out[self._tag("gate", "openness", i)] = plan.openness
         return out
 
     def _perf_values(self, elapsed: float) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""codistill-compare end to end on micro models (through its console entry point): four arms,
+"""codistill-compare end to end on micro models (through its console entry point): five arms,
 a table, a plot, and a rerun that repeats nothing."""
 import json
 import sys
@@ -8,7 +8,7 @@ import yaml
 from conftest import MICRO, bin_path, run_cmd
 
 
-def test_compare_trains_four_arms_writes_table_and_plot_and_resumes(tmp_path):
+def test_compare_trains_five_arms_writes_table_and_plot_and_resumes(tmp_path):
     """Two corpora (the bundled one and Django's source, each with its own tokenizer), one seed."""
     top = tmp_path / "cmp"
     out = top / "shakespeare"
@@ -19,11 +19,13 @@ def test_compare_trains_four_arms_writes_table_and_plot_and_resumes(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     across = (top / "results.md").read_text()
     assert "| shakespeare | 7 |" in across and "| django-code | 7 |" in across and "never worse on every corpus" in across
+    assert "(e) − (a)" in across and "mean share of the (a) → teacher gap closed" in across
     code = yaml.safe_load((top / "django-code" / "seed_7" / "paired.yaml").read_text())
     assert code["data"]["dataset"] == "django-code"
     table = (out / "results.md").read_text()
     for label in ("(a) student alone", "(b) co-distilled", "(c) two-stage (frozen teacher)",
-                  "(d) co-distilled, handicapped teacher", "teacher (trained alone)", "seed 7",
+                  "(d) co-distilled, handicapped teacher", "(e) co-distilled, lead-only gate",
+                  "teacher (trained alone)", "seed 7",
                   "never worse", "helps"):
         assert label in table
     assert (out / "validation_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -35,12 +37,14 @@ def test_compare_trains_four_arms_writes_table_and_plot_and_resumes(tmp_path):
         assert alone[0] == codistilled[0]  # equal initial weights: a paired comparison
         assert alone[6] != codistilled[6]
         assert seed in data["final"]["two_stage"] and seed in data["final"]["handicap"]
+        assert dict(curves["lead"][seed])[0] == alone[0]
     # The arms are what they claim to be.
     seed_dir = out / "seed_7"
     paired, weak, two = (yaml.safe_load((seed_dir / f"{n}.yaml").read_text())
                          for n in ("paired", "handicap", "two_stage"))
-    assert [s["name"] for s in paired["students"]] == ["student", "alone"]
-    assert paired["students"][1]["distill"]["alpha_max"] == 0.0
+    assert [s["name"] for s in paired["students"]] == ["student", "lead_only", "alone"]
+    assert paired["students"][2]["distill"]["alpha_max"] == 0.0
+    assert [s["distill"].get("benefit_gate", True) for s in paired["students"]] == [True, False, False]
     lr = paired["teacher"]["deepspeed"]["optimizer"]["params"]["lr"]
     assert weak["teacher"]["deepspeed"]["optimizer"]["params"]["lr"] == lr * 0.1
     assert two["mode"] == "soft" and two["teacher"]["pretrained"].endswith("teacher_hf/teacher")

@@ -15,9 +15,11 @@ from codistill.distributed import free_port
 from conftest import MICRO, ROOT, launch, launch_cmd, launch_env, read_scalars
 
 TRACKED = ["teacher/train/loss", "student/train/loss", "student/train/loss_kd", "teacher/train/lr",
-           "student/train/grad_norm", "schedule/alpha"]
-# The adaptive schedule's state must survive the restart too.
-COMMON = ["train.max_steps=8", "distill.schedule=adaptive", "distill.adaptive_gap=0.01", "distill.burn_in_steps=0"]
+           "student/train/grad_norm", "schedule/alpha", "gate/openness"]
+# The adaptive schedule's and the benefit gate's state must survive the restart too (the gate
+# measures at steps 1, 4 and 7: the split at 4 carries two measurements' state across).
+COMMON = ["train.max_steps=8", "distill.schedule=adaptive", "distill.adaptive_gap=0.01", "distill.burn_in_steps=0",
+          "distill.benefit_interval=3"]
 
 
 def deepspeed(out, *overrides):
@@ -59,6 +61,9 @@ def test_stop_and_resume_mid_epoch_matches_an_uninterrupted_run_bitwise(tmp_path
         assert sorted(b[tag]) == list(range(1, 9)), tag
         assert [a[tag][s] for s in range(1, 9)] == [b[tag][s] for s in range(1, 9)], tag
     assert max(a["schedule/alpha"].values()) > 0  # the adaptive state was live across the restart
+    signal = read_scalars(straight)["gate/signal"]
+    assert sorted(signal) == [1, 4, 7] and read_scalars(tmp_path / "split")["gate/signal"] == signal
+    assert len(set(a["gate/openness"].values())) > 1  # the gate moved, and moved alike after the restart
     wa, wb = final_weights(straight), final_weights(tmp_path / "split")
     for name in wa:
         for key in wa[name]:

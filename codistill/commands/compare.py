@@ -1,13 +1,14 @@
-"""Does co-distillation make the student better than training it alone? Four arms, N seeds.
+"""Does co-distillation make the student better than training it alone? Five arms, N seeds.
 
 For every seed, on the same data, batches and number of student steps:
   (a) alone      the student trained alone (cross-entropy only);
   (b) codistill  the student co-distilled with the teacher (the config's distill settings);
   (c) two-stage  the teacher trained alone first, then the student from it, frozen (soft mode);
-  (d) handicap   co-distillation with a handicapped teacher (its learning rate x --handicap).
-(a) and (b) are two students of one run: same initial weights (equal init_seed), same batches,
-the same teacher; the alone student has α = 0, so the teacher cannot touch it. That run's
-teacher, exported at the end, is (c)'s frozen teacher. Runs are subprocesses of
+  (d) handicap   co-distillation with a handicapped teacher (its learning rate x --handicap);
+  (e) lead-only  (b) without the benefit gate (distill.benefit_gate=false): the teacher-lead gate alone.
+(a), (b) and (e) are three students of one run: same initial weights (equal init_seed), same
+batches, the same teacher; the alone student has α = 0, so the teacher cannot touch it. That
+run's teacher, exported at the end, is (c)'s frozen teacher. Runs are subprocesses of
 codistill-train (``python -m codistill.commands.train``), one after another; a finished run is not repeated when compare.py is run
 again, and an interrupted one resumes from its last checkpoint.
 
@@ -49,9 +50,11 @@ ARMS = {
     "codistill": "(b) co-distilled",
     "two_stage": "(c) two-stage (frozen teacher)",
     "handicap": "(d) co-distilled, handicapped teacher",
+    "lead": "(e) co-distilled, lead-only gate",
 }
 NEVER_WORSE = 0.01  # nats: (b) and (d) may not end more than this above (a)
 ALONE = "alone"  # name of the CE-only copy of the student in the paired run
+LEAD = "lead_only"  # name of the copy without the benefit gate in the paired run
 
 
 def arm_configs(base: dict[str, Any], seed: int, folder: Path, handicap: float) -> dict[str, dict[str, Any]]:
@@ -70,8 +73,11 @@ def arm_configs(base: dict[str, Any], seed: int, folder: Path, handicap: float) 
     alone = copy.deepcopy(student)
     alone["name"] = ALONE
     alone["distill"] = {**alone.get("distill", {}), "schedule": "constant", "alpha_max": 0.0,
-                        "token_gate": False}
-    paired["students"] = [copy.deepcopy(student), alone]
+                        "token_gate": False, "benefit_gate": False}
+    lead = copy.deepcopy(student)
+    lead["name"] = LEAD
+    lead["distill"] = {**lead.get("distill", {}), "benefit_gate": False}
+    paired["students"] = [copy.deepcopy(student), lead, alone]
     paired["output_dir"] = str(folder / "paired")
 
     weak = copy.deepcopy(base)
@@ -143,19 +149,35 @@ def report(curves: dict[str, dict[int, dict[int, float]]], seeds: list[int], cmd
     never_worse = all(final[arm][s] - final["alone"][s] <= NEVER_WORSE for arm in ("codistill", "handicap")
                       for s in seeds)
     helps = all(final["codistill"][s] < final["alone"][s] for s in seeds)
-    closed = []
-    for s in seeds:
-        gap = final["alone"][s] - final["teacher"][s]
-        closed.append((final["alone"][s] - final["codistill"][s]) / gap if gap > 0 else float("nan"))
+    closed, closed_lead = gap_closed(final, "codistill", seeds), gap_closed(final, "lead", seeds)
     lines += ["",
               f"- never worse: (b) and (d) within {NEVER_WORSE} nats of (a) or better on every seed: "
               f"**{'yes' if never_worse else 'no'}**",
               f"- helps: (b) below (a) on every seed: **{'yes' if helps else 'no'}**; share of the (a) → teacher "
-              "gap closed by (b), per seed: " + ", ".join("n/a (teacher not ahead)" if math.isnan(c) else f"{c:.0%}"
-                                                          for c in closed)]
+              f"gap closed by (b), per seed: {', '.join(_share(c) for c in closed)} (mean {_share(_mean(closed))}); "
+              f"by (e): {', '.join(_share(c) for c in closed_lead)} (mean {_share(_mean(closed_lead))})"]
     data = {"seeds": seeds, "final": final, "never_worse": never_worse, "helps": helps, "gap_closed": closed,
+            "gap_closed_lead": closed_lead,
             "curves": {k: {s: sorted(v.items()) for s, v in c.items()} for k, c in curves.items()}}
     return "\n".join(lines) + "\n", data, never_worse, helps
+
+
+def gap_closed(final: dict[str, dict[int, float]], arm: str, seeds: list[int]) -> list[float]:
+    """Per seed, the share of the (a) → teacher gap that ``arm`` closed (NaN where the teacher is not ahead)."""
+    out = []
+    for s in seeds:
+        gap = final["alone"][s] - final["teacher"][s]
+        out.append((final["alone"][s] - final[arm][s]) / gap if gap > 0 else float("nan"))
+    return out
+
+
+def _mean(values: list[float]) -> float:
+    kept = [v for v in values if not math.isnan(v)]
+    return statistics.fmean(kept) if kept else float("nan")
+
+
+def _share(value: float) -> str:
+    return "n/a (teacher not ahead)" if math.isnan(value) else f"{value:.0%}"
 
 
 def plot(curves: dict[str, dict[int, dict[int, float]]], seeds: list[int], path: Path, title: str) -> None:
@@ -166,6 +188,7 @@ def plot(curves: dict[str, dict[int, dict[int, float]]], seeds: list[int], path:
 
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
     styles = {"alone": ("C0", "-"), "codistill": ("C1", "-"), "two_stage": ("C2", "-"), "handicap": ("C3", "-"),
+              "lead": ("C4", "-"),
               "teacher": ("k", "--"), "weak_teacher": ("C3", ":")}
     labels = {**ARMS, "teacher": "teacher", "weak_teacher": "handicapped teacher"}
     for name, (color, style) in styles.items():
@@ -279,6 +302,7 @@ def run_corpus(base: dict[str, Any], seeds: list[int], out: Path, args: argparse
         run_training("handicap", runs["handicap"], args.nproc, folder / "handicap.log")
         curves["alone"][s] = eval_curve(folder / "paired", ALONE)
         curves["codistill"][s] = eval_curve(folder / "paired", student)
+        curves["lead"][s] = eval_curve(folder / "paired", LEAD)
         curves["teacher"][s] = eval_curve(folder / "paired", teacher)
         curves["two_stage"][s] = eval_curve(folder / "two_stage", student)
         curves["handicap"][s] = eval_curve(folder / "handicap", student)
@@ -291,17 +315,19 @@ def cross_corpus(results: dict[str, dict[str, Any]], seeds: list[int], cmdline: 
     lines = [f"Command: `{cmdline}`  ", f"Machine: {machine}.", "",
              "Final validation loss per corpus and seed; differences against (a), the student alone "
              "(negative: better than training alone).", "",
-             "| corpus | seed | teacher | (a) alone | (b) − (a) | (c) − (a) | (d) − (a) | gap closed by (b) |",
-             "|---|---|---|---|---|---|---|---|"]
-    worst = {"codistill": -math.inf, "handicap": -math.inf}
+             "| corpus | seed | teacher | (a) alone | (b) − (a) | (c) − (a) | (d) − (a) | (e) − (a) | gap closed by (b) "
+             "| by (e) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    worst = {"codistill": -math.inf, "handicap": -math.inf, "lead": -math.inf}
     for label, data in results.items():
         final = data["final"]
         for i, s in enumerate(seeds):
             a = final["alone"][s]
             closed = data["gap_closed"][i]
             lines.append(f"| {label} | {s} | {final['teacher'][s]:.4f} | {a:.4f} | "
-                         + " | ".join(f"{final[arm][s] - a:+.4f}" for arm in ("codistill", "two_stage", "handicap"))
-                         + f" | {'n/a' if math.isnan(closed) else f'{closed:.0%}'} |")
+                         + " | ".join(f"{final[arm][s] - a:+.4f}" for arm in ("codistill", "two_stage", "handicap",
+                                                                              "lead"))
+                         + f" | {_share(closed)} | {_share(data['gap_closed_lead'][i])} |")
             for arm in worst:
                 worst[arm] = max(worst[arm], final[arm][s] - a)
     never_worse = all(d["never_worse"] for d in results.values())
@@ -309,8 +335,12 @@ def cross_corpus(results: dict[str, dict[str, Any]], seeds: list[int], cmdline: 
               f"- never worse on every corpus and seed ((b) and (d) within {NEVER_WORSE} nats of (a)): "
               f"**{'yes' if never_worse else 'no'}**; worst (b) − (a) {worst['codistill']:+.4f}, worst (d) − (a) "
               f"{worst['handicap']:+.4f}",
+              f"- lead-only gate (e): worst (e) − (a) {worst['lead']:+.4f}",
               "- helps ((b) below (a) on every seed), per corpus: "
-              + ", ".join(f"{label} **{'yes' if d['helps'] else 'no'}**" for label, d in results.items())]
+              + ", ".join(f"{label} **{'yes' if d['helps'] else 'no'}**" for label, d in results.items()),
+              "- mean share of the (a) → teacher gap closed, per corpus, (b) / (e): "
+              + ", ".join(f"{label} {_share(_mean(d['gap_closed']))} / {_share(_mean(d['gap_closed_lead']))}"
+                          for label, d in results.items())]
     return "\n".join(lines) + "\n"
 
 
