@@ -70,6 +70,7 @@ class ModelMemory:
     gathered: int = 0  # ZeRO-3: parameters gathered whole while the model runs (stage3_max_live_parameters)
     reducing: int = 0  # ZeRO-3: the bucket's copies while its gradients are averaged and scattered (backward)
     step_temp: int = 0  # the optimizer step's temporaries (torch's multi-tensor Adam: two per state)
+    gate: int = 0  # the benefit gate's measuring step: two whole gradients of the student (any ZeRO stage)
 
     @property
     def states(self) -> int:
@@ -115,6 +116,11 @@ class Estimate:
             teacher_side.insert(0, running(teacher, 2 if teacher.trainable else 1))
         kept = {"teacher targets kept for the students": self.kept_per_position * batch * self.seq_len}
         student_side = [{**kept, **running(m, 2)} for m in students] or [kept]
+        for m in students:  # a measuring step: no reduction, but both gradients held whole at once
+            if m.gate:
+                measuring = {**kept, **running(m, 2), f"{m.name} benefit gate's gradients": m.gate}
+                measuring.pop(f"{m.name} gradient reduction (ZeRO-3)")
+                student_side.append(measuring)
         return teacher_side, student_side
 
     def _phases(self, batch: int) -> tuple[int, int]:
@@ -163,7 +169,8 @@ class Estimate:
         name, size = max(((k, v) for k, v in self.terms(1).items() if k not in ("runtime", "model states")),
                          key=lambda kv: kv[1])
         hint = {"activations": "gradient_checkpointing: true", "logits": "a shorter seq_len, or top-k targets",
-                "working set": "a smaller distill.chunk_tokens", "kept": "distill.targets: topk"}
+                "working set": "a smaller distill.chunk_tokens", "kept": "distill.targets: topk",
+                "benefit gate": "distill.benefit_gate: false for that student"}
         advice = next((v for k, v in hint.items() if k in name), "")
         return (f"the model states take {gb(states)}, and at micro-batch 1 {name} ({gb(size)}) is the largest of "
                 f"the rest" + (f" (try {advice})" if advice else ""))
@@ -198,6 +205,10 @@ class Estimate:
                 f"optimizer-step temporaries {gb(max((m.step_temp for m in self.models), default=0)).strip()}",
                 f"  KD loss working set: {gb(self.kd_bytes(self.micro_batch_size)).strip()} chunked (plain PyTorch "
                 f"over full logits: {gb(self.kd_bytes(self.micro_batch_size, chunked=False)).strip()})",
+                *([f"  benefit gate: a measuring step holds two whole gradients of the student ("
+                   + ", ".join(f"{m.name} {gb(m.gate).strip()}" for m in self.models if m.gate)
+                   + ") instead of its gradient reduction; counted in the students' phase"]
+                  if any(m.gate for m in self.models) else []),
                 f"  runtime ({'measured in this process' if self.device == 'cpu' else 'CUDA context'}): "
                 f"{gb(self.runtime).strip()}",
                 f"  teacher phase {gb(t_phase).strip()}, students' phase {gb(s_phase).strip()} (the larger counts)",
@@ -405,6 +416,10 @@ def estimate(cfg: RunConfig, world_size: int, device: Optional[str] = None) -> E
                                         is_trainable(cfg, spec), world_size, batch, seq, vocab))
     teacher = next((m for m in est.models if m.name == cfg.teacher.name), None)
     settings = [cfg.distill_for(i) for i in range(len(cfg.students))]
+    for spec, d in zip(cfg.students, settings):
+        m = next((m for m in est.models if m.name == spec.name), None)
+        if m is not None and d.benefit_gate and cfg.mode != "hard":
+            m.gate = 2 * m.dtype_bytes * m.parameters
     if cfg.teacher.cache or (teacher is not None and all(d.targets == "topk" for d in settings)):
         k = max(d.top_k for d in settings)
         est.kept_per_position = topk_bytes_per_position(min(k, vocab))

@@ -5,9 +5,12 @@ In one run, on the same engines and the same batches, rotates through
       fwd + (1-α)·CE + α·T²·KL to the teacher's logits + bwd + step;
   (b) a teacher-only step plus a student-only (CE) step on the same batch;
   (c) the two-stage pipeline's cost per student step: a teacher training step, plus a
-      frozen-teacher forward (no grad) whose logits the student step then learns from,
-and prints median times, tokens/s, the ratios a/b and a/c, and each rank's peak
-memory. Rotating the order round by round cancels most of the drift of a shared,
+      frozen-teacher forward (no grad) whose logits the student step then learns from;
+  (d) step (a) at which every student with a benefit gate measures it (two more forwards
+      and backwards of the student, on its batch and on the next, unseen one),
+and prints median times, tokens/s, the ratios a/b and a/c, the benefit gate's cost per
+step (d − a, paid once every distill.benefit_interval steps, as a share of a) and each
+rank's peak memory. Rotating the order round by round cancels most of the drift of a shared,
 noisy machine.
 
     python tools/bench_step.py [--config configs/tiny.yaml] [--rounds 20] [key.path=value ...]
@@ -64,6 +67,13 @@ def body(args: argparse.Namespace) -> None:
         for batch in batches:
             trainer.micro_step(batch, plans, sink)
 
+    gated = [replace(p, measure=trainer.benefit[i] is not None) for i, p in enumerate(plans)]
+    intervals = [d.benefit_interval for d, b in zip(trainer.distill, trainer.benefit) if b is not None]
+
+    def measured(batches):
+        for k, batch in enumerate(batches):
+            trainer.micro_step(batch, gated, sink, probe=probe if k == 0 else None)
+
     def separate(batches):
         for batch in batches:
             trainer.teacher_micro_step(batch, sink)
@@ -82,11 +92,15 @@ def body(args: argparse.Namespace) -> None:
                 trainer.student_micro_step(i, batch, targets, plan, sink)
 
     variants = [("codistill", codistill), ("separate", separate), ("two_stage", two_stage)]
+    if intervals:
+        variants.append(("measured", measured))
     labels = {"codistill": "(a) co-distillation step", "separate": "(b) teacher step + student step",
-              "two_stage": "(c) two-stage: teacher step + frozen fwd + student step"}
+              "two_stage": "(c) two-stage: teacher step + frozen fwd + student step",
+              "measured": "(d) step (a) with the benefit gate measuring"}
     times: dict[str, list[float]] = {name: [] for name, _ in variants}
     for r in range(args.warmup + args.rounds):
         batches = [trainer.prepare_batch(next(trainer.stream)) for _ in range(gas)]
+        probe = trainer.prepare_batch(trainer.stream.peek())
         shift = r % len(variants)
         for name, fn in variants[shift:] + variants[:shift]:
             t = timed(lambda: fn(batches))
@@ -106,12 +120,19 @@ def body(args: argparse.Namespace) -> None:
         "ratio_a_over_b": med["codistill"] / med["separate"], "ratio_a_over_c": med["codistill"] / med["two_stage"],
         "peak_memory_mb_per_rank": [float(p) / 2**20 for p in peaks],
     }
+    if intervals:  # the gate measures once every benefit_interval steps (the most frequent gate counts)
+        result["benefit_gate_interval"] = min(intervals)
+        result["benefit_gate_cost_share"] = (med["measured"] - med["codistill"]) / min(intervals) / med["codistill"]
     if trainer.world.is_main:
         print(f"world {trainer.world.size} x {trainer.world.device.type}, {tokens:,} tokens/step, "
               f"{args.rounds} rounds (median):")
         for name, _ in variants:
             print(f"  {labels[name]:<58} {result[name + '_ms']:9.1f} ms  {result[name + '_tokens_per_sec']:10,.0f} tok/s")
         print(f"  ratio a/b = {result['ratio_a_over_b']:.3f}   ratio a/c = {result['ratio_a_over_c']:.3f}")
+        if intervals:
+            print(f"  benefit gate: (d - a) / a = {(med['measured'] - med['codistill']) / med['codistill']:.3f} at a "
+                  f"measuring step, once every {min(intervals)} steps: {result['benefit_gate_cost_share']:.1%} of "
+                  "the co-distillation step")
         kind = "peak RSS" if trainer.world.device.type == "cpu" else "peak allocated"
         print(f"  {kind} per rank (whole run): " + ", ".join(f"{m:,.0f} MB" for m in result["peak_memory_mb_per_rank"]))
         if args.out:
