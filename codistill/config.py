@@ -140,14 +140,12 @@ class DistillConfig(_Section):
     chunk_tokens: Optional[int] = Field(None, gt=0, description="positions per loss chunk (default: ~256k "
                                         "logits per chunk on CPU, ~4M on a GPU)")
     benefit_gate: bool = Field(True, description="scale alpha by an openness in [0, 1] that follows whether the "
-                               "soft term lowers the student's CE on the next, unseen micro-batch (a one-step "
-                               "hypergradient, measured every benefit_interval steps after the burn-in)")
+                               "soft term turns the student's update towards the gradient of its CE on the next, unseen "
+                               "micro-batch (measured every benefit_interval steps after the burn-in)")
     benefit_interval: int = Field(10, gt=0, description="benefit gate: optimizer steps between measurements")
-    benefit_rate: float = Field(0.2, gt=0.0, le=1.0, description="benefit gate: the most the openness moves per "
-                                "measurement (a consistent signal moves it by this much)")
-    benefit_init: float = Field(0.5, ge=0.0, le=1.0, description="benefit gate: openness when the burn-in ends")
-    benefit_ema: float = Field(0.8, ge=0.0, lt=1.0, description="benefit gate: smoothing of the signal over "
-                               "measurements")
+    benefit_init: float = Field(0.5, ge=0.0, le=1.0, description="benefit gate: openness with no evidence either way")
+    benefit_gain: float = Field(0.25, gt=0.0, description="benefit gate: openness per unit of evidence (t-statistic)")
+    benefit_decay: float = Field(0.9, ge=0.0, lt=1.0, description="benefit gate: forgetting of earlier measurements")
 
 
 class _Overrides(_Section):

@@ -1,35 +1,41 @@
 """The benefit gate: does the soft term make *this* student better on data it has not seen?
 
-A student's update is Δθ = −lr·∇[(1−α)·CE + α·T²·D] on its training batch. To first order,
-its CE on an unseen batch then changes with α as
+A student's update follows g_α = ∇[(1−α)·CE + α·T²·D] = g_0 + α·g_d on its training batch
+(g_0 = ∇CE, g_d = ∇(T²·D − CE): the blended loss is linear in α). Its CE on data it has not
+seen falls by as much as the update points along that data's gradient g_p. With an update
+of fixed length, as Adam's and a clipped step nearly are, the fall is proportional to the
+cosine between g_p and g_α, so the gate follows the cosine's derivative in α:
 
-    dL_probe/dα = −lr · ⟨∇L_probe, ∇(T²·D − CE)⟩        (one-step hypergradient, Baydin et al. 2018)
+    s = d/dα cos(g_p, g_α) = [⟨g_p, g_d⟩ − ⟨g_p, g_α⟩·⟨g_α, g_d⟩ / ‖g_α‖²] / (‖g_p‖·‖g_α‖)
 
-so a positive ⟨g_probe, g_soft − g_hard⟩ says "more α lowers the held-out CE", a negative one
-"less". The probe batch is the next micro-batch of the training stream, taken before the
-student has seen it (so it is held out at that moment and no data is set aside). Each rank
-measures its own batches; the ranks' inner products and squared norms are averaged, and the
-signal is their cosine: scale-free, so neither the learning rate nor the loss's size tunes it.
+Positive: more α turns the update towards the held-out gradient. The first term alone is the
+one-step hypergradient of plain gradient descent (Baydin et al. 2018); it only sees the
+teacher's *bias* (where teacher and student err alike it says "less α"), not that the
+teacher's targets are less noisy than one-hot labels, which is most of what distillation
+buys. The second term is that: a soft term that makes g_α shorter (less label noise) for
+the same progress along g_p raises the cosine.
 
-The gate keeps an openness o ∈ [0, 1] per student; the schedule's α (the teacher-lead gate,
-warm-up or constant) is multiplied by it. Each measurement moves o by ``rate · z``, where
-z = EMA(cosine) / EMA(|cosine|) ∈ [−1, 1] is how consistently the signal points one way
-(the numerator's EMA starts from 0, so z builds up over the first measurements): a consistent
-"helps" soon opens the gate by ``rate`` per measurement, a consistent "hurts" closes it as
-fast, and noise around zero leaves it where it is.
+The probe batch g_p comes from is the next micro-batch of the training stream, taken before
+any model has seen it (so nothing is set aside). Each rank measures its own batches; the
+five inner products are averaged over ranks. The noise in g_α is one micro-batch's: with
+many micro-batches per step (ranks x accumulation) the real update is less noisy than
+measured, and the gate favours the soft term somewhat more than it should.
 
-The optimizer is taken as plain gradient descent (Adam's preconditioning is not applied to
-the inner product): the sign is what the gate follows, and it is the sign that matters.
+The gate keeps an openness o ∈ [0, 1] per student, by which the schedule's α (the
+teacher-lead gate, warm-up or constant) is multiplied. The evidence is a t-statistic with
+forgetting, t = S/√Q with S = Σ decay^k·s and Q = Σ decay^k·s² over the measurements (k
+measurements ago): for a signal that is only noise, t has mean 0 and variance 1/(1+decay);
+for one that always points the same way it grows to √(1/(1−decay)) (3.2 at decay 0.9). o = clip(init + gain·t, 0, 1): noise leaves α near init·(the schedule's),
+a consistent "helps" opens it fully, a consistent "hurts" shuts it, and the forgetting lets
+it change its mind when training moves on.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
-
-from .schedules import ema
 
 
 @dataclass
@@ -37,8 +43,8 @@ class BenefitState:
     """One student's gate, saved in every checkpoint."""
 
     openness: float
-    signal_ema: Optional[float] = None  # EMA of the cosine
-    magnitude_ema: Optional[float] = None  # EMA of |cosine|
+    evidence_sum: float = 0.0  # S = Σ decay^k·s
+    evidence_sq: float = 0.0  # Q = Σ decay^k·s²
     measurements: int = 0
 
     def to_dict(self) -> dict:
@@ -46,32 +52,33 @@ class BenefitState:
 
     @classmethod
     def from_dict(cls, state: dict) -> "BenefitState":
-        return cls(openness=float(state["openness"]), signal_ema=state.get("signal_ema"),
-                   magnitude_ema=state.get("magnitude_ema"), measurements=int(state.get("measurements", 0)))
+        return cls(openness=float(state["openness"]), evidence_sum=float(state["evidence_sum"]),
+                   evidence_sq=float(state["evidence_sq"]), measurements=int(state["measurements"]))
+
+    @property
+    def evidence(self) -> float:
+        """t = S/√Q; 0 before any measurement."""
+        return self.evidence_sum / math.sqrt(self.evidence_sq) if self.evidence_sq > 0 else 0.0
 
 
-def consistency(state: BenefitState) -> float:
-    """z = EMA(cosine) / EMA(|cosine|) in [−1, 1]; 0 before any measurement."""
-    if not state.magnitude_ema:
-        return 0.0
-    return max(-1.0, min(1.0, state.signal_ema / state.magnitude_ema))
-
-
-def update(state: BenefitState, cosine: float, rate: float, decay: float) -> BenefitState:
-    """The gate after one measurement whose (rank-averaged) cosine is ``cosine``. The signal's EMA
-    starts at 0 (a prior of "no evidence"), its magnitude's at the first value, so the first
-    measurements move the gate by a fraction of ``rate``: one noisy reading cannot shut it."""
-    signal = decay * (state.signal_ema or 0.0) + (1.0 - decay) * cosine
-    magnitude = ema(state.magnitude_ema, abs(cosine), decay)
-    new = BenefitState(state.openness, signal, magnitude, state.measurements + 1)
-    new.openness = min(1.0, max(0.0, state.openness + rate * consistency(new)))
+def update(state: BenefitState, signal: float, init: float, gain: float, decay: float) -> BenefitState:
+    """The gate after one measurement whose (rank-averaged) signal is ``signal``."""
+    new = BenefitState(state.openness, decay * state.evidence_sum + signal,
+                       decay * state.evidence_sq + signal * signal, state.measurements + 1)
+    new.openness = min(1.0, max(0.0, init + gain * new.evidence))
     return new
 
 
-def cosine(dot: float, probe_sq: float, diff_sq: float) -> float:
-    """The cosine of the (rank-averaged) inner product; 0 when either gradient vanishes."""
-    denominator = math.sqrt(max(probe_sq, 0.0) * max(diff_sq, 0.0))
-    return dot / denominator if denominator > 0 else 0.0
+TERMS = ("probe_diff", "probe_update", "update_diff", "update_sq", "probe_sq")
+
+
+def signal(terms: dict[str, float]) -> float:
+    """d/dα cos(g_p, g_α) from the (rank-averaged) inner products; 0 when a gradient vanishes."""
+    norms = math.sqrt(max(terms["probe_sq"], 0.0) * max(terms["update_sq"], 0.0))
+    if norms <= 0:
+        return 0.0
+    turn = terms["probe_update"] * terms["update_diff"] / terms["update_sq"]
+    return (terms["probe_diff"] - turn) / norms
 
 
 def trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -79,24 +86,32 @@ def trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
-def hypergradient_terms(params: list[torch.nn.Parameter], soft_minus_hard: Callable[[], torch.Tensor],
-                        probe_ce: Callable[[], torch.Tensor]) -> tuple[float, float, float]:
-    """⟨∇probe_ce, ∇soft_minus_hard⟩, ‖∇probe_ce‖² and ‖∇soft_minus_hard‖² over ``params``, in fp64.
+def hypergradient_terms(params: list[torch.nn.Parameter], alpha: float,
+                        losses: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+                        probe_ce: Callable[[], torch.Tensor]) -> dict[str, float]:
+    """The inner products of :data:`TERMS` over ``params``, in fp64.
 
-    ``soft_minus_hard()`` builds the training batch's T²·D − CE (the blended loss's derivative in α),
-    ``probe_ce()`` the unseen batch's CE; each graph is built, differentiated and freed in turn. The
-    gradients come from ``torch.autograd.grad``: nothing is accumulated into ``.grad``.
+    ``losses()`` builds the training batch's CE and T²·D − CE (the blended loss's derivative
+    in α; at α the update is g_0 + α·g_d), ``probe_ce()`` the unseen batch's CE; each graph is
+    built, differentiated and freed in turn. The gradients come from ``torch.autograd.grad``:
+    nothing is accumulated into ``.grad``.
     """
-    diff = torch.autograd.grad(soft_minus_hard(), params, allow_unused=True)
-    probe = torch.autograd.grad(probe_ce(), params, allow_unused=True)
-    dot = probe_sq = diff_sq = 0.0
-    for a, b in zip(probe, diff):
-        a64 = None if a is None else a.detach().double()
-        b64 = None if b is None else b.detach().double()
-        if a64 is not None:
-            probe_sq += float((a64 * a64).sum())
-        if b64 is not None:
-            diff_sq += float((b64 * b64).sum())
-            if a64 is not None:
-                dot += float((a64 * b64).sum())
-    return dot, probe_sq, diff_sq
+    hard, diff = losses()
+    g_0 = torch.autograd.grad(hard, params, retain_graph=True, allow_unused=True)
+    g_d = torch.autograd.grad(diff, params, allow_unused=True)
+    del hard, diff
+    g_p = torch.autograd.grad(probe_ce(), params, allow_unused=True)
+    out = dict.fromkeys(TERMS, 0.0)
+    for zero, d, p in zip(g_0, g_d, g_p):
+        ref = next((t for t in (zero, d, p) if t is not None), None)
+        if ref is None:
+            continue
+        zero, d, p = (t.detach().double() if t is not None else torch.zeros_like(ref, dtype=torch.float64)
+                      for t in (zero, d, p))
+        update = zero + alpha * d
+        out["probe_diff"] += float((p * d).sum())
+        out["probe_update"] += float((p * update).sum())
+        out["update_diff"] += float((update * d).sum())
+        out["update_sq"] += float((update * update).sum())
+        out["probe_sq"] += float((p * p).sum())
+    return out

@@ -28,7 +28,8 @@ from .engines import (Member, build_engine, deepspeed_configs, forward_logits, h
                       loaded_models, module_logits, quiet_library_noise)
 from .errors import NonFinite
 from .files import write_atomically
-from .gate import BenefitState, consistency, cosine, hypergradient_terms, trainable_parameters
+from .gate import TERMS, BenefitState, hypergradient_terms, trainable_parameters
+from .gate import signal as benefit_signal
 from .gate import update as update_benefit
 from .losses import (SoftSpec, Targets, distill_loss, next_token_targets, panel_stats, top1_agreement,
                      topk_bytes_per_position, topk_targets)
@@ -327,23 +328,25 @@ class Trainer:
 
     def _measure_benefit(self, index: int, batch: dict[str, torch.Tensor], targets: Targets, plan: StudentPlan,
                          probe: dict[str, torch.Tensor], sums: dict[str, float]) -> None:
-        """The benefit gate's measurement (see codistill/gate.py): ⟨∇CE(probe), ∇(T²·D − CE)(batch)⟩ and
-        both squared norms, on this rank, at the student's weights before its step. Forwards of the bare
-        module: gradients of them do not go through DeepSpeed's reduction."""
+        """The benefit gate's measurement (see codistill/gate.py): the inner products of ∇CE and ∇(T²·D − CE)
+        on the batch, the update at this step's α, and ∇CE on the unseen probe batch, on this rank, at the
+        student's weights before its step. Forwards of the bare module: gradients of them do not go
+        through DeepSpeed's reduction."""
         student, d = self.students[index], self.distill[index]
         labels, mask = batch["labels"], batch["mask"]
 
-        def soft_minus_hard() -> torch.Tensor:  # d loss / d alpha: the loss is linear in alpha
+        def losses() -> tuple[torch.Tensor, torch.Tensor]:  # the loss is linear in α: loss(1) − loss(0) = d/dα
             out = module_logits(student, batch, self.vocab)
+            hard = distill_loss(out, labels, mask, chunk_tokens=d.chunk_tokens).loss
             soft = distill_loss(out, labels, mask, targets, replace(plan.spec, alpha=1.0), d.chunk_tokens).loss
-            return soft - distill_loss(out, labels, mask, chunk_tokens=d.chunk_tokens).loss
+            return hard, soft - hard
 
         def probe_ce() -> torch.Tensor:
             return distill_loss(module_logits(student, probe, self.vocab), probe["labels"], probe["mask"],
                                 chunk_tokens=d.chunk_tokens).loss
 
-        terms = hypergradient_terms(trainable_parameters(student.engine.module), soft_minus_hard, probe_ce)
-        for key, value in zip(("dot", "probe_sq", "diff_sq"), terms):
+        terms = hypergradient_terms(trainable_parameters(student.engine.module), plan.spec.alpha, losses, probe_ce)
+        for key, value in terms.items():
             _add(sums, f"{student.name}/benefit/{key}", value)
 
     def _targets(self, d: DistillConfig, teacher_logits: torch.Tensor, token_ce: torch.Tensor, temperature: float,
@@ -392,13 +395,15 @@ class Trainer:
             if plan.active and teacher_ce is not None and student_ce is not None:
                 out[self._tag("distill", "teacher_minus_student_ce", i)] = teacher_ce - student_ce
                 self.gap[i] = ema(self.gap[i], student_ce - teacher_ce, d.adaptive_ema)
-            # The benefit gate's raw sums are not logged: their cosine is (identical on every rank).
-            raw = [values.pop(f"{student.name}/benefit/{key}", None) for key in ("dot", "probe_sq", "diff_sq")]
-            if None not in raw and all(math.isfinite(v) for v in raw):
-                signal = cosine(*raw)
-                self.benefit[i] = update_benefit(self.benefit[i], signal, d.benefit_rate, d.benefit_ema)
+            # The benefit gate's raw inner products are not logged; the signal they give is (the same on
+            # every rank: they were averaged over ranks).
+            raw = {key: values.pop(f"{student.name}/benefit/{key}", None) for key in TERMS}
+            if None not in raw.values() and all(math.isfinite(v) for v in raw.values()):
+                signal = benefit_signal(raw)
+                self.benefit[i] = update_benefit(self.benefit[i], signal, d.benefit_init, d.benefit_gain,
+                                                 d.benefit_decay)
                 out[self._tag("gate", "signal", i)] = signal
-                out[self._tag("gate", "consistency", i)] = consistency(self.benefit[i])
+                out[self._tag("gate", "evidence", i)] = self.benefit[i].evidence
         return out
 
     def _engine_values(self, plans: list[StudentPlan], step: int) -> dict[str, float]:
@@ -532,8 +537,8 @@ class Trainer:
                     self._tag("schedule", "alpha", i), self._tag("schedule", "gap", i),
                     self._tag("distill", "teacher_minus_student_ce", i)])]
                 if self.benefit[i] is not None:
-                    charts[f"{student.name}: benefit gate (openness, signal, consistency) and alpha"] = [
-                        "Multiline", exact([self._tag("gate", key, i) for key in ("openness", "signal", "consistency")]
+                    charts[f"{student.name}: benefit gate (openness, signal, evidence) and alpha"] = [
+                        "Multiline", exact([self._tag("gate", key, i) for key in ("openness", "signal", "evidence")]
                                            + [self._tag("schedule", "alpha", i)])]
         return {"codistill": charts}
 
