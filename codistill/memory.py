@@ -70,7 +70,7 @@ class ModelMemory:
     gathered: int = 0  # ZeRO-3: parameters gathered whole while the model runs (stage3_max_live_parameters)
     reducing: int = 0  # ZeRO-3: the bucket's copies while its gradients are averaged and scattered (backward)
     step_temp: int = 0  # the optimizer step's temporaries (torch's multi-tensor Adam: two per state)
-    gate: int = 0  # the benefit gate's measuring step: two whole gradients of the student (any ZeRO stage)
+    gate: int = 0  # the benefit gate's measuring step: three whole gradients of the student (any ZeRO stage)
 
     @property
     def states(self) -> int:
@@ -116,7 +116,7 @@ class Estimate:
             teacher_side.insert(0, running(teacher, 2 if teacher.trainable else 1))
         kept = {"teacher targets kept for the students": self.kept_per_position * batch * self.seq_len}
         student_side = [{**kept, **running(m, 2)} for m in students] or [kept]
-        for m in students:  # a measuring step: no reduction, but both gradients held whole at once
+        for m in students:  # a measuring step: no reduction, but its gradients held whole at once
             if m.gate:
                 measuring = {**kept, **running(m, 2), f"{m.name} benefit gate's gradients": m.gate}
                 measuring.pop(f"{m.name} gradient reduction (ZeRO-3)")
@@ -205,7 +205,7 @@ class Estimate:
                 f"optimizer-step temporaries {gb(max((m.step_temp for m in self.models), default=0)).strip()}",
                 f"  KD loss working set: {gb(self.kd_bytes(self.micro_batch_size)).strip()} chunked (plain PyTorch "
                 f"over full logits: {gb(self.kd_bytes(self.micro_batch_size, chunked=False)).strip()})",
-                *([f"  benefit gate: a measuring step holds two whole gradients of the student ("
+                *([f"  benefit gate: a measuring step holds three whole gradients of the student ("
                    + ", ".join(f"{m.name} {gb(m.gate).strip()}" for m in self.models if m.gate)
                    + ") instead of its gradient reduction; counted in the students' phase"]
                   if any(m.gate for m in self.models) else []),
@@ -419,7 +419,7 @@ def estimate(cfg: RunConfig, world_size: int, device: Optional[str] = None) -> E
     for spec, d in zip(cfg.students, settings):
         m = next((m for m in est.models if m.name == spec.name), None)
         if m is not None and d.benefit_gate and cfg.mode != "hard":
-            m.gate = 2 * m.dtype_bytes * m.parameters
+            m.gate = 3 * m.dtype_bytes * m.parameters  # ∇CE and ∇(T²·D − CE) on the batch, ∇CE on the probe
     if cfg.teacher.cache or (teacher is not None and all(d.targets == "topk" for d in settings)):
         k = max(d.top_k for d in settings)
         est.kept_per_position = topk_bytes_per_position(min(k, vocab))
