@@ -337,9 +337,9 @@ class Trainer:
 
         def losses() -> tuple[torch.Tensor, torch.Tensor]:  # the loss is linear in α: loss(1) − loss(0) = d/dα
             out = module_logits(student, batch, self.vocab)
-            hard = distill_loss(out, labels, mask, chunk_tokens=d.chunk_tokens).loss
+            hard = [distill_loss(out, labels, mask, chunk_tokens=d.chunk_tokens).loss for _ in range(2)]
             soft = distill_loss(out, labels, mask, targets, replace(plan.spec, alpha=1.0), d.chunk_tokens).loss
-            return hard, soft - hard
+            return hard[0], soft - hard[1]  # distill_loss hands its gradient over once: one node per backward
 
         def probe_ce() -> torch.Tensor:
             return distill_loss(module_logits(student, probe, self.vocab), probe["labels"], probe["mask"],
