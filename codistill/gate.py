@@ -17,9 +17,12 @@ the same progress along g_p raises the cosine.
 
 The probe batch g_p comes from is the next micro-batch of the training stream, taken before
 any model has seen it (so nothing is set aside). Each rank measures its own batches; the
-five inner products are averaged over ranks. The noise in g_α is one micro-batch's: with
-many micro-batches per step (ranks x accumulation) the real update is less noisy than
-measured, and the gate favours the soft term somewhat more than it should.
+five inner products are averaged over ranks. The update's own products (⟨g_α, g_d⟩, ‖g_α‖²)
+must be those of the step, which averages ranks x accumulation micro-batches and so holds
+less label noise than one: with several ranks the ranks' gradients are summed too, which
+separates noise from signal (see :func:`step_products`). On one rank with gradient
+accumulation they stay one micro-batch's, and the gate favours the soft term somewhat more
+than it should.
 
 The gate keeps an openness o ∈ [0, 1] per student, by which the schedule's α (the
 teacher-lead gate, warm-up or constant) is multiplied. The evidence is a t-statistic with
@@ -33,7 +36,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -70,14 +73,37 @@ def update(state: BenefitState, signal: float, init: float, gain: float, decay: 
 
 
 TERMS = ("probe_diff", "probe_update", "update_diff", "update_sq", "probe_sq")
+SUMMED = ("update_diff_all", "update_sq_all")  # with several ranks: the products of the ranks' summed gradients
 
 
-def signal(terms: dict[str, float]) -> float:
-    """d/dα cos(g_p, g_α) from the (rank-averaged) inner products; 0 when a gradient vanishes."""
-    norms = math.sqrt(max(terms["probe_sq"], 0.0) * max(terms["update_sq"], 0.0))
+def step_products(terms: dict[str, float], world: int, batches: int) -> tuple[float, float]:
+    """⟨g_α, g_d⟩ and ‖g_α‖² of the step's gradient, averaged over ``batches`` micro-batches.
+
+    One micro-batch's products hold its noise in full, the step's 1/batches of it. With several
+    ranks the noise-free part is the mean over pairs of different ranks (different batches),
+    M = (⟨Σg_α, Σg_d⟩ − world·L) / (world·(world − 1)) with L the ranks' mean own product, and the
+    step's product is M + (L − M)/batches (exactly the rank-averaged gradients' product when every
+    rank takes one micro-batch per step). On one rank nothing separates noise from signal: the
+    micro-batch's own products are used.
+    """
+    diff, square = terms["update_diff"], terms["update_sq"]
+    if world > 1 and all(key in terms for key in SUMMED):
+        pairs = world * (world - 1)
+        cross_diff = (terms["update_diff_all"] - world * diff) / pairs
+        cross_square = (terms["update_sq_all"] - world * square) / pairs
+        diff = cross_diff + (diff - cross_diff) / batches
+        square = cross_square + (square - cross_square) / batches
+    return diff, square
+
+
+def signal(terms: dict[str, float], world: int = 1, batches: int = 1) -> float:
+    """d/dα cos(g_p, g_α) from the (rank-averaged) inner products, for a step over ``batches``
+    micro-batches on ``world`` ranks; 0 when a gradient vanishes."""
+    update_diff, update_sq = step_products(terms, world, batches)
+    norms = math.sqrt(max(terms["probe_sq"], 0.0) * max(update_sq, 0.0))
     if norms <= 0:
         return 0.0
-    turn = terms["probe_update"] * terms["update_diff"] / terms["update_sq"]
+    turn = terms["probe_update"] * update_diff / update_sq
     return (terms["probe_diff"] - turn) / norms
 
 
@@ -88,8 +114,10 @@ def trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 def hypergradient_terms(params: list[torch.nn.Parameter], alpha: float,
                         losses: Callable[[], tuple[torch.Tensor, torch.Tensor]],
-                        probe_ce: Callable[[], torch.Tensor]) -> dict[str, float]:
-    """The inner products of :data:`TERMS` over ``params``, in fp64.
+                        probe_ce: Callable[[], torch.Tensor],
+                        sum_over_ranks: Optional[Callable[[torch.Tensor], None]] = None) -> dict[str, float]:
+    """The inner products of :data:`TERMS` over ``params``, in fp64; with ``sum_over_ranks`` (an
+    in-place all-reduce) also those of :data:`SUMMED`, for :func:`step_products`.
 
     ``losses()`` builds the training batch's CE and T²·D − CE (the blended loss's derivative
     in α; at α the update is g_0 + α·g_d), ``probe_ce()`` the unseen batch's CE; each graph is
@@ -101,7 +129,7 @@ def hypergradient_terms(params: list[torch.nn.Parameter], alpha: float,
     g_d = torch.autograd.grad(diff, params, allow_unused=True)
     del hard, diff
     g_p = torch.autograd.grad(probe_ce(), params, allow_unused=True)
-    out = dict.fromkeys(TERMS, 0.0)
+    out = dict.fromkeys(TERMS + (SUMMED if sum_over_ranks else ()), 0.0)
     for zero, d, p in zip(g_0, g_d, g_p):
         ref = next((t for t in (zero, d, p) if t is not None), None)
         if ref is None:
@@ -114,4 +142,9 @@ def hypergradient_terms(params: list[torch.nn.Parameter], alpha: float,
         out["update_diff"] += float((update * d).sum())
         out["update_sq"] += float((update * update).sum())
         out["probe_sq"] += float((p * p).sum())
+        if sum_over_ranks is not None:  # one parameter at a time: one more whole gradient at most
+            both = torch.stack([update, d])
+            sum_over_ranks(both)
+            out["update_diff_all"] += float((both[0] * both[1]).sum())
+            out["update_sq_all"] += float((both[0] * both[0]).sum())
     return out

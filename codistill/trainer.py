@@ -28,7 +28,7 @@ from .engines import (Member, build_engine, deepspeed_configs, forward_logits, h
                       loaded_models, module_logits, quiet_library_noise)
 from .errors import NonFinite
 from .files import write_atomically
-from .gate import TERMS, BenefitState, hypergradient_terms, trainable_parameters
+from .gate import SUMMED, TERMS, BenefitState, hypergradient_terms, trainable_parameters
 from .gate import signal as benefit_signal
 from .gate import update as update_benefit
 from .losses import (SoftSpec, Targets, distill_loss, next_token_targets, panel_stats, top1_agreement,
@@ -345,7 +345,9 @@ class Trainer:
             return distill_loss(module_logits(student, probe, self.vocab), probe["labels"], probe["mask"],
                                 chunk_tokens=d.chunk_tokens).loss
 
-        terms = hypergradient_terms(trainable_parameters(student.engine.module), plan.spec.alpha, losses, probe_ce)
+        summed = (lambda t: torch.distributed.all_reduce(t)) if self.world.size > 1 else None
+        terms = hypergradient_terms(trainable_parameters(student.engine.module), plan.spec.alpha, losses, probe_ce,
+                                    summed)
         for key, value in terms.items():
             _add(sums, f"{student.name}/benefit/{key}", value)
 
@@ -397,9 +399,11 @@ class Trainer:
                 self.gap[i] = ema(self.gap[i], student_ce - teacher_ce, d.adaptive_ema)
             # The benefit gate's raw inner products are not logged; the signal they give is (the same on
             # every rank: they were averaged over ranks).
-            raw = {key: values.pop(f"{student.name}/benefit/{key}", None) for key in TERMS}
-            if None not in raw.values() and all(math.isfinite(v) for v in raw.values()):
-                signal = benefit_signal(raw)
+            raw = {key: values.pop(f"{student.name}/benefit/{key}", None) for key in TERMS + SUMMED}
+            raw = {key: value for key, value in raw.items() if value is not None}
+            if set(TERMS) <= set(raw) and all(math.isfinite(v) for v in raw.values()):
+                signal = benefit_signal(raw, self.world.size,
+                                        self.world.size * self.cfg.train.gradient_accumulation_steps)
                 self.benefit[i] = update_benefit(self.benefit[i], signal, d.benefit_init, d.benefit_gain,
                                                  d.benefit_decay)
                 out[self._tag("gate", "signal", i)] = signal

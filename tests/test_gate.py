@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from codistill.gate import TERMS, BenefitState, hypergradient_terms, signal, update
+from codistill.gate import TERMS, BenefitState, hypergradient_terms, signal, step_products, update
 from codistill.losses import SoftSpec, Targets, distill_loss
 
 
@@ -163,3 +163,23 @@ def test_state_round_trips_through_its_checkpoint_form():
     again = BenefitState.from_dict(state.to_dict())
     assert again == state
     assert update(again, 0.3, 0.25, 0.2, 0.8) == update(state, 0.3, 0.25, 0.2, 0.8)
+
+
+def test_with_several_ranks_the_steps_products_are_the_rank_averaged_gradients():
+    """Summing the ranks' gradients separates noise from signal: with one micro-batch per rank the
+    corrected products are exactly those of the mean gradient, which the step follows."""
+    g = torch.Generator().manual_seed(5)
+    world = 4
+    updates = [torch.randn(7, generator=g, dtype=torch.float64) for _ in range(world)]
+    diffs = [torch.randn(7, generator=g, dtype=torch.float64) for _ in range(world)]
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    terms = {"update_diff": mean([float(u @ d) for u, d in zip(updates, diffs)]),
+             "update_sq": mean([float(u @ u) for u in updates]),
+             "update_diff_all": float(sum(updates) @ sum(diffs)), "update_sq_all": float(sum(updates) @ sum(updates))}
+    diff, square = step_products(terms, world, batches=world)
+    assert diff == pytest.approx(float(mean(updates) @ mean(diffs)))
+    assert square == pytest.approx(float(mean(updates) @ mean(updates)))
+    # One rank: the micro-batch's own products; and no summed terms means no correction.
+    assert step_products(terms, 1, 1) == (terms["update_diff"], terms["update_sq"])
+    local = {k: terms[k] for k in ("update_diff", "update_sq")}
+    assert step_products(local, world, world) == (terms["update_diff"], terms["update_sq"])
