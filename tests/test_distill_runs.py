@@ -31,6 +31,7 @@ def test_every_divergence_trains_on_two_ranks_and_its_kd_term_falls(tmp_path):
     out = tmp_path / "run"
     proc = launch(f"output_dir={out}", "train.max_steps=24", "train.eval_interval=24",
                   "distill.schedule=constant", "distill.alpha_max=1.0", "distill.burn_in_steps=0",
+                  "distill.benefit_gate=false",  # α = 1 throughout: the divergences' own mechanics
                   "distill.temperature=1.0", "train.panel_interval=6", *FROZEN_TEACHER,
                   f"students=[{', '.join(students)}]")
     # The distillation panels: present for every student, every panel_interval steps, finite.
@@ -72,6 +73,7 @@ def test_adaptive_alpha_rises_once_the_teacher_is_ahead_and_gating_and_head_star
     out = tmp_path / "ahead"
     launch(f"output_dir={out}", "train.max_steps=12", "distill.schedule=adaptive", "distill.burn_in_steps=2",
            "distill.adaptive_gap=0.05", "distill.head_start_steps=3", "distill.token_gate=true",
+           "distill.benefit_gate=false",  # the teacher-lead schedule alone
            "students.0.deepspeed.optimizer.params.lr=0.0", how="python")
     alpha = scalars(out, "schedule/alpha")
     # 3 steps of head start, then the student's own 2 burn-in steps at α = 0.

@@ -12,6 +12,7 @@ TAGS = [
     "student/train/loss", "student/train/loss_ce", "student/train/lr", "student/train/grad_norm",
     "student/train/loss_kd", "schedule/alpha", "schedule/temperature", "perf/tokens_per_sec",
     "teacher/eval/loss", "student/eval/loss", "student/eval/agreement",
+    "gate/openness", "gate/signal", "gate/evidence",  # the benefit gate, on by default
 ]
 
 
@@ -50,8 +51,13 @@ def test_tensorboard_holds_every_tag_with_finite_values(zero2):
         assert tag in scalars, tag
         assert all(math.isfinite(v) for v in scalars[tag].values()), tag
     alpha = list(scalars["schedule/alpha"].values())
-    assert len(alpha) == 6 and alpha[0] == 0.0 and alpha[-1] == pytest.approx(0.5)
-    assert all(b >= a for a, b in zip(alpha, alpha[1:])) and alpha[-1] > alpha[0]
+    # The warm-up schedule (burn-in 2, ramp 2, then 0.5) times the benefit gate's openness from step 3 on,
+    # which moved after its one measurement (at the student's first step after the burn-in).
+    openness = scalars["gate/openness"]
+    assert sorted(openness) == [3, 4, 5, 6] and sorted(scalars["gate/signal"]) == [3]
+    assert openness[3] == 0.5 and openness[6] == openness[4] != 0.5
+    assert len(alpha) == 6 and alpha[:2] == [0.0, 0.0] and alpha[-1] == pytest.approx(0.5 * openness[6])
+    assert alpha[2] == pytest.approx(0.0) and alpha[3] == pytest.approx(0.25 * openness[4])
     assert sorted(scalars["teacher/eval/loss"]) == [0, 3, 6]
     assert list(scalars["schedule/temperature"].values()) == [2.0] * 6
 
@@ -99,6 +105,7 @@ def test_deepspeed_two_ranks_zero3_partitions_every_model(tmp_path):
 
 def test_both_models_get_identical_batches_and_ranks_get_different_ones(tmp_path):
     launch(f"output_dir={tmp_path}", "train.gradient_accumulation_steps=2", "teacher.deepspeed.zero_optimization.stage=1",
+           "distill.benefit_gate=false",  # its extra forwards of the student (a probe batch) would be recorded
            script="tests/helpers/record_batches.py", config=None)
     r0 = json.loads((tmp_path / "rank0.json").read_text())
     r1 = json.loads((tmp_path / "rank1.json").read_text())

@@ -209,8 +209,11 @@ def test_a_two_rank_checkpoint_resumes_on_one_rank(tmp_path, straight_zero2):
     assert "resuming a 2-rank checkpoint on 1 rank(s) through DeepSpeed's universal checkpoint" in proc.stderr
     assert "world: 1 rank(s)" in proc.stdout and "at step 4" in proc.stdout
     a, b = per_step(straight_zero2), per_step(tmp_path / "split")
-    for tag in ("teacher/train/loss", "student/train/loss"):
-        for step in range(5, 9):
+    # The student's step 8 follows its benefit gate's step-7 measurement, which on one rank sees one
+    # micro-batch where two ranks saw two (and separated their noise): the gate measures the layout it
+    # runs on, so only the steps before it can match.
+    for tag, last in (("teacher/train/loss", 8), ("student/train/loss", 7)):
+        for step in range(5, last + 1):
             assert b[tag][step] == pytest.approx(a[tag][step], rel=1e-4), (tag, step)
 
 

@@ -23,7 +23,8 @@ def main() -> int:
         return parts
 
     trainer_module.distill_loss = poisoned
-    return train.main(sys.argv[2:])
+    # The benefit gate's own loss calls would count as training micro-steps here.
+    return train.main(sys.argv[2:] + ["distill.benefit_gate=false"])
 
 
 if __name__ == "__main__":
