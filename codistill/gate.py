@@ -96,15 +96,21 @@ def step_products(terms: dict[str, float], world: int, batches: int) -> tuple[fl
     return diff, square
 
 
-def signal(terms: dict[str, float], world: int = 1, batches: int = 1) -> float:
-    """d/dα cos(g_p, g_α) from the (rank-averaged) inner products, for a step over ``batches``
-    micro-batches on ``world`` ranks; 0 when a gradient vanishes."""
+def signal_parts(terms: dict[str, float], world: int = 1, batches: int = 1) -> tuple[float, float]:
+    """The two terms of d/dα cos(g_p, g_α), from the (rank-averaged) inner products, for a step over
+    ``batches`` micro-batches on ``world`` ranks: the teacher's pull along the held-out gradient,
+    ⟨g_p, g_d⟩/(‖g_p‖‖g_α‖) (the plain one-step hypergradient, scaled), and what the soft term does to
+    the update's length, −⟨g_p, g_α⟩⟨g_α, g_d⟩/(‖g_α‖²‖g_p‖‖g_α‖). (0, 0) when a gradient vanishes."""
     update_diff, update_sq = step_products(terms, world, batches)
     norms = math.sqrt(max(terms["probe_sq"], 0.0) * max(update_sq, 0.0))
     if norms <= 0:
-        return 0.0
-    turn = terms["probe_update"] * update_diff / update_sq
-    return (terms["probe_diff"] - turn) / norms
+        return 0.0, 0.0
+    return terms["probe_diff"] / norms, -terms["probe_update"] * update_diff / update_sq / norms
+
+
+def signal(terms: dict[str, float], world: int = 1, batches: int = 1) -> float:
+    """d/dα cos(g_p, g_α) (see :func:`signal_parts`); 0 when a gradient vanishes."""
+    return sum(signal_parts(terms, world, batches))
 
 
 def trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:

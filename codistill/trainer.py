@@ -29,7 +29,7 @@ from .engines import (Member, build_engine, deepspeed_configs, forward_logits, h
 from .errors import NonFinite
 from .files import write_atomically
 from .gate import SUMMED, TERMS, BenefitState, hypergradient_terms, trainable_parameters
-from .gate import signal as benefit_signal
+from .gate import signal_parts
 from .gate import update as update_benefit
 from .losses import (SoftSpec, Targets, distill_loss, next_token_targets, panel_stats, top1_agreement,
                      topk_bytes_per_position, topk_targets)
@@ -402,11 +402,14 @@ class Trainer:
             raw = {key: values.pop(f"{student.name}/benefit/{key}", None) for key in TERMS + SUMMED}
             raw = {key: value for key, value in raw.items() if value is not None}
             if set(TERMS) <= set(raw) and all(math.isfinite(v) for v in raw.values()):
-                signal = benefit_signal(raw, self.world.size,
-                                        self.world.size * self.cfg.train.gradient_accumulation_steps)
+                pull, length = signal_parts(raw, self.world.size,
+                                            self.world.size * self.cfg.train.gradient_accumulation_steps)
+                signal = pull + length
                 self.benefit[i] = update_benefit(self.benefit[i], signal, d.benefit_init, d.benefit_gain,
                                                  d.benefit_decay)
                 out[self._tag("gate", "signal", i)] = signal
+                out[self._tag("gate", "signal_pull", i)] = pull  # its two terms, for reading what moved it
+                out[self._tag("gate", "signal_length", i)] = length
                 out[self._tag("gate", "evidence", i)] = self.benefit[i].evidence
         return out
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from codistill.gate import TERMS, BenefitState, hypergradient_terms, signal, step_products, update
+from codistill.gate import TERMS, BenefitState, hypergradient_terms, signal, signal_parts, step_products, update
 from codistill.losses import SoftSpec, Targets, distill_loss
 
 
@@ -105,6 +105,8 @@ def test_less_label_noise_for_the_same_progress_opens_the_gate():
     terms = {"probe_diff": -1.0, "probe_update": 1.0, "update_diff": 0.0, "update_sq": 1.0, "probe_sq": 1.0}
     assert signal(terms) < 0
     assert signal(dict.fromkeys(TERMS, 0.0)) == 0.0
+    pull, length = signal_parts(terms)
+    assert pull + length == pytest.approx(signal(terms)) and pull == pytest.approx(-1.0) and length == 0.0
 
 
 @pytest.mark.parametrize("divergence,temperature,topk,token_gate", [

@@ -12,7 +12,7 @@ TAGS = [
     "student/train/loss", "student/train/loss_ce", "student/train/lr", "student/train/grad_norm",
     "student/train/loss_kd", "schedule/alpha", "schedule/temperature", "perf/tokens_per_sec",
     "teacher/eval/loss", "student/eval/loss", "student/eval/agreement",
-    "gate/openness", "gate/signal", "gate/evidence",  # the benefit gate, on by default
+    "gate/openness", "gate/signal", "gate/evidence", "gate/signal_pull", "gate/signal_length",  # the benefit gate
 ]
 
 
