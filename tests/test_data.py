@@ -143,6 +143,20 @@ def test_stream_cursor_resumes_with_the_same_batches_across_epochs(tokenizer):
     assert all(torch.equal(a, next(again)["input_ids"]) for a in expected)
 
 
+def test_peek_shows_the_next_batch_without_taking_it_even_across_an_epoch_boundary(tokenizer):
+    """The benefit gate's probe: what next() will return, with the cursor (and so a resume) untouched."""
+    splits = build_splits(DataConfig(seq_len=32), tokenizer, seed=1)
+    small = splits.train.select(range(40))  # 5 batches per epoch per rank
+    stream, plain = BatchStream(small, 4, rank=0, world=2, seed=3), BatchStream(small, 4, rank=0, world=2, seed=3)
+    for _ in range(12):  # crosses two epoch boundaries
+        before = stream.state_dict()
+        peeked = stream.peek()
+        assert stream.state_dict() == before
+        taken = next(stream)
+        assert torch.equal(peeked["input_ids"], taken["input_ids"]) and torch.equal(peeked["index"], taken["index"])
+        assert torch.equal(taken["input_ids"], next(plain)["input_ids"])  # peeking changes nothing downstream
+
+
 def test_prompt_tokens_are_masked_out_of_the_loss(tmp_path, tokenizer):
     from codistill.losses import next_token_targets
 
