@@ -28,7 +28,8 @@ The gate keeps an openness o ∈ [0, 1] per student, by which the schedule's α 
 teacher-lead gate, warm-up or constant) is multiplied. The evidence is a t-statistic with
 forgetting, t = S/√Q with S = Σ decay^k·s and Q = Σ decay^k·s² over the measurements (k
 measurements ago): for a signal that is only noise, t has mean 0 and variance 1/(1+decay);
-for one that always points the same way it grows to √(1/(1−decay)) (3.2 at decay 0.9). o = clip(init + gain·t, 0, 1): noise leaves α near init·(the schedule's),
+for one that always points the same way it grows to √(1/(1−decay)) (3.2 at decay 0.9).
+o = clip(init + gain·t, 0, 1): noise leaves α near init·(the schedule's),
 a consistent "helps" opens it fully, a consistent "hurts" shuts it, and the forgetting lets
 it change its mind when training moves on.
 """
@@ -135,7 +136,8 @@ def hypergradient_terms(params: list[torch.nn.Parameter], alpha: float,
     g_d = torch.autograd.grad(diff, params, allow_unused=True)
     del hard, diff
     g_p = torch.autograd.grad(probe_ce(), params, allow_unused=True)
-    out = dict.fromkeys(TERMS + (SUMMED if sum_over_ranks else ()), 0.0)
+    keys = TERMS + (SUMMED if sum_over_ranks else ())
+    total: Optional[torch.Tensor] = None  # summed where the gradients are: one transfer at the end
     for zero, d, p in zip(g_0, g_d, g_p):
         ref = next((t for t in (zero, d, p) if t is not None), None)
         if ref is None:
@@ -143,14 +145,10 @@ def hypergradient_terms(params: list[torch.nn.Parameter], alpha: float,
         zero, d, p = (t.detach().double() if t is not None else torch.zeros_like(ref, dtype=torch.float64)
                       for t in (zero, d, p))
         update = zero + alpha * d
-        out["probe_diff"] += float((p * d).sum())
-        out["probe_update"] += float((p * update).sum())
-        out["update_diff"] += float((update * d).sum())
-        out["update_sq"] += float((update * update).sum())
-        out["probe_sq"] += float((p * p).sum())
+        row = [(p * d).sum(), (p * update).sum(), (update * d).sum(), (update * update).sum(), (p * p).sum()]
         if sum_over_ranks is not None:  # one parameter at a time: one more whole gradient at most
             both = torch.stack([update, d])
             sum_over_ranks(both)
-            out["update_diff_all"] += float((both[0] * both[1]).sum())
-            out["update_sq_all"] += float((both[0] * both[0]).sum())
-    return out
+            row += [(both[0] * both[1]).sum(), (both[0] * both[0]).sum()]
+        total = torch.stack(row) if total is None else total + torch.stack(row)
+    return dict(zip(keys, total.tolist())) if total is not None else dict.fromkeys(keys, 0.0)

@@ -28,8 +28,7 @@ from .engines import (Member, build_engine, deepspeed_configs, forward_logits, h
                       loaded_models, module_logits, quiet_library_noise)
 from .errors import NonFinite
 from .files import write_atomically
-from .gate import SUMMED, TERMS, BenefitState, hypergradient_terms, trainable_parameters
-from .gate import signal_parts
+from .gate import SUMMED, TERMS, BenefitState, hypergradient_terms, signal_parts, trainable_parameters
 from .gate import update as update_benefit
 from .losses import (SoftSpec, Targets, distill_loss, next_token_targets, panel_stats, top1_agreement,
                      topk_bytes_per_position, topk_targets)

@@ -122,7 +122,8 @@ def body(args: argparse.Namespace) -> None:
     }
     if intervals:  # the gate measures once every benefit_interval steps (the most frequent gate counts)
         result["benefit_gate_interval"] = min(intervals)
-        result["benefit_gate_cost_share"] = (med["measured"] - med["codistill"]) / min(intervals) / med["codistill"]
+        result["benefit_gate_step_ratio"] = (med["measured"] - med["codistill"]) / med["codistill"]
+        result["benefit_gate_cost_share"] = result["benefit_gate_step_ratio"] / min(intervals)
     if trainer.world.is_main:
         print(f"world {trainer.world.size} x {trainer.world.device.type}, {tokens:,} tokens/step, "
               f"{args.rounds} rounds (median):")
@@ -130,7 +131,7 @@ def body(args: argparse.Namespace) -> None:
             print(f"  {labels[name]:<58} {result[name + '_ms']:9.1f} ms  {result[name + '_tokens_per_sec']:10,.0f} tok/s")
         print(f"  ratio a/b = {result['ratio_a_over_b']:.3f}   ratio a/c = {result['ratio_a_over_c']:.3f}")
         if intervals:
-            print(f"  benefit gate: (d - a) / a = {(med['measured'] - med['codistill']) / med['codistill']:.3f} at a "
+            print(f"  benefit gate: (d - a) / a = {result['benefit_gate_step_ratio']:.3f} at a "
                   f"measuring step, once every {min(intervals)} steps: {result['benefit_gate_cost_share']:.1%} of "
                   "the co-distillation step")
         kind = "peak RSS" if trainer.world.device.type == "cpu" else "peak allocated"
