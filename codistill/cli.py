@@ -13,12 +13,17 @@ a write the disk refused (:class:`StorageFailed` from a checkpoint save, or a fu
 read-only disk anywhere else) with exit 5; a run the command started that failed
 (:class:`RunFailed`) with exit 1.
 ``--debug`` (where a command has it) shows the traceback instead. A process group the
-body made is torn down on the way out (one that existed before is left alone).
+body made is torn down on the way out (one that existed before is left alone); a command run
+as the process's own command line (``argv`` None) that made one then ends the process itself
+(:func:`leave`), as the C++ threads a ZeRO-3 model leaves behind can abort the interpreter's
+shutdown after the work is done.
 """
 from __future__ import annotations
 
 import argparse
+import atexit
 import errno
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -74,8 +79,21 @@ def run(prog: str, parser: argparse.ArgumentParser, body: Callable[[argparse.Nam
     import torch.distributed as dist
 
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    debug = bool(getattr(args, "debug", False))
     ours = not (dist.is_available() and dist.is_initialized())  # a caller's process group is left alone
+    try:
+        code = _outcome(prog, args, body)
+    finally:
+        made = ours and dist.is_available() and dist.is_initialized()
+        if made:
+            dist.destroy_process_group()
+    if argv is None and made:
+        leave(code)
+    return code
+
+
+def _outcome(prog: str, args: argparse.Namespace, body: Callable[[argparse.Namespace], Optional[int]]) -> int:
+    """``body``'s exit code, or the code of the failure it raised."""
+    debug = bool(getattr(args, "debug", False))
     try:
         return body(args) or 0
     except ConfigError as exc:
@@ -97,9 +115,20 @@ def run(prog: str, parser: argparse.ArgumentParser, body: Callable[[argparse.Nam
         why = " ".join(str(exc).split())[:200]
         return _fail(prog, f"lost contact with another rank, ending the job ({why})", EXIT_LOST_RANK, debug,
                      every_rank=True, error=exc)
-    finally:
-        if ours and dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+
+
+def leave(code: int) -> None:
+    """End the process now with ``code``, its work done: output flushed and the exit handlers run
+    (a run's output-folder lock is released), but no interpreter teardown. Threads that DeepSpeed's
+    ZeRO-3 leaves in C++ may otherwise abort it ("terminate called without an active exception",
+    signal 6), turning a finished run into a failed one for its launcher."""
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 _DISK_REFUSED = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # outside a checkpoint save (caches, logs)

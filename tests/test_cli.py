@@ -63,3 +63,18 @@ def test_a_failed_subprocess_run_names_itself_and_its_log(tmp_path):
                                         rf"failed with exit code 2; see {log}"):
         cli.run_module("codistill.commands.train", ["--config", "/nonexistent.yaml"], log_file=log)
     assert "codistill: error: config file /nonexistent.yaml does not exist" in log.read_text()
+
+
+def test_a_command_line_that_made_a_process_group_ends_at_once_with_its_code(tmp_path):
+    """What a finished run leaves behind (here a thread that never ends) cannot turn it into a
+    failed or hung one: the process ends itself with its code, exit handlers run, output flushed."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "handlers"
+    helper = Path(__file__).parent / "helpers" / "left_behind.py"
+    proc = subprocess.run([sys.executable, str(helper), str(out)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 7, proc.stderr[-2000:]
+    assert proc.stdout == "work done\n"
+    assert out.read_text() == "handlers ran\n"

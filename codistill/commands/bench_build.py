@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import sys
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -56,11 +54,7 @@ def _worker(args: argparse.Namespace) -> None:
     if torch.distributed.get_rank() == 0:
         Path(args.out).write_text(json.dumps({"parameters": n, "added_per_rank": added}))
     torch.distributed.barrier()
-    # Measured and written. Models built under zero.Init without an engine leave C++ threads that
-    # may abort the interpreter's shutdown ("terminate called without an active exception", 1 run
-    # in 3 at 4 ranks): leave at once.
-    sys.stdout.flush()
-    os._exit(0)
+    cli.leave(0)  # measured and written; models built under zero.Init without an engine may abort teardown
 
 
 def body(args: argparse.Namespace) -> None:
