@@ -1,9 +1,13 @@
-"""codistill-compare end to end on micro models (through its console entry point): five arms,
-a table, a plot, and a rerun that repeats nothing."""
+"""codistill-compare end to end on micro models (through its console entry point): five arms and
+a variant, a table, a plot, and reruns that repeat nothing; its --variant checks without a run."""
 import json
 import sys
 
+import pytest
 import yaml
+
+from codistill.commands import compare
+from codistill.config import ConfigError, load_config
 
 from conftest import MICRO, bin_path, run_cmd
 
@@ -13,19 +17,20 @@ def test_compare_trains_five_arms_writes_table_and_plot_and_resumes(tmp_path):
     top = tmp_path / "cmp"
     out = top / "shakespeare"
     cmd = [bin_path("codistill-compare"), "--config", str(MICRO), "--seeds", "1", "--output-dir", str(top),
-           "--datasets", "shakespeare", "django-code",
+           "--variant", "t2:distill.temperature=2 distill.divergence=jsd", "--datasets", "shakespeare", "django-code",
            "train.max_steps=6", "distill.head_start_steps=2", "train.eval_interval=3"]
     proc = run_cmd(cmd, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     across = (top / "results.md").read_text()
     assert "| shakespeare | 7 |" in across and "| django-code | 7 |" in across and "never worse on every corpus" in across
     assert "(e) − (a)" in across and "mean share of the (a) → teacher gap closed" in across
+    assert "| corpus | seed | (b) | t2 |" in across and "- t2: `distill.temperature=2 distill.divergence=jsd`" in across
     code = yaml.safe_load((top / "django-code" / "seed_7" / "paired.yaml").read_text())
     assert code["data"]["dataset"] == "django-code"
     table = (out / "results.md").read_text()
     for label in ("(a) student alone", "(b) co-distilled", "(c) two-stage (frozen teacher)",
                   "(d) co-distilled, handicapped teacher", "(e) co-distilled, lead-only gate",
-                  "teacher (trained alone)", "seed 7",
+                  "teacher (trained alone)", "seed 7", "variant t2: `distill.temperature=2 distill.divergence=jsd`",
                   "never worse", "helps"):
         assert label in table
     assert (out / "validation_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -38,13 +43,17 @@ def test_compare_trains_five_arms_writes_table_and_plot_and_resumes(tmp_path):
         assert alone[6] != codistilled[6]
         assert seed in data["final"]["two_stage"] and seed in data["final"]["handicap"]
         assert dict(curves["lead"][seed])[0] == alone[0]
+        variant = dict(curves["variant:t2"][seed])
+        assert variant[0] == alone[0] and variant[6] not in (alone[6], codistilled[6])
     # The arms are what they claim to be.
     seed_dir = out / "seed_7"
     paired, weak, two = (yaml.safe_load((seed_dir / f"{n}.yaml").read_text())
                          for n in ("paired", "handicap", "two_stage"))
-    assert [s["name"] for s in paired["students"]] == ["student", "lead_only", "alone"]
+    assert [s["name"] for s in paired["students"]] == ["student", "lead_only", "alone", "t2"]
+    assert paired["students"][3]["distill"] == {**paired["students"][0]["distill"], "temperature": 2,
+                                                "divergence": "jsd"}
     assert paired["students"][2]["distill"]["alpha_max"] == 0.0
-    assert [s["distill"].get("benefit_gate", True) for s in paired["students"]] == [True, False, False]
+    assert [s["distill"].get("benefit_gate", True) for s in paired["students"]] == [True, False, False, True]
     lr = paired["teacher"]["deepspeed"]["optimizer"]["params"]["lr"]
     assert weak["teacher"]["deepspeed"]["optimizer"]["params"]["lr"] == lr * 0.1
     assert two["mode"] == "soft" and two["teacher"]["pretrained"].endswith("teacher_hf/teacher")
@@ -52,6 +61,38 @@ def test_compare_trains_five_arms_writes_table_and_plot_and_resumes(tmp_path):
     again = run_cmd(cmd, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stdout.count("already done") == 6 and "training ->" not in again.stdout
+    # --paired-only reports the paired run's arms only; another set of variants is refused, not mixed in.
+    paired_only = run_cmd([*cmd, "--paired-only"], timeout=300)
+    assert paired_only.returncode == 0, paired_only.stderr[-2000:]
+    assert paired_only.stdout.count("already done") == 2
+    assert "(c) two-stage" not in (out / "results.md").read_text() and "| +" in (top / "results.md").read_text()
+    assert "| — |" in (top / "results.md").read_text()
+    other = run_cmd([*cmd, "--variant", "rkl:distill.divergence=reverse_kl"], timeout=300)
+    assert other.returncode == 2 and "paired.yaml: this run's students were" in other.stderr
+    assert "give another --output-dir" in other.stderr
+
+
+@pytest.mark.parametrize("given, message", [
+    (["t2"], "expected NAME:key=value"),
+    (["t2:temperature"], "expected NAME:key=value"),
+    (["../x:distill.temperature=2"], "--variant name '../x' is not allowed"),
+    (["a:distill.temperature=2", "a:distill.temperature=3"], "--variant a: the name is taken"),
+    (["alone:distill.temperature=2"], "--variant alone: the name is taken"),
+])
+def test_a_malformed_variant_is_one_clear_error(given, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        compare.parse_variants(given)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("distill.temperatur=2", "--variant v: unknown config key 'students.0.distill.temperatur'"),
+    ("distill.temperature=-1", "--variant v: config key 'students.0.distill.temperature'"),
+])
+def test_a_variant_with_a_bad_key_or_value_is_refused_before_any_run(tmp_path, override, message):
+    base = load_config(MICRO).model_dump(mode="json")
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        compare.arm_configs(base, 7, tmp_path, 0.1, {"v": [override]})
+    assert not any(tmp_path.iterdir())
 
 
 def test_compare_refuses_a_config_that_is_not_co_distillation(tmp_path):

@@ -8,7 +8,10 @@ For every seed, on the same data, batches and number of student steps:
   (e) lead-only  (b) without the benefit gate (distill.benefit_gate=false): the teacher-lead gate alone.
 (a), (b) and (e) are three students of one run: same initial weights (equal init_seed), same
 batches, the same teacher; the alone student has α = 0, so the teacher cannot touch it. That
-run's teacher, exported at the end, is (c)'s frozen teacher. Runs are subprocesses of
+run's teacher, exported at the end, is (c)'s frozen teacher. Each ``--variant NAME:OVERRIDES``
+adds one more student to that run: (b) with the overrides applied to the student's section
+(``--variant t2:distill.temperature=2``, several overrides separated by spaces), reported
+against (a) like the arms; ``--paired-only`` runs that run alone (no (c), no (d)). Runs are subprocesses of
 codistill-train (``python -m codistill.commands.train``), one after another; a finished run is not repeated when compare.py is run
 again, and an interrupted one resumes from its last checkpoint.
 
@@ -22,6 +25,8 @@ Checks (printed, and non-zero exit with --strict when one fails):
 
     python tools/compare.py [--config configs/tiny.yaml] [--seeds 3] [--nproc 1] [key.path=value ...]
     python tools/compare.py --datasets shakespeare django-code django-locale   (one table across corpora)
+    python tools/compare.py --paired-only --variant t2:distill.temperature=2 \
+        --variant "a25:distill.alpha_max=0.25 distill.schedule=constant"   (settings side by side)
     codistill-compare ...   (the same, as a console command)
 """
 from __future__ import annotations
@@ -40,7 +45,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .. import cli
-from ..config import ConfigError, ModelSpec, load_deepspeed_config
+from ..config import ConfigError, ModelSpec, apply_override, check_name, load_deepspeed_config, validate
 from ..data import BUILTIN_VOCAB, CORPORA
 from ..errors import RunFailed
 from ..metrics import read_scalars
@@ -55,10 +60,33 @@ ARMS = {
 NEVER_WORSE = 0.01  # nats: (b) and (d) may not end more than this above (a)
 ALONE = "alone"  # name of the CE-only copy of the student in the paired run
 LEAD = "lead_only"  # name of the copy without the benefit gate in the paired run
+PAIRED_ARMS = ("alone", "codistill", "lead")  # the arms of the paired run
 
 
-def arm_configs(base: dict[str, Any], seed: int, folder: Path, handicap: float) -> dict[str, dict[str, Any]]:
-    """The three runs of one seed, as config trees: paired (a+b), handicap (d), two_stage (c)."""
+def parse_variants(given: list[str]) -> dict[str, list[str]]:
+    """``NAME:key=value key=value`` per --variant -> {name: overrides of the student's section}."""
+    variants: dict[str, list[str]] = {}
+    for text in given:
+        name, sep, rest = text.partition(":")
+        overrides = rest.split()
+        if not sep or not overrides or not all("=" in o for o in overrides):
+            raise ConfigError(f"--variant {text!r}: expected NAME:key=value [key=value ...], e.g. "
+                              "t2:distill.temperature=2")
+        try:
+            check_name(name, "--variant name")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if name in variants or name in (ALONE, LEAD):
+            raise ConfigError(f"--variant {name}: the name is taken (by another variant, or '{ALONE}'/'{LEAD}' "
+                              "of the paired run)")
+        variants[name] = overrides
+    return variants
+
+
+def arm_configs(base: dict[str, Any], seed: int, folder: Path, handicap: float,
+                variants: Optional[dict[str, list[str]]] = None) -> dict[str, dict[str, Any]]:
+    """The three runs of one seed, as config trees: paired (a+b+e and the variants), handicap (d),
+    two_stage (c)."""
     base = copy.deepcopy(base)
     base["train"]["seed"] = seed
     base["resume"] = "auto"
@@ -78,6 +106,15 @@ def arm_configs(base: dict[str, Any], seed: int, folder: Path, handicap: float) 
     lead["name"] = LEAD
     lead["distill"] = {**lead.get("distill", {}), "benefit_gate": False}
     paired["students"] = [copy.deepcopy(student), lead, alone]
+    for name, overrides in (variants or {}).items():
+        if name == student["name"]:
+            raise ConfigError(f"--variant {name}: the name is the student's; give it another")
+        variant = copy.deepcopy(student)
+        for override in overrides:
+            apply_override(variant, override)
+        variant["name"] = name
+        validate({**copy.deepcopy(paired), "students": [variant]}, f"--variant {name}")  # before anything runs
+        paired["students"].append(variant)
     paired["output_dir"] = str(folder / "paired")
 
     weak = copy.deepcopy(base)
@@ -105,11 +142,17 @@ def run_training(name: str, tree: dict[str, Any], nproc: int, log_file: Path) ->
 
     out = Path(tree["output_dir"])
     done = out / "DONE"
+    cfg_file = out.parent / f"{name}.yaml"
+    if cfg_file.exists():  # a run of other students cannot hold the curves of these
+        before = [s["name"] for s in (yaml.safe_load(cfg_file.read_text()) or {}).get("students", [])]
+        now = [s["name"] for s in tree["students"]]
+        if before != now:
+            raise ConfigError(f"{cfg_file}: this run's students were {before}, now {now} (--variant changed); "
+                              "give another --output-dir")
     if done.exists():
         print(f"  {name}: already done ({out})", flush=True)
         return
     out.mkdir(parents=True, exist_ok=True)
-    cfg_file = out.parent / f"{name}.yaml"
     cfg_file.write_text(yaml.safe_dump(tree, sort_keys=False))
     start = time.time()
     print(f"  {name}: training -> {out} (log {log_file})", flush=True)
@@ -134,32 +177,49 @@ def summarize(values: list[float]) -> str:
 
 
 def report(curves: dict[str, dict[int, dict[int, float]]], seeds: list[int], cmdline: str,
-           machine: str, minutes: float) -> tuple[str, dict[str, Any], bool, bool]:
-    """Markdown table + checks from the curves (curve name -> seed -> step -> loss)."""
+           machine: str, minutes: float, variants: Optional[dict[str, list[str]]] = None
+           ) -> tuple[str, dict[str, Any], bool, bool]:
+    """Markdown table + checks from the curves (curve name -> seed -> step -> loss); the arms that
+    ran (all five, or the paired run's with --paired-only) and the variants."""
+    variants = variants or {}
     final = {arm: {s: curves[arm][s][max(curves[arm][s])] for s in seeds} for arm in curves}
     lines = [f"Command: `{cmdline}`  ", f"Machine: {machine}; {minutes:.0f} min in all.", "",
              "Final validation loss (perplexity) per seed; lower is better.", "",
              "| arm | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd | vs (a), per seed |",
              "|---|" + "---|" * len(seeds) + "---|---|"]
-    for arm, label in [*ARMS.items(), ("teacher", "teacher (trained alone)"),
-                       ("weak_teacher", "handicapped teacher")]:
+    rows = [*ARMS.items(), *((variant_key(n), f"variant {n}: `{' '.join(o)}`") for n, o in variants.items()),
+            ("teacher", "teacher (trained alone)"), ("weak_teacher", "handicapped teacher")]
+    for arm, label in rows:
+        if arm not in final:
+            continue
         cells = [f"{final[arm][s]:.4f} ({math.exp(final[arm][s]):.1f})" for s in seeds]
         delta = "" if arm in ("alone",) else ", ".join(f"{final[arm][s] - final['alone'][s]:+.4f}" for s in seeds)
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {summarize(list(final[arm].values()))} | {delta} |")
-    never_worse = all(final[arm][s] - final["alone"][s] <= NEVER_WORSE for arm in ("codistill", "handicap")
-                      for s in seeds)
+    checked = [arm for arm in ("codistill", "handicap") if arm in final]
+    never_worse = all(final[arm][s] - final["alone"][s] <= NEVER_WORSE for arm in checked for s in seeds)
     helps = all(final["codistill"][s] < final["alone"][s] for s in seeds)
     closed, closed_lead = gap_closed(final, "codistill", seeds), gap_closed(final, "lead", seeds)
     lines += ["",
-              f"- never worse: (b) and (d) within {NEVER_WORSE} nats of (a) or better on every seed: "
-              f"**{'yes' if never_worse else 'no'}**",
+              f"- never worse: {' and '.join(ARMS[a].split()[0] for a in checked)} within {NEVER_WORSE} nats of "
+              f"(a) or better on every seed: **{'yes' if never_worse else 'no'}**"
+              + ("" if "handicap" in final else " ((d) not run: --paired-only)"),
               f"- helps: (b) below (a) on every seed: **{'yes' if helps else 'no'}**; share of the (a) → teacher "
               f"gap closed by (b), per seed: {', '.join(_share(c) for c in closed)} (mean {_share(_mean(closed))}); "
               f"by (e): {', '.join(_share(c) for c in closed_lead)} (mean {_share(_mean(closed_lead))})"]
+    shares = {n: gap_closed(final, variant_key(n), seeds) for n in variants}
+    lines += [f"- variant {n}: worst − (a) {max(final[variant_key(n)][s] - final['alone'][s] for s in seeds):+.4f}; "
+              f"gap closed per seed {', '.join(_share(c) for c in shares[n])} (mean {_share(_mean(shares[n]))})"
+              for n in variants]
     data = {"seeds": seeds, "final": final, "never_worse": never_worse, "helps": helps, "gap_closed": closed,
             "gap_closed_lead": closed_lead,
+            "variants": {n: {"overrides": o, "gap_closed": shares[n]} for n, o in variants.items()},
             "curves": {k: {s: sorted(v.items()) for s, v in c.items()} for k, c in curves.items()}}
     return "\n".join(lines) + "\n", data, never_worse, helps
+
+
+def variant_key(name: str) -> str:
+    """A variant's key among the arms' curves (apart from theirs whatever its name)."""
+    return f"variant:{name}"
 
 
 def gap_closed(final: dict[str, dict[int, float]], arm: str, seeds: list[int]) -> list[float]:
@@ -191,6 +251,9 @@ def plot(curves: dict[str, dict[int, dict[int, float]]], seeds: list[int], path:
               "lead": ("C4", "-"),
               "teacher": ("k", "--"), "weak_teacher": ("C3", ":")}
     labels = {**ARMS, "teacher": "teacher", "weak_teacher": "handicapped teacher"}
+    for i, name in enumerate(n for n in curves if n.startswith(variant_key(""))):
+        styles[name], labels[name] = (f"C{5 + i % 5}", "-."), name
+    styles = {name: style for name, style in styles.items() if name in curves}
     for name, (color, style) in styles.items():
         steps = sorted(set.intersection(*(set(curves[name][s]) for s in seeds)))
         mean = [statistics.fmean(curves[name][s][t] for s in seeds) for t in steps]
@@ -219,6 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--handicap", type=float, default=0.1, help="arm (d): teacher lr factor (default 0.1)")
     parser.add_argument("--output-dir", type=Path, help="default: <config's output_dir>/compare")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a check fails")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME:OVERRIDES",
+                        help="one more student of the paired run: (b) with these overrides of the student's "
+                             "section, e.g. 't2:distill.temperature=2' (repeatable)")
+    parser.add_argument("--paired-only", action="store_true",
+                        help="run only the paired run ((a), (b), (e) and the variants): no (c), no (d)")
     parser.add_argument("--datasets", nargs="+", metavar="CORPUS",
                         help="run every arm and seed on each of these corpora (built-in names: "
                              f"{', '.join(CORPORA)}; or files/folders, each with a 4,096-token BPE trained on it "
@@ -232,6 +300,7 @@ def body(args: argparse.Namespace) -> int:
     if args.datasets:  # "--datasets a b key=value": argparse hands the overrides after it to --datasets
         args.overrides += [d for d in args.datasets if "=" in d]
         args.datasets = [d for d in args.datasets if "=" not in d]
+    variants = parse_variants(args.variant)
     cfg = cli.run_config(args)
     if cfg.mode != "codistill":
         raise ConfigError(f"mode={cfg.mode}: compare.py needs a co-distillation config (mode=codistill)")
@@ -255,8 +324,9 @@ def body(args: argparse.Namespace) -> int:
         if len(corpora) > 1:
             print(f"corpus {label}:", flush=True)
         start = time.time()
-        curves = run_corpus(base, seeds, folder, args, cfg.teacher.name, cfg.students[0].name)
-        text, data, never_worse, helps = report(curves, seeds, cmdline, machine, (time.time() - start) / 60)
+        curves = run_corpus(base, seeds, folder, args, cfg.teacher.name, cfg.students[0].name, variants)
+        text, data, never_worse, helps = report(curves, seeds, cmdline, machine, (time.time() - start) / 60,
+                                                variants)
         plot(curves, seeds, folder / "validation_loss.png",
              f"{label}: validation loss, mean (band: min-max) of {len(seeds)} seeds")
         folder.mkdir(parents=True, exist_ok=True)
@@ -283,27 +353,34 @@ def corpus_label(dataset: str) -> str:
 
 
 def run_corpus(base: dict[str, Any], seeds: list[int], out: Path, args: argparse.Namespace, teacher: str,
-               student: str) -> dict[str, dict[int, dict[int, float]]]:
-    """Every seed's runs on one corpus (finished ones skipped); the curve of every arm."""
+               student: str, variants: dict[str, list[str]]) -> dict[str, dict[int, dict[int, float]]]:
+    """Every seed's runs on one corpus (finished ones skipped); the curve of every arm that ran."""
     from ..checkpoint import export_hf
 
-    plans = {s: arm_configs(base, s, out / f"seed_{s}", args.handicap) for s in seeds}
-    curves: dict[str, dict[int, dict[int, float]]] = {k: {} for k in [*ARMS, "teacher", "weak_teacher"]}
+    plans = {s: arm_configs(base, s, out / f"seed_{s}", args.handicap, variants) for s in seeds}
+    names = [*PAIRED_ARMS, *map(variant_key, variants), "teacher"]
+    if not args.paired_only:
+        names += ["two_stage", "handicap", "weak_teacher"]
+    curves: dict[str, dict[int, dict[int, float]]] = {k: {} for k in names}
     for s in seeds:
         folder = out / f"seed_{s}"
         print(f"seed {s}:", flush=True)
         runs = plans[s]
         run_training("paired", runs["paired"], args.nproc, folder / "paired.log")
+        curves["alone"][s] = eval_curve(folder / "paired", ALONE)
+        curves["codistill"][s] = eval_curve(folder / "paired", student)
+        curves["lead"][s] = eval_curve(folder / "paired", LEAD)
+        curves["teacher"][s] = eval_curve(folder / "paired", teacher)
+        for name in variants:
+            curves[variant_key(name)][s] = eval_curve(folder / "paired", name)
+        if args.paired_only:
+            continue
         exported = folder / "teacher_hf" / teacher
         if not (exported / "config.json").exists():
             with open(folder / "paired.log", "a") as fh, contextlib.redirect_stdout(fh):
                 export_hf(folder / "paired", folder / "teacher_hf", [teacher], overwrite=True)
         run_training("two_stage", runs["two_stage"], args.nproc, folder / "two_stage.log")
         run_training("handicap", runs["handicap"], args.nproc, folder / "handicap.log")
-        curves["alone"][s] = eval_curve(folder / "paired", ALONE)
-        curves["codistill"][s] = eval_curve(folder / "paired", student)
-        curves["lead"][s] = eval_curve(folder / "paired", LEAD)
-        curves["teacher"][s] = eval_curve(folder / "paired", teacher)
         curves["two_stage"][s] = eval_curve(folder / "two_stage", student)
         curves["handicap"][s] = eval_curve(folder / "handicap", student)
         curves["weak_teacher"][s] = eval_curve(folder / "handicap", teacher)
@@ -311,10 +388,11 @@ def run_corpus(base: dict[str, Any], seeds: list[int], out: Path, args: argparse
 
 
 def cross_corpus(results: dict[str, dict[str, Any]], seeds: list[int], cmdline: str, machine: str) -> str:
-    """One table across corpora and seeds: each arm against (a), the share of the gap closed."""
+    """One table across corpora and seeds: each arm against (a), the share of the gap closed; and
+    one of the variants, when there are some."""
     lines = [f"Command: `{cmdline}`  ", f"Machine: {machine}.", "",
              "Final validation loss per corpus and seed; differences against (a), the student alone "
-             "(negative: better than training alone).", "",
+             "(negative: better than training alone; — not run).", "",
              "| corpus | seed | teacher | (a) alone | (b) − (a) | (c) − (a) | (d) − (a) | (e) − (a) | gap closed by (b) "
              "| by (e) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -325,22 +403,42 @@ def cross_corpus(results: dict[str, dict[str, Any]], seeds: list[int], cmdline: 
             a = final["alone"][s]
             closed = data["gap_closed"][i]
             lines.append(f"| {label} | {s} | {final['teacher'][s]:.4f} | {a:.4f} | "
-                         + " | ".join(f"{final[arm][s] - a:+.4f}" for arm in ("codistill", "two_stage", "handicap",
-                                                                              "lead"))
+                         + " | ".join(f"{final[arm][s] - a:+.4f}" if arm in final else "—"
+                                      for arm in ("codistill", "two_stage", "handicap", "lead"))
                          + f" | {_share(closed)} | {_share(data['gap_closed_lead'][i])} |")
             for arm in worst:
-                worst[arm] = max(worst[arm], final[arm][s] - a)
+                if arm in final:
+                    worst[arm] = max(worst[arm], final[arm][s] - a)
     never_worse = all(d["never_worse"] for d in results.values())
     lines += ["",
               f"- never worse on every corpus and seed ((b) and (d) within {NEVER_WORSE} nats of (a)): "
               f"**{'yes' if never_worse else 'no'}**; worst (b) − (a) {worst['codistill']:+.4f}, worst (d) − (a) "
-              f"{worst['handicap']:+.4f}",
+              + (f"{worst['handicap']:+.4f}" if worst["handicap"] > -math.inf else "— (not run)"),
               f"- lead-only gate (e): worst (e) − (a) {worst['lead']:+.4f}",
               "- helps ((b) below (a) on every seed), per corpus: "
               + ", ".join(f"{label} **{'yes' if d['helps'] else 'no'}**" for label, d in results.items()),
               "- mean share of the (a) → teacher gap closed, per corpus, (b) / (e): "
               + ", ".join(f"{label} {_share(_mean(d['gap_closed']))} / {_share(_mean(d['gap_closed_lead']))}"
                           for label, d in results.items())]
+    variants = next(iter(results.values()))["variants"]
+    if variants:
+        lines += ["", "Variants (students of the paired run: (b) with these overrides), − (a) per corpus and seed; "
+                  "the last rows: worst − (a) and the mean share of the gap closed per corpus.", "",
+                  "| corpus | seed | (b) | " + " | ".join(variants) + " |",
+                  "|---|---|---|" + "---|" * len(variants)]
+        for label, data in results.items():
+            final = data["final"]
+            for s in seeds:
+                a = final["alone"][s]
+                lines.append(f"| {label} | {s} | {final['codistill'][s] - a:+.4f} | "
+                             + " | ".join(f"{final[variant_key(n)][s] - a:+.4f}" for n in variants) + " |")
+        lines.append("| worst | all | " + " | ".join(
+            f"{max(d['final'][k][s] - d['final']['alone'][s] for d in results.values() for s in seeds):+.4f}"
+            for k in ["codistill", *map(variant_key, variants)]) + " |")
+        for label, data in results.items():
+            lines.append(f"| gap closed | {label} | {_share(_mean(data['gap_closed']))} | "
+                         + " | ".join(_share(_mean(data["variants"][n]["gap_closed"])) for n in variants) + " |")
+        lines += ["", *(f"- {n}: `{' '.join(v['overrides'])}`" for n, v in variants.items())]
     return "\n".join(lines) + "\n"
 
 
