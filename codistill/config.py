@@ -146,6 +146,9 @@ class DistillConfig(_Section):
     benefit_init: float = Field(0.5, ge=0.0, le=1.0, description="benefit gate: openness with no evidence either way")
     benefit_gain: float = Field(0.25, gt=0.0, description="benefit gate: openness per unit of evidence (t-statistic)")
     benefit_decay: float = Field(0.9, ge=0.0, lt=1.0, description="benefit gate: forgetting of earlier measurements")
+    benefit_length: Literal["constant", "lr"] = Field(
+        "constant", description="benefit gate: weight of the signal's length (label-noise) term: constant 1, or "
+        "the student's learning rate over its peak so far (less noise matters less as the step shrinks)")
 
 
 class _Overrides(_Section):

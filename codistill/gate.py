@@ -32,6 +32,11 @@ for one that always points the same way it grows to √(1/(1−decay)) (3.2 at d
 o = clip(init + gain·t, 0, 1): noise leaves α near init·(the schedule's),
 a consistent "helps" opens it fully, a consistent "hurts" shuts it, and the forgetting lets
 it change its mind when training moves on.
+
+With ``benefit_length: lr`` the length term is weighted by the student's learning rate over its
+peak so far: what less label noise buys shrinks with the step (a small step averages noise over
+many steps anyway), while the teacher's pull on where training ends does not. Off by default
+until measured across corpora (docs/results.md).
 """
 from __future__ import annotations
 
@@ -50,6 +55,7 @@ class BenefitState:
     evidence_sum: float = 0.0  # S = Σ decay^k·s
     evidence_sq: float = 0.0  # Q = Σ decay^k·s²
     measurements: int = 0
+    lr_peak: float = 0.0  # the student's highest learning rate so far (benefit_length: lr)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -57,7 +63,8 @@ class BenefitState:
     @classmethod
     def from_dict(cls, state: dict) -> "BenefitState":
         return cls(openness=float(state["openness"]), evidence_sum=float(state["evidence_sum"]),
-                   evidence_sq=float(state["evidence_sq"]), measurements=int(state["measurements"]))
+                   evidence_sq=float(state["evidence_sq"]), measurements=int(state["measurements"]),
+                   lr_peak=float(state.get("lr_peak", 0.0)))
 
     @property
     def evidence(self) -> float:
@@ -68,7 +75,7 @@ class BenefitState:
 def update(state: BenefitState, signal: float, init: float, gain: float, decay: float) -> BenefitState:
     """The gate after one measurement whose (rank-averaged) signal is ``signal``."""
     new = BenefitState(state.openness, decay * state.evidence_sum + signal,
-                       decay * state.evidence_sq + signal * signal, state.measurements + 1)
+                       decay * state.evidence_sq + signal * signal, state.measurements + 1, state.lr_peak)
     new.openness = min(1.0, max(0.0, init + gain * new.evidence))
     return new
 
@@ -107,6 +114,13 @@ def signal_parts(terms: dict[str, float], world: int = 1, batches: int = 1) -> t
     if norms <= 0:
         return 0.0, 0.0
     return terms["probe_diff"] / norms, -terms["probe_update"] * update_diff / update_sq / norms
+
+
+def length_weight(mode: str, lr: float, lr_peak: float) -> float:
+    """The length term's weight: 1 (``constant``), or the learning rate over its peak (``lr``)."""
+    if mode == "constant" or lr_peak <= 0:
+        return 1.0
+    return min(1.0, max(0.0, lr / lr_peak))
 
 
 def signal(terms: dict[str, float], world: int = 1, batches: int = 1) -> float:

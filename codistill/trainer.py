@@ -28,7 +28,8 @@ from .engines import (Member, build_engine, deepspeed_configs, forward_logits, h
                       loaded_models, module_logits, quiet_library_noise)
 from .errors import NonFinite
 from .files import write_atomically
-from .gate import SUMMED, TERMS, BenefitState, hypergradient_terms, signal_parts, trainable_parameters
+from .gate import (SUMMED, TERMS, BenefitState, hypergradient_terms, length_weight, signal_parts,
+                   trainable_parameters)
 from .gate import update as update_benefit
 from .losses import (SoftSpec, Targets, distill_loss, next_token_targets, panel_stats, top1_agreement,
                      topk_bytes_per_position, topk_targets)
@@ -400,9 +401,13 @@ class Trainer:
             # every rank: they were averaged over ranks).
             raw = {key: values.pop(f"{student.name}/benefit/{key}", None) for key in TERMS + SUMMED}
             raw = {key: value for key, value in raw.items() if value is not None}
+            if self.benefit[i] is not None and plan.active:
+                lr = float(student.engine.get_lr()[0])
+                self.benefit[i].lr_peak = max(self.benefit[i].lr_peak, lr)
             if set(TERMS) <= set(raw) and all(math.isfinite(v) for v in raw.values()):
                 pull, length = signal_parts(raw, self.world.size,
                                             self.world.size * self.cfg.train.gradient_accumulation_steps)
+                length *= length_weight(d.benefit_length, lr, self.benefit[i].lr_peak)
                 signal = pull + length
                 self.benefit[i] = update_benefit(self.benefit[i], signal, d.benefit_init, d.benefit_gain,
                                                  d.benefit_decay)

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from codistill.gate import TERMS, BenefitState, hypergradient_terms, signal, signal_parts, step_products, update
+from codistill.gate import (TERMS, BenefitState, hypergradient_terms, length_weight, signal, signal_parts, step_products,
+                            update)
 from codistill.losses import SoftSpec, Targets, distill_loss
 
 
@@ -161,10 +162,21 @@ def test_consistent_evidence_opens_or_shuts_the_gate_and_noise_leaves_it_near_in
 
 
 def test_state_round_trips_through_its_checkpoint_form():
-    state = update(update(BenefitState(0.25), 0.1, 0.25, 0.2, 0.8), -0.4, 0.25, 0.2, 0.8)
+    state = update(update(BenefitState(0.25, lr_peak=2e-3), 0.1, 0.25, 0.2, 0.8), -0.4, 0.25, 0.2, 0.8)
+    assert state.lr_peak == 2e-3
     again = BenefitState.from_dict(state.to_dict())
     assert again == state
     assert update(again, 0.3, 0.25, 0.2, 0.8) == update(state, 0.3, 0.25, 0.2, 0.8)
+    older = {k: v for k, v in state.to_dict().items() if k != "lr_peak"}  # a checkpoint from before the key
+    assert BenefitState.from_dict(older).lr_peak == 0.0
+
+
+@pytest.mark.parametrize("mode, lr, peak, weight", [
+    ("constant", 1e-4, 1e-3, 1.0), ("lr", 1e-4, 1e-3, 0.1), ("lr", 1e-3, 1e-3, 1.0),
+    ("lr", 5e-4, 0.0, 1.0),  # no peak seen yet: nothing to weigh against
+])
+def test_the_length_term_is_weighted_by_the_learning_rate_over_its_peak_only_when_asked(mode, lr, peak, weight):
+    assert length_weight(mode, lr, peak) == pytest.approx(weight)
 
 
 def test_with_several_ranks_the_steps_products_are_the_rank_averaged_gradients():
