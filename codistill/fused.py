@@ -1,0 +1,218 @@
+"""The fused-linear distillation losses: every model's loss from its final hidden states and
+LM head, chunk by chunk over positions, so that no model's [N × V] logits exist at once.
+
+Per chunk of positions the teacher's logits are computed once (``h_t·W_tᵀ + b_t``, in the
+model's dtype, then fp32), give its own CE (and its gradient, when it trains) and every
+student's soft targets (its full distribution or top-k + tail, at the student's T); each
+student's chunk of logits gives its ``(1 − α)·CE + α·T²·D`` and the gradient with respect
+to those logits, which is turned into the gradients of its hidden states and head weight
+(and bias) at once and dropped. The loss math is :mod:`codistill.losses`' own (the same
+kernel runs on each chunk), so every divergence, T, top-k, mask, prompt mask and per-token
+gate is exact where that path is: the two agree to fp32 rounding.
+
+Each model's loss is returned as a tensor whose backward hands over the gradients computed
+in the pass (the graph of one model reaches only its own hidden states and head), so each
+engine back-propagates its own loss as before. The head's gradient is accumulated in fp32
+and handed over in the weight's dtype. Rows of the head past ``vocab`` (an embedding padded
+past the tokenizer) are never used: their gradient is 0.
+
+Memory: per chunk, the teacher's fp32 logits and one student's at a time with their
+gradients (rows × V × 4 bytes each), plus per model an fp32 head-gradient accumulator (the
+head's size) and the hidden states' gradient; never N × V.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+
+from .losses import LossParts, SoftSpec, Targets, _forward_and_grad, topk_targets
+
+# Positions per chunk by default: about this many fp32 logits per chunk (32 MB; the GEMMs want
+# tens of rows or more, the softmax work inside runs on the loss's own cache-sized sub-chunks).
+FUSED_ELEMENTS = 1 << 23
+
+
+@dataclass
+class Head:
+    """One model's side: its final hidden states and its LM head (``logits = hidden·weightᵀ + bias``)."""
+
+    hidden: torch.Tensor  # [..., H]; requires grad when the model trains
+    weight: torch.Tensor  # [V_emb, H], V_emb ≥ the vocabulary (padding rows unused)
+    bias: Optional[torch.Tensor] = None  # [V_emb]
+
+    @property
+    def trains(self) -> bool:
+        return torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                               for t in (self.hidden, self.weight, self.bias))
+
+
+@dataclass
+class StudentTerm:
+    """A student's head and its soft term: divergence, α and gating (``spec``) at ``temperature``,
+    against the teacher's full distribution (``top_k`` None) or its top-k + tail."""
+
+    head: Head
+    spec: SoftSpec
+    temperature: float = 1.0
+    top_k: Optional[int] = None
+
+
+def fused_rows(vocab: int, chunk_tokens: Optional[int] = None) -> int:
+    """Positions per chunk: ``chunk_tokens`` if given, else about FUSED_ELEMENTS logits."""
+    return chunk_tokens or max(1, FUSED_ELEMENTS // vocab)
+
+
+class _Grads:
+    """One model's gradients, filled chunk by chunk: hidden states in their dtype, the head in fp32."""
+
+    def __init__(self, head: Head, n_pos: int, vocab: int):
+        self.head, self.vocab = head, vocab
+        h, w = head.hidden, head.weight
+        self.hidden = torch.zeros(n_pos, h.shape[-1], dtype=h.dtype, device=h.device) if h.requires_grad else None
+        self.weight = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if w.requires_grad else None
+        self.bias = (torch.zeros(head.bias.shape, dtype=torch.float32, device=head.bias.device)
+                     if head.bias is not None and head.bias.requires_grad else None)
+        self.partial = None  # a reused [V, H] buffer for half-precision heads (their GEMM's output dtype)
+
+    def add(self, rows: slice, hidden: torch.Tensor, grad_logits: torch.Tensor) -> None:
+        """Fold one chunk's gradient with respect to its logits [n, V] (fp32) into the model's."""
+        w = self.head.weight[:self.vocab]
+        g = grad_logits.to(w.dtype)
+        if self.hidden is not None:
+            torch.mm(g, w, out=self.hidden[rows])
+        if self.weight is not None:
+            if w.dtype == torch.float32:
+                self.weight[:self.vocab].addmm_(g.t(), hidden)
+            else:
+                if self.partial is None:
+                    self.partial = torch.empty(w.shape, dtype=w.dtype, device=w.device)
+                self.weight[:self.vocab].add_(torch.mm(g.t(), hidden, out=self.partial))
+        if self.bias is not None:
+            self.bias[:self.vocab].add_(grad_logits.sum(0))
+
+    def handed_over(self) -> tuple[Optional[torch.Tensor], ...]:
+        head = self.head
+        return (None if self.hidden is None else self.hidden.view(head.hidden.shape),
+                None if self.weight is None else self.weight.to(head.weight.dtype),
+                None if self.bias is None else self.bias.to(head.bias.dtype))
+
+
+def _logits(head: Head, hidden: torch.Tensor, vocab: int) -> torch.Tensor:
+    """One chunk's logits [n, V] over the real vocabulary, in fp32 (the GEMM in the model's dtype)."""
+    w = head.weight[:vocab]
+    if head.bias is None:
+        z = hidden @ w.t()
+    else:
+        z = torch.addmm(head.bias[:vocab], hidden, w.t())
+    return z.float()
+
+
+class _Handover(torch.autograd.Function):
+    """A loss whose gradients were computed with its value: backward hands them over, scaled."""
+
+    @staticmethod
+    def forward(ctx, value, grads, hidden, weight, bias):
+        ctx.grads = grads
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError("a fused-linear loss was back-propagated twice; its gradient is handed over once")
+        scale = grad_loss.item()
+        if scale != 1.0:
+            grads = tuple(None if g is None else g.mul_(scale) for g in grads)
+        return (None, None, *grads)
+
+
+def _parts(n_pos: int, device: torch.device) -> dict:
+    zero = lambda: torch.zeros((), dtype=torch.float64, device=device)  # noqa: E731
+    return {"loss": zero(), "ce": zero(), "kd": zero(), "gated": zero(),
+            "token_ce": torch.zeros(n_pos, dtype=torch.float32, device=device),
+            "lse": torch.zeros(n_pos, dtype=torch.float32, device=device)}
+
+
+def _fold(acc: dict, rows: slice, chunk: tuple, chunk_weight: torch.Tensor) -> None:
+    loss, ce, kd, token_ce, share, lse, _ = chunk
+    acc["loss"] += loss.double()
+    acc["ce"] += ce.double()
+    acc["kd"] += kd.double()
+    acc["gated"] += share.double() * chunk_weight
+    acc["token_ce"][rows] = token_ce
+    acc["lse"][rows] = lse
+
+
+def _finish(acc: dict, head: Head, grads: Optional[_Grads], total: torch.Tensor, soft: bool) -> LossParts:
+    value = acc["loss"].float()
+    if grads is not None:
+        value = _Handover.apply(value, grads.handed_over(), head.hidden, head.weight, head.bias)
+    share = (acc["gated"] / total).float() if soft and total > 0 else torch.ones((), device=value.device)
+    return LossParts(value, acc["ce"].float(), acc["kd"].float(), acc["token_ce"], share, acc["lse"])
+
+
+def fused_linear_losses(teacher: Head, students: list[StudentTerm], labels: torch.Tensor, mask: torch.Tensor,
+                        vocab: int, chunk_tokens: Optional[int] = None) -> tuple[LossParts, list[LossParts]]:
+    """The teacher's CE and every student's blended objective, as :func:`codistill.losses.distill_loss`
+    gives them from logits (the teacher's full logits, or its top-k at the student's T, as targets;
+    its per-position CE for the token gate), without any model's [N × V] logits.
+
+    Args:
+        teacher, students: heads (and the students' soft terms). A head whose hidden states,
+            weight or bias require grad gets its gradients; the teacher's are those of its CE.
+        labels, mask: [B, S] / [N] as for ``distill_loss`` (from ``next_token_targets``).
+        vocab: the tokenizer's vocabulary (≤ every head's rows).
+        chunk_tokens: positions per chunk (default: :func:`fused_rows`).
+
+    Returns the teacher's ``LossParts`` (its loss is its CE) and each student's.
+    """
+    flat_mask = mask.reshape(-1)
+    labels = labels.reshape(-1)
+    n_pos = flat_mask.shape[0]
+    heads = [teacher, *(s.head for s in students)]
+    for i, head in enumerate(heads):
+        who = "the teacher" if i == 0 else f"student {i - 1}"
+        if head.hidden.numel() != n_pos * head.hidden.shape[-1]:
+            raise ValueError(f"{who}: hidden states {tuple(head.hidden.shape)} do not hold {n_pos} positions")
+        if head.weight.shape[0] < vocab or head.weight.shape[1] != head.hidden.shape[-1]:
+            raise ValueError(f"{who}: head weight {tuple(head.weight.shape)} does not map hidden size "
+                             f"{head.hidden.shape[-1]} to at least {vocab} tokens")
+    weights = flat_mask.float() / flat_mask.sum().clamp(min=1)
+    total = weights.sum(dtype=torch.float64)
+    device = teacher.hidden.device
+    flat = [h.hidden.reshape(n_pos, -1).detach() for h in heads]
+    grads = [_Grads(h, n_pos, vocab) if h.trains else None for h in heads]
+    accs = [_parts(n_pos, device) for _ in heads]
+    step = min(n_pos, fused_rows(vocab, chunk_tokens)) if n_pos else 1
+    with torch.no_grad():
+        for i in range(0, n_pos, step):
+            rows = slice(i, min(n_pos, i + step))
+            y, w = labels[rows], weights[rows]
+            chunk_weight = w.sum(dtype=torch.float64)
+            z_t = _logits(teacher, flat[0][rows], vocab)
+            out = _forward_and_grad(z_t, y, w, None, SoftSpec(), None, grads[0] is not None)
+            _fold(accs[0], rows, out, chunk_weight)
+            if grads[0] is not None:
+                grads[0].add(rows, flat[0][rows], out[-1])
+            t_token_ce, t_lse = out[3], out[5]
+            del out
+            shared: dict[tuple, Targets] = {}
+            for j, s in enumerate(students, start=1):
+                key = (s.top_k, s.temperature)
+                if key not in shared:
+                    if s.top_k is None:
+                        shared[key] = Targets(temperature=s.temperature, logits=z_t, token_ce=t_token_ce,
+                                              lse=t_lse)
+                    else:
+                        shared[key] = replace(topk_targets(z_t, s.top_k, s.temperature), token_ce=t_token_ce)
+                z_s = _logits(s.head, flat[j][rows], vocab)
+                out = _forward_and_grad(z_s, y, w, shared[key], s.spec, None, grads[j] is not None)
+                _fold(accs[j], rows, out, chunk_weight)
+                if grads[j] is not None:
+                    grads[j].add(rows, flat[j][rows], out[-1])
+                del out, z_s
+            del z_t, shared
+    parts = [_finish(acc, head, g, total, soft=j > 0) for j, (acc, head, g) in enumerate(zip(accs, heads, grads))]
+    return parts[0], parts[1:]
