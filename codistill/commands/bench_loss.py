@@ -1,17 +1,25 @@
 """The chunked distillation loss against a plain PyTorch reference, side by side.
 
-For each (tokens, vocab) shape and divergence, runs each variant in its own process:
+For each (tokens, vocab) shape (--shapes) and divergence, runs each variant in its own process:
   reference  fp32 log_softmax of both models over the whole [tokens x vocab] tensor,
              the divergence from its formula, autograd backward;
   chunked    codistill.losses.distill_loss (α = 1: the soft term alone, like the reference).
 Each process first allocates what both variants must hold anyway: the student's and
 the teacher's logits and a gradient-sized buffer. Its peak RSS after that is its
 baseline; the variant's own peak memory is its peak RSS at the end minus that baseline.
+
+For each (tokens, hidden, vocab) shape (--linear-shapes), the same from final hidden states
+and LM-head weights of both models:
+  plain      matmul -> the reference above -> autograd (the logits are the variant's own);
+  fused      codistill.fused.fused_linear_losses (no [tokens x vocab] tensor; the teacher's
+             CE comes out of the same pass).
+What both hold is the inputs and the gradients of the student's hidden states and head.
 Times are the best of --repeats forward+backward passes. Values and gradients are
 compared between the two processes (loss value; every row's gradient sum and norm; and
 a fixed sample of full gradient rows).
 
     python tools/bench_loss.py [--shapes 4096x50257 4096x128256] [--divergences forward_kl jsd]
+    python tools/bench_loss.py --shapes --linear-shapes 4096x2048x128256 4096x2048x50257   (fused rows only)
     codistill-bench-loss ...   (the same, as a console command)
 """
 from __future__ import annotations
@@ -31,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import cli
+from ..fused import Head, StudentTerm, fused_linear_losses
 from ..losses import DIVERGENCES, SoftSpec, Targets, distill_loss
 
 SAMPLE_ROWS = 32
@@ -88,6 +97,42 @@ def worker(variant: str, tokens: int, vocab: int, div: str, beta: float, temp: f
                 "sample": student.grad[rows].clone()}, out)
 
 
+def linear_worker(variant: str, tokens: int, hidden: int, vocab: int, div: str, beta: float, temp: float,
+                  repeats: int, out: Path) -> None:
+    """One variant from hidden states and heads: the student's h and W train, the teacher's are fixed."""
+    torch.manual_seed(0)
+    scale = 2.0 / math.sqrt(hidden)  # logits of about the same spread as the logits rows (sd 2)
+    h_s, h_t = torch.randn(tokens, hidden).requires_grad_(True), torch.randn(tokens, hidden)
+    w_s, w_t = (torch.randn(vocab, hidden) * scale).requires_grad_(True), torch.randn(vocab, hidden) * scale
+    labels = torch.randint(0, vocab, (tokens,))
+    mask = torch.ones(tokens, dtype=torch.bool)
+    must_hold = (torch.ones_like(h_s), torch.ones_like(w_s))  # the gradients both variants hand back
+    del must_hold
+    baseline = peak_rss_bytes()
+    spec = SoftSpec(divergence=div, beta=beta, alpha=1.0)
+    times, value = [], None
+    for _ in range(repeats):
+        h_s.grad = w_s.grad = None
+        start = time.perf_counter()
+        if variant == "plain":
+            loss = reference_loss(h_s @ w_s.t(), h_t @ w_t.t(), div, beta, temp)
+        else:
+            _, (parts,) = fused_linear_losses(Head(h_t, w_t), [StudentTerm(Head(h_s, w_s), spec, temp)],
+                                              labels, mask, vocab)
+            loss = parts.loss
+        loss.backward()
+        times.append(time.perf_counter() - start)
+        value = loss.item()
+        del loss
+    own_peak = peak_rss_bytes() - baseline
+    rows_h = torch.linspace(0, tokens - 1, SAMPLE_ROWS).long()
+    rows_w = torch.linspace(0, vocab - 1, SAMPLE_ROWS).long()
+    torch.save({"value": value, "time": min(times), "own_peak": own_peak, "baseline": baseline,
+                "row_sum": torch.cat([h_s.grad.double().sum(-1), w_s.grad.double().sum(-1)]),
+                "row_norm": torch.cat([h_s.grad.double().norm(dim=-1), w_s.grad.double().norm(dim=-1)]),
+                "sample": torch.cat([h_s.grad[rows_h].flatten(), w_s.grad[rows_w].flatten()])}, out)
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
 
@@ -103,10 +148,23 @@ def shape(text: str) -> tuple[int, int]:
     raise argparse.ArgumentTypeError(f"expected TOKENSxVOCAB with positive numbers, got '{text}'")
 
 
+def linear_shape(text: str) -> tuple[int, int, int]:
+    """An argparse type: TOKENSxHIDDENxVOCAB with positive numbers."""
+    try:
+        parts = tuple(int(x) for x in text.lower().split("x"))
+        if len(parts) == 3 and min(parts) >= 1:
+            return parts
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected TOKENSxHIDDENxVOCAB with positive numbers, got '{text}'")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = cli.parser_for("codistill-bench-loss", __doc__, config=False)
-    parser.add_argument("--shapes", nargs="+", type=shape, default=[(4096, 50257), (4096, 128256)],
-                        help="TOKENSxVOCAB ...")
+    parser.add_argument("--shapes", nargs="*", type=shape, default=[(4096, 50257), (4096, 128256)],
+                        help="TOKENSxVOCAB ... (none: no logits rows)")
+    parser.add_argument("--linear-shapes", nargs="*", type=linear_shape, default=[],
+                        help="TOKENSxHIDDENxVOCAB ...: fused-linear rows (e.g. 4096x2048x128256)")
     parser.add_argument("--divergences", nargs="+", default=["forward_kl", "jsd"], choices=DIVERGENCES)
     parser.add_argument("--beta", type=float, default=0.5, help="β for jsd (default 0.5)")
     parser.add_argument("--temperature", type=float, default=1.0)
@@ -120,51 +178,58 @@ def build_parser() -> argparse.ArgumentParser:
 def body(args: argparse.Namespace) -> int:
     if args.worker:
         variant, shape, file = args.worker
-        tokens, vocab = (int(x) for x in shape.split("x"))
-        worker(variant, tokens, vocab, args.divergence, args.beta, args.temperature, args.repeats, Path(file))
+        dims = [int(x) for x in shape.split("x")]
+        run = linear_worker if variant in LINEAR else worker
+        run(variant, *dims, args.divergence, args.beta, args.temperature, args.repeats, Path(file))
         return 0
 
     results = []
-    print(f"{'shape':>14} {'divergence':>10} | {'ref ms':>8} {'ours ms':>8} {'time':>6} | "
+    print(f"{'shape':>20} {'divergence':>10} | {'ref ms':>8} {'ours ms':>8} {'time':>6} | "
           f"{'ref MB':>8} {'ours MB':>8} {'memory':>7} | {'value rel':>9} {'grad rel':>9}")
+    rows = [(f"{t}x{v}", {"tokens": t, "vocab": v}, LOGITS) for t, v in args.shapes]
+    rows += [(f"{t}x{h}x{v}", {"tokens": t, "hidden": h, "vocab": v}, LINEAR) for t, h, v in args.linear_shapes]
     with tempfile.TemporaryDirectory() as tmp:
-        for tokens, vocab in args.shapes:
+        for shape, dims, (base, ours_name) in rows:
             for div in args.divergences:
                 figures = {}
-                for variant in ("reference", "chunked"):
+                for variant in (base, ours_name):
                     file = Path(tmp) / f"{variant}.pt"
-                    cmd = [*cli.module_command("codistill.commands.bench_loss"), "--worker", variant, f"{tokens}x{vocab}", str(file),
+                    cmd = [*cli.module_command("codistill.commands.bench_loss"), "--worker", variant, shape, str(file),
                            "--divergence", div, "--beta", str(args.beta), "--temperature", str(args.temperature),
                            "--repeats", str(args.repeats)]
                     proc = subprocess.run(cmd, capture_output=True, text=True)
                     if proc.returncode != 0:
-                        print(f"bench_loss: error: the {variant} worker failed at {tokens}x{vocab} {div}: "
+                        print(f"bench_loss: error: the {variant} worker failed at {shape} {div}: "
                               f"{(proc.stderr.strip().splitlines() or ['killed (out of memory?)'])[-1]}", file=sys.stderr)
                         return 1
                     figures[variant] = torch.load(file)
-                ref, ours = figures["reference"], figures["chunked"]
+                ref, ours = figures[base], figures[ours_name]
                 row = {
-                    "tokens": tokens, "vocab": vocab, "divergence": div, "beta": args.beta,
+                    **dims, "divergence": div, "beta": args.beta, "baseline": base, "variant": ours_name,
                     "reference_ms": ref["time"] * 1e3, "chunked_ms": ours["time"] * 1e3,
                     "time_ratio": ours["time"] / ref["time"],
                     "reference_own_peak_mb": ref["own_peak"] / 2**20, "chunked_own_peak_mb": ours["own_peak"] / 2**20,
                     "memory_ratio": ours["own_peak"] / max(ref["own_peak"], 1),
-                    "must_hold_mb": 3 * tokens * vocab * 4 / 2**20,
                     "value_rel_err": abs(ours["value"] - ref["value"]) / abs(ref["value"]),
                     "grad_rel_err": max(rel(ours["sample"].double(), ref["sample"].double()),
                                         rel(ours["row_norm"], ref["row_norm"])),
                     "row_sum_abs_err": float((ours["row_sum"] - ref["row_sum"]).abs().max()),
                 }
                 results.append(row)
-                print(f"{tokens:>6}x{vocab:<7} {div:>10} | {row['reference_ms']:8.0f} {row['chunked_ms']:8.0f} "
+                print(f"{shape:>20} {div:>10} | {row['reference_ms']:8.0f} {row['chunked_ms']:8.0f} "
                       f"{row['time_ratio']:5.2f}x | {row['reference_own_peak_mb']:8.0f} {row['chunked_own_peak_mb']:8.0f} "
                       f"{row['memory_ratio']:6.3f}x | {row['value_rel_err']:9.1e} {row['grad_rel_err']:9.1e}")
-    print("memory: peak RSS above the logits and gradient both variants hold "
-          "(3 x tokens x vocab x 4 bytes); time: best forward+backward; grad rel: max |Δ| / max |ref| "
-          f"over {SAMPLE_ROWS} sampled rows and every row's norm")
+    print("memory: peak RSS above what both variants hold (logits rows: both models' logits and their gradient; "
+          "TOKENSxHIDDENxVOCAB rows: hidden states, heads and their gradients, so the plain path's logits count); "
+          "time: best forward+backward; grad rel: max |Δ| / max |ref| over "
+          f"{SAMPLE_ROWS} sampled rows and every row's norm (fused rows: hidden states and head weight)")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     return 0
+
+
+LOGITS = ("reference", "chunked")  # the variants of a TOKENSxVOCAB row
+LINEAR = ("plain", "fused")  # of a TOKENSxHIDDENxVOCAB row
 
 
 def main(argv: Optional[list[str]] = None) -> int:
