@@ -133,36 +133,88 @@ def trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
+SLICE = 1 << 22  # elements of a parameter's gradients converted to fp64 at a time (32 MB each)
+
+
+def _slices(*grads: Optional[torch.Tensor]):
+    """The gradients of one parameter, ``SLICE`` elements at a time, in fp64 (zeros for None)."""
+    ref = next(g for g in grads if g is not None)
+    flat = [None if g is None else g.detach().reshape(-1) for g in grads]
+    for start in range(0, ref.numel(), SLICE):
+        stop = min(ref.numel(), start + SLICE)
+        yield tuple(torch.zeros(stop - start, dtype=torch.float64, device=ref.device) if f is None
+                    else f[start:stop].double() for f in flat)
+
+
 def hypergradient_terms(params: list[torch.nn.Parameter], alpha: float,
                         losses: Callable[[], tuple[torch.Tensor, torch.Tensor]],
                         probe_ce: Callable[[], torch.Tensor],
                         sum_over_ranks: Optional[Callable[[torch.Tensor], None]] = None) -> dict[str, float]:
     """The inner products of :data:`TERMS` over ``params``, in fp64; with ``sum_over_ranks`` (an
-    in-place all-reduce) also those of :data:`SUMMED`, for :func:`step_products`.
+    in-place all-reduce, called in the same order on every rank) also those of :data:`SUMMED`,
+    for :func:`step_products`.
 
     ``losses()`` builds the training batch's CE and T²·D − CE (the blended loss's derivative
     in α; at α the update is g_0 + α·g_d), ``probe_ce()`` the unseen batch's CE; each graph is
     built, differentiated and freed in turn. The gradients come from ``torch.autograd.grad``:
-    nothing is accumulated into ``.grad``.
+    nothing is accumulated into ``.grad``. At most two whole gradients are held (g_p, then g_0):
+    g_d is folded into the products one parameter at a time as autograd produces it, and what
+    autograd collects in its place is a zero that holds no memory.
     """
+    g_p = torch.autograd.grad(probe_ce(), params, allow_unused=True)
     hard, diff = losses()
     g_0 = torch.autograd.grad(hard, params, retain_graph=True, allow_unused=True)
-    g_d = torch.autograd.grad(diff, params, allow_unused=True)
-    del hard, diff
-    g_p = torch.autograd.grad(probe_ce(), params, allow_unused=True)
-    keys = TERMS + (SUMMED if sum_over_ranks else ())
-    total: Optional[torch.Tensor] = None  # summed where the gradients are: one transfer at the end
-    for zero, d, p in zip(g_0, g_d, g_p):
-        ref = next((t for t in (zero, d, p) if t is not None), None)
-        if ref is None:
-            continue
-        zero, d, p = (t.detach().double() if t is not None else torch.zeros_like(ref, dtype=torch.float64)
-                      for t in (zero, d, p))
-        update = zero + alpha * d
-        row = [(p * d).sum(), (p * update).sum(), (update * d).sum(), (update * update).sum(), (p * p).sum()]
-        if sum_over_ranks is not None:  # one parameter at a time: one more whole gradient at most
-            both = torch.stack([update, d])
-            sum_over_ranks(both)
-            row += [(both[0] * both[1]).sum(), (both[0] * both[0]).sum()]
-        total = torch.stack(row) if total is None else total + torch.stack(row)
-    return dict(zip(keys, total.tolist())) if total is not None else dict.fromkeys(keys, 0.0)
+    del hard
+    # The products with g_d split by what they hold: Σ p·z, Σ z·z, Σ p·p now (z = g_0), Σ p·d, Σ z·d,
+    # Σ d·d as g_d arrives; with ranks, ⟨Σz, Σd⟩, ‖Σd‖² and ‖Σz‖² of the ranks' summed gradients too.
+    # Each in fp64, a slice of a parameter at a time (no fp64 copy of a whole vocabulary-sized head).
+    first: list[Optional[torch.Tensor]] = [None] * len(params)
+    later: list[Optional[torch.Tensor]] = [None]  # summed where the gradients are: one transfer at the end
+
+    for i, (p, z) in enumerate(zip(g_p, g_0)):
+        if p is not None or z is not None:
+            rows = [torch.stack([(pc * zc).sum(), (zc * zc).sum(), (pc * pc).sum()]) for pc, zc in _slices(p, z)]
+            first[i] = torch.stack(rows).sum(0)
+
+    def fold(i: int, d: Optional[torch.Tensor]) -> None:
+        total = None
+        for pc, zc, dc in _slices(g_p[i], g_0[i], d):
+            row = [(pc * dc).sum(), (zc * dc).sum(), (dc * dc).sum()]
+            if sum_over_ranks is not None:
+                both = torch.stack([zc, dc])
+                sum_over_ranks(both)
+                row += [(both[0] * both[1]).sum(), (both[1] * both[1]).sum(), (both[0] * both[0]).sum()]
+            total = torch.stack(row) if total is None else total + torch.stack(row)
+        later[0] = total if later[0] is None else later[0] + total
+
+    seen = set()
+
+    def hook_for(i: int):
+        def hook(grad: torch.Tensor) -> torch.Tensor:
+            seen.add(i)
+            fold(i, grad)
+            return torch.zeros((), dtype=grad.dtype, device=grad.device).expand_as(grad)  # nothing to collect
+        return hook
+
+    handles = [param.register_hook(hook_for(i)) for i, param in enumerate(params)]
+    try:
+        torch.autograd.grad(diff, params, allow_unused=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    del diff
+    for i in range(len(params)):  # parameters g_d does not reach (in the same order on every rank)
+        if i not in seen and first[i] is not None:
+            fold(i, None)
+    firsts = [f for f in first if f is not None]
+    if not firsts or later[0] is None:
+        return dict.fromkeys(TERMS + (SUMMED if sum_over_ranks else ()), 0.0)
+    pz, zz, pp = torch.stack(firsts).sum(0).tolist()
+    pd, zd, dd, *ranks = later[0].tolist()
+    out = {"probe_diff": pd, "probe_update": pz + alpha * pd, "update_diff": zd + alpha * dd,
+           "update_sq": zz + 2 * alpha * zd + alpha * alpha * dd, "probe_sq": pp}
+    if sum_over_ranks is not None:
+        zd_all, dd_all, zz_all = ranks
+        out["update_diff_all"] = zd_all + alpha * dd_all
+        out["update_sq_all"] = zz_all + 2 * alpha * zd_all + alpha * alpha * dd_all
+    return out

@@ -70,7 +70,8 @@ class ModelMemory:
     gathered: int = 0  # ZeRO-3: parameters gathered whole while the model runs (stage3_max_live_parameters)
     reducing: int = 0  # ZeRO-3: the bucket's copies while its gradients are averaged and scattered (backward)
     step_temp: int = 0  # the optimizer step's temporaries (torch's multi-tensor Adam: two per state)
-    gate: int = 0  # the benefit gate's measuring step: three whole gradients of the student (any ZeRO stage)
+    gate: int = 0  # the benefit gate's measuring step: two whole gradients of the student and one parameter's
+    largest: int = 0  # elements of the largest parameter (the embedding or the LM head)
 
     @property
     def states(self) -> int:
@@ -205,8 +206,8 @@ class Estimate:
                 f"optimizer-step temporaries {gb(max((m.step_temp for m in self.models), default=0)).strip()}",
                 f"  KD loss working set: {gb(self.kd_bytes(self.micro_batch_size)).strip()} chunked (plain PyTorch "
                 f"over full logits: {gb(self.kd_bytes(self.micro_batch_size, chunked=False)).strip()})",
-                *([f"  benefit gate: a measuring step holds three whole gradients of the student ("
-                   + ", ".join(f"{m.name} {gb(m.gate).strip()}" for m in self.models if m.gate)
+                *(["  benefit gate: a measuring step holds two whole gradients of the student and one of its "
+                   "largest parameter (" + ", ".join(f"{m.name} {gb(m.gate).strip()}" for m in self.models if m.gate)
                    + ") instead of its gradient reduction; counted in the students' phase"]
                   if any(m.gate for m in self.models) else []),
                 f"  runtime ({'measured in this process' if self.device == 'cpu' else 'CUDA context'}): "
@@ -373,6 +374,7 @@ def _model_memory(spec: ModelSpec, hf_config, ds: dict, trainable: bool, world: 
     if offload_params and stage == 3:
         m.host, m.params = m.params, 0
     m.width = getattr(hf_config, "vocab_size", None) or vocab  # the head computes every row, padding included
+    m.largest = m.width * int(getattr(hf_config, "hidden_size", 0) or 0)
     m.logits = batch * seq_len * m.width * m.dtype_bytes
     if stage == 3:  # gathered whole module by module, up to stage3_max_live_parameters at once
         m.gathered = m.dtype_bytes * min(n, int(zero.get("stage3_max_live_parameters", 10**9)))
@@ -419,7 +421,8 @@ def estimate(cfg: RunConfig, world_size: int, device: Optional[str] = None) -> E
     for spec, d in zip(cfg.students, settings):
         m = next((m for m in est.models if m.name == spec.name), None)
         if m is not None and d.benefit_gate and cfg.mode != "hard":
-            m.gate = 3 * m.dtype_bytes * m.parameters  # ∇CE and ∇(T²·D − CE) on the batch, ∇CE on the probe
+            # ∇CE(probe) and ∇CE whole; ∇(T²·D − CE) one parameter at a time (at most the largest one)
+            m.gate = m.dtype_bytes * (2 * m.parameters + m.largest)
     if cfg.teacher.cache or (teacher is not None and all(d.targets == "topk" for d in settings)):
         k = max(d.top_k for d in settings)
         est.kept_per_position = topk_bytes_per_position(min(k, vocab))

@@ -94,6 +94,18 @@ def test_signal_is_the_alpha_derivative_of_a_fixed_length_steps_progress(tied, t
     hard, diff = losses()
     g_a = torch.autograd.grad(hard + alpha * diff, params)
     assert terms["probe_update"] == pytest.approx(sum(float((x * y).sum()) for x, y in zip(g_p, g_a)), rel=1e-10)
+    assert terms["update_sq"] == pytest.approx(sum(float((x * x).sum()) for x in g_a), rel=1e-10)
+    g_d = torch.autograd.grad(losses()[1], params)
+    assert terms["update_diff"] == pytest.approx(sum(float((x * y).sum()) for x, y in zip(g_a, g_d)), rel=1e-10)
+    assert terms["probe_diff"] == pytest.approx(sum(float((x * y).sum()) for x, y in zip(g_p, g_d)), rel=1e-10)
+    # The ranks' summed products, with an all-reduce that stands for two ranks holding these same
+    # gradients (it doubles them), are those of the doubled gradients; every parameter is summed once.
+    calls = []
+    doubled = hypergradient_terms(params, alpha, losses, probe_ce, lambda t: calls.append(t.shape) or t.mul_(2))
+    assert len(calls) == len(params)
+    assert doubled["update_diff_all"] == pytest.approx(4 * terms["update_diff"], rel=1e-10)
+    assert doubled["update_sq_all"] == pytest.approx(4 * terms["update_sq"], rel=1e-10)
+    assert {k: doubled[k] for k in TERMS} == pytest.approx(terms, rel=1e-12)
 
 
 def test_less_label_noise_for_the_same_progress_opens_the_gate():

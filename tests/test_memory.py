@@ -161,13 +161,15 @@ def test_what_does_not_fit_is_named():
     assert "building the models alone needs 18.1 GB" in est.why_not(10 * 2**30)
 
 
-def test_the_benefit_gate_counts_three_whole_student_gradients_at_any_zero_stage():
-    """A measuring step holds ∇CE, ∇(T²·D − CE) and ∇CE(probe) whole, even under ZeRO-3 (no reduction then)."""
+def test_the_benefit_gate_counts_two_whole_student_gradients_and_its_largest_parameter_at_any_zero_stage():
+    """A measuring step holds ∇CE(probe) and ∇CE whole and ∇(T²·D − CE) one parameter at a time, even
+    under ZeRO-3 (no reduction then)."""
     for stage in (2, 3):
         zero = f"students.0.deepspeed.zero_optimization.stage={stage}"
         on, off = estimate(load_config(MICRO, [zero]), 2), estimate(load_config(MICRO, [zero, "distill.benefit_gate=false"]), 2)
         student = by_name(on)["student"]
-        assert student.gate == 3 * 4 * student.parameters and by_name(off)["student"].gate == 0
+        assert student.largest == 4096 * 32  # the tied embedding and head of the micro student
+        assert student.gate == 4 * (2 * student.parameters + student.largest) and by_name(off)["student"].gate == 0
         measuring = [phase for phase in on._phase_terms(4)[1] if "student benefit gate's gradients" in phase]
         assert len(measuring) == 1 and "student gradient reduction (ZeRO-3)" not in measuring[0]
         assert on._phases(4)[1] >= off._phases(4)[1]  # (peak() also holds this process's measured runtime)
