@@ -186,18 +186,20 @@ def fused_linear_losses(teacher: Head, students: list[StudentTerm], labels: torc
     grads = [_Grads(h, n_pos, vocab) if h.trains else None for h in heads]
     accs = [_parts(n_pos, device) for _ in heads]
     step = min(n_pos, fused_rows(vocab, chunk_tokens)) if n_pos else 1
+
+    def chunk_of(j: int, rows: slice, z: torch.Tensor, targets: Optional[Targets], spec: SoftSpec):
+        """Model j's loss on one chunk of logits, folded into its sums and gradients; (token CE, lse)."""
+        out = _forward_and_grad(z, labels[rows], weights[rows], targets, spec, None, grads[j] is not None)
+        _fold(accs[j], rows, out, weights[rows].sum(dtype=torch.float64))
+        if grads[j] is not None:
+            grads[j].add(rows, flat[j][rows], out[-1])
+        return out[3], out[5]
+
     with torch.no_grad():
         for i in range(0, n_pos, step):
             rows = slice(i, min(n_pos, i + step))
-            y, w = labels[rows], weights[rows]
-            chunk_weight = w.sum(dtype=torch.float64)
             z_t = _logits(teacher, flat[0][rows], vocab)
-            out = _forward_and_grad(z_t, y, w, None, SoftSpec(), None, grads[0] is not None)
-            _fold(accs[0], rows, out, chunk_weight)
-            if grads[0] is not None:
-                grads[0].add(rows, flat[0][rows], out[-1])
-            t_token_ce, t_lse = out[3], out[5]
-            del out
+            t_token_ce, t_lse = chunk_of(0, rows, z_t, None, SoftSpec())
             shared: dict[tuple, Targets] = {}
             for j, s in enumerate(students, start=1):
                 key = (s.top_k, s.temperature)
@@ -207,12 +209,7 @@ def fused_linear_losses(teacher: Head, students: list[StudentTerm], labels: torc
                                               lse=t_lse)
                     else:
                         shared[key] = replace(topk_targets(z_t, s.top_k, s.temperature), token_ce=t_token_ce)
-                z_s = _logits(s.head, flat[j][rows], vocab)
-                out = _forward_and_grad(z_s, y, w, shared[key], s.spec, None, grads[j] is not None)
-                _fold(accs[j], rows, out, chunk_weight)
-                if grads[j] is not None:
-                    grads[j].add(rows, flat[j][rows], out[-1])
-                del out, z_s
+                chunk_of(j, rows, _logits(s.head, flat[j][rows], vocab), shared[key], s.spec)
             del z_t, shared
     parts = [_finish(acc, head, g, total, soft=j > 0) for j, (acc, head, g) in enumerate(zip(accs, heads, grads))]
     return parts[0], parts[1:]

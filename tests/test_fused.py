@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from codistill.fused import Head, StudentTerm, fused_linear_losses
 from codistill.losses import SoftSpec, Targets, distill_loss
 
+from test_losses import _ref_divergence
+
 B, S, H, V = 2, 6, 5, 13  # V: the tokenizer's vocabulary; heads may hold more rows
 
 
@@ -30,19 +32,6 @@ def _batch(seed=0):
     mask[0, 4:] = False  # padding
     mask[1, :2] = False  # a prompt
     return labels, mask
-
-
-def _ref_divergence(div, beta, p, q):
-    if div == "jsd" and beta in (0.0, 1.0):
-        div = "forward_kl" if beta == 0.0 else "reverse_kl"
-    if div == "forward_kl":
-        return (p * (p.log() - q.log())).sum(-1)
-    if div == "reverse_kl":
-        return (q * (q.log() - p.log())).sum(-1)
-    if div == "jsd":
-        m = beta * p + (1 - beta) * q
-        return beta * (p * (p / m).log()).sum(-1) + (1 - beta) * (q * (q / m).log()).sum(-1)
-    return 0.5 * (p - q).abs().sum(-1)
 
 
 def _logits64(h, w, b):
