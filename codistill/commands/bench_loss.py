@@ -137,33 +137,25 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
 
 
-def shape(text: str) -> tuple[int, int]:
-    """An argparse type: TOKENSxVOCAB with positive numbers."""
-    try:
-        tokens, vocab = (int(x) for x in text.lower().split("x"))
-        if min(tokens, vocab) >= 1:
-            return tokens, vocab
-    except ValueError:
-        pass
-    raise argparse.ArgumentTypeError(f"expected TOKENSxVOCAB with positive numbers, got '{text}'")
-
-
-def linear_shape(text: str) -> tuple[int, int, int]:
-    """An argparse type: TOKENSxHIDDENxVOCAB with positive numbers."""
-    try:
-        parts = tuple(int(x) for x in text.lower().split("x"))
-        if len(parts) == 3 and min(parts) >= 1:
-            return parts
-    except ValueError:
-        pass
-    raise argparse.ArgumentTypeError(f"expected TOKENSxHIDDENxVOCAB with positive numbers, got '{text}'")
+def dims(form: str):
+    """An argparse type for shapes written ``form`` (e.g. TOKENSxVOCAB): that many positive numbers."""
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            parts = tuple(int(x) for x in text.lower().split("x"))
+            if len(parts) == form.count("x") + 1 and min(parts) >= 1:
+                return parts
+        except ValueError:
+            pass
+        raise argparse.ArgumentTypeError(f"expected {form} with positive numbers, got '{text}'")
+    parse.__name__ = form  # argparse names the type in its own errors
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = cli.parser_for("codistill-bench-loss", __doc__, config=False)
-    parser.add_argument("--shapes", nargs="*", type=shape, default=[(4096, 50257), (4096, 128256)],
+    parser.add_argument("--shapes", nargs="*", type=dims("TOKENSxVOCAB"), default=[(4096, 50257), (4096, 128256)],
                         help="TOKENSxVOCAB ... (none: no logits rows)")
-    parser.add_argument("--linear-shapes", nargs="*", type=linear_shape, default=[],
+    parser.add_argument("--linear-shapes", nargs="*", type=dims("TOKENSxHIDDENxVOCAB"), default=[],
                         help="TOKENSxHIDDENxVOCAB ...: fused-linear rows (e.g. 4096x2048x128256)")
     parser.add_argument("--divergences", nargs="+", default=["forward_kl", "jsd"], choices=DIVERGENCES)
     parser.add_argument("--beta", type=float, default=0.5, help="β for jsd (default 0.5)")
