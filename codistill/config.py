@@ -149,6 +149,10 @@ class DistillConfig(_Section):
     benefit_length: Literal["constant", "lr"] = Field(
         "constant", description="benefit gate: weight of the signal's length (label-noise) term: constant 1, or "
         "the student's learning rate over its peak so far (less noise matters less as the step shrinks)")
+    fused_linear: Union[Literal["auto"], bool] = Field(
+        "auto", description="one setting for the run: every model's loss from its final hidden states and LM head, "
+        "chunk by chunk, so no [tokens x vocabulary] logits exist (codistill and a live soft teacher); true / false / "
+        "auto (on where it is exact: linear heads, ZeRO stage 0-2, vocabulary >= 32768)")
 
 
 class _Overrides(_Section):
@@ -249,6 +253,10 @@ class RunConfig(_Section):
         if self.train.nonfinite == "skip" and self.train.gradient_accumulation_steps != 1:
             raise ValueError("train.nonfinite=skip needs train.gradient_accumulation_steps=1 (a skipped "
                              "micro-batch would shift DeepSpeed's accumulation boundary)")
+        for s in self.students:
+            if "fused_linear" in s.distill.model_fields_set:
+                raise ValueError(f"students[{s.name}].distill.fused_linear: the teacher's fused pass is shared by "
+                                 "every student; set it once, in the top-level distill section")
         base = self.distill.model_dump()
         self._merged = [DistillConfig.model_validate({**base, **s.distill.model_dump(exclude_unset=True)})
                         for s in self.students]

@@ -213,3 +213,66 @@ def module_logits(member: Member, batch: dict[str, torch.Tensor], vocab: int) ->
     out = member.engine.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                use_cache=False)
     return out.logits[..., :vocab]
+
+
+_NO_POSITIONS = None  # an empty index: the model's own head projects no position (logits_to_keep)
+
+
+def _hidden_of(module: torch.nn.Module, call, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The final hidden states [B, S, H] the model's LM head would read, from ``call`` (the engine or
+    the bare module) with the head projecting no position: the body's output, caught by a hook."""
+    global _NO_POSITIONS
+    if _NO_POSITIONS is None or _NO_POSITIONS.device != batch["input_ids"].device:
+        _NO_POSITIONS = torch.zeros(0, dtype=torch.long, device=batch["input_ids"].device)
+    caught = []
+    handle = module.base_model.register_forward_hook(lambda _m, _i, out: caught.append(out[0]))
+    try:
+        call(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+             logits_to_keep=_NO_POSITIONS)
+    finally:
+        handle.remove()
+    return caught[-1]
+
+
+def forward_hidden(member: Member, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """As :func:`forward_logits`, the hidden states before the LM head instead of its [B, S, V] logits."""
+    return _hidden_of(member.engine.module, member.engine, batch)
+
+
+def module_hidden(member: Member, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """As :func:`module_logits`, the hidden states before the LM head."""
+    return _hidden_of(member.engine.module, member.engine.module, batch)
+
+
+def lm_head(member: Member) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The LM head's weight [V_emb, H] and bias (None if it has none)."""
+    head = member.engine.module.get_output_embeddings()
+    return head.weight, getattr(head, "bias", None)
+
+
+def fused_head_problem(member: Member, vocab: int) -> Optional[str]:
+    """Why this model's logits are not exactly ``hidden·Wᵀ + b`` of its final hidden states (a head that
+    is not a linear map, logit scaling or soft-capping), checked on a short input; None when they are."""
+    module = member.engine.module
+    head = module.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear) or not hasattr(module, "base_model") or module.base_model is module:
+        return f"its LM head is {type(head).__name__}, not a linear layer after a base model"
+    device = next(module.parameters()).device
+    ids = torch.arange(8, device=device).remainder(vocab).unsqueeze(0)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            logits = module_logits(member, batch, vocab).float()
+            hidden = module_hidden(member, batch)
+            weight, bias = lm_head(member)
+            again = torch.nn.functional.linear(hidden, weight, bias)[..., :vocab].float()
+    except (TypeError, ValueError, RuntimeError) as err:  # no logits_to_keep, another output layout
+        return f"its forward does not give its hidden states apart from its logits ({err})"
+    finally:
+        module.train(was_training)
+    scale = logits.abs().max().clamp(min=1.0)
+    if again.shape != logits.shape or not torch.allclose(again, logits, atol=1e-4 * float(scale), rtol=1e-3):
+        return "its logits are not its head's linear map of its final hidden states (scaled or capped)"
+    return None

@@ -213,3 +213,35 @@ def fused_linear_losses(teacher: Head, students: list[StudentTerm], labels: torc
             del z_t, shared
     parts = [_finish(acc, head, g, total, soft=j > 0) for j, (acc, head, g) in enumerate(zip(accs, heads, grads))]
     return parts[0], parts[1:]
+
+
+class HeadLogits:
+    """A model's logits ``hidden·Wᵀ + b`` over the vocabulary, made a slice of positions at a time when read:
+    stands in for a detached [..., V] logits tensor where only row slices of its [N, V] view are read
+    (:func:`codistill.losses.panel_stats`, :func:`topk_targets`, ``Targets.logits``), so diagnostics and
+    top-k targets of the fused path never hold N × V either. A slice is fp32."""
+
+    def __init__(self, head: Head, vocab: int, shape: Optional[tuple[int, ...]] = None):
+        self.head, self.vocab = head, vocab
+        self.flat = head.hidden.detach().reshape(-1, head.hidden.shape[-1])
+        self.shape = torch.Size(shape or (*head.hidden.shape[:-1], vocab))
+        self.device = head.hidden.device
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def detach(self) -> "HeadLogits":
+        return self
+
+    def reshape(self, *shape: int) -> "HeadLogits":
+        if shape != (-1, self.vocab):
+            raise ValueError(f"HeadLogits: only the [N, V] view is available, not {shape}")
+        return HeadLogits(self.head, self.vocab, (self.flat.shape[0], self.vocab))
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        if not isinstance(rows, slice):
+            raise TypeError("HeadLogits: read a slice of positions")
+        head = self.head
+        with torch.no_grad():
+            return _logits(Head(head.hidden, head.weight.detach(), None if head.bias is None else head.bias.detach()),
+                           self.flat[rows], self.vocab)

@@ -347,10 +347,10 @@ def distill_loss(
     return LossParts(*parts)
 
 
-def top1_agreement(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> int:
-    """How many masked positions have the student's argmax equal to the teacher's."""
-    same = student_logits.argmax(dim=-1) == teacher_logits.argmax(dim=-1)
-    return int(same[mask].sum())
+def top1_agreement(student_top1: torch.Tensor, teacher_top1: torch.Tensor, mask: torch.Tensor) -> int:
+    """How many masked positions have the student's most likely token equal to the teacher's
+    (each model's argmax over its logits, [B, S])."""
+    return int((student_top1 == teacher_top1)[mask].sum())
 
 
 PANEL_BUCKETS = 4  # KD loss is reported per quarter of the sequence

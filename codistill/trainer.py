@@ -24,10 +24,12 @@ from . import checkpoint, distributed
 from .cache import TeacherCache
 from .config import ConfigError, DistillConfig, RunConfig, dump_config, is_resolved_config
 from .data import BatchStream, build_splits, check_data_source, eval_batches, run_tokenizer, tokenizer_fingerprint
-from .engines import (Member, build_engine, deepspeed_configs, forward_logits, half_precision, init_seed, is_trainable,
-                      loaded_models, module_logits, quiet_library_noise)
+from .engines import (Member, build_engine, deepspeed_configs, forward_hidden, forward_logits, fused_head_problem,
+                      half_precision, init_seed, is_trainable, lm_head, loaded_models, module_hidden, module_logits,
+                      quiet_library_noise)
 from .errors import NonFinite
 from .files import write_atomically
+from .fused import Head, HeadLogits, StudentTerm, fused_linear_losses, fused_rows
 from .gate import (SUMMED, TERMS, BenefitState, hypergradient_terms, length_weight, signal_parts,
                    trainable_parameters)
 from .gate import update as update_benefit
@@ -38,6 +40,10 @@ from .models import check_attention, check_model, count_parameters, local_parame
 from .schedules import adaptive_alpha, alpha_at, ema, temperature_at
 
 log = logging.getLogger("codistill")
+
+# distill.fused_linear=auto is on from this vocabulary up: below it the logits are not the step's largest
+# activations and the chunked pass's extra head GEMMs cost more than they save (tools/bench_step.py).
+FUSED_AUTO_VOCAB = 32768
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,9 @@ class Trainer:
         ds_configs = deepspeed_configs(cfg, specs, world_size, on_cpu=not torch.cuda.is_available())
         for spec in specs:
             check_attention(spec, hf_configs[spec.name], half_precision(ds_configs[spec.name]))
+        self._fused_refusal = self._fused_static_problem(ds_configs)
+        if cfg.distill.fused_linear is True and self._fused_refusal:
+            raise ConfigError(f"distill.fused_linear=true: {self._fused_refusal}; set it to auto or false")
         written = self.output_dir / "config.yaml"
         if written.exists() and not is_resolved_config(written):
             raise ConfigError(f"output_dir: {written} is not a config this program wrote, and the run would replace "
@@ -146,6 +155,30 @@ class Trainer:
         self.students = self.members[1 if self.teacher is not None else 0:]
         self.trainable = [m for m in self.members if m.trainable]
         self.distill: list[DistillConfig] = [cfg.distill_for(i) for i in range(len(self.students))]
+        self.fused = self._resolve_fused()
+
+    def _fused_static_problem(self, ds_configs: dict) -> Optional[str]:
+        """Why the fused-linear path cannot serve this run, from the config alone (None: it can)."""
+        cfg = self.cfg
+        if cfg.mode == "hard" or cfg.teacher.cache:
+            return "it needs a live teacher (mode codistill, or soft without teacher.cache)"
+        stage3 = [name for name, ds in ds_configs.items() if (ds.get("zero_optimization") or {}).get("stage", 0) == 3]
+        if stage3:
+            return f"ZeRO stage 3 ({', '.join(stage3)}) is not supported by the fused path yet"
+        return None
+
+    def _resolve_fused(self) -> bool:
+        """distill.fused_linear: false; true (refused where it would not be exact); auto: on where it is
+        exact and the vocabulary is large enough for the logits to matter (FUSED_AUTO_VOCAB)."""
+        setting = self.cfg.distill.fused_linear
+        if setting is False or (setting == "auto" and (self._fused_refusal or self.vocab < FUSED_AUTO_VOCAB)):
+            return False
+        problems = [f"{m.name}: {why}" for m in self.members if (why := fused_head_problem(m, self.vocab))]
+        if problems and setting is True:
+            raise ConfigError(f"distill.fused_linear=true: {'; '.join(problems)}; set it to auto or false")
+        if problems:
+            log.info("fused-linear losses off: %s", "; ".join(problems))
+        return not problems
 
     def _init_state(self) -> None:
         """What the loop keeps between steps (saved with a checkpoint) and this rank's RNGs."""
@@ -233,6 +266,11 @@ class Trainer:
         # students' targets were computed before the teacher's step either way: same numbers.
         self._deferred = []
         try:
+            if self.fused:
+                self.fused_micro_step(batch, plans, sums, panels, probe)
+                for member in self._deferred:
+                    member.engine.step()
+                return
             out = self.teacher_targets(batch, plans, sums)
             if out is None:  # the teacher's update was skipped: no trustworthy targets
                 return
@@ -247,6 +285,79 @@ class Trainer:
                 member.engine.step()
         finally:
             self._deferred = None
+
+    def fused_micro_step(self, batch: dict[str, torch.Tensor], plans: list[StudentPlan], sums: dict[str, float],
+                         panels: Optional[dict[str, float]] = None,
+                         probe: Optional[dict[str, torch.Tensor]] = None) -> None:
+        """:meth:`micro_step` from final hidden states (``distill.fused_linear``): every model's forward stops
+        before its LM head, one chunked pass (codistill/fused.py) gives the teacher's CE and every student's
+        blended loss with their gradients, then each model back-propagates its own loss. No model's
+        [N x V] logits exist; the teacher's head does not change before every student has used it (the
+        steps wait for the micro-step's end)."""
+        active = [i for i, plan in enumerate(plans) if plan.active]
+        if not active and not self.teacher.trainable:  # a frozen teacher with nobody to teach
+            return
+        labels, mask = batch["labels"], batch["mask"]
+        with torch.set_grad_enabled(self.teacher.trainable):
+            teacher = Head(forward_hidden(self.teacher, batch), *lm_head(self.teacher))
+        heads = {i: Head(forward_hidden(self.students[i], batch), *lm_head(self.students[i])) for i in active}
+        terms = [StudentTerm(heads[i], plans[i].spec, plans[i].temperature, self._top_k(i)) for i in active]
+        with torch.set_grad_enabled(True):
+            teacher_parts, student_parts = fused_linear_losses(teacher, terms, labels, mask, self.vocab,
+                                                               self.cfg.distill.chunk_tokens)
+        if not self._finite(self.teacher, teacher_parts.loss):
+            return
+        if self.teacher.trainable:
+            self.teacher.engine.backward(teacher_parts.loss)
+            self._step(self.teacher)
+        ce = teacher_parts.ce.item()
+        _add(sums, f"{self.teacher.name}/train/loss", ce)
+        _add(sums, f"{self.teacher.name}/train/loss_ce", ce)
+        frozen_teacher = Head(teacher.hidden.detach(), teacher.weight.detach(),
+                              None if teacher.bias is None else teacher.bias.detach())
+        shared: dict[tuple, Targets] = {}
+        for i, parts in zip(active, student_parts):
+            student, d, plan = self.students[i], self.distill[i], plans[i]
+            targets = None
+            if panels is not None or (plan.measure and probe is not None):
+                key = (self._top_k(i), plan.temperature)
+                if key not in shared:
+                    shared[key] = self._targets(d, HeadLogits(frozen_teacher, self.vocab), teacher_parts.token_ce,
+                                                plan.temperature, teacher_parts.lse)
+                targets = shared[key]
+            if panels is not None:
+                self._panels(panels, i, HeadLogits(heads[i], self.vocab), batch, targets, plan,
+                             HeadLogits(frozen_teacher, self.vocab))
+            if not self._finite(student, parts.loss):
+                continue
+            student.engine.backward(parts.loss)
+            heads[i] = None  # its activations go with its graph
+            if plan.measure and probe is not None:  # before the student's step
+                self._measure_benefit(i, batch, targets, plan, probe, sums, frozen_teacher)
+            self._step(student)
+            self._add_student_sums(sums, i, parts, soft=True)
+
+    def _top_k(self, index: int) -> Optional[int]:
+        d = self.distill[index]
+        return d.top_k if d.targets == "topk" else None
+
+    def _panels(self, panels: dict[str, float], index: int, logits, batch: dict[str, torch.Tensor], targets: Targets,
+                plan: StudentPlan, teacher_logits) -> None:
+        """The distillation diagnostics of one student on this micro-batch, into ``panels``."""
+        d = self.distill[index]
+        stats = panel_stats(logits, batch["labels"], batch["mask"], targets, plan.spec, d.top_k, teacher_logits,
+                            d.chunk_tokens)
+        for key, value in stats.items():
+            panels["distill/teacher_entropy" if key == "teacher_entropy" else self._tag("distill", key, index)] = value
+
+    def _add_student_sums(self, sums: dict[str, float], index: int, parts, soft: bool) -> None:
+        name = self.students[index].name
+        _add(sums, f"{name}/train/loss", parts.loss.item())
+        _add(sums, f"{name}/train/loss_ce", parts.ce.item())
+        if soft:
+            _add(sums, f"{name}/train/loss_kd", parts.kd.item())
+            if self.distill[index].token_gate:
+                _add(sums, f"{name}/train/gate_fraction", parts.gated.item())
 
     def teacher_targets(self, batch: dict[str, torch.Tensor], plans: list[StudentPlan],
                         sums: dict[str, float]) -> Optional[tuple[dict[int, Targets], Optional[torch.Tensor]]]:
@@ -308,10 +419,7 @@ class Trainer:
         spec = plan.spec if targets is not None else SoftSpec()
         parts = distill_loss(out, batch["labels"], batch["mask"], targets, spec, d.chunk_tokens)
         if panels is not None and targets is not None:
-            stats = panel_stats(out, batch["labels"], batch["mask"], targets, spec, d.top_k, teacher_logits,
-                                d.chunk_tokens)
-            for key, value in stats.items():
-                panels["distill/teacher_entropy" if key == "teacher_entropy" else self._tag("distill", key, index)] = value
+            self._panels(panels, index, out, batch, targets, plan, teacher_logits)
         if not self._finite(student, parts.loss):
             return
         student.engine.backward(parts.loss)
@@ -319,15 +427,11 @@ class Trainer:
         if plan.measure and probe is not None and targets is not None:  # before the student's step
             self._measure_benefit(index, batch, targets, plan, probe, sums)
         self._step(student)
-        _add(sums, f"{student.name}/train/loss", parts.loss.item())
-        _add(sums, f"{student.name}/train/loss_ce", parts.ce.item())
-        if targets is not None:
-            _add(sums, f"{student.name}/train/loss_kd", parts.kd.item())
-            if d.token_gate:
-                _add(sums, f"{student.name}/train/gate_fraction", parts.gated.item())
+        self._add_student_sums(sums, index, parts, soft=targets is not None)
 
     def _measure_benefit(self, index: int, batch: dict[str, torch.Tensor], targets: Targets, plan: StudentPlan,
-                         probe: dict[str, torch.Tensor], sums: dict[str, float]) -> None:
+                         probe: dict[str, torch.Tensor], sums: dict[str, float],
+                         teacher: Optional[Head] = None) -> None:
         """The benefit gate's measurement (see codistill/gate.py): the inner products of ∇CE and ∇(T²·D − CE)
         on the batch, the update at this step's α, and ∇CE on the unseen probe batch, on this rank, at the
         student's weights before its step. Forwards of the bare module: gradients of them do not go
@@ -336,12 +440,23 @@ class Trainer:
         labels, mask = batch["labels"], batch["mask"]
 
         def losses() -> tuple[torch.Tensor, torch.Tensor]:  # the loss is linear in α: loss(1) − loss(0) = d/dα
+            if teacher is not None:  # fused: from the hidden states, against the teacher's unchanged head
+                head = Head(module_hidden(student, batch), *lm_head(student))
+                terms = [StudentTerm(head, replace(plan.spec, alpha=a), plan.temperature, self._top_k(index))
+                         for a in (0.0, 0.0, 1.0)]
+                hard, hard_again, soft = (p.loss for p in fused_linear_losses(
+                    teacher, terms, labels, mask, self.vocab, self.cfg.distill.chunk_tokens)[1])
+                return hard, soft - hard_again
             out = module_logits(student, batch, self.vocab)
             hard = [distill_loss(out, labels, mask, chunk_tokens=d.chunk_tokens).loss for _ in range(2)]
             soft = distill_loss(out, labels, mask, targets, replace(plan.spec, alpha=1.0), d.chunk_tokens).loss
             return hard[0], soft - hard[1]  # distill_loss hands its gradient over once: one node per backward
 
         def probe_ce() -> torch.Tensor:
+            if teacher is not None:
+                head = Head(module_hidden(student, probe), *lm_head(student))
+                return fused_linear_losses(head, [], probe["labels"], probe["mask"], self.vocab,
+                                           self.cfg.distill.chunk_tokens)[0].loss
             return distill_loss(module_logits(student, probe, self.vocab), probe["labels"], probe["mask"],
                                 chunk_tokens=d.chunk_tokens).loss
 
@@ -488,17 +603,31 @@ class Trainer:
             batch = self.prepare_batch(raw)
             n = int(batch["mask"].sum())
             sums[-1] += n
-            logits = {m.name: self._logits(m, batch) for m in self.members}
-            for i, m in enumerate(self.members):
-                sums[i] += distill_loss(logits[m.name], batch["labels"], batch["mask"]).ce.item() * n
+            top1 = {}
+            for i, m in enumerate(self.members):  # one model's logits (or none, fused) at a time
+                ce, top1[m.name] = self._eval_model(m, batch)
+                sums[i] += ce * n
             if self.teacher is not None:
                 for j, student in enumerate(self.students):
-                    sums[len(self.members) + j] += top1_agreement(
-                        logits[student.name], logits[self.teacher.name], batch["mask"])
+                    sums[len(self.members) + j] += top1_agreement(top1[student.name], top1[self.teacher.name],
+                                                                  batch["mask"])
         for m in self.trainable:
             m.engine.train()
         torch.distributed.all_reduce(sums)
         return {key: float(sums[i] / sums[-1]) for i, key in enumerate(keys)}
+
+    def _eval_model(self, member: Member, batch: dict[str, torch.Tensor]) -> tuple[float, torch.Tensor]:
+        """One model's CE on a validation batch and its most likely token per position [B, S]."""
+        if not self.fused:
+            logits = self._logits(member, batch)
+            return distill_loss(logits, batch["labels"], batch["mask"]).ce.item(), logits.argmax(dim=-1)
+        head = Head(forward_hidden(member, batch), *lm_head(member))
+        ce = fused_linear_losses(head, [], batch["labels"], batch["mask"], self.vocab,
+                                 self.cfg.distill.chunk_tokens)[0].ce.item()
+        logits = HeadLogits(head, self.vocab).reshape(-1, self.vocab)
+        rows = fused_rows(self.vocab, self.cfg.distill.chunk_tokens)
+        top = torch.cat([logits[i:i + rows].argmax(dim=-1) for i in range(0, logits.shape[0], rows)])
+        return ce, top.view(batch["mask"].shape)
 
     # ------------------------------------------------------------------ what the run shows
 

@@ -263,7 +263,7 @@ def test_top1_agreement_counts_masked_tokens_only():
     s = torch.tensor([[[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]]])
     t = torch.tensor([[[0.0, 2.0], [0.0, 2.0], [3.0, 0.0]]])
     mask = torch.tensor([[True, True, False]])
-    assert top1_agreement(s, t, mask) == 1
+    assert top1_agreement(s.argmax(-1), t.argmax(-1), mask) == 1
 
 
 @pytest.mark.parametrize("div,temp", [("forward_kl", 1.0), ("jsd", 2.0)])
