@@ -149,7 +149,7 @@ class DistillConfig(_Section):
     benefit_length: Literal["constant", "lr"] = Field(
         "constant", description="benefit gate: weight of the signal's length (label-noise) term: constant 1, or "
         "the student's learning rate over its peak so far (less noise matters less as the step shrinks)")
-    fused_linear: Union[Literal["auto"], bool] = Field(
+    fused_linear: Literal["auto", True, False] = Field(
         "auto", description="one setting for the run: every model's loss from its final hidden states and LM head, "
         "chunk by chunk, so no [tokens x vocabulary] logits exist (codistill and a live soft teacher); true / false / "
         "auto (on where it is exact: linear heads, ZeRO stage 0-2, vocabulary >= 32768)")
