@@ -29,6 +29,10 @@ import torch
 
 from .losses import LossParts, SoftSpec, Targets, _forward_and_grad, topk_targets
 
+# distill.fused_linear=auto is on from this vocabulary up: below it the logits are not a step's largest
+# activations (tools/bench_step.py: the fused step takes about as long as the plain one on CPU).
+FUSED_AUTO_VOCAB = 32768
+
 # Positions per chunk by default: about this many fp32 logits per chunk (32 MB; the GEMMs want
 # tens of rows or more, the softmax work inside runs on the loss's own cache-sized sub-chunks).
 FUSED_ELEMENTS = 1 << 23
@@ -57,6 +61,16 @@ class StudentTerm:
     spec: SoftSpec
     temperature: float = 1.0
     top_k: Optional[int] = None
+
+
+def static_problem(mode: str, cached_teacher: bool, ds_configs: dict) -> Optional[str]:
+    """Why the fused path cannot serve a run, from its config alone (None: it can, if every head is linear)."""
+    if mode == "hard" or cached_teacher:
+        return "it needs a live teacher (mode codistill, or soft without teacher.cache)"
+    stage3 = [name for name, ds in ds_configs.items() if (ds.get("zero_optimization") or {}).get("stage", 0) == 3]
+    if stage3:
+        return f"ZeRO stage 3 ({', '.join(stage3)}) is not supported by the fused path yet"
+    return None
 
 
 def fused_rows(vocab: int, chunk_tokens: Optional[int] = None) -> int:

@@ -35,6 +35,7 @@ import torch
 from .config import ConfigError, ModelSpec, RunConfig
 from .data import run_tokenizer
 from .engines import deepspeed_configs, half_precision, is_trainable, loaded_models
+from .fused import FUSED_AUTO_VOCAB, fused_rows, static_problem
 from .losses import chunk_rows, topk_bytes_per_position
 from .metrics import peak_bytes
 from .models import model_config
@@ -72,6 +73,8 @@ class ModelMemory:
     step_temp: int = 0  # the optimizer step's temporaries (torch's multi-tensor Adam: two per state)
     gate: int = 0  # the benefit gate's measuring step: two whole gradients of the student and one parameter's
     largest: int = 0  # elements of the largest parameter (the embedding or the LM head)
+    head: int = 0  # elements of the LM head's weight (rows x hidden size)
+    linear_head: bool = True  # the head is a linear layer (the fused-linear path can serve it)
 
     @property
     def states(self) -> int:
@@ -91,12 +94,23 @@ class Estimate:
     chunk_rows: int  # positions per chunk of the distillation loss
     models: list[ModelMemory] = field(default_factory=list)
     kept_per_position: int = 0  # bytes the students' phase holds of the teacher per position
+    fused: bool = False  # distill.fused_linear in effect: no model's logits, one pass over every model's heads
+    fused_rows: int = 0  # positions per chunk of the fused pass
 
     def kd_bytes(self, batch: int, chunked: bool = True) -> int:
-        """The distillation loss's fp32 temporaries: one chunk, or all [B·S, V] at once."""
+        """The distillation loss's fp32 temporaries: one chunk, or all [B·S, V] at once; fused, one chunk of
+        the fused pass (its loss temporaries, the teacher's chunk of logits and the student's)."""
         positions = batch * self.seq_len
+        if self.fused and chunked:  # the teacher's chunk of logits, a student's and its gradient + the kernel's
+            return (3 * min(positions, self.fused_rows) + LOSS_TEMPORARIES * min(positions, self.chunk_rows)) \
+                * self.vocab * 4
         rows = min(positions, self.chunk_rows) if chunked else positions
         return LOSS_TEMPORARIES * rows * self.vocab * 4
+
+    @staticmethod
+    def head_gradient(m: ModelMemory) -> int:
+        """The fused pass's gradient of one model's head: fp32 accumulator (+ a buffer in a half-precision dtype)."""
+        return m.head * (4 + (m.dtype_bytes if m.dtype_bytes < 4 else 0)) if m.trainable else 0
 
     def _phase_terms(self, batch: int) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
         """What each part of a step holds on top of the resident bytes, as named terms: the
@@ -113,6 +127,20 @@ class Estimate:
                     f"{m.name} gradient reduction (ZeRO-3)": m.reducing}
 
         teacher_side = [{"optimizer-step temporaries": max((m.step_temp for m in self.models), default=0)}]
+        if self.fused:  # every model's forward, then one pass over their heads, then each backward in turn
+            hidden = {f"{m.name} final hidden states": batch * self.seq_len * m.head // max(m.width, 1) * m.dtype_bytes
+                      for m in self.models}
+            fused = {**{f"{m.name} activations": m.activations * scale for m in self.models}, **hidden,
+                     **{f"{m.name} head gradient (fused pass)": self.head_gradient(m) for m in self.models},
+                     "fused pass working set": kd,
+                     "gathered parameters (ZeRO-3)": max((m.gathered for m in self.models), default=0),
+                     "gradient reduction (ZeRO-3)": max((m.reducing for m in self.models), default=0)}
+            student_side = [fused]
+            for m in students:  # a measuring step: the gate's gradients and three more passes over its head
+                if m.gate:
+                    student_side.append({**fused, f"{m.name} benefit gate's gradients": m.gate,
+                                         f"{m.name} head gradient (fused pass)": 4 * self.head_gradient(m)})
+            return teacher_side, student_side
         if teacher is not None:
             teacher_side.insert(0, running(teacher, 2 if teacher.trainable else 1))
         kept = {"teacher targets kept for the students": self.kept_per_position * batch * self.seq_len}
@@ -204,15 +232,22 @@ class Estimate:
                 f"gathered while a model runs {gb(max((m.gathered for m in self.models), default=0)).strip()}, "
                 f"ZeRO-3 gradient reduction {gb(max((m.reducing for m in self.models), default=0)).strip()}, "
                 f"optimizer-step temporaries {gb(max((m.step_temp for m in self.models), default=0)).strip()}",
-                f"  KD loss working set: {gb(self.kd_bytes(self.micro_batch_size)).strip()} chunked (plain PyTorch "
-                f"over full logits: {gb(self.kd_bytes(self.micro_batch_size, chunked=False)).strip()})",
+                (f"  fused-linear losses (distill.fused_linear): no model's logits; one chunk of the fused pass "
+                 f"{gb(self.kd_bytes(self.micro_batch_size)).strip()}, head gradients "
+                 + ", ".join(f"{m.name} {gb(self.head_gradient(m)).strip()}" for m in self.models if m.trainable)
+                 + f" (plain PyTorch over full logits: {gb(self.kd_bytes(self.micro_batch_size, chunked=False)).strip()}"
+                 " of loss temporaries alone)" if self.fused else
+                 f"  KD loss working set: {gb(self.kd_bytes(self.micro_batch_size)).strip()} chunked (plain PyTorch "
+                 f"over full logits: {gb(self.kd_bytes(self.micro_batch_size, chunked=False)).strip()})"),
                 *(["  benefit gate: a measuring step holds two whole gradients of the student and one of its "
                    "largest parameter (" + ", ".join(f"{m.name} {gb(m.gate).strip()}" for m in self.models if m.gate)
                    + ") instead of its gradient reduction; counted in the students' phase"]
                   if any(m.gate for m in self.models) else []),
                 f"  runtime ({'measured in this process' if self.device == 'cpu' else 'CUDA context'}): "
                 f"{gb(self.runtime).strip()}",
-                f"  teacher phase {gb(t_phase).strip()}, students' phase {gb(s_phase).strip()} (the larger counts)",
+                (f"  optimizer steps {gb(t_phase).strip()}, the fused pass {gb(s_phase).strip()} (the larger counts)"
+                 if self.fused else
+                 f"  teacher phase {gb(t_phase).strip()}, students' phase {gb(s_phase).strip()} (the larger counts)"),
                 f"  expected peak per rank: {gb(self.peak()).strip()}"
                 + (f" (+ {gb(sum(m.host for m in self.models)).strip()} offloaded to host)"
                    if any(m.host for m in self.models) else "")]
@@ -375,6 +410,9 @@ def _model_memory(spec: ModelSpec, hf_config, ds: dict, trainable: bool, world: 
         m.host, m.params = m.params, 0
     m.width = getattr(hf_config, "vocab_size", None) or vocab  # the head computes every row, padding included
     m.largest = m.width * int(getattr(hf_config, "hidden_size", 0) or 0)
+    head = model.get_output_embeddings()
+    m.linear_head = isinstance(head, torch.nn.Linear)
+    m.head = head.weight.numel() if head is not None else m.largest
     m.logits = batch * seq_len * m.width * m.dtype_bytes
     if stage == 3:  # gathered whole module by module, up to stage3_max_live_parameters at once
         m.gathered = m.dtype_bytes * min(n, int(zero.get("stage3_max_live_parameters", 10**9)))
@@ -428,6 +466,16 @@ def estimate(cfg: RunConfig, world_size: int, device: Optional[str] = None) -> E
         est.kept_per_position = topk_bytes_per_position(min(k, vocab))
     elif teacher is not None:
         est.kept_per_position = teacher.width * teacher.dtype_bytes  # the detached logits, for every student
+    setting = cfg.distill.fused_linear
+    refused = static_problem(cfg.mode, bool(cfg.teacher.cache), ds_configs)
+    linear = all(m.linear_head for m in est.models)
+    est.fused = teacher is not None and linear and (
+        setting is True or (setting == "auto" and refused is None and vocab >= FUSED_AUTO_VOCAB))
+    est.fused_rows = fused_rows(vocab, cfg.distill.chunk_tokens)
+    if est.fused:
+        est.kept_per_position = 0
+        for m in est.models:
+            m.logits = 0
     est.runtime = runtime_bytes(device)  # after the models' code was imported above
     return est
 

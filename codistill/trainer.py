@@ -29,7 +29,7 @@ from .engines import (Member, build_engine, deepspeed_configs, forward_hidden, f
                       quiet_library_noise)
 from .errors import NonFinite
 from .files import write_atomically
-from .fused import Head, HeadLogits, StudentTerm, fused_linear_losses, fused_rows
+from .fused import FUSED_AUTO_VOCAB, Head, HeadLogits, StudentTerm, fused_linear_losses, fused_rows, static_problem
 from .gate import (SUMMED, TERMS, BenefitState, hypergradient_terms, length_weight, signal_parts,
                    trainable_parameters)
 from .gate import update as update_benefit
@@ -41,9 +41,6 @@ from .schedules import adaptive_alpha, alpha_at, ema, temperature_at
 
 log = logging.getLogger("codistill")
 
-# distill.fused_linear=auto is on from this vocabulary up: below it the logits are not the step's largest
-# activations and the chunked pass's extra head GEMMs cost more than they save (tools/bench_step.py).
-FUSED_AUTO_VOCAB = 32768
 
 
 @dataclass(frozen=True)
@@ -104,7 +101,7 @@ class Trainer:
         ds_configs = deepspeed_configs(cfg, specs, world_size, on_cpu=not torch.cuda.is_available())
         for spec in specs:
             check_attention(spec, hf_configs[spec.name], half_precision(ds_configs[spec.name]))
-        self._fused_refusal = self._fused_static_problem(ds_configs)
+        self._fused_refusal = static_problem(cfg.mode, bool(cfg.teacher.cache), ds_configs)
         if cfg.distill.fused_linear is True and self._fused_refusal:
             raise ConfigError(f"distill.fused_linear=true: {self._fused_refusal}; set it to auto or false")
         written = self.output_dir / "config.yaml"
@@ -157,15 +154,11 @@ class Trainer:
         self.distill: list[DistillConfig] = [cfg.distill_for(i) for i in range(len(self.students))]
         self.fused = self._resolve_fused()
 
-    def _fused_static_problem(self, ds_configs: dict) -> Optional[str]:
-        """Why the fused-linear path cannot serve this run, from the config alone (None: it can)."""
-        cfg = self.cfg
-        if cfg.mode == "hard" or cfg.teacher.cache:
-            return "it needs a live teacher (mode codistill, or soft without teacher.cache)"
-        stage3 = [name for name, ds in ds_configs.items() if (ds.get("zero_optimization") or {}).get("stage", 0) == 3]
-        if stage3:
-            return f"ZeRO stage 3 ({', '.join(stage3)}) is not supported by the fused path yet"
-        return None
+    def fused_problems(self) -> list[str]:
+        """Why the fused-linear path would not serve this run exactly (empty: it would)."""
+        if self._fused_refusal:
+            return [self._fused_refusal]
+        return [f"{m.name}: {why}" for m in self.members if (why := fused_head_problem(m, self.vocab))]
 
     def _resolve_fused(self) -> bool:
         """distill.fused_linear: false; true (refused where it would not be exact); auto: on where it is
@@ -173,7 +166,7 @@ class Trainer:
         setting = self.cfg.distill.fused_linear
         if setting is False or (setting == "auto" and (self._fused_refusal or self.vocab < FUSED_AUTO_VOCAB)):
             return False
-        problems = [f"{m.name}: {why}" for m in self.members if (why := fused_head_problem(m, self.vocab))]
+        problems = self.fused_problems()
         if problems and setting is True:
             raise ConfigError(f"distill.fused_linear=true: {'; '.join(problems)}; set it to auto or false")
         if problems:

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from codistill.config import ConfigError, load_config
-from codistill.memory import estimate, parse_size
+from codistill.memory import LOSS_TEMPORARIES, estimate, parse_size
 
 from conftest import MICRO, ROOT, launch, read_scalars, run_cmd
 
@@ -173,3 +173,24 @@ def test_the_benefit_gate_counts_two_whole_student_gradients_and_its_largest_par
         measuring = [phase for phase in on._phase_terms(4)[1] if "student benefit gate's gradients" in phase]
         assert len(measuring) == 1 and "student gradient reduction (ZeRO-3)" not in measuring[0]
         assert on._phases(4)[1] >= off._phases(4)[1]  # (peak() also holds this process's measured runtime)
+
+
+def test_fused_linear_drops_every_logits_term_and_counts_the_head_gradients_and_one_chunk():
+    """distill.fused_linear=true: no model's logits and no kept teacher targets; all activations at once,
+    each trainable head's fp32 gradient and one chunk of the fused pass. auto stays off at the bundled
+    4,096-token vocabulary and where the fused path is refused (ZeRO-3)."""
+    plain, fused = (estimate(load_config(MICRO, [f"distill.fused_linear={v}"]), 2) for v in ("false", "true"))
+    assert not plain.fused and fused.fused and not estimate(load_config(MICRO), 2).fused
+    assert all(m.logits == 0 for m in fused.models) and fused.kept_per_position == 0
+    assert all(m.logits > 0 for m in plain.models) and plain.kept_per_position > 0
+    terms = fused._phase_terms(4)[1][0]
+    assert not any("logits" in name or "targets kept" in name for name in terms)
+    for m in fused.models:
+        assert m.head == 4096 * (64 if m.name == "teacher" else 32)
+        assert terms[f"{m.name} head gradient (fused pass)"] == 4 * m.head
+        assert terms[f"{m.name} activations"] == m.activations * 4 / fused.micro_batch_size
+    rows = min(4 * fused.seq_len, fused.fused_rows)
+    assert terms["fused pass working set"] == (3 * rows + LOSS_TEMPORARIES * min(4 * fused.seq_len, fused.chunk_rows)) * 4096 * 4
+    zero3 = estimate(load_config(MICRO, ["distill.fused_linear=auto", "data.tokenizer=gpt2",
+                                         "teacher.deepspeed.zero_optimization.stage=3"]), 2)
+    assert not zero3.fused

@@ -7,8 +7,12 @@ In one run, on the same engines and the same batches, rotates through
   (c) the two-stage pipeline's cost per student step: a teacher training step, plus a
       frozen-teacher forward (no grad) whose logits the student step then learns from;
   (d) step (a) at which every student with a benefit gate measures it (two more forwards
-      and backwards of the student, on its batch and on the next, unseen one),
-and prints median times, tokens/s, the ratios a/b and a/c, the benefit gate's cost per
+      and backwards of the student, on its batch and on the next, unseen one), through the path
+      the run would take (``distill.fused_linear``);
+  (a') where the fused-linear path is exact: step (a) from hidden states and LM heads (no model's
+      [tokens x vocabulary] logits; codistill/fused.py), (b) and (c) unchanged (each model trained
+      by itself, as a user would without co-distillation),
+and prints median times, tokens/s, the ratios a/b and a/c (and a'/b, a'/c, a'/a), the benefit gate's cost per
 step (d − a, paid once every distill.benefit_interval steps, as a share of a) and each
 rank's peak memory. Rotating the order round by round cancels most of the drift of a shared,
 noisy machine.
@@ -63,9 +67,14 @@ def body(args: argparse.Namespace) -> None:
     gas = cfg.train.gradient_accumulation_steps
     sink: dict[str, float] = {}
 
-    def codistill(batches):
+    configured = trainer.fused
+    fusable = not trainer.fused_problems()
+
+    def codistill(batches, fused=False):
+        trainer.fused = fused
         for batch in batches:
             trainer.micro_step(batch, plans, sink)
+        trainer.fused = configured
 
     gated = [replace(p, measure=trainer.benefit[i] is not None) for i, p in enumerate(plans)]
     intervals = [d.benefit_interval for d, b in zip(trainer.distill, trainer.benefit) if b is not None]
@@ -92,11 +101,14 @@ def body(args: argparse.Namespace) -> None:
                 trainer.student_micro_step(i, batch, targets, plan, sink)
 
     variants = [("codistill", codistill), ("separate", separate), ("two_stage", two_stage)]
+    if fusable:
+        variants.insert(1, ("fused", lambda batches: codistill(batches, fused=True)))
     if intervals:
         variants.append(("measured", measured))
     labels = {"codistill": "(a) co-distillation step", "separate": "(b) teacher step + student step",
               "two_stage": "(c) two-stage: teacher step + frozen fwd + student step",
-              "measured": "(d) step (a) with the benefit gate measuring"}
+              "measured": "(d) step (a) with the benefit gate measuring",
+              "fused": "(a') step (a) with fused-linear losses"}
     times: dict[str, list[float]] = {name: [] for name, _ in variants}
     for r in range(args.warmup + args.rounds):
         batches = [trainer.prepare_batch(next(trainer.stream)) for _ in range(gas)]
@@ -118,8 +130,13 @@ def body(args: argparse.Namespace) -> None:
         **{f"{k}_ms": v * 1e3 for k, v in med.items()},
         **{f"{k}_tokens_per_sec": tokens / v for k, v in med.items()},
         "ratio_a_over_b": med["codistill"] / med["separate"], "ratio_a_over_c": med["codistill"] / med["two_stage"],
+        "fused_linear": configured,
         "peak_memory_mb_per_rank": [float(p) / 2**20 for p in peaks],
     }
+    if fusable:
+        result["ratio_fused_a_over_b"] = med["fused"] / med["separate"]
+        result["ratio_fused_a_over_c"] = med["fused"] / med["two_stage"]
+        result["ratio_fused_over_a"] = med["fused"] / med["codistill"]
     if intervals:  # the gate measures once every benefit_interval steps (the most frequent gate counts)
         result["benefit_gate_interval"] = min(intervals)
         result["benefit_gate_step_ratio"] = (med["measured"] - med["codistill"]) / med["codistill"]
@@ -130,6 +147,9 @@ def body(args: argparse.Namespace) -> None:
         for name, _ in variants:
             print(f"  {labels[name]:<58} {result[name + '_ms']:9.1f} ms  {result[name + '_tokens_per_sec']:10,.0f} tok/s")
         print(f"  ratio a/b = {result['ratio_a_over_b']:.3f}   ratio a/c = {result['ratio_a_over_c']:.3f}")
+        if fusable:
+            print(f"  fused: ratio a'/b = {result['ratio_fused_a_over_b']:.3f}   ratio a'/c = "
+                  f"{result['ratio_fused_a_over_c']:.3f}   a'/a = {result['ratio_fused_over_a']:.3f}")
         if intervals:
             print(f"  benefit gate: (d - a) / a = {result['benefit_gate_step_ratio']:.3f} at a "
                   f"measuring step, once every {min(intervals)} steps: {result['benefit_gate_cost_share']:.1%} of "
