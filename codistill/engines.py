@@ -250,6 +250,23 @@ def lm_head(member: Member) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     return head.weight, getattr(head, "bias", None)
 
 
+def heads_gathered(*members: Member):
+    """A context in which the LM heads of ``members`` are whole on every rank: ZeRO-3 partitions a weight
+    outside its module's forward, and the fused pass reads heads (and hands their gradients over, which
+    must find them whole when they accumulate) outside it. Enter it after the forwards (a module must
+    not run while its weight is gathered by hand) and leave it after the backwards; every rank enters it
+    in the same order. A no-op below ZeRO-3."""
+    import contextlib
+
+    params = [p for m in members if m.engine.zero_optimization_stage() == 3
+              for p in lm_head(m) if p is not None]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
 def fused_head_problem(member: Member, vocab: int) -> Optional[str]:
     """Why this model's logits are not exactly ``hidden·Wᵀ + b`` of its final hidden states (a head that
     is not a linear map, logit scaling or soft-capping), checked on a short input; None when they are."""
@@ -266,8 +283,9 @@ def fused_head_problem(member: Member, vocab: int) -> Optional[str]:
         with torch.no_grad():
             logits = module_logits(member, batch, vocab).float()
             hidden = module_hidden(member, batch)
-            weight, bias = lm_head(member)
-            again = torch.nn.functional.linear(hidden, weight, bias)[..., :vocab].float()
+            with heads_gathered(member):
+                weight, bias = lm_head(member)
+                again = torch.nn.functional.linear(hidden, weight, bias)[..., :vocab].float()
     except (TypeError, ValueError, RuntimeError) as err:  # no logits_to_keep, another output layout
         return f"its forward does not give its hidden states apart from its logits ({err})"
     finally:

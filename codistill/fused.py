@@ -63,13 +63,10 @@ class StudentTerm:
     top_k: Optional[int] = None
 
 
-def static_problem(mode: str, cached_teacher: bool, ds_configs: dict) -> Optional[str]:
+def static_problem(mode: str, cached_teacher: bool) -> Optional[str]:
     """Why the fused path cannot serve a run, from its config alone (None: it can, if every head is linear)."""
     if mode == "hard" or cached_teacher:
         return "it needs a live teacher (mode codistill, or soft without teacher.cache)"
-    stage3 = [name for name, ds in ds_configs.items() if (ds.get("zero_optimization") or {}).get("stage", 0) == 3]
-    if stage3:
-        return f"ZeRO stage 3 ({', '.join(stage3)}) is not supported by the fused path yet"
     return None
 
 

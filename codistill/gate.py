@@ -149,7 +149,8 @@ def _slices(*grads: Optional[torch.Tensor]):
 def hypergradient_terms(params: list[torch.nn.Parameter], alpha: float,
                         losses: Callable[[], tuple[torch.Tensor, torch.Tensor]],
                         probe_ce: Callable[[], torch.Tensor],
-                        sum_over_ranks: Optional[Callable[[torch.Tensor], None]] = None) -> dict[str, float]:
+                        sum_over_ranks: Optional[Callable[[torch.Tensor], None]] = None,
+                        separate: bool = False) -> dict[str, float]:
     """The inner products of :data:`TERMS` over ``params``, in fp64; with ``sum_over_ranks`` (an
     in-place all-reduce, called in the same order on every rank) also those of :data:`SUMMED`,
     for :func:`step_products`.
@@ -157,14 +158,20 @@ def hypergradient_terms(params: list[torch.nn.Parameter], alpha: float,
     ``losses()`` builds the training batch's CE and T²·D − CE (the blended loss's derivative
     in α; at α the update is g_0 + α·g_d), ``probe_ce()`` the unseen batch's CE; each graph is
     built, differentiated and freed in turn. The gradients come from ``torch.autograd.grad``:
-    nothing is accumulated into ``.grad``. At most two whole gradients are held (g_p, then g_0):
+    nothing is accumulated into ``.grad``. With ``separate`` (ZeRO-3, whose backward partitions the
+    weights a graph saved, so a graph is differentiated once) ``losses()`` is called twice, one forward
+    per gradient. At most two whole gradients are held (g_p, then g_0):
     g_d is folded into the products one parameter at a time as autograd produces it, and what
     autograd collects in its place is a zero that holds no memory.
     """
     g_p = torch.autograd.grad(probe_ce(), params, allow_unused=True)
     hard, diff = losses()
-    g_0 = torch.autograd.grad(hard, params, retain_graph=True, allow_unused=True)
+    if separate:
+        del diff
+    g_0 = torch.autograd.grad(hard, params, retain_graph=not separate, allow_unused=True)
     del hard
+    if separate:
+        diff = losses()[1]
     # The products with g_d split by what they hold: Σ p·z, Σ z·z, Σ p·p now (z = g_0), Σ p·d, Σ z·d,
     # Σ d·d as g_d arrives; with ranks, ⟨Σz, Σd⟩, ‖Σd‖² and ‖Σz‖² of the ranks' summed gradients too.
     # Each in fp64, a slice of a parameter at a time (no fp64 copy of a whole vocabulary-sized head).

@@ -467,7 +467,7 @@ def estimate(cfg: RunConfig, world_size: int, device: Optional[str] = None) -> E
     elif teacher is not None:
         est.kept_per_position = teacher.width * teacher.dtype_bytes  # the detached logits, for every student
     setting = cfg.distill.fused_linear
-    refused = static_problem(cfg.mode, bool(cfg.teacher.cache), ds_configs)
+    refused = static_problem(cfg.mode, bool(cfg.teacher.cache))
     linear = all(m.linear_head for m in est.models)
     est.fused = teacher is not None and linear and (
         setting is True or (setting == "auto" and refused is None and vocab >= FUSED_AUTO_VOCAB))

@@ -25,7 +25,7 @@ from .cache import TeacherCache
 from .config import ConfigError, DistillConfig, RunConfig, dump_config, is_resolved_config
 from .data import BatchStream, build_splits, check_data_source, eval_batches, run_tokenizer, tokenizer_fingerprint
 from .engines import (Member, build_engine, deepspeed_configs, forward_hidden, forward_logits, fused_head_problem,
-                      half_precision, init_seed, is_trainable, lm_head, loaded_models, module_hidden, module_logits,
+                      half_precision, heads_gathered, init_seed, is_trainable, lm_head, loaded_models, module_hidden, module_logits,
                       quiet_library_noise)
 from .errors import NonFinite
 from .files import write_atomically
@@ -101,7 +101,7 @@ class Trainer:
         ds_configs = deepspeed_configs(cfg, specs, world_size, on_cpu=not torch.cuda.is_available())
         for spec in specs:
             check_attention(spec, hf_configs[spec.name], half_precision(ds_configs[spec.name]))
-        self._fused_refusal = static_problem(cfg.mode, bool(cfg.teacher.cache), ds_configs)
+        self._fused_refusal = static_problem(cfg.mode, bool(cfg.teacher.cache))
         if cfg.distill.fused_linear is True and self._fused_refusal:
             raise ConfigError(f"distill.fused_linear=true: {self._fused_refusal}; set it to auto or false")
         written = self.output_dir / "config.yaml"
@@ -292,42 +292,57 @@ class Trainer:
             return
         labels, mask = batch["labels"], batch["mask"]
         with torch.set_grad_enabled(self.teacher.trainable):
-            teacher = Head(forward_hidden(self.teacher, batch), *lm_head(self.teacher))
-        heads = {i: Head(forward_hidden(self.students[i], batch), *lm_head(self.students[i])) for i in active}
-        terms = [StudentTerm(heads[i], plans[i].spec, plans[i].temperature, self._top_k(i)) for i in active]
-        with torch.set_grad_enabled(True):
-            teacher_parts, student_parts = fused_linear_losses(teacher, terms, labels, mask, self.vocab,
-                                                               self.cfg.distill.chunk_tokens)
-        if not self._finite(self.teacher, teacher_parts.loss):
-            return
-        if self.teacher.trainable:
-            self.teacher.engine.backward(teacher_parts.loss)
-            self._step(self.teacher)
-        ce = teacher_parts.ce.item()
-        _add(sums, f"{self.teacher.name}/train/loss", ce)
-        _add(sums, f"{self.teacher.name}/train/loss_ce", ce)
-        frozen_teacher = Head(teacher.hidden.detach(), teacher.weight.detach(),
-                              None if teacher.bias is None else teacher.bias.detach())
-        shared: dict[tuple, Targets] = {}
-        for i, parts in zip(active, student_parts):
-            student, d, plan = self.students[i], self.distill[i], plans[i]
-            targets = None
-            if panels is not None or (plan.measure and probe is not None):
-                key = (self._top_k(i), plan.temperature)
+            teacher_hidden = forward_hidden(self.teacher, batch)
+        hidden = {i: forward_hidden(self.students[i], batch) for i in active}
+        measuring = [i for i in active if plans[i].measure and probe is not None]
+        stepped = []
+        # ZeRO-3: every head whole from the pass to the last backward (the forwards ran before).
+        with heads_gathered(self.teacher, *(self.students[i] for i in active)):
+            teacher = Head(teacher_hidden, *lm_head(self.teacher))
+            heads = {i: Head(hidden.pop(i), *lm_head(self.students[i])) for i in active}
+            terms = [StudentTerm(heads[i], plans[i].spec, plans[i].temperature, self._top_k(i)) for i in active]
+            with torch.set_grad_enabled(True):
+                teacher_parts, student_parts = fused_linear_losses(teacher, terms, labels, mask, self.vocab,
+                                                                   self.cfg.distill.chunk_tokens)
+            del terms
+            if not self._finite(self.teacher, teacher_parts.loss):
+                return
+            if self.teacher.trainable:
+                self.teacher.engine.backward(teacher_parts.loss)
+                self._step(self.teacher)
+            ce = teacher_parts.ce.item()
+            _add(sums, f"{self.teacher.name}/train/loss", ce)
+            _add(sums, f"{self.teacher.name}/train/loss_ce", ce)
+            # What the panels and the gate read of the teacher: its head as it is now (it steps last); a copy
+            # under ZeRO-3, where the gathered weight is partitioned again at the end of this block.
+            copy = (lambda t: t.detach().clone()) if self.teacher.engine.zero_optimization_stage() == 3 else \
+                (lambda t: t.detach())
+            frozen_teacher = Head(teacher.hidden.detach(), copy(teacher.weight),
+                                  None if teacher.bias is None else copy(teacher.bias)) \
+                if panels is not None or measuring else None
+            del teacher
+            targets: dict[int, Targets] = {}
+            shared: dict[tuple, Targets] = {}
+            for i in (active if panels is not None else measuring):
+                key = (self._top_k(i), plans[i].temperature)
                 if key not in shared:
-                    shared[key] = self._targets(d, HeadLogits(frozen_teacher, self.vocab), teacher_parts.token_ce,
-                                                plan.temperature, teacher_parts.lse)
-                targets = shared[key]
-            if panels is not None:
-                self._panels(panels, i, HeadLogits(heads[i], self.vocab), batch, targets, plan,
-                             HeadLogits(frozen_teacher, self.vocab))
-            if not self._finite(student, parts.loss):
-                continue
-            student.engine.backward(parts.loss)
-            heads[i] = None  # its activations go with its graph
-            if plan.measure and probe is not None:  # before the student's step
-                self._measure_benefit(i, batch, targets, plan, probe, sums, frozen_teacher)
-            self._step(student)
+                    shared[key] = self._targets(self.distill[i], HeadLogits(frozen_teacher, self.vocab),
+                                                teacher_parts.token_ce, plans[i].temperature, teacher_parts.lse)
+                targets[i] = shared[key]
+            for i, parts in zip(active, student_parts):
+                student = self.students[i]
+                if panels is not None:
+                    self._panels(panels, i, HeadLogits(heads[i], self.vocab), batch, targets[i], plans[i],
+                                 HeadLogits(frozen_teacher, self.vocab))
+                if not self._finite(student, parts.loss):
+                    continue
+                student.engine.backward(parts.loss)
+                heads[i] = None  # its activations go with its graph
+                stepped.append((i, parts))
+        for i, parts in stepped:
+            if i in measuring:  # before the student's step, outside the block: the gate runs the student's forward
+                self._measure_benefit(i, batch, targets[i], plans[i], probe, sums, frozen_teacher)
+            self._step(self.students[i])
             self._add_student_sums(sums, i, parts, soft=True)
 
     def _top_k(self, index: int) -> Optional[int]:
@@ -434,11 +449,13 @@ class Trainer:
 
         def losses() -> tuple[torch.Tensor, torch.Tensor]:  # the loss is linear in α: loss(1) − loss(0) = d/dα
             if teacher is not None:  # fused: from the hidden states, against the teacher's unchanged head
-                head = Head(module_hidden(student, batch), *lm_head(student))
-                terms = [StudentTerm(head, replace(plan.spec, alpha=a), plan.temperature, self._top_k(index))
-                         for a in (0.0, 0.0, 1.0)]
-                hard, hard_again, soft = (p.loss for p in fused_linear_losses(
-                    teacher, terms, labels, mask, self.vocab, self.cfg.distill.chunk_tokens)[1])
+                hidden = module_hidden(student, batch)
+                with heads_gathered(student):
+                    head = Head(hidden, *lm_head(student))
+                    terms = [StudentTerm(head, replace(plan.spec, alpha=a), plan.temperature, self._top_k(index))
+                             for a in (0.0, 0.0, 1.0)]
+                    hard, hard_again, soft = (p.loss for p in fused_linear_losses(
+                        teacher, terms, labels, mask, self.vocab, self.cfg.distill.chunk_tokens)[1])
                 return hard, soft - hard_again
             out = module_logits(student, batch, self.vocab)
             hard = [distill_loss(out, labels, mask, chunk_tokens=d.chunk_tokens).loss for _ in range(2)]
@@ -447,15 +464,16 @@ class Trainer:
 
         def probe_ce() -> torch.Tensor:
             if teacher is not None:
-                head = Head(module_hidden(student, probe), *lm_head(student))
-                return fused_linear_losses(head, [], probe["labels"], probe["mask"], self.vocab,
-                                           self.cfg.distill.chunk_tokens)[0].loss
+                hidden = module_hidden(student, probe)
+                with heads_gathered(student):
+                    return fused_linear_losses(Head(hidden, *lm_head(student)), [], probe["labels"], probe["mask"],
+                                               self.vocab, self.cfg.distill.chunk_tokens)[0].loss
             return distill_loss(module_logits(student, probe, self.vocab), probe["labels"], probe["mask"],
                                 chunk_tokens=d.chunk_tokens).loss
 
         summed = (lambda t: torch.distributed.all_reduce(t)) if self.world.size > 1 else None
         terms = hypergradient_terms(trainable_parameters(student.engine.module), plan.spec.alpha, losses, probe_ce,
-                                    summed)
+                                    summed, separate=student.engine.zero_optimization_stage() == 3)
         for key, value in terms.items():
             _add(sums, f"{student.name}/benefit/{key}", value)
 
@@ -614,12 +632,14 @@ class Trainer:
         if not self.fused:
             logits = self._logits(member, batch)
             return distill_loss(logits, batch["labels"], batch["mask"]).ce.item(), logits.argmax(dim=-1)
-        head = Head(forward_hidden(member, batch), *lm_head(member))
-        ce = fused_linear_losses(head, [], batch["labels"], batch["mask"], self.vocab,
-                                 self.cfg.distill.chunk_tokens)[0].ce.item()
-        logits = HeadLogits(head, self.vocab).reshape(-1, self.vocab)
-        rows = fused_rows(self.vocab, self.cfg.distill.chunk_tokens)
-        top = torch.cat([logits[i:i + rows].argmax(dim=-1) for i in range(0, logits.shape[0], rows)])
+        hidden = forward_hidden(member, batch)
+        with heads_gathered(member):
+            head = Head(hidden, *lm_head(member))
+            ce = fused_linear_losses(head, [], batch["labels"], batch["mask"], self.vocab,
+                                     self.cfg.distill.chunk_tokens)[0].ce.item()
+            logits = HeadLogits(head, self.vocab).reshape(-1, self.vocab)
+            rows = fused_rows(self.vocab, self.cfg.distill.chunk_tokens)
+            top = torch.cat([logits[i:i + rows].argmax(dim=-1) for i in range(0, logits.shape[0], rows)])
         return ce, top.view(batch["mask"].shape)
 
     # ------------------------------------------------------------------ what the run shows

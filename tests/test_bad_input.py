@@ -155,8 +155,6 @@ CASES = [
      "config key 'distill.fused_linear': input should be 'auto', true or false (got 'maybe')"),
     ("fused_linear per student", plain("students.0.distill.fused_linear=false"),
      "students[student].distill.fused_linear: the teacher's fused pass is shared by every student"),
-    ("fused_linear at ZeRO-3", plain("distill.fused_linear=true", "students.0.deepspeed.zero_optimization.stage=3"),
-     "distill.fused_linear=true: ZeRO stage 3 (student) is not supported by the fused path yet"),
     ("missing resume", plain("resume=/nonexistent/ckpt"), "resume: /nonexistent/ckpt does not exist"),
     ("resume a folder that is no checkpoint", fmt(plain(), "resume={tmp}"), "is not a complete checkpoint (no manifest.json)"),
     ("name ..", plain("students.0.name=.."), "students.0.name: model name '..' is not allowed: it names folders"),
