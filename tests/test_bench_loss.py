@@ -16,3 +16,26 @@ def test_logits_and_fused_linear_rows_agree_with_their_plain_paths(tmp_path):
     for row in rows:
         assert row["value_rel_err"] < 1e-5 and row["grad_rel_err"] < 1e-4
         assert row["chunked_ms"] > 0 and row["reference_own_peak_mb"] >= 0
+
+
+def test_a_plain_path_killed_for_memory_still_gives_the_fused_row(tmp_path, monkeypatch, capsys):
+    """Where the plain path does not fit the machine (its worker is killed), the row holds the fused figures
+    and the free memory the plain path ran out of, instead of ending the benchmark."""
+    import subprocess
+
+    from codistill.commands import bench_loss
+
+    real_run = subprocess.run
+
+    def run(cmd, **kwargs):
+        if "--worker" in cmd and cmd[cmd.index("--worker") + 1] == "plain":
+            return subprocess.CompletedProcess(cmd, -9, "", "")
+        return real_run(cmd, **kwargs)
+
+    monkeypatch.setattr(bench_loss.subprocess, "run", run)
+    out = tmp_path / "rows.json"
+    assert bench_loss.main(["--shapes", "--linear-shapes", "64x32x300", "--divergences", "forward_kl",
+                            "--repeats", "1", "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())
+    assert row["reference_killed_with_mb_free"] > 0 and row["chunked_ms"] > 0 and row["memory_ratio_below"] >= 0
+    assert "the plain path ran out of" in capsys.readouterr().out

@@ -189,13 +189,28 @@ def body(args: argparse.Namespace) -> int:
                     cmd = [*cli.module_command("codistill.commands.bench_loss"), "--worker", variant, shape, str(file),
                            "--divergence", div, "--beta", str(args.beta), "--temperature", str(args.temperature),
                            "--repeats", str(args.repeats)]
+                    available = available_bytes()
                     proc = subprocess.run(cmd, capture_output=True, text=True)
+                    if proc.returncode < 0 and variant == base:  # killed: the plain path does not fit this machine
+                        figures[variant] = {"killed": True, "available": available}
+                        continue
                     if proc.returncode != 0:
                         print(f"bench_loss: error: the {variant} worker failed at {shape} {div}: "
                               f"{(proc.stderr.strip().splitlines() or ['killed (out of memory?)'])[-1]}", file=sys.stderr)
                         return 1
                     figures[variant] = torch.load(file)
                 ref, ours = figures[base], figures[ours_name]
+                if ref.get("killed"):  # what is known: the plain path needed more than the machine had free
+                    row = {**dims, "divergence": div, "beta": args.beta, "baseline": base, "variant": ours_name,
+                           "reference_killed_with_mb_free": ref["available"] / 2**20, "chunked_ms": ours["time"] * 1e3,
+                           "chunked_own_peak_mb": ours["own_peak"] / 2**20,
+                           "memory_ratio_below": ours["own_peak"] / max(ref["available"], 1)}
+                    results.append(row)
+                    print(f"{shape:>20} {div:>10} | {'killed':>8} {row['chunked_ms']:8.0f} {'':>6} | "
+                          f"{'>' + format(row['reference_killed_with_mb_free'], '.0f'):>8} "
+                          f"{row['chunked_own_peak_mb']:8.0f} {'<' + format(row['memory_ratio_below'], '.3f'):>6}x | "
+                          f"(the plain path ran out of {row['reference_killed_with_mb_free']:.0f} MB free)")
+                    continue
                 row = {
                     **dims, "divergence": div, "beta": args.beta, "baseline": base, "variant": ours_name,
                     "reference_ms": ref["time"] * 1e3, "chunked_ms": ours["time"] * 1e3,
@@ -217,6 +232,17 @@ def body(args: argparse.Namespace) -> int:
           f"{SAMPLE_ROWS} sampled rows and every row's norm (fused rows: hidden states and head weight)")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+def available_bytes() -> int:
+    """Memory the kernel says a new process could take now (MemAvailable), or 0 where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return 0
 
 
