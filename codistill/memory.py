@@ -97,6 +97,16 @@ class Estimate:
     fused: bool = False  # distill.fused_linear in effect: no model's logits, one pass over every model's heads
     fused_rows: int = 0  # positions per chunk of the fused pass
 
+    def with_fused(self) -> "Estimate":
+        """The same run with ``distill.fused_linear`` on: no model's logits, no kept teacher targets."""
+        import copy
+
+        out = copy.deepcopy(self)
+        out.fused, out.kept_per_position = True, 0
+        for m in out.models:
+            m.logits = 0
+        return out
+
     def kd_bytes(self, batch: int, chunked: bool = True) -> int:
         """The distillation loss's fp32 temporaries: one chunk, or all [B·S, V] at once; fused, one chunk of
         the fused pass (its loss temporaries, the teacher's chunk of logits and the student's)."""
@@ -136,10 +146,14 @@ class Estimate:
                      "gathered parameters (ZeRO-3)": max((m.gathered for m in self.models), default=0),
                      "gradient reduction (ZeRO-3)": max((m.reducing for m in self.models), default=0)}
             student_side = [fused]
-            for m in students:  # a measuring step: the gate's gradients and three more passes over its head
-                if m.gate:
-                    student_side.append({**fused, f"{m.name} benefit gate's gradients": m.gate,
-                                         f"{m.name} head gradient (fused pass)": 4 * self.head_gradient(m)})
+            copy = teacher.head * teacher.dtype_bytes if teacher is not None and teacher.stage == 3 else 0
+            for m in students:  # a measuring step, after every backward: the student's own forward, the gate's
+                if m.gate:      # gradients, its pass with three terms, and the teacher's head (copied at ZeRO-3)
+                    student_side.append({f"{m.name} activations": m.activations * scale,
+                                         f"{m.name} benefit gate's gradients": m.gate,
+                                         f"{m.name} head gradients (the gate's fused pass)": 3 * self.head_gradient(m),
+                                         f"{self.teacher} head copy (ZeRO-3)": copy, "fused pass working set": kd,
+                                         "gathered parameters (ZeRO-3)": m.gathered, **hidden})
             return teacher_side, student_side
         if teacher is not None:
             teacher_side.insert(0, running(teacher, 2 if teacher.trainable else 1))
@@ -178,8 +192,11 @@ class Estimate:
     def peak(self, batch: Optional[int] = None) -> int:
         """Expected peak bytes per rank at micro-batch ``batch`` (default: the config's); on CPU
         the build counts too, since it happens in the same memory."""
-        step = self.resident + max(self._phases(batch or self.micro_batch_size))
-        return max(step, self.build_peak())
+        return max(self.step_peak(batch), self.build_peak())
+
+    def step_peak(self, batch: Optional[int] = None) -> int:
+        """Expected peak bytes per rank of a training step (the build aside)."""
+        return self.resident + max(self._phases(batch or self.micro_batch_size))
 
     def terms(self, batch: int) -> dict[str, int]:
         """The peak's terms at micro-batch ``batch``, in the largest phase (what does not fit is one of these)."""
@@ -466,18 +483,27 @@ def estimate(cfg: RunConfig, world_size: int, device: Optional[str] = None) -> E
         est.kept_per_position = topk_bytes_per_position(min(k, vocab))
     elif teacher is not None:
         est.kept_per_position = teacher.width * teacher.dtype_bytes  # the detached logits, for every student
-    setting = cfg.distill.fused_linear
-    refused = static_problem(cfg.mode, bool(cfg.teacher.cache))
-    linear = all(m.linear_head for m in est.models)
-    est.fused = teacher is not None and linear and (
-        setting is True or (setting == "auto" and refused is None and vocab >= FUSED_AUTO_VOCAB))
     est.fused_rows = fused_rows(vocab, cfg.distill.chunk_tokens)
-    if est.fused:
-        est.kept_per_position = 0
-        for m in est.models:
-            m.logits = 0
     est.runtime = runtime_bytes(device)  # after the models' code was imported above
+    setting = cfg.distill.fused_linear
+    if teacher is None or not all(m.linear_head for m in est.models) or setting is False:
+        return est
+    if setting is True:
+        return est.with_fused()
+    if static_problem(cfg.mode, bool(cfg.teacher.cache)) is None and vocab >= FUSED_AUTO_VOCAB:
+        fused = est.with_fused()  # auto: only where it lowers the peak (see fused_lowers_peak)
+        return fused if fused.step_peak() < est.step_peak() else est
     return est
+
+
+def fused_lowers_peak(cfg: RunConfig, world_size: int, device: str) -> bool:
+    """Whether ``distill.fused_linear`` lowers this run's expected peak per rank: it drops every model's
+    logits (and their gradients) but adds an fp32 gradient of each trainable head and holds every model's
+    activations at once, so it pays off when a micro-batch holds many tokens per head row (roughly more
+    than 1.5 x the hidden size in bf16), and less with top-k targets."""
+    plain = estimate(cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"fused_linear": False})}),
+                     world_size, device)
+    return plain.with_fused().step_peak() < plain.step_peak()
 
 
 def report(cfg: RunConfig, world_size: int, device: Optional[str] = None,

@@ -35,6 +35,7 @@ from .gate import (SUMMED, TERMS, BenefitState, hypergradient_terms, length_weig
 from .gate import update as update_benefit
 from .losses import (SoftSpec, Targets, distill_loss, next_token_targets, panel_stats, top1_agreement,
                      topk_bytes_per_position, topk_targets)
+from .memory import fused_lowers_peak
 from .metrics import Metrics, format_values, peak_bytes, summary_lines
 from .models import check_attention, check_model, count_parameters, local_parameters, model_config
 from .schedules import adaptive_alpha, alpha_at, ema, temperature_at
@@ -162,7 +163,8 @@ class Trainer:
 
     def _resolve_fused(self) -> bool:
         """distill.fused_linear: false; true (refused where it would not be exact); auto: on where it is
-        exact and the vocabulary is large enough for the logits to matter (FUSED_AUTO_VOCAB)."""
+        exact, the vocabulary is large enough for the logits to matter (FUSED_AUTO_VOCAB) and the memory
+        estimate's step peak is lower with it."""
         setting = self.cfg.distill.fused_linear
         if setting is False or (setting == "auto" and (self._fused_refusal or self.vocab < FUSED_AUTO_VOCAB)):
             return False
@@ -171,7 +173,12 @@ class Trainer:
             raise ConfigError(f"distill.fused_linear=true: {'; '.join(problems)}; set it to auto or false")
         if problems:
             log.info("fused-linear losses off: %s", "; ".join(problems))
-        return not problems
+            return False
+        if setting == "auto" and not fused_lowers_peak(self.cfg, self.world.size, self.world.device.type):
+            log.info("fused-linear losses off: the memory estimate's step peak is not lower with them at this "
+                     "micro-batch (their fp32 head gradients outweigh the logits they drop)")
+            return False
+        return True
 
     def _init_state(self) -> None:
         """What the loop keeps between steps (saved with a checkpoint) and this rank's RNGs."""
@@ -669,6 +676,11 @@ class Trainer:
                          f"from the cache {self.cache.folder} ({meta.get('bytes_per_token', 0):.1f} bytes/token)")
             return lines
         positions = self.cfg.train.micro_batch_size * self.cfg.data.seq_len
+        if self.fused:
+            rows = min(positions, fused_rows(self.vocab, self.cfg.distill.chunk_tokens))
+            lines.append(f"fused-linear losses: no model's logits; {rows:,} of the {positions:,} positions of a "
+                         f"micro-batch per chunk of the pass over every head")
+            return lines
         logit_bytes = 2 if (self.teacher.engine.bfloat16_enabled() or self.teacher.engine.fp16_enabled()) else 4
         for student, d in zip(self.students, self.distill):
             if d.targets == "topk":

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from codistill.config import ConfigError, load_config
-from codistill.memory import LOSS_TEMPORARIES, estimate, parse_size
+from codistill.memory import LOSS_TEMPORARIES, estimate, fused_lowers_peak, parse_size
 
 from conftest import MICRO, ROOT, launch, read_scalars, run_cmd
 
@@ -178,7 +178,7 @@ def test_the_benefit_gate_counts_two_whole_student_gradients_and_its_largest_par
 def test_fused_linear_drops_every_logits_term_and_counts_the_head_gradients_and_one_chunk():
     """distill.fused_linear=true: no model's logits and no kept teacher targets; all activations at once,
     each trainable head's fp32 gradient and one chunk of the fused pass. auto stays off at the bundled
-    4,096-token vocabulary."""
+    4,096-token vocabulary, and at GPT-2's is on only where it lowers the step's peak."""
     plain, fused = (estimate(load_config(MICRO, [f"distill.fused_linear={v}"]), 2) for v in ("false", "true"))
     assert not plain.fused and fused.fused and not estimate(load_config(MICRO), 2).fused
     assert all(m.logits == 0 for m in fused.models) and fused.kept_per_position == 0
@@ -191,5 +191,9 @@ def test_fused_linear_drops_every_logits_term_and_counts_the_head_gradients_and_
         assert terms[f"{m.name} activations"] == m.activations * 4 / fused.micro_batch_size
     rows = min(4 * fused.seq_len, fused.fused_rows)
     assert terms["fused pass working set"] == (3 * rows + LOSS_TEMPORARIES * min(4 * fused.seq_len, fused.chunk_rows)) * 4096 * 4
-    gpt2 = estimate(load_config(MICRO, ["data.tokenizer=gpt2", "teacher.deepspeed.zero_optimization.stage=3"]), 2)
-    assert gpt2.fused  # auto, from a 32k vocabulary, at any ZeRO stage
+    # auto, from a 32k vocabulary: only where the step's peak is lower (many tokens per head row), at any stage
+    for batch, chosen in ((1, False), (64, True)):
+        overrides = ["data.tokenizer=gpt2", "teacher.deepspeed.zero_optimization.stage=3", f"train.micro_batch_size={batch}"]
+        auto, plain = (estimate(load_config(MICRO, [*overrides, f"distill.fused_linear={v}"]), 2) for v in ("auto", "false"))
+        assert auto.fused is chosen and (plain.with_fused().step_peak() < plain.step_peak()) is chosen
+        assert fused_lowers_peak(load_config(MICRO, overrides), 2, "cpu") is chosen
