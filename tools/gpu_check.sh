@@ -28,6 +28,17 @@ for CK in true false; do
   timeout 150 python tools/bench_step.py --config $CONFIG --rounds 5 --warmup 2 --out "$OUT/bench_ck_$CK.json" \
     output_dir="$OUT/bench_ck_$CK" $KEYS > "$OUT/bench_ck_$CK.log" 2>&1 || true
 done
+# The fused-linear path (issue 14): the loss alone in bf16 at LLM shapes (plain vs fused, tokens/s and
+# peak allocated), and the mid-size pair's training run with it forced on and off (tokens/s, peak).
+timeout 240 python tools/bench_loss.py --shapes --linear-shapes 4096x4096x128256 4096x2048x128256 4096x2048x50257 \
+  --divergences forward_kl jsd --device cuda --dtype bf16 --repeats 3 --out "$OUT/bench_loss_fused.json" \
+  > "$OUT/bench_loss_fused.log" 2>&1 || true
+for FUSED in true false; do
+  timeout 150 python launch/train.py --config $CONFIG output_dir="$OUT/run_fused_$FUSED" overwrite=true \
+    train.max_steps=20 train.log_interval=5 train.eval_interval=20 train.eval_batches=2 train.micro_batch_size=8 \
+    distill.head_start_steps=0 distill.burn_in_steps=0 checkpoint.interval=0 distill.fused_linear=$FUSED \
+    > "$OUT/run_fused_$FUSED.log" 2>&1 || true
+done
 python - "$OUT" <<'PY'
 import json, re, sys
 from pathlib import Path
@@ -57,5 +68,21 @@ for ck in ("true", "false"):
     if bench.exists():
         b = json.loads(bench.read_text())
         line += f"; bench_step a/b {b.get('ratio_a_over_b', float('nan')):.3f}, a/c {b.get('ratio_a_over_c', float('nan')):.3f}"
+        if "ratio_fused_over_a" in b:
+            line += f", fused a'/b {b['ratio_fused_a_over_b']:.3f}, a'/a {b['ratio_fused_over_a']:.3f}"
     print(line)
+rows = out / "bench_loss_fused.json"
+for row in json.loads(rows.read_text()) if rows.exists() else []:
+    print(f"bench_loss bf16 {row['tokens']}x{row['hidden']}x{row['vocab']} {row['divergence']}: fused "
+          f"{row['chunked_tokens_per_sec']:,.0f} tokens/s, {row['chunked_own_peak_mb']:,.0f} MB; "
+          + (f"time {row['time_ratio']:.2f}x, memory {row['memory_ratio']:.3f}x of plain, grad rel {row['grad_rel_err']:.1e}"
+             if "time_ratio" in row else "plain out of memory"))
+for fused in ("true", "false"):
+    try:
+        s = read_scalars(out / f"run_fused_{fused}")
+        tps = sorted(s["perf/tokens_per_sec"].values())[len(s["perf/tokens_per_sec"]) // 2]
+        print(f"mid pair, micro-batch 8, fused_linear={fused}: {tps:,.0f} tokens/s, peak "
+              f"{max(s['perf/peak_memory_gb'].values()):.2f} GB")
+    except Exception as exc:
+        print(f"mid pair, fused_linear={fused}: the run failed, see {out}/run_fused_{fused}.log ({exc})")
 PY

@@ -20,6 +20,7 @@ a fixed sample of full gradient rows).
 
     python tools/bench_loss.py [--shapes 4096x50257 4096x128256] [--divergences forward_kl jsd]
     python tools/bench_loss.py --shapes --linear-shapes 4096x2048x128256 4096x2048x50257   (fused rows only)
+    python tools/bench_loss.py --shapes --linear-shapes 4096x4096x128256 --device cuda --dtype bf16   (on a GPU)
     codistill-bench-loss ...   (the same, as a console command)
 """
 from __future__ import annotations
@@ -98,33 +99,47 @@ def worker(variant: str, tokens: int, vocab: int, div: str, beta: float, temp: f
 
 
 def linear_worker(variant: str, tokens: int, hidden: int, vocab: int, div: str, beta: float, temp: float,
-                  repeats: int, out: Path) -> None:
-    """One variant from hidden states and heads: the student's h and W train, the teacher's are fixed."""
+                  repeats: int, out: Path, device: str = "cpu", dtype: str = "fp32") -> None:
+    """One variant from hidden states and heads: the student's h and W train, the teacher's are fixed.
+    On a GPU the memory is the peak allocated above the inputs; in bf16 the plain path's logits are
+    bf16 and its softmaxes fp32 (as a model's loss upcasts them), the fused path's chunks fp32."""
     torch.manual_seed(0)
+    on, kind = torch.device(device), {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     scale = 2.0 / math.sqrt(hidden)  # logits of about the same spread as the logits rows (sd 2)
-    h_s, h_t = torch.randn(tokens, hidden).requires_grad_(True), torch.randn(tokens, hidden)
-    w_s, w_t = (torch.randn(vocab, hidden) * scale).requires_grad_(True), torch.randn(vocab, hidden) * scale
-    labels = torch.randint(0, vocab, (tokens,))
-    mask = torch.ones(tokens, dtype=torch.bool)
+    h_s, h_t = torch.randn(tokens, hidden), torch.randn(tokens, hidden)
+    w_s, w_t = torch.randn(vocab, hidden) * scale, torch.randn(vocab, hidden) * scale
+    h_s, h_t, w_s, w_t = (t.to(on, kind) for t in (h_s, h_t, w_s, w_t))
+    h_s.requires_grad_(True)
+    w_s.requires_grad_(True)
+    labels = torch.randint(0, vocab, (tokens,)).to(on)
+    mask = torch.ones(tokens, dtype=torch.bool, device=on)
     must_hold = (torch.ones_like(h_s), torch.ones_like(w_s))  # the gradients both variants hand back
     del must_hold
-    baseline = peak_rss_bytes()
+    gpu = on.type == "cuda"
+    if gpu:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    baseline = torch.cuda.memory_allocated() if gpu else peak_rss_bytes()
     spec = SoftSpec(divergence=div, beta=beta, alpha=1.0)
     times, value = [], None
     for _ in range(repeats):
         h_s.grad = w_s.grad = None
+        if gpu:
+            torch.cuda.synchronize()
         start = time.perf_counter()
         if variant == "plain":
-            loss = reference_loss(h_s @ w_s.t(), h_t @ w_t.t(), div, beta, temp)
+            loss = reference_loss((h_s @ w_s.t()).float(), (h_t @ w_t.t()).float(), div, beta, temp)
         else:
             _, (parts,) = fused_linear_losses(Head(h_t, w_t), [StudentTerm(Head(h_s, w_s), spec, temp)],
                                               labels, mask, vocab)
             loss = parts.loss
         loss.backward()
+        if gpu:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
         value = loss.item()
         del loss
-    own_peak = peak_rss_bytes() - baseline
+    own_peak = (torch.cuda.max_memory_allocated() if gpu else peak_rss_bytes()) - baseline
     rows_h = torch.linspace(0, tokens - 1, SAMPLE_ROWS).long()
     rows_w = torch.linspace(0, vocab - 1, SAMPLE_ROWS).long()
     torch.save({"value": value, "time": min(times), "own_peak": own_peak, "baseline": baseline,
@@ -162,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--repeats", type=cli.positive_int, default=2, help="timed passes per variant; the best counts")
     parser.add_argument("--out", help="also write the figures as JSON here")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where the TOKENSxHIDDENxVOCAB rows run (memory on a GPU: peak allocated)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                        help="the hidden states' and heads' dtype in the TOKENSxHIDDENxVOCAB rows")
     parser.add_argument("--worker", nargs=3, metavar=("VARIANT", "SHAPE", "FILE"), help=argparse.SUPPRESS)
     parser.add_argument("--divergence", help=argparse.SUPPRESS)
     return parser
@@ -171,8 +190,11 @@ def body(args: argparse.Namespace) -> int:
     if args.worker:
         variant, shape, file = args.worker
         dims = [int(x) for x in shape.split("x")]
-        run = linear_worker if variant in LINEAR else worker
-        run(variant, *dims, args.divergence, args.beta, args.temperature, args.repeats, Path(file))
+        if variant in LINEAR:
+            linear_worker(variant, *dims, args.divergence, args.beta, args.temperature, args.repeats, Path(file),
+                          args.device, args.dtype)
+        else:
+            worker(variant, *dims, args.divergence, args.beta, args.temperature, args.repeats, Path(file))
         return 0
 
     results = []
@@ -181,17 +203,19 @@ def body(args: argparse.Namespace) -> int:
     rows = [(f"{t}x{v}", {"tokens": t, "vocab": v}, LOGITS) for t, v in args.shapes]
     rows += [(f"{t}x{h}x{v}", {"tokens": t, "hidden": h, "vocab": v}, LINEAR) for t, h, v in args.linear_shapes]
     with tempfile.TemporaryDirectory() as tmp:
-        for shape, dims, (base, ours_name) in rows:
+        for shape, dims, kind in rows:
+            base, ours_name = kind
             for div in args.divergences:
                 figures = {}
                 for variant in (base, ours_name):
                     file = Path(tmp) / f"{variant}.pt"
                     cmd = [*cli.module_command("codistill.commands.bench_loss"), "--worker", variant, shape, str(file),
                            "--divergence", div, "--beta", str(args.beta), "--temperature", str(args.temperature),
-                           "--repeats", str(args.repeats)]
-                    available = available_bytes()
+                           "--repeats", str(args.repeats), "--device", args.device, "--dtype", args.dtype]
+                    available = available_bytes(args.device if kind == LINEAR else "cpu")
                     proc = subprocess.run(cmd, capture_output=True, text=True)
-                    if proc.returncode < 0 and variant == base:  # killed: the plain path does not fit this machine
+                    out_of_memory = proc.returncode < 0 or "OutOfMemoryError" in proc.stderr
+                    if out_of_memory and variant == base:  # the plain path does not fit this machine
                         figures[variant] = {"killed": True, "available": available}
                         continue
                     if proc.returncode != 0:
@@ -214,6 +238,9 @@ def body(args: argparse.Namespace) -> int:
                 row = {
                     **dims, "divergence": div, "beta": args.beta, "baseline": base, "variant": ours_name,
                     "reference_ms": ref["time"] * 1e3, "chunked_ms": ours["time"] * 1e3,
+                    "reference_tokens_per_sec": dims["tokens"] / ref["time"],
+                    "chunked_tokens_per_sec": dims["tokens"] / ours["time"],
+                    "device": args.device if kind == LINEAR else "cpu", "dtype": args.dtype if kind == LINEAR else "fp32",
                     "time_ratio": ours["time"] / ref["time"],
                     "reference_own_peak_mb": ref["own_peak"] / 2**20, "chunked_own_peak_mb": ours["own_peak"] / 2**20,
                     "memory_ratio": ours["own_peak"] / max(ref["own_peak"], 1),
@@ -226,7 +253,7 @@ def body(args: argparse.Namespace) -> int:
                 print(f"{shape:>20} {div:>10} | {row['reference_ms']:8.0f} {row['chunked_ms']:8.0f} "
                       f"{row['time_ratio']:5.2f}x | {row['reference_own_peak_mb']:8.0f} {row['chunked_own_peak_mb']:8.0f} "
                       f"{row['memory_ratio']:6.3f}x | {row['value_rel_err']:9.1e} {row['grad_rel_err']:9.1e}")
-    print("memory: peak RSS above what both variants hold (logits rows: both models' logits and their gradient; "
+    print(f"memory ({'peak allocated' if args.device == 'cuda' else 'peak RSS'} for the fused rows): peak above what both variants hold (logits rows: both models' logits and their gradient; "
           "TOKENSxHIDDENxVOCAB rows: hidden states, heads and their gradients, so the plain path's logits count); "
           "time: best forward+backward; grad rel: max |Δ| / max |ref| over "
           f"{SAMPLE_ROWS} sampled rows and every row's norm (fused rows: hidden states and head weight)")
@@ -235,8 +262,11 @@ def body(args: argparse.Namespace) -> int:
     return 0
 
 
-def available_bytes() -> int:
-    """Memory the kernel says a new process could take now (MemAvailable), or 0 where unknown."""
+def available_bytes(device: str = "cpu") -> int:
+    """Memory a new process could take now: the GPU's free memory, or the kernel's MemAvailable (0 where
+    unknown)."""
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0]
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
