@@ -1,5 +1,5 @@
 #!/bin/bash
-# The GPU check of the scale work, unchanged on any machine with one CUDA GPU (at most ~8 minutes):
+# The GPU check of the scale work, unchanged on any machine with one CUDA GPU (at most ~13 minutes):
 # the mid-size pair (configs/examples/mid-gpt2.yaml: ~360M teacher, ~58M student, GPT-2 vocabulary,
 # seq_len 1024, bf16, ZeRO-3) with checkpointing on and off:
 #   - the memory estimate for this GPU, against the peak the run measures;
