@@ -2,7 +2,9 @@
 
 Per micro-batch every model sees the identical batch. The teacher's forward runs
 once: its cross-entropy on the ground truth trains it, and its detached logits are
-the soft targets of every student.
+the soft targets of every student; or, with ``distill.fused_linear``, every model's
+forward stops at its final hidden states and one chunked pass over their LM heads
+gives every loss (codistill/fused.py).
 """
 from __future__ import annotations
 
