@@ -314,6 +314,14 @@ class Trainer:
                 teacher_parts, student_parts = fused_linear_losses(teacher, terms, labels, mask, self.vocab,
                                                                    self.cfg.distill.chunk_tokens)
             del terms
+            # What the panels and the gate read of the teacher: its head as it is now (it steps last); a copy
+            # under ZeRO-3, taken before its backward (a tied head is partitioned again by the embedding's
+            # backward hook, gathered or not) and kept after this block.
+            copy = (lambda t: t.detach().clone()) if self.teacher.engine.zero_optimization_stage() == 3 else \
+                (lambda t: t.detach())
+            frozen_teacher = Head(teacher.hidden.detach(), copy(teacher.weight),
+                                  None if teacher.bias is None else copy(teacher.bias)) \
+                if panels is not None or measuring else None
             if not self._finite(self.teacher, teacher_parts.loss):
                 return
             if self.teacher.trainable:
@@ -322,13 +330,6 @@ class Trainer:
             ce = teacher_parts.ce.item()
             _add(sums, f"{self.teacher.name}/train/loss", ce)
             _add(sums, f"{self.teacher.name}/train/loss_ce", ce)
-            # What the panels and the gate read of the teacher: its head as it is now (it steps last); a copy
-            # under ZeRO-3, where the gathered weight is partitioned again at the end of this block.
-            copy = (lambda t: t.detach().clone()) if self.teacher.engine.zero_optimization_stage() == 3 else \
-                (lambda t: t.detach())
-            frozen_teacher = Head(teacher.hidden.detach(), copy(teacher.weight),
-                                  None if teacher.bias is None else copy(teacher.bias)) \
-                if panels is not None or measuring else None
             del teacher
             targets: dict[int, Targets] = {}
             shared: dict[tuple, Targets] = {}

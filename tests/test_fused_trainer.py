@@ -70,8 +70,8 @@ def test_auto_is_off_below_its_vocabulary(tmp_path):
 
 
 def test_fused_zero3_two_ranks_matches_the_logits_path(tmp_path):
-    """Both models at ZeRO-3 on 2 ranks (the heads gathered for the fused pass and the backwards), a tied
-    student embedding padded past the vocabulary, gradient accumulation, the gate measuring every step and
+    """Both models at ZeRO-3 on 2 ranks (the heads gathered for the fused pass and the backwards), tied
+    embeddings (the student's padded past the vocabulary), gradient accumulation, the gate measuring every step and
     the panels every other: every logged loss equal to the logits path's within 1e-5 for 5 steps, the
     gate's figures within 1e-4."""
     common = ["train.max_steps=5", "train.log_interval=1", "train.eval_interval=5", "train.panel_interval=2",
@@ -79,7 +79,8 @@ def test_fused_zero3_two_ranks_matches_the_logits_path(tmp_path):
               "teacher.deepspeed.zero_optimization.stage=3", "students.0.deepspeed.zero_optimization.stage=3",
               "teacher.deepspeed.zero_optimization.stage3_param_persistence_threshold=0",
               "students.0.deepspeed.zero_optimization.stage3_param_persistence_threshold=0",
-              "students.0.config.tie_word_embeddings=true", "students.0.config.vocab_size=4160"]
+              "students.0.config.tie_word_embeddings=true", "students.0.config.vocab_size=4160",
+              "teacher.config.tie_word_embeddings=true"]
     scalars = {}
     for fused in ("false", "true"):
         out = tmp_path / fused
