@@ -155,25 +155,26 @@ def hypergradient_terms(params: list[torch.nn.Parameter], alpha: float,
     in-place all-reduce, called in the same order on every rank) also those of :data:`SUMMED`,
     for :func:`step_products`.
 
-    ``losses()`` builds the training batch's CE and T²·D − CE (the blended loss's derivative
-    in α; at α the update is g_0 + α·g_d), ``probe_ce()`` the unseen batch's CE; each graph is
+    ``losses()`` builds the training batch's CE and its T²·D (the blended loss at α = 1; its
+    gradient less ∇CE is g_d, the blended loss's derivative in α, and at α the update is
+    g_0 + α·g_d), ``probe_ce()`` the unseen batch's CE; each graph is
     built, differentiated and freed in turn. The gradients come from ``torch.autograd.grad``:
     nothing is accumulated into ``.grad``. With ``separate`` (ZeRO-3, whose backward partitions the
     weights a graph saved, so a graph is differentiated once) ``losses()`` is called twice, one forward
     per gradient. At most two whole gradients are held (g_p, then g_0):
-    g_d is folded into the products one parameter at a time as autograd produces it, and what
+    ∇(T²·D) is folded into the products (as g_d = it − g_0) one parameter at a time as autograd produces it, and what
     autograd collects in its place is a zero that holds no memory.
     """
     g_p = torch.autograd.grad(probe_ce(), params, allow_unused=True)
-    hard, diff = losses()
+    hard, soft = losses()
     if separate:
-        del diff
+        del soft
     g_0 = torch.autograd.grad(hard, params, retain_graph=not separate, allow_unused=True)
     del hard
     if separate:
-        diff = losses()[1]
+        soft = losses()[1]
     # The products with g_d split by what they hold: Σ p·z, Σ z·z, Σ p·p now (z = g_0), Σ p·d, Σ z·d,
-    # Σ d·d as g_d arrives; with ranks, ⟨Σz, Σd⟩, ‖Σd‖² and ‖Σz‖² of the ranks' summed gradients too.
+    # Σ d·d as ∇(T²·D) arrives (d = ∇(T²·D) − z); with ranks, ⟨Σz, Σd⟩, ‖Σd‖² and ‖Σz‖² of the ranks' summed gradients too.
     # Each in fp64, a slice of a parameter at a time (no fp64 copy of a whole vocabulary-sized head).
     first: list[Optional[torch.Tensor]] = [None] * len(params)
     later: list[Optional[torch.Tensor]] = [None]  # summed where the gradients are: one transfer at the end
@@ -183,9 +184,10 @@ def hypergradient_terms(params: list[torch.nn.Parameter], alpha: float,
             rows = [torch.stack([(pc * zc).sum(), (zc * zc).sum(), (pc * pc).sum()]) for pc, zc in _slices(p, z)]
             first[i] = torch.stack(rows).sum(0)
 
-    def fold(i: int, d: Optional[torch.Tensor]) -> None:
+    def fold(i: int, g_soft: Optional[torch.Tensor]) -> None:
         total = None
-        for pc, zc, dc in _slices(g_p[i], g_0[i], d):
+        for pc, zc, sc in _slices(g_p[i], g_0[i], g_soft):
+            dc = sc - zc  # g_d = ∇(T²·D) − ∇CE
             row = [(pc * dc).sum(), (zc * dc).sum(), (dc * dc).sum()]
             if sum_over_ranks is not None:
                 both = torch.stack([zc, dc])
@@ -205,12 +207,12 @@ def hypergradient_terms(params: list[torch.nn.Parameter], alpha: float,
 
     handles = [param.register_hook(hook_for(i)) for i, param in enumerate(params)]
     try:
-        torch.autograd.grad(diff, params, allow_unused=True)
+        torch.autograd.grad(soft, params, allow_unused=True)
     finally:
         for handle in handles:
             handle.remove()
-    del diff
-    for i in range(len(params)):  # parameters g_d does not reach (in the same order on every rank)
+    del soft
+    for i in range(len(params)):  # parameters T²·D does not reach: g_d = −g_0 (in the same order on every rank)
         if i not in seen and first[i] is not None:
             fold(i, None)
     firsts = [f for f in first if f is not None]

@@ -148,10 +148,10 @@ class Estimate:
             student_side = [fused]
             copy = teacher.head * teacher.dtype_bytes if teacher is not None and teacher.stage == 3 else 0
             for m in students:  # a measuring step, after every backward: the student's own forward, the gate's
-                if m.gate:      # gradients, its pass with three terms, and the teacher's head (copied at ZeRO-3)
+                if m.gate:      # gradients, its pass with two terms, and the teacher's head (copied at ZeRO-3)
                     student_side.append({f"{m.name} activations": m.activations * scale,
                                          f"{m.name} benefit gate's gradients": m.gate,
-                                         f"{m.name} head gradients (the gate's fused pass)": 3 * self.head_gradient(m),
+                                         f"{m.name} head gradients (the gate's fused pass)": 2 * self.head_gradient(m),
                                          f"{self.teacher} head copy (ZeRO-3)": copy, "fused pass working set": kd,
                                          "gathered parameters (ZeRO-3)": m.gathered, **hidden})
             return teacher_side, student_side
@@ -476,7 +476,7 @@ def estimate(cfg: RunConfig, world_size: int, device: Optional[str] = None) -> E
     for spec, d in zip(cfg.students, settings):
         m = next((m for m in est.models if m.name == spec.name), None)
         if m is not None and d.benefit_gate and cfg.mode != "hard":
-            # ∇CE(probe) and ∇CE whole; ∇(T²·D − CE) one parameter at a time (at most the largest one)
+            # ∇CE(probe) and ∇CE whole; ∇(T²·D) one parameter at a time (at most the largest one)
             m.gate = m.dtype_bytes * (2 * m.parameters + m.largest)
     if cfg.teacher.cache or (teacher is not None and all(d.targets == "topk" for d in settings)):
         k = max(d.top_k for d in settings)

@@ -457,20 +457,19 @@ class Trainer:
         student, d = self.students[index], self.distill[index]
         labels, mask = batch["labels"], batch["mask"]
 
-        def losses() -> tuple[torch.Tensor, torch.Tensor]:  # the loss is linear in α: loss(1) − loss(0) = d/dα
+        def losses() -> tuple[torch.Tensor, torch.Tensor]:  # CE and the blended loss at α = 1 (T²·D)
             if teacher is not None:  # fused: from the hidden states, against the teacher's unchanged head
                 hidden = module_hidden(student, batch)
                 with heads_gathered(student):
                     head = Head(hidden, *lm_head(student))
                     terms = [StudentTerm(head, replace(plan.spec, alpha=a), plan.temperature, self._top_k(index))
-                             for a in (0.0, 0.0, 1.0)]
-                    hard, hard_again, soft = (p.loss for p in fused_linear_losses(
+                             for a in (0.0, 1.0)]
+                    hard, soft = (p.loss for p in fused_linear_losses(
                         teacher, terms, labels, mask, self.vocab, self.cfg.distill.chunk_tokens)[1])
-                return hard, soft - hard_again
+                return hard, soft
             out = module_logits(student, batch, self.vocab)
-            hard = [distill_loss(out, labels, mask, chunk_tokens=d.chunk_tokens).loss for _ in range(2)]
-            soft = distill_loss(out, labels, mask, targets, replace(plan.spec, alpha=1.0), d.chunk_tokens).loss
-            return hard[0], soft - hard[1]  # distill_loss hands its gradient over once: one node per backward
+            hard = distill_loss(out, labels, mask, chunk_tokens=d.chunk_tokens).loss
+            return hard, distill_loss(out, labels, mask, targets, replace(plan.spec, alpha=1.0), d.chunk_tokens).loss
 
         def probe_ce() -> torch.Tensor:
             if teacher is not None:

@@ -60,10 +60,13 @@ def test_signal_is_the_alpha_derivative_of_a_fixed_length_steps_progress(tied, t
     mask, probe_mask = mask.double(), probe_mask.double()
     params = [p for p in model.parameters() if p.requires_grad]
 
-    def losses():
+    def losses():  # CE and T²·KL: the gate takes the blended loss at α = 0 and α = 1
         logits = model(ids)
-        hard = _ce64(logits, labels, mask)
-        return hard, _kl64(logits, teacher_logits, mask, temperature) - hard
+        return _ce64(logits, labels, mask), _kl64(logits, teacher_logits, mask, temperature)
+
+    def diff_losses():  # CE and T²·KL − CE: the blended loss is hard + α·diff
+        hard, soft = losses()
+        return hard, soft - hard
 
     def probe_ce():
         return _ce64(model(probe_ids), probe_labels, probe_mask)
@@ -73,7 +76,7 @@ def test_signal_is_the_alpha_derivative_of_a_fixed_length_steps_progress(tied, t
     assert all(p.grad is None for p in params)  # nothing accumulated into .grad
 
     def probe_after_step(a, eta):
-        hard, diff = losses()
+        hard, diff = diff_losses()
         grads = torch.autograd.grad(hard + a * diff, params)
         norm = torch.sqrt(sum((g * g).sum() for g in grads))
         with torch.no_grad():
@@ -91,11 +94,11 @@ def test_signal_is_the_alpha_derivative_of_a_fixed_length_steps_progress(tied, t
     # The terms are the gradients' own inner products.
     g_p = torch.autograd.grad(probe_ce(), params)
     assert terms["probe_sq"] == pytest.approx(sum(float((g * g).sum()) for g in g_p), rel=1e-12)
-    hard, diff = losses()
+    hard, diff = diff_losses()
     g_a = torch.autograd.grad(hard + alpha * diff, params)
     assert terms["probe_update"] == pytest.approx(sum(float((x * y).sum()) for x, y in zip(g_p, g_a)), rel=1e-10)
     assert terms["update_sq"] == pytest.approx(sum(float((x * x).sum()) for x in g_a), rel=1e-10)
-    g_d = torch.autograd.grad(losses()[1], params)
+    g_d = torch.autograd.grad(diff_losses()[1], params)
     assert terms["update_diff"] == pytest.approx(sum(float((x * y).sum()) for x, y in zip(g_a, g_d)), rel=1e-10)
     assert terms["probe_diff"] == pytest.approx(sum(float((x * y).sum()) for x, y in zip(g_p, g_d)), rel=1e-10)
     # The ranks' summed products, with an all-reduce that stands for two ranks holding these same
@@ -106,6 +109,8 @@ def test_signal_is_the_alpha_derivative_of_a_fixed_length_steps_progress(tied, t
     assert doubled["update_diff_all"] == pytest.approx(4 * terms["update_diff"], rel=1e-10)
     assert doubled["update_sq_all"] == pytest.approx(4 * terms["update_sq"], rel=1e-10)
     assert {k: doubled[k] for k in TERMS} == pytest.approx(terms, rel=1e-12)
+    # ZeRO-3's way (each graph differentiated once, one forward per gradient) gives the same products.
+    assert hypergradient_terms(params, alpha, losses, probe_ce, separate=True) == pytest.approx(terms, rel=1e-12)
 
 
 def test_less_label_noise_for_the_same_progress_opens_the_gate():
