@@ -7,6 +7,7 @@ knows how DeepSpeed wants its config.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from dataclasses import dataclass
@@ -256,8 +257,6 @@ def heads_gathered(*members: Member):
     must find them whole when they accumulate) outside it. Enter it after the forwards (a module must
     not run while its weight is gathered by hand) and leave it after the backwards; every rank enters it
     in the same order. A no-op below ZeRO-3."""
-    import contextlib
-
     params = [p for m in members if m.engine.zero_optimization_stage() == 3
               for p in lm_head(m) if p is not None]
     if not params:

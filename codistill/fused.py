@@ -238,8 +238,9 @@ class HeadLogits:
     top-k targets of the fused path never hold N × V either. A slice is fp32."""
 
     def __init__(self, head: Head, vocab: int, shape: Optional[tuple[int, ...]] = None):
-        self.head, self.vocab = head, vocab
-        self.flat = head.hidden.detach().reshape(-1, head.hidden.shape[-1])
+        self.vocab = vocab
+        self.head = Head(head.hidden.detach(), head.weight.detach(), None if head.bias is None else head.bias.detach())
+        self.flat = self.head.hidden.reshape(-1, head.hidden.shape[-1])
         self.shape = torch.Size(shape or (*head.hidden.shape[:-1], vocab))
         self.device = head.hidden.device
 
@@ -257,7 +258,5 @@ class HeadLogits:
     def __getitem__(self, rows: slice) -> torch.Tensor:
         if not isinstance(rows, slice):
             raise TypeError("HeadLogits: read a slice of positions")
-        head = self.head
         with torch.no_grad():
-            return _logits(Head(head.hidden, head.weight.detach(), None if head.bias is None else head.bias.detach()),
-                           self.flat[rows], self.vocab)
+            return _logits(self.head, self.flat[rows], self.vocab)

@@ -107,6 +107,13 @@ class Estimate:
             m.logits = 0
         return out
 
+    def fused_lowers_peak(self) -> bool:
+        """Whether the fused-linear path lowers this (logits-path) estimate's step peak: it drops every
+        model's logits (and their gradients) but adds an fp32 gradient of each trainable head and holds
+        every model's activations at once, so it pays off when a micro-batch holds many tokens per head row
+        (roughly more than 1.5 x the hidden size in bf16), and less with top-k targets."""
+        return self.with_fused().step_peak() < self.step_peak()
+
     def kd_bytes(self, batch: int, chunked: bool = True) -> int:
         """The distillation loss's fp32 temporaries: one chunk, or all [B·S, V] at once; fused, one chunk of
         the fused pass (its loss temporaries, the teacher's chunk of logits and the student's)."""
@@ -452,8 +459,8 @@ def _model_memory(spec: ModelSpec, hf_config, ds: dict, trainable: bool, world: 
     return m
 
 
-def estimate(cfg: RunConfig, world_size: int, device: Optional[str] = None) -> Estimate:
-    """Expected memory per rank of the run ``cfg`` on ``world_size`` ranks (see the module doc)."""
+def _plain_estimate(cfg: RunConfig, world_size: int, device: Optional[str] = None) -> Estimate:
+    """The estimate with every model's logits (the fused-linear path off)."""
     if world_size < 1:
         raise ConfigError(f"world size {world_size}: expected at least 1")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -485,25 +492,29 @@ def estimate(cfg: RunConfig, world_size: int, device: Optional[str] = None) -> E
         est.kept_per_position = teacher.width * teacher.dtype_bytes  # the detached logits, for every student
     est.fused_rows = fused_rows(vocab, cfg.distill.chunk_tokens)
     est.runtime = runtime_bytes(device)  # after the models' code was imported above
+    return est
+
+
+def estimate(cfg: RunConfig, world_size: int, device: Optional[str] = None) -> Estimate:
+    """Expected memory per rank of the run ``cfg`` on ``world_size`` ranks (see the module doc), with the
+    fused-linear path where ``distill.fused_linear`` puts it (auto: where it lowers the step's peak)."""
+    est = _plain_estimate(cfg, world_size, device)
     setting = cfg.distill.fused_linear
-    if teacher is None or not all(m.linear_head for m in est.models) or setting is False:
+    teacher = any(m.name == cfg.teacher.name for m in est.models)
+    if not teacher or not all(m.linear_head for m in est.models) or setting is False:
         return est
     if setting is True:
         return est.with_fused()
-    if static_problem(cfg.mode, bool(cfg.teacher.cache)) is None and vocab >= FUSED_AUTO_VOCAB:
-        fused = est.with_fused()  # auto: only where it lowers the peak (see fused_lowers_peak)
-        return fused if fused.step_peak() < est.step_peak() else est
+    if static_problem(cfg.mode, bool(cfg.teacher.cache)) is None and est.vocab >= FUSED_AUTO_VOCAB \
+            and est.fused_lowers_peak():
+        return est.with_fused()
     return est
 
 
 def fused_lowers_peak(cfg: RunConfig, world_size: int, device: str) -> bool:
-    """Whether ``distill.fused_linear`` lowers this run's expected peak per rank: it drops every model's
-    logits (and their gradients) but adds an fp32 gradient of each trainable head and holds every model's
-    activations at once, so it pays off when a micro-batch holds many tokens per head row (roughly more
-    than 1.5 x the hidden size in bf16), and less with top-k targets."""
-    plain = estimate(cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"fused_linear": False})}),
-                     world_size, device)
-    return plain.with_fused().step_peak() < plain.step_peak()
+    """Whether ``distill.fused_linear`` lowers this run's expected step peak per rank (see
+    :meth:`Estimate.fused_lowers_peak`), whatever the config sets it to."""
+    return _plain_estimate(cfg, world_size, device).fused_lowers_peak()
 
 
 def report(cfg: RunConfig, world_size: int, device: Optional[str] = None,

@@ -45,7 +45,6 @@ from .schedules import adaptive_alpha, alpha_at, ema, temperature_at
 log = logging.getLogger("codistill")
 
 
-
 @dataclass(frozen=True)
 class StudentPlan:
     """What one student does in one optimizer step."""
@@ -268,25 +267,26 @@ class Trainer:
         # students' targets were computed before the teacher's step either way: same numbers.
         self._deferred = []
         try:
-            if self.fused:
-                self.fused_micro_step(batch, plans, sums, panels, probe)
-                for member in self._deferred:
-                    member.engine.step()
-                return
-            out = self.teacher_targets(batch, plans, sums)
-            if out is None:  # the teacher's update was skipped: no trustworthy targets
-                return
-            targets, teacher_logits = out
-            del out
-            if panels is None:  # with top-k targets this frees the full logits before the students run
-                teacher_logits = None
-            for i, plan in enumerate(plans):
-                if plan.active:
-                    self.student_micro_step(i, batch, targets.get(i), plan, sums, panels, teacher_logits, probe)
-            for member in self._deferred:
+            (self.fused_micro_step if self.fused else self.logits_micro_step)(batch, plans, sums, panels, probe)
+            for member in self._deferred:  # none when the teacher's update was skipped
                 member.engine.step()
         finally:
             self._deferred = None
+
+    def logits_micro_step(self, batch: dict[str, torch.Tensor], plans: list[StudentPlan], sums: dict[str, float],
+                          panels: Optional[dict[str, float]] = None,
+                          probe: Optional[dict[str, torch.Tensor]] = None) -> None:
+        """:meth:`micro_step`'s losses from every model's logits; optimizer steps deferred."""
+        out = self.teacher_targets(batch, plans, sums)
+        if out is None:  # the teacher's update was skipped: no trustworthy targets
+            return
+        targets, teacher_logits = out
+        del out
+        if panels is None:  # with top-k targets this frees the full logits before the students run
+            teacher_logits = None
+        for i, plan in enumerate(plans):
+            if plan.active:
+                self.student_micro_step(i, batch, targets.get(i), plan, sums, panels, teacher_logits, probe)
 
     def fused_micro_step(self, batch: dict[str, torch.Tensor], plans: list[StudentPlan], sums: dict[str, float],
                          panels: Optional[dict[str, float]] = None,
