@@ -1,10 +1,11 @@
 """Bad input ends with one line naming the key or file and what was expected, before any
-process group or engine exists, and leaves the user's files alone.
+engine exists, with no process group left behind, and leaves the user's files alone.
 
 One table: each case makes its inputs in a fresh folder (a data file, a pretrained folder, an
 output_dir holding something) and gives the command-line arguments. Every case runs the real
 entry point in this process and must end with exit code 2, exactly one stderr line
-``codistill: error: ...`` holding the expected text, no process group, every file that was
+``codistill: error: ...`` holding the expected text, no engine built (a bad data file is found
+once the process group exists: ranks read data together), no process group left, every file that was
 there before unchanged, and nothing written into the run's output_dir.
 """
 import hashlib
@@ -12,6 +13,7 @@ import json
 import os
 from pathlib import Path
 
+import deepspeed
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -239,13 +241,19 @@ CASES = [
 ]
 
 
+real_initialize = deepspeed.initialize
+
+
 def snapshot(root: Path) -> dict[str, str]:
     return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder"
             for p in sorted(root.rglob("*")) if not p.is_symlink()}
 
 
 @pytest.mark.parametrize("make, expected", [pytest.param(m, e, id=i) for i, m, e in CASES])
-def test_bad_input(capsys, tmp_path, tokenizer, make, expected):
+def test_bad_input(capsys, monkeypatch, tmp_path, tokenizer, make, expected):
+    engines = []  # engines this input got as far as building
+    monkeypatch.setattr(deepspeed, "initialize", lambda *a, **k: engines.append(1) or real_initialize(*a, **k))
+    grouped = torch.distributed.is_initialized()  # another test's process group (left alone)
     args = make(tmp_path, tokenizer)
     config = args[args.index("--config") + 1] if "--config" in args else str(MICRO)
     overrides = [a for a in args if a not in ("--config", config)]
@@ -256,7 +264,8 @@ def test_bad_input(capsys, tmp_path, tokenizer, make, expected):
     assert code == 2, err
     assert len(err.splitlines()) == 1 and err.startswith("codistill: error: "), err
     assert expected.format(tmp=tmp_path) in err
-    assert not torch.distributed.is_initialized()
+    assert not engines
+    assert torch.distributed.is_initialized() == grouped  # none left behind
     after = snapshot(tmp_path)
     assert {p: h for p, h in after.items() if p in before} == before  # nothing changed or removed
     written = [p for p in after if p not in before and Path(p).is_relative_to(tmp_path / "out")]
