@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .config import RunConfig, load_config
-from .distributed import env_rank, free_port
+from .distributed import env_rank, free_port, shutdown
 from .errors import (EXIT_FAILED, EXIT_INPUT, EXIT_LOST_RANK, EXIT_NONFINITE, EXIT_STORAGE, ConfigError, NonFinite,
                      RunFailed, StorageFailed)
 
@@ -85,7 +85,7 @@ def run(prog: str, parser: argparse.ArgumentParser, body: Callable[[argparse.Nam
     finally:
         made = ours and dist.is_available() and dist.is_initialized()
         if made:
-            dist.destroy_process_group()
+            shutdown()
     if argv is None and made:
         leave(code)
     return code

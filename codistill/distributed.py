@@ -77,6 +77,20 @@ def disk_group():
     return _disk_group
 
 
+def shutdown() -> None:
+    """Destroy the process groups :func:`init` made, so that a later init() in this process (a second
+    run from Python, a test) makes fresh ones instead of reusing a destroyed disk group."""
+    global _disk_group
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        import deepspeed.comm.comm as ds_comm
+
+        if ds_comm.cdb is not None:  # DeepSpeed's teardown also drops the groups it cached (its world clone...)
+            ds_comm.destroy_process_group()
+        else:
+            torch.distributed.destroy_process_group()  # every group, the disk group included
+    _disk_group = None
+
+
 def init(timeout_s: int = 600) -> World:
     """Create the world process group (gloo on CPU, NCCL on GPU) and pick this rank's device."""
     import deepspeed

@@ -78,3 +78,17 @@ def test_a_command_line_that_made_a_process_group_ends_at_once_with_its_code(tmp
     assert proc.returncode == 7, proc.stderr[-2000:]
     assert proc.stdout == "work done\n"
     assert out.read_text() == "handlers ran\n"
+
+
+def test_two_runs_from_one_python_process(tmp_path):
+    """A second run in the same process (a notebook, a sweep from Python) gets fresh process groups:
+    the first run's teardown also drops the groups DeepSpeed and the disk barrier cached."""
+    import subprocess
+    import sys
+
+    script = ("import sys\nfrom codistill.commands import train\n"
+              "codes = [train.main(['--config', sys.argv[1], f'output_dir={sys.argv[2]}/run{i}', 'train.max_steps=2',"
+              " 'train.eval_interval=2']) for i in range(2)]\nprint(codes)\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(MICRO), str(tmp_path)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.stdout.strip().splitlines()[-1] == "[0, 0]", proc.stderr[-3000:]
