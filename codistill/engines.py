@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -67,13 +69,22 @@ def check_deepspeed_sections(name: str, ds: dict[str, Any]) -> None:
         except ValidationError as exc:
             err = exc.errors()[0]
             key = ".".join(str(p) for p in err["loc"])
-            what = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].lower()
+            what = "unknown key" if err["type"] == "extra_forbidden" else _choices_once(err["msg"].lower())
             raise ConfigError(f"{name}.deepspeed.zero_optimization.{key}: {what} (got {err.get('input')!r})") from None
     known = _known_deepspeed_keys()
     for key in ds:
         close = difflib.get_close_matches(key, known, n=1, cutoff=0.85)
         if key not in known and close:
             raise ConfigError(f"{name}.deepspeed.{key}: not a DeepSpeed key; did you mean '{close[0]}'?")
+
+
+def _choices_once(message: str) -> str:
+    """'input should be 0, 1, 2, 3 or 3' (an enum with an alias) as 'input should be 0, 1, 2 or 3'."""
+    match = re.fullmatch(r"(.*should be )(.+) or (.+)", message)
+    if not match:
+        return message
+    choices = list(dict.fromkeys([*match.group(2).split(", "), match.group(3)]))
+    return match.group(1) + (", ".join(choices[:-1]) + " or " if len(choices) > 1 else "") + choices[-1]
 
 
 def check_optimizer(name: str, kind: str) -> None:
@@ -87,6 +98,35 @@ def check_optimizer(name: str, kind: str) -> None:
     if str(kind).lower() not in builtin and kind not in torch_names:
         raise ConfigError(f"{name}.deepspeed.optimizer.type: '{kind}' is not an optimizer DeepSpeed knows (its own: "
                           f"{', '.join(sorted(builtin))}; or a torch.optim class such as SGD)")
+
+
+_NONNEGATIVE = ("lr", "eps", "weight_decay", "momentum")  # what every torch/DeepSpeed optimizer refuses below 0
+
+
+def check_optimizer_params(name: str, params: Any) -> None:
+    """The optimizer's common hyper-parameters as numbers in range, named by key (the optimizers
+    themselves refuse them only once the process group exists, with a bare traceback); a number
+    YAML read as text (``3e-4``) becomes the number."""
+    if params is None:
+        return
+    key = f"{name}.deepspeed.optimizer.params"
+    if not isinstance(params, dict):
+        raise ConfigError(f"{key}: expected a mapping, got {type(params).__name__}")
+    for k in _NONNEGATIVE:
+        v = params.get(k)
+        if v is None:
+            continue
+        if isinstance(v, str):  # YAML 1.1 reads 3e-4 (no dot) as text: take it as the number it spells
+            try:
+                v = params[k] = float(v)
+            except ValueError:
+                pass
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ConfigError(f"{key}.{k}: expected a finite number >= 0, got {v!r}")
+    betas = params.get("betas")
+    if betas is not None and not (isinstance(betas, (list, tuple)) and len(betas) == 2 and all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+        raise ConfigError(f"{key}.betas: expected two numbers in [0, 1), got {betas!r}")
 
 
 def optimizer_steps(cfg: RunConfig) -> dict[str, int]:
@@ -133,6 +173,7 @@ def resolve_deepspeed_config(spec: ModelSpec, train: TrainConfig, world_size: in
     if not isinstance(optimizer, dict) or "type" not in optimizer:
         raise ConfigError(f"{spec.name}.deepspeed.optimizer: a trainable model needs an optimizer section with a type")
     check_optimizer(spec.name, optimizer["type"])
+    check_optimizer_params(spec.name, optimizer.get("params"))
     if on_cpu and optimizer["type"].lower() in _ADAM:
         # DeepSpeed's FusedAdam is a ~65 s JIT compile and CPU-only anyway slower than torch's.
         optimizer.setdefault("params", {}).setdefault("torch_adam", True)

@@ -5,6 +5,7 @@ All checks run on configs, before any weights exist, so bad input fails fast.
 """
 from __future__ import annotations
 
+import difflib
 import json
 import struct
 from contextlib import contextmanager
@@ -68,10 +69,27 @@ def model_config(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase) -> Pretrai
         "pad_token_id": tokenizer.pad_token_id,
         **spec.config,
     }
+    from transformers import CONFIG_MAPPING
+
+    if spec.arch not in CONFIG_MAPPING:
+        close = difflib.get_close_matches(spec.arch, list(CONFIG_MAPPING.keys()), n=3)
+        raise ConfigError(f"{spec.name}.arch: '{spec.arch}' is not a transformers model type"
+                          + (f" (close: {', '.join(close)})" if close else " (e.g. llama, gpt2, qwen2, mistral)"))
     try:
-        return AutoConfig.for_model(spec.arch, **kwargs)
-    except ValueError as exc:
-        raise ConfigError(f"{spec.name}.arch: '{spec.arch}' is not a transformers model type ({str(exc).splitlines()[0][:120]})") from None
+        cfg = AutoConfig.for_model(spec.arch, **kwargs)
+    except Exception as exc:  # transformers' own checks of the values (a strict dataclass, or the config's __init__)
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise ConfigError(f"{spec.name}.config: transformers refuses it for arch '{spec.arch}': "
+                          f"{(lines[-1] if lines else type(exc).__name__)[:200]}") from None
+    for attr in _SIZES:
+        value = getattr(cfg, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value <= 0:
+            raise ConfigError(f"{spec.name}.config.{attr}: expected a positive integer, got {value}")
+    return cfg
+
+
+_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+          "max_position_embeddings", "vocab_size", "head_dim")
 
 
 def check_model(spec: ModelSpec, cfg: PretrainedConfig, tokenizer: PreTrainedTokenizerBase,
