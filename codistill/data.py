@@ -345,7 +345,8 @@ class Splits:
     fingerprint: str
 
 
-def _data_files(spec: str) -> list[Path]:
+def data_files(spec: str) -> list[Path]:
+    """The data files ``data.dataset`` names (a file, a glob or a folder), checked to exist and hold bytes."""
     path = Path(spec).expanduser()
     if path.is_dir():  # codistill_*.json beside the data are our own metadata, not documents
         files = [p for p in sorted(path.rglob("*")) if p.suffix in _FORMATS and not p.name.startswith("codistill_")]
@@ -382,7 +383,7 @@ def _source_identity(cfg: DataConfig) -> tuple[str, list]:
             raise ConfigError(f"data.dataset: saved dataset folder {path} does not exist")
         stats = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(path.rglob("*")) if p.is_file()]
         return "saved", stats
-    return "files", [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in _data_files(cfg.dataset)]
+    return "files", [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in data_files(cfg.dataset)]
 
 
 def check_data_source(cfg: DataConfig) -> None:
@@ -391,7 +392,7 @@ def check_data_source(cfg: DataConfig) -> None:
     (before any process group is made, and before anything is built)."""
     kind, _ = _source_identity(cfg)
     if kind == "files":
-        _file_format(cfg, _data_files(cfg.dataset))
+        _file_format(cfg, data_files(cfg.dataset))
     check_writable(cfg.resolved_cache_dir(), "data.cache_dir")
 
 
@@ -427,7 +428,7 @@ def _load_raw(cfg: DataConfig, kind: str) -> datasets.DatasetDict:
     if kind == "saved":
         loaded = datasets.load_from_disk(str(Path(cfg.dataset).expanduser()))
         return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict(train=loaded)
-    files = _data_files(cfg.dataset)
+    files = data_files(cfg.dataset)
     fmt = _file_format(cfg, files)
     extra = {"sample_by": "document"} if fmt == "text" else {}
     level = datasets.logging.get_verbosity()

@@ -99,3 +99,12 @@ def test_compare_refuses_a_config_that_is_not_co_distillation(tmp_path):
     proc = run_cmd([sys.executable, "tools/compare.py", "--config", "configs/hard.yaml",
                     "--output-dir", str(tmp_path)])
     assert proc.returncode == 2 and "compare: error: mode=hard" in proc.stderr
+
+
+def test_a_corpus_that_does_not_exist_is_refused_before_any_run(tmp_path, capsys):
+    code = compare.main(["--config", str(MICRO), "--datasets", "shakespeare", str(tmp_path / "nosuch"),
+                         "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert f"--datasets: '{tmp_path / 'nosuch'}' is not a bundled corpus (shakespeare, django-code" in err[0]
+    assert not (tmp_path / "out").exists()

@@ -46,7 +46,7 @@ from typing import Any, Optional
 
 from .. import cli
 from ..config import ConfigError, ModelSpec, apply_override, check_name, load_deepspeed_config, validate
-from ..data import BUILTIN_VOCAB, CORPORA
+from ..data import BUILTIN_VOCAB, CORPORA, data_files
 from ..errors import RunFailed
 from ..metrics import read_scalars
 
@@ -310,6 +310,13 @@ def body(args: argparse.Namespace) -> int:
     labels = [corpus_label(d) for d in corpora]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"--datasets: two corpora share the name {labels}; give distinct files or folders")
+    for dataset in corpora:  # before any run starts, not in the first run's log
+        if dataset not in CORPORA:
+            try:
+                data_files(dataset)
+            except ConfigError as exc:
+                raise ConfigError(f"{'--datasets' if args.datasets else 'data.dataset'}: '{dataset}' is not a bundled "
+                                  f"corpus ({', '.join(CORPORA)}) and {str(exc).split(': ', 1)[1]}") from None
     out.mkdir(parents=True, exist_ok=True)
     cmdline = ("codistill-compare " + " ".join(shlex.quote(a) for a in sys.argv[1:])).strip()
     machine = f"{os.cpu_count()} CPU cores, {args.nproc} process(es) per run"
