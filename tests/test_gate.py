@@ -113,6 +113,34 @@ def test_signal_is_the_alpha_derivative_of_a_fixed_length_steps_progress(tied, t
     assert hypergradient_terms(params, alpha, losses, probe_ce, separate=True) == pytest.approx(terms, rel=1e-12)
 
 
+
+def test_separate_forwards_draw_the_same_dropout_masks():
+    """ZeRO-3's two forwards of the training batch see one model: with dropout on, the second replays the
+    first's random draws, so the products equal those of one forward differentiated twice."""
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Dropout(0.5), torch.nn.Linear(12, 5)).double().train()
+    x, probe_x = torch.randn(9, 6, dtype=torch.float64), torch.randn(9, 6, dtype=torch.float64)
+    y, probe_y, target = torch.randint(0, 5, (9,)), torch.randint(0, 5, (9,)), torch.randn(9, 5, dtype=torch.float64)
+    params = list(model.parameters())
+
+    def losses():
+        logits = model(x)
+        kl = torch.nn.functional.kl_div(logits.log_softmax(-1), target.log_softmax(-1), log_target=True,
+                                        reduction="batchmean")
+        return torch.nn.functional.cross_entropy(logits, y), kl
+
+    def probe_ce():
+        return torch.nn.functional.cross_entropy(model(probe_x), probe_y)
+
+    torch.manual_seed(11)
+    once = hypergradient_terms(params, 0.3, losses, probe_ce)
+    after_once = torch.rand(1)
+    torch.manual_seed(11)
+    twice = hypergradient_terms(params, 0.3, losses, probe_ce, separate=True)
+    assert twice == pytest.approx(once, rel=1e-12)
+    assert torch.rand(1) == after_once  # and the stream goes on as after one forward
+
+
 def test_less_label_noise_for_the_same_progress_opens_the_gate():
     """The term plain one-step hypergradients miss: a soft term that shortens the update (less noise)
     without changing its component along the held-out gradient raises the cosine, so s > 0."""
