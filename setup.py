@@ -4,7 +4,10 @@ setup(
     name="codistill",
     version="0.1.0",
     description="Co-distillation of LLMs on DeepSpeed: a teacher and its students trained together",
-    packages=find_packages(include=["codistill", "codistill.*"]),
+    packages=find_packages(include=["codistill", "codistill.*"]) + ["codistill.configs"],
+    # configs/ ships inside the package too, so a plain (non-editable) install still has its default run
+    package_dir={"codistill.configs": "configs"},
+    package_data={"codistill.configs": ["*.yaml", "ds/*.json", "examples/*.yaml"]},
     python_requires=">=3.10",
     # torch is pinned in the install command (README): `torch==2.13.0` takes the CPU
     # wheel on CPU-only machines; left open here, deepspeed would pull a CUDA build.

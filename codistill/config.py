@@ -24,7 +24,9 @@ from pydantic.fields import FieldInfo
 
 from .errors import ConfigError
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+# The repository's configs/ (a checkout, an editable install), else the copy a plain install ships in the package.
+_CONFIGS = [Path(__file__).resolve().parent.parent / "configs", Path(__file__).resolve().parent / "configs"]
+DEFAULT_CONFIG = next((c / "tiny.yaml" for c in _CONFIGS if (c / "tiny.yaml").is_file()), _CONFIGS[0] / "tiny.yaml")
 
 
 SEED_LIMIT = 2**63 - 2**20  # seeds are offset per rank and model and must stay 64-bit integers

@@ -1,6 +1,7 @@
 """The package's shape: imports only go down (no cycle among codistill modules, function-level
 imports included), and no file of the project edits sys.path."""
 import ast
+import os
 import sys
 from pathlib import Path
 
@@ -120,3 +121,28 @@ def test_the_gpu_check_script_parses():
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     for block in re.findall(r"<<'PY'[^\n]*\n(.*?)\nPY\n", script.read_text(), re.S):
         compile(block, str(script), "exec")
+
+
+def test_a_plain_install_ships_the_default_config(tmp_path):
+    """`pip install .` (not editable) puts configs/ inside the package, and the default run finds it there."""
+    import shutil
+    import subprocess
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for part in ("setup.py", "codistill", "configs"):
+        if (ROOT / part).is_dir():
+            shutil.copytree(ROOT / part, src / part, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(ROOT / part, src / part)
+    target = tmp_path / "site"
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                           "--target", str(target), str(src)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    shipped = target / "codistill" / "configs"
+    assert {p.name for p in shipped.glob("*.yaml")} >= {"tiny.yaml", "tiny_gpt2.yaml", "soft.yaml", "hard.yaml"}
+    assert (shipped / "examples" / "llama8b-codistill-1b.yaml").is_file() and list((shipped / "ds").glob("*.json"))
+    probe = subprocess.run([sys.executable, "-c", "import codistill.config as c; print(c.DEFAULT_CONFIG)"],
+                           capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                           env={**os.environ, "PYTHONPATH": str(target)})
+    assert probe.stdout.strip() == str(shipped / "tiny.yaml"), probe.stderr[-2000:]
