@@ -424,7 +424,14 @@ def _load_raw(cfg: DataConfig, kind: str) -> datasets.DatasetDict:
         files = {"train": str(root / "train.jsonl"), "validation": str(root / "validation.jsonl")}
         return datasets.load_dataset("json", data_files=files)
     if kind == "hub":
-        return datasets.load_dataset(cfg.dataset[len("hub:"):])
+        name = cfg.dataset[len("hub:"):]
+        try:
+            return datasets.load_dataset(name)
+        except Exception as exc:  # offline, unknown name, gated: datasets raises many types
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise ConfigError(f"data.dataset: cannot load '{name}' from the Hugging Face Hub or its local cache "
+                              f"({type(exc).__name__}: {first}); where there is a network, save it with "
+                              f"datasets.load_dataset('{name}').save_to_disk(FOLDER) and give data.dataset=FOLDER") from None
     if kind == "saved":
         loaded = datasets.load_from_disk(str(Path(cfg.dataset).expanduser()))
         return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict(train=loaded)

@@ -7,8 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from codistill.distributed import free_port
-from codistill.metrics import read_scalars
+# The suite runs offline (no hub is ever reached; a test that tries fails at once instead of waiting on a
+# network): set before anything imports huggingface_hub or datasets, which read it once.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from codistill.distributed import free_port  # noqa: E402
+from codistill.metrics import read_scalars  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MICRO = ROOT / "tests" / "configs" / "micro.yaml"

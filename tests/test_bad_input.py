@@ -150,6 +150,9 @@ CASES = [
      "teacher.deepspeed.optimizer.params.lr: expected a finite number >= 0, got -1"),
     ("betas out of range", plain("students.0.deepspeed.optimizer.params.betas=[0.9,1.5]"),
      "student.deepspeed.optimizer.params.betas: expected two numbers in [0, 1), got [0.9, 1.5]"),
+    ("hub dataset out of reach", lambda tmp, tok: tok.save_pretrained(tmp / "tok") and [] or [
+        "data.dataset=hub:codistill-tests/no-such-dataset", f"data.tokenizer={tmp / 'tok'}"],
+     "data.dataset: cannot load 'codistill-tests/no-such-dataset' from the Hugging Face Hub or its local cache ("),
     ("missing dataset", plain("data.dataset=/nonexistent/corpus.jsonl"),
      "data.dataset: no data file matches '/nonexistent/corpus.jsonl'"),
     ("micro-batch disagrees", plain("teacher.deepspeed.train_micro_batch_size_per_gpu=3"),
