@@ -154,8 +154,8 @@ class DistillConfig(_Section):
     fused_linear: Literal["auto", True, False] = Field(
         "auto", description="one setting for the run: every model's loss from its final hidden states and LM head, "
         "chunk by chunk, so no [tokens x vocabulary] logits exist (codistill and a live soft teacher); true / false / "
-        "auto (on where it is exact: linear heads and a live teacher, with a vocabulary >= 32768 and a lower step peak in "
-        "the memory estimate)")
+        "auto (on where it is exact: linear heads and a live teacher, with a vocabulary >= 32768, below ZeRO-3, and a lower "
+        "step peak in the memory estimate)")
 
 
 class _Overrides(_Section):

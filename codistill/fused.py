@@ -74,6 +74,16 @@ def static_problem(mode: str, cached_teacher: bool) -> Optional[str]:
     return None
 
 
+def auto_problem(zero_stages: list[int]) -> Optional[str]:
+    """Why ``fused_linear: auto`` leaves the path off for models at these ZeRO stages (None: auto may take it).
+    At ZeRO-3 the mid-size pair measured a higher peak with it, not the lower one the estimate expects
+    (docs/results.md, section 3); ``true`` still takes it there."""
+    if 3 in zero_stages:
+        return ("at ZeRO-3 the measured peak was higher with them (docs/results.md, section 3); "
+                "distill.fused_linear=true takes them anyway")
+    return None
+
+
 def fused_rows(vocab: int, chunk_tokens: Optional[int] = None) -> int:
     """Positions per chunk: ``chunk_tokens`` if given, else about FUSED_ELEMENTS logits and at least
     FUSED_MIN_ROWS positions."""

@@ -35,7 +35,7 @@ import torch
 from .config import ConfigError, ModelSpec, RunConfig
 from .data import run_tokenizer
 from .engines import deepspeed_configs, half_precision, is_trainable, loaded_models
-from .fused import FUSED_AUTO_VOCAB, fused_rows, static_problem
+from .fused import FUSED_AUTO_VOCAB, auto_problem, fused_rows, static_problem
 from .losses import chunk_rows, topk_bytes_per_position
 from .metrics import peak_bytes
 from .models import model_config
@@ -497,7 +497,7 @@ def _plain_estimate(cfg: RunConfig, world_size: int, device: Optional[str] = Non
 
 def estimate(cfg: RunConfig, world_size: int, device: Optional[str] = None) -> Estimate:
     """Expected memory per rank of the run ``cfg`` on ``world_size`` ranks (see the module doc), with the
-    fused-linear path where ``distill.fused_linear`` puts it (auto: where it lowers the step's peak)."""
+    fused-linear path where ``distill.fused_linear`` puts it (auto: below ZeRO-3, where it lowers the step's peak)."""
     est = _plain_estimate(cfg, world_size, device)
     setting = cfg.distill.fused_linear
     teacher = any(m.name == cfg.teacher.name for m in est.models)
@@ -506,7 +506,7 @@ def estimate(cfg: RunConfig, world_size: int, device: Optional[str] = None) -> E
     if setting is True:
         return est.with_fused()
     if static_problem(cfg.mode, bool(cfg.teacher.cache)) is None and est.vocab >= FUSED_AUTO_VOCAB \
-            and est.fused_lowers_peak():
+            and auto_problem([m.stage for m in est.models]) is None and est.fused_lowers_peak():
         return est.with_fused()
     return est
 

@@ -31,7 +31,8 @@ from .engines import (Member, build_engine, deepspeed_configs, forward_hidden, f
                       quiet_library_noise)
 from .errors import NonFinite
 from .files import write_atomically
-from .fused import FUSED_AUTO_VOCAB, Head, HeadLogits, StudentTerm, fused_linear_losses, fused_rows, static_problem
+from .fused import (FUSED_AUTO_VOCAB, Head, HeadLogits, StudentTerm, auto_problem, fused_linear_losses, fused_rows,
+                    static_problem)
 from .gate import (SUMMED, TERMS, BenefitState, hypergradient_terms, length_weight, signal_parts,
                    trainable_parameters)
 from .gate import update as update_benefit
@@ -164,8 +165,8 @@ class Trainer:
 
     def _resolve_fused(self) -> bool:
         """distill.fused_linear: false; true (refused where it would not be exact); auto: on where it is
-        exact, the vocabulary is large enough for the logits to matter (FUSED_AUTO_VOCAB) and the memory
-        estimate's step peak is lower with it."""
+        exact, the vocabulary is large enough for the logits to matter (FUSED_AUTO_VOCAB), no model is at
+        ZeRO-3 (fused.auto_problem) and the memory estimate's step peak is lower with it."""
         setting = self.cfg.distill.fused_linear
         if setting is False or (setting == "auto" and (self._fused_refusal or self.vocab < FUSED_AUTO_VOCAB)):
             return False
@@ -174,6 +175,10 @@ class Trainer:
             raise ConfigError(f"distill.fused_linear=true: {'; '.join(problems)}; set it to auto or false")
         if problems:
             log.info("fused-linear losses off: %s", "; ".join(problems))
+            return False
+        refusal = auto_problem([m.engine.zero_optimization_stage() for m in self.members])
+        if setting == "auto" and refusal:
+            log.info("fused-linear losses off: %s", refusal)
             return False
         if setting == "auto" and not fused_lowers_peak(self.cfg, self.world.size, self.world.device.type):
             log.info("fused-linear losses off: the memory estimate's step peak is not lower with them at this "

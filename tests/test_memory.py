@@ -191,9 +191,13 @@ def test_fused_linear_drops_every_logits_term_and_counts_the_head_gradients_and_
         assert terms[f"{m.name} activations"] == m.activations * 4 / fused.micro_batch_size
     rows = min(4 * fused.seq_len, fused.fused_rows)
     assert terms["fused pass working set"] == (3 * rows + LOSS_TEMPORARIES * min(4 * fused.seq_len, fused.chunk_rows)) * 4096 * 4
-    # auto, from a 32k vocabulary: only where the step's peak is lower (many tokens per head row), at any stage
-    for batch, chosen in ((1, False), (64, True)):
-        overrides = ["data.tokenizer=gpt2", "teacher.deepspeed.zero_optimization.stage=3", f"train.micro_batch_size={batch}"]
-        auto, plain = (estimate(load_config(MICRO, [*overrides, f"distill.fused_linear={v}"]), 2) for v in ("auto", "false"))
-        assert auto.fused is chosen and (plain.with_fused().step_peak() < plain.step_peak()) is chosen
-        assert fused_lowers_peak(load_config(MICRO, overrides), 2, "cpu") is chosen
+    # auto, from a 32k vocabulary: only where the step's peak is lower (many tokens per head row), below ZeRO-3
+    for stage in (2, 3):
+        for batch, lower in ((1, False), (64, True)):
+            overrides = ["data.tokenizer=gpt2", f"teacher.deepspeed.zero_optimization.stage={stage}",
+                         f"train.micro_batch_size={batch}"]
+            auto, plain = (estimate(load_config(MICRO, [*overrides, f"distill.fused_linear={v}"]), 2)
+                           for v in ("auto", "false"))
+            assert (plain.with_fused().step_peak() < plain.step_peak()) is lower
+            assert fused_lowers_peak(load_config(MICRO, overrides), 2, "cpu") is lower
+            assert auto.fused is (lower and stage < 3)  # ZeRO-3 measured higher with it (docs/results.md)
