@@ -659,7 +659,8 @@ class Trainer:
     # ------------------------------------------------------------------ what the run shows
 
     def describe(self) -> list[str]:
-        """One line per model: size, ZeRO stage, precision and what each rank stores."""
+        """One line per model: size, ZeRO stage, precision and what each rank stores; per student, when and how
+        it distils."""
         lines = []
         for m in self.members:
             module = m.engine.module
@@ -682,6 +683,18 @@ class Trainer:
             lines.append(f"{self.teacher_name}: not loaded; top-{meta['k']} predictions at T={meta['temperature']} "
                          f"from the cache {self.cache.folder} ({meta.get('bytes_per_token', 0):.1f} bytes/token)")
             return lines
+        for student, d in zip(self.students, self.distill):
+            start, steps = d.head_start_steps + d.burn_in_steps, self.cfg.train.max_steps
+            if start >= steps or d.alpha_max == 0:
+                lines.append(f"{student.name}: never distils (alpha_max {d.alpha_max}, head start "
+                             f"{d.head_start_steps} + burn-in {d.burn_in_steps} of {steps} steps): CE alone")
+                continue
+            noise = "x lr / peak lr" if d.benefit_length == "lr" else "unweighted"
+            gate = f"benefit gate every {d.benefit_interval} steps (noise term {noise})" if d.benefit_gate else \
+                "no benefit gate"
+            lines.append(f"{student.name}: distils from step {start} of {steps} (head start {d.head_start_steps}, "
+                         f"burn-in {d.burn_in_steps}); {d.schedule} alpha up to {d.alpha_max}, T={d.temperature}, "
+                         f"{d.divergence}, {gate}")
         positions = self.cfg.train.micro_batch_size * self.cfg.data.seq_len
         if self.fused:
             rows = min(positions, fused_rows(self.vocab, self.cfg.distill.chunk_tokens))
