@@ -147,17 +147,6 @@ def _slices(*grads: Optional[torch.Tensor]):
                     else f[start:stop].double() for f in flat)
 
 
-def _rng_state() -> tuple:
-    """The random generators a forward draws from (dropout): the CPU's and the current accelerator's."""
-    return torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_available() else None
-
-
-def _set_rng_state(state: tuple) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1])
-
-
 def hypergradient_terms(params: list[torch.nn.Parameter], alpha: float,
                         losses: Callable[[], tuple[torch.Tensor, torch.Tensor]],
                         probe_ce: Callable[[], torch.Tensor],
@@ -173,19 +162,20 @@ def hypergradient_terms(params: list[torch.nn.Parameter], alpha: float,
     built, differentiated and freed in turn. The gradients come from ``torch.autograd.grad``:
     nothing is accumulated into ``.grad``. With ``separate`` (ZeRO-3, whose backward partitions the
     weights a graph saved, so a graph is differentiated once) ``losses()`` is called twice, one forward
-    per gradient, the second with the random state the first started from (the same dropout masks). At most two whole gradients are held (g_p, then g_0):
+    per gradient, the second from the random state the first started from (the same dropout masks).
+    At most two whole gradients are held (g_p, then g_0):
     ∇(T²·D) is folded into the products (as g_d = it − g_0) one parameter at a time as autograd produces it, and what
     autograd collects in its place is a zero that holds no memory.
     """
     g_p = torch.autograd.grad(probe_ce(), params, allow_unused=True)
-    rng = _rng_state() if separate else None
-    hard, soft = losses()
-    if separate:
-        del soft
+    if separate:  # the random state goes back after this forward: the second draws its dropout masks again
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+            hard = losses()[0]
+    else:
+        hard, soft = losses()
     g_0 = torch.autograd.grad(hard, params, retain_graph=not separate, allow_unused=True)
     del hard
     if separate:
-        _set_rng_state(rng)  # the second forward draws the first one's dropout masks: one batch, one model
         soft = losses()[1]
     # The products with g_d split by what they hold: Σ p·z, Σ z·z, Σ p·p now (z = g_0), Σ p·d, Σ z·d,
     # Σ d·d as ∇(T²·D) arrives (d = ∇(T²·D) − z); with ranks, ⟨Σz, Σd⟩, ‖Σd‖² and ‖Σz‖² of the ranks' summed gradients too.

@@ -113,7 +113,6 @@ def test_signal_is_the_alpha_derivative_of_a_fixed_length_steps_progress(tied, t
     assert hypergradient_terms(params, alpha, losses, probe_ce, separate=True) == pytest.approx(terms, rel=1e-12)
 
 
-
 def test_separate_forwards_draw_the_same_dropout_masks():
     """ZeRO-3's two forwards of the training batch see one model: with dropout on, the second replays the
     first's random draws, so the products equal those of one forward differentiated twice."""
