@@ -170,15 +170,15 @@ class Trainer:
         setting = self.cfg.distill.fused_linear
         if setting is False or (setting == "auto" and (self._fused_refusal or self.vocab < FUSED_AUTO_VOCAB)):
             return False
+        refusal = auto_problem([m.engine.zero_optimization_stage() for m in self.members])
+        if setting == "auto" and refusal:  # before the heads' exactness probe: nothing to run for it
+            log.info("fused-linear losses off: %s", refusal)
+            return False
         problems = self.fused_problems()
         if problems and setting is True:
             raise ConfigError(f"distill.fused_linear=true: {'; '.join(problems)}; set it to auto or false")
         if problems:
             log.info("fused-linear losses off: %s", "; ".join(problems))
-            return False
-        refusal = auto_problem([m.engine.zero_optimization_stage() for m in self.members])
-        if setting == "auto" and refusal:
-            log.info("fused-linear losses off: %s", refusal)
             return False
         if setting == "auto" and not fused_lowers_peak(self.cfg, self.world.size, self.world.device.type):
             log.info("fused-linear losses off: the memory estimate's step peak is not lower with them at this "
