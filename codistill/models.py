@@ -53,6 +53,10 @@ def _safetensors_problem(path: Path) -> Optional[str]:
     return None
 
 
+_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+          "max_position_embeddings", "vocab_size", "head_dim")  # a transformers config's sizes: each must be > 0
+
+
 def model_config(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
     """The transformers config the model will be built from (no weights are touched).
 
@@ -86,10 +90,6 @@ def model_config(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase) -> Pretrai
         if isinstance(value, int) and not isinstance(value, bool) and value <= 0:
             raise ConfigError(f"{spec.name}.config.{attr}: expected a positive integer, got {value}")
     return cfg
-
-
-_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-          "max_position_embeddings", "vocab_size", "head_dim")
 
 
 def check_model(spec: ModelSpec, cfg: PretrainedConfig, tokenizer: PreTrainedTokenizerBase,

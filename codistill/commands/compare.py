@@ -316,7 +316,7 @@ def body(args: argparse.Namespace) -> int:
                 data_files(dataset)
             except ConfigError as exc:
                 raise ConfigError(f"{'--datasets' if args.datasets else 'data.dataset'}: '{dataset}' is not a bundled "
-                                  f"corpus ({', '.join(CORPORA)}) and {str(exc).split(': ', 1)[1]}") from None
+                                  f"corpus ({', '.join(CORPORA)}) and {str(exc).removeprefix('data.dataset: ')}") from None
     out.mkdir(parents=True, exist_ok=True)
     cmdline = ("codistill-compare " + " ".join(shlex.quote(a) for a in sys.argv[1:])).strip()
     machine = f"{os.cpu_count()} CPU cores, {args.nproc} process(es) per run"
