@@ -82,6 +82,13 @@ class DataConfig(_Section):
     cache_dir: Optional[str] = Field(None, description="default: $CODISTILL_CACHE or ~/.cache/codistill")
     num_proc: int = Field(1, gt=0)
 
+    @field_validator("dataset")
+    @classmethod
+    def _named(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("expected a bundled corpus name, a data path or 'hub:<name>', got an empty value")
+        return value
+
     @model_validator(mode="after")
     def _one_layout(self) -> "DataConfig":
         if self.messages_field and self.prompt_field:

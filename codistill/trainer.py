@@ -94,6 +94,11 @@ class Trainer:
         self.tokenizer = run_tokenizer(cfg)
         self.vocab = len(self.tokenizer)
         self.tokenizer_fp = tokenizer_fingerprint(self.tokenizer)
+        for i, student in enumerate(cfg.students):
+            d = cfg.distill_for(i)
+            if cfg.mode != "hard" and d.targets == "topk" and d.top_k >= self.vocab:
+                raise ConfigError(f"{student.name}: distill.top_k={d.top_k} is not below the vocabulary's "
+                                  f"{self.vocab:,} tokens; top-k targets keep k < V (targets: full keeps them all)")
         specs = loaded_models(cfg)
         hf_configs = {s.name: model_config(s, self.tokenizer) for s in specs}
         for spec in specs:
