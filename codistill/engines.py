@@ -149,9 +149,8 @@ def resolve_deepspeed_config(spec: ModelSpec, train: TrainConfig, world_size: in
     if not trainable:
         ds.pop("optimizer", None)
         ds.pop("scheduler", None)
-        zero = ds.get("zero_optimization") or {}
-        if zero.get("stage", 0) in (1, 2):  # they shard optimizer states and gradients: it has none
-            ds["zero_optimization"] = {**zero, "stage": 0}
+        if zero_stage(ds) in (1, 2):  # they shard optimizer states and gradients: it has none
+            ds["zero_optimization"] = {**ds["zero_optimization"], "stage": 0}
     shared = {
         "train_micro_batch_size_per_gpu": ("train.micro_batch_size", train.micro_batch_size),
         "gradient_accumulation_steps": ("train.gradient_accumulation_steps", train.gradient_accumulation_steps),
@@ -226,12 +225,17 @@ def half_precision(ds_config: dict[str, Any]) -> bool:
     return any(bool((ds_config.get(key) or {}).get("enabled")) for key in ("bf16", "fp16"))
 
 
+def zero_stage(ds_config: dict[str, Any]) -> int:
+    """The ZeRO stage a DeepSpeed config asks for (0 without a zero_optimization section)."""
+    return int((ds_config.get("zero_optimization") or {}).get("stage", 0))
+
+
 def build_engine(spec: ModelSpec, hf_config, ds_config: dict[str, Any], seed: int, trainable: bool) -> Member:
     """The model's weights (random init under ``seed``, or loaded) wrapped in its DeepSpeed
     engine; a frozen model gets an inference-only engine (no optimizer, eval mode, no grads)."""
     import deepspeed
 
-    stage3 = (ds_config.get("zero_optimization") or {}).get("stage", 0) == 3
+    stage3 = zero_stage(ds_config) == 3
     model = build_model(spec, hf_config, seed=seed, zero3=ds_config if stage3 else None)  # ZeRO-3: never whole
     if spec.gradient_checkpointing and trainable:  # a frozen model keeps no activations to recompute
         enable_checkpointing(model)

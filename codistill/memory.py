@@ -34,7 +34,7 @@ import torch
 
 from .config import ConfigError, ModelSpec, RunConfig
 from .data import run_tokenizer
-from .engines import deepspeed_configs, half_precision, is_trainable, loaded_models
+from .engines import deepspeed_configs, half_precision, is_trainable, loaded_models, zero_stage
 from .fused import FUSED_AUTO_VOCAB, auto_problem, fused_rows, static_problem
 from .losses import chunk_rows, topk_bytes_per_position
 from .metrics import peak_bytes
@@ -422,7 +422,7 @@ def _model_memory(spec: ModelSpec, hf_config, ds: dict, trainable: bool, world: 
         raise ConfigError(f"{spec.name}: could not build the model on 'meta' ({' '.join(str(exc).split())[:160]})") from None
     n = sum(p.numel() for p in model.parameters())
     zero = ds.get("zero_optimization") or {}
-    stage = int(zero.get("stage", 0))
+    stage = zero_stage(ds)
     m = ModelMemory(spec.name, n, trainable, stage, 2 if half else 4)
     m.params = m.dtype_bytes * n // (world if stage == 3 else 1)
     # Built in fp32 (then cast by DeepSpeed): whole on every rank, or under ZeRO-3 this rank's

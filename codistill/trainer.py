@@ -28,7 +28,7 @@ from .config import ConfigError, DistillConfig, RunConfig, dump_config, is_resol
 from .data import BatchStream, build_splits, check_data_source, eval_batches, run_tokenizer, tokenizer_fingerprint
 from .engines import (Member, build_engine, deepspeed_configs, forward_hidden, forward_logits, fused_head_problem,
                       half_precision, heads_gathered, init_seed, is_trainable, lm_head, loaded_models, module_hidden, module_logits,
-                      quiet_library_noise)
+                      quiet_library_noise, zero_stage)
 from .errors import NonFinite
 from .files import write_atomically
 from .fused import (FUSED_AUTO_VOCAB, Head, HeadLogits, StudentTerm, auto_problem, fused_linear_losses, fused_rows,
@@ -123,7 +123,7 @@ class Trainer:
         self.saved_world = checkpoint.read_state(self.resume_from)["world_size"] if self.resume_from else world_size
         if self.saved_world != world_size:
             for ds in ds_configs.values():
-                if ds.get("zero_optimization", {}).get("stage", 0) > 0:
+                if zero_stage(ds) > 0:
                     ds.setdefault("checkpoint", {})["load_universal"] = True
         # One run per output_dir: another would remove this one's staging folders, or it theirs.
         self._release = checkpoint.claim(self.output_dir) if distributed.env_rank() == 0 else (lambda: None)
