@@ -205,15 +205,34 @@ def _softmax_into(z: torch.Tensor, out: torch.Tensor, scale: float = 1.0) -> tor
     return top + total.log()
 
 
+def _jsd_chunk(beta: float, temp: float, zt: torch.Tensor, lse_p: torch.Tensor, p: torch.Tensor, z: torch.Tensor,
+               lse_q: torch.Tensor, q: torch.Tensor, buf_m: torch.Tensor, buf: torch.Tensor):
+    """JSD(β) per row of a chunk from the teacher's and student's logits at T (``zt``, ``z``, unscaled), their
+    log-normalisers at T and probabilities ``p``, ``q``; returns the value [n], ``W = Q ⊙ ∂D/∂Q`` (in
+    ``buf``) and ΣW [n, 1]. In two reused buffers: log M, then each side's log-ratio to it.
+    D = β·Σ P·(log P − log M) + ΣW, W = (1 − β)·Q·(log Q − log M)."""
+    inv_t = 1.0 / temp
+    # log M; M below fp32's smallest normal number only where P and Q are too (terms that vanish)
+    log_m = torch.mul(p, beta, out=buf_m).add_(q, alpha=1.0 - beta).clamp_min_(torch.finfo(torch.float32).tiny).log_()
+    side_p = torch.mul(zt, inv_t, out=buf).sub_(lse_p).sub_(log_m).mul_(p)
+    value = side_p.sum(dim=-1).mul_(beta)
+    w = torch.mul(z, inv_t, out=buf).sub_(lse_q).sub_(log_m).mul_(q).mul_(1.0 - beta)
+    sum_w = w.sum(dim=-1, keepdim=True)
+    return value.add_(sum_w.squeeze(1)), w, sum_w
+
+
 def _forward_and_grad(student, labels, weights, targets, spec, chunk_tokens, need_grad):
     n_pos, vocab = student.shape
     soft = targets is not None
     div = spec.resolved() if soft else None
     temp = targets.temperature if soft else 1.0
     ce_scale = 1.0 - spec.alpha if soft else 1.0
-    # The default objective, forward KL to full teacher logits, has a fused path: both softmaxes in
-    # reused buffers, KL = Σ P·(z_t − z_s)/T − lse_P + lse_Q, one gradient buffer for both terms.
-    fused_kl = soft and div == "forward_kl" and targets.logits is not None
+    # Forward KL (the default) and JSD to full teacher logits have a fused path: every [n, V] temporary
+    # in reused chunk buffers, one gradient buffer for both terms. KL = Σ P·(z_t − z_s)/T − lse_P + lse_Q;
+    # JSD from M = β·P + (1 − β)·Q in probabilities, one log per element (the general path's
+    # logaddexp costs an exp and a log1p, and a fresh tensor for each step).
+    fast_soft = soft and div in ("forward_kl", "jsd") and targets.logits is not None
+    jsd = fast_soft and div == "jsd"
     grad = torch.empty_like(student) if need_grad else None  # the logits' own dtype
     token_ce = torch.zeros(n_pos, dtype=torch.float32, device=student.device)
     lse_all = torch.empty(n_pos, dtype=torch.float32, device=student.device)
@@ -224,8 +243,9 @@ def _forward_and_grad(student, labels, weights, targets, spec, chunk_tokens, nee
     scratch = lambda: torch.empty(step, vocab, dtype=torch.float32, device=student.device)  # noqa: E731
     in_place = grad is not None and grad.dtype == torch.float32  # q is written straight into grad
     buf_q = None if in_place else scratch()
-    buf_p, buf_tmp = (scratch(), scratch()) if fused_kl else (None, None)
-    buf_qt = scratch() if fused_kl and temp != 1.0 else None
+    buf_p, buf_tmp = (scratch(), scratch()) if fast_soft else (None, None)
+    buf_qt = scratch() if fast_soft and temp != 1.0 else None
+    buf_m = scratch() if jsd else None
     for i in range(0, n_pos, step):
         rows = slice(i, i + step)
         n = min(step, n_pos - i)
@@ -243,7 +263,7 @@ def _forward_and_grad(student, labels, weights, targets, spec, chunk_tokens, nee
                 w_soft = w * (targets.token_ce[rows] < tok_ce)
             gated += w_soft.sum(dtype=torch.float64)
         ce_w = (w * ce_scale).unsqueeze(1)
-        if fused_kl:
+        if fast_soft:
             zt = targets.logits[rows].float()
             p_t = buf_p[:n]
             if temp == 1.0 and targets.lse is not None:  # the teacher's loss already has its logsumexp
@@ -254,6 +274,23 @@ def _forward_and_grad(student, labels, weights, targets, spec, chunk_tokens, nee
             q_t, lse_q = (q, lse) if temp == 1.0 else (buf_qt[:n], None)
             if temp != 1.0:
                 lse_q = _softmax_into(z, q_t, 1.0 / temp)
+            if jsd:
+                value, w_jsd, sum_w = _jsd_chunk(spec.beta, temp, zt, lse_p, p_t, z, lse_q, q_t,
+                                                 buf_m[:n], buf_tmp[:n])
+                kd_sum += (value * w_soft).sum(dtype=torch.float64)
+                if grad is None:
+                    continue
+                # g = (1−α)·w·(q − onehot) + α·T·w_soft·(W − q_T·ΣW)
+                a_t = (w_soft * (spec.alpha * temp)).unsqueeze(1)
+                if temp == 1.0:
+                    g = q.mul_(ce_w - a_t * sum_w)
+                else:
+                    g = q.mul_(ce_w).addcmul_(q_t, a_t * sum_w, value=-1.0)
+                g.addcmul_(w_jsd, a_t)
+                g.scatter_add_(1, y, -ce_w)
+                if not in_place:
+                    grad[rows] = g
+                continue
             d = torch.sub(zt, z, out=buf_tmp[:n]).mul_(p_t)  # P·(z_t − z_s)
             value = d.sum(dim=-1) / temp - lse_p.squeeze(1) + lse_q.squeeze(1)
             kd_sum += (value * w_soft).sum(dtype=torch.float64)

@@ -129,6 +129,39 @@ def test_every_divergence_value_and_gradient_match_the_reference(div, beta, temp
     assert torch.count_nonzero(mine.grad[~mask]) == 0
 
 
+@pytest.mark.parametrize("div, beta", [("forward_kl", 0.5), ("jsd", 0.5), ("jsd", 0.2)])
+def test_peaked_distributions_whose_probabilities_underflow(div, beta):
+    """Logits 60 apart: most of P and Q is 0 in fp32 (M too, where both are), which must give 0, not NaN."""
+    student, teacher, labels, mask = _batch(seed=9)
+    student, teacher = student * 25, teacher * 25
+    spec = SoftSpec(divergence=div, beta=beta, alpha=0.6)
+    mine = student.clone().requires_grad_(True)
+    got = distill_loss(mine, labels, mask, full(teacher), spec)
+    got.loss.backward()
+    ref_in = student.clone().double().requires_grad_(True)
+    ref_loss, _, ref_kd = _reference(ref_in, teacher, labels, mask, div, beta, 0.6)
+    ref_loss.backward()
+    assert got.kd.item() == pytest.approx(ref_kd.item(), rel=1e-5)
+    torch.testing.assert_close(mine.grad, ref_in.grad.float(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("div", ["forward_kl", "jsd"])
+@pytest.mark.parametrize("temp", [1.0, 2.0])
+def test_bf16_logits_get_the_fp32_computation_rounded(div, temp):
+    """bf16 logits: the loss is computed in fp32 (as from their fp32 copies) and the gradient rounded once."""
+    student, teacher, labels, mask = _batch(seed=10)
+    spec = SoftSpec(divergence=div, alpha=0.5)
+    low = student.bfloat16().requires_grad_(True)
+    wide = student.bfloat16().float().requires_grad_(True)
+    a = distill_loss(low, labels, mask, full(teacher.bfloat16(), temp), spec)
+    b = distill_loss(wide, labels, mask, full(teacher.bfloat16().float(), temp), spec)
+    a.loss.backward()
+    b.loss.backward()
+    assert a.loss.item() == pytest.approx(b.loss.item(), rel=1e-6)
+    assert low.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(low.grad, wide.grad.bfloat16())
+
+
 @pytest.mark.parametrize("div, beta", DIVS)
 def test_top_k_with_k_equal_to_vocab_is_the_full_loss(div, beta):
     student, teacher, labels, mask = _batch(seed=8)
