@@ -148,7 +148,7 @@ def _slices(*grads: Optional[torch.Tensor]):
 
 
 def hypergradient_terms(params: list[torch.nn.Parameter], alpha: float,
-                        losses: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+                        losses: Callable[[bool, bool], tuple[Optional[torch.Tensor], Optional[torch.Tensor]]],
                         probe_ce: Callable[[], torch.Tensor],
                         sum_over_ranks: Optional[Callable[[torch.Tensor], None]] = None,
                         separate: bool = False) -> dict[str, float]:
@@ -156,13 +156,15 @@ def hypergradient_terms(params: list[torch.nn.Parameter], alpha: float,
     in-place all-reduce, called in the same order on every rank) also those of :data:`SUMMED`,
     for :func:`step_products`.
 
-    ``losses()`` builds the training batch's CE and its T²·D (the blended loss at α = 1; its
-    gradient less ∇CE is g_d, the blended loss's derivative in α, and at α the update is
-    g_0 + α·g_d), ``probe_ce()`` the unseen batch's CE; each graph is
+    ``losses(hard, soft)`` builds from one forward the training batch's CE (if ``hard``) and its T²·D
+    (if ``soft``; the blended loss at α = 1: its gradient less ∇CE is g_d, the blended loss's
+    derivative in α, and at α the update is g_0 + α·g_d), None or anything for the one not asked
+    for; ``probe_ce()`` the unseen batch's CE; each graph is
     built, differentiated and freed in turn. The gradients come from ``torch.autograd.grad``:
     nothing is accumulated into ``.grad``. With ``separate`` (ZeRO-3, whose backward partitions the
-    weights a graph saved, so a graph is differentiated once) ``losses()`` is called twice, one forward
-    per gradient, the second from the random state the first started from (the same dropout masks).
+    weights a graph saved, so a graph is differentiated once) ``losses`` is called twice, one forward
+    per gradient and one loss each, the second from the random state the first started from (the same
+    dropout masks).
     At most two whole gradients are held (g_p, then g_0):
     ∇(T²·D) is folded into the products (as g_d = it − g_0) one parameter at a time as autograd produces it, and what
     autograd collects in its place is a zero that holds no memory.
@@ -170,13 +172,13 @@ def hypergradient_terms(params: list[torch.nn.Parameter], alpha: float,
     g_p = torch.autograd.grad(probe_ce(), params, allow_unused=True)
     if separate:  # the random state goes back after this forward: the second draws its dropout masks again
         with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
-            hard = losses()[0]
+            hard = losses(True, False)[0]
     else:
-        hard, soft = losses()
+        hard, soft = losses(True, True)
     g_0 = torch.autograd.grad(hard, params, retain_graph=not separate, allow_unused=True)
     del hard
     if separate:
-        soft = losses()[1]
+        soft = losses(False, True)[1]
     # The products with g_d split by what they hold: Σ p·z, Σ z·z, Σ p·p now (z = g_0), Σ p·d, Σ z·d,
     # Σ d·d as ∇(T²·D) arrives (d = ∇(T²·D) − z); with ranks, ⟨Σz, Σd⟩, ‖Σd‖² and ‖Σz‖² of the ranks' summed gradients too.
     # Each in fp64, a slice of a parameter at a time (no fp64 copy of a whole vocabulary-sized head).

@@ -467,19 +467,24 @@ class Trainer:
         student, d = self.students[index], self.distill[index]
         labels, mask = batch["labels"], batch["mask"]
 
-        def losses() -> tuple[torch.Tensor, torch.Tensor]:  # CE and the blended loss at α = 1 (T²·D)
+        soft_spec = replace(plan.spec, alpha=1.0)  # the blended loss at α = 1: T²·D
+
+        def losses(want_ce: bool, want_soft: bool) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+            """From one forward, the CE and/or T²·D asked for (ZeRO-3 asks for one per forward)."""
+            chunk = self.cfg.distill.chunk_tokens
             if teacher is not None:  # fused: from the hidden states, against the teacher's unchanged head
                 hidden = module_hidden(student, batch)
                 with heads_gathered(student):
                     head = Head(hidden, *lm_head(student))
-                    terms = [StudentTerm(head, replace(plan.spec, alpha=a), plan.temperature, self._top_k(index))
-                             for a in (0.0, 1.0)]
-                    hard, soft = (p.loss for p in fused_linear_losses(
-                        teacher, terms, labels, mask, self.vocab, self.cfg.distill.chunk_tokens)[1])
+                    hard = fused_linear_losses(head, [], labels, mask, self.vocab, chunk)[0].loss if want_ce else None
+                    term = StudentTerm(head, soft_spec, plan.temperature, self._top_k(index))
+                    soft = fused_linear_losses(teacher, [term], labels, mask, self.vocab, chunk)[1][0].loss \
+                        if want_soft else None
                 return hard, soft
             out = module_logits(student, batch, self.vocab)
-            hard = distill_loss(out, labels, mask, chunk_tokens=d.chunk_tokens).loss
-            return hard, distill_loss(out, labels, mask, targets, replace(plan.spec, alpha=1.0), d.chunk_tokens).loss
+            hard = distill_loss(out, labels, mask, chunk_tokens=d.chunk_tokens).loss if want_ce else None
+            soft = distill_loss(out, labels, mask, targets, soft_spec, d.chunk_tokens).loss if want_soft else None
+            return hard, soft
 
         def probe_ce() -> torch.Tensor:
             if teacher is not None:

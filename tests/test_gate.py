@@ -60,7 +60,7 @@ def test_signal_is_the_alpha_derivative_of_a_fixed_length_steps_progress(tied, t
     mask, probe_mask = mask.double(), probe_mask.double()
     params = [p for p in model.parameters() if p.requires_grad]
 
-    def losses():  # CE and T²·KL: the gate takes the blended loss at α = 0 and α = 1
+    def losses(*_):  # CE and T²·KL (both, whichever is asked for): the blended loss at α = 0 and α = 1
         logits = model(ids)
         return _ce64(logits, labels, mask), _kl64(logits, teacher_logits, mask, temperature)
 
@@ -122,7 +122,7 @@ def test_separate_forwards_draw_the_same_dropout_masks():
     y, probe_y, target = torch.randint(0, 5, (9,)), torch.randint(0, 5, (9,)), torch.randn(9, 5, dtype=torch.float64)
     params = list(model.parameters())
 
-    def losses():
+    def losses(*_):
         logits = model(x)
         kl = torch.nn.functional.kl_div(logits.log_softmax(-1), target.log_softmax(-1), log_target=True,
                                         reduction="batchmean")
