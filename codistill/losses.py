@@ -221,17 +221,31 @@ def _jsd_chunk(beta: float, temp: float, zt: torch.Tensor, lse_p: torch.Tensor, 
     return value.add_(sum_w.squeeze(1)), w, sum_w
 
 
+def _reverse_kl_chunk(temp: float, zt: torch.Tensor, lse_p: torch.Tensor, z: torch.Tensor, lse_q: torch.Tensor,
+                      q: torch.Tensor, buf: torch.Tensor):
+    """Reverse KL per row of a chunk, as :func:`_jsd_chunk` returns JSD: the value [n], ``W`` (in ``buf``) and
+    ΣW [n, 1], here with ``W = Q·r``, r = log Q − log P = (z − z_t)/T − lse_Q + lse_P (Q ⊙ ∂D/∂Q is
+    Q·(r + 1); the gradient W − Q·ΣW is the same without the + 1). D = ΣW; no teacher probabilities needed."""
+    r = torch.sub(z, zt, out=buf)
+    if temp != 1.0:
+        r.mul_(1.0 / temp)
+    w = r.add_(lse_p - lse_q).mul_(q)
+    sum_w = w.sum(dim=-1, keepdim=True)
+    return sum_w.squeeze(1), w, sum_w
+
+
 def _forward_and_grad(student, labels, weights, targets, spec, chunk_tokens, need_grad):
     n_pos, vocab = student.shape
     soft = targets is not None
     div = spec.resolved() if soft else None
     temp = targets.temperature if soft else 1.0
     ce_scale = 1.0 - spec.alpha if soft else 1.0
-    # Forward KL (the default) and JSD to full teacher logits have a fused path: every [n, V] temporary
-    # in reused chunk buffers, one gradient buffer for both terms. KL = Σ P·(z_t − z_s)/T − lse_P + lse_Q;
-    # JSD from M = β·P + (1 − β)·Q in probabilities, one log per element (the general path's
-    # logaddexp costs an exp and a log1p, and a fresh tensor for each step).
-    fast_soft = soft and div in ("forward_kl", "jsd") and targets.logits is not None
+    # Forward KL (the default), reverse KL and JSD to full teacher logits have a fused path: every [n, V]
+    # temporary in reused chunk buffers, one gradient buffer for both terms. KL = Σ P·(z_t − z_s)/T − lse_P
+    # + lse_Q; reverse KL from the log-ratio alone (no teacher softmax); JSD from M = β·P + (1 − β)·Q in
+    # probabilities, one log per element (the general path's logaddexp costs an exp and a log1p, and a
+    # fresh tensor for each step).
+    fast_soft = soft and div in ("forward_kl", "reverse_kl", "jsd") and targets.logits is not None
     jsd = fast_soft and div == "jsd"
     grad = torch.empty_like(student) if need_grad else None  # the logits' own dtype
     token_ce = torch.zeros(n_pos, dtype=torch.float32, device=student.device)
@@ -268,15 +282,19 @@ def _forward_and_grad(student, labels, weights, targets, spec, chunk_tokens, nee
             p_t = buf_p[:n]
             if temp == 1.0 and targets.lse is not None:  # the teacher's loss already has its logsumexp
                 lse_p = targets.lse[rows].unsqueeze(1)
-                torch.sub(zt, lse_p, out=p_t).exp_()
+                if div != "reverse_kl":
+                    torch.sub(zt, lse_p, out=p_t).exp_()
             else:
                 lse_p = _softmax_into(zt, p_t, 1.0 / temp)
             q_t, lse_q = (q, lse) if temp == 1.0 else (buf_qt[:n], None)
             if temp != 1.0:
                 lse_q = _softmax_into(z, q_t, 1.0 / temp)
-            if jsd:
-                value, w_jsd, sum_w = _jsd_chunk(spec.beta, temp, zt, lse_p, p_t, z, lse_q, q_t,
-                                                 buf_m[:n], buf_tmp[:n])
+            if div != "forward_kl":
+                if jsd:
+                    value, w_div, sum_w = _jsd_chunk(spec.beta, temp, zt, lse_p, p_t, z, lse_q, q_t, buf_m[:n],
+                                                     buf_tmp[:n])
+                else:
+                    value, w_div, sum_w = _reverse_kl_chunk(temp, zt, lse_p, z, lse_q, q_t, buf_tmp[:n])
                 kd_sum += (value * w_soft).sum(dtype=torch.float64)
                 if grad is None:
                     continue
@@ -286,7 +304,7 @@ def _forward_and_grad(student, labels, weights, targets, spec, chunk_tokens, nee
                     g = q.mul_(ce_w - a_t * sum_w)
                 else:
                     g = q.mul_(ce_w).addcmul_(q_t, a_t * sum_w, value=-1.0)
-                g.addcmul_(w_jsd, a_t)
+                g.addcmul_(w_div, a_t)
                 g.scatter_add_(1, y, -ce_w)
                 if not in_place:
                     grad[rows] = g
