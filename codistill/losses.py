@@ -234,18 +234,26 @@ def _reverse_kl_chunk(temp: float, zt: torch.Tensor, lse_p: torch.Tensor, z: tor
     return sum_w.squeeze(1), w, sum_w
 
 
+def _tvd_chunk(p: torch.Tensor, q: torch.Tensor, buf: torch.Tensor):
+    """TVD per row of a chunk, as :func:`_jsd_chunk` returns JSD: ½·Σ|Q − P|, W = ½·Q·sign(Q − P), ΣW."""
+    diff = torch.sub(q, p, out=buf)
+    value = torch.linalg.vector_norm(diff, ord=1, dim=-1).mul_(0.5)
+    w = diff.sign_().mul_(q).mul_(0.5)
+    return value, w, w.sum(dim=-1, keepdim=True)
+
+
 def _forward_and_grad(student, labels, weights, targets, spec, chunk_tokens, need_grad):
     n_pos, vocab = student.shape
     soft = targets is not None
     div = spec.resolved() if soft else None
     temp = targets.temperature if soft else 1.0
     ce_scale = 1.0 - spec.alpha if soft else 1.0
-    # Forward KL (the default), reverse KL and JSD to full teacher logits have a fused path: every [n, V]
-    # temporary in reused chunk buffers, one gradient buffer for both terms. KL = Σ P·(z_t − z_s)/T − lse_P
-    # + lse_Q; reverse KL from the log-ratio alone (no teacher softmax); JSD from M = β·P + (1 − β)·Q in
-    # probabilities, one log per element (the general path's logaddexp costs an exp and a log1p, and a
-    # fresh tensor for each step).
-    fast_soft = soft and div in ("forward_kl", "reverse_kl", "jsd") and targets.logits is not None
+    # Every divergence to full teacher logits has a fused path: every [n, V] temporary in reused chunk
+    # buffers, one gradient buffer for both terms. KL = Σ P·(z_t − z_s)/T − lse_P + lse_Q; reverse KL from
+    # the log-ratio alone (no teacher softmax); JSD from M = β·P + (1 − β)·Q in probabilities, one log per
+    # element (the general path's logaddexp costs an exp and a log1p, and a fresh tensor for each step);
+    # TVD from Q − P. Top-k targets take the general path (k + 1 buckets).
+    fast_soft = soft and targets.logits is not None
     jsd = fast_soft and div == "jsd"
     grad = torch.empty_like(student) if need_grad else None  # the logits' own dtype
     token_ce = torch.zeros(n_pos, dtype=torch.float32, device=student.device)
@@ -293,8 +301,10 @@ def _forward_and_grad(student, labels, weights, targets, spec, chunk_tokens, nee
                 if jsd:
                     value, w_div, sum_w = _jsd_chunk(spec.beta, temp, zt, lse_p, p_t, z, lse_q, q_t, buf_m[:n],
                                                      buf_tmp[:n])
-                else:
+                elif div == "reverse_kl":
                     value, w_div, sum_w = _reverse_kl_chunk(temp, zt, lse_p, z, lse_q, q_t, buf_tmp[:n])
+                else:
+                    value, w_div, sum_w = _tvd_chunk(p_t, q_t, buf_tmp[:n])
                 kd_sum += (value * w_soft).sum(dtype=torch.float64)
                 if grad is None:
                     continue

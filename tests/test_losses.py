@@ -129,7 +129,8 @@ def test_every_divergence_value_and_gradient_match_the_reference(div, beta, temp
     assert torch.count_nonzero(mine.grad[~mask]) == 0
 
 
-@pytest.mark.parametrize("div, beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.2)])
+@pytest.mark.parametrize("div, beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.2),
+                                      ("tvd", 0.5)])
 def test_peaked_distributions_whose_probabilities_underflow(div, beta):
     """Logits 60 apart: most of P and Q is 0 in fp32 (M too, where both are), which must give 0, not NaN."""
     student, teacher, labels, mask = _batch(seed=9)
@@ -145,7 +146,7 @@ def test_peaked_distributions_whose_probabilities_underflow(div, beta):
     torch.testing.assert_close(mine.grad, ref_in.grad.float(), rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("div", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("div", ["forward_kl", "reverse_kl", "jsd", "tvd"])
 @pytest.mark.parametrize("temp", [1.0, 2.0])
 def test_bf16_logits_get_the_fp32_computation_rounded(div, temp):
     """bf16 logits: the loss is computed in fp32 (as from their fp32 copies) and the gradient rounded once."""
