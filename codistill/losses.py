@@ -242,6 +242,40 @@ def _tvd_chunk(p: torch.Tensor, q: torch.Tensor, buf: torch.Tensor):
     return value, w, w.sum(dim=-1, keepdim=True)
 
 
+def _topk_chunk(spec: SoftSpec, div: str, targets: Targets, rows: slice, z: torch.Tensor, lse_q: torch.Tensor,
+                q: torch.Tensor, temp: float):
+    """The divergence over the teacher's top-k + tail buckets per row of a chunk, from the student's
+    logits ``z`` and its softmax at T in ``q`` (left as it was): the value [n], the top-k ids, Q at them,
+    W = Q ⊙ ∂D/∂Q at them, the tail's W per unit of Q (``per_tail``), ΣW (all [n, k] or [n, 1]), and the
+    rows' tail gradient where it is computed token by token (or None). The tail's mass is Q's sum with the
+    top-k set to 0 in place (restored after); where that sum is below 1e-30, fp32 probabilities lose it,
+    so those rows take it as a log-sum-exp of their logits, and their tail tokens' Q / Q_tail · W_tail
+    as exp(log Q − log Q_tail) · W_tail (their per_tail is 0)."""
+    ids = targets.topk_ids[rows].long()
+    log_p = torch.cat([targets.topk_logp[rows].float(), targets.tail_logp[rows].float().unsqueeze(1)], dim=1)
+    q_top = q.gather(1, ids)
+    q_tail = q.scatter_(1, ids, 0.0).sum(dim=-1, keepdim=True)
+    q.scatter_(1, ids, q_top)
+    log_q_top = z.gather(1, ids).div_(temp).sub_(lse_q)
+    log_q_tail = q_tail.log()
+    low = (q_tail < 1e-30).squeeze(1).nonzero().squeeze(1) if ids.shape[1] < q.shape[1] else ids[:0, 0]
+    ratio = None
+    if low.numel():  # (a tail of tokens whose logits are all -inf stays empty: its ratio 0/0 is taken as 0)
+        log_q_low = (z[low] / temp - lse_q[low]).scatter_(1, ids[low], -math.inf)
+        log_q_tail[low] = torch.logsumexp(log_q_low, dim=-1, keepdim=True)
+        ratio = log_q_low.sub_(log_q_tail[low]).exp_().nan_to_num_(nan=0.0)  # Q / Q_tail off the top-k, 0 on it
+    terms, w = _divergence_terms(div, spec.beta, log_p, torch.cat([log_q_top, log_q_tail], dim=1))
+    keep = dict(nan=0.0, posinf=math.inf, neginf=-math.inf)  # 0·log 0 = 0 for an empty tail
+    value, w = torch.nan_to_num(terms, **keep).sum(-1), torch.nan_to_num(w, **keep)
+    w_tail = w[:, -1:]
+    per_tail = w_tail / q_tail.clamp_min(1e-30)
+    tail_rows = None
+    if ratio is not None:
+        per_tail[low] = 0.0
+        tail_rows = (low, ratio.mul_(w_tail[low]))
+    return value, ids, q_top, w[:, :-1], per_tail, w.sum(-1, keepdim=True), tail_rows
+
+
 def _forward_and_grad(student, labels, weights, targets, spec, chunk_tokens, need_grad):
     n_pos, vocab = student.shape
     soft = targets is not None
@@ -252,7 +286,8 @@ def _forward_and_grad(student, labels, weights, targets, spec, chunk_tokens, nee
     # buffers, one gradient buffer for both terms. KL = Σ P·(z_t − z_s)/T − lse_P + lse_Q; reverse KL from
     # the log-ratio alone (no teacher softmax); JSD from M = β·P + (1 − β)·Q in probabilities, one log per
     # element (the general path's logaddexp costs an exp and a log1p, and a fresh tensor for each step);
-    # TVD from Q − P. Top-k targets take the general path (k + 1 buckets).
+    # TVD from Q − P. Top-k targets (k + 1 buckets) read the student's softmax at the top-k tokens and its
+    # tail mass from the same buffer (:func:`_topk_chunk`).
     fast_soft = soft and targets.logits is not None
     jsd = fast_soft and div == "jsd"
     grad = torch.empty_like(student) if need_grad else None  # the logits' own dtype
@@ -266,7 +301,7 @@ def _forward_and_grad(student, labels, weights, targets, spec, chunk_tokens, nee
     in_place = grad is not None and grad.dtype == torch.float32  # q is written straight into grad
     buf_q = None if in_place else scratch()
     buf_p, buf_tmp = (scratch(), scratch()) if fast_soft else (None, None)
-    buf_qt = scratch() if fast_soft and temp != 1.0 else None
+    buf_qt = scratch() if soft and temp != 1.0 else None
     buf_m = scratch() if jsd else None
     for i in range(0, n_pos, step):
         rows = slice(i, i + step)
@@ -328,17 +363,31 @@ def _forward_and_grad(student, labels, weights, targets, spec, chunk_tokens, nee
             a_t = (w_soft * (spec.alpha * temp)).unsqueeze(1)
             g = q.mul_(ce_w + a_t) if temp == 1.0 else q.mul_(ce_w).addcmul_(q_t, a_t)
             g.addcmul_(p_t, a_t, value=-1.0)
+        elif soft:  # top-k targets
+            q_t, lse_q = q, lse
+            if temp != 1.0:
+                q_t = buf_qt[:n]
+                lse_q = _softmax_into(z, q_t, 1.0 / temp)
+            value, ids, q_top, w_top, per_tail, c, tail_rows = _topk_chunk(spec, div, targets, rows, z, lse_q,
+                                                                           q_t, temp)
+            kd_sum += (value * w_soft).sum(dtype=torch.float64)
+            if grad is None:
+                continue
+            # g = (1−α)·w·(q − onehot) + α·T·w_soft·∂D/∂z; ∂D/∂z is q_T·(per_tail − c) off the top-k and
+            # W_top − q_top·c on it, written there (per_tail is large where the student's tail mass is small:
+            # adding a correction to q_top·per_tail would cancel catastrophically)
+            a_t = (w_soft * (spec.alpha * temp)).unsqueeze(1)
+            ce_top = q_top if temp == 1.0 else q.gather(1, ids)
+            shift = a_t * (per_tail - c)
+            g = q.mul_(ce_w + shift) if temp == 1.0 else q.mul_(ce_w).addcmul_(q_t, shift)
+            g.scatter_(1, ids, ce_top * ce_w + a_t * (w_top - q_top * c))
+            if tail_rows is not None:
+                low, tail_grad = tail_rows
+                g.index_add_(0, low, tail_grad.mul_(a_t[low]))
         else:
-            g_soft = None
-            if soft:
-                log_q = (z - lse) if temp == 1.0 else F.log_softmax(z / temp, dim=-1)
-                value, g_soft = _soft_chunk(spec, div, targets, rows, log_q, need_grad and spec.alpha > 0.0)
-                kd_sum += (value * w_soft).sum(dtype=torch.float64)
             if grad is None:
                 continue
             g = q.mul_(ce_w)
-            if g_soft is not None:
-                g.add_(g_soft.mul_((w_soft * (spec.alpha * temp)).unsqueeze(1)))
         g.scatter_add_(1, y, -ce_w)
         if not in_place:
             grad[rows] = g

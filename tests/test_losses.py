@@ -146,6 +146,31 @@ def test_peaked_distributions_whose_probabilities_underflow(div, beta):
     torch.testing.assert_close(mine.grad, ref_in.grad.float(), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("div, beta", DIVS)
+@pytest.mark.parametrize("spread", [40.0, 52.0], ids=["tail-1e-35", "tail-1e-45"])
+def test_top_k_when_the_students_tail_underflows(div, beta, spread):
+    """The student puts ~1e-35, or less than fp32's smallest number, on each token outside the teacher's
+    top 3, the teacher does not: the tail's mass, and each tail token's share of it, must come from logits
+    (fp32 probabilities lose them), against a float64 reference that keeps the tail in log space."""
+    student = torch.full((1, 4, 11), -spread)
+    student[..., :3] = spread + torch.arange(4.0).view(1, 4, 1) * torch.tensor([0.5, 0.0, -0.5])
+    teacher = torch.zeros(1, 4, 11)
+    teacher[..., :3] = torch.tensor([3.0, 2.5, 2.0])
+    labels, mask = torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.bool)
+    spec = SoftSpec(divergence=div, beta=beta, alpha=1.0)
+    mine = student.clone().requires_grad_(True)
+    got = distill_loss(mine, labels, mask, topk_targets(teacher, 3, 1.0), spec)
+    got.loss.backward()
+    ref_in = student.clone().double().requires_grad_(True)
+    log_q, log_p = ref_in[0].log_softmax(-1), teacher[0].double().log_softmax(-1)
+    buckets = lambda lp: torch.cat([lp[:, :3], lp[:, 3:].logsumexp(-1, keepdim=True)], 1)  # noqa: E731
+    ref = _ref_divergence(div, beta, buckets(log_p).exp(), buckets(log_q).exp()).mean()
+    ref.backward()
+    assert got.kd.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert torch.isfinite(mine.grad).all()
+    torch.testing.assert_close(mine.grad, ref_in.grad.float(), rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("div", ["forward_kl", "reverse_kl", "jsd", "tvd"])
 @pytest.mark.parametrize("temp", [1.0, 2.0])
 def test_bf16_logits_get_the_fp32_computation_rounded(div, temp):
