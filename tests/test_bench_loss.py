@@ -39,3 +39,17 @@ def test_a_plain_path_killed_for_memory_still_gives_the_fused_row(tmp_path, monk
     (row,) = json.loads(out.read_text())
     assert row["reference_killed_with_mb_free"] > 0 and row["chunked_ms"] > 0 and row["memory_ratio_below"] >= 0
     assert "the plain path ran out of" in capsys.readouterr().out
+
+
+def test_top_k_rows_agree_with_the_coarsened_reference(tmp_path):
+    """--top-k: the reference coarsens both distributions to the teacher's top-k + tail; the chunked and fused
+    paths build top-k targets; both kinds of rows agree."""
+    from codistill.commands import bench_loss
+
+    out = tmp_path / "rows.json"
+    assert bench_loss.main(["--shapes", "64x300", "--linear-shapes", "64x32x300", "--divergences", "forward_kl",
+                            "--top-k", "8", "--repeats", "1", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert len(rows) == 2 and all(r["top_k"] == 8 for r in rows)
+    for row in rows:
+        assert row["value_rel_err"] < 1e-5 and row["grad_rel_err"] < 1e-4

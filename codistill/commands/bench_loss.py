@@ -14,12 +14,15 @@ and LM-head weights of both models:
   fused      codistill.fused.fused_linear_losses (no [tokens x vocab] tensor; the teacher's
              CE comes out of the same pass).
 What both hold is the inputs and the gradients of the student's hidden states and head.
-Times are the best of --repeats forward+backward passes. Values and gradients are
+With --top-k K both variants distil to the teacher's top-K tokens + one tail bucket (the reference
+coarsens its whole-tensor log-softmaxes; the chunked and fused paths build top-k targets, inside the
+timed pass). Times are the best of --repeats forward+backward passes. Values and gradients are
 compared between the two processes (loss value; every row's gradient sum and norm; and
 a fixed sample of full gradient rows).
 
     python tools/bench_loss.py [--shapes 4096x50257 4096x128256] [--divergences forward_kl jsd]
     python tools/bench_loss.py --shapes --linear-shapes 4096x2048x128256 4096x2048x50257   (fused rows only)
+    python tools/bench_loss.py --shapes 4096x50257 --divergences forward_kl --top-k 64   (top-k targets)
     python tools/bench_loss.py --shapes --linear-shapes 4096x4096x128256 --device cuda --dtype bf16   (on a GPU)
     codistill-bench-loss ...   (the same, as a console command)
 """
@@ -41,7 +44,7 @@ import torch.nn.functional as F
 
 from .. import cli
 from ..fused import Head, StudentTerm, fused_linear_losses
-from ..losses import DIVERGENCES, SoftSpec, Targets, distill_loss
+from ..losses import DIVERGENCES, SoftSpec, Targets, distill_loss, topk_targets
 
 SAMPLE_ROWS = 32
 
@@ -50,10 +53,20 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def reference_loss(student: torch.Tensor, teacher: torch.Tensor, div: str, beta: float, temp: float) -> torch.Tensor:
-    """The naive soft loss: whole-tensor fp32 softmaxes, autograd does the rest."""
+def reference_loss(student: torch.Tensor, teacher: torch.Tensor, div: str, beta: float, temp: float,
+                   top_k: Optional[int] = None) -> torch.Tensor:
+    """The naive soft loss: whole-tensor fp32 softmaxes, autograd does the rest; with ``top_k``, both
+    distributions coarsened to the teacher's top-k tokens + one tail bucket first."""
     log_q = F.log_softmax(student / temp, dim=-1)
     log_p = F.log_softmax(teacher / temp, dim=-1)
+    if top_k:
+        ids = log_p.topk(top_k, dim=-1).indices
+
+        def buckets(log_x: torch.Tensor) -> torch.Tensor:
+            tail = log_x.scatter(1, ids, -math.inf).logsumexp(dim=-1, keepdim=True)
+            return torch.cat([log_x.gather(1, ids), tail], dim=1)
+
+        log_p, log_q = buckets(log_p), buckets(log_q)
     if div == "jsd" and beta in (0.0, 1.0):
         div = "forward_kl" if beta == 0.0 else "reverse_kl"
     if div == "forward_kl":
@@ -68,7 +81,13 @@ def reference_loss(student: torch.Tensor, teacher: torch.Tensor, div: str, beta:
     return per_row.mean() * temp**2
 
 
-def worker(variant: str, tokens: int, vocab: int, div: str, beta: float, temp: float, repeats: int, out: Path) -> None:
+def targets_of(teacher: torch.Tensor, temp: float, top_k: Optional[int]) -> Targets:
+    """The chunked path's soft targets: the teacher's logits, or its top-k + tail (computed here, timed)."""
+    return topk_targets(teacher, top_k, temp) if top_k else Targets(temperature=temp, logits=teacher)
+
+
+def worker(variant: str, tokens: int, vocab: int, div: str, beta: float, temp: float, repeats: int, out: Path,
+           top_k: Optional[int] = None) -> None:
     torch.manual_seed(0)
     student = (torch.randn(tokens, vocab) * 2).requires_grad_(True)
     teacher = torch.randn(tokens, vocab) * 2
@@ -83,9 +102,9 @@ def worker(variant: str, tokens: int, vocab: int, div: str, beta: float, temp: f
         student.grad = None
         start = time.perf_counter()
         if variant == "reference":
-            loss = reference_loss(student, teacher, div, beta, temp)
+            loss = reference_loss(student, teacher, div, beta, temp, top_k)
         else:
-            loss = distill_loss(student, labels, mask, Targets(temperature=temp, logits=teacher), spec).loss
+            loss = distill_loss(student, labels, mask, targets_of(teacher, temp, top_k), spec).loss
         loss.backward()
         times.append(time.perf_counter() - start)
         value = loss.item()
@@ -99,7 +118,8 @@ def worker(variant: str, tokens: int, vocab: int, div: str, beta: float, temp: f
 
 
 def linear_worker(variant: str, tokens: int, hidden: int, vocab: int, div: str, beta: float, temp: float,
-                  repeats: int, out: Path, device: str = "cpu", dtype: str = "fp32") -> None:
+                  repeats: int, out: Path, device: str = "cpu", dtype: str = "fp32",
+                  top_k: Optional[int] = None) -> None:
     """One variant from hidden states and heads: the student's h and W train, the teacher's are fixed.
     On a GPU the memory is the peak allocated above the inputs; in bf16 the plain path's logits are
     bf16 and its softmaxes fp32 (as a model's loss upcasts them), the fused path's chunks fp32."""
@@ -128,9 +148,9 @@ def linear_worker(variant: str, tokens: int, hidden: int, vocab: int, div: str, 
             torch.cuda.synchronize()
         start = time.perf_counter()
         if variant == "plain":
-            loss = reference_loss((h_s @ w_s.t()).float(), (h_t @ w_t.t()).float(), div, beta, temp)
+            loss = reference_loss((h_s @ w_s.t()).float(), (h_t @ w_t.t()).float(), div, beta, temp, top_k)
         else:
-            _, (parts,) = fused_linear_losses(Head(h_t, w_t), [StudentTerm(Head(h_s, w_s), spec, temp)],
+            _, (parts,) = fused_linear_losses(Head(h_t, w_t), [StudentTerm(Head(h_s, w_s), spec, temp, top_k)],
                                               labels, mask, vocab)
             loss = parts.loss
         loss.backward()
@@ -175,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--divergences", nargs="+", default=["forward_kl", "jsd"], choices=DIVERGENCES)
     parser.add_argument("--beta", type=float, default=0.5, help="β for jsd (default 0.5)")
     parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=cli.positive_int, default=None,
+                        help="top-k targets (the teacher's k most likely tokens + a tail bucket; default: full)")
     parser.add_argument("--repeats", type=cli.positive_int, default=2, help="timed passes per variant; the best counts")
     parser.add_argument("--out", help="also write the figures as JSON here")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
@@ -192,9 +214,9 @@ def body(args: argparse.Namespace) -> int:
         dims = [int(x) for x in shape.split("x")]
         if variant in LINEAR:
             linear_worker(variant, *dims, args.divergence, args.beta, args.temperature, args.repeats, Path(file),
-                          args.device, args.dtype)
+                          args.device, args.dtype, args.top_k)
         else:
-            worker(variant, *dims, args.divergence, args.beta, args.temperature, args.repeats, Path(file))
+            worker(variant, *dims, args.divergence, args.beta, args.temperature, args.repeats, Path(file), args.top_k)
         return 0
 
     results = []
@@ -211,7 +233,8 @@ def body(args: argparse.Namespace) -> int:
                     file = Path(tmp) / f"{variant}.pt"
                     cmd = [*cli.module_command("codistill.commands.bench_loss"), "--worker", variant, shape, str(file),
                            "--divergence", div, "--beta", str(args.beta), "--temperature", str(args.temperature),
-                           "--repeats", str(args.repeats), "--device", args.device, "--dtype", args.dtype]
+                           "--repeats", str(args.repeats), "--device", args.device, "--dtype", args.dtype,
+                           *(["--top-k", str(args.top_k)] if args.top_k else [])]
                     available = available_bytes(args.device if kind == LINEAR else "cpu")
                     proc = subprocess.run(cmd, capture_output=True, text=True)
                     out_of_memory = proc.returncode < 0 or "OutOfMemoryError" in proc.stderr
@@ -236,7 +259,8 @@ def body(args: argparse.Namespace) -> int:
                           f"(the plain path ran out of {row['reference_killed_with_mb_free']:.0f} MB free)")
                     continue
                 row = {
-                    **dims, "divergence": div, "beta": args.beta, "baseline": base, "variant": ours_name,
+                    **dims, "divergence": div, "beta": args.beta, "top_k": args.top_k, "baseline": base,
+                    "variant": ours_name,
                     "reference_ms": ref["time"] * 1e3, "chunked_ms": ours["time"] * 1e3,
                     "reference_tokens_per_sec": dims["tokens"] / ref["time"],
                     "chunked_tokens_per_sec": dims["tokens"] / ours["time"],
