@@ -332,37 +332,26 @@ def _forward_and_grad(student, labels, weights, targets, spec, chunk_tokens, nee
             q_t, lse_q = (q, lse) if temp == 1.0 else (buf_qt[:n], None)
             if temp != 1.0:
                 lse_q = _softmax_into(z, q_t, 1.0 / temp)
-            if div != "forward_kl":
-                if jsd:
-                    value, w_div, sum_w = _jsd_chunk(spec.beta, temp, zt, lse_p, p_t, z, lse_q, q_t, buf_m[:n],
-                                                     buf_tmp[:n])
-                elif div == "reverse_kl":
-                    value, w_div, sum_w = _reverse_kl_chunk(temp, zt, lse_p, z, lse_q, q_t, buf_tmp[:n])
-                else:
-                    value, w_div, sum_w = _tvd_chunk(p_t, q_t, buf_tmp[:n])
-                kd_sum += (value * w_soft).sum(dtype=torch.float64)
-                if grad is None:
-                    continue
-                # g = (1−α)·w·(q − onehot) + α·T·w_soft·(W − q_T·ΣW)
-                a_t = (w_soft * (spec.alpha * temp)).unsqueeze(1)
-                if temp == 1.0:
-                    g = q.mul_(ce_w - a_t * sum_w)
-                else:
-                    g = q.mul_(ce_w).addcmul_(q_t, a_t * sum_w, value=-1.0)
-                g.addcmul_(w_div, a_t)
-                g.scatter_add_(1, y, -ce_w)
-                if not in_place:
-                    grad[rows] = g
-                continue
-            d = torch.sub(zt, z, out=buf_tmp[:n]).mul_(p_t)  # P·(z_t − z_s)
-            value = d.sum(dim=-1) / temp - lse_p.squeeze(1) + lse_q.squeeze(1)
+            if div == "forward_kl":
+                d = torch.sub(zt, z, out=buf_tmp[:n]).mul_(p_t)  # P·(z_t − z_s)
+                value = d.sum(dim=-1) / temp - lse_p.squeeze(1) + lse_q.squeeze(1)
+            elif jsd:
+                value, w_div, sum_w = _jsd_chunk(spec.beta, temp, zt, lse_p, p_t, z, lse_q, q_t, buf_m[:n], buf_tmp[:n])
+            elif div == "reverse_kl":
+                value, w_div, sum_w = _reverse_kl_chunk(temp, zt, lse_p, z, lse_q, q_t, buf_tmp[:n])
+            else:
+                value, w_div, sum_w = _tvd_chunk(p_t, q_t, buf_tmp[:n])
             kd_sum += (value * w_soft).sum(dtype=torch.float64)
             if grad is None:
                 continue
-            # g = (1−α)·w·(q − onehot) + α·T·w_soft·(q_T − p_T)
+            # g = (1−α)·w·(q − onehot) + α·T·w_soft·(W − q_T·ΣW); for forward KL W − q_T·ΣW = q_T − p_T
             a_t = (w_soft * (spec.alpha * temp)).unsqueeze(1)
-            g = q.mul_(ce_w + a_t) if temp == 1.0 else q.mul_(ce_w).addcmul_(q_t, a_t)
-            g.addcmul_(p_t, a_t, value=-1.0)
+            if div == "forward_kl":
+                g = q.mul_(ce_w + a_t) if temp == 1.0 else q.mul_(ce_w).addcmul_(q_t, a_t)
+                g.addcmul_(p_t, a_t, value=-1.0)
+            else:
+                g = q.mul_(ce_w - a_t * sum_w) if temp == 1.0 else q.mul_(ce_w).addcmul_(q_t, a_t * sum_w, value=-1.0)
+                g.addcmul_(w_div, a_t)
         elif soft:  # top-k targets
             q_t, lse_q = q, lse
             if temp != 1.0:
