@@ -138,6 +138,9 @@ class DistillConfig(_Section):
     warmup: Literal["linear", "cosine"] = "linear"
     adaptive_gap: float = Field(0.2, gt=0.0, description="adaptive: gap (nats) at which α reaches alpha_max")
     adaptive_ema: float = Field(0.9, ge=0.0, lt=1.0, description="adaptive: smoothing of the gap signal")
+    alpha_decay: Literal["none", "lr"] = Field(
+        "none", description="lr: α (after the schedule and the gate) x the student's learning rate over its peak so "
+        "far: distil less as the step shrinks, when the harm of imitating a teacher the student cannot follow builds")
     head_start_steps: int = Field(0, ge=0, description="the teacher trains alone for this many steps first")
     temperature: float = Field(1.0, gt=0.0)
     temperature_final: Optional[float] = Field(None, gt=0.0, description="anneal T linearly to this by max_steps")

@@ -47,6 +47,8 @@ from typing import Callable, Optional
 
 import torch
 
+from .schedules import lr_fraction
+
 
 @dataclass
 class BenefitState:
@@ -119,9 +121,7 @@ def signal_parts(terms: dict[str, float], world: int = 1, batches: int = 1) -> t
 
 def length_weight(mode: str, lr: float, lr_peak: float) -> float:
     """The length term's weight: 1 (``constant``), or the learning rate over its peak (``lr``)."""
-    if mode == "constant" or lr_peak <= 0:
-        return 1.0
-    return min(1.0, max(0.0, lr / lr_peak))
+    return 1.0 if mode == "constant" else lr_fraction(lr, lr_peak)
 
 
 def signal(terms: dict[str, float], world: int = 1, batches: int = 1) -> float:

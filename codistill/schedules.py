@@ -37,6 +37,13 @@ def adaptive_alpha(step: int, alpha_max: float, burn_in_steps: int, gap: Optiona
     return alpha_max * min(1.0, max(0.0, gap / full_gap))
 
 
+def lr_fraction(lr: float, lr_peak: float) -> float:
+    """The learning rate over its peak so far, in [0, 1] (1 before any peak is known)."""
+    if lr_peak <= 0:
+        return 1.0
+    return min(1.0, max(0.0, lr / lr_peak))
+
+
 def ema(previous: Optional[float], value: float, decay: float) -> float:
     """Exponential moving average; the first value starts it (no bias towards 0)."""
     return value if previous is None else decay * previous + (1.0 - decay) * value

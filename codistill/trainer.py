@@ -41,7 +41,7 @@ from .losses import (SoftSpec, Targets, distill_loss, next_token_targets, panel_
 from .memory import fused_lowers_peak
 from .metrics import Metrics, format_values, peak_bytes, summary_lines
 from .models import check_attention, check_model, count_parameters, local_parameters, model_config
-from .schedules import adaptive_alpha, alpha_at, ema, temperature_at
+from .schedules import adaptive_alpha, alpha_at, ema, lr_fraction, temperature_at
 
 log = logging.getLogger("codistill")
 
@@ -55,6 +55,7 @@ class StudentPlan:
     spec: SoftSpec  # divergence, β, α (the schedule's, times the benefit gate's openness), gating
     openness: Optional[float] = None  # the benefit gate's factor on α at this step (None: gate off)
     measure: bool = False  # the benefit gate measures at this step (first micro-batch)
+    lr: float = 0.0  # the student's learning rate at this step
 
 
 def _add(sums: dict[str, float], key: str, value: float) -> None:
@@ -198,6 +199,7 @@ class Trainer:
         self.gap: list[Optional[float]] = [None] * len(self.students)  # running student CE − teacher CE
         self.benefit: list[Optional[BenefitState]] = [  # each student's benefit gate (None: off)
             BenefitState(d.benefit_init) if d.benefit_gate and cfg.mode != "hard" else None for d in self.distill]
+        self.lr_peak: list[float] = [0.0] * len(self.students)  # each student's highest learning rate so far
         self.skipped = {m.name: 0 for m in self.members}  # updates skipped for a non-finite loss
         self.start_eval: dict[str, float] = {}  # validation losses at step 0, for the run's summary
         # Which run a checkpoint belongs to: resume=auto and pruning never touch another run's.
@@ -261,10 +263,13 @@ class Trainer:
                 openness = self.benefit[i].openness
                 alpha *= openness
                 measure = (own - d.burn_in_steps) % d.benefit_interval == 0
+            lr = float(self.students[i].engine.get_lr()[0])
+            if d.alpha_decay == "lr":
+                alpha *= lr_fraction(lr, max(self.lr_peak[i], lr))
             temperature = temperature_at(step, self.cfg.train.max_steps, d.temperature, d.temperature_final)
             spec = SoftSpec(divergence=d.divergence, beta=d.beta, alpha=alpha, token_gate=d.token_gate)
             plans.append(StudentPlan(active=step >= d.head_start_steps, temperature=temperature, spec=spec,
-                                     openness=openness, measure=measure))
+                                     openness=openness, measure=measure, lr=lr))
         return plans
 
     def micro_step(self, batch: dict[str, torch.Tensor], plans: list[StudentPlan], sums: dict[str, float],
@@ -544,6 +549,8 @@ class Trainer:
         teacher_ce = values.get(f"{self.teacher_name}/train/loss_ce")
         for i, (student, plan, d) in enumerate(zip(self.students, plans, self.distill)):
             student_ce = values.get(f"{student.name}/train/loss_ce")
+            if plan.active:
+                self.lr_peak[i] = max(self.lr_peak[i], plan.lr)
             if plan.active and teacher_ce is not None and student_ce is not None:
                 out[self._tag("distill", "teacher_minus_student_ce", i)] = teacher_ce - student_ce
                 self.gap[i] = ema(self.gap[i], student_ce - teacher_ce, d.adaptive_ema)
@@ -745,7 +752,8 @@ class Trainer:
         state = {"world_size": self.world.size, "models": [m.name for m in self.trainable],
                  "schedule": {"gap_ema": {s.name: g for s, g in zip(self.students, self.gap)},
                               "benefit": {s.name: b.to_dict() for s, b in zip(self.students, self.benefit)
-                                          if b is not None}},
+                                          if b is not None},
+                              "lr_peak": {s.name: p for s, p in zip(self.students, self.lr_peak)}},
                  "start_eval": self.start_eval, "run_id": self.run_id,
                  "config": self.cfg.model_dump(mode="json")}
         return checkpoint.save(self.output_dir, self.step, [(m.name, m.engine) for m in self.trainable], state,
@@ -775,6 +783,8 @@ class Trainer:
         self.step = int(state["step"])
         gaps = state["schedule"]["gap_ema"]
         self.gap = [gaps.get(s.name) for s in self.students]
+        peaks = state["schedule"].get("lr_peak", {})  # absent in checkpoints of earlier releases
+        self.lr_peak = [float(peaks.get(s.name, 0.0)) for s in self.students]
         gates = state["schedule"].get("benefit", {})  # absent in checkpoints of earlier releases
         self.benefit = [BenefitState.from_dict(gates[s.name]) if b is not None and s.name in gates else b
                         for s, b in zip(self.students, self.benefit)]

@@ -17,9 +17,12 @@ from conftest import MICRO, ROOT, launch, launch_cmd, launch_env, read_scalars
 TRACKED = ["teacher/train/loss", "student/train/loss", "student/train/loss_kd", "teacher/train/lr",
            "student/train/grad_norm", "schedule/alpha", "gate/openness"]
 # The adaptive schedule's and the benefit gate's state must survive the restart too (the gate
-# measures at steps 1, 4 and 7: the split at 4 carries two measurements' state across).
+# measures at steps 1, 4 and 7: the split at 4 carries two measurements' state across), and so
+# must the student's peak learning rate (α x lr / peak lr, under a schedule that peaks at step 2).
 COMMON = ["train.max_steps=8", "distill.schedule=adaptive", "distill.adaptive_gap=0.01", "distill.burn_in_steps=0",
-          "distill.benefit_interval=3"]
+          "distill.benefit_interval=3", "distill.alpha_decay=lr",
+          "students.0.deepspeed.scheduler={type: WarmupDecayLR, params: {warmup_num_steps: 2, total_num_steps: 8, "
+          "warmup_max_lr: 3.0e-3, warmup_type: linear}}"]
 
 
 def deepspeed(out, *overrides):
@@ -61,6 +64,16 @@ def test_stop_and_resume_mid_epoch_matches_an_uninterrupted_run_bitwise(tmp_path
         assert sorted(b[tag]) == list(range(1, 9)), tag
         assert [a[tag][s] for s in range(1, 9)] == [b[tag][s] for s in range(1, 9)], tag
     assert max(a["schedule/alpha"].values()) > 0  # the adaptive state was live across the restart
+    # α at step k = α_max · clip(gap / adaptive_gap) · openness · lr / peak lr, from the gap and the
+    # learning rate logged at step k − 1 (both are what the step after them starts from).
+    scalars = read_scalars(straight)
+    gap, lr = scalars["schedule/gap"], scalars["student/train/lr"]
+    for k in range(2, 9):
+        peak = max(lr[j] for j in range(1, k))  # 0 at the first step: no peak yet, no decay
+        decay = lr[k - 1] / peak if peak > 0 else 1.0
+        expected = 0.5 * min(1.0, max(0.0, gap[k - 1] / 0.01)) * a["gate/openness"][k] * decay
+        assert a["schedule/alpha"][k] == pytest.approx(expected, rel=1e-5, abs=1e-9), k
+    assert lr[7] < 0.5 * max(lr.values()) and a["schedule/alpha"][8] > 0  # the decay was live at the end
     signal = read_scalars(straight)["gate/signal"]
     assert sorted(signal) == [1, 4, 7] and read_scalars(tmp_path / "split")["gate/signal"] == signal
     assert len(set(a["gate/openness"].values())) > 1  # the gate moved, and moved alike after the restart

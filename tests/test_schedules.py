@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from codistill.schedules import alpha_at
+from codistill.schedules import alpha_at, lr_fraction
 
 
 def test_burn_in_holds_alpha_at_zero():
@@ -67,3 +67,9 @@ def test_ema_and_temperature_schedule():
     assert temperature_at(5, 11, 4.0, 1.0) == pytest.approx(2.5)
     assert temperature_at(10, 11, 4.0, 1.0) == 1.0
     assert temperature_at(7, 11, 2.0, None) == 2.0
+
+
+@pytest.mark.parametrize("lr, peak, fraction", [(1e-3, 2e-3, 0.5), (2e-3, 2e-3, 1.0), (0.0, 2e-3, 0.0),
+                                                (1e-3, 0.0, 1.0), (3e-3, 2e-3, 1.0)])
+def test_lr_fraction_is_the_learning_rate_over_its_peak_clipped_to_one(lr, peak, fraction):
+    assert lr_fraction(lr, peak) == pytest.approx(fraction)  # no peak yet (0): no decay
