@@ -156,8 +156,8 @@ def hypergradient_terms(params: list[torch.nn.Parameter], alpha: float,
     in-place all-reduce, called in the same order on every rank) also those of :data:`SUMMED`,
     for :func:`step_products`.
 
-    ``losses(hard, soft)`` builds from one forward the training batch's CE (if ``hard``) and its T²·D
-    (if ``soft``; the blended loss at α = 1: its gradient less ∇CE is g_d, the blended loss's
+    ``losses(want_ce, want_soft)`` builds from one forward the training batch's CE (if ``want_ce``) and
+    its T²·D (if ``want_soft``; the blended loss at α = 1: its gradient less ∇CE is g_d, the blended loss's
     derivative in α, and at α the update is g_0 + α·g_d), None or anything for the one not asked
     for; ``probe_ce()`` the unseen batch's CE; each graph is
     built, differentiated and freed in turn. The gradients come from ``torch.autograd.grad``:
