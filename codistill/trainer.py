@@ -52,7 +52,7 @@ class StudentPlan:
 
     active: bool  # false during the teacher's head start
     temperature: float
-    spec: SoftSpec  # divergence, β, α (the schedule's, times the benefit gate's openness), gating
+    spec: SoftSpec  # divergence, β, α (the schedule's × the benefit gate's openness × any lr decay), gating
     openness: Optional[float] = None  # the benefit gate's factor on α at this step (None: gate off)
     measure: bool = False  # the benefit gate measures at this step (first micro-batch)
     lr: float = 0.0  # the student's learning rate at this step
@@ -544,7 +544,8 @@ class Trainer:
 
     def _update_gates(self, plans: list[StudentPlan], values: dict[str, float]) -> dict[str, float]:
         """Each training student's running gap to the teacher (the adaptive gate's signal), from
-        the rank-averaged CEs (so identical on every rank); returns the gap of this step."""
+        the rank-averaged CEs (so identical on every rank), its peak learning rate and its benefit
+        gate's evidence; returns what to log of them."""
         out = {}
         teacher_ce = values.get(f"{self.teacher_name}/train/loss_ce")
         for i, (student, plan, d) in enumerate(zip(self.students, plans, self.distill)):
