@@ -74,7 +74,7 @@ def test_stop_and_resume_mid_epoch_matches_an_uninterrupted_run_bitwise(tmp_path
         expected = 0.5 * min(1.0, max(0.0, gap[k - 1] / 0.01)) * a["gate/openness"][k] * decay
         assert a["schedule/alpha"][k] == pytest.approx(expected, rel=1e-5, abs=1e-9), k
     assert lr[7] < 0.5 * max(lr.values()) and a["schedule/alpha"][8] > 0  # the decay was live at the end
-    signal = read_scalars(straight)["gate/signal"]
+    signal = scalars["gate/signal"]
     assert sorted(signal) == [1, 4, 7] and read_scalars(tmp_path / "split")["gate/signal"] == signal
     assert len(set(a["gate/openness"].values())) > 1  # the gate moved, and moved alike after the restart
     wa, wb = final_weights(straight), final_weights(tmp_path / "split")
