@@ -79,6 +79,8 @@ class DataConfig(_Section):
     pack: bool = Field(True, description="concatenate documents into seq_len blocks (no padding)")
     val_split: Optional[str] = Field(None, description="name of an existing validation split")
     val_fraction: float = Field(0.05, gt=0.0, lt=1.0, description="share of documents held out")
+    probe_fraction: float = Field(0.05, gt=0.0, lt=1.0, description="share of the training documents set aside as "
+                                  "the benefit gate's probe when a student has distill.benefit_probe: heldout")
     cache_dir: Optional[str] = Field(None, description="default: $CODISTILL_CACHE or ~/.cache/codistill")
     num_proc: int = Field(1, gt=0)
 
@@ -158,6 +160,10 @@ class DistillConfig(_Section):
     benefit_init: float = Field(0.5, ge=0.0, le=1.0, description="benefit gate: openness with no evidence either way")
     benefit_gain: float = Field(0.25, gt=0.0, description="benefit gate: openness per unit of evidence (t-statistic)")
     benefit_decay: float = Field(0.9, ge=0.0, lt=1.0, description="benefit gate: forgetting of earlier measurements")
+    benefit_probe: Literal["stream", "heldout"] = Field(
+        "stream", description="benefit gate: where the unseen batch comes from: stream (the training stream's next "
+        "micro-batch) or heldout (training documents set aside before packing, data.probe_fraction of them, never "
+        "trained on: it sees whether distilling helps on other documents)")
     benefit_length: Literal["constant", "lr"] = Field(
         "constant", description="benefit gate: weight of the signal's length (label-noise) term: constant 1, or "
         "the student's learning rate over its peak so far (less noise matters less as the step shrinks)")
@@ -287,6 +293,12 @@ class RunConfig(_Section):
         """Student ``index``'s settings: the top-level section with its overrides applied
         (merged and checked once, when the config was validated)."""
         return self._merged[index]
+
+    def probe_fraction(self) -> Optional[float]:
+        """The share of training documents set aside as the benefit gate's probe (None: no student
+        measures on held-out documents, and the training split is every training document)."""
+        heldout = any(d.benefit_gate and d.benefit_probe == "heldout" for d in self._merged)
+        return self.data.probe_fraction if heldout and self.mode != "hard" else None
 
     @property
     def models(self) -> list[ModelSpec]:

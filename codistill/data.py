@@ -343,6 +343,7 @@ class Splits:
     train: datasets.Dataset  # columns input_ids, attention_mask, loss_mask: [seq_len] each
     validation: datasets.Dataset
     fingerprint: str
+    probe: Optional[datasets.Dataset] = None  # training documents set aside for the benefit gate's probe
 
 
 def data_files(spec: str) -> list[Path]:
@@ -483,21 +484,24 @@ def _unreadable(files: list[Path], fmt: str) -> Optional[str]:
     return None
 
 
-def build_splits(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> Splits:
-    """Tokenized, packed (or padded) train and validation blocks, cached on disk."""
+def build_splits(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int,
+                 probe_fraction: Optional[float] = None) -> Splits:
+    """Tokenized, packed (or padded) train and validation blocks, cached on disk; with
+    ``probe_fraction``, that share of the training documents set aside (before packing, like the
+    validation split) as the benefit gate's probe: never trained on, never validated on."""
     kind, identity = _source_identity(cfg)
-    key = json.dumps(
-        [CHAT_BLOCKS_VERSION if cfg.messages_field else BLOCKS_VERSION, kind, identity, cfg.format, cfg.text_field,
-         cfg.prompt_field, cfg.messages_field, cfg.seq_len, cfg.pack,
-         cfg.val_split,
-         cfg.val_fraction, seed, tokenizer_fingerprint(tokenizer)]
-    )
+    parts = [CHAT_BLOCKS_VERSION if cfg.messages_field else BLOCKS_VERSION, kind, identity, cfg.format, cfg.text_field,
+             cfg.prompt_field, cfg.messages_field, cfg.seq_len, cfg.pack,
+             cfg.val_split,
+             cfg.val_fraction, seed, tokenizer_fingerprint(tokenizer)]
+    key = json.dumps(parts + ([{"probe_fraction": probe_fraction}] if probe_fraction else []))  # (no probe: as before)
     fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
     target = build_once(cfg.resolved_cache_dir() / "processed", fingerprint,
-                        lambda work: _build_blocks(cfg, tokenizer, seed, kind, work))
+                        lambda work: _build_blocks(cfg, tokenizer, seed, kind, work, probe_fraction))
     train = datasets.load_from_disk(str(target / "train"))
     val = datasets.load_from_disk(str(target / "validation"))
-    return Splits(train.with_format("torch"), val.with_format("torch"), fingerprint)
+    probe = datasets.load_from_disk(str(target / "probe")).with_format("torch") if probe_fraction else None
+    return Splits(train.with_format("torch"), val.with_format("torch"), fingerprint, probe)
 
 
 def _raw_splits(cfg: DataConfig, seed: int, kind: str) -> tuple[datasets.Dataset, datasets.Dataset]:
@@ -525,19 +529,28 @@ def _raw_splits(cfg: DataConfig, seed: int, kind: str) -> tuple[datasets.Dataset
     return parts["train"], parts["test"]
 
 
-def _build_blocks(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, kind: str, work: Path) -> str:
-    """Tokenize and pack both splits into ``work``; returns the READY text."""
+def _build_blocks(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, kind: str, work: Path,
+                  probe_fraction: Optional[float] = None) -> str:
+    """Tokenize and pack the splits into ``work``; returns the READY text."""
     train, val = _raw_splits(cfg, seed, kind)
+    splits = {"train": train, "validation": val}
+    if probe_fraction:
+        if len(train) < 2:
+            raise ConfigError(f"distill.benefit_probe=heldout: the training split of '{cfg.dataset}' has one document; "
+                              "setting some aside as the probe needs two or more (or use benefit_probe: stream)")
+        held = train.train_test_split(test_size=probe_fraction, seed=seed)
+        splits = {"train": held["train"], "validation": val, "probe": held["test"]}
     if cfg.messages_field and not getattr(tokenizer, "chat_template", None):
         raise ConfigError("data.messages_field: the tokenizer has no chat template to render the messages with; "
                           "give one that has, or use data.prompt_field/text_field")
     out = {}
-    for name, part in (("train", train), ("validation", val)):
+    for name, part in splits.items():
         blocks = _to_blocks(part, cfg, tokenizer)
         if len(blocks) == 0:
+            hint = " (or raise data.probe_fraction)" if name == "probe" else ""
             raise ConfigError(
                 f"data: the {name} split of '{cfg.dataset}' gives no complete block of data.seq_len="
-                f"{cfg.seq_len} tokens; lower data.seq_len or add data"
+                f"{cfg.seq_len} tokens; lower data.seq_len or add data{hint}"
             )
         out[name] = blocks
     for name, blocks in out.items():
@@ -695,6 +708,27 @@ class BatchStream:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.position, self._order = int(state["epoch"]), int(state["position"]), None
+
+
+class ProbeBatches:
+    """The benefit gate's held-out probe: a micro-batch of the probe blocks for each step.
+
+    The blocks of step ``s`` come from a permutation seeded by (seed, s), this rank's slice of it
+    (ranks take different blocks while there are enough, and wrap round when there are not). A batch
+    is a function of the step alone: nothing to save in a checkpoint, and a resumed run (on any number
+    of ranks) draws what an uninterrupted one would have.
+    """
+
+    def __init__(self, dataset: datasets.Dataset, micro_batch_size: int, rank: int, world: int, seed: int):
+        self.dataset, self.batch_size, self.rank, self.seed = dataset, micro_batch_size, rank, seed
+
+    def at(self, step: int) -> dict[str, torch.Tensor]:
+        mixed = hashlib.sha256(f"probe {self.seed} {step}".encode()).digest()[:8]  # any 64-bit seed, any step
+        generator = torch.Generator().manual_seed(int.from_bytes(mixed, "little"))
+        order = torch.randperm(len(self.dataset), generator=generator).tolist()
+        start = self.rank * self.batch_size
+        index = [order[(start + j) % len(order)] for j in range(self.batch_size)]
+        return {**self.dataset[index], "index": torch.tensor(index)}
 
 
 def eval_batches(dataset: datasets.Dataset, micro_batch_size: int, rank: int, world: int, limit: int) -> list[dict]:

@@ -25,7 +25,7 @@ import torch
 from . import checkpoint, distributed
 from .cache import TeacherCache
 from .config import ConfigError, DistillConfig, RunConfig, dump_config, is_resolved_config
-from .data import BatchStream, build_splits, check_data_source, eval_batches, run_tokenizer, tokenizer_fingerprint
+from .data import BatchStream, ProbeBatches, build_splits, check_data_source, eval_batches, run_tokenizer, tokenizer_fingerprint
 from .engines import (Member, build_engine, deepspeed_configs, forward_hidden, forward_logits, fused_head_problem,
                       half_precision, heads_gathered, init_seed, is_trainable, lm_head, loaded_models, module_hidden, module_logits,
                       quiet_library_noise, zero_stage)
@@ -44,6 +44,9 @@ from .models import check_attention, check_model, count_parameters, local_parame
 from .schedules import adaptive_alpha, alpha_at, ema, lr_fraction, temperature_at
 
 log = logging.getLogger("codistill")
+
+
+Probes = dict[str, dict[str, torch.Tensor]]  # the benefit gates' unseen micro-batches by distill.benefit_probe
 
 
 @dataclass(frozen=True)
@@ -133,8 +136,10 @@ class Trainer:
     def _load_data(self) -> str:
         """This rank's training stream and validation batches; returns the data's fingerprint."""
         cfg, world = self.cfg, self.world
-        splits = build_splits(cfg.data, self.tokenizer, cfg.train.seed)
+        splits = build_splits(cfg.data, self.tokenizer, cfg.train.seed, cfg.probe_fraction())
         self.stream = BatchStream(splits.train, cfg.train.micro_batch_size, world.rank, world.size, cfg.train.seed)
+        self.heldout = None if splits.probe is None else ProbeBatches(  # benefit_probe: heldout's documents
+            splits.probe, cfg.train.micro_batch_size, world.rank, world.size, cfg.train.seed)
         self.val_batches = eval_batches(splits.validation, cfg.train.micro_batch_size, world.rank, world.size,
                                         cfg.train.eval_batches)
         if not self.val_batches:
@@ -236,9 +241,8 @@ class Trainer:
         start = time.perf_counter()
         for micro in range(gas):
             batch = self.prepare_batch(next(self.stream))
-            # The benefit gate's probe: the micro-batch after this one, which no model has seen yet.
-            probe = self.prepare_batch(self.stream.peek()) if micro == 0 and any(p.measure for p in plans) else None
-            self.micro_step(batch, plans, sums, panels if micro == 0 else None, probe)
+            probes = self.probes(step, plans) if micro == 0 else None
+            self.micro_step(batch, plans, sums, panels if micro == 0 else None, probes)
         elapsed = time.perf_counter() - start
         values = self._mean_over_ranks({**{k: v / gas for k, v in sums.items()}, **(panels or {})})
         values.update(self._update_gates(plans, values))
@@ -246,6 +250,20 @@ class Trainer:
         values.update(self._schedule_values(plans))
         values.update(self._perf_values(elapsed))
         return values
+
+    def probes(self, step: int, plans: list[StudentPlan]) -> Optional[Probes]:
+        """The benefit gates' unseen batches at ``step``, by ``distill.benefit_probe`` (those that a measuring
+        student reads): stream, the training stream's next micro-batch, which no model has seen yet
+        (taken before the first micro-batch is trained on); heldout, one from the documents set aside."""
+        sources = {self.distill[i].benefit_probe for i, p in enumerate(plans) if p.measure}
+        if not sources:
+            return None
+        out = {}
+        if "stream" in sources:
+            out["stream"] = self.prepare_batch(self.stream.peek())
+        if "heldout" in sources:
+            out["heldout"] = self.prepare_batch(self.heldout.at(step))
+        return out
 
     def plan(self, step: int) -> list[StudentPlan]:
         """What every student does at optimizer step ``step``: α, T and whether it trains."""
@@ -273,16 +291,17 @@ class Trainer:
         return plans
 
     def micro_step(self, batch: dict[str, torch.Tensor], plans: list[StudentPlan], sums: dict[str, float],
-                   panels: Optional[dict[str, float]] = None, probe: Optional[dict[str, torch.Tensor]] = None) -> None:
+                   panels: Optional[dict[str, float]] = None, probes: Optional[Probes] = None) -> None:
         """One micro-batch: the teacher's targets (one forward, or the cache) feed every active student.
         With ``panels``, the distillation diagnostics of this micro-batch are written into it; with
-        ``probe`` (an unseen micro-batch), students whose plan says so measure their benefit gate."""
+        ``probes`` (unseen micro-batches by source, see :meth:`probes`), students whose plan says so measure their
+        benefit gate."""
         # Every backward runs at once (freeing its activations); the optimizer steps wait until every
         # model's loss is known to be finite, so a stop leaves all models at the same step. The
         # students' targets were computed before the teacher's step either way: same numbers.
         self._deferred = []
         try:
-            (self.fused_micro_step if self.fused else self.logits_micro_step)(batch, plans, sums, panels, probe)
+            (self.fused_micro_step if self.fused else self.logits_micro_step)(batch, plans, sums, panels, probes)
             for member in self._deferred:  # none when the teacher's update was skipped
                 member.engine.step()
         finally:
@@ -290,7 +309,7 @@ class Trainer:
 
     def logits_micro_step(self, batch: dict[str, torch.Tensor], plans: list[StudentPlan], sums: dict[str, float],
                           panels: Optional[dict[str, float]] = None,
-                          probe: Optional[dict[str, torch.Tensor]] = None) -> None:
+                          probes: Optional[Probes] = None) -> None:
         """:meth:`micro_step`'s losses from every model's logits; optimizer steps deferred."""
         out = self.teacher_targets(batch, plans, sums)
         if out is None:  # the teacher's update was skipped: no trustworthy targets
@@ -301,11 +320,11 @@ class Trainer:
             teacher_logits = None
         for i, plan in enumerate(plans):
             if plan.active:
-                self.student_micro_step(i, batch, targets.get(i), plan, sums, panels, teacher_logits, probe)
+                self.student_micro_step(i, batch, targets.get(i), plan, sums, panels, teacher_logits, probes)
 
     def fused_micro_step(self, batch: dict[str, torch.Tensor], plans: list[StudentPlan], sums: dict[str, float],
                          panels: Optional[dict[str, float]] = None,
-                         probe: Optional[dict[str, torch.Tensor]] = None) -> None:
+                         probes: Optional[Probes] = None) -> None:
         """:meth:`micro_step` from final hidden states (``distill.fused_linear``): every model's forward stops
         before its LM head, one chunked pass (codistill/fused.py) gives the teacher's CE and every student's
         blended loss with their gradients, then each model back-propagates its own loss. No model's
@@ -318,7 +337,7 @@ class Trainer:
         with torch.set_grad_enabled(self.teacher.trainable):
             teacher_hidden = forward_hidden(self.teacher, batch)
         hidden = {i: forward_hidden(self.students[i], batch) for i in active}
-        measuring = [i for i in active if plans[i].measure and probe is not None]
+        measuring = [i for i in active if plans[i].measure and probes is not None]
         stepped = []
         # ZeRO-3: every head whole from the pass to the last backward (the forwards ran before).
         with heads_gathered(self.teacher, *(self.students[i] for i in active)):
@@ -366,7 +385,7 @@ class Trainer:
                 stepped.append((i, parts))
         for i, parts in stepped:
             if i in measuring:  # before the student's step, outside the block: the gate runs the student's forward
-                self._measure_benefit(i, batch, targets[i], plans[i], probe, sums, frozen_teacher)
+                self._measure_benefit(i, batch, targets[i], plans[i], probes, sums, frozen_teacher)
             self._step(self.students[i])
             self._add_student_sums(sums, i, parts, soft=True)
 
@@ -444,7 +463,7 @@ class Trainer:
     def student_micro_step(self, index: int, batch: dict[str, torch.Tensor], targets: Optional[Targets],
                            plan: StudentPlan, sums: dict[str, float], panels: Optional[dict[str, float]] = None,
                            teacher_logits: Optional[torch.Tensor] = None,
-                           probe: Optional[dict[str, torch.Tensor]] = None) -> None:
+                           probes: Optional[Probes] = None) -> None:
         """Student: (1-α)·CE + α·T²·D(teacher ‖ student); with ``targets=None``, CE alone.
         With ``panels``, also the distillation diagnostics of this micro-batch (see panel_stats)."""
         student, d = self.students[index], self.distill[index]
@@ -457,20 +476,20 @@ class Trainer:
             return
         student.engine.backward(parts.loss)
         del out
-        if plan.measure and probe is not None and targets is not None:  # before the student's step
-            self._measure_benefit(index, batch, targets, plan, probe, sums)
+        if plan.measure and probes is not None and targets is not None:  # before the student's step
+            self._measure_benefit(index, batch, targets, plan, probes, sums)
         self._step(student)
         self._add_student_sums(sums, index, parts, soft=targets is not None)
 
     def _measure_benefit(self, index: int, batch: dict[str, torch.Tensor], targets: Targets, plan: StudentPlan,
-                         probe: dict[str, torch.Tensor], sums: dict[str, float],
+                         probes: Probes, sums: dict[str, float],
                          teacher: Optional[Head] = None) -> None:
         """The benefit gate's measurement (see codistill/gate.py): the inner products of ∇CE and ∇(T²·D − CE)
         on the batch, the update at this step's α, and ∇CE on the unseen probe batch, on this rank, at the
         student's weights before its step. Forwards of the bare module: gradients of them do not go
         through DeepSpeed's reduction."""
         student, d = self.students[index], self.distill[index]
-        labels, mask = batch["labels"], batch["mask"]
+        labels, mask, probe = batch["labels"], batch["mask"], probes[d.benefit_probe]
 
         soft_spec = replace(plan.spec, alpha=1.0)  # the blended loss at α = 1: T²·D
 
@@ -708,8 +727,10 @@ class Trainer:
                              f"{d.head_start_steps} + burn-in {d.burn_in_steps} of {steps} steps): CE alone")
                 continue
             noise = "x lr / peak lr" if d.benefit_length == "lr" else "unweighted"
-            gate = f"benefit gate every {d.benefit_interval} steps (noise term {noise})" if d.benefit_gate else \
-                "no benefit gate"
+            source = (f"held-out probe: {len(self.heldout.dataset)} blocks of training documents set aside"
+                      if d.benefit_probe == "heldout" else "probe: the stream's next micro-batch")
+            gate = f"benefit gate every {d.benefit_interval} steps ({source}; noise term {noise})" if d.benefit_gate \
+                else "no benefit gate"
             lines.append(f"{student.name}: distils from step {start} of {steps} (head start {d.head_start_steps}, "
                          f"burn-in {d.burn_in_steps}); {d.schedule} alpha up to {d.alpha_max}, T={d.temperature}, "
                          f"{d.divergence}, {gate}")

@@ -40,6 +40,8 @@ def test_dotted_overrides_change_any_key():
     (["train.max_steps"], "must look like key.path=value"),
     (["students=[]"], "config key 'students'"),
     (["students.0.name=teacher"], "model names must be unique"),
+    (["distill.benefit_probe=validation"], "config key 'distill.benefit_probe'"),
+    (["data.probe_fraction=1"], "config key 'data.probe_fraction'"),
 ])
 def test_bad_config_values_give_one_line_naming_the_key(override, message):
     with pytest.raises(ConfigError) as err:
@@ -117,6 +119,14 @@ def test_student_distill_overrides_are_typed_merged_once_and_written_back_as_giv
         load_config(MICRO, ["students.0.distill.divergence=kl"])
     with pytest.raises(ConfigError, match="unknown config key 'students.0.distill.betta'"):
         load_config(MICRO, ["students.0.distill.betta=0.3"])
+
+
+def test_documents_are_set_aside_for_a_probe_only_when_a_measuring_student_asks_for_them():
+    assert load_config(MICRO, []).probe_fraction() is None  # the stream's next batch: every document trains
+    held = ["students.0.distill.benefit_probe=heldout", "data.probe_fraction=0.1"]
+    assert load_config(MICRO, held).probe_fraction() == 0.1
+    assert load_config(MICRO, [*held, "students.0.distill.benefit_gate=false"]).probe_fraction() is None
+    assert load_config(MICRO, [*held, "mode=hard"]).probe_fraction() is None
 
 
 def test_a_cache_holds_one_temperature_for_every_student(tmp_path):

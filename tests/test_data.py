@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from codistill.config import ConfigError, DataConfig
-from codistill.data import BatchStream, build_splits, eval_batches, prepare_shakespeare, tokenizer_fingerprint
+from codistill.data import (BatchStream, ProbeBatches, build_splits, eval_batches, prepare_shakespeare,
+                            tokenizer_fingerprint)
 
 
 def test_bundled_corpus_is_split_by_document_with_a_4096_token_bpe(tokenizer):
@@ -155,6 +156,36 @@ def test_peek_shows_the_next_batch_without_taking_it_even_across_an_epoch_bounda
         taken = next(stream)
         assert torch.equal(peeked["input_ids"], taken["input_ids"]) and torch.equal(peeked["index"], taken["index"])
         assert torch.equal(taken["input_ids"], next(plain)["input_ids"])  # peeking changes nothing downstream
+
+
+def test_the_held_out_probe_is_training_documents_set_aside_before_packing(local_docs, tokenizer):
+    """benefit_probe: heldout. Its documents are in neither the training nor the validation split, the
+    validation split is the one a run without a probe has, and the probe's batch is a function of the step."""
+    tmp, docs = local_docs
+    spec = tmp / "docs.jsonl"
+    spec.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    cfg = DataConfig(dataset=str(spec), seq_len=24, pack=False, val_fraction=0.2, probe_fraction=0.25,
+                     cache_dir=str(tmp / "cache"))
+
+    def documents(blocks):  # every block is the start of one document ("Document i. ...")
+        return {tokenizer.decode(ids).split(".")[0] for ids in blocks[:]["input_ids"]}
+
+    plain, held = build_splits(cfg, tokenizer, seed=3), build_splits(cfg, tokenizer, seed=3, probe_fraction=0.25)
+    assert plain.probe is None and held.fingerprint != plain.fingerprint
+    train, val, probe = documents(held.train), documents(held.validation), documents(held.probe)
+    assert len(probe) == 4 and not probe & train and not probe & val
+    assert train | probe == documents(plain.train) and val == documents(plain.validation)
+    assert build_splits(cfg, tokenizer, seed=3).fingerprint == plain.fingerprint  # no probe: the same cache as before
+
+    ranks = [ProbeBatches(held.probe, 2, rank=r, world=2, seed=5) for r in range(2)]
+    again = ProbeBatches(held.probe, 2, rank=0, world=2, seed=5)
+    for step in range(4):
+        mine, theirs = ranks[0].at(step)["index"].tolist(), ranks[1].at(step)["index"].tolist()
+        assert not set(mine) & set(theirs)  # 4 blocks over 2 ranks x 2: different blocks per rank
+        assert again.at(step)["index"].tolist() == mine  # nothing to save for a resume: the step decides
+    assert len({tuple(ranks[0].at(step)["index"].tolist()) for step in range(8)}) > 1  # it moves with the step
+    wide = ProbeBatches(held.probe, 3, rank=1, world=2, seed=5).at(0)  # fewer blocks than ranks x batch: wraps
+    assert wide["input_ids"].shape == (3, 24)
 
 
 def test_prompt_tokens_are_masked_out_of_the_loss(tmp_path, tokenizer):

@@ -19,8 +19,9 @@ TRACKED = ["teacher/train/loss", "student/train/loss", "student/train/loss_kd", 
 # The adaptive schedule's and the benefit gate's state must survive the restart too (the gate
 # measures at steps 1, 4 and 7: the split at 4 carries two measurements' state across), and so
 # must the student's peak learning rate (α x lr / peak lr, under a schedule that peaks at step 2).
+# The gate's probe is the held-out documents' (benefit_probe: heldout): drawn by step, nothing saved.
 COMMON = ["train.max_steps=8", "distill.schedule=adaptive", "distill.adaptive_gap=0.01", "distill.burn_in_steps=0",
-          "distill.benefit_interval=3", "distill.alpha_decay=lr",
+          "distill.benefit_interval=3", "distill.alpha_decay=lr", "distill.benefit_probe=heldout",
           "students.0.deepspeed.scheduler={type: WarmupDecayLR, params: {warmup_num_steps: 2, total_num_steps: 8, "
           "warmup_max_lr: 3.0e-3, warmup_type: linear}}"]
 
@@ -56,6 +57,7 @@ def test_stop_and_resume_mid_epoch_matches_an_uninterrupted_run_bitwise(tmp_path
         deepspeed(straight, *zero)
     first = deepspeed(tmp_path / "split", *zero, "train.steps_this_run=4")
     assert "stopping at step 4 (train.steps_this_run); continue with resume=auto" in first
+    assert "held-out probe: " in first and "blocks of training documents set aside" in first
     second = deepspeed(tmp_path / "split", *zero, "resume=auto")
     assert "resumed from" in second and "step_00000004 at step 4" in second
     assert "since step 0" in second  # the summary knows the start from the checkpoint

@@ -49,7 +49,7 @@ def body(args: argparse.Namespace) -> None:
     ds_config = resolve_deepspeed_config(cfg.teacher, cfg.train, distributed.env_world_size(),
                                          not torch.cuda.is_available(), trainable=False)
     world = distributed.init(timeout_s=cfg.train.collective_timeout_s)
-    splits = build_splits(cfg.data, tokenizer, cfg.train.seed)
+    splits = build_splits(cfg.data, tokenizer, cfg.train.seed, cfg.probe_fraction())  # the run's training split
     train, fingerprint = splits.train, splits.fingerprint
     params = {"tokenizer": tokenizer_fingerprint(tokenizer), "data": fingerprint, "seq_len": cfg.data.seq_len,
               "teacher": str(Path(cfg.teacher.pretrained).expanduser().resolve()), "k": min(k, len(tokenizer)),
