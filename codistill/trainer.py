@@ -726,11 +726,12 @@ class Trainer:
                 lines.append(f"{student.name}: never distils (alpha_max {d.alpha_max}, head start "
                              f"{d.head_start_steps} + burn-in {d.burn_in_steps} of {steps} steps): CE alone")
                 continue
-            noise = "x lr / peak lr" if d.benefit_length == "lr" else "unweighted"
-            source = (f"held-out probe: {len(self.heldout.dataset)} blocks of training documents set aside"
-                      if d.benefit_probe == "heldout" else "probe: the stream's next micro-batch")
-            gate = f"benefit gate every {d.benefit_interval} steps ({source}; noise term {noise})" if d.benefit_gate \
-                else "no benefit gate"
+            gate = "no benefit gate"
+            if d.benefit_gate:  # (only then are held-out documents set aside)
+                noise = "x lr / peak lr" if d.benefit_length == "lr" else "unweighted"
+                source = (f"held-out probe: {len(self.heldout.dataset)} blocks of training documents set aside"
+                          if d.benefit_probe == "heldout" else "probe: the stream's next micro-batch")
+                gate = f"benefit gate every {d.benefit_interval} steps ({source}; noise term {noise})"
             lines.append(f"{student.name}: distils from step {start} of {steps} (head start {d.head_start_steps}, "
                          f"burn-in {d.burn_in_steps}); {d.schedule} alpha up to {d.alpha_max}, T={d.temperature}, "
                          f"{d.divergence}, {gate}")

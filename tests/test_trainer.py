@@ -146,3 +146,11 @@ def test_train_step_reports_every_metric(run):
     assert not any(key.startswith("gate/") for key in values)  # the benefit gate is off in this run
     blended = 0.5 * values["student/train/loss_ce"] + 0.5 * values["student/train/loss_kd"]
     assert values["student/train/loss"] == pytest.approx(blended, rel=1e-6)
+
+
+def test_the_start_up_lines_name_the_gates_probe_and_a_gate_turned_off_sets_no_documents_aside(tmp_path):
+    held = ["students.0.distill.benefit_probe=heldout", "distill.burn_in_steps=0"]
+    gated = Trainer(load_config(MICRO, [f"output_dir={tmp_path / 'a'}", *held]))
+    assert gated.heldout is not None and "blocks of training documents set aside" in " ".join(gated.describe())
+    off = Trainer(load_config(MICRO, [f"output_dir={tmp_path / 'b'}", *held, "students.0.distill.benefit_gate=false"]))
+    assert off.heldout is None and any(line.endswith("no benefit gate") for line in off.describe())
