@@ -539,7 +539,7 @@ def _build_blocks(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int
             raise ConfigError(f"distill.benefit_probe=heldout: the training split of '{cfg.dataset}' has one document; "
                               "setting some aside as the probe needs two or more (or use benefit_probe: stream)")
         held = train.train_test_split(test_size=probe_fraction, seed=seed)
-        splits = {"train": held["train"], "validation": val, "probe": held["test"]}
+        splits["train"], splits["probe"] = held["train"], held["test"]
     if cfg.messages_field and not getattr(tokenizer, "chat_template", None):
         raise ConfigError("data.messages_field: the tokenizer has no chat template to render the messages with; "
                           "give one that has, or use data.prompt_field/text_field")
@@ -719,7 +719,7 @@ class ProbeBatches:
     of ranks) draws what an uninterrupted one would have.
     """
 
-    def __init__(self, dataset: datasets.Dataset, micro_batch_size: int, rank: int, world: int, seed: int):
+    def __init__(self, dataset: datasets.Dataset, micro_batch_size: int, rank: int, seed: int):
         self.dataset, self.batch_size, self.rank, self.seed = dataset, micro_batch_size, rank, seed
 
     def at(self, step: int) -> dict[str, torch.Tensor]:

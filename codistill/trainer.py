@@ -25,7 +25,8 @@ import torch
 from . import checkpoint, distributed
 from .cache import TeacherCache
 from .config import ConfigError, DistillConfig, RunConfig, dump_config, is_resolved_config
-from .data import BatchStream, ProbeBatches, build_splits, check_data_source, eval_batches, run_tokenizer, tokenizer_fingerprint
+from .data import (BatchStream, ProbeBatches, build_splits, check_data_source, eval_batches, run_tokenizer,
+                   tokenizer_fingerprint)
 from .engines import (Member, build_engine, deepspeed_configs, forward_hidden, forward_logits, fused_head_problem,
                       half_precision, heads_gathered, init_seed, is_trainable, lm_head, loaded_models, module_hidden, module_logits,
                       quiet_library_noise, zero_stage)
@@ -139,7 +140,7 @@ class Trainer:
         splits = build_splits(cfg.data, self.tokenizer, cfg.train.seed, cfg.probe_fraction())
         self.stream = BatchStream(splits.train, cfg.train.micro_batch_size, world.rank, world.size, cfg.train.seed)
         self.heldout = None if splits.probe is None else ProbeBatches(  # benefit_probe: heldout's documents
-            splits.probe, cfg.train.micro_batch_size, world.rank, world.size, cfg.train.seed)
+            splits.probe, cfg.train.micro_batch_size, world.rank, cfg.train.seed)
         self.val_batches = eval_batches(splits.validation, cfg.train.micro_batch_size, world.rank, world.size,
                                         cfg.train.eval_batches)
         if not self.val_batches:

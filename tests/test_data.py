@@ -177,14 +177,14 @@ def test_the_held_out_probe_is_training_documents_set_aside_before_packing(local
     assert train | probe == documents(plain.train) and val == documents(plain.validation)
     assert build_splits(cfg, tokenizer, seed=3).fingerprint == plain.fingerprint  # no probe: the same cache as before
 
-    ranks = [ProbeBatches(held.probe, 2, rank=r, world=2, seed=5) for r in range(2)]
-    again = ProbeBatches(held.probe, 2, rank=0, world=2, seed=5)
+    ranks = [ProbeBatches(held.probe, 2, rank=r, seed=5) for r in range(2)]
+    again = ProbeBatches(held.probe, 2, rank=0, seed=5)
     for step in range(4):
         mine, theirs = ranks[0].at(step)["index"].tolist(), ranks[1].at(step)["index"].tolist()
         assert not set(mine) & set(theirs)  # 4 blocks over 2 ranks x 2: different blocks per rank
         assert again.at(step)["index"].tolist() == mine  # nothing to save for a resume: the step decides
     assert len({tuple(ranks[0].at(step)["index"].tolist()) for step in range(8)}) > 1  # it moves with the step
-    wide = ProbeBatches(held.probe, 3, rank=1, world=2, seed=5).at(0)  # fewer blocks than ranks x batch: wraps
+    wide = ProbeBatches(held.probe, 3, rank=1, seed=5).at(0)  # fewer blocks than ranks x batch: wraps
     assert wide["input_ids"].shape == (3, 24)
 
 

@@ -81,7 +81,7 @@ def body(args: argparse.Namespace) -> None:
 
     def measured(batches):
         for k, batch in enumerate(batches):
-            trainer.micro_step(batch, gated, sink, probes=probe if k == 0 else None)
+            trainer.micro_step(batch, gated, sink, probes=probes if k == 0 else None)
 
     def separate(batches):
         for batch in batches:
@@ -112,7 +112,7 @@ def body(args: argparse.Namespace) -> None:
     times: dict[str, list[float]] = {name: [] for name, _ in variants}
     for r in range(args.warmup + args.rounds):
         batches = [trainer.prepare_batch(next(trainer.stream)) for _ in range(gas)]
-        probe = trainer.probes(0, gated)
+        probes = trainer.probes(0, gated)
         shift = r % len(variants)
         for name, fn in variants[shift:] + variants[:shift]:
             t = timed(lambda: fn(batches))
