@@ -125,14 +125,17 @@ class _Grads:
                 None if self.bias is None else self.bias.to(head.bias.dtype))
 
 
-def _logits(head: Head, hidden: torch.Tensor, vocab: int) -> torch.Tensor:
-    """One chunk's logits [n, V] over the real vocabulary, in fp32 (the GEMM in the model's dtype)."""
+def _logits(head: Head, hidden: torch.Tensor, vocab: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One chunk's logits [n, V] over the real vocabulary, in fp32 (the GEMM in the model's dtype); written
+    into ``out`` ([≥ n, V] fp32, reused chunk after chunk) when given and the model is fp32."""
     w = head.weight[:vocab]
+    if out is None or w.dtype != torch.float32 or hidden.dtype != torch.float32:
+        z = hidden @ w.t() if head.bias is None else torch.addmm(head.bias[:vocab], hidden, w.t())
+        return z.float() if out is None else out[:hidden.shape[0]].copy_(z)
+    out = out[:hidden.shape[0]]
     if head.bias is None:
-        z = hidden @ w.t()
-    else:
-        z = torch.addmm(head.bias[:vocab], hidden, w.t())
-    return z.float()
+        return torch.mm(hidden, w.t(), out=out)
+    return torch.addmm(head.bias[:vocab], hidden, w.t(), out=out)
 
 
 class _Handover(torch.autograd.Function):
@@ -213,9 +216,16 @@ def fused_linear_losses(teacher: Head, students: list[StudentTerm], labels: torc
     accs = [_parts(n_pos, device) for _ in heads]
     step = min(n_pos, fused_rows(vocab, chunk_tokens)) if n_pos else 1
 
+    # Three [rows, V] fp32 buffers for the whole pass, reused chunk after chunk: the teacher's logits (read by
+    # every student), a student's logits, and the gradient of whichever model's loss is being folded in (used
+    # up at once). Fresh ones each chunk would cost page faults on CPU as large as the work they hold.
+    buffer = lambda: torch.empty(step, vocab, dtype=torch.float32, device=device)  # noqa: E731
+    teacher_z, student_z = buffer(), buffer() if students else None
+    grad_z = buffer() if any(g is not None for g in grads) else None
+
     def chunk_of(j: int, rows: slice, z: torch.Tensor, targets: Optional[Targets], spec: SoftSpec):
         """Model j's loss on one chunk of logits, folded into its sums and gradients; (token CE, lse)."""
-        out = _forward_and_grad(z, labels[rows], weights[rows], targets, spec, None, grads[j] is not None)
+        out = _forward_and_grad(z, labels[rows], weights[rows], targets, spec, None, grads[j] is not None, grad_z)
         _fold(accs[j], rows, out, weights[rows].sum(dtype=torch.float64))
         if grads[j] is not None:
             grads[j].add(rows, flat[j][rows], out[-1])
@@ -224,7 +234,7 @@ def fused_linear_losses(teacher: Head, students: list[StudentTerm], labels: torc
     with torch.no_grad():
         for i in range(0, n_pos, step):
             rows = slice(i, min(n_pos, i + step))
-            z_t = _logits(teacher, flat[0][rows], vocab)
+            z_t = _logits(teacher, flat[0][rows], vocab, teacher_z)
             t_token_ce, t_lse = chunk_of(0, rows, z_t, None, SoftSpec())
             shared: dict[tuple, Targets] = {}
             for j, s in enumerate(students, start=1):
@@ -235,7 +245,7 @@ def fused_linear_losses(teacher: Head, students: list[StudentTerm], labels: torc
                                               lse=t_lse)
                     else:
                         shared[key] = replace(topk_targets(z_t, s.top_k, s.temperature), token_ce=t_token_ce)
-                chunk_of(j, rows, _logits(s.head, flat[j][rows], vocab), shared[key], s.spec)
+                chunk_of(j, rows, _logits(s.head, flat[j][rows], vocab, student_z), shared[key], s.spec)
             del z_t, shared
     parts = [_finish(acc, head, g, total, soft=j > 0) for j, (acc, head, g) in enumerate(zip(accs, heads, grads))]
     return parts[0], parts[1:]

@@ -276,7 +276,9 @@ def _topk_chunk(spec: SoftSpec, div: str, targets: Targets, rows: slice, z: torc
     return value, ids, q_top, w[:, :-1], per_tail, w.sum(-1, keepdim=True), tail_rows
 
 
-def _forward_and_grad(student, labels, weights, targets, spec, chunk_tokens, need_grad):
+def _forward_and_grad(student, labels, weights, targets, spec, chunk_tokens, need_grad, grad_out=None):
+    """The loss's value, parts and (with ``need_grad``) its gradient with respect to ``student`` [N, V], written
+    into ``grad_out`` when given (an fp32 [≥ N, V] buffer the caller reuses, not ``student`` itself)."""
     n_pos, vocab = student.shape
     soft = targets is not None
     div = spec.resolved() if soft else None
@@ -290,7 +292,12 @@ def _forward_and_grad(student, labels, weights, targets, spec, chunk_tokens, nee
     # tail mass from the same buffer (:func:`_topk_chunk`).
     fast_soft = soft and targets.logits is not None
     jsd = fast_soft and div == "jsd"
-    grad = torch.empty_like(student) if need_grad else None  # the logits' own dtype
+    if not need_grad:
+        grad = None
+    elif grad_out is not None:
+        grad = grad_out[:n_pos]
+    else:
+        grad = torch.empty_like(student)  # the logits' own dtype
     token_ce = torch.zeros(n_pos, dtype=torch.float32, device=student.device)
     lse_all = torch.empty(n_pos, dtype=torch.float32, device=student.device)
     ce_sum = student.new_zeros((), dtype=torch.float64)
