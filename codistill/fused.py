@@ -128,14 +128,13 @@ class _Grads:
 def _logits(head: Head, hidden: torch.Tensor, vocab: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One chunk's logits [n, V] over the real vocabulary, in fp32 (the GEMM in the model's dtype); written
     into ``out`` ([≥ n, V] fp32, reused chunk after chunk) when given and the model is fp32."""
-    w = head.weight[:vocab]
-    if out is None or w.dtype != torch.float32 or hidden.dtype != torch.float32:
-        z = hidden @ w.t() if head.bias is None else torch.addmm(head.bias[:vocab], hidden, w.t())
-        return z.float() if out is None else out[:hidden.shape[0]].copy_(z)
-    out = out[:hidden.shape[0]]
-    if head.bias is None:
-        return torch.mm(hidden, w.t(), out=out)
-    return torch.addmm(head.bias[:vocab], hidden, w.t(), out=out)
+    w, bias = head.weight[:vocab], None if head.bias is None else head.bias[:vocab]
+    direct = out is not None and w.dtype == hidden.dtype == torch.float32  # the GEMM writes into ``out`` itself
+    target = out[:hidden.shape[0]] if direct else None
+    z = torch.mm(hidden, w.t(), out=target) if bias is None else torch.addmm(bias, hidden, w.t(), out=target)
+    if direct:
+        return z
+    return z.float() if out is None else out[:hidden.shape[0]].copy_(z)
 
 
 class _Handover(torch.autograd.Function):
@@ -220,7 +219,8 @@ def fused_linear_losses(teacher: Head, students: list[StudentTerm], labels: torc
     # every student), a student's logits, and the gradient of whichever model's loss is being folded in (used
     # up at once). Fresh ones each chunk would cost page faults on CPU as large as the work they hold.
     buffer = lambda: torch.empty(step, vocab, dtype=torch.float32, device=device)  # noqa: E731
-    teacher_z, student_z = buffer(), buffer() if students else None
+    teacher_z = buffer()
+    student_z = buffer() if students else None
     grad_z = buffer() if any(g is not None for g in grads) else None
 
     def chunk_of(j: int, rows: slice, z: torch.Tensor, targets: Optional[Targets], spec: SoftSpec):

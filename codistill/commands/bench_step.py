@@ -138,8 +138,9 @@ def body(args: argparse.Namespace) -> None:
         result["ratio_fused_a_over_b"] = med["fused"] / med["separate"]
         result["ratio_fused_a_over_c"] = med["fused"] / med["two_stage"]
         result["ratio_fused_over_a"] = med["fused"] / med["codistill"]
+    gate_base = "fused" if configured and fusable else "codistill"  # (d) takes the path the run takes
     if intervals:  # the gate measures once every benefit_interval steps (the most frequent gate counts)
-        base = med["fused" if configured and fusable else "codistill"]  # (d) takes the path the run takes
+        base = med[gate_base]
         result["benefit_gate_interval"] = min(intervals)
         result["benefit_gate_step_ratio"] = (med["measured"] - base) / base
         result["benefit_gate_cost_share"] = result["benefit_gate_step_ratio"] / min(intervals)
@@ -153,7 +154,7 @@ def body(args: argparse.Namespace) -> None:
             print(f"  fused: ratio a'/b = {result['ratio_fused_a_over_b']:.3f}   ratio a'/c = "
                   f"{result['ratio_fused_a_over_c']:.3f}   a'/a = {result['ratio_fused_over_a']:.3f}")
         if intervals:
-            a = "a'" if configured and fusable else "a"
+            a = "a'" if gate_base == "fused" else "a"
             print(f"  benefit gate: (d - {a}) / {a} = {result['benefit_gate_step_ratio']:.3f} at a "
                   f"measuring step, once every {min(intervals)} steps: {result['benefit_gate_cost_share']:.1%} of "
                   "the co-distillation step")
