@@ -34,6 +34,7 @@ setup(
             "codistill-estimate = codistill.commands.estimate_memory:main",
             "codistill-compare = codistill.commands.compare:main",
             "codistill-bench-step = codistill.commands.bench_step:main",
+            "codistill-bench-memory = codistill.commands.bench_memory:main",
             "codistill-bench-build = codistill.commands.bench_build:main",
             "codistill-bench-loss = codistill.commands.bench_loss:main",
             "codistill-cache-logits = codistill.commands.cache_teacher_logits:main",

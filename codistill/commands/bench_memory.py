@@ -1,0 +1,331 @@
+"""Where a training step's memory goes: peak RSS by phase of the step, for each arm of a comparison.
+
+Each arm (by default ``plain``: ``distill.fused_linear=false`` and ``fused``: ``=true``) runs
+``--steps`` optimizer steps of the config in a process of its own (a process's peak is its own),
+one after another. In it a thread samples the resident set every ``--interval-ms`` and keeps the
+highest value per step and per phase; the phases are the calls the step makes, named after them:
+each model's forward, backward and optimizer step, the loss over its logits (``loss``), the fused
+pass (``fused loss pass``), a student's benefit-gate measurement and the panels; anything between
+them is ``between phases``. A phase inside another is named with both (``student benefit gate >
+fused loss pass``).
+
+With ``--trim`` (the default; ``--no-trim`` measures the allocator as a run has it) each arm runs with
+glibc's mmap threshold at 1 MB (``GLIBC_TUNABLES``: every allocation of 1 MB or more mapped on its own and
+unmapped when freed) and calls ``malloc_trim(0)`` at every phase boundary, so the resident set follows
+what is allocated rather than what glibc's heap keeps after frees. After each step the arm also reads
+the resident set after ``gc.collect()`` (and the trim): what stays between steps (``at rest``).
+
+The report: every step's peak and the phase it is in, and for the steps after ``--skip`` (ZeRO-3
+records its prefetch trace over the first steps, the fused path's again at its second) each phase's
+highest value, side by side across arms, with the memory estimate's step peak of each arm's config.
+
+    python tools/bench_memory.py --config configs/examples/mid-gpt2.yaml --steps 4 \\
+        teacher.deepspeed.bf16.enabled=false students.0.deepspeed.bf16.enabled=false
+    python tools/bench_memory.py --arm plain:distill.fused_linear=false \\
+        --arm "nogate:distill.fused_linear=true distill.benefit_gate=false" ...
+    codistill-bench-memory ...   (the same, as a console command)
+
+One process per arm (no launcher: what a rank of a multi-rank run holds differs by its share of
+ZeRO's partitions, which ``codistill-estimate --world-size N`` counts). The arms' overrides come
+after the config and before the shared ones given at the end, which every arm gets. On a GPU the
+resident set is host memory; use the step log's peak there.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import json
+import os
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+from .. import cli
+from ..config import load_config
+from ..errors import ConfigError, RunFailed
+
+BETWEEN = "between phases"
+AT_REST = "at rest after the step"
+MMAP_THRESHOLD = "glibc.malloc.mmap_threshold=1048576"
+DEFAULT_ARMS = ("plain:distill.fused_linear=false", "fused:distill.fused_linear=true")
+GB = 1e9
+
+
+def rss_bytes() -> int:
+    """This process's resident set now (Linux)."""
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _malloc_trim() -> Callable[[], None]:
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        raise ConfigError("--trim needs glibc's malloc_trim (Linux with glibc); run with --no-trim") from None
+    return lambda: trim(0)
+
+
+class PhaseMemory:
+    """The highest resident set per (step, phase), sampled on a thread every ``interval`` seconds and at
+    every phase boundary. ``reader`` returns the bytes to record (default :func:`rss_bytes`); ``trim``
+    is called at every boundary (e.g. glibc's ``malloc_trim``) before the boundary's reading."""
+
+    def __init__(self, interval: float = 0.002, trim: Optional[Callable[[], None]] = None,
+                 reader: Callable[[], int] = rss_bytes):
+        self.interval, self.trim, self.reader = interval, trim, reader
+        self.step = 0
+        self.peaks: dict[int, dict[str, int]] = {}
+        self._stack: list[str] = []
+        self._label = BETWEEN
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    @property
+    def label(self) -> str:
+        return self._label
+
+    def record(self, label: Optional[str] = None) -> int:
+        """Read the resident set and keep it as the current phase's (or ``label``'s) highest if it is."""
+        value = self.reader()
+        with self._lock:
+            phases = self.peaks.setdefault(self.step, {})
+            key = self._label if label is None else label
+            if value > phases.get(key, -1):
+                phases[key] = value
+        return value
+
+    def _boundary(self) -> None:
+        if self.trim is not None:
+            self.trim()
+        self.record()
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Everything inside is recorded as phase ``name`` (nested: ``outer > name``)."""
+        self._boundary()  # the phase before ends here
+        self._stack.append(name)
+        self._label = " > ".join(self._stack)
+        self._boundary()
+        try:
+            yield
+        finally:
+            self._boundary()
+            self._stack.pop()
+            self._label = " > ".join(self._stack) if self._stack else BETWEEN
+            self._boundary()
+
+    def wrap(self, owner: Any, attribute: str, name: str) -> None:
+        """Make every call of ``owner.attribute`` a phase ``name`` (an instance or module attribute)."""
+        original = getattr(owner, attribute)
+
+        def wrapped(*args, **kwargs):
+            with self.phase(name):
+                return original(*args, **kwargs)
+
+        setattr(owner, attribute, wrapped)
+
+    def at_rest(self) -> int:
+        """The resident set between steps, after a garbage collection (and the trim): what stays."""
+        gc.collect()
+        if self.trim is not None:
+            self.trim()
+        return self.record(AT_REST)
+
+    def __enter__(self) -> "PhaseMemory":
+        def sample() -> None:
+            while not self._stop.wait(self.interval):
+                self.record()
+
+        self._thread = threading.Thread(target=sample, name="phase-memory", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+def instrument(trainer, memory: PhaseMemory) -> None:
+    """Name the calls a training step makes as phases of ``memory`` (see the module doc)."""
+    from .. import trainer as trainer_module
+
+    for member in [trainer.teacher, *trainer.students]:
+        if member is None or getattr(member, "engine", None) is None:
+            continue
+        for method, what in (("forward", "forward"), ("backward", "backward"), ("step", "optimizer step")):
+            memory.wrap(member.engine, method, f"{member.name} {what}")
+    measure = trainer._measure_benefit
+
+    def measured(index, *args, **kwargs):
+        with memory.phase(f"{trainer.students[index].name} benefit gate"):
+            return measure(index, *args, **kwargs)
+
+    trainer._measure_benefit = measured
+    memory.wrap(trainer, "_panels", "panels")
+    memory.wrap(trainer_module, "fused_linear_losses", "fused loss pass")
+    memory.wrap(trainer_module, "distill_loss", "loss")
+
+
+def run_arm(args: argparse.Namespace) -> dict:
+    """One arm in this process: the trainer, ``--steps`` instrumented steps, the figures."""
+    from .. import trainer as trainer_module
+    from ..memory import estimate
+    from ..trainer import Trainer
+
+    originals = (trainer_module.fused_linear_losses, trainer_module.distill_loss)
+    cfg = cli.run_config(args, [f"output_dir={args.arm_output}", "overwrite=true"])
+    trainer = Trainer(cfg)
+    if trainer.world.size != 1:
+        raise ConfigError("codistill-bench-memory runs each arm as one process; start it with python, not a launcher")
+    memory = PhaseMemory(args.interval_ms / 1e3, _malloc_trim() if args.trim else None)
+    try:
+        instrument(trainer, memory)
+        rest = []
+        with memory:
+            for step in range(args.steps):
+                memory.step = step + 1
+                memory.record()
+                start = time.perf_counter()
+                trainer.train_step(step)
+                rest.append(memory.at_rest())
+                print(f"  step {step + 1}: {time.perf_counter() - start:.1f} s", flush=True)
+    finally:
+        trainer_module.fused_linear_losses, trainer_module.distill_loss = originals
+    est = estimate(cfg, 1, "cpu")
+    return {"peaks": {str(k): v for k, v in memory.peaks.items()}, "at_rest": rest,
+            "fused_linear": bool(trainer.fused), "estimate_step_peak": est.step_peak(),
+            "estimate_fused": est.fused, "trimmed": args.trim}
+
+
+def parse_arms(given: Optional[list[str]]) -> dict[str, list[str]]:
+    """``NAME:key=value [key=value ...]`` per --arm -> {name: overrides}."""
+    arms: dict[str, list[str]] = {}
+    for text in given or DEFAULT_ARMS:
+        name, sep, rest = text.partition(":")
+        name = name.strip()
+        if not sep or not name or not name.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(f"--arm {text!r}: expected NAME:key=value [key=value ...] with a name of letters, "
+                              "digits, - and _, e.g. plain:distill.fused_linear=false")
+        if name in arms:
+            raise ConfigError(f"--arm {name}: given twice")
+        overrides = rest.split()
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"--arm {name}: {bad[0]!r} is not key=value")
+        arms[name] = overrides
+    return arms
+
+
+def table(results: dict[str, dict], skip: int) -> list[str]:
+    """The report's lines: each step's peak and where it is; each phase's highest after ``skip`` steps."""
+    lines = ["peak resident set per step (GB), and the phase it is in:"]
+    for name, res in results.items():
+        steps = sorted(int(k) for k in res["peaks"])
+        row = []
+        for step in steps:
+            phases = {k: v for k, v in res["peaks"][str(step)].items() if k != AT_REST}
+            top = max(phases, key=phases.get)
+            row.append(f"{step}: {phases[top] / GB:.2f} ({top})")
+        lines.append(f"  {name:<10} " + "; ".join(row))
+        lines.append(f"  {'':<10} at rest after each step: " + ", ".join(f"{v / GB:.2f}" for v in res["at_rest"]))
+    names = list(results)
+    steady = {n: [s for s in sorted(int(k) for k in results[n]["peaks"]) if s > skip] for n in names}
+    if not all(steady.values()):
+        lines.append(f"(no step after --skip {skip}: no steady-state table)")
+        return lines
+    lines.append(f"highest per phase over steps {skip + 1}-{max(max(v) for v in steady.values())} (GB):")
+    order: list[str] = []  # the phases in the order a step meets them, each arm's new ones after their predecessor
+    for n in names:
+        for s in steady[n]:
+            before = None
+            for p in results[n]["peaks"][str(s)]:
+                if p not in order:
+                    order.insert(order.index(before) + 1 if before in order else len(order), p)
+                before = p
+    order.sort(key=lambda p: p == AT_REST)  # last
+    width = max(len(p) for p in order + ["estimate's step peak"])
+    lines.append(f"  {'phase':<{width}} " + " ".join(f"{n:>10}" for n in names))
+    best = {}
+    for phase in order:
+        cells = []
+        for n in names:
+            values = [results[n]["peaks"][str(s)].get(phase) for s in steady[n]]
+            values = [v for v in values if v is not None]
+            cells.append(f"{max(values) / GB:10.2f}" if values else f"{'-':>10}")
+            if values and phase != AT_REST:
+                best[n] = max(best.get(n, 0), max(values))
+        lines.append(f"  {phase:<{width}} " + " ".join(cells))
+    lines.append(f"  {'step peak':<{width}} " + " ".join(f"{best.get(n, 0) / GB:10.2f}" for n in names))
+    lines.append(f"  {'estimate' + chr(39) + 's step peak':<{width}} "
+                 + " ".join(f"{results[n]['estimate_step_peak'] / GB:10.2f}" for n in names))
+    lines.append("  (fused path taken: " + ", ".join(f"{n} {'yes' if results[n]['fused_linear'] else 'no'}"
+                                                   for n in names) + ")")
+    return lines
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.parser_for("codistill-bench-memory", __doc__)
+    parser.add_argument("--arm", action="append", metavar="NAME:OVERRIDES",
+                        help="an arm and its overrides (repeatable; default: plain:distill.fused_linear=false "
+                             "and fused:distill.fused_linear=true)")
+    parser.add_argument("--steps", type=cli.positive_int, default=4, help="optimizer steps per arm (default 4)")
+    parser.add_argument("--skip", type=cli.int_at_least(0), default=2,
+                        help="steps left out of the per-phase table (default 2: ZeRO-3's trace recording)")
+    parser.add_argument("--interval-ms", type=float, default=2.0, help="sampling interval (default 2 ms)")
+    parser.add_argument("--trim", action=argparse.BooleanOptionalAction, default=True,
+                        help="1 MB mmap threshold and malloc_trim at phase boundaries (default on)")
+    parser.add_argument("--out", help="also write the figures as JSON here")
+    parser.add_argument("--arm-output", help=argparse.SUPPRESS)  # set by the parent for an arm's process
+    parser.add_argument("--arm-result", help=argparse.SUPPRESS)
+    return parser
+
+
+def body(args: argparse.Namespace) -> int:
+    if not args.interval_ms > 0:
+        raise ConfigError(f"--interval-ms: expected a positive number of milliseconds, got {args.interval_ms}")
+    if args.arm_result:  # one arm, in its own process
+        Path(args.arm_result).write_text(json.dumps(run_arm(args)) + "\n")
+        return 0
+    arms = parse_arms(args.arm)
+    for name, overrides in arms.items():  # every arm's config is valid before any runs (one line if not)
+        try:
+            load_config(args.config, [*overrides, *args.overrides])
+        except ConfigError as exc:
+            raise ConfigError(f"--arm {name}: {exc}") from None
+    results: dict[str, dict] = {}
+    env = dict(os.environ)
+    if args.trim:
+        env["GLIBC_TUNABLES"] = ":".join(t for t in (env.get("GLIBC_TUNABLES"), MMAP_THRESHOLD) if t)
+    with tempfile.TemporaryDirectory(prefix="codistill-bench-memory-") as tmp:
+        for name, overrides in arms.items():
+            print(f"arm {name}: {' '.join(overrides) or '(the config as it is)'}", flush=True)
+            result = Path(tmp) / f"{name}.json"
+            cmd = [*cli.module_command("codistill.commands.bench_memory"),
+                   *(["--config", args.config] if args.config else []), "--steps", str(args.steps),
+                   "--interval-ms", str(args.interval_ms), "--trim" if args.trim else "--no-trim",
+                   "--arm-output", str(Path(tmp) / name), "--arm-result", str(result), *overrides, *args.overrides]
+            proc = subprocess.run(cmd, env=env)
+            if proc.returncode != 0 or not result.exists():
+                raise RunFailed(f"arm {name} failed with exit code {proc.returncode} (its output is above)")
+            results[name] = json.loads(result.read_text())
+    print("\n".join(table(results, args.skip)))
+    if args.out:
+        Path(args.out).write_text(json.dumps({"config": args.config or "configs/tiny.yaml", "steps": args.steps,
+                                              "skip": args.skip, "trim": args.trim, "arms": arms,
+                                              "overrides": args.overrides, "results": results}, indent=2) + "\n")
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    return cli.run("bench_memory", build_parser(), body, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
