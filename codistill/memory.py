@@ -5,8 +5,8 @@ The estimate needs no weights and no process group: every model is built on the
 sequence is traced on ``meta`` to sum what autograd saves for backward. From that,
 per rank and per model:
 
-- **parameters**, **gradients**, **optimizer states** (fp32 master copy under bf16/fp16
-  plus Adam's two moments) under the model's ZeRO stage: stage ≥ 1 shards the optimizer
+- **parameters**, **gradients**, **optimizer states** (an fp32 master copy under bf16/fp16 or
+  any ZeRO stage, plus Adam's two moments) under the model's ZeRO stage: stage ≥ 1 shards the optimizer
   states, ≥ 2 the gradients, 3 the parameters, across the world; an ``offload_*`` section
   moves them to host memory (shown apart);
 - **activations** of one micro-batch (the traced bytes × micro_batch_size) and its
@@ -448,7 +448,9 @@ def _model_memory(spec: ModelSpec, hf_config, ds: dict, trainable: bool, world: 
     if stage == 3:  # measured on 2 CPU ranks: a ZeRO-3 backward peaks two bucket copies above the bucket
         m.reducing = 2 * m.buckets
     kind = str((ds.get("optimizer") or {}).get("type", "adamw")).lower()
-    per_param = 4 * _OPTIMIZER_STATES.get(kind, 2) + (4 if half else 0)  # fp32 moments (+ master copy)
+    # fp32 moments + an fp32 master copy of the weights: under bf16/fp16, and under every ZeRO stage even for an
+    # fp32 model (DeepSpeed's ZeRO optimizers copy the flat partition; checked: no storage shared at stages 1-3).
+    per_param = 4 * _OPTIMIZER_STATES.get(kind, 2) + (4 if half or stage >= 1 else 0)
     m.optimizer = per_param * n // (world if stage >= 1 else 1)
     m.step_temp = 4 * _OPTIMIZER_STATES.get(kind, 2) * n // (world if stage >= 1 else 1)  # one fp32 per state
     if (zero.get("offload_optimizer") or {}).get("device", "none") in ("cpu", "nvme"):

@@ -83,6 +83,7 @@ def test_both_default_arms_report_every_phase_of_their_path(tmp_path):
     report = json.loads(out.read_text())
     plain, fused = report["results"]["plain"], report["results"]["fused"]
     assert not plain["fused_linear"] and fused["fused_linear"] and plain["trimmed"]
+    assert 0.3e9 < plain["estimate_step_peak"] < 3e9  # measured in the parent, not in an arm that already trained
     for res in (plain, fused):
         assert sorted(res["peaks"]) == ["1", "2"] and len(res["at_rest"]) == 2
         phases = res["peaks"]["2"]

@@ -176,7 +176,6 @@ def instrument(trainer, memory: PhaseMemory) -> None:
 def run_arm(args: argparse.Namespace) -> dict:
     """One arm in this process: the trainer, ``--steps`` instrumented steps, the figures."""
     from .. import trainer as trainer_module
-    from ..memory import estimate
     from ..trainer import Trainer
 
     originals = (trainer_module.fused_linear_losses, trainer_module.distill_loss)
@@ -198,10 +197,8 @@ def run_arm(args: argparse.Namespace) -> dict:
                 print(f"  step {step + 1}: {time.perf_counter() - start:.1f} s", flush=True)
     finally:
         trainer_module.fused_linear_losses, trainer_module.distill_loss = originals
-    est = estimate(cfg, 1, "cpu")
     return {"peaks": {str(k): v for k, v in memory.peaks.items()}, "at_rest": rest,
-            "fused_linear": bool(trainer.fused), "estimate_step_peak": est.step_peak(),
-            "estimate_fused": est.fused, "trimmed": args.trim}
+            "fused_linear": bool(trainer.fused), "trimmed": args.trim}
 
 
 def parse_arms(given: Optional[list[str]]) -> dict[str, list[str]]:
@@ -293,12 +290,17 @@ def body(args: argparse.Namespace) -> int:
     if args.arm_result:  # one arm, in its own process
         Path(args.arm_result).write_text(json.dumps(run_arm(args)) + "\n")
         return 0
+    from ..memory import estimate
+
     arms = parse_arms(args.arm)
+    estimates = {}
     for name, overrides in arms.items():  # every arm's config is valid before any runs (one line if not)
         try:
-            load_config(args.config, [*overrides, *args.overrides])
+            cfg = load_config(args.config, [*overrides, *args.overrides])
         except ConfigError as exc:
             raise ConfigError(f"--arm {name}: {exc}") from None
+        # Here, not in the arm's process: the estimate's runtime term is measured in the process it runs in.
+        estimates[name] = estimate(cfg, 1, "cpu")
     results: dict[str, dict] = {}
     env = dict(os.environ)
     if args.trim:
@@ -315,6 +317,7 @@ def body(args: argparse.Namespace) -> int:
             if proc.returncode != 0 or not result.exists():
                 raise RunFailed(f"arm {name} failed with exit code {proc.returncode} (its output is above)")
             results[name] = json.loads(result.read_text())
+            results[name].update(estimate_step_peak=estimates[name].step_peak(), estimate_fused=estimates[name].fused)
     print("\n".join(table(results, args.skip)))
     if args.out:
         Path(args.out).write_text(json.dumps({"config": args.config or "configs/tiny.yaml", "steps": args.steps,
