@@ -92,3 +92,21 @@ def test_both_default_arms_report_every_phase_of_their_path(tmp_path):
             assert phases[name] > 50e6, name  # a Python process with torch holds far more than 50 MB
     assert "loss" in plain["peaks"]["2"] and "fused loss pass" not in plain["peaks"]["2"]
     assert "fused loss pass" in fused["peaks"]["2"] and "student benefit gate > fused loss pass" in fused["peaks"]["2"]
+
+
+def test_a_timeline_keeps_one_phase_over_time_in_tenths():
+    from codistill.commands.bench_memory import tenths
+
+    level = {"now": 1}
+    memory = PhaseMemory(reader=lambda: level["now"], timeline="backward")
+    memory.step = 3
+    with memory.phase("forward"):
+        level["now"] = 9
+        memory.record()
+    with memory.phase("backward"):
+        for value in (2, 5, 3):
+            level["now"] = value
+            memory.record()
+    assert [v for _, v in memory.timeline[3]] == [9, 2, 5, 3, 3]  # from its entry (the level the forward left) to its exit
+    assert tenths([(0.0, 1), (0.55, 7), (1.0, 4)]) == [1, 1, 1, 1, 1, 7, 7, 7, 7, 4]
+    assert tenths([]) == []

@@ -53,7 +53,7 @@ BETWEEN = "between phases"
 AT_REST = "at rest after the step"
 MMAP_THRESHOLD = "glibc.malloc.mmap_threshold=1048576"
 DEFAULT_ARMS = ("plain:distill.fused_linear=false", "fused:distill.fused_linear=true")
-GB = 1e9
+GB = 2**30  # as everywhere in codistill (codistill-estimate, the step log)
 
 
 def rss_bytes() -> int:
@@ -76,10 +76,12 @@ class PhaseMemory:
     is called at every boundary (e.g. glibc's ``malloc_trim``) before the boundary's reading."""
 
     def __init__(self, interval: float = 0.002, trim: Optional[Callable[[], None]] = None,
-                 reader: Callable[[], int] = rss_bytes):
+                 reader: Callable[[], int] = rss_bytes, timeline: Optional[str] = None):
         self.interval, self.trim, self.reader = interval, trim, reader
         self.step = 0
         self.peaks: dict[int, dict[str, int]] = {}
+        self.timeline_phase = timeline  # every reading in this phase is also kept, with its time
+        self.timeline: dict[int, list[tuple[float, int]]] = {}
         self._stack: list[str] = []
         self._label = BETWEEN
         self._lock = threading.Lock()
@@ -98,6 +100,8 @@ class PhaseMemory:
             key = self._label if label is None else label
             if value > phases.get(key, -1):
                 phases[key] = value
+            if key == self.timeline_phase:
+                self.timeline.setdefault(self.step, []).append((time.perf_counter(), value))
         return value
 
     def _boundary(self) -> None:
@@ -183,7 +187,7 @@ def run_arm(args: argparse.Namespace) -> dict:
     trainer = Trainer(cfg)
     if trainer.world.size != 1:
         raise ConfigError("codistill-bench-memory runs each arm as one process; start it with python, not a launcher")
-    memory = PhaseMemory(args.interval_ms / 1e3, _malloc_trim() if args.trim else None)
+    memory = PhaseMemory(args.interval_ms / 1e3, _malloc_trim() if args.trim else None, timeline=args.timeline)
     try:
         instrument(trainer, memory)
         rest = []
@@ -198,7 +202,24 @@ def run_arm(args: argparse.Namespace) -> dict:
     finally:
         trainer_module.fused_linear_losses, trainer_module.distill_loss = originals
     return {"peaks": {str(k): v for k, v in memory.peaks.items()}, "at_rest": rest,
+            "timeline": {str(k): tenths(v) for k, v in memory.timeline.items()},
             "fused_linear": bool(trainer.fused), "trimmed": args.trim}
+
+
+def tenths(samples: list[tuple[float, int]]) -> list[int]:
+    """The highest reading in each tenth of the time from the first sample to the last (a phase met several
+    times in a step spans from its first entry to its last exit)."""
+    if not samples:
+        return []
+    start, end = samples[0][0], samples[-1][0]
+    span = max(end - start, 1e-9)
+    out = [0] * 10
+    for t, value in samples:
+        k = min(9, int(10 * (t - start) / span))
+        out[k] = max(out[k], value)
+    for k in range(1, 10):  # a tenth without a reading holds what the one before it ended at
+        out[k] = out[k] or out[k - 1]
+    return out
 
 
 def parse_arms(given: Optional[list[str]]) -> dict[str, list[str]]:
@@ -262,6 +283,13 @@ def table(results: dict[str, dict], skip: int) -> list[str]:
     lines.append(f"  {'step peak':<{width}} " + " ".join(f"{best.get(n, 0) / GB:10.2f}" for n in names))
     lines.append(f"  {'estimate' + chr(39) + 's step peak':<{width}} "
                  + " ".join(f"{results[n]['estimate_step_peak'] / GB:10.2f}" for n in names))
+    timed = [n for n in names if results[n].get("timeline")]
+    if timed:
+        phase = results[timed[0]].get("timeline_phase", "the phase")
+        lines.append(f"'{phase}' over its duration, highest per tenth of it (GB), step by step:")
+        for n in timed:
+            for step, row in sorted(results[n]["timeline"].items(), key=lambda kv: int(kv[0])):
+                lines.append(f"  {n:<10} step {step}: " + " ".join(f"{v / GB:.2f}" for v in row))
     lines.append("  (fused path taken: " + ", ".join(f"{n} {'yes' if results[n]['fused_linear'] else 'no'}"
                                                    for n in names) + ")")
     return lines
@@ -278,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--interval-ms", type=float, default=2.0, help="sampling interval (default 2 ms)")
     parser.add_argument("--trim", action=argparse.BooleanOptionalAction, default=True,
                         help="1 MB mmap threshold and malloc_trim at phase boundaries (default on)")
+    parser.add_argument("--timeline", metavar="PHASE",
+                        help="also report this phase's resident set over its duration, per tenth of it "
+                             "(e.g. 'teacher backward')")
     parser.add_argument("--out", help="also write the figures as JSON here")
     parser.add_argument("--arm-output", help=argparse.SUPPRESS)  # set by the parent for an arm's process
     parser.add_argument("--arm-result", help=argparse.SUPPRESS)
@@ -312,12 +343,14 @@ def body(args: argparse.Namespace) -> int:
             cmd = [*cli.module_command("codistill.commands.bench_memory"),
                    *(["--config", args.config] if args.config else []), "--steps", str(args.steps),
                    "--interval-ms", str(args.interval_ms), "--trim" if args.trim else "--no-trim",
+                   *(["--timeline", args.timeline] if args.timeline else []),
                    "--arm-output", str(Path(tmp) / name), "--arm-result", str(result), *overrides, *args.overrides]
             proc = subprocess.run(cmd, env=env)
             if proc.returncode != 0 or not result.exists():
                 raise RunFailed(f"arm {name} failed with exit code {proc.returncode} (its output is above)")
             results[name] = json.loads(result.read_text())
-            results[name].update(estimate_step_peak=estimates[name].step_peak(), estimate_fused=estimates[name].fused)
+            results[name].update(estimate_step_peak=estimates[name].step_peak(), estimate_fused=estimates[name].fused,
+                                 timeline_phase=args.timeline)
     print("\n".join(table(results, args.skip)))
     if args.out:
         Path(args.out).write_text(json.dumps({"config": args.config or "configs/tiny.yaml", "steps": args.steps,
