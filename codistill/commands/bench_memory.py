@@ -164,7 +164,8 @@ def instrument(trainer, memory: PhaseMemory) -> None:
         if member is None or getattr(member, "engine", None) is None:
             continue
         for method, what in (("forward", "forward"), ("backward", "backward"), ("step", "optimizer step")):
-            memory.wrap(member.engine, method, f"{member.name} {what}")
+            if callable(getattr(member.engine, method, None)):  # a frozen teacher's engine only runs forwards
+                memory.wrap(member.engine, method, f"{member.name} {what}")
     measure = trainer._measure_benefit
 
     def measured(index, *args, **kwargs):
