@@ -46,7 +46,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 from .. import cli
-from ..config import load_config
 from ..errors import ConfigError, RunFailed
 
 BETWEEN = "between phases"
@@ -57,9 +56,16 @@ GB = 2**30  # as everywhere in codistill (codistill-estimate, the step log)
 
 
 def rss_bytes() -> int:
-    """This process's resident set now (Linux)."""
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    """This process's resident set now (psutil, as bench_build reads it; DeepSpeed depends on it)."""
+    import psutil
+
+    global _PROCESS
+    if _PROCESS is None:
+        _PROCESS = psutil.Process()
+    return _PROCESS.memory_info().rss
+
+
+_PROCESS = None  # psutil's handle on this process, made once (the sampler reads it every few ms)
 
 
 def _malloc_trim() -> Callable[[], None]:
@@ -156,9 +162,12 @@ class PhaseMemory:
             self._thread.join()
 
 
-def instrument(trainer, memory: PhaseMemory) -> None:
-    """Name the calls a training step makes as phases of ``memory`` (see the module doc)."""
+def instrument(trainer, memory: PhaseMemory) -> Callable[[], None]:
+    """Name the calls a training step makes as phases of ``memory`` (see the module doc); returns what puts
+    back the module functions it wrapped (the trainer's own methods go with the trainer)."""
     from .. import trainer as trainer_module
+
+    originals = (trainer_module.fused_linear_losses, trainer_module.distill_loss)
 
     for member in [trainer.teacher, *trainer.students]:
         if member is None or getattr(member, "engine", None) is None:
@@ -177,20 +186,23 @@ def instrument(trainer, memory: PhaseMemory) -> None:
     memory.wrap(trainer_module, "fused_linear_losses", "fused loss pass")
     memory.wrap(trainer_module, "distill_loss", "loss")
 
+    def restore() -> None:
+        trainer_module.fused_linear_losses, trainer_module.distill_loss = originals
+
+    return restore
+
 
 def run_arm(args: argparse.Namespace) -> dict:
     """One arm in this process: the trainer, ``--steps`` instrumented steps, the figures."""
-    from .. import trainer as trainer_module
     from ..trainer import Trainer
 
-    originals = (trainer_module.fused_linear_losses, trainer_module.distill_loss)
     cfg = cli.run_config(args, [f"output_dir={args.arm_output}", "overwrite=true"])
     trainer = Trainer(cfg)
     if trainer.world.size != 1:
         raise ConfigError("codistill-bench-memory runs each arm as one process; start it with python, not a launcher")
     memory = PhaseMemory(args.interval_ms / 1e3, _malloc_trim() if args.trim else None, timeline=args.timeline)
+    restore = instrument(trainer, memory)
     try:
-        instrument(trainer, memory)
         rest = []
         with memory:
             for step in range(args.steps):
@@ -201,7 +213,7 @@ def run_arm(args: argparse.Namespace) -> dict:
                 rest.append(memory.at_rest())
                 print(f"  step {step + 1}: {time.perf_counter() - start:.1f} s", flush=True)
     finally:
-        trainer_module.fused_linear_losses, trainer_module.distill_loss = originals
+        restore()
     return {"peaks": {str(k): v for k, v in memory.peaks.items()}, "at_rest": rest,
             "timeline": {str(k): tenths(v) for k, v in memory.timeline.items()},
             "fused_linear": bool(trainer.fused), "trimmed": args.trim}
@@ -328,7 +340,7 @@ def body(args: argparse.Namespace) -> int:
     estimates = {}
     for name, overrides in arms.items():  # every arm's config is valid before any runs (one line if not)
         try:
-            cfg = load_config(args.config, [*overrides, *args.overrides])
+            cfg = cli.run_config(args, overrides)
         except ConfigError as exc:
             raise ConfigError(f"--arm {name}: {exc}") from None
         # Here, not in the arm's process: the estimate's runtime term is measured in the process it runs in.
