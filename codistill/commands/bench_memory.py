@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import functools
 import gc
 import json
 import os
@@ -55,17 +56,17 @@ DEFAULT_ARMS = ("plain:distill.fused_linear=false", "fused:distill.fused_linear=
 GB = 2**30  # as everywhere in codistill (codistill-estimate, the step log)
 
 
-def rss_bytes() -> int:
-    """This process's resident set now (psutil, as bench_build reads it; DeepSpeed depends on it)."""
+@functools.cache
+def _this_process():
+    """psutil's handle on this process, made once (the sampler reads it every few ms)."""
     import psutil
 
-    global _PROCESS
-    if _PROCESS is None:
-        _PROCESS = psutil.Process()
-    return _PROCESS.memory_info().rss
+    return psutil.Process()
 
 
-_PROCESS = None  # psutil's handle on this process, made once (the sampler reads it every few ms)
+def rss_bytes() -> int:
+    """This process's resident set now (psutil, as bench_build reads it; DeepSpeed depends on it)."""
+    return _this_process().memory_info().rss
 
 
 def _malloc_trim() -> Callable[[], None]:
