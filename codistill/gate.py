@@ -167,7 +167,8 @@ def hypergradient_terms(params: list[torch.nn.Parameter], alpha: float,
     dropout masks).
     At most two whole gradients are held (g_p, then g_0):
     ∇(T²·D) is folded into the products (as g_d = it − g_0) one parameter at a time as autograd produces it, and what
-    autograd collects in its place is a zero that holds no memory.
+    autograd collects in its place is a zero that holds no memory; with ranks, a bucket of about ``SLICE`` elements
+    of (g_0, g_d) in fp64 waits for one all-reduce.
     """
     g_p = torch.autograd.grad(probe_ce(), params, allow_unused=True)
     if separate:  # the random state goes back after this forward: the second draws its dropout masks again
@@ -181,9 +182,22 @@ def hypergradient_terms(params: list[torch.nn.Parameter], alpha: float,
         soft = losses(False, True)[1]
     # The products with g_d split by what they hold: Σ p·z, Σ z·z, Σ p·p now (z = g_0), Σ p·d, Σ z·d,
     # Σ d·d as ∇(T²·D) arrives (d = ∇(T²·D) − z); with ranks, ⟨Σz, Σd⟩, ‖Σd‖² and ‖Σz‖² of the ranks' summed gradients too.
-    # Each in fp64, a slice of a parameter at a time (no fp64 copy of a whole vocabulary-sized head).
+    # Each in fp64, a slice of a parameter at a time (no fp64 copy of a whole vocabulary-sized head). The ranks'
+    # sums go in buckets of about SLICE elements (one all-reduce for many small parameters), filled in the order
+    # autograd produces the gradients, which is the same on every rank.
     first: list[Optional[torch.Tensor]] = [None] * len(params)
-    later: list[Optional[torch.Tensor]] = [None]  # summed where the gradients are: one transfer at the end
+    later: list[Optional[torch.Tensor]] = [None, None]  # this rank's products, the summed gradients' products
+    bucket: list[torch.Tensor] = []  # [2, n] slices (z, d) waiting for the ranks' sum
+
+    def add(slot: int, products: torch.Tensor) -> None:
+        later[slot] = products if later[slot] is None else later[slot] + products
+
+    def flush() -> None:
+        if bucket:
+            both = torch.cat(bucket, dim=1)
+            bucket.clear()
+            sum_over_ranks(both)
+            add(1, torch.stack([(both[0] * both[1]).sum(), (both[1] * both[1]).sum(), (both[0] * both[0]).sum()]))
 
     for i, (p, z) in enumerate(zip(g_p, g_0)):
         if p is not None or z is not None:
@@ -191,16 +205,13 @@ def hypergradient_terms(params: list[torch.nn.Parameter], alpha: float,
             first[i] = torch.stack(rows).sum(0)
 
     def fold(i: int, g_soft: Optional[torch.Tensor]) -> None:
-        total = None
         for pc, zc, sc in _slices(g_p[i], g_0[i], g_soft):
             dc = sc - zc  # g_d = ∇(T²·D) − ∇CE
-            row = [(pc * dc).sum(), (zc * dc).sum(), (dc * dc).sum()]
+            add(0, torch.stack([(pc * dc).sum(), (zc * dc).sum(), (dc * dc).sum()]))
             if sum_over_ranks is not None:
-                both = torch.stack([zc, dc])
-                sum_over_ranks(both)
-                row += [(both[0] * both[1]).sum(), (both[1] * both[1]).sum(), (both[0] * both[0]).sum()]
-            total = torch.stack(row) if total is None else total + torch.stack(row)
-        later[0] = total if later[0] is None else later[0] + total
+                bucket.append(torch.stack([zc, dc]))
+                if sum(b.shape[1] for b in bucket) >= SLICE:
+                    flush()
 
     seen = set()
 
@@ -221,15 +232,17 @@ def hypergradient_terms(params: list[torch.nn.Parameter], alpha: float,
     for i in range(len(params)):  # parameters T²·D does not reach: g_d = −g_0 (in the same order on every rank)
         if i not in seen and first[i] is not None:
             fold(i, None)
+    if sum_over_ranks is not None:
+        flush()
     firsts = [f for f in first if f is not None]
     if not firsts or later[0] is None:
         return dict.fromkeys(TERMS + (SUMMED if sum_over_ranks else ()), 0.0)
     pz, zz, pp = torch.stack(firsts).sum(0).tolist()
-    pd, zd, dd, *ranks = later[0].tolist()
+    pd, zd, dd = later[0].tolist()
     out = {"probe_diff": pd, "probe_update": pz + alpha * pd, "update_diff": zd + alpha * dd,
            "update_sq": zz + 2 * alpha * zd + alpha * alpha * dd, "probe_sq": pp}
     if sum_over_ranks is not None:
-        zd_all, dd_all, zz_all = ranks
+        zd_all, dd_all, zz_all = later[1].tolist()
         out["update_diff_all"] = zd_all + alpha * dd_all
         out["update_sq_all"] = zz_all + 2 * alpha * zd_all + alpha * alpha * dd_all
     return out

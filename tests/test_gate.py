@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from codistill import gate
 from codistill.gate import (TERMS, BenefitState, hypergradient_terms, length_weight, signal, signal_parts, step_products,
                             update)
 from codistill.losses import SoftSpec, Targets, distill_loss
@@ -47,7 +48,7 @@ def _kl64(logits, teacher_logits, mask, temperature):
 
 
 @pytest.mark.parametrize("tied,temperature,alpha", [(False, 1.0, 0.3), (True, 2.0, 0.0), (False, 1.5, 0.8)])
-def test_signal_is_the_alpha_derivative_of_a_fixed_length_steps_progress(tied, temperature, alpha):
+def test_signal_is_the_alpha_derivative_of_a_fixed_length_steps_progress(tied, temperature, alpha, monkeypatch):
     """A step of fixed length η along the update g_α = ∇[(1−α)·CE + α·T²·KL] changes the probe CE by
     −η·cos(g_p, g_α)·‖g_p‖ to first order in η, so its derivative in α is −η·‖g_p‖·s: the gate's signal
     against a central finite difference of real normalised SGD steps, in float64."""
@@ -102,13 +103,18 @@ def test_signal_is_the_alpha_derivative_of_a_fixed_length_steps_progress(tied, t
     assert terms["update_diff"] == pytest.approx(sum(float((x * y).sum()) for x, y in zip(g_a, g_d)), rel=1e-10)
     assert terms["probe_diff"] == pytest.approx(sum(float((x * y).sum()) for x, y in zip(g_p, g_d)), rel=1e-10)
     # The ranks' summed products, with an all-reduce that stands for two ranks holding these same
-    # gradients (it doubles them), are those of the doubled gradients; every parameter is summed once.
-    calls = []
-    doubled = hypergradient_terms(params, alpha, losses, probe_ce, lambda t: calls.append(t.shape) or t.mul_(2))
-    assert len(calls) == len(params)
-    assert doubled["update_diff_all"] == pytest.approx(4 * terms["update_diff"], rel=1e-10)
-    assert doubled["update_sq_all"] == pytest.approx(4 * terms["update_sq"], rel=1e-10)
-    assert {k: doubled[k] for k in TERMS} == pytest.approx(terms, rel=1e-12)
+    # gradients (it doubles them), are those of the doubled gradients; every element is summed once, all in
+    # one all-reduce while they fit a bucket, in several when they do not (the same products either way).
+    elements = sum(p.numel() for p in params)
+    for bucket in (gate.SLICE, 40):
+        monkeypatch.setattr(gate, "SLICE", bucket)
+        calls = []
+        doubled = hypergradient_terms(params, alpha, losses, probe_ce, lambda t: calls.append(t.shape) or t.mul_(2))
+        assert sum(shape[1] for shape in calls) == elements and all(shape[0] == 2 for shape in calls)
+        assert (len(calls) == 1) if bucket > elements else (len(calls) > 2)
+        assert doubled["update_diff_all"] == pytest.approx(4 * terms["update_diff"], rel=1e-10)
+        assert doubled["update_sq_all"] == pytest.approx(4 * terms["update_sq"], rel=1e-10)
+        assert {k: doubled[k] for k in TERMS} == pytest.approx(terms, rel=1e-12)
     # ZeRO-3's way (each graph differentiated once, one forward per gradient) gives the same products.
     assert hypergradient_terms(params, alpha, losses, probe_ce, separate=True) == pytest.approx(terms, rel=1e-12)
 
