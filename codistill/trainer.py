@@ -328,9 +328,9 @@ class Trainer:
                          probes: Optional[Probes] = None) -> None:
         """:meth:`micro_step` from final hidden states (``distill.fused_linear``): every model's forward stops
         before its LM head, one chunked pass (codistill/fused.py) gives the teacher's CE and every student's
-        blended loss with their gradients, then each model back-propagates its own loss. No model's
-        [N x V] logits exist; the teacher's head does not change before every student has used it (the
-        steps wait for the micro-step's end)."""
+        blended loss with their gradients, then each model back-propagates its own loss (the students first).
+        No model's [N x V] logits exist; the teacher's head does not change before every student has used it
+        (the steps wait for the micro-step's end)."""
         active = [i for i, plan in enumerate(plans) if plan.active]
         if not active and not self.teacher.trainable:  # a frozen teacher with nobody to teach
             return
@@ -340,25 +340,48 @@ class Trainer:
         hidden = {i: forward_hidden(self.students[i], batch) for i in active}
         measuring = [i for i in active if plans[i].measure and probes is not None]
         stepped = []
-        # ZeRO-3: every head whole from the pass to the last backward (the forwards ran before).
-        with heads_gathered(self.teacher, *(self.students[i] for i in active)):
-            teacher = Head(teacher_hidden, *lm_head(self.teacher))
-            heads = {i: Head(hidden.pop(i), *lm_head(self.students[i])) for i in active}
-            terms = [StudentTerm(heads[i], plans[i].spec, plans[i].temperature, self._top_k(i)) for i in active]
-            with torch.set_grad_enabled(True):
-                teacher_parts, student_parts = fused_linear_losses(teacher, terms, labels, mask, self.vocab,
-                                                                   self.cfg.distill.chunk_tokens)
-            del terms
-            # What the panels and the gate read of the teacher: its head as it is now (it steps last); a copy
-            # under ZeRO-3, taken before its backward (a tied head is partitioned again by the embedding's
-            # backward hook, gathered or not) and kept after this block.
-            copy = (lambda t: t.detach().clone()) if self.teacher.engine.zero_optimization_stage() == 3 else \
-                (lambda t: t.detach())
-            frozen_teacher = Head(teacher.hidden.detach(), copy(teacher.weight),
-                                  None if teacher.bias is None else copy(teacher.bias)) \
-                if panels is not None or measuring else None
-            if not self._finite(self.teacher, teacher_parts.loss):
-                return
+        # ZeRO-3: every head whole from the pass to its model's backward (the forwards ran before). The students
+        # back-propagate first: the teacher's backward, the step's largest, then runs without their activations,
+        # handed-over gradients or gathered heads (the order of the backwards changes no number: each model's
+        # gradients were computed in the pass, and the optimizer steps wait for the micro-step's end).
+        with heads_gathered(self.teacher):
+            with heads_gathered(*(self.students[i] for i in active)):
+                teacher = Head(teacher_hidden, *lm_head(self.teacher))
+                heads = {i: Head(hidden.pop(i), *lm_head(self.students[i])) for i in active}
+                terms = [StudentTerm(heads[i], plans[i].spec, plans[i].temperature, self._top_k(i)) for i in active]
+                with torch.set_grad_enabled(True):
+                    teacher_parts, student_parts = fused_linear_losses(teacher, terms, labels, mask, self.vocab,
+                                                                       self.cfg.distill.chunk_tokens)
+                del terms
+                # What the panels and the gate read of the teacher: its head as it is now (it steps last); a copy
+                # under ZeRO-3, taken before its backward (a tied head is partitioned again by the embedding's
+                # backward hook, gathered or not) and kept after this block.
+                copy = (lambda t: t.detach().clone()) if self.teacher.engine.zero_optimization_stage() == 3 else \
+                    (lambda t: t.detach())
+                frozen_teacher = Head(teacher.hidden.detach(), copy(teacher.weight),
+                                      None if teacher.bias is None else copy(teacher.bias)) \
+                    if panels is not None or measuring else None
+                if not self._finite(self.teacher, teacher_parts.loss):
+                    return
+                targets: dict[int, Targets] = {}
+                shared: dict[tuple, Targets] = {}
+                for i in (active if panels is not None else measuring):
+                    key = (self._top_k(i), plans[i].temperature)
+                    if key not in shared:
+                        shared[key] = self._targets(self.distill[i], HeadLogits(frozen_teacher, self.vocab),
+                                                    teacher_parts.token_ce, plans[i].temperature, teacher_parts.lse)
+                    targets[i] = shared[key]
+                for i, parts in zip(active, student_parts):
+                    student = self.students[i]
+                    if panels is not None:
+                        self._panels(panels, i, HeadLogits(heads[i], self.vocab), batch, targets[i], plans[i],
+                                     HeadLogits(frozen_teacher, self.vocab))
+                    if not self._finite(student, parts.loss):
+                        continue
+                    student.engine.backward(parts.loss)
+                    heads[i] = None  # its activations go with its graph
+                    stepped.append((i, parts))
+                del heads
             if self.teacher.trainable:
                 self.teacher.engine.backward(teacher_parts.loss)
                 self._step(self.teacher)
@@ -366,24 +389,6 @@ class Trainer:
             _add(sums, f"{self.teacher.name}/train/loss", ce)
             _add(sums, f"{self.teacher.name}/train/loss_ce", ce)
             del teacher
-            targets: dict[int, Targets] = {}
-            shared: dict[tuple, Targets] = {}
-            for i in (active if panels is not None else measuring):
-                key = (self._top_k(i), plans[i].temperature)
-                if key not in shared:
-                    shared[key] = self._targets(self.distill[i], HeadLogits(frozen_teacher, self.vocab),
-                                                teacher_parts.token_ce, plans[i].temperature, teacher_parts.lse)
-                targets[i] = shared[key]
-            for i, parts in zip(active, student_parts):
-                student = self.students[i]
-                if panels is not None:
-                    self._panels(panels, i, HeadLogits(heads[i], self.vocab), batch, targets[i], plans[i],
-                                 HeadLogits(frozen_teacher, self.vocab))
-                if not self._finite(student, parts.loss):
-                    continue
-                student.engine.backward(parts.loss)
-                heads[i] = None  # its activations go with its graph
-                stepped.append((i, parts))
         for i, parts in stepped:
             if i in measuring:  # before the student's step, outside the block: the gate runs the student's forward
                 self._measure_benefit(i, batch, targets[i], plans[i], probes, sums, frozen_teacher)
