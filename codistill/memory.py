@@ -150,6 +150,10 @@ class Estimate:
             fused = {**{f"{m.name} activations": m.activations * scale for m in self.models}, **hidden,
                      **{f"{m.name} head gradient (fused pass)": self.head_gradient(m) for m in self.models},
                      "fused pass working set": kd,
+                     # ZeRO-3: every head whole from the pass to its model's backward (engines.heads_gathered),
+                     # beside its partition; the teacher's through its own backward, the step's largest
+                     "heads gathered for the pass (ZeRO-3)": sum(m.head * m.dtype_bytes for m in self.models
+                                                                 if m.stage == 3),
                      "gathered parameters (ZeRO-3)": max((m.gathered for m in self.models), default=0),
                      "gradient reduction (ZeRO-3)": max((m.reducing for m in self.models), default=0)}
             student_side = [fused]

@@ -190,6 +190,10 @@ def test_fused_linear_drops_every_logits_term_and_counts_the_head_gradients_and_
         assert m.head == 4096 * (64 if m.name == "teacher" else 32)
         assert terms[f"{m.name} head gradient (fused pass)"] == 4 * m.head
         assert terms[f"{m.name} activations"] == m.activations * 4 / fused.micro_batch_size
+    assert terms["heads gathered for the pass (ZeRO-3)"] == 0  # below ZeRO-3 a head is whole anyway
+    zero3 = estimate(load_config(MICRO, ["distill.fused_linear=true", "teacher.deepspeed.zero_optimization.stage=3"]), 2)
+    assert zero3._phase_terms(4)[1][0]["heads gathered for the pass (ZeRO-3)"] == sum(
+        m.head * m.dtype_bytes for m in zero3.models if m.stage == 3) == 4096 * 64 * 4  # the teacher's alone
     rows = min(4 * fused.seq_len, fused.fused_rows)
     assert terms["fused pass working set"] == (3 * rows + LOSS_TEMPORARIES * min(4 * fused.seq_len, fused.chunk_rows)) * 4096 * 4
     # auto, from a 32k vocabulary: only where the step's peak is lower (many tokens per head row), below ZeRO-3
