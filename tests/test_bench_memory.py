@@ -110,3 +110,43 @@ def test_a_timeline_keeps_one_phase_over_time_in_tenths():
     assert [v for _, v in memory.timeline[3]] == [9, 2, 5, 3, 3]  # from its entry (the level the forward left) to its exit
     assert tenths([(0.0, 1), (0.55, 7), (1.0, 4)]) == [1, 1, 1, 1, 1, 7, 7, 7, 7, 4]
     assert tenths([]) == []
+
+
+def test_a_timeline_also_reads_the_gathered_parameters_and_zero3s_reader_counts_only_whole_ones():
+    """Beside each timeline reading the bytes ZeRO-3 holds gathered (none outside the phase); the reader sums
+    the parameters that are available or being fetched, at their dtype's size, and is None below ZeRO-3."""
+    from types import SimpleNamespace
+
+    import torch
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    from codistill.commands.bench_memory import zero3_gathered
+
+    level = {"now": 1, "gathered": 0}
+    memory = PhaseMemory(reader=lambda: level["now"], timeline="backward", gathered=lambda: level["gathered"])
+    memory.step = 1
+    with memory.phase("forward"):
+        level["gathered"] = 100
+        memory.record()
+    with memory.phase("backward"):
+        for value in (40, 10):
+            level["gathered"] = value
+            memory.record()
+    assert [v for _, v in memory.gathered_timeline[1]] == [100, 40, 10, 10]
+    assert [t for t, _ in memory.gathered_timeline[1]] == [t for t, _ in memory.timeline[1]]
+
+    def param(numel, status, dtype=torch.float32):
+        p = torch.nn.Parameter(torch.empty(0, dtype=dtype))
+        p.ds_numel, p.ds_status = numel, status
+        return p
+
+    module = torch.nn.Module()
+    module.a = param(10, ZeroParamStatus.AVAILABLE)
+    module.b = param(20, ZeroParamStatus.NOT_AVAILABLE)
+    module.c = param(30, ZeroParamStatus.INFLIGHT, torch.bfloat16)
+    engine = lambda stage: SimpleNamespace(zero_optimization_stage=lambda: stage, module=module)  # noqa: E731
+    trainer = SimpleNamespace(members=[SimpleNamespace(engine=engine(3))])
+    assert zero3_gathered(trainer)() == 10 * 4 + 30 * 2
+    module.b.ds_status = ZeroParamStatus.AVAILABLE
+    assert zero3_gathered(trainer)() == 10 * 4 + 20 * 4 + 30 * 2
+    assert zero3_gathered(SimpleNamespace(members=[SimpleNamespace(engine=engine(2))])) is None

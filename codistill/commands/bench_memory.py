@@ -18,6 +18,9 @@ the resident set after ``gc.collect()`` (and the trim): what stays between steps
 The report: every step's peak and the phase it is in, and for the steps after ``--skip`` (ZeRO-3
 records its prefetch trace over the first steps, the fused path's again at its second) each phase's
 highest value, side by side across arms, with the memory estimate's step peak of each arm's config.
+With ``--timeline PHASE``, also that phase's resident set over its duration (the highest per tenth of it),
+and where a model is at ZeRO-3 the bytes of its parameters gathered whole over the same tenths (beside
+their partitions: what ZeRO-3's fetching holds at that point of the phase).
 
     python tools/bench_memory.py --config configs/examples/mid-gpt2.yaml --steps 4 \\
         teacher.deepspeed.bf16.enabled=false students.0.deepspeed.bf16.enabled=false
@@ -83,12 +86,15 @@ class PhaseMemory:
     is called at every boundary (e.g. glibc's ``malloc_trim``) before the boundary's reading."""
 
     def __init__(self, interval: float = 0.002, trim: Optional[Callable[[], None]] = None,
-                 reader: Callable[[], int] = rss_bytes, timeline: Optional[str] = None):
+                 reader: Callable[[], int] = rss_bytes, timeline: Optional[str] = None,
+                 gathered: Optional[Callable[[], int]] = None):
         self.interval, self.trim, self.reader = interval, trim, reader
         self.step = 0
         self.peaks: dict[int, dict[str, int]] = {}
         self.timeline_phase = timeline  # every reading in this phase is also kept, with its time
         self.timeline: dict[int, list[tuple[float, int]]] = {}
+        self.gathered = gathered  # with a timeline: bytes of parameters ZeRO-3 holds gathered, read beside each reading
+        self.gathered_timeline: dict[int, list[tuple[float, int]]] = {}
         self._stack: list[str] = []
         self._label = BETWEEN
         self._lock = threading.Lock()
@@ -108,7 +114,10 @@ class PhaseMemory:
             if value > phases.get(key, -1):
                 phases[key] = value
             if key == self.timeline_phase:
-                self.timeline.setdefault(self.step, []).append((time.perf_counter(), value))
+                now = time.perf_counter()
+                self.timeline.setdefault(self.step, []).append((now, value))
+                if self.gathered is not None:
+                    self.gathered_timeline.setdefault(self.step, []).append((now, self.gathered()))
         return value
 
     def _boundary(self) -> None:
@@ -163,6 +172,20 @@ class PhaseMemory:
             self._thread.join()
 
 
+def zero3_gathered(trainer) -> Optional[Callable[[], int]]:
+    """A reader of the bytes of every model's ZeRO-3 parameters that are gathered whole now (available or
+    being fetched), beside their partitions; None when no model is at ZeRO-3."""
+    params = [p for m in trainer.members if m.engine.zero_optimization_stage() == 3
+              for p in m.engine.module.parameters() if hasattr(p, "ds_status")]
+    if not params:
+        return None
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    whole = (ZeroParamStatus.AVAILABLE, ZeroParamStatus.INFLIGHT)
+    sized = [(p, p.ds_numel * p.element_size()) for p in params]
+    return lambda: sum(size for p, size in sized if p.ds_status in whole)
+
+
 def instrument(trainer, memory: PhaseMemory) -> Callable[[], None]:
     """Name the calls a training step makes as phases of ``memory`` (see the module doc); returns what puts
     back the module functions it wrapped (the trainer's own methods go with the trainer)."""
@@ -201,7 +224,8 @@ def run_arm(args: argparse.Namespace) -> dict:
     trainer = Trainer(cfg)
     if trainer.world.size != 1:
         raise ConfigError("codistill-bench-memory runs each arm as one process; start it with python, not a launcher")
-    memory = PhaseMemory(args.interval_ms / 1e3, _malloc_trim() if args.trim else None, timeline=args.timeline)
+    memory = PhaseMemory(args.interval_ms / 1e3, _malloc_trim() if args.trim else None, timeline=args.timeline,
+                         gathered=zero3_gathered(trainer) if args.timeline else None)
     restore = instrument(trainer, memory)
     try:
         rest = []
@@ -217,6 +241,7 @@ def run_arm(args: argparse.Namespace) -> dict:
         restore()
     return {"peaks": {str(k): v for k, v in memory.peaks.items()}, "at_rest": rest,
             "timeline": {str(k): tenths(v) for k, v in memory.timeline.items()},
+            "gathered_timeline": {str(k): tenths(v) for k, v in memory.gathered_timeline.items()},
             "fused_linear": bool(trainer.fused), "trimmed": args.trim}
 
 
@@ -304,6 +329,12 @@ def table(results: dict[str, dict], skip: int) -> list[str]:
         for n in timed:
             for step, row in sorted(results[n]["timeline"].items(), key=lambda kv: int(kv[0])):
                 lines.append(f"  {n:<10} step {step}: " + " ".join(f"{v / GB:.2f}" for v in row))
+        gathered = [n for n in timed if results[n].get("gathered_timeline")]
+        if gathered:
+            lines.append(f"ZeRO-3 parameters gathered whole during '{phase}', highest per tenth of it (GB):")
+            for n in gathered:
+                for step, row in sorted(results[n]["gathered_timeline"].items(), key=lambda kv: int(kv[0])):
+                    lines.append(f"  {n:<10} step {step}: " + " ".join(f"{v / GB:.2f}" for v in row))
     lines.append("  (fused path taken: " + ", ".join(f"{n} {'yes' if results[n]['fused_linear'] else 'no'}"
                                                    for n in names) + ")")
     return lines
@@ -322,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="1 MB mmap threshold and malloc_trim at phase boundaries (default on)")
     parser.add_argument("--timeline", metavar="PHASE",
                         help="also report this phase's resident set over its duration, per tenth of it "
-                             "(e.g. 'teacher backward')")
+                             "(e.g. 'teacher backward'), and at ZeRO-3 the parameters gathered whole then")
     parser.add_argument("--out", help="also write the figures as JSON here")
     parser.add_argument("--arm-output", help=argparse.SUPPRESS)  # set by the parent for an arm's process
     parser.add_argument("--arm-result", help=argparse.SUPPRESS)
