@@ -325,15 +325,14 @@ def table(results: dict[str, dict], skip: int) -> list[str]:
     timed = [n for n in names if results[n].get("timeline")]
     if timed:
         phase = results[timed[0]].get("timeline_phase", "the phase")
-        lines.append(f"'{phase}' over its duration, highest per tenth of it (GB), step by step:")
-        for n in timed:
-            for step, row in sorted(results[n]["timeline"].items(), key=lambda kv: int(kv[0])):
-                lines.append(f"  {n:<10} step {step}: " + " ".join(f"{v / GB:.2f}" for v in row))
-        gathered = [n for n in timed if results[n].get("gathered_timeline")]
-        if gathered:
-            lines.append(f"ZeRO-3 parameters gathered whole during '{phase}', highest per tenth of it (GB):")
-            for n in gathered:
-                for step, row in sorted(results[n]["gathered_timeline"].items(), key=lambda kv: int(kv[0])):
+        for key, title in (("timeline", f"'{phase}' over its duration, highest per tenth of it (GB), step by step:"),
+                           ("gathered_timeline", f"ZeRO-3 parameters gathered whole during '{phase}', highest per "
+                                                 "tenth of it (GB):")):
+            shown = [n for n in timed if results[n].get(key)]
+            if shown:
+                lines.append(title)
+            for n in shown:
+                for step, row in sorted(results[n][key].items(), key=lambda kv: int(kv[0])):
                     lines.append(f"  {n:<10} step {step}: " + " ".join(f"{v / GB:.2f}" for v in row))
     lines.append("  (fused path taken: " + ", ".join(f"{n} {'yes' if results[n]['fused_linear'] else 'no'}"
                                                    for n in names) + ")")
