@@ -167,7 +167,7 @@ def hypergradient_terms(params: list[torch.nn.Parameter], alpha: float,
     dropout masks).
     At most two whole gradients are held (g_p, then g_0):
     ∇(T²·D) is folded into the products (as g_d = it − g_0) one parameter at a time as autograd produces it, and what
-    autograd collects in its place is a zero that holds no memory; with ranks, a bucket of about ``SLICE`` elements
+    autograd collects in its place is a zero that holds no memory; with ranks, a bucket of at most ``SLICE`` elements
     of (g_0, g_d) in fp64 waits for one all-reduce.
     """
     g_p = torch.autograd.grad(probe_ce(), params, allow_unused=True)
@@ -183,7 +183,7 @@ def hypergradient_terms(params: list[torch.nn.Parameter], alpha: float,
     # The products with g_d split by what they hold: Σ p·z, Σ z·z, Σ p·p now (z = g_0), Σ p·d, Σ z·d,
     # Σ d·d as ∇(T²·D) arrives (d = ∇(T²·D) − z); with ranks, ⟨Σz, Σd⟩, ‖Σd‖² and ‖Σz‖² of the ranks' summed gradients too.
     # Each in fp64, a slice of a parameter at a time (no fp64 copy of a whole vocabulary-sized head). The ranks'
-    # sums go in buckets of about SLICE elements (one all-reduce for many small parameters), filled in the order
+    # sums go in buckets of at most SLICE elements (one all-reduce for many small parameters), filled in the order
     # autograd produces the gradients, which is the same on every rank.
     first: list[Optional[torch.Tensor]] = [None] * len(params)
     later: list[Optional[torch.Tensor]] = [None, None]  # this rank's products, the summed gradients' products
@@ -209,9 +209,9 @@ def hypergradient_terms(params: list[torch.nn.Parameter], alpha: float,
             dc = sc - zc  # g_d = ∇(T²·D) − ∇CE
             add(0, torch.stack([(pc * dc).sum(), (zc * dc).sum(), (dc * dc).sum()]))
             if sum_over_ranks is not None:
+                if bucket and sum(b.shape[1] for b in bucket) + dc.numel() > SLICE:
+                    flush()  # a bucket holds at most SLICE elements of each, as one slice did
                 bucket.append(torch.stack([zc, dc]))
-                if sum(b.shape[1] for b in bucket) >= SLICE:
-                    flush()
 
     seen = set()
 
