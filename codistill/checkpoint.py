@@ -35,6 +35,7 @@ from typing import Callable, Iterable, Iterator, Optional
 import numpy as np
 import torch
 
+from . import accelerator  # noqa: F401  (first: sets DS_ACCELERATOR before anything imports deepspeed)
 from .config import ConfigError, check_name
 from .distributed import disk_barrier, disk_group
 from .errors import StorageFailed

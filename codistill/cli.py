@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .config import RunConfig, load_config
-from .distributed import env_rank, free_port, shutdown
 from .errors import (EXIT_FAILED, EXIT_INPUT, EXIT_LOST_RANK, EXIT_NONFINITE, EXIT_STORAGE, ConfigError, NonFinite,
                      RunFailed, StorageFailed)
 
@@ -76,9 +75,11 @@ def run_config(args: argparse.Namespace, before: tuple[str, ...] | list[str] = (
 def run(prog: str, parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], Optional[int]],
         argv: Optional[list[str]] = None) -> int:
     """Parse ``argv`` (default: the command line), run ``body`` and map failures to exit codes."""
-    import torch.distributed as dist
-
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    import torch.distributed as dist  # after parsing: `--help` and bad arguments need no torch
+
+    from .distributed import shutdown
+
     ours = not (dist.is_available() and dist.is_initialized())  # a caller's process group is left alone
     try:
         code = _outcome(prog, args, body)
@@ -137,6 +138,8 @@ _DISK_REFUSED = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # outside a checkpoin
 def _fail(prog: str, message: object, code: int, debug: bool, every_rank: bool = False,
           error: Optional[BaseException] = None) -> int:
     """One line on stderr (rank 0, or every rank when the ranks disagree), or the traceback with --debug."""
+    from .distributed import env_rank
+
     error = error if error is not None else message
     if debug and isinstance(error, BaseException):
         raise error
@@ -158,6 +161,8 @@ def lost_contact(exc: RuntimeError) -> bool:
 def module_command(module: str, nproc: int = 1) -> list[str]:
     """The command line that runs ``python -m module`` on ``nproc`` local ranks (torchrun with
     a free port for more than one), for tools that start training runs of their own."""
+    from .distributed import free_port
+
     if nproc == 1:
         return [sys.executable, "-m", module]
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",

@@ -15,6 +15,8 @@ from datetime import timedelta
 
 import torch
 
+from . import accelerator  # noqa: F401  (first: sets DS_ACCELERATOR before anything imports deepspeed)
+
 _RENDEZVOUS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")
 _MPI_MARKERS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
 

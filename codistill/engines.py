@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 import torch
 
+from . import accelerator  # noqa: F401  (first: sets DS_ACCELERATOR before anything imports deepspeed)
 from .config import ConfigError, ModelSpec, RunConfig, TrainConfig, load_deepspeed_config
 from .models import build_model, enable_checkpointing
 

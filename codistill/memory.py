@@ -32,6 +32,7 @@ from typing import Iterator, Optional
 
 import torch
 
+from . import accelerator  # noqa: F401  (first: sets DS_ACCELERATOR before anything imports deepspeed)
 from .config import ConfigError, ModelSpec, RunConfig
 from .data import run_tokenizer
 from .engines import deepspeed_configs, half_precision, is_trainable, loaded_models, zero_stage

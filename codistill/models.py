@@ -15,6 +15,7 @@ from typing import Iterator, Optional
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
 
+from . import accelerator  # noqa: F401  (first: sets DS_ACCELERATOR before anything imports deepspeed)
 from .config import ConfigError, ModelSpec
 from .data import load_tokenizer, pretrained_tokenizer_dir, tokenizer_fingerprint
 

@@ -92,3 +92,33 @@ def test_two_runs_from_one_python_process(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script, str(MICRO), str(tmp_path)], capture_output=True, text=True,
                           timeout=300)
     assert proc.stdout.strip().splitlines()[-1] == "[0, 0]", proc.stderr[-3000:]
+
+
+# Every command but bench_step (which still imports torch at the top), by module.
+COMMANDS = ["train", "export_hf", "estimate_memory", "compare", "bench_memory", "bench_build", "bench_loss",
+            "cache_teacher_logits", "soft_cache_quality", "generate_hard_labels", "prepare_corpus"]
+
+
+def test_importing_the_shell_imports_no_torch():
+    """The shell is imported by every command before it parses its arguments: torch (seconds to import)
+    waits until a command's body runs."""
+    import subprocess
+    import sys
+
+    code = "import codistill.cli, sys; assert 'torch' not in sys.modules, 'codistill.cli imported torch'"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_commands_help_imports_no_torch(command):
+    """`python -m codistill.commands.X --help` prints its usage without importing torch, DeepSpeed,
+    transformers or datasets (read from the interpreter's own import log, -X importtime)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", f"codistill.commands.{command}", "--help"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: codistill-"), proc.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert not imported & {"torch", "deepspeed", "transformers", "datasets"}, sorted(imported)

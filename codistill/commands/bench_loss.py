@@ -37,16 +37,19 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
-
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING, Optional, get_args
 
 from .. import cli
-from ..fused import Head, StudentTerm, fused_linear_losses
-from ..losses import DIVERGENCES, SoftSpec, Targets, distill_loss, topk_targets
+from ..config import DistillConfig
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..losses import Targets
 
 SAMPLE_ROWS = 32
+# The config's names (losses.DIVERGENCES), read without importing the losses, and torch with them, for a --help.
+DIVERGENCES = get_args(DistillConfig.model_fields["divergence"].annotation)
 
 
 def peak_rss_bytes() -> int:
@@ -57,6 +60,9 @@ def reference_loss(student: torch.Tensor, teacher: torch.Tensor, div: str, beta:
                    top_k: Optional[int] = None) -> torch.Tensor:
     """The naive soft loss: whole-tensor fp32 softmaxes, autograd does the rest; with ``top_k``, both
     distributions coarsened to the teacher's top-k tokens + one tail bucket first."""
+    import torch
+    import torch.nn.functional as F
+
     log_q = F.log_softmax(student / temp, dim=-1)
     log_p = F.log_softmax(teacher / temp, dim=-1)
     if top_k:
@@ -83,11 +89,17 @@ def reference_loss(student: torch.Tensor, teacher: torch.Tensor, div: str, beta:
 
 def targets_of(teacher: torch.Tensor, temp: float, top_k: Optional[int]) -> Targets:
     """The chunked path's soft targets: the teacher's logits, or its top-k + tail (computed here, timed)."""
+    from ..losses import Targets, topk_targets
+
     return topk_targets(teacher, top_k, temp) if top_k else Targets(temperature=temp, logits=teacher)
 
 
 def worker(variant: str, tokens: int, vocab: int, div: str, beta: float, temp: float, repeats: int, out: Path,
            top_k: Optional[int] = None) -> None:
+    import torch
+
+    from ..losses import SoftSpec, distill_loss
+
     torch.manual_seed(0)
     student = (torch.randn(tokens, vocab) * 2).requires_grad_(True)
     teacher = torch.randn(tokens, vocab) * 2
@@ -123,6 +135,11 @@ def linear_worker(variant: str, tokens: int, hidden: int, vocab: int, div: str, 
     """One variant from hidden states and heads: the student's h and W train, the teacher's are fixed.
     On a GPU the memory is the peak allocated above the inputs; in bf16 the plain path's logits are
     bf16 and its softmaxes fp32 (as a model's loss upcasts them), the fused path's chunks fp32."""
+    import torch
+
+    from ..fused import Head, StudentTerm, fused_linear_losses
+    from ..losses import SoftSpec
+
     torch.manual_seed(0)
     on, kind = torch.device(device), {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     scale = 2.0 / math.sqrt(hidden)  # logits of about the same spread as the logits rows (sd 2)
@@ -209,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def body(args: argparse.Namespace) -> int:
+    import torch
+
     if args.worker:
         variant, shape, file = args.worker
         dims = [int(x) for x in shape.split("x")]
@@ -290,6 +309,8 @@ def available_bytes(device: str = "cpu") -> int:
     """Memory a new process could take now: the GPU's free memory, or the kernel's MemAvailable (0 where
     unknown)."""
     if device == "cuda":
+        import torch
+
         return torch.cuda.mem_get_info()[0]
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():

@@ -20,19 +20,21 @@ import argparse
 from pathlib import Path
 from typing import Optional
 
-import torch
-from tqdm.auto import tqdm
-
-from .. import cache, cli, distributed
+from .. import cli
 from ..config import ConfigError
-from ..data import build_splits, check_data_source, run_tokenizer, tokenizer_fingerprint
-from ..engines import build_engine, quiet_library_noise, resolve_deepspeed_config
-from ..files import file_entry
-from ..losses import distill_loss, next_token_targets, topk_targets
-from ..models import check_model, model_config
 
 
 def body(args: argparse.Namespace) -> None:
+    import torch
+    from tqdm.auto import tqdm
+
+    from .. import cache, distributed
+    from ..data import build_splits, check_data_source, run_tokenizer, tokenizer_fingerprint
+    from ..engines import build_engine, quiet_library_noise, resolve_deepspeed_config
+    from ..files import file_entry
+    from ..losses import distill_loss, next_token_targets, topk_targets
+    from ..models import check_model, model_config
+
     quiet_library_noise()
     cfg = cli.run_config(args)
     if not cfg.teacher.pretrained:

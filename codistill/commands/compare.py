@@ -46,9 +46,7 @@ from typing import Any, Optional
 
 from .. import cli
 from ..config import ConfigError, ModelSpec, apply_override, check_name, load_deepspeed_config, validate
-from ..data import BUILTIN_VOCAB, CORPORA, data_files
 from ..errors import RunFailed
-from ..metrics import read_scalars
 
 ARMS = {
     "alone": "(a) student alone",
@@ -163,6 +161,8 @@ def run_training(name: str, tree: dict[str, Any], nproc: int, log_file: Path) ->
 
 def eval_curve(run_dir: Path, model: str) -> dict[int, float]:
     """step -> validation loss of ``model``, from the run's TensorBoard events."""
+    from ..metrics import read_scalars
+
     tag = f"{model}/eval/loss"
     curve = read_scalars(run_dir).get(tag)
     if curve is None:
@@ -288,13 +288,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--paired-only", action="store_true",
                         help="run only the paired run ((a), (b), (e) and the variants): no (c), no (d)")
     parser.add_argument("--datasets", nargs="+", metavar="CORPUS",
-                        help="run every arm and seed on each of these corpora (built-in names: "
-                             f"{', '.join(CORPORA)}; or files/folders, each with a 4,096-token BPE trained on it "
-                             "unless data.tokenizer is set) and write one table across them")
+                        help="run every arm and seed on each of these corpora (built-in ones by name, as "
+                             "codistill-prepare-corpus --help lists them; or files/folders, each with a 4,096-token "
+                             "BPE trained on it unless data.tokenizer is set) and write one table across them")
     return parser
 
 
 def body(args: argparse.Namespace) -> int:
+    from ..data import BUILTIN_VOCAB, CORPORA, data_files
+
     if args.handicap <= 0:
         raise ConfigError(f"--handicap={args.handicap}: expected a positive learning-rate factor")
     if args.datasets:  # "--datasets a b key=value": argparse hands the overrides after it to --datasets
@@ -353,6 +355,8 @@ def body(args: argparse.Namespace) -> int:
 
 def corpus_label(dataset: str) -> str:
     """A folder name for a corpus: its name, or its file's or folder's name."""
+    from ..data import CORPORA
+
     if dataset in CORPORA:
         return dataset
     path = Path(dataset).expanduser()

