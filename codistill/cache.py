@@ -147,13 +147,13 @@ class TeacherCache:
     def check_ready(folder: Path) -> dict[str, Any]:
         """The metadata of a finished cache in ``folder``; a one-line ConfigError if it is not one."""
         if not folder.is_dir():
-            raise ConfigError(f"teacher.cache: {folder} does not exist; make it with tools/cache_teacher_logits.py")
+            raise ConfigError(f"teacher.cache: {folder} does not exist; make it with tools/cache_logits.py")
         meta = read_meta(folder)
         if not isinstance(meta, dict):
             raise ConfigError(f"teacher.cache: {folder} is not a teacher cache (no {META}); make one with "
-                              "tools/cache_teacher_logits.py")
+                              "tools/cache_logits.py")
         if not meta.get("complete"):
-            raise ConfigError(f"teacher.cache: {folder} is incomplete; run tools/cache_teacher_logits.py again "
+            raise ConfigError(f"teacher.cache: {folder} is incomplete; run tools/cache_logits.py again "
                               "to finish it")
         return meta
 
@@ -171,7 +171,7 @@ class TeacherCache:
         parts = [str(part_path(folder, c)) for c in range(chunks)]
         problem = _check_parts(folder, meta, [Path(p) for p in parts])
         if problem:
-            raise ConfigError(f"teacher.cache: {problem}; remake it with tools/cache_teacher_logits.py")
+            raise ConfigError(f"teacher.cache: {problem}; remake it with tools/cache_logits.py")
         rows = datasets.load_dataset("parquet", data_files=parts, split="train")
         if len(rows) != meta["blocks"]:
             raise ConfigError(f"teacher.cache: {folder} holds {len(rows)} blocks, its metadata says {meta['blocks']}")

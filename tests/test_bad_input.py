@@ -4,7 +4,7 @@ engine exists, with no process group left behind, and leaves the user's files al
 One table: each case makes its inputs in a fresh folder (a data file, a pretrained folder, an
 output_dir holding something) and gives the command-line arguments. Every case runs the real
 entry point in this process and must end with exit code 2, exactly one stderr line
-``codistill: error: ...`` holding the expected text, no engine built (a bad data file is found
+``codistill-train: error: ...`` holding the expected text, no engine built (a bad data file is found
 once the process group exists: ranks read data together), no process group left, every file that was
 there before unchanged, and nothing written into the run's output_dir.
 """
@@ -281,7 +281,7 @@ def test_bad_input(capsys, monkeypatch, tmp_path, tokenizer, make, expected):
     code = entry.main(["--config", config, f"output_dir={tmp_path / 'out'}", *overrides])
     err = capsys.readouterr().err.strip()
     assert code == 2, err
-    assert len(err.splitlines()) == 1 and err.startswith("codistill: error: "), err
+    assert len(err.splitlines()) == 1 and err.startswith("codistill-train: error: "), err
     assert expected.format(tmp=tmp_path) in err
     assert not engines
     assert torch.distributed.is_initialized() == grouped  # none left behind
@@ -298,7 +298,7 @@ def test_the_table_covers_at_least_forty_cases():
 def test_the_user_sees_one_line_and_no_traceback_and_debug_shows_it(tmp_path):
     proc = launch("train.max_stepz=1", how="python", ok=False)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["codistill: error: " + f"{MICRO}: unknown config key 'train.max_stepz'"]
+    assert proc.stderr.strip().splitlines() == ["codistill-train: error: " + f"{MICRO}: unknown config key 'train.max_stepz'"]
     proc = launch("--debug", "train.max_stepz=1", how="python", ok=False)
     assert proc.returncode != 0 and "Traceback" in proc.stderr
 
@@ -316,6 +316,6 @@ def test_folders_on_a_read_only_disk(capsys, tmp_path):
             capsys.readouterr()
             code = entry.main(["--config", str(MICRO), f"output_dir={tmp_path / 'out'}", f"{key}={disk / 'x'}"])
             err = capsys.readouterr().err.strip()
-            assert code == 2 and err == f"codistill: error: {key}: cannot write in {disk / 'x'} (Read-only file system)"
+            assert code == 2 and err == f"codistill-train: error: {key}: cannot write in {disk / 'x'} (Read-only file system)"
     finally:
         subprocess.run(["umount", str(disk)])

@@ -37,7 +37,7 @@ def overrides(corpus, teacher, out):
 
 def make_cache(corpus, teacher, out, *extra):
     return launch("--shard-blocks", "16", *overrides(corpus, teacher, out), *extra, how="python",
-                  script="tools/cache_teacher_logits.py")
+                  script="tools/cache_logits.py")
 
 
 @pytest.fixture(scope="module")
@@ -122,5 +122,5 @@ def test_an_interrupted_cache_run_resumes_to_the_same_cache(cached, corpus, pret
         b = datasets.Dataset.from_parquet(str(part_path(partial, chunk))).to_dict()
         assert a == b, chunk
     proc = launch("--shard-blocks", "16", *overrides(corpus, pretrained_teacher, partial), "distill.top_k=8",
-                  how="python", script="tools/cache_teacher_logits.py", ok=False)
+                  how="python", script="tools/cache_logits.py", ok=False)
     assert proc.returncode == 2 and "made with other settings (k: 16 here, 8 asked)" in proc.stderr

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from codistill.commands.generate_hard_labels import clean_reply, stop_ids
+from codistill.commands.generate import clean_reply, stop_ids
 from codistill.config import ConfigError, DataConfig, load_config
 from codistill.data import build_splits, render_prompt, resolve_tokenizer, run_tokenizer, turn_end
 
@@ -79,7 +79,7 @@ def generated(tmp_path_factory, chat_tokenizer):
     out = root / "generated"
     proc = launch("--out", str(out), "--prompts", str(prompts), "--greedy", "--max-new-tokens", "6",
                   "--batch-size", "1", f"teacher.pretrained={teacher}", "teacher.config={}",
-                  f"data.tokenizer={teacher}", how="python", script="tools/generate_hard_labels.py")
+                  f"data.tokenizer={teacher}", how="python", script="tools/generate.py")
     return dict(root=root, teacher=teacher, out=out, proc=proc)
 
 
@@ -93,7 +93,7 @@ def test_the_end_of_turn_marker_is_read_from_the_template(chat_tokenizer, tokeni
 
 
 def test_the_template_is_used_for_a_prompts_file_and_for_cut_prompts_only_when_asked(chat_tokenizer, tokenizer):
-    from codistill.commands.generate_hard_labels import use_chat_template
+    from codistill.commands.generate import use_chat_template
 
     assert use_chat_template(None, chat_tokenizer, from_file=True)
     assert not use_chat_template(None, chat_tokenizer, from_file=False)
@@ -151,10 +151,10 @@ def test_bad_chat_input_gets_one_line(generated, tmp_path, tokenizer):
         prompts = tmp_path / "p.jsonl"
         prompts.write_text(prompts_text)
         proc = launch("--out", str(tmp_path / "o"), "--prompts", str(prompts), *common, *extra, *args, how="python",
-                      script="tools/generate_hard_labels.py", ok=False)
+                      script="tools/generate.py", ok=False)
         assert proc.returncode == 2, proc.stderr[-2000:]
         lines = proc.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("generate_hard_labels: error: "), lines
+        assert len(lines) == 1 and lines[0].startswith("codistill-generate: error: "), lines
         return lines[0]
 
     assert "prompt 1 is" in fails(json.dumps({"prompt": "word " * 70}) + "\n")
@@ -181,7 +181,7 @@ def test_every_reply_empty_is_an_error_not_an_empty_dataset(tmp_path, chat_token
     proc = launch("--out", str(tmp_path / "o"), "--prompts", str(prompts), "--greedy", "--max-new-tokens", "4",
                   f"teacher.pretrained={teacher}",
                   "teacher.config={}", f"data.tokenizer={teacher}", how="python",
-                  script="tools/generate_hard_labels.py", ok=False)
+                  script="tools/generate.py", ok=False)
     assert proc.returncode == 2 and "every reply of the teacher was empty" in proc.stderr
 
 

@@ -62,7 +62,7 @@ def test_a_failed_subprocess_run_names_itself_and_its_log(tmp_path):
     with pytest.raises(RunFailed, match=r"'python -m codistill.commands.train --config /nonexistent.yaml ...' "
                                         rf"failed with exit code 2; see {log}"):
         cli.run_module("codistill.commands.train", ["--config", "/nonexistent.yaml"], log_file=log)
-    assert "codistill: error: config file /nonexistent.yaml does not exist" in log.read_text()
+    assert "codistill-train: error: config file /nonexistent.yaml does not exist" in log.read_text()
 
 
 def test_a_command_line_that_made_a_process_group_ends_at_once_with_its_code(tmp_path):
@@ -95,8 +95,8 @@ def test_two_runs_from_one_python_process(tmp_path):
 
 
 # Every command but bench_step (which still imports torch at the top), by module.
-COMMANDS = ["train", "export_hf", "estimate_memory", "compare", "bench_memory", "bench_build", "bench_loss",
-            "cache_teacher_logits", "soft_cache_quality", "generate_hard_labels", "prepare_corpus"]
+COMMANDS = ["train", "export", "estimate", "compare", "bench_memory", "bench_build", "bench_loss", "cache_logits",
+            "cache_quality", "generate", "prepare_corpus"]
 
 
 def test_importing_the_shell_imports_no_torch():

@@ -98,7 +98,7 @@ def test_a_variant_with_a_bad_key_or_value_is_refused_before_any_run(tmp_path, o
 def test_compare_refuses_a_config_that_is_not_co_distillation(tmp_path):
     proc = run_cmd([sys.executable, "tools/compare.py", "--config", "configs/hard.yaml",
                     "--output-dir", str(tmp_path)])
-    assert proc.returncode == 2 and "compare: error: mode=hard" in proc.stderr
+    assert proc.returncode == 2 and "codistill-compare: error: mode=hard" in proc.stderr
 
 
 def test_a_corpus_that_does_not_exist_is_refused_before_any_run(tmp_path, capsys):

@@ -28,8 +28,8 @@ def test_generation_is_seeded_identical_on_one_and_two_ranks_and_trains(tmp_path
     args = ["--num-prompts", "6", "--prompt-tokens", "8", "--max-new-tokens", "6",
             "--batch-size", "2", "--seed", "3", "--top-p", "0.9", f"teacher.pretrained={pretrained_teacher}",
             "teacher.config={}"]
-    launch("--out", str(tmp_path / "one"), *args, how="python", script="tools/generate_hard_labels.py")
-    launch("--out", str(tmp_path / "two"), *args, script="tools/generate_hard_labels.py")
+    launch("--out", str(tmp_path / "one"), *args, how="python", script="tools/generate.py")
+    launch("--out", str(tmp_path / "two"), *args, script="tools/generate.py")
     a = datasets.load_dataset("parquet", data_files=sorted(str(p) for p in (tmp_path / "one").glob("part-*")))["train"]
     b = datasets.load_dataset("parquet", data_files=sorted(str(p) for p in (tmp_path / "two").glob("part-*")))["train"]
     assert len(a) == 6 and a.to_dict() == b.to_dict()

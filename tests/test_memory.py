@@ -71,7 +71,7 @@ def test_dry_run_prints_the_estimate_and_writes_nothing(tmp_path):
     assert re.search(r"teacher +\d+\.\d+ GB", proc.stdout) and "expected peak per rank" in proc.stdout
     assert "largest micro-batch in" in proc.stdout
     assert not out.exists()
-    tool = run_cmd([sys.executable, "tools/estimate_memory.py", "--config", str(MICRO), "--world-size", "0"])
+    tool = run_cmd([sys.executable, "tools/estimate.py", "--config", str(MICRO), "--world-size", "0"])
     assert tool.returncode == 2 and "world size 0" in tool.stderr
 
 
@@ -83,7 +83,7 @@ def test_the_estimate_is_within_25_percent_of_the_measured_peak_of_a_mid_size_ze
     out = tmp_path / "mid"
     launch(f"output_dir={out}", config=mid, timeout=600)
     measured = max(read_scalars(out)["perf/peak_memory_gb"].values())
-    tool = run_cmd([sys.executable, "tools/estimate_memory.py", "--config", str(mid), "--world-size", "2"])
+    tool = run_cmd([sys.executable, "tools/estimate.py", "--config", str(mid), "--world-size", "2"])
     assert tool.returncode == 0, tool.stderr[-2000:]
     estimated = float(re.search(r"expected peak per rank: ([\d.]+) GB", tool.stdout).group(1))
     assert abs(estimated - measured) <= 0.25 * measured, (estimated, measured, tool.stdout)

@@ -132,7 +132,7 @@ def test_corrupted_checkpoint_is_named_and_auto_resume_falls_back(tmp_path):
     explicit = launch(f"output_dir={out}", f"resume={newest}", "train.max_steps=6", how="python", ok=False)
     assert explicit.returncode == 2
     assert explicit.stderr.strip().splitlines()[-1] == (
-        f"codistill: error: resume: checkpoint file {victim} is corrupted (sha256 differs from the manifest)")
+        f"codistill-train: error: resume: checkpoint file {victim} is corrupted (sha256 differs from the manifest)")
     auto = launch(f"output_dir={out}", "resume=auto", "train.max_steps=6", how="python")
     assert f"skipping step_00000004: checkpoint file {victim} is corrupted" in auto.stderr
     assert "step_00000002 at step 2" in auto.stdout
@@ -149,7 +149,7 @@ def test_checkpoints_are_pruned_only_after_a_newer_one_is_complete(tmp_path):
 def test_resume_path_without_a_checkpoint_is_refused(tmp_path):
     proc = launch(f"output_dir={tmp_path / 'o'}", f"resume={tmp_path}", how="python", ok=False)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == f"codistill: error: resume: {tmp_path} is not a complete checkpoint (no manifest.json)"
+    assert proc.stderr.strip() == f"codistill-train: error: resume: {tmp_path} is not a complete checkpoint (no manifest.json)"
 
 
 def test_nan_loss_stops_with_a_checkpoint_of_the_last_good_state(tmp_path):
@@ -158,7 +158,7 @@ def test_nan_loss_stops_with_a_checkpoint_of_the_last_good_state(tmp_path):
                   config=None, ok=False)
     assert proc.returncode == 3, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("codistill: error: non-finite loss of student at step 4; saved the last good state to ")
+    assert last.startswith("codistill-train: error: non-finite loss of student at step 4; saved the last good state to ")
     assert last.endswith("step_00000003 (train.nonfinite=stop)")
     # Every model and the data cursor as they were after step 3: the checkpoint equals that of an
     # uninterrupted 3-step run (the teacher had not stepped for step 4 when the student's loss failed).
@@ -211,7 +211,7 @@ def test_a_dead_or_silent_rank_ends_the_job_through_the_trainers_own_handling(tm
             proc.wait()
     assert ranks[0].returncode == 4, err[-3000:]
     last = err.strip().splitlines()[-1]
-    assert last.startswith("codistill: error: rank 0: lost contact with another rank, ending the job ("), last
+    assert last.startswith("codistill-train: error: rank 0: lost contact with another rank, ending the job ("), last
     assert elapsed < timeout_s + 15, elapsed
 
 
@@ -292,7 +292,7 @@ def test_one_run_per_output_dir_and_a_stale_lock_is_taken_over(tmp_path):
         second = launch(f"output_dir={out}", "resume=auto", how="python", ok=False)
         assert second.returncode == 2, second.stderr[-2000:]
         assert second.stderr.strip().splitlines() == [
-            f"codistill: error: output_dir: {out.resolve()} is in use by another run (pid {first.pid} on "
+            f"codistill-train: error: output_dir: {out.resolve()} is in use by another run (pid {first.pid} on "
             f"{os.uname().nodename} since {json.loads((out / '.codistill.lock').read_text())['since']}); wait for it, "
             f"or remove {out.resolve() / '.codistill.lock'} if no run is using it"]
     finally:
@@ -326,9 +326,9 @@ def test_a_full_disk_during_a_save_ends_every_rank_with_one_line_and_keeps_the_e
     proc = launch(f"output_dir={out}", "checkpoint.interval=2", script="tests/helpers/full_disk.py", ok=False,
                   FULL_DISK_RANK="1", FULL_DISK_STEP="4")
     assert proc.returncode == 5, proc.stdout[-2000:] + proc.stderr[-2000:]
-    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "codistill: error" in line]
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "codistill-train: error" in line]
     assert len(errors) == 1 and "Traceback" not in proc.stderr and "lost contact" not in proc.stderr, errors
-    assert errors[0].startswith("codistill: error: checkpoint step_00000004: the disk is full (rank 1: No space left "
+    assert errors[0].startswith("codistill-train: error: checkpoint step_00000004: the disk is full (rank 1: No space left "
                                 "on device: ") and "the earlier ones are kept (newest: step_00000002)" in errors[0]
     needed = float(errors[0].split("it needs about ")[1].split(" MB")[0]) * 1e6
     stored = sum(f.stat().st_size for f in (root / "step_00000002").rglob("*.pt"))
@@ -351,7 +351,7 @@ def test_a_really_full_disk(tmp_path):
         proc = launch(f"output_dir={out}", "checkpoint.interval=2", "checkpoint.keep_last=0", how="python", ok=False)
         assert proc.returncode == 5 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         assert proc.stderr.strip().splitlines()[-1].startswith(
-            "codistill: error: checkpoint step_00000004: the disk is full (rank 0: No space left on device: ")
+            "codistill-train: error: checkpoint step_00000004: the disk is full (rank 0: No space left on device: ")
         assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002"]
     finally:
         subprocess.run(["umount", str(disk)])

@@ -117,7 +117,7 @@ def test_output_holds_resolved_config_and_final_checkpoints(run):
 def test_export_gives_hf_folders_whose_logits_equal_the_engines(run, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from codistill.commands import export_hf as export_tool
+    from codistill.commands import export as export_tool
 
     trainer = run["trainer"]
     proc_args = [str(trainer.output_dir), str(tmp_path / "hf")]

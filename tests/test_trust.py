@@ -50,17 +50,17 @@ def test_resume_refuses_a_checkpoint_file_that_would_run_code(saved, tmp_path, v
     proc = launch(f"output_dir={run}", "resume=auto", "train.max_steps=3", how="python", ok=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"codistill: error: checkpoint file {file} asks to load posix.system, which is not data DeepSpeed or "
+        f"codistill-train: error: checkpoint file {file} asks to load posix.system, which is not data DeepSpeed or "
         "codistill writes; refusing it (loading it could run code)")
     assert not marker.exists()
 
 
 def test_export_refuses_a_checkpoint_file_that_would_run_code(saved, tmp_path):
     run, file, marker = poisoned_copy(saved, tmp_path, "teacher/ds/mp_rank_00_model_states.pt")
-    proc = launch(str(run), str(tmp_path / "hf"), how="python", script="tools/export_hf.py", config=None, ok=False)
+    proc = launch(str(run), str(tmp_path / "hf"), how="python", script="tools/export.py", config=None, ok=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     line = proc.stderr.strip().splitlines()[-1]
-    assert line.startswith("export_hf: error: checkpoint file ") and "asks to load posix.system" in line
+    assert line.startswith("codistill-export: error: checkpoint file ") and "asks to load posix.system" in line
     assert not marker.exists()
 
 
@@ -69,7 +69,7 @@ def test_an_honest_checkpoint_still_resumes_and_exports(saved, tmp_path):
     shutil.copytree(saved, run)
     proc = launch(f"output_dir={run}", "resume=auto", "train.max_steps=3", how="python")
     assert "at step 2" in proc.stdout
-    launch(str(run), str(tmp_path / "hf"), how="python", script="tools/export_hf.py", config=None)
+    launch(str(run), str(tmp_path / "hf"), how="python", script="tools/export.py", config=None)
     assert (tmp_path / "hf" / "student" / "model.safetensors").exists()
 
 
@@ -85,9 +85,9 @@ def test_export_refuses_a_model_name_from_disk_that_would_leave_its_folder(saved
                                                "sha256": sha256_file(step / "trainer_state.json")}
     (step / MANIFEST).write_text(json.dumps(manifest))
     out = tmp_path / "hf" / "inner"
-    proc = launch(str(run), str(out), how="python", script="tools/export_hf.py", config=None, ok=False)
+    proc = launch(str(run), str(out), how="python", script="tools/export.py", config=None, ok=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"export_hf: error: {step / 'trainer_state.json'}: model name '..' is not allowed: it names folders, so it "
+        f"codistill-export: error: {step / 'trainer_state.json'}: model name '..' is not allowed: it names folders, so it "
         "must be letters, digits, _ and -, starting with a letter or digit")
     assert not (tmp_path / "hf" / "model.safetensors").exists()

@@ -21,7 +21,7 @@ PY
 cat "$OUT/machine.txt"
 for CK in true false; do
   KEYS="teacher.gradient_checkpointing=$CK students.0.gradient_checkpointing=$CK"
-  python tools/estimate_memory.py --config $CONFIG --world-size 1 $KEYS > "$OUT/estimate_ck_$CK.txt"
+  python tools/estimate.py --config $CONFIG --world-size 1 $KEYS > "$OUT/estimate_ck_$CK.txt"
   timeout 240 python launch/train.py --config $CONFIG output_dir="$OUT/run_ck_$CK" overwrite=true \
     train.max_steps=30 train.log_interval=5 train.eval_interval=30 train.eval_batches=2 \
     distill.head_start_steps=0 distill.burn_in_steps=0 checkpoint.interval=0 $KEYS > "$OUT/run_ck_$CK.log" 2>&1 || true

@@ -261,7 +261,7 @@ def body(args: argparse.Namespace) -> int:
                         figures[variant] = {"killed": True, "available": available}
                         continue
                     if proc.returncode != 0:
-                        print(f"bench_loss: error: the {variant} worker failed at {shape} {div}: "
+                        print(f"codistill-bench-loss: error: the {variant} worker failed at {shape} {div}: "
                               f"{(proc.stderr.strip().splitlines() or ['killed (out of memory?)'])[-1]}", file=sys.stderr)
                         return 1
                     figures[variant] = torch.load(file)
@@ -326,7 +326,7 @@ LINEAR = ("plain", "fused")  # of a TOKENSxHIDDENxVOCAB row
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    return cli.run("bench_loss", build_parser(), body, argv)
+    return cli.run("codistill-bench-loss", build_parser(), body, argv)
 
 
 if __name__ == "__main__":

@@ -454,7 +454,7 @@ def cross_corpus(results: dict[str, dict[str, Any]], seeds: list[int], cmdline: 
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    return cli.run("compare", build_parser(), body, argv)
+    return cli.run("codistill-compare", build_parser(), body, argv)
 
 
 if __name__ == "__main__":

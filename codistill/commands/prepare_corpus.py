@@ -49,7 +49,7 @@ def body(args: argparse.Namespace) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    return cli.run("prepare_corpus", build_parser(), body, argv)
+    return cli.run("codistill-prepare-corpus", build_parser(), body, argv)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ def body(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    return cli.run("codistill", cli.parser_for("codistill-train", __doc__, debug=True), body, argv)
+    return cli.run("codistill-train", cli.parser_for("codistill-train", __doc__, debug=True), body, argv)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from the live teacher? Runs, with the same config, steps and seed:
   (3) soft-label training from that cache,
 and prints both final validation losses and their relative difference.
 
-    python tools/soft_cache_quality.py --config configs/soft.yaml --out runs/cache-quality [--gpus 2]
+    python tools/cache_quality.py --config configs/soft.yaml --out runs/cache-quality [--gpus 2]
     codistill-cache-quality ...   (the same, as a console command)
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ def body(args: argparse.Namespace) -> None:
     student = cfg.students[0].name
     common = ["--config", args.config, *args.overrides, f"distill.top_k={args.top_k}"]
     cache_dir = args.out / f"cache-k{args.top_k}"
-    train, cache = "codistill.commands.train", "codistill.commands.cache_teacher_logits"
+    train, cache = "codistill.commands.train", "codistill.commands.cache_logits"
     cli.run_module(train, common + [f"output_dir={args.out / 'live'}", "overwrite=true"], args.gpus)
     cli.run_module(cache, common + [f"teacher.cache={cache_dir}"], args.gpus)
     cli.run_module(train, common + [f"output_dir={args.out / 'cached'}", f"teacher.cache={cache_dir}",
@@ -50,7 +50,7 @@ def body(args: argparse.Namespace) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    return cli.run("soft_cache_quality", build_parser(), body, argv)
+    return cli.run("codistill-cache-quality", build_parser(), body, argv)
 
 
 if __name__ == "__main__":

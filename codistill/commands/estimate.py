@@ -5,7 +5,7 @@ offload settings, activations of one micro-batch (traced on the 'meta' device), 
 logits; the distillation loss's working set (chunked vs full logits); the runtime; the
 expected peak; and the largest micro-batch that fits --device-memory.
 
-    python tools/estimate_memory.py [--config configs/tiny.yaml] --world-size 8 --device cuda --device-memory 80GB
+    python tools/estimate.py [--config configs/tiny.yaml] --world-size 8 --device cuda --device-memory 80GB
     codistill-estimate --world-size 2            # this machine (CPU: RSS per rank)
 
 The same report: `python launch/train.py --config X.yaml dry_run=true` (world size from the launcher).
@@ -35,7 +35,7 @@ def body(args: argparse.Namespace) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    return cli.run("estimate_memory", build_parser(), body, argv)
+    return cli.run("codistill-estimate", build_parser(), body, argv)
 
 
 if __name__ == "__main__":

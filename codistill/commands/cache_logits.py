@@ -1,8 +1,8 @@
 """Run a frozen teacher over the training data once and cache its top-k predictions,
 so soft-label students can train without loading the teacher.
 
-    python tools/cache_teacher_logits.py --config configs/soft.yaml [--out DIR] [--top-k 64]
-    deepspeed --num_gpus 2 tools/cache_teacher_logits.py --config configs/soft.yaml
+    python tools/cache_logits.py --config configs/soft.yaml [--out DIR] [--top-k 64]
+    deepspeed --num_gpus 2 tools/cache_logits.py --config configs/soft.yaml
     codistill-cache-logits ...   (the same, as a console command)
 
 The run's config gives the data, tokenizer, seq_len, seed and the teacher (its
@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    return cli.run("cache_teacher_logits", build_parser(), body, argv)
+    return cli.run("codistill-cache-logits", build_parser(), body, argv)
 
 
 if __name__ == "__main__":

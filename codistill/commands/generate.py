@@ -1,7 +1,7 @@
 """Hard-label (sequence-level) distillation data: the teacher writes the responses.
 
-    python tools/generate_hard_labels.py --config configs/hard.yaml --out runs/generated [options]
-    deepspeed --num_gpus 2 tools/generate_hard_labels.py --config configs/hard.yaml --out runs/generated
+    python tools/generate.py --config configs/hard.yaml --out runs/generated [options]
+    deepspeed --num_gpus 2 tools/generate.py --config configs/hard.yaml --out runs/generated
     codistill-generate ...   (the same, as a console command)
 
 Prompts come from a JSON-lines file (--prompts), each line {"prompt": "..."} or
@@ -249,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    return cli.run("generate_hard_labels", build_parser(), body, argv)
+    return cli.run("codistill-generate", build_parser(), body, argv)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Export models of a training checkpoint as Hugging Face folders.
 
-    python tools/export_hf.py CHECKPOINT OUT [--model NAME ...] [--overwrite]
+    python tools/export.py CHECKPOINT OUT [--model NAME ...] [--overwrite]
     codistill-export CHECKPOINT OUT [--model NAME ...] [--overwrite]
 
 CHECKPOINT is a checkpoint folder (runs/x/checkpoints/step_00000300) or a run's
@@ -34,7 +34,7 @@ def body(args: argparse.Namespace) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    return cli.run("export_hf", build_parser(), body, argv)
+    return cli.run("codistill-export", build_parser(), body, argv)
 
 
 if __name__ == "__main__":
