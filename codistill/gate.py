@@ -170,6 +170,24 @@ def hypergradient_terms(params: list[torch.nn.Parameter], alpha: float,
     autograd collects in its place is a zero that holds no memory; with ranks, a bucket of at most ``SLICE`` elements
     of (g_0, g_d) in fp64 waits for one all-reduce.
     """
+    g_p, g_0, soft = _probe_and_ce_gradients(params, losses, probe_ce, separate)
+    first = _first_products(g_p, g_0)
+    products = _SoftProducts(g_p, g_0, sum_over_ranks)
+    seen = _fold_soft_gradient(soft, params, products)
+    del soft
+    for i in range(len(params)):  # parameters T²·D does not reach: g_d = −g_0 (in the same order on every rank)
+        if i not in seen and first[i] is not None:
+            products.fold(i, None)
+    if sum_over_ranks is not None:
+        products.flush()
+    return _terms(first, products.later, alpha, sum_over_ranks is not None)
+
+
+def _probe_and_ce_gradients(params: list[torch.nn.Parameter],
+                            losses: Callable[[bool, bool], tuple[Optional[torch.Tensor], Optional[torch.Tensor]]],
+                            probe_ce: Callable[[], torch.Tensor], separate: bool):
+    """g_p (the probe batch's CE gradient) and g_0 (the training batch's), one tensor or None per parameter,
+    and the training batch's T²·D with its graph, not yet differentiated (see :func:`hypergradient_terms`)."""
     g_p = torch.autograd.grad(probe_ce(), params, allow_unused=True)
     if separate:  # the random state goes back after this forward: the second draws its dropout masks again
         with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
@@ -180,45 +198,64 @@ def hypergradient_terms(params: list[torch.nn.Parameter], alpha: float,
     del hard
     if separate:
         soft = losses(False, True)[1]
-    # The products with g_d split by what they hold: Σ p·z, Σ z·z, Σ p·p now (z = g_0), Σ p·d, Σ z·d,
-    # Σ d·d as ∇(T²·D) arrives (d = ∇(T²·D) − z); with ranks, ⟨Σz, Σd⟩, ‖Σd‖² and ‖Σz‖² of the ranks' summed gradients too.
-    # Each in fp64, a slice of a parameter at a time (no fp64 copy of a whole vocabulary-sized head). The ranks'
-    # sums go in buckets of at most SLICE elements (one all-reduce for many small parameters), filled in the order
-    # autograd produces the gradients, which is the same on every rank.
-    first: list[Optional[torch.Tensor]] = [None] * len(params)
-    later: list[Optional[torch.Tensor]] = [None, None]  # this rank's products, the summed gradients' products
-    bucket: list[torch.Tensor] = []  # [2, n] slices (z, d) waiting for the ranks' sum
+    return g_p, g_0, soft
 
-    def add(slot: int, products: torch.Tensor) -> None:
-        later[slot] = products if later[slot] is None else later[slot] + products
 
-    def flush() -> None:
-        if bucket:
-            both = torch.cat(bucket, dim=1)
-            bucket.clear()
-            sum_over_ranks(both)
-            add(1, torch.stack([(both[0] * both[1]).sum(), (both[1] * both[1]).sum(), (both[0] * both[0]).sum()]))
-
+def _first_products(g_p, g_0) -> list[Optional[torch.Tensor]]:
+    """Per parameter, [Σ p·z, Σ z·z, Σ p·p] (z = g_0) in fp64, a slice at a time (no fp64 copy of a whole
+    vocabulary-sized head); None for a parameter neither gradient reaches."""
+    first: list[Optional[torch.Tensor]] = [None] * len(g_p)
     for i, (p, z) in enumerate(zip(g_p, g_0)):
         if p is not None or z is not None:
             rows = [torch.stack([(pc * zc).sum(), (zc * zc).sum(), (pc * pc).sum()]) for pc, zc in _slices(p, z)]
             first[i] = torch.stack(rows).sum(0)
+    return first
 
-    def fold(i: int, g_soft: Optional[torch.Tensor]) -> None:
-        for pc, zc, sc in _slices(g_p[i], g_0[i], g_soft):
+
+class _SoftProducts:
+    """The products with g_d, folded in as ∇(T²·D) arrives (d = ∇(T²·D) − z, z = g_0), each in fp64 a slice of
+    a parameter at a time: ``later[0]`` = [Σ p·d, Σ z·d, Σ d·d] of this rank; with ``sum_over_ranks``,
+    ``later[1]`` = [⟨Σz, Σd⟩, ‖Σd‖², ‖Σz‖²] of the ranks' summed gradients. The ranks' sums go in buckets of at
+    most SLICE elements (one all-reduce for many small parameters), filled in the order autograd produces the
+    gradients, which is the same on every rank."""
+
+    def __init__(self, g_p, g_0, sum_over_ranks: Optional[Callable[[torch.Tensor], None]]):
+        self.g_p, self.g_0, self.sum_over_ranks = g_p, g_0, sum_over_ranks
+        self.later: list[Optional[torch.Tensor]] = [None, None]  # this rank's products, the summed gradients'
+        self.bucket: list[torch.Tensor] = []  # [2, n] slices (z, d) waiting for the ranks' sum
+
+    def add(self, slot: int, products: torch.Tensor) -> None:
+        self.later[slot] = products if self.later[slot] is None else self.later[slot] + products
+
+    def flush(self) -> None:
+        """Sum the waiting bucket over the ranks and add its products."""
+        if self.bucket:
+            both = torch.cat(self.bucket, dim=1)
+            self.bucket.clear()
+            self.sum_over_ranks(both)
+            self.add(1, torch.stack([(both[0] * both[1]).sum(), (both[1] * both[1]).sum(),
+                                     (both[0] * both[0]).sum()]))
+
+    def fold(self, i: int, g_soft: Optional[torch.Tensor]) -> None:
+        """Fold in parameter ``i``'s ∇(T²·D) (None: zero)."""
+        for pc, zc, sc in _slices(self.g_p[i], self.g_0[i], g_soft):
             dc = sc - zc  # g_d = ∇(T²·D) − ∇CE
-            add(0, torch.stack([(pc * dc).sum(), (zc * dc).sum(), (dc * dc).sum()]))
-            if sum_over_ranks is not None:
-                if bucket and sum(b.shape[1] for b in bucket) + dc.numel() > SLICE:
-                    flush()  # a bucket holds at most SLICE elements of each, as one slice did
-                bucket.append(torch.stack([zc, dc]))
+            self.add(0, torch.stack([(pc * dc).sum(), (zc * dc).sum(), (dc * dc).sum()]))
+            if self.sum_over_ranks is not None:
+                if self.bucket and sum(b.shape[1] for b in self.bucket) + dc.numel() > SLICE:
+                    self.flush()  # a bucket holds at most SLICE elements of each, as one slice did
+                self.bucket.append(torch.stack([zc, dc]))
 
+
+def _fold_soft_gradient(soft: torch.Tensor, params: list[torch.nn.Parameter], products: _SoftProducts) -> set[int]:
+    """Differentiate ``soft``, folding each parameter's gradient into ``products`` as autograd produces it (what
+    autograd collects instead is a zero that holds no memory); the indices of the parameters it reached."""
     seen = set()
 
     def hook_for(i: int):
         def hook(grad: torch.Tensor) -> torch.Tensor:
             seen.add(i)
-            fold(i, grad)
+            products.fold(i, grad)
             return torch.zeros((), dtype=grad.dtype, device=grad.device).expand_as(grad)  # nothing to collect
         return hook
 
@@ -228,20 +265,20 @@ def hypergradient_terms(params: list[torch.nn.Parameter], alpha: float,
     finally:
         for handle in handles:
             handle.remove()
-    del soft
-    for i in range(len(params)):  # parameters T²·D does not reach: g_d = −g_0 (in the same order on every rank)
-        if i not in seen and first[i] is not None:
-            fold(i, None)
-    if sum_over_ranks is not None:
-        flush()
+    return seen
+
+
+def _terms(first: list[Optional[torch.Tensor]], later: list[Optional[torch.Tensor]], alpha: float,
+           summed: bool) -> dict[str, float]:
+    """The terms at α from the products of g_0 (``first``) and of g_d (``later``); zeros when there are none."""
     firsts = [f for f in first if f is not None]
     if not firsts or later[0] is None:
-        return dict.fromkeys(TERMS + (SUMMED if sum_over_ranks else ()), 0.0)
+        return dict.fromkeys(TERMS + (SUMMED if summed else ()), 0.0)
     pz, zz, pp = torch.stack(firsts).sum(0).tolist()
     pd, zd, dd = later[0].tolist()
     out = {"probe_diff": pd, "probe_update": pz + alpha * pd, "update_diff": zd + alpha * dd,
            "update_sq": zz + 2 * alpha * zd + alpha * alpha * dd, "probe_sq": pp}
-    if sum_over_ranks is not None:
+    if summed:
         zd_all, dd_all, zz_all = later[1].tolist()
         out["update_diff_all"] = zd_all + alpha * dd_all
         out["update_sq_all"] = zz_all + 2 * alpha * zd_all + alpha * alpha * dd_all

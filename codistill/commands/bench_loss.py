@@ -226,83 +226,114 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def body(args: argparse.Namespace) -> int:
-    import torch
-
     if args.worker:
-        variant, shape, file = args.worker
-        dims = [int(x) for x in shape.split("x")]
-        if variant in LINEAR:
-            linear_worker(variant, *dims, args.divergence, args.beta, args.temperature, args.repeats, Path(file),
-                          args.device, args.dtype, args.top_k)
-        else:
-            worker(variant, *dims, args.divergence, args.beta, args.temperature, args.repeats, Path(file), args.top_k)
+        run_worker(args)
         return 0
-
     results = []
     print(f"{'shape':>20} {'divergence':>10} | {'ref ms':>8} {'ours ms':>8} {'time':>6} | "
           f"{'ref MB':>8} {'ours MB':>8} {'memory':>7} | {'value rel':>9} {'grad rel':>9}")
     rows = [(f"{t}x{v}", {"tokens": t, "vocab": v}, LOGITS) for t, v in args.shapes]
     rows += [(f"{t}x{h}x{v}", {"tokens": t, "hidden": h, "vocab": v}, LINEAR) for t, h, v in args.linear_shapes]
     with tempfile.TemporaryDirectory() as tmp:
-        for shape, dims, kind in rows:
-            base, ours_name = kind
+        for shape, sizes, kind in rows:
             for div in args.divergences:
-                figures = {}
-                for variant in (base, ours_name):
-                    file = Path(tmp) / f"{variant}.pt"
-                    cmd = [*cli.module_command("codistill.commands.bench_loss"), "--worker", variant, shape, str(file),
-                           "--divergence", div, "--beta", str(args.beta), "--temperature", str(args.temperature),
-                           "--repeats", str(args.repeats), "--device", args.device, "--dtype", args.dtype,
-                           *(["--top-k", str(args.top_k)] if args.top_k else [])]
-                    available = available_bytes(args.device if kind == LINEAR else "cpu")
-                    proc = subprocess.run(cmd, capture_output=True, text=True)
-                    out_of_memory = proc.returncode < 0 or "OutOfMemoryError" in proc.stderr
-                    if out_of_memory and variant == base:  # the plain path does not fit this machine
-                        figures[variant] = {"killed": True, "available": available}
-                        continue
-                    if proc.returncode != 0:
-                        print(f"codistill-bench-loss: error: the {variant} worker failed at {shape} {div}: "
-                              f"{(proc.stderr.strip().splitlines() or ['killed (out of memory?)'])[-1]}", file=sys.stderr)
-                        return 1
-                    figures[variant] = torch.load(file)
-                ref, ours = figures[base], figures[ours_name]
+                figures = run_variants(args, shape, kind, div, Path(tmp))
+                if figures is None:
+                    return 1
+                ref, ours = (figures[variant] for variant in kind)
                 if ref.get("killed"):  # what is known: the plain path needed more than the machine had free
-                    row = {**dims, "divergence": div, "beta": args.beta, "baseline": base, "variant": ours_name,
-                           "reference_killed_with_mb_free": ref["available"] / 2**20, "chunked_ms": ours["time"] * 1e3,
-                           "chunked_own_peak_mb": ours["own_peak"] / 2**20,
-                           "memory_ratio_below": ours["own_peak"] / max(ref["available"], 1)}
-                    results.append(row)
+                    row = killed_row(args, sizes, div, kind, ref, ours)
                     print(f"{shape:>20} {div:>10} | {'killed':>8} {row['chunked_ms']:8.0f} {'':>6} | "
                           f"{'>' + format(row['reference_killed_with_mb_free'], '.0f'):>8} "
                           f"{row['chunked_own_peak_mb']:8.0f} {'<' + format(row['memory_ratio_below'], '.3f'):>6}x | "
                           f"(the plain path ran out of {row['reference_killed_with_mb_free']:.0f} MB free)")
-                    continue
-                row = {
-                    **dims, "divergence": div, "beta": args.beta, "top_k": args.top_k, "baseline": base,
-                    "variant": ours_name,
-                    "reference_ms": ref["time"] * 1e3, "chunked_ms": ours["time"] * 1e3,
-                    "reference_tokens_per_sec": dims["tokens"] / ref["time"],
-                    "chunked_tokens_per_sec": dims["tokens"] / ours["time"],
-                    "device": args.device if kind == LINEAR else "cpu", "dtype": args.dtype if kind == LINEAR else "fp32",
-                    "time_ratio": ours["time"] / ref["time"],
-                    "reference_own_peak_mb": ref["own_peak"] / 2**20, "chunked_own_peak_mb": ours["own_peak"] / 2**20,
-                    "memory_ratio": ours["own_peak"] / max(ref["own_peak"], 1),
-                    "value_rel_err": abs(ours["value"] - ref["value"]) / abs(ref["value"]),
-                    "grad_rel_err": max(rel(ours["sample"].double(), ref["sample"].double()),
-                                        rel(ours["row_norm"], ref["row_norm"])),
-                    "row_sum_abs_err": float((ours["row_sum"] - ref["row_sum"]).abs().max()),
-                }
+                else:
+                    row = compared_row(args, sizes, div, kind, ref, ours)
+                    print(f"{shape:>20} {div:>10} | {row['reference_ms']:8.0f} {row['chunked_ms']:8.0f} "
+                          f"{row['time_ratio']:5.2f}x | {row['reference_own_peak_mb']:8.0f} "
+                          f"{row['chunked_own_peak_mb']:8.0f} {row['memory_ratio']:6.3f}x | "
+                          f"{row['value_rel_err']:9.1e} {row['grad_rel_err']:9.1e}")
                 results.append(row)
-                print(f"{shape:>20} {div:>10} | {row['reference_ms']:8.0f} {row['chunked_ms']:8.0f} "
-                      f"{row['time_ratio']:5.2f}x | {row['reference_own_peak_mb']:8.0f} {row['chunked_own_peak_mb']:8.0f} "
-                      f"{row['memory_ratio']:6.3f}x | {row['value_rel_err']:9.1e} {row['grad_rel_err']:9.1e}")
-    print(f"memory ({'peak allocated' if args.device == 'cuda' else 'peak RSS'} for the fused rows): peak above what both variants hold (logits rows: both models' logits and their gradient; "
+    print(f"memory ({'peak allocated' if args.device == 'cuda' else 'peak RSS'} for the fused rows): peak above what "
+          "both variants hold (logits rows: both models' logits and their gradient; "
           "TOKENSxHIDDENxVOCAB rows: hidden states, heads and their gradients, so the plain path's logits count); "
           "time: best forward+backward; grad rel: max |Δ| / max |ref| over "
           f"{SAMPLE_ROWS} sampled rows and every row's norm (fused rows: hidden states and head weight)")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     return 0
+
+
+def run_worker(args: argparse.Namespace) -> None:
+    """One variant at one shape, in this process (``--worker VARIANT SHAPE FILE``): its figures go to FILE."""
+    variant, shape, file = args.worker
+    sizes = [int(x) for x in shape.split("x")]
+    if variant in LINEAR:
+        linear_worker(variant, *sizes, args.divergence, args.beta, args.temperature, args.repeats, Path(file),
+                      args.device, args.dtype, args.top_k)
+    else:
+        worker(variant, *sizes, args.divergence, args.beta, args.temperature, args.repeats, Path(file), args.top_k)
+
+
+def run_variants(args: argparse.Namespace, shape: str, kind: tuple[str, str], div: str,
+                 tmp: Path) -> Optional[dict[str, dict]]:
+    """The figures of both variants of ``kind`` (:data:`LOGITS` or :data:`LINEAR`) at ``shape``, each run in a
+    process of its own; for a plain path killed for memory, ``{"killed": True, "available": bytes free}``.
+    None, after an error line, when a worker failed otherwise."""
+    import torch
+
+    base = kind[0]
+    figures = {}
+    for variant in kind:
+        file = tmp / f"{variant}.pt"
+        cmd = [*cli.module_command("codistill.commands.bench_loss"), "--worker", variant, shape, str(file),
+               "--divergence", div, "--beta", str(args.beta), "--temperature", str(args.temperature),
+               "--repeats", str(args.repeats), "--device", args.device, "--dtype", args.dtype,
+               *(["--top-k", str(args.top_k)] if args.top_k else [])]
+        available = available_bytes(args.device if kind == LINEAR else "cpu")
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        out_of_memory = proc.returncode < 0 or "OutOfMemoryError" in proc.stderr
+        if out_of_memory and variant == base:  # the plain path does not fit this machine
+            figures[variant] = {"killed": True, "available": available}
+            continue
+        if proc.returncode != 0:
+            print(f"codistill-bench-loss: error: the {variant} worker failed at {shape} {div}: "
+                  f"{(proc.stderr.strip().splitlines() or ['killed (out of memory?)'])[-1]}", file=sys.stderr)
+            return None
+        figures[variant] = torch.load(file)
+    return figures
+
+
+def killed_row(args: argparse.Namespace, sizes: dict[str, int], div: str, kind: tuple[str, str], ref: dict,
+               ours: dict) -> dict:
+    """The row of a shape whose plain path was killed for memory: our variant's figures (ms, MB) and the
+    memory (MB) the plain path ran out of."""
+    return {**sizes, "divergence": div, "beta": args.beta, "baseline": kind[0], "variant": kind[1],
+            "reference_killed_with_mb_free": ref["available"] / 2**20, "chunked_ms": ours["time"] * 1e3,
+            "chunked_own_peak_mb": ours["own_peak"] / 2**20,
+            "memory_ratio_below": ours["own_peak"] / max(ref["available"], 1)}
+
+
+def compared_row(args: argparse.Namespace, sizes: dict[str, int], div: str, kind: tuple[str, str], ref: dict,
+                 ours: dict) -> dict:
+    """The row of a shape both variants ran at: times (ms, tokens/s), own peak memory (MB), their ratios and
+    how far our value and gradients are from the plain path's."""
+    linear = kind == LINEAR
+    return {
+        **sizes, "divergence": div, "beta": args.beta, "top_k": args.top_k, "baseline": kind[0],
+        "variant": kind[1],
+        "reference_ms": ref["time"] * 1e3, "chunked_ms": ours["time"] * 1e3,
+        "reference_tokens_per_sec": sizes["tokens"] / ref["time"],
+        "chunked_tokens_per_sec": sizes["tokens"] / ours["time"],
+        "device": args.device if linear else "cpu", "dtype": args.dtype if linear else "fp32",
+        "time_ratio": ours["time"] / ref["time"],
+        "reference_own_peak_mb": ref["own_peak"] / 2**20, "chunked_own_peak_mb": ours["own_peak"] / 2**20,
+        "memory_ratio": ours["own_peak"] / max(ref["own_peak"], 1),
+        "value_rel_err": abs(ours["value"] - ref["value"]) / abs(ref["value"]),
+        "grad_rel_err": max(rel(ours["sample"].double(), ref["sample"].double()),
+                            rel(ours["row_norm"], ref["row_norm"])),
+        "row_sum_abs_err": float((ours["row_sum"] - ref["row_sum"]).abs().max()),
+    }
 
 
 def available_bytes(device: str = "cpu") -> int:

@@ -21,36 +21,63 @@ from pathlib import Path
 from typing import Optional
 
 from .. import cli
-from ..config import ConfigError
+from ..config import ConfigError, RunConfig
 
 
 def body(args: argparse.Namespace) -> None:
-    import torch
-    from tqdm.auto import tqdm
-
-    from .. import cache, distributed
-    from ..data import build_splits, check_data_source, run_tokenizer, tokenizer_fingerprint
-    from ..engines import build_engine, quiet_library_noise, resolve_deepspeed_config
-    from ..files import file_entry
-    from ..losses import distill_loss, next_token_targets, topk_targets
-    from ..models import check_model, model_config
+    from .. import distributed
+    from ..engines import build_engine, quiet_library_noise
 
     quiet_library_noise()
     cfg = cli.run_config(args)
+    out, k, temperature = _target(args, cfg)
+    tokenizer, hf, ds_config = _checked_teacher(cfg)
+    world = distributed.init(timeout_s=cfg.train.collective_timeout_s)
+    train, params, listed = _start(args, cfg, tokenizer, out, k, temperature, world)
+    engine = build_engine(cfg.teacher, hf, ds_config, seed=cfg.train.seed, trainable=False).engine
+    chunks = _cache_parts(args, cfg, engine, train, out, listed, k, temperature, len(tokenizer), world)
+    _finish(out, params, len(train), cfg.data.seq_len, chunks, world)
+
+
+def _target(args: argparse.Namespace, cfg: RunConfig) -> tuple[Path, int, float]:
+    """The cache folder, k and T (--out or teacher.cache; --top-k or the first student's top_k and temperature)."""
     if not cfg.teacher.pretrained:
         raise ConfigError("teacher.pretrained: caching needs a trained teacher folder")
     out = Path(args.out or cfg.teacher.cache or "").expanduser()
     if not str(args.out or cfg.teacher.cache or ""):
         raise ConfigError("give --out or teacher.cache: the folder to write the cache to")
     settings = cfg.distill_for(0)
-    k, temperature = args.top_k or settings.top_k, settings.temperature
+    return out, args.top_k or settings.top_k, settings.temperature
+
+
+def _checked_teacher(cfg: RunConfig):
+    """The run's tokenizer, the teacher's Hugging Face config (checked against both) and its DeepSpeed
+    config, all before any process group exists."""
+    import torch
+
+    from .. import distributed
+    from ..data import check_data_source, run_tokenizer, tokenizer_fingerprint
+    from ..engines import resolve_deepspeed_config
+    from ..models import check_model, model_config
+
     check_data_source(cfg.data)
     tokenizer = run_tokenizer(cfg)
     hf = model_config(cfg.teacher, tokenizer)
     check_model(cfg.teacher, hf, tokenizer, tokenizer_fingerprint(tokenizer), cfg.data.seq_len)
     ds_config = resolve_deepspeed_config(cfg.teacher, cfg.train, distributed.env_world_size(),
                                          not torch.cuda.is_available(), trainable=False)
-    world = distributed.init(timeout_s=cfg.train.collective_timeout_s)
+    return tokenizer, hf, ds_config
+
+
+def _start(args: argparse.Namespace, cfg: RunConfig, tokenizer, out: Path, k: int, temperature: float, world):
+    """The run's training split, the cache's parameters (its metadata) and the parts the metadata lists
+    (those of a finished cache made again, to check), after rank 0 checked that a partial cache in ``out``
+    was started with the same parameters and marked the cache incomplete."""
+    import torch
+
+    from .. import cache
+    from ..data import build_splits, tokenizer_fingerprint
+
     splits = build_splits(cfg.data, tokenizer, cfg.train.seed, cfg.probe_fraction())  # the run's training split
     train, fingerprint = splits.train, splits.fingerprint
     params = {"tokenizer": tokenizer_fingerprint(tokenizer), "data": fingerprint, "seq_len": cfg.data.seq_len,
@@ -63,10 +90,18 @@ def body(args: argparse.Namespace) -> None:
         listed = listed if isinstance(listed, dict) else {}
         cache.write_meta(out, {**params, "complete": False, "parts": listed})
     torch.distributed.barrier()
-    listed = cache.read_meta(out)["parts"]
+    return train, params, cache.read_meta(out)["parts"]
 
-    engine = build_engine(cfg.teacher, hf, ds_config, seed=cfg.train.seed, trainable=False).engine
-    vocab, seq_len, mbs = len(tokenizer), cfg.data.seq_len, cfg.train.micro_batch_size
+
+def _cache_parts(args: argparse.Namespace, cfg: RunConfig, engine, train, out: Path, listed: dict, k: int, temperature: float,
+                 vocab: int, world) -> int:
+    """Write this rank's parts that are missing or not what ``listed`` says (part c is rank c mod world's);
+    returns the number of parts."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from .. import cache
+
     chunks = -(-len(train) // args.shard_blocks)
     todo = [c for c in range(chunks) if c % world.size == world.rank  # missing, or not what the metadata lists
             and cache.part_problem(cache.part_path(out, c), listed.get(cache.part_path(out, c).name), False)]
@@ -78,26 +113,50 @@ def body(args: argparse.Namespace) -> None:
         chunk = todo[r] if r < len(todo) else None
         blocks = list(range(chunk * args.shard_blocks, min(len(train), (chunk + 1) * args.shard_blocks))) \
             if chunk is not None else []
-        # ZeRO-3 gathers parameters in every forward: every rank runs the same number of them.
-        steps = torch.tensor([-(-len(blocks) // mbs)])
-        torch.distributed.all_reduce(steps, op=torch.distributed.ReduceOp.MAX)
-        rows: dict[str, list] = {}
-        for b in range(int(steps)):
-            index = blocks[b * mbs:(b + 1) * mbs]
-            batch = {key: v.to(world.device) for key, v in train[index or [0]].items()}
-            with torch.no_grad():
-                logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[..., :vocab]
-                labels, mask = next_token_targets(batch["input_ids"], batch["attention_mask"], batch.get("loss_mask"))
-                ce = distill_loss(logits, labels, mask).token_ce
-                top = topk_targets(logits, k, temperature)
-            if index:
-                for key, value in cache.block_rows(index, top, ce, seq_len, vocab).items():
-                    rows.setdefault(key, []).extend(value)
+        rows = _part_rows(engine, train, blocks, cfg.train.micro_batch_size, k, temperature, cfg.data.seq_len,
+                          vocab, world.device)
         if chunk is not None:
             cache.write_part(out, chunk, rows)
         bar.update(world.size if world.is_main else 0)
     bar.close()
-    # Each rank hashes the parts it owns (written now or by an interrupted run) for the metadata.
+    return chunks
+
+
+def _part_rows(engine, train, blocks: list[int], mbs: int, k: int, temperature: float, seq_len: int, vocab: int,
+               device) -> dict[str, list]:
+    """The cache rows of ``blocks`` (none: this rank has no part this round but runs its forwards anyway),
+    from the teacher's forwards over micro-batches of ``mbs`` blocks."""
+    import torch
+
+    from .. import cache
+    from ..losses import distill_loss, next_token_targets, topk_targets
+
+    # ZeRO-3 gathers parameters in every forward: every rank runs the same number of them.
+    steps = torch.tensor([-(-len(blocks) // mbs)])
+    torch.distributed.all_reduce(steps, op=torch.distributed.ReduceOp.MAX)
+    rows: dict[str, list] = {}
+    for b in range(int(steps)):
+        index = blocks[b * mbs:(b + 1) * mbs]
+        batch = {key: v.to(device) for key, v in train[index or [0]].items()}
+        with torch.no_grad():
+            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[..., :vocab]
+            labels, mask = next_token_targets(batch["input_ids"], batch["attention_mask"], batch.get("loss_mask"))
+            ce = distill_loss(logits, labels, mask).token_ce
+            top = topk_targets(logits, k, temperature)
+        if index:
+            for key, value in cache.block_rows(index, top, ce, seq_len, vocab).items():
+                rows.setdefault(key, []).extend(value)
+    return rows
+
+
+def _finish(out: Path, params: dict, blocks: int, seq_len: int, chunks: int, world) -> None:
+    """Each rank hashes the parts it owns (written now or by an interrupted run); rank 0 writes them into
+    the metadata, marks the cache complete and prints its size."""
+    import torch
+
+    from .. import cache, distributed
+    from ..files import file_entry
+
     owned = [cache.part_path(out, c) for c in range(world.rank, chunks, world.size)]
     mine = {path.name: file_entry(path) for path in owned}
     every = [None] * world.size
@@ -105,9 +164,9 @@ def body(args: argparse.Namespace) -> None:
     if world.is_main:
         parts = dict(sorted((name, entry) for part in every for name, entry in part.items()))
         size = sum(entry["size"] for entry in parts.values())
-        per_token = size / (len(train) * seq_len)
+        per_token = size / (blocks * seq_len)
         cache.write_meta(out, {**params, "complete": True, "bytes_per_token": per_token, "parts": parts})
-        print(f"cached top-{params['k']} teacher predictions of {len(train):,} blocks to {out}: "
+        print(f"cached top-{params['k']} teacher predictions of {blocks:,} blocks to {out}: "
               f"{size / 2**20:.1f} MB, {per_token:.1f} bytes/token (bound {cache.stored_bytes_per_token(params['k'])})")
 
 

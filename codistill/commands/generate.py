@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from .. import cli
-from ..config import ConfigError
+from ..config import ConfigError, RunConfig
 
 META = "codistill_generation.json"
 
@@ -79,7 +80,7 @@ def _is_conversation(messages: object) -> bool:
             and messages[-1]["role"] != "assistant")
 
 
-def cut_prompts(args: argparse.Namespace, cfg, tokenizer) -> list[str]:
+def cut_prompts(args: argparse.Namespace, cfg: RunConfig, tokenizer) -> list[str]:
     """--num-prompts prompts of --prompt-tokens tokens, cut from the run's training blocks."""
     import torch
 
@@ -128,21 +129,61 @@ def clean_reply(tokenizer, ids: list[int], stops: list[int], end: str, chat: boo
     return text.strip() if chat else text
 
 
+@dataclass
+class Prompts:
+    """The prompts to answer: as given (a string or a conversation awaiting the assistant's reply each),
+    as conversations (with the chat template; else None) and as the texts the teacher continues."""
+
+    given: list[list[dict] | str]
+    conversations: Optional[list[list[dict]]]
+    texts: list[str]
+    chat: bool
+
+
 def body(args: argparse.Namespace) -> None:
     import torch
-    from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
 
-    from .. import cache, distributed
-    from ..data import render_prompt, run_tokenizer, tokenizer_fingerprint
-    from ..models import check_model, model_config
+    from .. import distributed
 
     cfg = cli.run_config(args)
     if not cfg.teacher.pretrained:
         raise ConfigError("teacher.pretrained: generation needs a trained teacher folder")
+    tokenizer, hf_config = _checked_teacher(cfg)
+    prompts = rendered_prompts(args, cfg, tokenizer)
+    check_lengths(prompts, tokenizer, getattr(hf_config, "max_position_embeddings", None), args.max_new_tokens)
+    stops, end = stop_ids(tokenizer) if prompts.chat else ([tokenizer.eos_token_id], "")
+    world = distributed.init(timeout_s=cfg.train.collective_timeout_s)
+    out = Path(args.out)
+    settings = _settings(args, cfg, tokenizer, prompts)
+    if world.is_main:
+        _start(out, settings)
+    torch.distributed.barrier()
+    model = AutoModelForCausalLM.from_pretrained(cfg.teacher.pretrained, local_files_only=True,
+                                                 trust_remote_code=cfg.teacher.trust_remote_code).to(world.device).eval()
+    tokenizer.padding_side = "left"  # batched generation continues every prompt from its own end
+    batches = -(-len(prompts.given) // args.batch_size)
+    _generate(args, model, tokenizer, prompts, stops, end, out, batches, world)
+    torch.distributed.barrier()
+    if world.is_main:
+        _finish(out, settings, batches, len(prompts.given))
+
+
+def _checked_teacher(cfg: RunConfig):
+    """The run's tokenizer and the teacher's Hugging Face config, checked against each other."""
+    from ..data import run_tokenizer, tokenizer_fingerprint
+    from ..models import check_model, model_config
+
     tokenizer = run_tokenizer(cfg)
     hf_config = model_config(cfg.teacher, tokenizer)
     check_model(cfg.teacher, hf_config, tokenizer, tokenizer_fingerprint(tokenizer), cfg.data.seq_len)
+    return tokenizer, hf_config
+
+
+def rendered_prompts(args: argparse.Namespace, cfg: RunConfig, tokenizer) -> Prompts:
+    """The prompts of --prompts (else cut from the training data), through the chat template when it is used."""
+    from ..data import render_prompt
+
     prompts = read_prompts(Path(args.prompts)) if args.prompts else cut_prompts(args, cfg, tokenizer)
     chat = use_chat_template(args.chat_template, tokenizer, from_file=bool(args.prompts))
     if args.system_prompt is not None and not chat:
@@ -154,63 +195,87 @@ def body(args: argparse.Namespace) -> None:
     conversations = [conversation(p, args.system_prompt) for p in prompts] if chat else None
     texts = ([render_prompt(tokenizer, c, f"prompt {n}") for n, c in enumerate(conversations, 1)] if chat
              else list(prompts))
-    positions = getattr(hf_config, "max_position_embeddings", None)
-    for n, text in enumerate(texts, 1):
+    return Prompts(prompts, conversations, texts, chat)
+
+
+def check_lengths(prompts: Prompts, tokenizer, positions: Optional[int], max_new_tokens: int) -> None:
+    """Every prompt (in tokens, as rendered) and its --max-new-tokens reply fit the teacher's ``positions``."""
+    for n, text in enumerate(prompts.texts, 1):
         length = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if positions is not None and length + args.max_new_tokens > positions:
-            raise ConfigError(f"prompt {n} is {length} tokens{' as rendered by the chat template' if chat else ''}; "
-                              f"with --max-new-tokens={args.max_new_tokens} it exceeds the teacher's "
+        if positions is not None and length + max_new_tokens > positions:
+            raise ConfigError(f"prompt {n} is {length} tokens"
+                              f"{' as rendered by the chat template' if prompts.chat else ''}; "
+                              f"with --max-new-tokens={max_new_tokens} it exceeds the teacher's "
                               f"{positions} positions")
-    stops, end = stop_ids(tokenizer) if chat else ([tokenizer.eos_token_id], "")
-    world = distributed.init(timeout_s=cfg.train.collective_timeout_s)
-    out = Path(args.out)
-    settings = {"teacher": str(Path(cfg.teacher.pretrained).expanduser().resolve()), "greedy": args.greedy,
-                "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
-                "seed": args.seed, "batch_size": args.batch_size, "prompts": len(prompts),
-                "tokenizer": tokenizer_fingerprint(tokenizer), "chat_template": chat,
-                "system_prompt": args.system_prompt}
-    if world.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        old = json.loads((out / META).read_text()) if (out / META).exists() else None
-        if old is not None and {k: old.get(k) for k in settings} != settings:
-            raise ConfigError(f"{out} holds a generation made with other settings; use another folder")
-        (out / META).write_text(json.dumps({**settings, "complete": False}, indent=2) + "\n")
-    torch.distributed.barrier()
-    model = AutoModelForCausalLM.from_pretrained(cfg.teacher.pretrained, local_files_only=True,
-                                                 trust_remote_code=cfg.teacher.trust_remote_code).to(world.device).eval()
-    tokenizer.padding_side = "left"  # batched generation continues every prompt from its own end
-    batches = -(-len(prompts) // args.batch_size)
+
+
+def _settings(args: argparse.Namespace, cfg: RunConfig, tokenizer, prompts: Prompts) -> dict:
+    """What makes a generation: a folder is only continued with the same."""
+    from ..data import tokenizer_fingerprint
+
+    return {"teacher": str(Path(cfg.teacher.pretrained).expanduser().resolve()), "greedy": args.greedy,
+            "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
+            "seed": args.seed, "batch_size": args.batch_size, "prompts": len(prompts.given),
+            "tokenizer": tokenizer_fingerprint(tokenizer), "chat_template": prompts.chat,
+            "system_prompt": args.system_prompt}
+
+
+def _start(out: Path, settings: dict) -> None:
+    """Rank 0: refuse a folder holding a generation with other settings, and mark this one incomplete."""
+    out.mkdir(parents=True, exist_ok=True)
+    old = json.loads((out / META).read_text()) if (out / META).exists() else None
+    if old is not None and {k: old.get(k) for k in settings} != settings:
+        raise ConfigError(f"{out} holds a generation made with other settings; use another folder")
+    (out / META).write_text(json.dumps({**settings, "complete": False}, indent=2) + "\n")
+
+
+def _generate(args: argparse.Namespace, model, tokenizer, prompts: Prompts, stops: list[int], end: str, out: Path,
+              batches: int, world) -> None:
+    """Generate and write this rank's batches (batch b is rank b mod world's) that are not written yet."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from .. import cache
+
     todo = [b for b in range(batches) if b % world.size == world.rank and not cache.part_path(out, b).exists()]
     bar = tqdm(total=len(todo), disable=not world.is_main, unit="batch", desc=f"generating (rank 0 of {world.size})")
     for b in todo:
         span = slice(b * args.batch_size, (b + 1) * args.batch_size)
-        enc = tokenizer(texts[span], return_tensors="pt", padding=True, add_special_tokens=False).to(world.device)
+        enc = tokenizer(prompts.texts[span], return_tensors="pt", padding=True,
+                        add_special_tokens=False).to(world.device)
         torch.manual_seed(args.seed + b)
         with torch.no_grad():
             ids = model.generate(**enc, do_sample=not args.greedy, temperature=args.temperature, top_p=args.top_p,
                                  max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                                  eos_token_id=stops)
-        replies = [clean_reply(tokenizer, row.tolist(), stops, end, chat) for row in ids[:, enc["input_ids"].shape[1]:]]
+        replies = [clean_reply(tokenizer, row.tolist(), stops, end, prompts.chat)
+                   for row in ids[:, enc["input_ids"].shape[1]:]]
         kept = [i for i, reply in enumerate(replies) if reply]  # an empty reply teaches nothing
-        rows = {"prompt": [p if isinstance(p, str) else p[-1]["content"] for p in prompts[span]],
+        rows = {"prompt": [p if isinstance(p, str) else p[-1]["content"] for p in prompts.given[span]],
                 "response": replies}
-        if chat:
-            rows["messages"] = [[*c, {"role": "assistant", "content": r}] for c, r in zip(conversations[span], replies)]
-        cache.write_part(out, b, {k: [v[i] for i in kept] for k, v in rows.items()}, features(chat))
+        if prompts.chat:
+            rows["messages"] = [[*c, {"role": "assistant", "content": r}]
+                                for c, r in zip(prompts.conversations[span], replies)]
+        cache.write_part(out, b, {k: [v[i] for i in kept] for k, v in rows.items()}, features(prompts.chat))
         bar.update(1)
     bar.close()
-    torch.distributed.barrier()
-    if world.is_main:
-        import pyarrow.parquet as pq
 
-        written = sum(pq.read_metadata(cache.part_path(out, b)).num_rows for b in range(batches))
-        (out / META).write_text(json.dumps({**settings, "complete": True, "written": written}, indent=2) + "\n")
-        print(f"wrote {written} prompt/response pairs to {out}"
-              + (f"; {len(prompts) - written} of {len(prompts)} replies were empty (the teacher ended its turn at "
-                 "once) and were not written" if written < len(prompts) else ""))
-        if written == 0:
-            raise ConfigError(f"every reply of the teacher was empty; {out} holds no training data (check the "
-                              "teacher's chat template and --max-new-tokens)")
+
+def _finish(out: Path, settings: dict, batches: int, prompts: int) -> None:
+    """Rank 0: count the pairs written, mark the generation complete and say how many replies were empty
+    (none written at all is an error)."""
+    import pyarrow.parquet as pq
+
+    from .. import cache
+
+    written = sum(pq.read_metadata(cache.part_path(out, b)).num_rows for b in range(batches))
+    (out / META).write_text(json.dumps({**settings, "complete": True, "written": written}, indent=2) + "\n")
+    print(f"wrote {written} prompt/response pairs to {out}"
+          + (f"; {prompts - written} of {prompts} replies were empty (the teacher ended its turn at "
+             "once) and were not written" if written < prompts else ""))
+    if written == 0:
+        raise ConfigError(f"every reply of the teacher was empty; {out} holds no training data (check the "
+                          "teacher's chat template and --max-new-tokens)")
 
 
 def probability(text: str) -> float:
