@@ -84,6 +84,10 @@ class ModelMemory:
 
 @dataclass
 class Estimate:
+    """A run's memory per rank, composed of its phases: the build (:func:`build_peak`), then in every step
+    the forwards and backwards (:func:`logits_path_phases` or :func:`fused_path_phases`) and the optimizer
+    steps (:func:`optimizer_phase`), on top of what stays resident; each phase's bytes are named terms."""
+
     world_size: int
     micro_batch_size: int
     seq_len: int
@@ -134,49 +138,8 @@ class Estimate:
         """What each part of a step holds on top of the resident bytes, as named terms: the
         teacher's side (its forward and backward; the optimizer steps, which come after every
         backward) and the students' side (the teacher's kept targets and one student's pass)."""
-        scale = batch / self.micro_batch_size
-        teacher = next((m for m in self.models if m.name == self.teacher), None)
-        students = [m for m in self.models if m.name != self.teacher]
-        kd = self.kd_bytes(batch) if self.distills else 0
-
-        def running(m: ModelMemory, logit_copies: int) -> dict[str, float]:
-            return {f"{m.name} activations": m.activations * scale, f"{m.name} logits": m.logits * logit_copies * scale,
-                    "KD loss working set": kd, f"{m.name} gathered parameters (ZeRO-3)": m.gathered,
-                    f"{m.name} gradient reduction (ZeRO-3)": m.reducing}
-
-        teacher_side = [{"optimizer-step temporaries": max((m.step_temp for m in self.models), default=0)}]
-        if self.fused:  # every model's forward, then one pass over their heads, then each backward in turn
-            hidden = {f"{m.name} final hidden states": batch * self.seq_len * m.head // max(m.width, 1) * m.dtype_bytes
-                      for m in self.models}
-            fused = {**{f"{m.name} activations": m.activations * scale for m in self.models}, **hidden,
-                     **{f"{m.name} head gradient (fused pass)": self.head_gradient(m) for m in self.models},
-                     "fused pass working set": kd,
-                     # ZeRO-3: every head whole from the pass to its model's backward (engines.heads_gathered),
-                     # beside its partition; the teacher's through its own backward, the step's largest
-                     "heads gathered for the pass (ZeRO-3)": sum(m.head * m.dtype_bytes for m in self.models
-                                                                 if m.stage == 3),
-                     "gathered parameters (ZeRO-3)": max((m.gathered for m in self.models), default=0),
-                     "gradient reduction (ZeRO-3)": max((m.reducing for m in self.models), default=0)}
-            student_side = [fused]
-            copy = teacher.head * teacher.dtype_bytes if teacher is not None and teacher.stage == 3 else 0
-            for m in students:  # a measuring step, after every backward: the student's own forward, the gate's
-                if m.gate:      # gradients, its pass with two terms, and the teacher's head (copied at ZeRO-3)
-                    student_side.append({f"{m.name} activations": m.activations * scale,
-                                         f"{m.name} benefit gate's gradients": m.gate,
-                                         f"{m.name} head gradients (the gate's fused pass)": 2 * self.head_gradient(m),
-                                         f"{self.teacher} head copy (ZeRO-3)": copy, "fused pass working set": kd,
-                                         "gathered parameters (ZeRO-3)": m.gathered, **hidden})
-            return teacher_side, student_side
-        if teacher is not None:
-            teacher_side.insert(0, running(teacher, 2 if teacher.trainable else 1))
-        kept = {"teacher targets kept for the students": self.kept_per_position * batch * self.seq_len}
-        student_side = [{**kept, **running(m, 2)} for m in students] or [kept]
-        for m in students:  # a measuring step: no reduction, but its gradients held whole at once
-            if m.gate:
-                measuring = {**kept, **running(m, 2), f"{m.name} benefit gate's gradients": m.gate}
-                measuring.pop(f"{m.name} gradient reduction (ZeRO-3)")
-                student_side.append(measuring)
-        return teacher_side, student_side
+        teacher_pass, student_side = (fused_path_phases if self.fused else logits_path_phases)(self, batch)
+        return teacher_pass + [optimizer_phase(self.models)], student_side
 
     def _phases(self, batch: int) -> tuple[int, int]:
         """The larger phase of the teacher's side and of the students' side, in bytes."""
@@ -188,18 +151,8 @@ class Estimate:
         return self.runtime + sum(m.states + m.buckets for m in self.models)
 
     def build_peak(self, host: bool = False) -> int:
-        """Bytes per rank while the models are built, one after another (the earlier ones already
-        hold their states). A ZeRO-3 model is built partitioned where it will train; any other is
-        built whole in fp32 in host memory first. ``host``: the host's share on a GPU machine."""
-        if host and self.device == "cpu":
-            return 0  # everything is in the one memory
-        held, worst = 0, 0
-        for m in self.models:
-            in_host = m.stage != 3 and self.device != "cpu"
-            if in_host == host:
-                worst = max(worst, held + m.build)
-            held += 0 if host else m.states
-        return worst + (0 if host else self.runtime)
+        """Bytes per rank while the models are built (see :func:`build_peak`)."""
+        return build_peak(self.models, self.device, self.runtime, host)
 
     def peak(self, batch: Optional[int] = None) -> int:
         """Expected peak bytes per rank at micro-batch ``batch`` (default: the config's); on CPU
@@ -247,49 +200,142 @@ class Estimate:
         return lo
 
     def lines(self, device_memory: Optional[int] = None) -> list[str]:
-        gb = lambda b: f"{b / 2**30:8.3f} GB"  # noqa: E731
-        out = [f"memory per rank, {self.world_size} rank(s) on {self.device}, micro-batch {self.micro_batch_size} x "
-               f"{self.seq_len} tokens, vocabulary {self.vocab:,}:",
-               f"  {'model':<14}{'params':>12}{'grads':>12}{'optimizer':>12}{'activations':>13}{'logits':>12}"
-               f"{'host':>12}"]
-        for m in self.models:
-            role = f"{m.name}{'' if m.trainable else ' (frozen)'}"
-            out.append(f"  {role:<14}{gb(m.params):>12}{gb(m.grads):>12}{gb(m.optimizer):>12}{gb(m.activations):>13}"
-                       f"{gb(m.logits):>12}{gb(m.host):>12}   ZeRO-{m.stage}, {m.parameters:,} parameters")
-        t_phase, s_phase = self._phases(self.micro_batch_size)
-        out += [f"  DeepSpeed: gradient buckets {gb(sum(m.buckets for m in self.models)).strip()}, ZeRO-3 parameters "
-                f"gathered while a model runs {gb(max((m.gathered for m in self.models), default=0)).strip()}, "
-                f"ZeRO-3 gradient reduction {gb(max((m.reducing for m in self.models), default=0)).strip()}, "
-                f"optimizer-step temporaries {gb(max((m.step_temp for m in self.models), default=0)).strip()}",
-                (f"  fused-linear losses (distill.fused_linear): no model's logits; one chunk of the fused pass "
-                 f"{gb(self.kd_bytes(self.micro_batch_size)).strip()}, head gradients "
-                 + ", ".join(f"{m.name} {gb(self.head_gradient(m)).strip()}" for m in self.models if m.trainable)
-                 + f" (plain PyTorch over full logits: {gb(self.kd_bytes(self.micro_batch_size, chunked=False)).strip()}"
-                 " of loss temporaries alone)" if self.fused else
-                 f"  KD loss working set: {gb(self.kd_bytes(self.micro_batch_size)).strip()} chunked (plain PyTorch "
-                 f"over full logits: {gb(self.kd_bytes(self.micro_batch_size, chunked=False)).strip()})"),
-                *(["  benefit gate: a measuring step holds two whole gradients of the student and one of its "
-                   "largest parameter (" + ", ".join(f"{m.name} {gb(m.gate).strip()}" for m in self.models if m.gate)
-                   + ") instead of its gradient reduction; counted in the students' phase"]
-                  if any(m.gate for m in self.models) else []),
-                f"  runtime ({'measured in this process' if self.device == 'cpu' else 'CUDA context'}): "
-                f"{gb(self.runtime).strip()}",
-                (f"  optimizer steps {gb(t_phase).strip()}, the fused pass {gb(s_phase).strip()} (the larger counts)"
-                 if self.fused else
-                 f"  teacher phase {gb(t_phase).strip()}, students' phase {gb(s_phase).strip()} (the larger counts)"),
-                f"  expected peak per rank: {gb(self.peak()).strip()}"
-                + (f" (+ {gb(sum(m.host for m in self.models)).strip()} offloaded to host)"
-                   if any(m.host for m in self.models) else "")]
-        built = ", ".join(f"{m.name} {gb(m.build).strip()} " + ("partitioned (ZeRO-3: a share + one module)"
-                                                                 if m.stage == 3 else "whole, fp32") for m in self.models)
-        where = "" if self.device == "cpu" else (f" on the device, {gb(self.build_peak(host=True)).strip()} "
-                                                  "in host memory")
-        out.insert(-1, f"  while building: {gb(self.build_peak()).strip()} per rank{where} ({built})")
-        if device_memory:
-            fit = self.largest_micro_batch(device_memory)
-            out.append(f"  largest micro-batch in {device_memory / 2**30:.1f} GB: "
-                       + (f"{fit}" if fit else f"none: {self.why_not(device_memory)}"))
-        return out
+        """The estimate as lines of text (see :func:`report_lines`)."""
+        return report_lines(self, device_memory)
+
+
+# The build: the models are constructed one after another, before any step.
+
+def build_peak(models: list[ModelMemory], device: str, runtime: int, host: bool = False) -> int:
+    """Bytes per rank while ``models`` are built, one after another (the earlier ones already
+    hold their states). A ZeRO-3 model is built partitioned where it will train; any other is
+    built whole in fp32 in host memory first. ``host``: the host's share on a GPU machine."""
+    if host and device == "cpu":
+        return 0  # everything is in the one memory
+    held, worst = 0, 0
+    for m in models:
+        in_host = m.stage != 3 and device != "cpu"
+        if in_host == host:
+            worst = max(worst, held + m.build)
+        held += 0 if host else m.states
+    return worst + (0 if host else runtime)
+
+
+# The optimizer steps: after every backward, one model's step at a time.
+
+def optimizer_phase(models: list[ModelMemory]) -> dict[str, float]:
+    """The optimizer steps' terms: the temporaries of the largest model's step."""
+    return {"optimizer-step temporaries": max((m.step_temp for m in models), default=0)}
+
+
+# A step's forwards and backwards, at micro-batch ``batch``: the logits path or the fused-linear one.
+
+def _running(m: ModelMemory, scale: float, logit_copies: int, kd: int) -> dict[str, float]:
+    """One model's forward and backward on the logits path: its activations and logits (``logit_copies``:
+    2 with their gradient), the loss's working set and, at ZeRO-3, its gathered parameters and reduction."""
+    return {f"{m.name} activations": m.activations * scale, f"{m.name} logits": m.logits * logit_copies * scale,
+            "KD loss working set": kd, f"{m.name} gathered parameters (ZeRO-3)": m.gathered,
+            f"{m.name} gradient reduction (ZeRO-3)": m.reducing}
+
+
+def logits_path_phases(est: Estimate, batch: int) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
+    """The teacher's pass (none without a loaded teacher) and the students' phases on the logits path: each
+    student's pass beside the teacher's kept targets, and a measuring step of the benefit gate per gated
+    student (its gradients held whole at once, no reduction)."""
+    scale = batch / est.micro_batch_size
+    teacher = next((m for m in est.models if m.name == est.teacher), None)
+    students = [m for m in est.models if m.name != est.teacher]
+    kd = est.kd_bytes(batch) if est.distills else 0
+    teacher_pass = [_running(teacher, scale, 2 if teacher.trainable else 1, kd)] if teacher is not None else []
+    kept = {"teacher targets kept for the students": est.kept_per_position * batch * est.seq_len}
+    student_side = [{**kept, **_running(m, scale, 2, kd)} for m in students] or [kept]
+    for m in students:  # a measuring step: no reduction, but its gradients held whole at once
+        if m.gate:
+            measuring = {**kept, **_running(m, scale, 2, kd), f"{m.name} benefit gate's gradients": m.gate}
+            measuring.pop(f"{m.name} gradient reduction (ZeRO-3)")
+            student_side.append(measuring)
+    return teacher_pass, student_side
+
+
+def fused_path_phases(est: Estimate, batch: int) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
+    """No teacher's pass of its own, and the fused pass: every model's forward, then one pass over their heads,
+    then each backward in turn; and a measuring step of the benefit gate per gated student, after every
+    backward (the student's own forward, the gate's gradients, its pass with two terms, and the teacher's
+    head, copied at ZeRO-3)."""
+    scale = batch / est.micro_batch_size
+    teacher = next((m for m in est.models if m.name == est.teacher), None)
+    students = [m for m in est.models if m.name != est.teacher]
+    kd = est.kd_bytes(batch) if est.distills else 0
+    hidden = {f"{m.name} final hidden states": batch * est.seq_len * m.head // max(m.width, 1) * m.dtype_bytes
+              for m in est.models}
+    fused = {**{f"{m.name} activations": m.activations * scale for m in est.models}, **hidden,
+             **{f"{m.name} head gradient (fused pass)": est.head_gradient(m) for m in est.models},
+             "fused pass working set": kd,
+             # ZeRO-3: every head whole from the pass to its model's backward (engines.heads_gathered),
+             # beside its partition; the teacher's through its own backward, the step's largest
+             "heads gathered for the pass (ZeRO-3)": sum(m.head * m.dtype_bytes for m in est.models if m.stage == 3),
+             "gathered parameters (ZeRO-3)": max((m.gathered for m in est.models), default=0),
+             "gradient reduction (ZeRO-3)": max((m.reducing for m in est.models), default=0)}
+    student_side = [fused]
+    copy = teacher.head * teacher.dtype_bytes if teacher is not None and teacher.stage == 3 else 0
+    for m in students:
+        if m.gate:
+            student_side.append({f"{m.name} activations": m.activations * scale,
+                                 f"{m.name} benefit gate's gradients": m.gate,
+                                 f"{m.name} head gradients (the gate's fused pass)": 2 * est.head_gradient(m),
+                                 f"{est.teacher} head copy (ZeRO-3)": copy, "fused pass working set": kd,
+                                 "gathered parameters (ZeRO-3)": m.gathered, **hidden})
+    return [], student_side
+
+
+# The report.
+
+def report_lines(est: Estimate, device_memory: Optional[int] = None) -> list[str]:
+    """The estimate as lines of text: per model, then the step's shared terms, the phases and the peak, the
+    build, and with ``device_memory`` (bytes) the largest micro-batch that fits it."""
+    gb = lambda b: f"{b / 2**30:8.3f} GB"  # noqa: E731
+    out = [f"memory per rank, {est.world_size} rank(s) on {est.device}, micro-batch {est.micro_batch_size} x "
+           f"{est.seq_len} tokens, vocabulary {est.vocab:,}:",
+           f"  {'model':<14}{'params':>12}{'grads':>12}{'optimizer':>12}{'activations':>13}{'logits':>12}"
+           f"{'host':>12}"]
+    for m in est.models:
+        role = f"{m.name}{'' if m.trainable else ' (frozen)'}"
+        out.append(f"  {role:<14}{gb(m.params):>12}{gb(m.grads):>12}{gb(m.optimizer):>12}{gb(m.activations):>13}"
+                   f"{gb(m.logits):>12}{gb(m.host):>12}   ZeRO-{m.stage}, {m.parameters:,} parameters")
+    t_phase, s_phase = est._phases(est.micro_batch_size)
+    out += [f"  DeepSpeed: gradient buckets {gb(sum(m.buckets for m in est.models)).strip()}, ZeRO-3 parameters "
+            f"gathered while a model runs {gb(max((m.gathered for m in est.models), default=0)).strip()}, "
+            f"ZeRO-3 gradient reduction {gb(max((m.reducing for m in est.models), default=0)).strip()}, "
+            f"optimizer-step temporaries {gb(max((m.step_temp for m in est.models), default=0)).strip()}",
+            (f"  fused-linear losses (distill.fused_linear): no model's logits; one chunk of the fused pass "
+             f"{gb(est.kd_bytes(est.micro_batch_size)).strip()}, head gradients "
+             + ", ".join(f"{m.name} {gb(est.head_gradient(m)).strip()}" for m in est.models if m.trainable)
+             + f" (plain PyTorch over full logits: {gb(est.kd_bytes(est.micro_batch_size, chunked=False)).strip()}"
+             " of loss temporaries alone)" if est.fused else
+             f"  KD loss working set: {gb(est.kd_bytes(est.micro_batch_size)).strip()} chunked (plain PyTorch "
+             f"over full logits: {gb(est.kd_bytes(est.micro_batch_size, chunked=False)).strip()})"),
+            *(["  benefit gate: a measuring step holds two whole gradients of the student and one of its "
+               "largest parameter (" + ", ".join(f"{m.name} {gb(m.gate).strip()}" for m in est.models if m.gate)
+               + ") instead of its gradient reduction; counted in the students' phase"]
+              if any(m.gate for m in est.models) else []),
+            f"  runtime ({'measured in this process' if est.device == 'cpu' else 'CUDA context'}): "
+            f"{gb(est.runtime).strip()}",
+            (f"  optimizer steps {gb(t_phase).strip()}, the fused pass {gb(s_phase).strip()} (the larger counts)"
+             if est.fused else
+             f"  teacher phase {gb(t_phase).strip()}, students' phase {gb(s_phase).strip()} (the larger counts)"),
+            f"  expected peak per rank: {gb(est.peak()).strip()}"
+            + (f" (+ {gb(sum(m.host for m in est.models)).strip()} offloaded to host)"
+               if any(m.host for m in est.models) else "")]
+    built = ", ".join(f"{m.name} {gb(m.build).strip()} " + ("partitioned (ZeRO-3: a share + one module)"
+                                                             if m.stage == 3 else "whole, fp32") for m in est.models)
+    where = "" if est.device == "cpu" else (f" on the device, {gb(est.build_peak(host=True)).strip()} "
+                                             "in host memory")
+    out.insert(-1, f"  while building: {gb(est.build_peak()).strip()} per rank{where} ({built})")
+    if device_memory:
+        fit = est.largest_micro_batch(device_memory)
+        out.append(f"  largest micro-batch in {device_memory / 2**30:.1f} GB: "
+                   + (f"{fit}" if fit else f"none: {est.why_not(device_memory)}"))
+    return out
 
 
 def parse_size(text: str) -> int:
