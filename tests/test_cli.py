@@ -122,3 +122,21 @@ def test_a_commands_help_imports_no_torch(command):
     assert proc.returncode == 0 and proc.stdout.startswith("usage: codistill-"), proc.stderr[-2000:]
     imported = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
     assert not imported & {"torch", "deepspeed", "transformers", "datasets"}, sorted(imported)
+
+
+def test_without_a_gpu_deepspeed_is_told_to_use_the_cpu_before_it_is_imported():
+    """Every module that imports deepspeed imports codistill.accelerator first: DS_ACCELERATOR=cpu when torch
+    sees no CUDA device (the user's own value wins)."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import os, torch, codistill.engines; print(os.environ.get('DS_ACCELERATOR'), torch.cuda.is_available())"
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    value, cuda = proc.stdout.split()
+    assert value == ("None" if cuda == "True" else "cpu")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**env, "DS_ACCELERATOR": "cuda"})
+    assert proc.stdout.split()[0] == "cuda", proc.stderr[-2000:]

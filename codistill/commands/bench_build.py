@@ -32,6 +32,8 @@ def _config(args: argparse.Namespace):
 
 
 def _worker(args: argparse.Namespace) -> None:
+    from .. import accelerator  # noqa: F401  (first: sets DS_ACCELERATOR before deepspeed is imported)
+
     import deepspeed
     import psutil
     import torch
