@@ -547,6 +547,33 @@ def export_hf(path: Path, out: Path, names: Optional[list[str]] = None, overwrit
         exported.append(target)
     return exported
 
+def load_engine(path: Path, member, is_main: bool) -> None:
+    """Load one model's engine from the checkpoint ``path`` (through DeepSpeed's universal format when the
+    engine was configured to, i.e. on another number of ranks); a checkpoint is data: nothing in it may run
+    code."""
+    folder, tag = path / member.name, TAG
+    if member.engine.load_universal_checkpoint():
+        folder, tag = universal(path, member.name, is_main), UNIVERSAL_TAG
+    with data_only_loads():
+        loaded, _ = member.engine.load_checkpoint(str(folder), tag=tag)
+    if loaded is None:
+        raise ConfigError(f"resume: {folder} holds no checkpoint of model '{member.name}'")
+
+
+def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two configs (ignoring where the run writes and how it resumes)."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        dotted = f"{prefix}{key}"
+        if dotted in ("output_dir", "resume", "overwrite", "train.steps_this_run"):
+            continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += changed_keys(a, b, dotted + ".")
+        elif a != b:
+            out.append(dotted)
+    return out
+
 
 if __name__ == "__main__":
     # DeepSpeed's universal-checkpoint conversion (checkpoint.universal runs it as a subprocess),
@@ -559,3 +586,4 @@ if __name__ == "__main__":
     except ConfigError as exc:
         print(f"codistill: error: {exc}", file=sys.stderr)
         sys.exit(2)
+

@@ -12,6 +12,7 @@ by transformers and DeepSpeed themselves.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -23,6 +24,8 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 from pydantic.fields import FieldInfo
 
 from .errors import ConfigError
+
+log = logging.getLogger("codistill")
 
 # The repository's configs/ (a checkout, an editable install), else the copy a plain install ships in the package.
 _CONFIGS = [Path(__file__).resolve().parent.parent / "configs", Path(__file__).resolve().parent / "configs"]
@@ -126,20 +129,63 @@ class CheckpointConfig(_Section):
     keep_last: int = Field(2, ge=0, description="complete checkpoints kept; 0 keeps all")
 
 
-class DistillConfig(_Section):
+# Names of the previous release, accepted with a one-line warning: (old key, old value or None) -> new.
+RENAMED_DISTILL_KEYS = {"adaptive_gap": "lead_scale", "adaptive_ema": "lead_ema", "token_gate": "token_filter"}
+RENAMED_SCHEDULES = {"adaptive": "lead"}
+
+
+def renamed_distill(section: Any, where: str = "distill", say: bool = True) -> Any:
+    """A ``distill`` section (a mapping) with the previous release's names replaced by today's, saying so
+    (``say``) once per name on rank 0; anything else is returned as it is, for validation to judge."""
+    if not isinstance(section, dict):
+        return section
+    out, said = dict(section), []
+    for old, new in RENAMED_DISTILL_KEYS.items():
+        if old in out:
+            if new in out:
+                raise ValueError(f"give {where}.{new} or its old name {where}.{old}, not both")
+            out[new] = out.pop(old)
+            said.append(f"{where}.{old} is now {where}.{new}")
+    if isinstance(out.get("schedule"), str) and out["schedule"] in RENAMED_SCHEDULES:
+        said.append(f"{where}.schedule={out['schedule']} is now {where}.schedule={RENAMED_SCHEDULES[out['schedule']]}")
+        out["schedule"] = RENAMED_SCHEDULES[out["schedule"]]
+    if said and say and os.environ.get("RANK", "0") == "0":
+        log.warning("deprecated config names: %s (the old names work until the next release)", "; ".join(said))
+    return out
+
+
+def today_names(config: dict[str, Any]) -> dict[str, Any]:
+    """A saved config (a checkpoint's) with the previous release's distill names as today's, quietly."""
+    out = {**config, "distill": renamed_distill(config.get("distill", {}), say=False)}
+    out["students"] = [{**s, "distill": renamed_distill(s.get("distill", {}), say=False)} if isinstance(s, dict)
+                       else s for s in config.get("students", [])]
+    return out
+
+
+class _DistillNames(_Section):
+    """Accepts the previous release's names of the ``distill`` keys (see :func:`renamed_distill`)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _today_names(cls, data: Any) -> Any:
+        return renamed_distill(data)
+
+
+class DistillConfig(_DistillNames):
     """How a student learns from the teacher. The top-level ``distill`` section is the
     default of every student; ``students[i].distill`` overrides any of its keys."""
 
-    schedule: Literal["adaptive", "warmup", "constant"] = Field(
-        "adaptive", description="adaptive: α follows the running gap by which the teacher's CE "
-        "beats the student's; warmup: burn-in then a ramp; constant: alpha_max throughout")
+    schedule: Literal["lead", "warmup", "constant"] = Field(
+        "lead", description="lead (the teacher-lead schedule): α follows the running amount by which the "
+        "teacher's CE beats the student's; warmup: burn-in then a ramp; constant: alpha_max throughout")
     alpha_max: float = Field(0.5, ge=0.0, le=1.0)
     burn_in_steps: int = Field(0, ge=0, description="the student's first steps (after any head start) at "
                                "alpha=0, before any schedule moves: a fresh student is behind every teacher")
     warmup_steps: int = Field(100, ge=0, description="warmup schedule: steps of the ramp")
     warmup: Literal["linear", "cosine"] = "linear"
-    adaptive_gap: float = Field(0.2, gt=0.0, description="adaptive: gap (nats) at which α reaches alpha_max")
-    adaptive_ema: float = Field(0.9, ge=0.0, lt=1.0, description="adaptive: smoothing of the gap signal")
+    lead_scale: float = Field(0.2, gt=0.0, description="lead schedule: the teacher's lead (nats) at which α "
+                              "reaches alpha_max")
+    lead_ema: float = Field(0.9, ge=0.0, lt=1.0, description="lead schedule: smoothing of the teacher's lead")
     alpha_decay: Literal["none", "lr"] = Field(
         "none", description="lr: α (after the schedule and the gate) x the student's learning rate over its peak so "
         "far: distil less as the step shrinks, when the harm of imitating a teacher the student cannot follow builds")
@@ -150,7 +196,7 @@ class DistillConfig(_Section):
     beta: float = Field(0.5, ge=0.0, le=1.0, description="jsd: 0 = forward KL, 1 = reverse KL")
     targets: Literal["full", "topk"] = "full"
     top_k: int = Field(64, gt=0)
-    token_gate: bool = Field(False, description="distil only on tokens where the teacher's CE < the student's")
+    token_filter: bool = Field(False, description="distil only on tokens where the teacher's CE < the student's")
     chunk_tokens: Optional[int] = Field(None, gt=0, description="positions per loss chunk (default: ~256k "
                                         "logits per chunk on CPU, ~4M on a GPU)")
     benefit_gate: bool = Field(True, description="scale alpha by an openness in [0, 1] that follows whether the "
@@ -186,7 +232,8 @@ def _all_optional(model: type[_Section], name: str, doc: str) -> type[_Overrides
     """``model`` with every field optional (default None) and the same checks on a given value."""
     fields = {key: (Optional[info.annotation], FieldInfo.merge_field_infos(info, default=None))
               for key, info in model.model_fields.items()}
-    return create_model(name, __base__=_Overrides, __doc__=doc, **fields)
+    base = (_Overrides, _DistillNames) if issubclass(model, _DistillNames) else _Overrides
+    return create_model(name, __base__=base, __doc__=doc, **fields)
 
 
 DistillOverrides = _all_optional(

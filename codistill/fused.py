@@ -8,7 +8,7 @@ student's chunk of logits gives its ``(1 − α)·CE + α·T²·D`` and the grad
 to those logits, which is turned into the gradients of its hidden states and head weight
 (and bias) at once and dropped. The loss math is :mod:`codistill.losses`' own (the same
 kernel runs on each chunk), so every divergence, T, top-k, mask, prompt mask and per-token
-gate is exact where that path is: the two agree to fp32 rounding.
+filter is exact where that path is: the two agree to fp32 rounding.
 
 Each model's loss is returned as a tensor whose backward hands over the gradients computed
 in the pass (the graph of one model reaches only its own hidden states and head), so each
@@ -27,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from .losses import LossParts, SoftSpec, Targets, _forward_and_grad, topk_targets
+from .losses import ChunkLoss, LossParts, SoftSpec, Targets, loss_and_grad, shared_targets, topk_targets
 
 # distill.fused_linear=auto is on from this vocabulary up: below it the logits are not a step's largest
 # activations (tools/bench_step.py: the fused step takes about as long as the plain one on CPU).
@@ -58,7 +58,7 @@ class Head:
 
 @dataclass
 class StudentTerm:
-    """A student's head and its soft term: divergence, α and gating (``spec``) at ``temperature``,
+    """A student's head and its soft term: divergence, α and the token filter (``spec``) at ``temperature``,
     against the teacher's full distribution (``top_k`` None) or its top-k + tail."""
 
     head: Head
@@ -156,36 +156,56 @@ class _Handover(torch.autograd.Function):
         return (None, None, *grads)
 
 
-def _parts(n_pos: int, device: torch.device) -> dict:
-    zero = lambda: torch.zeros((), dtype=torch.float64, device=device)  # noqa: E731
-    return {"loss": zero(), "ce": zero(), "kd": zero(), "gated": zero(),
-            "token_ce": torch.zeros(n_pos, dtype=torch.float32, device=device),
-            "lse": torch.zeros(n_pos, dtype=torch.float32, device=device)}
+class _Sums:
+    """One model's loss over the pass, folded in chunk by chunk."""
+
+    def __init__(self, n_pos: int, device: torch.device):
+        zero = lambda: torch.zeros((), dtype=torch.float64, device=device)  # noqa: E731
+        self.loss, self.ce, self.kd, self.used = zero(), zero(), zero(), zero()
+        self.token_ce = torch.zeros(n_pos, dtype=torch.float32, device=device)
+        self.lse = torch.zeros(n_pos, dtype=torch.float32, device=device)
+
+    def fold(self, rows: slice, chunk: ChunkLoss, chunk_weight: torch.Tensor) -> None:
+        self.loss += chunk.loss.double()
+        self.ce += chunk.ce.double()
+        self.kd += chunk.kd.double()
+        self.used += chunk.filtered.double() * chunk_weight
+        self.token_ce[rows] = chunk.token_ce
+        self.lse[rows] = chunk.lse
+
+    def parts(self, head: Head, grads: Optional[_Grads], total: torch.Tensor, soft: bool) -> LossParts:
+        value = self.loss.float()
+        if grads is not None:
+            value = _Handover.apply(value, grads.handed_over(), head.hidden, head.weight, head.bias)
+        share = (self.used / total).float() if soft and total > 0 else torch.ones((), device=value.device)
+        return LossParts(value, self.ce.float(), self.kd.float(), self.token_ce, share, self.lse)
 
 
-def _fold(acc: dict, rows: slice, chunk: tuple, chunk_weight: torch.Tensor) -> None:
-    loss, ce, kd, token_ce, share, lse, _ = chunk
-    acc["loss"] += loss.double()
-    acc["ce"] += ce.double()
-    acc["kd"] += kd.double()
-    acc["gated"] += share.double() * chunk_weight
-    acc["token_ce"][rows] = token_ce
-    acc["lse"][rows] = lse
+def _check_heads(heads: list[Head], n_pos: int, vocab: int) -> None:
+    for i, head in enumerate(heads):
+        who = "the teacher" if i == 0 else f"student {i - 1}"
+        if head.hidden.numel() != n_pos * head.hidden.shape[-1]:
+            raise ValueError(f"{who}: hidden states {tuple(head.hidden.shape)} do not hold {n_pos} positions")
+        if head.weight.shape[0] < vocab or head.weight.shape[1] != head.hidden.shape[-1]:
+            raise ValueError(f"{who}: head weight {tuple(head.weight.shape)} does not map hidden size "
+                             f"{head.hidden.shape[-1]} to at least {vocab} tokens")
 
 
-def _finish(acc: dict, head: Head, grads: Optional[_Grads], total: torch.Tensor, soft: bool) -> LossParts:
-    value = acc["loss"].float()
-    if grads is not None:
-        value = _Handover.apply(value, grads.handed_over(), head.hidden, head.weight, head.bias)
-    share = (acc["gated"] / total).float() if soft and total > 0 else torch.ones((), device=value.device)
-    return LossParts(value, acc["ce"].float(), acc["kd"].float(), acc["token_ce"], share, acc["lse"])
+def _chunk_targets(students: list[StudentTerm], z_t: torch.Tensor, teacher: ChunkLoss) -> dict[int, Targets]:
+    """Each student's targets on one chunk of the teacher's logits ``z_t``, shared by (top-k, T)."""
+    def make(top_k: Optional[int], temperature: float) -> Targets:
+        if top_k is None:
+            return Targets(temperature=temperature, logits=z_t, token_ce=teacher.token_ce, lse=teacher.lse)
+        return replace(topk_targets(z_t, top_k, temperature), token_ce=teacher.token_ce)
+
+    return shared_targets({j: (s.top_k, s.temperature) for j, s in enumerate(students, start=1)}, make)
 
 
 def fused_linear_losses(teacher: Head, students: list[StudentTerm], labels: torch.Tensor, mask: torch.Tensor,
                         vocab: int, chunk_tokens: Optional[int] = None) -> tuple[LossParts, list[LossParts]]:
     """The teacher's CE and every student's blended objective, as :func:`codistill.losses.distill_loss`
     gives them from logits (the teacher's full logits, or its top-k at the student's T, as targets;
-    its per-position CE for the token gate), without any model's [N × V] logits.
+    its per-position CE for the token filter), without any model's [N × V] logits.
 
     Args:
         teacher, students: heads (and the students' soft terms). A head whose hidden states,
@@ -200,21 +220,13 @@ def fused_linear_losses(teacher: Head, students: list[StudentTerm], labels: torc
     labels = labels.reshape(-1)
     n_pos = flat_mask.shape[0]
     heads = [teacher, *(s.head for s in students)]
-    for i, head in enumerate(heads):
-        who = "the teacher" if i == 0 else f"student {i - 1}"
-        if head.hidden.numel() != n_pos * head.hidden.shape[-1]:
-            raise ValueError(f"{who}: hidden states {tuple(head.hidden.shape)} do not hold {n_pos} positions")
-        if head.weight.shape[0] < vocab or head.weight.shape[1] != head.hidden.shape[-1]:
-            raise ValueError(f"{who}: head weight {tuple(head.weight.shape)} does not map hidden size "
-                             f"{head.hidden.shape[-1]} to at least {vocab} tokens")
+    _check_heads(heads, n_pos, vocab)
     weights = flat_mask.float() / flat_mask.sum().clamp(min=1)
-    total = weights.sum(dtype=torch.float64)
     device = teacher.hidden.device
     flat = [h.hidden.reshape(n_pos, -1).detach() for h in heads]
     grads = [_Grads(h, n_pos, vocab) if h.trains else None for h in heads]
-    accs = [_parts(n_pos, device) for _ in heads]
+    sums = [_Sums(n_pos, device) for _ in heads]
     step = min(n_pos, fused_rows(vocab, chunk_tokens)) if n_pos else 1
-
     # Three [rows, V] fp32 buffers for the whole pass, reused chunk after chunk: the teacher's logits (read by
     # every student), a student's logits, and the gradient of whichever model's loss is being folded in (used
     # up at once). Fresh ones each chunk would cost page faults on CPU as large as the work they hold.
@@ -223,31 +235,24 @@ def fused_linear_losses(teacher: Head, students: list[StudentTerm], labels: torc
     student_z = buffer() if students else None
     grad_z = buffer() if any(g is not None for g in grads) else None
 
-    def chunk_of(j: int, rows: slice, z: torch.Tensor, targets: Optional[Targets], spec: SoftSpec):
-        """Model j's loss on one chunk of logits, folded into its sums and gradients; (token CE, lse)."""
-        out = _forward_and_grad(z, labels[rows], weights[rows], targets, spec, None, grads[j] is not None, grad_z)
-        _fold(accs[j], rows, out, weights[rows].sum(dtype=torch.float64))
+    def chunk_of(j: int, rows: slice, z: torch.Tensor, targets: Optional[Targets], spec: SoftSpec) -> ChunkLoss:
+        """Model j's loss on one chunk of logits, folded into its sums and gradients."""
+        out = loss_and_grad(z, labels[rows], weights[rows], targets, spec, None, grads[j] is not None, grad_z)
+        sums[j].fold(rows, out, weights[rows].sum(dtype=torch.float64))
         if grads[j] is not None:
-            grads[j].add(rows, flat[j][rows], out[-1])
-        return out[3], out[5]
+            grads[j].add(rows, flat[j][rows], out.grad)
+        return out
 
     with torch.no_grad():
         for i in range(0, n_pos, step):
             rows = slice(i, min(n_pos, i + step))
             z_t = _logits(teacher, flat[0][rows], vocab, teacher_z)
-            t_token_ce, t_lse = chunk_of(0, rows, z_t, None, SoftSpec())
-            shared: dict[tuple, Targets] = {}
+            targets = _chunk_targets(students, z_t, chunk_of(0, rows, z_t, None, SoftSpec()))
             for j, s in enumerate(students, start=1):
-                key = (s.top_k, s.temperature)
-                if key not in shared:
-                    if s.top_k is None:
-                        shared[key] = Targets(temperature=s.temperature, logits=z_t, token_ce=t_token_ce,
-                                              lse=t_lse)
-                    else:
-                        shared[key] = replace(topk_targets(z_t, s.top_k, s.temperature), token_ce=t_token_ce)
-                chunk_of(j, rows, _logits(s.head, flat[j][rows], vocab, student_z), shared[key], s.spec)
-            del z_t, shared
-    parts = [_finish(acc, head, g, total, soft=j > 0) for j, (acc, head, g) in enumerate(zip(accs, heads, grads))]
+                chunk_of(j, rows, _logits(s.head, flat[j][rows], vocab, student_z), targets[j], s.spec)
+            del z_t, targets
+    total = weights.sum(dtype=torch.float64)
+    parts = [acc.parts(head, g, total, soft=j > 0) for j, (acc, head, g) in enumerate(zip(sums, heads, grads))]
     return parts[0], parts[1:]
 
 

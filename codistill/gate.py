@@ -25,7 +25,7 @@ accumulation they stay one micro-batch's, and the gate favours the soft term som
 than it should.
 
 The gate keeps an openness o ∈ [0, 1] per student, by which the schedule's α (the
-teacher-lead gate, warm-up or constant) is multiplied. The evidence is a t-statistic with
+teacher-lead schedule, warm-up or constant) is multiplied. The evidence is a t-statistic with
 forgetting, t = S/√Q with S = Σ decay^k·s and Q = Σ decay^k·s² over the measurements (k
 measurements ago): for a signal that is only noise, t has mean 0 and variance 1/(1+decay);
 for one that always points the same way it grows to √(1/(1−decay)) (3.2 at decay 0.9).
@@ -58,16 +58,15 @@ class BenefitState:
     evidence_sum: float = 0.0  # S = Σ decay^k·s
     evidence_sq: float = 0.0  # Q = Σ decay^k·s²
     measurements: int = 0
-    lr_peak: float = 0.0  # the student's highest learning rate so far (benefit_length: lr)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, state: dict) -> "BenefitState":
+        """(An earlier release's form also held a peak learning rate: the student's state keeps it now.)"""
         return cls(openness=float(state["openness"]), evidence_sum=float(state["evidence_sum"]),
-                   evidence_sq=float(state["evidence_sq"]), measurements=int(state["measurements"]),
-                   lr_peak=float(state.get("lr_peak", 0.0)))
+                   evidence_sq=float(state["evidence_sq"]), measurements=int(state["measurements"]))
 
     @property
     def evidence(self) -> float:
@@ -78,7 +77,7 @@ class BenefitState:
 def update(state: BenefitState, signal: float, init: float, gain: float, decay: float) -> BenefitState:
     """The gate after one measurement whose (rank-averaged) signal is ``signal``."""
     new = BenefitState(state.openness, decay * state.evidence_sum + signal,
-                       decay * state.evidence_sq + signal * signal, state.measurements + 1, state.lr_peak)
+                       decay * state.evidence_sq + signal * signal, state.measurements + 1)
     new.openness = min(1.0, max(0.0, init + gain * new.evidence))
     return new
 

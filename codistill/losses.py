@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +52,7 @@ class LossParts(NamedTuple):
     ce: torch.Tensor  # mean hard cross-entropy (nats), no gradient
     kd: torch.Tensor  # T²·mean D(P ‖ Q), no gradient; 0 without targets
     token_ce: torch.Tensor  # [N] per-position CE (T = 1), no gradient; 0 where not counted
-    gated: torch.Tensor  # share of counted positions the soft term used (1 without gating)
+    filtered: torch.Tensor  # share of counted positions the soft term used (1 without the token filter)
     lse: torch.Tensor  # [N] logsumexp of the logits (T = 1), no gradient: a teacher's, saves students a pass
 
 
@@ -65,7 +65,7 @@ class Targets:
     topk_ids: Optional[torch.Tensor] = None  # [N, k] int32 (int64 per chunk when used)
     topk_logp: Optional[torch.Tensor] = None  # [N, k] log P of those ids (at ``temperature``)
     tail_logp: Optional[torch.Tensor] = None  # [N] log of the remaining mass (−inf if none)
-    token_ce: Optional[torch.Tensor] = None  # [N] the teacher's own CE per position, for gating
+    token_ce: Optional[torch.Tensor] = None  # [N] the teacher's own CE per position, for the token filter
     lse: Optional[torch.Tensor] = None  # [N] logsumexp of ``logits`` (T = 1, from the teacher's own loss)
 
     def nbytes(self) -> int:
@@ -84,7 +84,7 @@ class SoftSpec:
     divergence: str = "forward_kl"
     beta: float = 0.5
     alpha: float = 0.0
-    token_gate: bool = False  # use the soft term only where the teacher's CE < the student's
+    token_filter: bool = False  # use the soft term only where the teacher's CE < the student's (the token filter)
 
     def resolved(self) -> str:
         if self.divergence not in DIVERGENCES:
@@ -276,22 +276,119 @@ def _topk_chunk(spec: SoftSpec, div: str, targets: Targets, rows: slice, z: torc
     return value, ids, q_top, w[:, :-1], per_tail, w.sum(-1, keepdim=True), tail_rows
 
 
-def _forward_and_grad(student, labels, weights, targets, spec, chunk_tokens, need_grad, grad_out=None):
-    """The loss's value, parts and (with ``need_grad``) its gradient with respect to ``student`` [N, V], written
-    into ``grad_out`` when given (an fp32 [≥ N, V] buffer the caller reuses, not ``student`` itself)."""
+class ChunkLoss(NamedTuple):
+    """What :func:`loss_and_grad` computes for N positions."""
+
+    loss: torch.Tensor  # (1 − α)·CE + α·kd (CE alone without targets)
+    ce: torch.Tensor  # weighted CE
+    kd: torch.Tensor  # T²·weighted D
+    token_ce: torch.Tensor  # [N] per-position CE (T = 1); 0 where not counted
+    filtered: torch.Tensor  # share of the counted weight the soft term used (1 without the token filter)
+    lse: torch.Tensor  # [N] logsumexp of the logits (T = 1)
+    grad: Optional[torch.Tensor]  # [N, V] ∂loss/∂logits, or None
+
+
+@dataclass
+class _Scratch:
+    """The [step, V] fp32 buffers of one loss, reused chunk after chunk (fresh ones would cost page faults on
+    CPU as large as the work they hold)."""
+
+    q: Optional[torch.Tensor]  # the student's softmax (None: written straight into the gradient)
+    p: Optional[torch.Tensor]  # the teacher's softmax at T (full targets)
+    tmp: Optional[torch.Tensor]  # a divergence's working buffer (full targets)
+    qt: Optional[torch.Tensor]  # the student's softmax at T ≠ 1
+    m: Optional[torch.Tensor]  # JSD's log M
+
+    @classmethod
+    def make(cls, step: int, vocab: int, device: torch.device, in_place: bool, full: bool, tempered: bool,
+             jsd: bool) -> "_Scratch":
+        new = lambda: torch.empty(step, vocab, dtype=torch.float32, device=device)  # noqa: E731
+        q = None if in_place else new()
+        p, tmp = (new(), new()) if full else (None, None)
+        return cls(q, p, tmp, new() if tempered else None, new() if jsd else None)
+
+
+def _full_chunk(spec: SoftSpec, div: str, targets: Targets, rows: slice, n: int, z: torch.Tensor, q: torch.Tensor,
+                lse: torch.Tensor, buf: _Scratch, ce_w: torch.Tensor, w_soft: torch.Tensor, need_grad: bool):
+    """One chunk's divergence to the teacher's full logits per row [n], and (with ``need_grad``) the blended
+    loss's gradient written into ``q`` (the student's softmax at T = 1, which it replaces):
+    g = (1−α)·w·(q − onehot) + α·T·w_soft·(W − q_T·ΣW), less the one-hot part the caller adds. KL =
+    Σ P·(z_t − z_s)/T − lse_P + lse_Q; reverse KL from the log-ratio alone (no teacher softmax); JSD from
+    M = β·P + (1 − β)·Q in probabilities, one log per element; TVD from Q − P."""
+    temp = targets.temperature
+    zt = targets.logits[rows].float()
+    p_t = buf.p[:n]
+    if temp == 1.0 and targets.lse is not None:  # the teacher's loss already has its logsumexp
+        lse_p = targets.lse[rows].unsqueeze(1)
+        if div != "reverse_kl":
+            torch.sub(zt, lse_p, out=p_t).exp_()
+    else:
+        lse_p = _softmax_into(zt, p_t, 1.0 / temp)
+    q_t, lse_q = (q, lse) if temp == 1.0 else (buf.qt[:n], None)
+    if temp != 1.0:
+        lse_q = _softmax_into(z, q_t, 1.0 / temp)
+    if div == "forward_kl":
+        d = torch.sub(zt, z, out=buf.tmp[:n]).mul_(p_t)  # P·(z_t − z_s)
+        value = d.sum(dim=-1) / temp - lse_p.squeeze(1) + lse_q.squeeze(1)
+    elif div == "jsd":
+        value, w_div, sum_w = _jsd_chunk(spec.beta, temp, zt, lse_p, p_t, z, lse_q, q_t, buf.m[:n], buf.tmp[:n])
+    elif div == "reverse_kl":
+        value, w_div, sum_w = _reverse_kl_chunk(temp, zt, lse_p, z, lse_q, q_t, buf.tmp[:n])
+    else:
+        value, w_div, sum_w = _tvd_chunk(p_t, q_t, buf.tmp[:n])
+    if not need_grad:
+        return value, None
+    a_t = (w_soft * (spec.alpha * temp)).unsqueeze(1)
+    if div == "forward_kl":  # W − q_T·ΣW = q_T − p_T
+        g = q.mul_(ce_w + a_t) if temp == 1.0 else q.mul_(ce_w).addcmul_(q_t, a_t)
+        g.addcmul_(p_t, a_t, value=-1.0)
+    else:
+        g = q.mul_(ce_w - a_t * sum_w) if temp == 1.0 else q.mul_(ce_w).addcmul_(q_t, a_t * sum_w, value=-1.0)
+        g.addcmul_(w_div, a_t)
+    return value, g
+
+
+def _topk_grad_chunk(spec: SoftSpec, div: str, targets: Targets, rows: slice, n: int, z: torch.Tensor,
+                     q: torch.Tensor, lse: torch.Tensor, buf: _Scratch, ce_w: torch.Tensor, w_soft: torch.Tensor,
+                     need_grad: bool):
+    """As :func:`_full_chunk`, against top-k targets (k + 1 buckets, :func:`_topk_chunk`): g = (1−α)·w·(q −
+    onehot) + α·T·w_soft·∂D/∂z; ∂D/∂z is q_T·(per_tail − c) off the top-k and W_top − q_top·c on it, written
+    there (per_tail is large where the student's tail mass is small: adding a correction to q_top·per_tail
+    would cancel catastrophically)."""
+    temp = targets.temperature
+    q_t, lse_q = q, lse
+    if temp != 1.0:
+        q_t = buf.qt[:n]
+        lse_q = _softmax_into(z, q_t, 1.0 / temp)
+    value, ids, q_top, w_top, per_tail, c, tail_rows = _topk_chunk(spec, div, targets, rows, z, lse_q, q_t, temp)
+    if not need_grad:
+        return value, None
+    a_t = (w_soft * (spec.alpha * temp)).unsqueeze(1)
+    ce_top = q_top if temp == 1.0 else q.gather(1, ids)
+    shift = a_t * (per_tail - c)
+    g = q.mul_(ce_w + shift) if temp == 1.0 else q.mul_(ce_w).addcmul_(q_t, shift)
+    g.scatter_(1, ids, ce_top * ce_w + a_t * (w_top - q_top * c))
+    if tail_rows is not None:
+        low, tail_grad = tail_rows
+        g.index_add_(0, low, tail_grad.mul_(a_t[low]))
+    return value, g
+
+
+def loss_and_grad(student: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, targets: Optional[Targets],
+                  spec: SoftSpec, chunk_tokens: Optional[int], need_grad: bool,
+                  grad_out: Optional[torch.Tensor] = None) -> ChunkLoss:
+    """The loss's value, parts and (with ``need_grad``) its gradient with respect to ``student`` [N, V] (labels
+    [N], weights [N] summing to 1 over the counted positions), chunk by chunk; the gradient is written into
+    ``grad_out`` when given (an fp32 [≥ N, V] buffer the caller reuses, not ``student`` itself). Every
+    divergence to full teacher logits has a fused path (every [n, V] temporary in reused buffers, one
+    gradient buffer for both terms); top-k targets read the student's softmax at the top-k tokens and its
+    tail mass from the same buffer."""
     n_pos, vocab = student.shape
     soft = targets is not None
     div = spec.resolved() if soft else None
     temp = targets.temperature if soft else 1.0
     ce_scale = 1.0 - spec.alpha if soft else 1.0
-    # Every divergence to full teacher logits has a fused path: every [n, V] temporary in reused chunk
-    # buffers, one gradient buffer for both terms. KL = Σ P·(z_t − z_s)/T − lse_P + lse_Q; reverse KL from
-    # the log-ratio alone (no teacher softmax); JSD from M = β·P + (1 − β)·Q in probabilities, one log per
-    # element (the general path's logaddexp costs an exp and a log1p, and a fresh tensor for each step);
-    # TVD from Q − P. Top-k targets (k + 1 buckets) read the student's softmax at the top-k tokens and its
-    # tail mass from the same buffer (:func:`_topk_chunk`).
-    fast_soft = soft and targets.logits is not None
-    jsd = fast_soft and div == "jsd"
+    full = soft and targets.logits is not None
     if not need_grad:
         grad = None
     elif grad_out is not None:
@@ -300,90 +397,32 @@ def _forward_and_grad(student, labels, weights, targets, spec, chunk_tokens, nee
         grad = torch.empty_like(student)  # the logits' own dtype
     token_ce = torch.zeros(n_pos, dtype=torch.float32, device=student.device)
     lse_all = torch.empty(n_pos, dtype=torch.float32, device=student.device)
-    ce_sum = student.new_zeros((), dtype=torch.float64)
-    kd_sum = student.new_zeros((), dtype=torch.float64)
-    gated = student.new_zeros((), dtype=torch.float64)
+    ce_sum, kd_sum, used = (student.new_zeros((), dtype=torch.float64) for _ in range(3))
     step = min(n_pos, chunk_rows(vocab, chunk_tokens, student.device))
-    scratch = lambda: torch.empty(step, vocab, dtype=torch.float32, device=student.device)  # noqa: E731
     in_place = grad is not None and grad.dtype == torch.float32  # q is written straight into grad
-    buf_q = None if in_place else scratch()
-    buf_p, buf_tmp = (scratch(), scratch()) if fast_soft else (None, None)
-    buf_qt = scratch() if soft and temp != 1.0 else None
-    buf_m = scratch() if jsd else None
+    buf = _Scratch.make(step, vocab, student.device, in_place, full, soft and temp != 1.0, full and div == "jsd")
+    soft_chunk = _full_chunk if full else _topk_grad_chunk
     for i in range(0, n_pos, step):
         rows = slice(i, i + step)
         n = min(step, n_pos - i)
         w, y = weights[rows], labels[rows].unsqueeze(1)
         z = student[rows].float()
-        q = grad[rows] if in_place else buf_q[:n]
+        q = grad[rows] if in_place else buf.q[:n]
         lse = _softmax_into(z, q)  # q = softmax(z): ∂CE/∂z = q − onehot(y)
         lse_all[rows] = lse.squeeze(1)
         tok_ce = (lse - z.gather(1, y)).squeeze(1)
         token_ce[rows] = tok_ce * (w > 0)
         ce_sum += (tok_ce * w).sum(dtype=torch.float64)
-        w_soft = w
-        if soft:
-            if spec.token_gate:
-                w_soft = w * (targets.token_ce[rows] < tok_ce)
-            gated += w_soft.sum(dtype=torch.float64)
         ce_w = (w * ce_scale).unsqueeze(1)
-        if fast_soft:
-            zt = targets.logits[rows].float()
-            p_t = buf_p[:n]
-            if temp == 1.0 and targets.lse is not None:  # the teacher's loss already has its logsumexp
-                lse_p = targets.lse[rows].unsqueeze(1)
-                if div != "reverse_kl":
-                    torch.sub(zt, lse_p, out=p_t).exp_()
-            else:
-                lse_p = _softmax_into(zt, p_t, 1.0 / temp)
-            q_t, lse_q = (q, lse) if temp == 1.0 else (buf_qt[:n], None)
-            if temp != 1.0:
-                lse_q = _softmax_into(z, q_t, 1.0 / temp)
-            if div == "forward_kl":
-                d = torch.sub(zt, z, out=buf_tmp[:n]).mul_(p_t)  # P·(z_t − z_s)
-                value = d.sum(dim=-1) / temp - lse_p.squeeze(1) + lse_q.squeeze(1)
-            elif jsd:
-                value, w_div, sum_w = _jsd_chunk(spec.beta, temp, zt, lse_p, p_t, z, lse_q, q_t, buf_m[:n], buf_tmp[:n])
-            elif div == "reverse_kl":
-                value, w_div, sum_w = _reverse_kl_chunk(temp, zt, lse_p, z, lse_q, q_t, buf_tmp[:n])
-            else:
-                value, w_div, sum_w = _tvd_chunk(p_t, q_t, buf_tmp[:n])
+        if soft:
+            w_soft = w * (targets.token_ce[rows] < tok_ce) if spec.token_filter else w
+            used += w_soft.sum(dtype=torch.float64)
+            value, g = soft_chunk(spec, div, targets, rows, n, z, q, lse, buf, ce_w, w_soft, grad is not None)
             kd_sum += (value * w_soft).sum(dtype=torch.float64)
-            if grad is None:
-                continue
-            # g = (1−α)·w·(q − onehot) + α·T·w_soft·(W − q_T·ΣW); for forward KL W − q_T·ΣW = q_T − p_T
-            a_t = (w_soft * (spec.alpha * temp)).unsqueeze(1)
-            if div == "forward_kl":
-                g = q.mul_(ce_w + a_t) if temp == 1.0 else q.mul_(ce_w).addcmul_(q_t, a_t)
-                g.addcmul_(p_t, a_t, value=-1.0)
-            else:
-                g = q.mul_(ce_w - a_t * sum_w) if temp == 1.0 else q.mul_(ce_w).addcmul_(q_t, a_t * sum_w, value=-1.0)
-                g.addcmul_(w_div, a_t)
-        elif soft:  # top-k targets
-            q_t, lse_q = q, lse
-            if temp != 1.0:
-                q_t = buf_qt[:n]
-                lse_q = _softmax_into(z, q_t, 1.0 / temp)
-            value, ids, q_top, w_top, per_tail, c, tail_rows = _topk_chunk(spec, div, targets, rows, z, lse_q,
-                                                                           q_t, temp)
-            kd_sum += (value * w_soft).sum(dtype=torch.float64)
-            if grad is None:
-                continue
-            # g = (1−α)·w·(q − onehot) + α·T·w_soft·∂D/∂z; ∂D/∂z is q_T·(per_tail − c) off the top-k and
-            # W_top − q_top·c on it, written there (per_tail is large where the student's tail mass is small:
-            # adding a correction to q_top·per_tail would cancel catastrophically)
-            a_t = (w_soft * (spec.alpha * temp)).unsqueeze(1)
-            ce_top = q_top if temp == 1.0 else q.gather(1, ids)
-            shift = a_t * (per_tail - c)
-            g = q.mul_(ce_w + shift) if temp == 1.0 else q.mul_(ce_w).addcmul_(q_t, shift)
-            g.scatter_(1, ids, ce_top * ce_w + a_t * (w_top - q_top * c))
-            if tail_rows is not None:
-                low, tail_grad = tail_rows
-                g.index_add_(0, low, tail_grad.mul_(a_t[low]))
-        else:
-            if grad is None:
-                continue
+        elif grad is not None:
             g = q.mul_(ce_w)
+        if grad is None:
+            continue
         g.scatter_add_(1, y, -ce_w)
         if not in_place:
             grad[rows] = g
@@ -391,20 +430,19 @@ def _forward_and_grad(student, labels, weights, targets, spec, chunk_tokens, nee
     kd = (kd_sum * temp**2).float()
     loss = ce.clone() if not soft else (1.0 - spec.alpha) * ce + spec.alpha * kd
     total = weights.sum(dtype=torch.float64)
-    share = (gated / total).float() if soft and total > 0 else torch.ones((), device=student.device)
-    return loss, ce, kd, token_ce, share, lse_all, grad
+    share = (used / total).float() if soft and total > 0 else torch.ones((), device=student.device)
+    return ChunkLoss(loss, ce, kd, token_ce, share, lse_all, grad)
 
 
 class _DistillLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, labels, weights, targets, spec, chunk_tokens, need_grad):
-        loss, ce, kd, token_ce, share, lse, grad = _forward_and_grad(
-            student, labels, weights, targets, spec, chunk_tokens, need_grad)
+        out = loss_and_grad(student, labels, weights, targets, spec, chunk_tokens, need_grad)
         # Kept as a plain attribute, not saved_tensors, so backward can hand the buffer
         # over without autograd copying it (the graph is never retained for this loss).
-        ctx.grad = grad
-        ctx.mark_non_differentiable(ce, kd, token_ce, share, lse)
-        return loss, ce, kd, token_ce, share, lse
+        ctx.grad = out.grad
+        ctx.mark_non_differentiable(out.ce, out.kd, out.token_ce, out.filtered, out.lse)
+        return out.loss, out.ce, out.kd, out.token_ce, out.filtered, out.lse
 
     @staticmethod
     def backward(ctx, grad_loss, *_unused):
@@ -432,7 +470,7 @@ def distill_loss(
         mask: [B, S] / [N] bool, true where the position counts.
         targets: the teacher's full logits (same shape as the student's) or top-k;
             ``None`` for plain CE (then ``loss == ce``).
-        spec: divergence, β, α and per-token gating.
+        spec: divergence, β, α and the token filter.
         chunk_tokens: positions per chunk (default: CHUNK_ELEMENTS logits per chunk on CPU,
             CHUNK_ELEMENTS_GPU on a GPU; see :func:`chunk_rows`).
 
@@ -448,13 +486,26 @@ def distill_loss(
                 f"{tuple(targets.logits.shape)} differ; slice both to the tokenizer's vocabulary"
             )
         targets = Targets(**{**targets.__dict__, "logits": targets.logits.detach().reshape(-1, vocab)})
-    if spec.token_gate and (targets is None or targets.token_ce is None):
-        raise ValueError("token_gate needs the teacher's per-token CE in targets.token_ce")
+    if spec.token_filter and (targets is None or targets.token_ce is None):
+        raise ValueError("token_filter needs the teacher's per-token CE in targets.token_ce")
     flat_mask = mask.reshape(-1)
     weights = flat_mask.float() / flat_mask.sum().clamp(min=1)
     need_grad = torch.is_grad_enabled() and student_logits.requires_grad
     parts = _DistillLoss.apply(student, labels.reshape(-1), weights, targets, spec, chunk_tokens, need_grad)
     return LossParts(*parts)
+
+
+def shared_targets(wanted: dict[int, tuple[Optional[int], float]],
+                   make: Callable[[Optional[int], float], Targets]) -> dict[int, Targets]:
+    """Each student's targets (``wanted``: student index -> (top-k k or None for the full distribution, T)),
+    made once per (k, T) the students share, by ``make(k, T)``, in the students' order."""
+    made: dict[tuple[Optional[int], float], Targets] = {}
+    out = {}
+    for index, key in wanted.items():
+        if key not in made:
+            made[key] = make(*key)
+        out[index] = made[key]
+    return out
 
 
 def top1_agreement(student_top1: torch.Tensor, teacher_top1: torch.Tensor, mask: torch.Tensor) -> int:

@@ -31,6 +31,17 @@ def peak_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+class Tags:
+    """TensorBoard tags of per-student values: ``<group>/<key>`` with one student, ``<group>/<key>/<student>``
+    with several."""
+
+    def __init__(self, students: list[str]):
+        self.students = students
+
+    def student(self, group: str, key: str, index: int) -> str:
+        return f"{group}/{key}" if len(self.students) == 1 else f"{group}/{key}/{self.students[index]}"
+
+
 class Metrics:
     """Writes ``<output_dir>/tensorboard`` on rank 0; a no-op on other ranks."""
 

@@ -1,9 +1,17 @@
 """Schedules for the soft-loss weight α and the temperature T. Pure functions of the
-step and of the signals the trainer measures; the trainer keeps their state."""
+step and of the signals the trainer measures; each student's state (codistill/student.py)
+keeps what they need between steps.
+
+α at a step is composed in one place, :func:`compose_alpha`: the schedule (teacher-lead,
+warm-up or constant) at the student's own step, times the benefit gate's openness, times the
+learning-rate decay."""
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    from .config import DistillConfig
 
 
 def alpha_at(step: int, alpha_max: float, burn_in_steps: int, warmup_steps: int, warmup: str) -> float:
@@ -25,16 +33,39 @@ def alpha_at(step: int, alpha_max: float, burn_in_steps: int, warmup_steps: int,
     raise ValueError(f"unknown warm-up shape {warmup!r}; expected 'linear' or 'cosine'")
 
 
-def adaptive_alpha(step: int, alpha_max: float, burn_in_steps: int, gap: Optional[float], full_gap: float) -> float:
-    """Adaptive schedule: α grows only while the teacher is ahead of the student.
+def lead_alpha(step: int, alpha_max: float, burn_in_steps: int, lead: Optional[float], scale: float) -> float:
+    """Teacher-lead schedule: α grows only while the teacher is ahead of the student.
 
-    ``gap`` is the running (student CE − teacher CE) on the training batches, in nats;
-    α = alpha_max · clip(gap / full_gap, 0, 1) after the burn-in. A teacher that is
-    behind (gap ≤ 0) gets α = 0, however many steps have passed.
+    ``lead`` is the running (student CE − teacher CE) on the training batches, in nats:
+    by how much the teacher is ahead. α = alpha_max · clip(lead / scale, 0, 1) after the
+    burn-in. A teacher that is behind (lead ≤ 0) gets α = 0, however many steps have passed.
     """
-    if step < burn_in_steps or gap is None:
+    if step < burn_in_steps or lead is None:
         return 0.0
-    return alpha_max * min(1.0, max(0.0, gap / full_gap))
+    return alpha_max * min(1.0, max(0.0, lead / scale))
+
+
+def constant_alpha(step: int, alpha_max: float, burn_in_steps: int) -> float:
+    """Constant schedule: 0 during the burn-in, then ``alpha_max``."""
+    return alpha_max if step >= burn_in_steps else 0.0
+
+
+def compose_alpha(d: "DistillConfig", own_step: int, lead: Optional[float], openness: Optional[float], lr: float,
+                  lr_peak: float) -> float:
+    """A student's α at its own step ``own_step`` (counted from the end of its head start): the schedule's
+    (``d.schedule``), times the benefit gate's ``openness`` (None: the gate is off or not yet measuring),
+    times lr / peak lr with ``d.alpha_decay: lr``."""
+    if d.schedule == "lead":
+        alpha = lead_alpha(own_step, d.alpha_max, d.burn_in_steps, lead, d.lead_scale)
+    elif d.schedule == "warmup":
+        alpha = alpha_at(own_step, d.alpha_max, d.burn_in_steps, d.warmup_steps, d.warmup)
+    else:
+        alpha = constant_alpha(own_step, d.alpha_max, d.burn_in_steps)
+    if openness is not None:
+        alpha *= openness
+    if d.alpha_decay == "lr":
+        alpha *= lr_fraction(lr, max(lr_peak, lr))
+    return alpha
 
 
 def lr_fraction(lr: float, lr_peak: float) -> float:

@@ -71,7 +71,7 @@ def test_an_arm_given_twice_and_an_arm_with_a_bad_key_are_refused_before_anythin
     assert "--arm x: given twice" in capsys.readouterr().err
     assert bench_memory.main(["--config", str(MICRO), "--arm", "x:distill.fused_linear=maybe"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("bench_memory: error: --arm x:") and "fused_linear" in err[0]
+    assert len(err) == 1 and err[0].startswith("codistill-bench-memory: error: --arm x:") and "fused_linear" in err[0]
 
 
 def test_both_default_arms_report_every_phase_of_their_path(tmp_path):

@@ -94,9 +94,9 @@ def test_two_runs_from_one_python_process(tmp_path):
     assert proc.stdout.strip().splitlines()[-1] == "[0, 0]", proc.stderr[-3000:]
 
 
-# Every command but bench_step (which still imports torch at the top), by module.
-COMMANDS = ["train", "export", "estimate", "compare", "bench_memory", "bench_build", "bench_loss", "cache_logits",
-            "cache_quality", "generate", "prepare_corpus"]
+# Every command, by module.
+COMMANDS = ["train", "export", "estimate", "compare", "bench_step", "bench_memory", "bench_build", "bench_loss",
+            "cache_logits", "cache_quality", "generate", "prepare_corpus"]
 
 
 def test_importing_the_shell_imports_no_torch():

@@ -138,3 +138,16 @@ def test_a_cache_holds_one_temperature_for_every_student(tmp_path):
 def test_every_shipped_config_is_valid(name):
     cfg = load_config(ROOT / "configs" / f"{name}.yaml")
     assert cfg.mode == ("codistill" if name.startswith("tiny") else name)
+
+
+def test_the_previous_releases_distill_names_still_work_with_one_line_each(caplog):
+    with caplog.at_level("WARNING", logger="codistill"):
+        cfg = load_config(MICRO, ["distill.schedule=adaptive", "distill.adaptive_gap=0.3", "distill.adaptive_ema=0.5",
+                                 "students.0.distill.token_gate=true"])
+    assert (cfg.distill.schedule, cfg.distill.lead_scale, cfg.distill.lead_ema) == ("lead", 0.3, 0.5)
+    assert cfg.distill_for(0).token_filter
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2 and all(line.count("\n") == 0 for line in said)
+    assert "distill.adaptive_gap is now distill.lead_scale" in said[0] and "token_gate is now" in said[1]
+    with pytest.raises(ConfigError, match="distill.lead_scale or its old name distill.adaptive_gap"):
+        load_config(MICRO, ["distill.adaptive_gap=0.3", "distill.lead_scale=0.3"])

@@ -55,7 +55,7 @@ def _reference(teacher, students, labels, mask):
             p_top, q_top = p.gather(1, ids), q.gather(1, ids)
             p = torch.cat([p_top, (1 - p_top.sum(-1, keepdim=True)).clamp(min=1e-300)], 1)
             q = torch.cat([q_top, (1 - q_top.sum(-1, keepdim=True)).clamp(min=1e-300)], 1)
-        soft = m & (t_ce.detach() < ce.detach()) if spec.token_gate else m
+        soft = m & (t_ce.detach() < ce.detach()) if spec.token_filter else m
         d = _ref_divergence(spec.divergence, spec.beta, p, q)
         out.append((1 - spec.alpha) * (ce * m).sum() / n + spec.alpha * temp**2 * (d * soft).sum() / n)
     return out
@@ -120,10 +120,10 @@ def test_several_students_padded_heads_biases_gating_and_a_frozen_teacher(chunk)
             teacher = tuple(None if t is None else t.detach() for t in teacher)
         first = _inputs(4, rows=V + 2)
         second = _inputs(5, bias=True)
-        students = [(first, SoftSpec("forward_kl", alpha=0.5, token_gate=True), 1.0, None),
+        students = [(first, SoftSpec("forward_kl", alpha=0.5, token_filter=True), 1.0, None),
                     (second, SoftSpec("jsd", 0.5, alpha=0.3), 2.0, 6)]
         t_parts, s_parts, grads = _check(teacher, students, chunk)
-        assert s_parts[0].gated.item() < 1.0  # the gate dropped some positions
+        assert s_parts[0].filtered.item() < 1.0  # the gate dropped some positions
         if teacher_trains:
             assert torch.count_nonzero(grads[0][1][V:]) == 0 and torch.count_nonzero(grads[0][2][V:]) == 0
         else:
@@ -163,14 +163,14 @@ def test_the_parts_are_those_of_the_unfused_loss():
     labels, mask = _batch(2)
     (th, tw, tb), (sh, sw, sb) = (tuple(None if t is None else t.detach().float() for t in _inputs(s, bias=True))
                                   for s in (7, 8))
-    spec = SoftSpec("reverse_kl", alpha=0.4, token_gate=True)
+    spec = SoftSpec("reverse_kl", alpha=0.4, token_filter=True)
     t_parts, (s_parts,) = fused_linear_losses(Head(th, tw, tb), [StudentTerm(Head(sh, sw, sb), spec, 1.0)],
                                               labels, mask, V, chunk_tokens=5)
     z_t, z_s = (torch.addmm(b, h.reshape(-1, H), w.t()) for h, w, b in ((th, tw, tb), (sh, sw, sb)))
     plain_t = distill_loss(z_t, labels, mask)
     plain_s = distill_loss(z_s, labels, mask, Targets(1.0, logits=z_t, token_ce=plain_t.token_ce), spec)
     for got, want in ((t_parts, plain_t), (s_parts, plain_s)):
-        for name in ("loss", "ce", "kd", "gated"):
+        for name in ("loss", "ce", "kd", "filtered"):
             assert getattr(got, name).item() == pytest.approx(getattr(want, name).item(), rel=1e-6, abs=1e-7)
         torch.testing.assert_close(got.token_ce, want.token_ce)
         torch.testing.assert_close(got.lse, want.lse)

@@ -7,12 +7,13 @@ import math
 import pytest
 
 from codistill.config import load_config
-from codistill.trainer import FUSED_AUTO_VOCAB, Trainer
+from codistill.fused import FUSED_AUTO_VOCAB
+from codistill.trainer import Trainer
 
 from conftest import MICRO, launch, read_scalars
 
 STEPS = 6
-SHOWN = ("/train/loss", "gate/", "distill/", "schedule/alpha")
+SHOWN = ("/train/loss", "benefit/", "distill/", "schedule/alpha")
 
 
 def _trace(tmp, overrides):
@@ -33,14 +34,14 @@ def _assert_same(off, on):
     for step, (a, b) in enumerate(zip(off, on)):
         assert a.keys() == b.keys(), step
         for key, value in a.items():
-            tolerance = 1e-4 if key.startswith(("gate/", "schedule/alpha")) else 2e-5
+            tolerance = 1e-4 if key.startswith(("benefit/", "schedule/alpha")) else 2e-5
             assert math.isclose(b[key], value, rel_tol=tolerance, abs_tol=1e-6), (step, key, value, b[key])
 
 
 CASES = {
     "forward KL, T=2": [],
     "JSD, top-k, token gate, tied padded student, accumulation":
-        ["distill.divergence=jsd", "distill.targets=topk", "distill.top_k=16", "distill.token_gate=true",
+        ["distill.divergence=jsd", "distill.targets=topk", "distill.top_k=16", "distill.token_filter=true",
          "students.0.config.tie_word_embeddings=true", "students.0.config.vocab_size=4160",
          "train.gradient_accumulation_steps=2"],
 }
@@ -51,7 +52,7 @@ def test_fused_codistillation_matches_the_logits_path(tmp_path, case):
     fused_off, off = _trace(tmp_path / "off", ["distill.fused_linear=false", *CASES[case]])
     fused_on, on = _trace(tmp_path / "on", ["distill.fused_linear=true", *CASES[case]])
     assert (fused_off, fused_on) == (False, True)
-    assert any(k.startswith("gate/signal") for k in off[-2]) and any(k.startswith("distill/kd_pos") for k in off[-2])
+    assert any(k.startswith("benefit/signal") for k in off[-2]) and any(k.startswith("distill/kd_pos") for k in off[-2])
     _assert_same(off, on)
 
 
@@ -89,9 +90,9 @@ def test_fused_zero3_two_ranks_matches_the_logits_path(tmp_path):
     off, on = scalars["false"], scalars["true"]
     assert off.keys() == on.keys()
     losses = [tag for tag in off if "/train/loss" in tag or "/eval/" in tag]
-    assert len(losses) >= 6 and any(tag.startswith("gate/signal") for tag in off)
+    assert len(losses) >= 6 and any(tag.startswith("benefit/signal") for tag in off)
     for tag, curve in off.items():
-        if not tag.startswith(("gate/", "schedule/alpha", "distill/", "teacher/", "student/")) or "/lr" in tag \
+        if not tag.startswith(("benefit/", "schedule/alpha", "distill/", "teacher/", "student/")) or "/lr" in tag \
                 or "grad_norm" in tag:
             continue
         assert curve.keys() == on[tag].keys(), tag

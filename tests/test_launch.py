@@ -12,7 +12,7 @@ TAGS = [
     "student/train/loss", "student/train/loss_ce", "student/train/lr", "student/train/grad_norm",
     "student/train/loss_kd", "schedule/alpha", "schedule/temperature", "perf/tokens_per_sec",
     "teacher/eval/loss", "student/eval/loss", "student/eval/agreement",
-    "gate/openness", "gate/signal", "gate/evidence", "gate/signal_pull", "gate/signal_length",  # the benefit gate
+    "benefit/openness", "benefit/signal", "benefit/evidence", "benefit/signal_pull", "benefit/signal_length",  # the benefit gate
 ]
 
 
@@ -53,8 +53,8 @@ def test_tensorboard_holds_every_tag_with_finite_values(zero2):
     alpha = list(scalars["schedule/alpha"].values())
     # The warm-up schedule (burn-in 2, ramp 2, then 0.5) times the benefit gate's openness from step 3 on,
     # which moved after its one measurement (at the student's first step after the burn-in).
-    openness = scalars["gate/openness"]
-    assert sorted(openness) == [3, 4, 5, 6] and sorted(scalars["gate/signal"]) == [3]
+    openness = scalars["benefit/openness"]
+    assert sorted(openness) == [3, 4, 5, 6] and sorted(scalars["benefit/signal"]) == [3]
     assert openness[3] == 0.5 and openness[6] == openness[4] != 0.5
     assert len(alpha) == 6 and alpha[:2] == [0.0, 0.0] and alpha[-1] == pytest.approx(0.5 * openness[6])
     assert alpha[2] == pytest.approx(0.0) and alpha[3] == pytest.approx(0.25 * openness[4])
@@ -78,8 +78,8 @@ def test_the_run_ends_with_a_summary_and_tensorboard_has_the_comparison_charts(z
     assert summary[5].endswith(f"view them with: tensorboard --logdir {out.resolve() / 'tensorboard'}")
     layout = read_layout(out)
     assert layout["validation loss, every model"] == ["^teacher/eval/loss$", "^student/eval/loss$"]
-    assert layout["student: alpha, its gate signal (gap) and teacher - student CE"] == [
-        "^schedule/alpha$", "^schedule/gap$", "^distill/teacher_minus_student_ce$"]
+    assert layout["student: alpha and the teacher's lead (running and this step)"] == [
+        "^schedule/alpha$", "^schedule/lead$", "^distill/teacher_lead$"]
     for chart, tags in layout.items():  # every chart shows something the run wrote
         for tag in tags:
             assert any(re.fullmatch(tag, t) for t in scalars), (chart, tag)

@@ -226,17 +226,17 @@ def test_topk_targets_hold_the_teachers_best_tokens_and_the_rest_of_the_mass():
     assert t.nbytes() < teacher.numel() * teacher.element_size()
 
 
-def test_token_gate_uses_only_positions_where_the_teacher_is_better():
+def test_token_filter_uses_only_positions_where_the_teacher_is_better():
     student, teacher, labels, mask = _batch(seed=11)
     teacher_ce = distill_loss(teacher, labels, mask).token_ce
     targets = Targets(temperature=1.0, logits=teacher, token_ce=teacher_ce)
     x = student.clone().requires_grad_(True)
-    gated = distill_loss(x, labels, mask, targets, SoftSpec(alpha=1.0, token_gate=True))
+    gated = distill_loss(x, labels, mask, targets, SoftSpec(alpha=1.0, token_filter=True))
     gated.loss.backward()
     student_ce = distill_loss(student, labels, mask).token_ce
     keep = (teacher_ce < student_ce) & mask.reshape(-1)
     assert 0 < int(keep.sum()) < int(mask.sum())
-    assert gated.gated.item() == pytest.approx(int(keep.sum()) / int(mask.sum()))
+    assert gated.filtered.item() == pytest.approx(int(keep.sum()) / int(mask.sum()))
     flat_grad = x.grad.reshape(-1, 11)
     assert torch.count_nonzero(flat_grad[~keep]) == 0 and torch.count_nonzero(flat_grad[keep]) > 0
     n = int(mask.sum())
@@ -306,8 +306,8 @@ def test_bad_arguments_are_refused():
         distill_loss(student[..., :-1], labels, mask, full(teacher))
     with pytest.raises(ValueError, match="unknown divergence"):
         distill_loss(student, labels, mask, full(teacher), SoftSpec(divergence="kl"))
-    with pytest.raises(ValueError, match="token_gate needs"):
-        distill_loss(student, labels, mask, full(teacher), SoftSpec(token_gate=True))
+    with pytest.raises(ValueError, match="token_filter needs"):
+        distill_loss(student, labels, mask, full(teacher), SoftSpec(token_filter=True))
 
 
 def test_next_token_targets_align_positions():

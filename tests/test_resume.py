@@ -15,12 +15,12 @@ from codistill.distributed import free_port
 from conftest import MICRO, ROOT, launch, launch_cmd, launch_env, read_scalars
 
 TRACKED = ["teacher/train/loss", "student/train/loss", "student/train/loss_kd", "teacher/train/lr",
-           "student/train/grad_norm", "schedule/alpha", "gate/openness"]
-# The adaptive schedule's and the benefit gate's state must survive the restart too (the gate
+           "student/train/grad_norm", "schedule/alpha", "benefit/openness"]
+# The teacher-lead schedule's and the benefit gate's state must survive the restart too (the gate
 # measures at steps 1, 4 and 7: the split at 4 carries two measurements' state across), and so
 # must the student's peak learning rate (α x lr / peak lr, under a schedule that peaks at step 2).
 # The gate's probe is the held-out documents' (benefit_probe: heldout): drawn by step, nothing saved.
-COMMON = ["train.max_steps=8", "distill.schedule=adaptive", "distill.adaptive_gap=0.01", "distill.burn_in_steps=0",
+COMMON = ["train.max_steps=8", "distill.schedule=lead", "distill.lead_scale=0.01", "distill.burn_in_steps=0",
           "distill.benefit_interval=3", "distill.alpha_decay=lr", "distill.benefit_probe=heldout",
           "students.0.deepspeed.scheduler={type: WarmupDecayLR, params: {warmup_num_steps: 2, total_num_steps: 8, "
           "warmup_max_lr: 3.0e-3, warmup_type: linear}}"]
@@ -65,20 +65,20 @@ def test_stop_and_resume_mid_epoch_matches_an_uninterrupted_run_bitwise(tmp_path
     for tag in TRACKED:
         assert sorted(b[tag]) == list(range(1, 9)), tag
         assert [a[tag][s] for s in range(1, 9)] == [b[tag][s] for s in range(1, 9)], tag
-    assert max(a["schedule/alpha"].values()) > 0  # the adaptive state was live across the restart
-    # α at step k = α_max · clip(gap / adaptive_gap) · openness · lr / peak lr, from the gap and the
+    assert max(a["schedule/alpha"].values()) > 0  # the lead state was live across the restart
+    # α at step k = α_max · clip(lead / lead_scale) · openness · lr / peak lr, from the gap and the
     # learning rate logged at step k − 1 (both are what the step after them starts from).
     scalars = read_scalars(straight)
-    gap, lr = scalars["schedule/gap"], scalars["student/train/lr"]
+    gap, lr = scalars["schedule/lead"], scalars["student/train/lr"]
     for k in range(2, 9):
         peak = max(lr[j] for j in range(1, k))  # 0 at the first step: no peak yet, no decay
         decay = lr[k - 1] / peak if peak > 0 else 1.0
-        expected = 0.5 * min(1.0, max(0.0, gap[k - 1] / 0.01)) * a["gate/openness"][k] * decay
+        expected = 0.5 * min(1.0, max(0.0, gap[k - 1] / 0.01)) * a["benefit/openness"][k] * decay
         assert a["schedule/alpha"][k] == pytest.approx(expected, rel=1e-5, abs=1e-9), k
     assert lr[7] < 0.5 * max(lr.values()) and a["schedule/alpha"][8] > 0  # the decay was live at the end
-    signal = scalars["gate/signal"]
-    assert sorted(signal) == [1, 4, 7] and read_scalars(tmp_path / "split")["gate/signal"] == signal
-    assert len(set(a["gate/openness"].values())) > 1  # the gate moved, and moved alike after the restart
+    signal = scalars["benefit/signal"]
+    assert sorted(signal) == [1, 4, 7] and read_scalars(tmp_path / "split")["benefit/signal"] == signal
+    assert len(set(a["benefit/openness"].values())) > 1  # the gate moved, and moved alike after the restart
     wa, wb = final_weights(straight), final_weights(tmp_path / "split")
     for name in wa:
         for key in wa[name]:

@@ -30,28 +30,28 @@ def test_unknown_shape_is_refused():
         alpha_at(5, 0.5, 0, 10, "exp")
 
 
-def test_adaptive_alpha_is_zero_while_the_teacher_is_behind():
-    from codistill.schedules import adaptive_alpha
+def test_lead_alpha_is_zero_while_the_teacher_is_behind():
+    from codistill.schedules import lead_alpha
 
-    assert adaptive_alpha(500, 0.5, 0, gap=-0.3, full_gap=0.2) == 0.0
-    assert adaptive_alpha(500, 0.5, 0, gap=0.0, full_gap=0.2) == 0.0
-    assert adaptive_alpha(500, 0.5, 0, gap=None, full_gap=0.2) == 0.0
-
-
-def test_adaptive_alpha_follows_the_gap_and_respects_burn_in():
-    from codistill.schedules import adaptive_alpha
-
-    assert adaptive_alpha(10, 0.5, 0, gap=0.1, full_gap=0.2) == pytest.approx(0.25)
-    assert adaptive_alpha(10, 0.5, 0, gap=0.4, full_gap=0.2) == 0.5
-    assert adaptive_alpha(10, 0.5, 20, gap=0.4, full_gap=0.2) == 0.0
+    assert lead_alpha(500, 0.5, 0, lead=-0.3, scale=0.2) == 0.0
+    assert lead_alpha(500, 0.5, 0, lead=0.0, scale=0.2) == 0.0
+    assert lead_alpha(500, 0.5, 0, lead=None, scale=0.2) == 0.0
 
 
-def test_adaptive_alpha_moves_only_when_the_gap_signal_does():
-    from codistill.schedules import adaptive_alpha, ema
+def test_lead_alpha_follows_the_gap_and_respects_burn_in():
+    from codistill.schedules import lead_alpha
+
+    assert lead_alpha(10, 0.5, 0, lead=0.1, scale=0.2) == pytest.approx(0.25)
+    assert lead_alpha(10, 0.5, 0, lead=0.4, scale=0.2) == 0.5
+    assert lead_alpha(10, 0.5, 20, lead=0.4, scale=0.2) == 0.0
+
+
+def test_lead_alpha_moves_only_when_the_gap_signal_does():
+    from codistill.schedules import lead_alpha, ema
 
     gap, alphas = None, []
     for student_ce, teacher_ce in [(5.0, 5.5)] * 20 + [(5.0, 4.6)] * 40:
-        alphas.append(adaptive_alpha(len(alphas), 0.5, 0, gap, 0.2))
+        alphas.append(lead_alpha(len(alphas), 0.5, 0, gap, 0.2))
         gap = ema(gap, student_ce - teacher_ce, 0.9)
     assert alphas[:21] == [0.0] * 21  # teacher behind: nothing moves
     assert all(b >= a for a, b in zip(alphas[20:], alphas[21:]))
@@ -73,3 +73,22 @@ def test_ema_and_temperature_schedule():
                                                 (1e-3, 0.0, 1.0), (3e-3, 2e-3, 1.0)])
 def test_lr_fraction_is_the_learning_rate_over_its_peak_clipped_to_one(lr, peak, fraction):
     assert lr_fraction(lr, peak) == pytest.approx(fraction)  # no peak yet (0): no decay
+
+
+@pytest.mark.parametrize("schedule, own, lead, expected", [
+    ("constant", 3, None, 0.0),  # still in its burn-in
+    ("constant", 4, None, 0.4),
+    ("warmup", 6, None, 0.2),  # half-way up the ramp
+    ("lead", 9, 0.05, 0.2),  # half the lead at which α is full
+    ("lead", 9, None, 0.0),  # no lead measured yet
+])
+def test_compose_alpha_takes_each_schedule_then_the_gate_then_the_decay(schedule, own, lead, expected):
+    from codistill.config import DistillConfig
+    from codistill.schedules import compose_alpha
+
+    d = DistillConfig(schedule=schedule, alpha_max=0.4, burn_in_steps=4, warmup_steps=4, lead_scale=0.1)
+    assert compose_alpha(d, own, lead, None, 1e-3, 0.0) == pytest.approx(expected)
+    assert compose_alpha(d, own, lead, 0.5, 1e-3, 0.0) == pytest.approx(expected * 0.5)  # the benefit gate
+    decayed = d.model_copy(update={"alpha_decay": "lr"})
+    assert compose_alpha(decayed, own, lead, 0.5, 1e-3, 4e-3) == pytest.approx(expected * 0.5 * 0.25)
+    assert compose_alpha(decayed, own, lead, None, 5e-3, 4e-3) == pytest.approx(expected)  # lr above the peak

@@ -108,7 +108,7 @@ def test_output_holds_resolved_config_and_final_checkpoints(run):
         assert (step / name / "latest").read_text().strip() == "ds"
         assert any((step / name / "ds").iterdir())
     state = json.loads((step / "trainer_state.json").read_text())
-    assert state["step"] == 6 and state["world_size"] == 1 and set(state["schedule"]["gap_ema"]) == {"student"}
+    assert state["step"] == 6 and state["world_size"] == 1 and set(state["students"]) == {"student"}
     assert (step / "rank_00000.pt").exists()
     from codistill.checkpoint import verify
     assert verify(step) is None
@@ -143,7 +143,7 @@ def test_train_step_reports_every_metric(run):
             assert torch.isfinite(torch.tensor(values[f"{name}/train/{part}"]))
     assert values["student/train/loss_kd"] > 0
     assert values["schedule/alpha"] == 0.5 and values["schedule/temperature"] == 2.0
-    assert not any(key.startswith("gate/") for key in values)  # the benefit gate is off in this run
+    assert not any(key.startswith("benefit/") for key in values)  # the benefit gate is off in this run
     blended = 0.5 * values["student/train/loss_ce"] + 0.5 * values["student/train/loss_kd"]
     assert values["student/train/loss"] == pytest.approx(blended, rel=1e-6)
 

@@ -186,34 +186,16 @@ def zero3_gathered(trainer) -> Optional[Callable[[], int]]:
     return lambda: sum(size for p, size in sized if p.ds_status in whole)
 
 
-def instrument(trainer, memory: PhaseMemory) -> Callable[[], None]:
-    """Name the calls a training step makes as phases of ``memory`` (see the module doc); returns what puts
-    back the module functions it wrapped (the trainer's own methods go with the trainer)."""
-    from .. import trainer as trainer_module
-
-    originals = (trainer_module.fused_linear_losses, trainer_module.distill_loss)
-
+def instrument(trainer, memory: PhaseMemory) -> None:
+    """Name the calls a training step makes as phases of ``memory`` (see the module doc): each model's forward,
+    backward and optimizer step, and the parts the micro-step names through its ``phase`` hook."""
     for member in [trainer.teacher, *trainer.students]:
         if member is None or getattr(member, "engine", None) is None:
             continue
         for method, what in (("forward", "forward"), ("backward", "backward"), ("step", "optimizer step")):
             if callable(getattr(member.engine, method, None)):  # a frozen teacher's engine only runs forwards
                 memory.wrap(member.engine, method, f"{member.name} {what}")
-    measure = trainer._measure_benefit
-
-    def measured(index, *args, **kwargs):
-        with memory.phase(f"{trainer.students[index].name} benefit gate"):
-            return measure(index, *args, **kwargs)
-
-    trainer._measure_benefit = measured
-    memory.wrap(trainer, "_panels", "panels")
-    memory.wrap(trainer_module, "fused_linear_losses", "fused loss pass")
-    memory.wrap(trainer_module, "distill_loss", "loss")
-
-    def restore() -> None:
-        trainer_module.fused_linear_losses, trainer_module.distill_loss = originals
-
-    return restore
+    trainer.micro_step.phase = memory.phase
 
 
 def run_arm(args: argparse.Namespace) -> dict:
@@ -226,19 +208,16 @@ def run_arm(args: argparse.Namespace) -> dict:
         raise ConfigError("codistill-bench-memory runs each arm as one process; start it with python, not a launcher")
     memory = PhaseMemory(args.interval_ms / 1e3, _malloc_trim() if args.trim else None, timeline=args.timeline,
                          gathered=zero3_gathered(trainer) if args.timeline else None)
-    restore = instrument(trainer, memory)
-    try:
-        rest = []
-        with memory:
-            for step in range(args.steps):
-                memory.step = step + 1
-                memory.record()
-                start = time.perf_counter()
-                trainer.train_step(step)
-                rest.append(memory.at_rest())
-                print(f"  step {step + 1}: {time.perf_counter() - start:.1f} s", flush=True)
-    finally:
-        restore()
+    instrument(trainer, memory)
+    rest = []
+    with memory:
+        for step in range(args.steps):
+            memory.step = step + 1
+            memory.record()
+            start = time.perf_counter()
+            trainer.train_step(step)
+            rest.append(memory.at_rest())
+            print(f"  step {step + 1}: {time.perf_counter() - start:.1f} s", flush=True)
     return {"peaks": {str(k): v for k, v in memory.peaks.items()}, "at_rest": rest,
             "timeline": {str(k): tenths(v) for k, v in memory.timeline.items()},
             "gathered_timeline": {str(k): tenths(v) for k, v in memory.gathered_timeline.items()},
@@ -404,7 +383,7 @@ def body(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    return cli.run("bench_memory", build_parser(), body, argv)
+    return cli.run("codistill-bench-memory", build_parser(), body, argv)
 
 
 if __name__ == "__main__":

@@ -30,15 +30,14 @@ import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional
-
-import torch
+from typing import Callable, Optional
 
 from .. import cli
-from ..metrics import peak_bytes
 
 
 def timed(fn) -> float:
+    import torch
+
     torch.distributed.barrier()
     start = time.perf_counter()
     fn()
@@ -54,118 +53,137 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def body(args: argparse.Namespace) -> None:
+def variants(trainer, plans: list, probes: dict) -> dict[str, Callable[[list], None]]:
+    """Each variant as a function of one step's micro-batches, driven through the step's interface: the run's
+    micro-step, the other strategy where it is exact, and the logits strategy's teacher and student parts."""
+    import torch
+
     from ..engines import forward_logits
+    from ..fused import static_problem
     from ..losses import Targets, distill_loss
-    from ..trainer import StudentPlan, Trainer
+    from ..step import fused_problems, make_step
 
-    cfg = cli.run_config(args, ["overwrite=true"])
-    trainer = Trainer(cfg)
+    cfg, sink = trainer.cfg, {}
+    logits = make_step(False, trainer.models, cfg, trainer.world.size, trainer.cache, trainer.world.device)
+    gated = [replace(p, measure=s.benefit is not None) for p, s in zip(plans, trainer.learners)]
 
-    # Every student active with its soft term on (alpha_max, or 0.5 if the config turns it off).
-    plans = [StudentPlan(True, p.temperature, replace(p.spec, alpha=d.alpha_max or 0.5))
-             for p, d in zip(trainer.plan(0), trainer.distill)]
-    gas = cfg.train.gradient_accumulation_steps
-    sink: dict[str, float] = {}
-
-    configured = trainer.fused
-    fusable = not trainer.fused_problems()
-
-    def codistill(batches, fused=False):
-        trainer.fused = fused
-        for batch in batches:
-            trainer.micro_step(batch, plans, sink)
-        trainer.fused = configured
-
-    gated = [replace(p, measure=trainer.benefit[i] is not None) for i, p in enumerate(plans)]
-    intervals = [d.benefit_interval for d, b in zip(trainer.distill, trainer.benefit) if b is not None]
-
-    def measured(batches):
-        for k, batch in enumerate(batches):
-            trainer.micro_step(batch, gated, sink, probes=probes if k == 0 else None)
+    def steps(micro_step, plans_of_step, probe_first=False):
+        def run(batches):
+            for k, batch in enumerate(batches):
+                micro_step(batch, plans_of_step, sink, probes=probes.get("now") if probe_first and k == 0 else None)
+        return run
 
     def separate(batches):
         for batch in batches:
-            trainer.teacher_micro_step(batch, sink)
+            logits.teacher(batch, sink)
             for i, plan in enumerate(plans):
-                trainer.student_micro_step(i, batch, None, plan, sink)
+                logits.student(i, batch, None, plan, sink)
 
     def two_stage(batches):
         for batch in batches:
-            trainer.teacher_micro_step(batch, sink)  # stage 1: the teacher's own training
+            logits.teacher(batch, sink)  # stage 1: the teacher's own training
             with torch.no_grad():  # stage 2: the trained teacher, frozen, feeds the student
-                logits = forward_logits(trainer.teacher, batch, trainer.vocab)
+                teacher_logits = forward_logits(trainer.teacher, batch, trainer.vocab)
             for i, plan in enumerate(plans):
-                targets = Targets(temperature=plan.temperature, logits=logits)
-                if trainer.distill[i].token_gate:
-                    targets.token_ce = distill_loss(logits, batch["labels"], batch["mask"]).token_ce
-                trainer.student_micro_step(i, batch, targets, plan, sink)
+                targets = Targets(temperature=plan.temperature, logits=teacher_logits)
+                if trainer.learners[i].distill.token_filter:
+                    targets.token_ce = distill_loss(teacher_logits, batch["labels"], batch["mask"]).token_ce
+                logits.student(i, batch, targets, plan, sink)
 
-    variants = [("codistill", codistill), ("separate", separate), ("two_stage", two_stage)]
-    if fusable:
-        variants.insert(1, ("fused", lambda batches: codistill(batches, fused=True)))
-    if intervals:
-        variants.append(("measured", measured))
-    labels = {"codistill": "(a) co-distillation step", "separate": "(b) teacher step + student step",
-              "two_stage": "(c) two-stage: teacher step + frozen fwd + student step",
-              "measured": "(d) step (a) with the benefit gate measuring",
-              "fused": "(a') step (a) with fused-linear losses"}
-    times: dict[str, list[float]] = {name: [] for name, _ in variants}
-    for r in range(args.warmup + args.rounds):
-        batches = [trainer.prepare_batch(next(trainer.stream)) for _ in range(gas)]
-        probes = trainer.probes(0, gated)
-        shift = r % len(variants)
-        for name, fn in variants[shift:] + variants[:shift]:
-            t = timed(lambda: fn(batches))
-            if r >= args.warmup:
-                times[name].append(t)
+    out = {"codistill": steps(logits, plans)}
+    if not fused_problems(static_problem(cfg.mode, bool(cfg.teacher.cache)), trainer.members, trainer.vocab):
+        out["fused"] = steps(make_step(True, trainer.models, cfg, trainer.world.size, trainer.cache,
+                                       trainer.world.device), plans)
+    out.update(separate=separate, two_stage=two_stage)
+    if any(s.benefit is not None for s in trainer.learners):
+        out["measured"] = steps(trainer.micro_step, gated, probe_first=True)  # the path the run takes
+    return out
 
-    med = {k: statistics.median(v) for k, v in times.items()}
+
+def summary(trainer, med: dict[str, float], rounds: int, config: Optional[str]) -> dict:
+    """The figures: medians, tokens/s, the ratios and the benefit gate's cost share."""
+    import torch
+
+    from ..metrics import peak_bytes
+
     tokens = trainer.tokens_per_step
     peak = torch.tensor([float(peak_bytes())], dtype=torch.float64)  # RSS on CPU, allocated on a GPU
     peaks = [torch.zeros_like(peak) for _ in range(trainer.world.size)]
     torch.distributed.all_gather(peaks, peak)
     result = {
-        "config": args.config or "configs/tiny.yaml", "world_size": trainer.world.size,
-        "device": trainer.world.device.type, "tokens_per_step": tokens, "rounds": args.rounds,
+        "config": config or "configs/tiny.yaml", "world_size": trainer.world.size,
+        "device": trainer.world.device.type, "tokens_per_step": tokens, "rounds": rounds,
         **{f"{k}_ms": v * 1e3 for k, v in med.items()},
         **{f"{k}_tokens_per_sec": tokens / v for k, v in med.items()},
         "ratio_a_over_b": med["codistill"] / med["separate"], "ratio_a_over_c": med["codistill"] / med["two_stage"],
-        "fused_linear": configured,
+        "fused_linear": trainer.fused,
         "peak_memory_mb_per_rank": [float(p) / 2**20 for p in peaks],
     }
-    if fusable:
+    if "fused" in med:
         result["ratio_fused_a_over_b"] = med["fused"] / med["separate"]
         result["ratio_fused_a_over_c"] = med["fused"] / med["two_stage"]
         result["ratio_fused_over_a"] = med["fused"] / med["codistill"]
-    gate_base = "fused" if configured and fusable else "codistill"  # (d) takes the path the run takes
-    if intervals:  # the gate measures once every benefit_interval steps (the most frequent gate counts)
-        base = med[gate_base]
-        result["benefit_gate_interval"] = min(intervals)
+    if "measured" in med:  # the gate measures once every benefit_interval steps (the most frequent gate counts)
+        interval = min(s.distill.benefit_interval for s in trainer.learners if s.benefit is not None)
+        base = med["fused" if trainer.fused else "codistill"]  # (d) takes the path the run takes
+        result["benefit_gate_interval"] = interval
         result["benefit_gate_step_ratio"] = (med["measured"] - base) / base
-        result["benefit_gate_cost_share"] = result["benefit_gate_step_ratio"] / min(intervals)
+        result["benefit_gate_cost_share"] = result["benefit_gate_step_ratio"] / interval
+    return result
+
+
+LABELS = {"codistill": "(a) co-distillation step", "separate": "(b) teacher step + student step",
+          "two_stage": "(c) two-stage: teacher step + frozen fwd + student step",
+          "measured": "(d) step (a) with the benefit gate measuring", "fused": "(a') step (a) with fused-linear losses"}
+
+
+def print_report(result: dict, names: list[str]) -> None:
+    print(f"world {result['world_size']} x {result['device']}, {result['tokens_per_step']:,} tokens/step, "
+          f"{result['rounds']} rounds (median):")
+    for name in names:
+        print(f"  {LABELS[name]:<58} {result[name + '_ms']:9.1f} ms  {result[name + '_tokens_per_sec']:10,.0f} tok/s")
+    print(f"  ratio a/b = {result['ratio_a_over_b']:.3f}   ratio a/c = {result['ratio_a_over_c']:.3f}")
+    if "fused" in names:
+        print(f"  fused: ratio a'/b = {result['ratio_fused_a_over_b']:.3f}   ratio a'/c = "
+              f"{result['ratio_fused_a_over_c']:.3f}   a'/a = {result['ratio_fused_over_a']:.3f}")
+    if "measured" in names:
+        a = "a'" if result["fused_linear"] else "a"
+        print(f"  benefit gate: (d - {a}) / {a} = {result['benefit_gate_step_ratio']:.3f} at a measuring step, once "
+              f"every {result['benefit_gate_interval']} steps: {result['benefit_gate_cost_share']:.1%} of "
+              "the co-distillation step")
+    kind = "peak RSS" if result["device"] == "cpu" else "peak allocated"
+    print(f"  {kind} per rank (whole run): " + ", ".join(f"{m:,.0f} MB" for m in result["peak_memory_mb_per_rank"]))
+
+
+def body(args: argparse.Namespace) -> None:
+    from ..student import StudentPlan
+    from ..trainer import Trainer
+
+    trainer = Trainer(cli.run_config(args, ["overwrite=true"]))
+    # Every student active with its soft term on (alpha_max, or 0.5 if the config turns it off).
+    plans = [StudentPlan(True, p.temperature, replace(p.spec, alpha=s.distill.alpha_max or 0.5))
+             for p, s in zip(trainer.plan(0), trainer.learners)]
+    probes: dict = {}  # this round's unseen batches, for the gate's measurement
+    timed_variants = list(variants(trainer, plans, probes).items())
+    times: dict[str, list[float]] = {name: [] for name, _ in timed_variants}
+    gated = [replace(p, measure=s.benefit is not None) for p, s in zip(plans, trainer.learners)]
+    for r in range(args.warmup + args.rounds):
+        batches = [trainer.prepare_batch(next(trainer.stream)) for _ in range(trainer.cfg.train.gradient_accumulation_steps)]
+        probes["now"] = trainer.probes(0, gated)
+        shift = r % len(timed_variants)
+        for name, fn in timed_variants[shift:] + timed_variants[:shift]:
+            t = timed(lambda: fn(batches))
+            if r >= args.warmup:
+                times[name].append(t)
+    result = summary(trainer, {k: statistics.median(v) for k, v in times.items()}, args.rounds, args.config)
     if trainer.world.is_main:
-        print(f"world {trainer.world.size} x {trainer.world.device.type}, {tokens:,} tokens/step, "
-              f"{args.rounds} rounds (median):")
-        for name, _ in variants:
-            print(f"  {labels[name]:<58} {result[name + '_ms']:9.1f} ms  {result[name + '_tokens_per_sec']:10,.0f} tok/s")
-        print(f"  ratio a/b = {result['ratio_a_over_b']:.3f}   ratio a/c = {result['ratio_a_over_c']:.3f}")
-        if fusable:
-            print(f"  fused: ratio a'/b = {result['ratio_fused_a_over_b']:.3f}   ratio a'/c = "
-                  f"{result['ratio_fused_a_over_c']:.3f}   a'/a = {result['ratio_fused_over_a']:.3f}")
-        if intervals:
-            a = "a'" if gate_base == "fused" else "a"
-            print(f"  benefit gate: (d - {a}) / {a} = {result['benefit_gate_step_ratio']:.3f} at a "
-                  f"measuring step, once every {min(intervals)} steps: {result['benefit_gate_cost_share']:.1%} of "
-                  "the co-distillation step")
-        kind = "peak RSS" if trainer.world.device.type == "cpu" else "peak allocated"
-        print(f"  {kind} per rank (whole run): " + ", ".join(f"{m:,.0f} MB" for m in result["peak_memory_mb_per_rank"]))
+        print_report(result, [name for name, _ in timed_variants])
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    return cli.run("bench_step", build_parser(), body, argv)
+    return cli.run("codistill-bench-step", build_parser(), body, argv)
 
 
 if __name__ == "__main__":

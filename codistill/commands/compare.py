@@ -99,7 +99,7 @@ def arm_configs(base: dict[str, Any], seed: int, folder: Path, handicap: float,
     alone = copy.deepcopy(student)
     alone["name"] = ALONE
     alone["distill"] = {**alone.get("distill", {}), "schedule": "constant", "alpha_max": 0.0,
-                        "token_gate": False, "benefit_gate": False}
+                        "token_filter": False, "benefit_gate": False}
     lead = copy.deepcopy(student)
     lead["name"] = LEAD
     lead["distill"] = {**lead.get("distill", {}), "benefit_gate": False}

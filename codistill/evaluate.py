@@ -1,0 +1,62 @@
+"""Validation: every model's CE on the validation batches and each student's top-1 agreement with the
+teacher, averaged over ranks (a cached or hard-mode teacher has neither: it is not loaded)."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from .engines import Member, forward_hidden, forward_logits, heads_gathered, lm_head
+from .fused import Head, HeadLogits, fused_linear_losses, fused_rows
+from .losses import distill_loss, top1_agreement
+
+Batch = dict[str, torch.Tensor]
+
+
+class Validator:
+    """Evaluates the models on this rank's validation batches (``prepare`` moves one to the device and adds
+    its labels), from their logits or, on the fused path, one model's head at a time."""
+
+    def __init__(self, batches: list[Batch], prepare: Callable[[Batch], Batch], vocab: int, fused: bool,
+                 chunk_tokens: Optional[int]):
+        self.batches, self.prepare, self.vocab, self.fused, self.chunk_tokens = (
+            batches, prepare, vocab, fused, chunk_tokens)
+
+    @torch.no_grad()
+    def __call__(self, members: list[Member], teacher: Optional[Member], students: list[Member]) -> dict[str, float]:
+        for m in members:
+            m.engine.eval()
+        keys = [f"{m.name}/eval/loss" for m in members]
+        if teacher is not None:
+            keys += [f"{s.name}/eval/agreement" for s in students]
+        sums = torch.zeros(len(keys) + 1, dtype=torch.float64)  # the last entry counts tokens
+        for raw in self.batches:
+            batch = self.prepare(raw)
+            n = int(batch["mask"].sum())
+            sums[-1] += n
+            top1 = {}
+            for i, m in enumerate(members):  # one model's logits (or none, fused) at a time
+                ce, top1[m.name] = self.model(m, batch)
+                sums[i] += ce * n
+            if teacher is not None:
+                for j, student in enumerate(students):
+                    sums[len(members) + j] += top1_agreement(top1[student.name], top1[teacher.name], batch["mask"])
+        for m in members:
+            if m.trainable:
+                m.engine.train()
+        torch.distributed.all_reduce(sums)
+        return {key: float(sums[i] / sums[-1]) for i, key in enumerate(keys)}
+
+    def model(self, member: Member, batch: Batch) -> tuple[float, torch.Tensor]:
+        """One model's CE on a validation batch and its most likely token per position [B, S]."""
+        if not self.fused:
+            logits = forward_logits(member, batch, self.vocab)
+            return distill_loss(logits, batch["labels"], batch["mask"]).ce.item(), logits.argmax(dim=-1)
+        hidden = forward_hidden(member, batch)
+        with heads_gathered(member):
+            head = Head(hidden, *lm_head(member))
+            ce = fused_linear_losses(head, [], batch["labels"], batch["mask"], self.vocab, self.chunk_tokens)[0].ce.item()
+            logits = HeadLogits(head, self.vocab).reshape(-1, self.vocab)
+            rows = fused_rows(self.vocab, self.chunk_tokens)
+            top = torch.cat([logits[i:i + rows].argmax(dim=-1) for i in range(0, logits.shape[0], rows)])
+        return ce, top.view(batch["mask"].shape)

@@ -1,0 +1,77 @@
+"""Everything that can be wrong with a run's input, checked before any process group or engine exists, so
+a typo costs seconds and leaves nothing behind: the data source, the tokenizer, every model against it,
+the DeepSpeed configs and the checkpoint to resume from. Ends by claiming the output folder."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from . import checkpoint, distributed
+from .cache import TeacherCache
+from .config import ConfigError, ModelSpec, RunConfig, is_resolved_config
+from .data import check_data_source, run_tokenizer, tokenizer_fingerprint
+from .engines import deepspeed_configs, half_precision, loaded_models, zero_stage
+from .fused import static_problem
+from .models import check_attention, check_model, model_config
+
+
+@dataclass
+class Inputs:
+    """What the checks found, for the set-up that follows."""
+
+    tokenizer: Any
+    tokenizer_fp: str
+    specs: list[ModelSpec]  # the models to load (the teacher first, when it is loaded)
+    hf_configs: dict[str, Any]  # by model name
+    ds_configs: dict[str, dict]  # by model name
+    resume_from: Optional[Path]
+    saved_world: int  # the number of ranks the checkpoint to resume from was written by (else this run's)
+    release: Callable[[], None]  # frees the output folder for another run
+
+    @property
+    def vocab(self) -> int:
+        return len(self.tokenizer)
+
+
+def check_inputs(cfg: RunConfig, output_dir: Path) -> Inputs:
+    """Check the run's input (see the module docstring); a problem raises :class:`ConfigError`."""
+    check_data_source(cfg.data)
+    tokenizer = run_tokenizer(cfg)
+    vocab, tokenizer_fp = len(tokenizer), tokenizer_fingerprint(tokenizer)
+    for i, student in enumerate(cfg.students):
+        d = cfg.distill_for(i)
+        if cfg.mode != "hard" and d.targets == "topk" and d.top_k >= vocab:
+            raise ConfigError(f"{student.name}: distill.top_k={d.top_k} is not below the vocabulary's "
+                              f"{vocab:,} tokens; top-k targets keep k < V (targets: full keeps them all)")
+    specs = loaded_models(cfg)
+    hf_configs = {s.name: model_config(s, tokenizer) for s in specs}
+    for spec in specs:
+        check_model(spec, hf_configs[spec.name], tokenizer, tokenizer_fp, cfg.data.seq_len)
+    if cfg.teacher.cache:
+        TeacherCache.check_ready(Path(cfg.teacher.cache).expanduser())
+    world_size = distributed.env_world_size()
+    ds_configs = deepspeed_configs(cfg, specs, world_size, on_cpu=not torch.cuda.is_available())
+    for spec in specs:
+        check_attention(spec, hf_configs[spec.name], half_precision(ds_configs[spec.name]))
+    refusal = static_problem(cfg.mode, bool(cfg.teacher.cache))
+    if cfg.distill.fused_linear is True and refusal:
+        raise ConfigError(f"distill.fused_linear=true: {refusal}; set it to auto or false")
+    written = output_dir / "config.yaml"
+    if written.exists() and not is_resolved_config(written):
+        raise ConfigError(f"output_dir: {written} is not a config this program wrote, and the run would replace "
+                          "it with its resolved config; move it or choose another output_dir")
+    checkpoint.refuse_foreign_checkpoints(output_dir, cfg.overwrite, cfg.resume)
+    resume_from = checkpoint.find_resume(output_dir, cfg.resume)
+    # A checkpoint from another number of ranks is loaded through DeepSpeed's universal
+    # format (ZeRO-partitioned optimizer states re-sliced for the new world).
+    saved_world = checkpoint.read_state(resume_from)["world_size"] if resume_from else world_size
+    if saved_world != world_size:
+        for ds in ds_configs.values():
+            if zero_stage(ds) > 0:
+                ds.setdefault("checkpoint", {})["load_universal"] = True
+    # One run per output_dir: another would remove this one's staging folders, or it theirs.
+    release = checkpoint.claim(output_dir) if distributed.env_rank() == 0 else (lambda: None)
+    return Inputs(tokenizer, tokenizer_fp, specs, hf_configs, ds_configs, resume_from, saved_world, release)
