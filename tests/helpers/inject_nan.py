@@ -7,12 +7,12 @@ import sys
 
 import torch
 
-import codistill.trainer as trainer_module
+import codistill.step as step_module
 from codistill.commands import train
 
 
 def main() -> int:
-    nan_at, calls, real = int(sys.argv[1]), [0], trainer_module.distill_loss
+    nan_at, calls, real = int(sys.argv[1]), [0], step_module.distill_loss
 
     def poisoned(logits, labels, mask, targets=None, *args, **kwargs):
         parts = real(logits, labels, mask, targets, *args, **kwargs)
@@ -22,7 +22,7 @@ def main() -> int:
                 return parts._replace(loss=parts.loss * float("nan"))
         return parts
 
-    trainer_module.distill_loss = poisoned
+    step_module.distill_loss = poisoned
     # The benefit gate's own loss calls would count as training micro-steps here.
     return train.main(sys.argv[2:] + ["distill.benefit_gate=false"])
 
