@@ -1,19 +1,20 @@
-"""codistill-bench-step in the test process, one round on the micro config: it drives the run's micro-step
-and the other strategy through the step's interface (no trainer internals), and reports every variant."""
+"""codistill-bench-step, one round on the micro config, as users run it: it drives the run's micro-step and
+the other strategy through the step's interface (no trainer internals), and reports every variant."""
 import json
+import sys
 
-from codistill.commands import bench_step
-
-from conftest import MICRO
+from conftest import MICRO, run_cmd
 
 
 def test_one_round_reports_every_variant_and_its_ratios(tmp_path):
     out = tmp_path / "bench.json"
-    assert bench_step.main(["--config", str(MICRO), "--rounds", "1", "--warmup", "0", "--out", str(out),
-                            f"output_dir={tmp_path / 'run'}", "distill.benefit_interval=1"]) == 0
+    proc = run_cmd([sys.executable, "tools/bench_step.py", "--config", str(MICRO), "--rounds", "1", "--warmup", "0",
+                    "--out", str(out), f"output_dir={tmp_path / 'run'}", "distill.benefit_interval=1"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     for name in ("codistill", "fused", "separate", "two_stage", "measured"):  # micro's heads are linear: fused runs
         assert result[f"{name}_ms"] > 0, name
     assert result["fused_linear"] is False and result["benefit_gate_interval"] == 1
     for ratio in ("ratio_a_over_b", "ratio_a_over_c", "ratio_fused_over_a", "benefit_gate_cost_share"):
         assert 0 < abs(result[ratio]) < 100, ratio
+    assert "(a') step (a) with fused-linear losses" in proc.stdout
