@@ -118,8 +118,23 @@ class MicroStep:
             if self.m.states[index].distill.token_filter:
                 add(sums, f"{name}/train/token_filter_fraction", parts.filtered.item())
 
+    def targets_for(self, readers: list[int], plans: list[StudentPlan], logits, token_ce: torch.Tensor,
+                    lse: torch.Tensor) -> dict[int, Targets]:
+        """Each reading student's targets from the teacher's detached ``logits`` (a [.., V] tensor or
+        :class:`HeadLogits`), its CE per position and its logsumexp, made once per (top-k, T) the students
+        share (top-k in chunks of the first such student's ``chunk_tokens``)."""
+        wanted = {i: (self.m.states[i].top_k, plans[i].temperature) for i in readers}
+
+        def make(top_k: Optional[int], temperature: float) -> Targets:
+            if top_k is None:
+                return Targets(temperature=temperature, logits=logits, lse=lse, token_ce=token_ce)
+            chunk = next(self.m.states[i].distill.chunk_tokens for i in readers if wanted[i] == (top_k, temperature))
+            return replace(topk_targets(logits, top_k, temperature, chunk), token_ce=token_ce)
+
+        return shared_targets(wanted, make)
+
     def add_panels(self, panels: dict[str, float], index: int, logits, batch: Batch, targets: Targets,
-               plan: StudentPlan, teacher_logits) -> None:
+                   plan: StudentPlan, teacher_logits) -> None:
         """The distillation diagnostics of one student on this micro-batch, into ``panels``."""
         d = self.m.states[index].distill
         with self.phase("panels"):
@@ -227,16 +242,8 @@ class LogitsStep(MicroStep):
         if teacher_out is None:
             return None
         logits, token_ce, lse = teacher_out
-
-        def make(top_k: Optional[int], temperature: float) -> Targets:
-            if top_k is None:
-                return Targets(temperature=temperature, logits=logits, lse=lse, token_ce=token_ce)
-            chunk = next(self.m.states[i].distill.chunk_tokens for i in active
-                         if (self.m.states[i].top_k, plans[i].temperature) == (top_k, temperature))
-            return replace(topk_targets(logits, top_k, temperature, chunk), token_ce=token_ce)
-
-        wanted = {i: (self.m.states[i].top_k, plans[i].temperature) for i in active}
-        return shared_targets(wanted, make), logits  # with only top-k targets, the caller drops the logits
+        # with only top-k targets, the caller drops the logits
+        return self.targets_for(active, plans, logits, token_ce, lse), logits
 
     def teacher(self, batch: Batch, sums: dict[str, float]) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Teacher: CE on the ground truth, backward, step. Returns its detached logits [B, S, V], its CE per
@@ -281,7 +288,6 @@ class LogitsStep(MicroStep):
 class _Pass:
     """What the fused pass leaves for the rest of the micro-step."""
 
-    teacher: LossParts
     students: list[tuple[int, LossParts]]  # (student index, its parts) of the students that back-propagated
     frozen_teacher: Optional[Head]  # the teacher's head as the students saw it (for panels and the gate)
     targets: dict[int, Targets]  # the targets of the students whose panels or gate read them
@@ -337,7 +343,8 @@ class FusedStep(MicroStep):
                 if not self.finite(teacher, teacher_parts.loss):
                     return None
                 readers = active if panels is not None else measuring
-                targets = self._targets(readers, plans, frozen, teacher_parts)
+                targets = self.targets_for(readers, plans, None if frozen is None else HeadLogits(frozen, self.m.vocab),
+                                           teacher_parts.token_ce, teacher_parts.lse)
                 stepped = []
                 for i, parts in zip(active, student_parts):
                     if panels is not None:
@@ -354,7 +361,7 @@ class FusedStep(MicroStep):
                 self.step(teacher)
             self.add_teacher_sums(sums, teacher_parts.ce.item())
             del head
-        return _Pass(teacher_parts, stepped, frozen, targets)
+        return _Pass(stepped, frozen, targets)
 
     def _frozen(self, head: Head) -> Head:
         """What the panels and the gate read of the teacher: its head as it is now (it steps last); a copy under
@@ -364,19 +371,6 @@ class FusedStep(MicroStep):
         copy = (lambda t: t.detach().clone()) if zero3 else (lambda t: t.detach())
         return Head(head.hidden.detach(), copy(head.weight), None if head.bias is None else copy(head.bias))
 
-    def _targets(self, readers: list[int], plans: list[StudentPlan], frozen: Optional[Head],
-                 teacher: LossParts) -> dict[int, Targets]:
-        """The targets of the students whose panels or gate read them, from the frozen teacher head (shared by
-        (top-k, T))."""
-        def make(top_k: Optional[int], temperature: float) -> Targets:
-            logits = HeadLogits(frozen, self.m.vocab)
-            if top_k is None:
-                return Targets(temperature=temperature, logits=logits, lse=teacher.lse, token_ce=teacher.token_ce)
-            chunk = next(self.m.states[i].distill.chunk_tokens for i in readers
-                         if (self.m.states[i].top_k, plans[i].temperature) == (top_k, temperature))
-            return replace(topk_targets(logits, top_k, temperature, chunk), token_ce=teacher.token_ce)
-
-        return shared_targets({i: (self.m.states[i].top_k, plans[i].temperature) for i in readers}, make)
 
 
 def fused_problems(static_refusal: Optional[str], members: list[Member], vocab: int) -> list[str]:

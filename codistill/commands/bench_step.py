@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def variants(trainer, plans: list, probes: dict) -> dict[str, Callable[[list], None]]:
+def variants(trainer, plans: list, gated: list, probes: dict) -> dict[str, Callable[[list], None]]:
     """Each variant as a function of one step's micro-batches, driven through the step's interface: the run's
     micro-step, the other strategy where it is exact, and the logits strategy's teacher and student parts."""
     import torch
@@ -65,7 +65,6 @@ def variants(trainer, plans: list, probes: dict) -> dict[str, Callable[[list], N
 
     cfg, sink = trainer.cfg, {}
     logits = make_step(False, trainer.models, cfg, trainer.world.size, trainer.cache, trainer.world.device)
-    gated = [replace(p, measure=s.benefit is not None) for p, s in zip(plans, trainer.learners)]
 
     def steps(micro_step, plans_of_step, probe_first=False):
         def run(batches):
@@ -163,10 +162,10 @@ def body(args: argparse.Namespace) -> None:
     # Every student active with its soft term on (alpha_max, or 0.5 if the config turns it off).
     plans = [StudentPlan(True, p.temperature, replace(p.spec, alpha=s.distill.alpha_max or 0.5))
              for p, s in zip(trainer.plan(0), trainer.learners)]
-    probes: dict = {}  # this round's unseen batches, for the gate's measurement
-    timed_variants = list(variants(trainer, plans, probes).items())
-    times: dict[str, list[float]] = {name: [] for name, _ in timed_variants}
     gated = [replace(p, measure=s.benefit is not None) for p, s in zip(plans, trainer.learners)]
+    probes: dict = {}  # this round's unseen batches, for the gate's measurement
+    timed_variants = list(variants(trainer, plans, gated, probes).items())
+    times: dict[str, list[float]] = {name: [] for name, _ in timed_variants}
     for r in range(args.warmup + args.rounds):
         batches = [trainer.prepare_batch(next(trainer.stream)) for _ in range(trainer.cfg.train.gradient_accumulation_steps)]
         probes["now"] = trainer.probes(0, gated)
