@@ -133,6 +133,12 @@ class CheckpointConfig(_Section):
 RENAMED_DISTILL_KEYS = {"adaptive_gap": "lead_scale", "adaptive_ema": "lead_ema", "token_gate": "token_filter"}
 RENAMED_SCHEDULES = {"adaptive": "lead"}
 
+# What mode=mutual gives the peers where the config does not set the key: equal peers have no leader, so the
+# teacher-lead schedule says nothing between them; a burn-in, a ramp and the benefit gate decide instead
+# (docs/results.md, section 8).
+MUTUAL_DEFAULTS = {"schedule": "warmup", "head_start_steps": 0, "burn_in_steps": 50, "warmup_steps": 100,
+                   "alpha_max": 0.5}
+
 
 def renamed_distill(section: Any, where: str = "distill", say: bool = True) -> Any:
     """A ``distill`` section (a mapping) with the previous release's names replaced by today's, saying so
@@ -155,10 +161,18 @@ def renamed_distill(section: Any, where: str = "distill", say: bool = True) -> A
 
 
 def today_names(config: dict[str, Any]) -> dict[str, Any]:
-    """A saved config (a checkpoint's) with the previous release's distill names as today's, quietly."""
+    """A saved config (a checkpoint's) with the previous release's distill names as today's, quietly (and a
+    model's empty distill section, as the previous release wrote it for every model, as none)."""
+    def model(s: Any) -> Any:
+        if not isinstance(s, dict):
+            return s
+        section = renamed_distill(s.get("distill"), say=False)
+        return {**s, "distill": section or None}
+
     out = {**config, "distill": renamed_distill(config.get("distill", {}), say=False)}
-    out["students"] = [{**s, "distill": renamed_distill(s.get("distill", {}), say=False)} if isinstance(s, dict)
-                       else s for s in config.get("students", [])]
+    out["students"] = [model(s) for s in config.get("students", [])]
+    if isinstance(config.get("teacher"), dict):
+        out["teacher"] = model(config["teacher"])
     return out
 
 
@@ -251,8 +265,11 @@ class ModelSpec(_Section):
         None, ge=0, lt=SEED_LIMIT, description="seed of a random init (default train.seed + the model's position: teacher 0, "
         "students 1, 2, ...); equal seeds give equal configs equal weights")
     trust_remote_code: bool = False
-    distill: DistillOverrides = Field(default_factory=DistillOverrides,
-                                      description="students: overrides of the distill section")
+    distill: Optional[DistillOverrides] = Field(None, description="overrides of the distill section (a student's, a peer's; the "
+                                      "teacher's, given even as {}, makes it listen to the students)")
+    sources: Optional[list[str]] = Field(
+        None, description="the models it distils from, by name (the average of their predictions is its target); "
+        "default: the teacher for a student, the students for a listening teacher, the other peers in mode mutual")
     cache: Optional[str] = Field(None, description="soft-mode teacher: a top-k cache folder used instead of the model")
     gradient_checkpointing: bool = Field(
         False, description="recompute each decoder layer in the backward pass (non-reentrant) instead of keeping its "
@@ -277,10 +294,16 @@ class ModelSpec(_Section):
         return self
 
 
+def overrides(spec: "ModelSpec") -> dict[str, Any]:
+    """The distill keys a model's own section gives (none when it has no section)."""
+    return {} if spec.distill is None else spec.distill.model_dump(exclude_unset=True)
+
+
 class RunConfig(_Section):
-    mode: Literal["codistill", "soft", "hard"] = Field(
+    mode: Literal["codistill", "soft", "hard", "mutual"] = Field(
         "codistill", description="codistill: the teacher trains too; soft: a frozen pretrained teacher; "
-        "hard: students train with CE on text the teacher generated (the teacher is not loaded)")
+        "hard: students train with CE on text the teacher generated (the teacher is not loaded); mutual: no "
+        "teacher, two or more peers (students) teach each other")
     output_dir: str = Field("runs/tiny", description="where the run writes (config.yaml, TensorBoard, checkpoints)")
     overwrite: bool = Field(False, description="allow writing into an output_dir holding checkpoints")
     dry_run: bool = Field(False, description="print the expected memory per rank and stop (nothing is trained)")
@@ -289,10 +312,11 @@ class RunConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
-    teacher: ModelSpec
+    teacher: Optional[ModelSpec] = Field(None, description="required, except in mode mutual (which has none)")
     students: list[ModelSpec] = Field(..., min_length=1)
 
     _merged: list[DistillConfig] = PrivateAttr(default_factory=list)
+    _teacher_distill: Optional[DistillConfig] = PrivateAttr(None)
 
     @field_validator("output_dir")
     @classmethod
@@ -304,11 +328,48 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":
-        names = [self.teacher.name] + [s.name for s in self.students]
+        self._check_models()
+        if self.train.nonfinite == "skip" and self.train.gradient_accumulation_steps != 1:
+            raise ValueError("train.nonfinite=skip needs train.gradient_accumulation_steps=1 (a skipped "
+                             "micro-batch would shift DeepSpeed's accumulation boundary)")
+        for s in self.models:
+            if "fused_linear" in overrides(s):
+                raise ValueError(f"{s.name}.distill.fused_linear: the fused pass is shared by every model; set it "
+                                 "once, in the top-level distill section")
+        base = self.distill.model_dump()
+        if self.mode == "mutual":  # the peers' defaults, where the config does not say
+            base.update({k: v for k, v in MUTUAL_DEFAULTS.items() if k not in self.distill.model_fields_set})
+        self._merged = [DistillConfig.model_validate({**base, **overrides(s)}) for s in self.students]
+        for s, d in zip(self.students, self._merged):
+            if d.head_start_steps >= self.train.max_steps:
+                raise ValueError(f"{s.name}: distill.head_start_steps={d.head_start_steps} leaves no steps of "
+                                 f"train.max_steps={self.train.max_steps} for the student")
+        if self.listening:
+            self._teacher_distill = DistillConfig.model_validate({**base, **overrides(self.teacher)})
+        if self.teacher is not None and self.teacher.cache and (
+                len({d.temperature for d in self._merged}) != 1 or any(d.temperature_final for d in self._merged)):
+            raise ValueError("teacher.cache holds probabilities at one temperature: every student needs the "
+                             "same constant distill.temperature")
+        self._check_sources()
+        return self
+
+    def _check_models(self) -> None:
+        """Which models a mode takes, and what only some modes allow."""
+        if self.mode == "mutual":
+            if self.teacher is not None:
+                raise ValueError("mode=mutual has no teacher: list every model under students (peers)")
+            if len(self.students) < 2:
+                raise ValueError(f"mode=mutual needs two or more students (peers), got {len(self.students)}")
+        elif self.teacher is None:
+            raise ValueError(f"config key 'teacher' is required in mode={self.mode}")
+        names = [s.name for s in self.models]
         if len(set(names)) != len(names):
             raise ValueError(f"model names must be unique, got {names}")
-        if self.teacher.distill.model_fields_set:
-            raise ValueError("teacher.distill: only students take distill settings")
+        if self.teacher is None:
+            return
+        if (self.teacher.distill is not None or self.teacher.sources is not None) and self.mode != "codistill":
+            raise ValueError(f"teacher.distill / teacher.sources: a teacher listens to its students only in mode "
+                             f"codistill (it does not train in mode {self.mode})")
         if self.mode == "soft" and not (self.teacher.pretrained or self.teacher.cache):
             raise ValueError("mode=soft distils from a trained, frozen teacher: set teacher.pretrained to its folder "
                              "(or teacher.cache to a cache of its predictions)")
@@ -316,25 +377,42 @@ class RunConfig(_Section):
             raise ValueError("teacher.cache needs mode=soft (a co-distilled teacher changes every step)")
         if any(s.cache for s in self.students):
             raise ValueError("students[i].cache: only the teacher can be cached")
-        if self.train.nonfinite == "skip" and self.train.gradient_accumulation_steps != 1:
-            raise ValueError("train.nonfinite=skip needs train.gradient_accumulation_steps=1 (a skipped "
-                             "micro-batch would shift DeepSpeed's accumulation boundary)")
         for s in self.students:
-            if "fused_linear" in s.distill.model_fields_set:
-                raise ValueError(f"students[{s.name}].distill.fused_linear: the teacher's fused pass is shared by "
-                                 "every student; set it once, in the top-level distill section")
-        base = self.distill.model_dump()
-        self._merged = [DistillConfig.model_validate({**base, **s.distill.model_dump(exclude_unset=True)})
-                        for s in self.students]
+            if s.sources is not None:
+                raise ValueError(f"students[{s.name}].sources: a student distils from the teacher; sources between "
+                                 "students are for mode mutual")
+
+    def _check_sources(self) -> None:
+        names = {s.name for s in self.models}
+        for s in self.models:
+            for source in s.sources or []:
+                if source == s.name or source not in names or (self.teacher is not None and source == self.teacher.name):
+                    raise ValueError(f"{s.name}.sources: {source!r} is not another "
+                                     f"{'peer' if self.mode == 'mutual' else 'student'} of this run "
+                                     f"(one of {sorted(names - {s.name})})")
+            if s.sources is not None and len(set(s.sources)) != len(s.sources):
+                raise ValueError(f"{s.name}.sources: {s.sources} names a model twice")
+
+    @property
+    def listening(self) -> bool:
+        """Whether the teacher distils from its students (``teacher.distill`` given, in mode codistill)."""
+        return self.teacher is not None and self.mode == "codistill" and (
+            self.teacher.distill is not None or self.teacher.sources is not None)
+
+    def learners(self) -> list[tuple[ModelSpec, DistillConfig, list[str]]]:
+        """Every model that distils (or could: a student with alpha 0 is one), in the models' order, with its
+        distill settings and its sources by name (empty: it trains on CE alone, e.g. in hard mode)."""
+        out = []
+        if self.listening:
+            sources = self.teacher.sources if self.teacher.sources is not None else [s.name for s in self.students]
+            out.append((self.teacher, self._teacher_distill, sources))
         for s, d in zip(self.students, self._merged):
-            if d.head_start_steps >= self.train.max_steps:
-                raise ValueError(f"{s.name}: distill.head_start_steps={d.head_start_steps} leaves no steps of "
-                                 f"train.max_steps={self.train.max_steps} for the student")
-        if self.teacher.cache and (len({d.temperature for d in self._merged}) != 1
-                                   or any(d.temperature_final for d in self._merged)):
-            raise ValueError("teacher.cache holds probabilities at one temperature: every student needs the "
-                             "same constant distill.temperature")
-        return self
+            if self.mode == "mutual":
+                sources = s.sources if s.sources is not None else [p.name for p in self.students if p is not s]
+            else:
+                sources = [] if self.mode == "hard" else [self.teacher.name]
+            out.append((s, d, sources))
+        return out
 
     def distill_for(self, index: int) -> DistillConfig:
         """Student ``index``'s settings: the top-level section with its overrides applied
@@ -349,7 +427,8 @@ class RunConfig(_Section):
 
     @property
     def models(self) -> list[ModelSpec]:
-        return [self.teacher, *self.students]
+        """Every model of the run, the teacher first when there is one."""
+        return [*([self.teacher] if self.teacher is not None else []), *self.students]
 
 
 # --------------------------------------------------------------------------- loading

@@ -275,8 +275,8 @@ def pretrained_tokenizer_dir(spec: ModelSpec) -> Optional[Path]:
 
 def run_tokenizer(cfg: RunConfig) -> PreTrainedTokenizerBase:
     """The one tokenizer of a run, shared by every model and tool: ``data.tokenizer``, else
-    the bundled corpus's, else the pretrained teacher's own."""
-    own = pretrained_tokenizer_dir(cfg.teacher)
+    the bundled corpus's, else the pretrained teacher's own (the first peer's, in mode mutual)."""
+    own = pretrained_tokenizer_dir(cfg.models[0])
     return resolve_tokenizer(cfg.data, str(own) if own else None, cfg.train.seed)
 
 

@@ -133,7 +133,7 @@ def check_optimizer_params(name: str, params: Any) -> None:
 def optimizer_steps(cfg: RunConfig) -> dict[str, int]:
     """How many optimizer steps each model takes: train.max_steps, less a student's head start
     (the config's validator guarantees at least one)."""
-    steps = {cfg.teacher.name: cfg.train.max_steps}
+    steps = {} if cfg.teacher is None else {cfg.teacher.name: cfg.train.max_steps}
     for i, s in enumerate(cfg.students):
         steps[s.name] = cfg.train.max_steps - cfg.distill_for(i).head_start_steps
     return steps

@@ -27,7 +27,8 @@ from typing import Optional
 
 import torch
 
-from .losses import ChunkLoss, LossParts, SoftSpec, Targets, loss_and_grad, shared_targets, topk_targets
+from .losses import ChunkLoss, LossParts, SoftSpec, Targets, loss_and_grad, topk_targets
+from .mixture import mix, mixture_ce, position_ce
 
 # distill.fused_linear=auto is on from this vocabulary up: below it the logits are not a step's largest
 # activations (tools/bench_step.py: the fused step takes about as long as the plain one on CPU).
@@ -181,78 +182,117 @@ class _Sums:
         return LossParts(value, self.ce.float(), self.kd.float(), self.token_ce, share, self.lse)
 
 
+@dataclass
+class Term:
+    """A model's soft term in a pass over several heads: the heads it learns from (by position in the pass,
+    their predictions averaged at ``temperature``), its divergence, α and token filter (``spec``), and full
+    targets (``top_k`` None) or top-k + tail."""
+
+    sources: list[int]
+    spec: SoftSpec
+    temperature: float = 1.0
+    top_k: Optional[int] = None
+
+
 def _check_heads(heads: list[Head], n_pos: int, vocab: int) -> None:
     for i, head in enumerate(heads):
-        who = "the teacher" if i == 0 else f"student {i - 1}"
         if head.hidden.numel() != n_pos * head.hidden.shape[-1]:
-            raise ValueError(f"{who}: hidden states {tuple(head.hidden.shape)} do not hold {n_pos} positions")
+            raise ValueError(f"head {i}: hidden states {tuple(head.hidden.shape)} do not hold {n_pos} positions")
         if head.weight.shape[0] < vocab or head.weight.shape[1] != head.hidden.shape[-1]:
-            raise ValueError(f"{who}: head weight {tuple(head.weight.shape)} does not map hidden size "
+            raise ValueError(f"head {i}: head weight {tuple(head.weight.shape)} does not map hidden size "
                              f"{head.hidden.shape[-1]} to at least {vocab} tokens")
 
 
-def _chunk_targets(students: list[StudentTerm], z_t: torch.Tensor, teacher: ChunkLoss) -> dict[int, Targets]:
-    """Each student's targets on one chunk of the teacher's logits ``z_t``, shared by (top-k, T)."""
-    def make(top_k: Optional[int], temperature: float) -> Targets:
-        if top_k is None:
-            return Targets(temperature=temperature, logits=z_t, token_ce=teacher.token_ce, lse=teacher.lse)
-        return replace(topk_targets(z_t, top_k, temperature), token_ce=teacher.token_ce)
+def _chunk_targets(term: Term, z: dict[int, torch.Tensor], done: dict[int, ChunkLoss], labels: torch.Tensor,
+                   made: dict) -> Targets:
+    """A term's targets on one chunk: its one source's logits (with that source's CE per position and
+    logsumexp, when its loss on the chunk is known) or the average of several; shared by (sources, top-k, T)."""
+    key = (tuple(term.sources), term.top_k, term.temperature)
+    if key in made:
+        return made[key]
+    ready = all(j in done for j in term.sources)
+    if len(term.sources) == 1:
+        j = term.sources[0]
+        logits = z[j]
+        token_ce = done[j].token_ce if ready else (position_ce(logits, labels, logits.shape[0])
+                                                   if term.spec.token_filter else None)
+        lse = done[j].lse if ready else None
+    else:
+        logits = mix([z[j] for j in term.sources], term.temperature)
+        token_ce = None if not term.spec.token_filter else mixture_ce(
+            [done[j].token_ce if j in done else position_ce(z[j], labels, z[j].shape[0]) for j in term.sources])
+        lse = None
+    if term.top_k is None:
+        made[key] = Targets(temperature=term.temperature, logits=logits, token_ce=token_ce, lse=lse)
+    else:
+        made[key] = replace(topk_targets(logits, term.top_k, term.temperature), token_ce=token_ce)
+    return made[key]
 
-    return shared_targets({j: (s.top_k, s.temperature) for j, s in enumerate(students, start=1)}, make)
 
-
-def fused_linear_losses(teacher: Head, students: list[StudentTerm], labels: torch.Tensor, mask: torch.Tensor,
-                        vocab: int, chunk_tokens: Optional[int] = None) -> tuple[LossParts, list[LossParts]]:
-    """The teacher's CE and every student's blended objective, as :func:`codistill.losses.distill_loss`
-    gives them from logits (the teacher's full logits, or its top-k at the student's T, as targets;
-    its per-position CE for the token filter), without any model's [N × V] logits.
+def fused_losses(heads: list[Head], terms: list[Optional[Term]], labels: torch.Tensor, mask: torch.Tensor,
+                 vocab: int, chunk_tokens: Optional[int] = None) -> list[LossParts]:
+    """Every model's loss as :func:`codistill.losses.distill_loss` gives it from logits, without any model's
+    [N × V] logits: CE alone where a term is None, else the blended objective against its sources' predictions
+    (one source's logits, or the average of several; their per-position CE for the token filter).
 
     Args:
-        teacher, students: heads (and the students' soft terms). A head whose hidden states,
-            weight or bias require grad gets its gradients; the teacher's are those of its CE.
+        heads: every model's hidden states and head. A head whose hidden states, weight or bias require grad
+            gets its gradients.
+        terms: per head, its soft term (None: CE alone); sources are positions in ``heads``.
         labels, mask: [B, S] / [N] as for ``distill_loss`` (from ``next_token_targets``).
         vocab: the tokenizer's vocabulary (≤ every head's rows).
         chunk_tokens: positions per chunk (default: :func:`fused_rows`).
 
-    Returns the teacher's ``LossParts`` (its loss is its CE) and each student's.
+    Per chunk each source's logits are computed once, before any loss (every target comes from the same
+    chunk of logits), and read by every model that learns from it.
     """
     flat_mask = mask.reshape(-1)
     labels = labels.reshape(-1)
     n_pos = flat_mask.shape[0]
-    heads = [teacher, *(s.head for s in students)]
     _check_heads(heads, n_pos, vocab)
     weights = flat_mask.float() / flat_mask.sum().clamp(min=1)
-    device = teacher.hidden.device
+    device = heads[0].hidden.device
     flat = [h.hidden.reshape(n_pos, -1).detach() for h in heads]
     grads = [_Grads(h, n_pos, vocab) if h.trains else None for h in heads]
     sums = [_Sums(n_pos, device) for _ in heads]
+    sources = sorted({j for t in terms if t is not None for j in t.sources})
     step = min(n_pos, fused_rows(vocab, chunk_tokens)) if n_pos else 1
-    # Three [rows, V] fp32 buffers for the whole pass, reused chunk after chunk: the teacher's logits (read by
-    # every student), a student's logits, and the gradient of whichever model's loss is being folded in (used
-    # up at once). Fresh ones each chunk would cost page faults on CPU as large as the work they hold.
+    # [rows, V] fp32 buffers for the whole pass, reused chunk after chunk: each source's logits (read by every
+    # model that learns from it), one for the other models' logits, and the gradient of whichever model's loss
+    # is being folded in (used up at once). Fresh ones each chunk would cost page faults on CPU as large as
+    # the work they hold.
     buffer = lambda: torch.empty(step, vocab, dtype=torch.float32, device=device)  # noqa: E731
-    teacher_z = buffer()
-    student_z = buffer() if students else None
+    source_z = {j: buffer() for j in sources}
+    other_z = buffer() if len(sources) < len(heads) else None
     grad_z = buffer() if any(g is not None for g in grads) else None
-
-    def chunk_of(j: int, rows: slice, z: torch.Tensor, targets: Optional[Targets], spec: SoftSpec) -> ChunkLoss:
-        """Model j's loss on one chunk of logits, folded into its sums and gradients."""
-        out = loss_and_grad(z, labels[rows], weights[rows], targets, spec, None, grads[j] is not None, grad_z)
-        sums[j].fold(rows, out, weights[rows].sum(dtype=torch.float64))
-        if grads[j] is not None:
-            grads[j].add(rows, flat[j][rows], out.grad)
-        return out
 
     with torch.no_grad():
         for i in range(0, n_pos, step):
             rows = slice(i, min(n_pos, i + step))
-            z_t = _logits(teacher, flat[0][rows], vocab, teacher_z)
-            targets = _chunk_targets(students, z_t, chunk_of(0, rows, z_t, None, SoftSpec()))
-            for j, s in enumerate(students, start=1):
-                chunk_of(j, rows, _logits(s.head, flat[j][rows], vocab, student_z), targets[j], s.spec)
-            del z_t, targets
+            z = {j: _logits(heads[j], flat[j][rows], vocab, source_z[j]) for j in sources}
+            done: dict[int, ChunkLoss] = {}
+            made: dict = {}
+            for j, term in enumerate(terms):
+                z_j = z[j] if j in z else _logits(heads[j], flat[j][rows], vocab, other_z)
+                targets = None if term is None else _chunk_targets(term, z, done, labels[rows], made)
+                spec = SoftSpec() if term is None else term.spec
+                out = loss_and_grad(z_j, labels[rows], weights[rows], targets, spec, None, grads[j] is not None,
+                                    grad_z)
+                sums[j].fold(rows, out, weights[rows].sum(dtype=torch.float64))
+                if grads[j] is not None:
+                    grads[j].add(rows, flat[j][rows], out.grad)
+                done[j] = out._replace(grad=None)
+            del z, done, made
     total = weights.sum(dtype=torch.float64)
-    parts = [acc.parts(head, g, total, soft=j > 0) for j, (acc, head, g) in enumerate(zip(sums, heads, grads))]
+    return [acc.parts(head, g, total, soft=t is not None) for acc, head, g, t in zip(sums, heads, grads, terms)]
+
+
+def fused_linear_losses(teacher: Head, students: list[StudentTerm], labels: torch.Tensor, mask: torch.Tensor,
+                        vocab: int, chunk_tokens: Optional[int] = None) -> tuple[LossParts, list[LossParts]]:
+    """The teacher's CE and every student's blended objective against it (:func:`fused_losses` with every
+    student's one source the teacher); returns the teacher's ``LossParts`` and each student's."""
+    terms = [None, *(Term([0], s.spec, s.temperature, s.top_k) for s in students)]
+    parts = fused_losses([teacher, *(s.head for s in students)], terms, labels, mask, vocab, chunk_tokens)
     return parts[0], parts[1:]
 
 

@@ -495,19 +495,6 @@ def distill_loss(
     return LossParts(*parts)
 
 
-def shared_targets(wanted: dict[int, tuple[Optional[int], float]],
-                   make: Callable[[Optional[int], float], Targets]) -> dict[int, Targets]:
-    """Each student's targets (``wanted``: student index -> (top-k k or None for the full distribution, T)),
-    made once per (k, T) the students share, by ``make(k, T)``, in the students' order."""
-    made: dict[tuple[Optional[int], float], Targets] = {}
-    out = {}
-    for index, key in wanted.items():
-        if key not in made:
-            made[key] = make(*key)
-        out[index] = made[key]
-    return out
-
-
 def top1_agreement(student_top1: torch.Tensor, teacher_top1: torch.Tensor, mask: torch.Tensor) -> int:
     """How many masked positions have the student's most likely token equal to the teacher's
     (each model's argmax over its logits, [B, S])."""

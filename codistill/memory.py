@@ -94,13 +94,15 @@ class Estimate:
     vocab: int
     device: str
     runtime: int
-    teacher: str  # the teacher's name (it may not be loaded: a cache, or hard mode)
+    teacher: Optional[str]  # the teacher's name (it may not be loaded: a cache, or hard mode; none in mode mutual)
     distills: bool  # whether any loss over the vocabulary compares to a teacher
     chunk_rows: int  # positions per chunk of the distillation loss
     models: list[ModelMemory] = field(default_factory=list)
     kept_per_position: int = 0  # bytes the students' phase holds of the teacher per position
     fused: bool = False  # distill.fused_linear in effect: no model's logits, one pass over every model's heads
     fused_rows: int = 0  # positions per chunk of the fused pass
+    together: list[str] = field(default_factory=list)  # models that learn from each other: forwards held at once
+    sources: int = 1  # models whose chunk of logits the fused pass keeps for their readers
 
     def with_fused(self) -> "Estimate":
         """The same run with ``distill.fused_linear`` on: no model's logits, no kept teacher targets."""
@@ -123,8 +125,8 @@ class Estimate:
         """The distillation loss's fp32 temporaries: one chunk, or all [B·S, V] at once; fused, one chunk of
         the fused pass (its loss temporaries, the teacher's chunk of logits and the student's)."""
         positions = batch * self.seq_len
-        if self.fused and chunked:  # the teacher's chunk of logits, a student's and its gradient + the kernel's
-            return (3 * min(positions, self.fused_rows) + LOSS_TEMPORARIES * min(positions, self.chunk_rows)) \
+        if self.fused and chunked:  # each source's chunk of logits, another model's and a gradient + the kernel's
+            return ((self.sources + 2) * min(positions, self.fused_rows) + LOSS_TEMPORARIES * min(positions, self.chunk_rows)) \
                 * self.vocab * 4
         rows = min(positions, self.chunk_rows) if chunked else positions
         return LOSS_TEMPORARIES * rows * self.vocab * 4
@@ -239,19 +241,27 @@ def _running(m: ModelMemory, scale: float, logit_copies: int, kd: int) -> dict[s
 
 
 def logits_path_phases(est: Estimate, batch: int) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
-    """The teacher's pass (none without a loaded teacher) and the students' phases on the logits path: each
-    student's pass beside the teacher's kept targets, and a measuring step of the benefit gate per gated
-    student (its gradients held whole at once, no reduction)."""
+    """The teacher's pass (none without a loaded teacher, or when it listens) and the learners' phases on the
+    logits path: each student's pass beside the teacher's kept targets; the models that learn from each other
+    (mode mutual, a listening teacher and its students) with their forwards, logits and gradients held at
+    once; and a measuring step of the benefit gate per gated learner (its gradients held whole at once, no
+    reduction)."""
     scale = batch / est.micro_batch_size
-    teacher = next((m for m in est.models if m.name == est.teacher), None)
-    students = [m for m in est.models if m.name != est.teacher]
+    teacher = next((m for m in est.models if m.name == est.teacher and m.name not in est.together), None)
+    students = [m for m in est.models if m.name != est.teacher and m.name not in est.together]
     kd = est.kd_bytes(batch) if est.distills else 0
     teacher_pass = [_running(teacher, scale, 2 if teacher.trainable else 1, kd)] if teacher is not None else []
     kept = {"teacher targets kept for the students": est.kept_per_position * batch * est.seq_len}
-    student_side = [{**kept, **_running(m, scale, 2, kd)} for m in students] or [kept]
-    for m in students:  # a measuring step: no reduction, but its gradients held whole at once
+    together: dict[str, float] = {}
+    for m in est.models:
+        if m.name in est.together:
+            together.update(_running(m, scale, 2, kd))
+    side = [{**kept, **together}] if together else []
+    student_side = side + [{**kept, **_running(m, scale, 2, kd)} for m in students] or [kept]
+    for m in est.models:  # a measuring step: no reduction, but its gradients held whole at once
         if m.gate:
-            measuring = {**kept, **_running(m, scale, 2, kd), f"{m.name} benefit gate's gradients": m.gate}
+            measuring = {**kept, **(together if m.name in est.together else {}), **_running(m, scale, 2, kd),
+                         f"{m.name} benefit gate's gradients": m.gate}
             measuring.pop(f"{m.name} gradient reduction (ZeRO-3)")
             student_side.append(measuring)
     return teacher_pass, student_side
@@ -264,7 +274,7 @@ def fused_path_phases(est: Estimate, batch: int) -> tuple[list[dict[str, float]]
     head, copied at ZeRO-3)."""
     scale = batch / est.micro_batch_size
     teacher = next((m for m in est.models if m.name == est.teacher), None)
-    students = [m for m in est.models if m.name != est.teacher]
+    learners = [m for m in est.models if m.gate]
     kd = est.kd_bytes(batch) if est.distills else 0
     hidden = {f"{m.name} final hidden states": batch * est.seq_len * m.head // max(m.width, 1) * m.dtype_bytes
               for m in est.models}
@@ -277,13 +287,14 @@ def fused_path_phases(est: Estimate, batch: int) -> tuple[list[dict[str, float]]
              "gathered parameters (ZeRO-3)": max((m.gathered for m in est.models), default=0),
              "gradient reduction (ZeRO-3)": max((m.reducing for m in est.models), default=0)}
     student_side = [fused]
-    copy = teacher.head * teacher.dtype_bytes if teacher is not None and teacher.stage == 3 else 0
-    for m in students:
+    copies = sum(m.head * m.dtype_bytes for m in est.models if m.stage == 3 and m is not teacher) \
+        if est.together else (teacher.head * teacher.dtype_bytes if teacher is not None and teacher.stage == 3 else 0)
+    for m in learners:
         if m.gate:
             student_side.append({f"{m.name} activations": m.activations * scale,
                                  f"{m.name} benefit gate's gradients": m.gate,
                                  f"{m.name} head gradients (the gate's fused pass)": 2 * est.head_gradient(m),
-                                 f"{est.teacher} head copy (ZeRO-3)": copy, "fused pass working set": kd,
+                                 "source head copies (ZeRO-3)": copies, "fused pass working set": kd,
                                  "gathered parameters (ZeRO-3)": m.gathered, **hidden})
     return [], student_side
 
@@ -521,27 +532,38 @@ def _plain_estimate(cfg: RunConfig, world_size: int, device: Optional[str] = Non
     vocab = len(tokenizer)
     batch, seq = cfg.train.micro_batch_size, cfg.data.seq_len
     rows = chunk_rows(vocab, None, torch.device(device))
-    chunks = {cfg.distill_for(i).chunk_tokens for i in range(len(cfg.students))}
+    chunks = {d.chunk_tokens for _, d, _ in cfg.learners()}
     if None not in chunks:
         rows = max(chunks)
-    est = Estimate(world_size, batch, seq, vocab, device, 0, teacher=cfg.teacher.name,
+    teacher_name = None if cfg.teacher is None else cfg.teacher.name
+    est = Estimate(world_size, batch, seq, vocab, device, 0, teacher=teacher_name,
                    distills=cfg.mode != "hard", chunk_rows=rows)
     loaded = loaded_models(cfg)
     ds_configs = deepspeed_configs(cfg, loaded, world_size, on_cpu=device == "cpu")
     for spec in loaded:
         est.models.append(_model_memory(spec, model_config(spec, tokenizer), ds_configs[spec.name],
                                         is_trainable(cfg, spec), world_size, batch, seq, vocab))
-    teacher = next((m for m in est.models if m.name == cfg.teacher.name), None)
-    settings = [cfg.distill_for(i) for i in range(len(cfg.students))]
-    for spec, d in zip(cfg.students, settings):
+    teacher = next((m for m in est.models if m.name == teacher_name), None)
+    learners = cfg.learners()
+    settings = [d for s, d, _ in learners if s is not cfg.teacher]
+    for spec, d, _ in learners:
         m = next((m for m in est.models if m.name == spec.name), None)
         if m is not None and d.benefit_gate and cfg.mode != "hard":
             # ∇CE(probe) and ∇CE whole; ∇(T²·D) one parameter at a time (at most the largest one)
             m.gate = m.dtype_bytes * (2 * m.parameters + m.largest)
-    if cfg.teacher.cache or (teacher is not None and all(d.targets == "topk" for d in settings)):
+    # models that learn from each other hold their forwards at once: every peer; a listening teacher and the
+    # students it listens to (and, through the teacher, every student)
+    if cfg.mode == "mutual" or cfg.listening:
+        est.together = [s.name for s, _, sources in learners if sources]
+        if cfg.listening:
+            est.together = list(dict.fromkeys([teacher_name, *est.together]))
+    est.sources = max(1, len({n for _, _, sources in learners for n in sources}))
+    if cfg.mode == "mutual":
+        pass  # every peer's logits are held with its forward (counted in its phase)
+    elif cfg.teacher.cache or (teacher is not None and all(d.targets == "topk" for d in settings)):
         k = max(d.top_k for d in settings)
         est.kept_per_position = topk_bytes_per_position(min(k, vocab))
-    elif teacher is not None:
+    elif teacher is not None and not cfg.listening:
         est.kept_per_position = teacher.width * teacher.dtype_bytes  # the detached logits, for every student
     est.fused_rows = fused_rows(vocab, cfg.distill.chunk_tokens)
     est.runtime = runtime_bytes(device)  # after the models' code was imported above
@@ -553,12 +575,13 @@ def estimate(cfg: RunConfig, world_size: int, device: Optional[str] = None) -> E
     fused-linear path where ``distill.fused_linear`` puts it (auto: below ZeRO-3, where it lowers the step's peak)."""
     est = _plain_estimate(cfg, world_size, device)
     setting = cfg.distill.fused_linear
-    teacher = any(m.name == cfg.teacher.name for m in est.models)
-    if not teacher or not all(m.linear_head for m in est.models) or setting is False:
+    cached = cfg.teacher is not None and bool(cfg.teacher.cache)
+    live = cfg.mode == "mutual" or any(m.name == est.teacher for m in est.models)
+    if not live or not all(m.linear_head for m in est.models) or setting is False:
         return est
     if setting is True:
         return est.with_fused()
-    if static_problem(cfg.mode, bool(cfg.teacher.cache)) is None and est.vocab >= FUSED_AUTO_VOCAB \
+    if static_problem(cfg.mode, cached) is None and est.vocab >= FUSED_AUTO_VOCAB \
             and auto_problem([m.stage for m in est.models]) is None and est.fused_lowers_peak():
         return est.with_fused()
     return est

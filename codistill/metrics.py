@@ -113,12 +113,12 @@ def format_values(values: Mapping[str, float]) -> str:
     return " | ".join(shown + extra)
 
 
-def summary_lines(final: Mapping[str, float], start: Mapping[str, float], teacher: str, students: list[str],
+def summary_lines(final: Mapping[str, float], start: Mapping[str, float], teacher: Optional[str], students: list[str],
                   wall_s: float, tokens: int, checkpoint: Path, output_dir: Path) -> list[str]:
     """The run's face at its end: each model's validation loss and perplexity, each student's gap
     to the teacher and its change since step 0, time and throughput, and where to look next."""
     lines = ["run finished:"]
-    for name in [teacher, *students]:
+    for name in [*([teacher] if teacher else []), *students]:
         loss = final.get(f"{name}/eval/loss")
         if loss is None:  # a teacher that was not loaded (cached, or hard mode)
             continue

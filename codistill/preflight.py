@@ -41,22 +41,22 @@ def check_inputs(cfg: RunConfig, output_dir: Path) -> Inputs:
     check_data_source(cfg.data)
     tokenizer = run_tokenizer(cfg)
     vocab, tokenizer_fp = len(tokenizer), tokenizer_fingerprint(tokenizer)
-    for i, student in enumerate(cfg.students):
-        d = cfg.distill_for(i)
+    for spec, d, _ in cfg.learners():
         if cfg.mode != "hard" and d.targets == "topk" and d.top_k >= vocab:
-            raise ConfigError(f"{student.name}: distill.top_k={d.top_k} is not below the vocabulary's "
+            raise ConfigError(f"{spec.name}: distill.top_k={d.top_k} is not below the vocabulary's "
                               f"{vocab:,} tokens; top-k targets keep k < V (targets: full keeps them all)")
     specs = loaded_models(cfg)
     hf_configs = {s.name: model_config(s, tokenizer) for s in specs}
     for spec in specs:
         check_model(spec, hf_configs[spec.name], tokenizer, tokenizer_fp, cfg.data.seq_len)
-    if cfg.teacher.cache:
+    cached = cfg.teacher is not None and bool(cfg.teacher.cache)
+    if cached:
         TeacherCache.check_ready(Path(cfg.teacher.cache).expanduser())
     world_size = distributed.env_world_size()
     ds_configs = deepspeed_configs(cfg, specs, world_size, on_cpu=not torch.cuda.is_available())
     for spec in specs:
         check_attention(spec, hf_configs[spec.name], half_precision(ds_configs[spec.name]))
-    refusal = static_problem(cfg.mode, bool(cfg.teacher.cache))
+    refusal = static_problem(cfg.mode, cached)
     if cfg.distill.fused_linear is True and refusal:
         raise ConfigError(f"distill.fused_linear=true: {refusal}; set it to auto or false")
     written = output_dir / "config.yaml"

@@ -38,7 +38,9 @@ def describe_models(members: list[Member], world_size: int) -> list[str]:
 
 
 def describe_teacher_source(cfg: RunConfig, cache) -> Optional[str]:
-    """Where the students' teacher comes from when it is not loaded (None: a live teacher)."""
+    """Where the students' teacher comes from when it is not loaded (None: a live teacher, or no teacher)."""
+    if cfg.teacher is None:
+        return None
     if cfg.mode == "hard":
         return f"{cfg.teacher.name}: not loaded; hard mode trains on the text it generated (CE on response tokens)"
     if cache is not None:
@@ -48,9 +50,13 @@ def describe_teacher_source(cfg: RunConfig, cache) -> Optional[str]:
     return None
 
 
-def describe_student(state: StudentState, max_steps: int, heldout_blocks: Optional[int]) -> str:
-    """When and how one student distils: its schedule, temperature, divergence and benefit gate."""
+def describe_student(state: StudentState, max_steps: int, heldout_blocks: Optional[int],
+                     sources: Optional[list[str]] = None) -> str:
+    """When and how one learner distils (and from which models, when that is not simply the teacher): its
+    schedule, temperature, divergence and benefit gate."""
     d, name = state.distill, state.name
+    if sources is not None and not sources:
+        return f"{name}: learns from no other model: CE alone"
     start = d.head_start_steps + d.burn_in_steps
     if start >= max_steps or d.alpha_max == 0:
         return (f"{name}: never distils (alpha_max {d.alpha_max}, head start {d.head_start_steps} + burn-in "
@@ -61,7 +67,8 @@ def describe_student(state: StudentState, max_steps: int, heldout_blocks: Option
         source = (f"held-out probe: {heldout_blocks} blocks of training documents set aside"
                   if d.benefit_probe == "heldout" else "probe: the stream's next micro-batch")
         gate = f"benefit gate every {d.benefit_interval} steps ({source}; noise term {noise})"
-    return (f"{name}: distils from step {start} of {max_steps} (head start {d.head_start_steps}, burn-in "
+    whom = f"from {' + '.join(sources)}; " if sources else ""
+    return (f"{name}: distils from step {start} of {max_steps} ({whom}head start {d.head_start_steps}, burn-in "
             f"{d.burn_in_steps}); {d.schedule} alpha up to {d.alpha_max}, T={d.temperature}, {d.divergence}, {gate}")
 
 
@@ -89,10 +96,11 @@ def scalars_layout(members: list[Member], teacher: str, states: list[StudentStat
     exact = lambda names: [f"^{re.escape(t)}$" for t in names]  # noqa: E731  (the plugin takes regexes)
     charts = {"validation loss, every model": ["Multiline", exact(f"{m.name}/eval/loss" for m in members)],
               "training loss, every model": ["Multiline", exact(
-                  f"{n}/train/loss" for n in [teacher, *(s.name for s in states)])]}
+                  f"{n}/train/loss" for n in dict.fromkeys([*([teacher] if teacher else []),
+                                                            *(m.name for m in members), *(s.name for s in states)]))]}
     if mode != "hard":
         for i, state in enumerate(states):
-            charts[f"{state.name}: alpha and the teacher's lead (running and this step)"] = ["Multiline", exact([
+            charts[f"{state.name}: alpha and its sources' lead (running and this step)"] = ["Multiline", exact([
                 tags.student("schedule", "alpha", i), tags.student("schedule", "lead", i),
                 tags.student("distill", "teacher_lead", i)])]
             if state.benefit is not None:

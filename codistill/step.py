@@ -1,17 +1,22 @@
 """One micro-step over every model: forwards once, targets shared, each model's loss and backward.
 
+The models and their edges: every loaded model trains on its CE, and a learner (a student, a peer of
+mode mutual, a listening teacher) also on ``α·T²·D(sources ‖ itself)``, where its sources' predictions
+are averaged in probability space (codistill/mixture.py). One-way co-distillation is the case where
+every student's one source is the teacher.
+
 Two strategies behind one interface, :class:`MicroStep`: :class:`LogitsStep` computes every loss
-from each model's logits (the teacher's detached logits, full or top-k, are the students'
-targets); :class:`FusedStep` (``distill.fused_linear``) stops every forward at the final hidden
-states and takes every loss from one chunked pass over the LM heads (codistill/fused.py), so no
-model's [N × V] logits exist. Either way every backward runs at once (freeing its activations)
+from each model's logits (a source's detached logits, full or top-k, are its readers' targets);
+:class:`FusedStep` (``distill.fused_linear``) stops every forward at the final hidden states and
+takes every loss from one chunked pass over the LM heads (codistill/fused.py), so no model's
+[N × V] logits exist. Either way every backward runs as soon as it can (freeing its activations)
 and the optimizer steps wait until the micro-step's end, when every model's loss is known to be
-finite, so a stop leaves all models at the same step; the students' targets come from the
-teacher before its step.
+finite, so a stop leaves all models at the same step and every target comes from a model's
+prediction before its step.
 
 What a micro-step adds to the step's metrics goes into ``sums`` (tag -> value summed over
 micro-steps); with ``panels``, the distillation diagnostics of the micro-batch; with ``probes``
-(unseen micro-batches by ``distill.benefit_probe``), students whose plan says so measure their
+(unseen micro-batches by ``distill.benefit_probe``), learners whose plan says so measure their
 benefit gate (codistill/gate.py) before their step.
 """
 from __future__ import annotations
@@ -28,12 +33,12 @@ from .config import ConfigError, RunConfig
 from .engines import (Member, forward_hidden, forward_logits, fused_head_problem, heads_gathered, lm_head,
                       module_hidden, module_logits)
 from .errors import NonFinite
-from .fused import (FUSED_AUTO_VOCAB, Head, HeadLogits, StudentTerm, auto_problem, fused_linear_losses,
-                    static_problem)
+from .fused import FUSED_AUTO_VOCAB, Head, HeadLogits, Term, auto_problem, fused_losses, static_problem
 from .gate import hypergradient_terms, trainable_parameters
-from .losses import LossParts, SoftSpec, Targets, distill_loss, panel_stats, shared_targets, topk_targets
+from .losses import LossParts, SoftSpec, Targets, chunk_rows, distill_loss, panel_stats, topk_targets
 from .memory import fused_lowers_peak
 from .metrics import Tags
+from .mixture import Mixture, mixture_ce, position_ce
 from .student import StudentPlan, StudentState
 
 log = logging.getLogger("codistill")
@@ -48,25 +53,89 @@ def add(sums: dict[str, float], key: str, value: float) -> None:
 
 @dataclass
 class Models:
-    """What a micro-step runs: the teacher (None when it is not loaded) and the students with their state."""
+    """What a micro-step runs: every loaded model (the teacher first, when it is loaded), the learners (the
+    models with a distill state: students, peers, a listening teacher) and the models each learns from."""
 
-    teacher: Optional[Member]
-    teacher_name: str
-    students: list[Member]
+    members: list[Member]
+    teacher: Optional[Member]  # None when not loaded (cached, hard mode) or in mode mutual
+    learners: list[int]  # each learner's position in ``members``, in the order of ``states``
     states: list[StudentState]
+    sources: list[list[int]]  # per learner: the positions in ``members`` of the models it learns from
     vocab: int
     tags: Tags
+    teacher_name: Optional[str] = None  # the teacher's name, loaded or not
+
+    def learner(self, index: int) -> Member:
+        return self.members[self.learners[index]]
+
+    def learner_at(self, position: int) -> Optional[int]:
+        """The learner index of the member at ``position`` (None: it learns from nobody, e.g. a deaf teacher)."""
+        return self.learners.index(position) if position in self.learners else None
+
+
+@dataclass
+class Roles:
+    """Who does what in one micro-step (decided from the plans, so the same on every rank)."""
+
+    trains: dict[int, bool]  # member position -> whether it trains (a frozen teacher runs only when read)
+    reads: dict[int, list[int]]  # learner index -> the sources it learns from now (active learners only)
+
+
+class SourceTargets:
+    """The targets one micro-step makes from the models that others learn from: their detached logits (or
+    row-sliceable stand-ins) by member position, their CE per position and logsumexp once their own loss is
+    known, and each target made once per (sources, top-k, T, token filter)."""
+
+    def __init__(self, labels: torch.Tensor):
+        self.labels = labels
+        self.logits: dict[int, object] = {}
+        self.known: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # position -> (token_ce, lse)
+        self.made: dict[tuple, Targets] = {}
+
+    def make(self, sources: list[int], state: StudentState, temperature: float) -> Targets:
+        d = state.distill
+        key = (tuple(sources), state.top_k, temperature, d.token_filter)
+        if key in self.made:
+            return self.made[key]
+        rows = chunk_rows(self.m_vocab(sources), d.chunk_tokens)
+        if len(sources) == 1:
+            logits = self.logits[sources[0]]
+            token_ce, lse = self.known.get(sources[0], (None, None))
+            if token_ce is None and d.token_filter:
+                token_ce = position_ce(logits, self.labels, rows)
+        else:
+            logits, lse = Mixture([self.logits[j] for j in sources], temperature), None
+            token_ce = None if not d.token_filter else mixture_ce(
+                [self.known[j][0] if j in self.known else position_ce(self.logits[j], self.labels, rows)
+                 for j in sources])
+        if state.top_k is None:
+            made = Targets(temperature=temperature, logits=logits, lse=lse, token_ce=token_ce)
+        else:
+            made = replace(topk_targets(logits, state.top_k, temperature, d.chunk_tokens), token_ce=token_ce)
+        self.made[key] = made
+        return made
+
+    def m_vocab(self, sources: list[int]) -> int:
+        return self.logits[sources[0]].shape[-1]
+
+    def panel_logits(self, sources: list[int]):
+        """What the panels read as the sources' prediction: one source's logits, or their average."""
+        if len(sources) == 1:
+            return self.logits[sources[0]]
+        return Mixture([self.logits[j] for j in sources], 1.0)
 
 
 class MicroStep:
     """The interface of both strategies: call it on a micro-batch; ``skipped`` counts updates skipped for a
     non-finite loss by model (``nonfinite: skip``). ``phase(name)`` is entered around each named part of the
     step (the losses, the fused pass, the panels, a benefit gate's measurement): a no-op unless a benchmark
-    sets it (codistill-bench-memory records each part's memory)."""
+    sets it (codistill-bench-memory records each part's memory).
+
+    Every model's targets come from the other models' forwards of this micro-batch, before any step."""
 
     def __init__(self, models: Models, nonfinite: str, chunk_tokens: Optional[int], world_size: int):
         self.m, self.nonfinite, self.chunk_tokens, self.world_size = models, nonfinite, chunk_tokens, world_size
-        self.skipped = {m.name: 0 for m in [models.teacher, *models.students] if m is not None}
+        self.skipped = {m.name: 0 for m in models.members}
         self._deferred: Optional[list[Member]] = None  # optimizer steps waiting for the micro-step's end
         self.phase: Callable[[str], AbstractContextManager] = lambda name: nullcontext()
 
@@ -75,7 +144,7 @@ class MicroStep:
         self._deferred = []
         try:
             self.losses(batch, plans, sums, panels, probes)
-            for member in self._deferred:  # none when the teacher's update was skipped
+            for member in self._deferred:
                 member.engine.step()
         finally:
             self._deferred = None
@@ -84,6 +153,21 @@ class MicroStep:
                panels: Optional[dict[str, float]], probes: Optional[Probes]) -> None:
         """Every loss and backward of the micro-step, optimizer steps through :meth:`step`."""
         raise NotImplementedError
+
+    def roles(self, plans: list[StudentPlan]) -> Roles:
+        """Who trains and who reads whom at this step: a learner in its head start neither trains nor teaches
+        (the teacher always trains: its head start delays only its listening); a frozen model runs only when a
+        training learner reads it."""
+        m = self.m
+        present = [m.learner_at(k) is None or member is m.teacher or plans[m.learner_at(k)].active
+                   for k, member in enumerate(m.members)]
+        trains = {k: True for k, member in enumerate(m.members) if member.trainable and present[k]}
+        reads = {i: [j for j in m.sources[i] if present[j]] for i, plan in enumerate(plans) if plan.active}
+        for i, sources in reads.items():
+            if m.learners[i] in trains:
+                for j in sources:
+                    trains.setdefault(j, False)
+        return Roles(dict(sorted(trains.items())), reads)
 
     def step(self, member: Member) -> None:
         """The optimizer step of ``member``: at the end of the micro-step when called inside one, at once when a
@@ -105,12 +189,9 @@ class MicroStep:
         self.skipped[member.name] += 1
         return False
 
-    def add_teacher_sums(self, sums: dict[str, float], ce: float) -> None:
-        add(sums, f"{self.m.teacher_name}/train/loss", ce)
-        add(sums, f"{self.m.teacher_name}/train/loss_ce", ce)
-
-    def add_student_sums(self, sums: dict[str, float], index: int, parts: LossParts, soft: bool) -> None:
-        name = self.m.students[index].name
+    def add_sums(self, sums: dict[str, float], position: int, parts: LossParts, soft: bool) -> None:
+        """A model's losses of the micro-step: its loss and CE, and a learner's soft term (and token filter)."""
+        name, index = self.m.members[position].name, self.m.learner_at(position)
         add(sums, f"{name}/train/loss", parts.loss.item())
         add(sums, f"{name}/train/loss_ce", parts.ce.item())
         if soft:
@@ -118,90 +199,80 @@ class MicroStep:
             if self.m.states[index].distill.token_filter:
                 add(sums, f"{name}/train/token_filter_fraction", parts.filtered.item())
 
-    def targets_for(self, readers: list[int], plans: list[StudentPlan], logits, token_ce: torch.Tensor,
-                    lse: torch.Tensor) -> dict[int, Targets]:
-        """Each reading student's targets from the teacher's detached ``logits`` (a [.., V] tensor or
-        :class:`HeadLogits`), its CE per position and its logsumexp, made once per (top-k, T) the students
-        share (top-k in chunks of the first such student's ``chunk_tokens``)."""
-        wanted = {i: (self.m.states[i].top_k, plans[i].temperature) for i in readers}
-
-        def make(top_k: Optional[int], temperature: float) -> Targets:
-            if top_k is None:
-                return Targets(temperature=temperature, logits=logits, lse=lse, token_ce=token_ce)
-            chunk = next(self.m.states[i].distill.chunk_tokens for i in readers if wanted[i] == (top_k, temperature))
-            return replace(topk_targets(logits, top_k, temperature, chunk), token_ce=token_ce)
-
-        return shared_targets(wanted, make)
-
     def add_panels(self, panels: dict[str, float], index: int, logits, batch: Batch, targets: Targets,
-                   plan: StudentPlan, teacher_logits) -> None:
-        """The distillation diagnostics of one student on this micro-batch, into ``panels``."""
+                   plan: StudentPlan, source_logits) -> None:
+        """The distillation diagnostics of one learner on this micro-batch, into ``panels``: the sources'
+        entropy is one chart when every learner reads the teacher alone, else one per learner."""
         d = self.m.states[index].distill
         with self.phase("panels"):
-            stats = panel_stats(logits, batch["labels"], batch["mask"], targets, plan.spec, d.top_k, teacher_logits,
+            stats = panel_stats(logits, batch["labels"], batch["mask"], targets, plan.spec, d.top_k, source_logits,
                                 d.chunk_tokens)
+        one_teacher = self.m.teacher is not None and all(s == [0] for s in self.m.sources)
         for key, value in stats.items():
-            panels["distill/teacher_entropy" if key == "teacher_entropy" else self.m.tags.student("distill", key, index)] = value
+            panels["distill/teacher_entropy" if key == "teacher_entropy" and one_teacher
+                   else self.m.tags.student("distill", key, index)] = value
 
     def measure_benefit(self, index: int, batch: Batch, targets: Targets, plan: StudentPlan, probe: Batch,
-                        sums: dict[str, float], teacher: Optional[Head] = None) -> None:
-        """The benefit gate's measurement, on this rank, at the student's weights before its step: the inner
+                        sums: dict[str, float], sources: Optional[list[Head]] = None) -> None:
+        """The benefit gate's measurement, on this rank, at the learner's weights before its step: the inner
         products of ∇CE and ∇(T²·D − CE) on the batch, the update at this step's α, and ∇CE on the unseen
         ``probe`` (see :func:`codistill.gate.hypergradient_terms`). Forwards of the bare module: gradients of
-        them do not go through DeepSpeed's reduction. ``teacher``: the fused path's (unchanged) teacher head."""
-        student = self.m.students[index]
-        losses = self._gate_losses(index, batch, targets, plan, teacher)
-        if teacher is not None:
+        them do not go through DeepSpeed's reduction. ``sources``: the fused path's (unchanged) source heads."""
+        learner = self.m.learner(index)
+        losses = self._gate_losses(index, batch, targets, plan, sources)
+        if sources is not None:
             def probe_ce() -> torch.Tensor:
-                hidden = module_hidden(student, probe)
-                with heads_gathered(student), self.phase("fused loss pass"):
-                    return fused_linear_losses(Head(hidden, *lm_head(student)), [], probe["labels"], probe["mask"],
-                                               self.m.vocab, self.chunk_tokens)[0].loss
+                hidden = module_hidden(learner, probe)
+                with heads_gathered(learner), self.phase("fused loss pass"):
+                    return fused_losses([Head(hidden, *lm_head(learner))], [None], probe["labels"], probe["mask"],
+                                        self.m.vocab, self.chunk_tokens)[0].loss
         else:
             def probe_ce() -> torch.Tensor:
-                logits = module_logits(student, probe, self.m.vocab)
+                logits = module_logits(learner, probe, self.m.vocab)
                 with self.phase("loss"):
                     return distill_loss(logits, probe["labels"], probe["mask"],
                                         chunk_tokens=self.m.states[index].distill.chunk_tokens).loss
         summed = (lambda t: torch.distributed.all_reduce(t)) if self.world_size > 1 else None
-        with self.phase(f"{student.name} benefit gate"):
-            terms = hypergradient_terms(trainable_parameters(student.engine.module), plan.spec.alpha, losses,
-                                        probe_ce, summed, separate=student.engine.zero_optimization_stage() == 3)
+        with self.phase(f"{learner.name} benefit gate"):
+            terms = hypergradient_terms(trainable_parameters(learner.engine.module), plan.spec.alpha, losses,
+                                        probe_ce, summed, separate=learner.engine.zero_optimization_stage() == 3)
         for key, value in terms.items():
-            add(sums, f"{student.name}/benefit/{key}", value)
+            add(sums, f"{learner.name}/benefit/{key}", value)
 
     def _gate_losses(self, index: int, batch: Batch, targets: Targets, plan: StudentPlan,
-                     teacher: Optional[Head]) -> Callable[[bool, bool], tuple]:
-        """``losses(want_ce, want_soft)`` for the gate: from one forward of the student, its CE and/or its T²·D
+                     sources: Optional[list[Head]]) -> Callable[[bool, bool], tuple]:
+        """``losses(want_ce, want_soft)`` for the gate: from one forward of the learner, its CE and/or its T²·D
         (the blended loss at α = 1) on ``batch``; ZeRO-3 asks for one per forward."""
-        student, state = self.m.students[index], self.m.states[index]
+        learner, state = self.m.learner(index), self.m.states[index]
         labels, mask, vocab = batch["labels"], batch["mask"], self.m.vocab
         soft_spec = replace(plan.spec, alpha=1.0)
 
         def fused(want_ce: bool, want_soft: bool) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-            hidden = module_hidden(student, batch)  # against the teacher's unchanged head
-            with heads_gathered(student), self.phase("fused loss pass"):
-                head = Head(hidden, *lm_head(student))
-                hard = fused_linear_losses(head, [], labels, mask, vocab, self.chunk_tokens)[0].loss if want_ce else None
-                term = StudentTerm(head, soft_spec, plan.temperature, state.top_k)
-                soft = fused_linear_losses(teacher, [term], labels, mask, vocab, self.chunk_tokens)[1][0].loss \
-                    if want_soft else None
+            hidden = module_hidden(learner, batch)  # against the sources' unchanged heads
+            with heads_gathered(learner), self.phase("fused loss pass"):
+                head = Head(hidden, *lm_head(learner))
+                hard = fused_losses([head], [None], labels, mask, vocab, self.chunk_tokens)[0].loss if want_ce else None
+                term = Term(list(range(len(sources))), soft_spec, plan.temperature, state.top_k)
+                soft = fused_losses([*sources, head], [None] * len(sources) + [term], labels, mask, vocab,
+                                    self.chunk_tokens)[-1].loss if want_soft else None
             return hard, soft
 
         def logits(want_ce: bool, want_soft: bool) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-            out = module_logits(student, batch, vocab)
+            out = module_logits(learner, batch, vocab)
             chunk = state.distill.chunk_tokens
             with self.phase("loss"):
                 hard = distill_loss(out, labels, mask, chunk_tokens=chunk).loss if want_ce else None
                 soft = distill_loss(out, labels, mask, targets, soft_spec, chunk).loss if want_soft else None
             return hard, soft
 
-        return fused if teacher is not None else logits
+        return fused if sources is not None else logits
 
 
 class LogitsStep(MicroStep):
-    """Every loss from every model's logits: the teacher's forward runs once (or the cache answers), its CE
-    trains it and its detached logits are every student's targets (shared by (top-k, T))."""
+    """Every loss from every model's logits. Each model's forward runs once (or the cache answers for a cached
+    teacher); its detached logits are the targets of the models that learn from it. A model trains as soon as
+    every model it learns from has run (the deaf teacher at once, then each student in turn, holding one
+    student's activations at a time); models that learn from each other hold their forwards together."""
 
     def __init__(self, models: Models, nonfinite: str, chunk_tokens: Optional[int], world_size: int,
                  mode: str, cache: Optional[TeacherCache], device: torch.device):
@@ -210,167 +281,202 @@ class LogitsStep(MicroStep):
 
     def losses(self, batch: Batch, plans: list[StudentPlan], sums: dict[str, float],
                panels: Optional[dict[str, float]], probes: Optional[Probes]) -> None:
-        out = self.teacher_targets(batch, plans, sums)
-        if out is None:  # the teacher's update was skipped: no trustworthy targets
-            return
-        targets, teacher_logits = out
-        del out
-        if panels is None:  # with top-k targets this frees the full logits before the students run
-            teacher_logits = None
-        for i, plan in enumerate(plans):
-            if plan.active:
-                probe = probes[self.m.states[i].distill.benefit_probe] if probes is not None and plan.measure else None
-                self.student(i, batch, targets.get(i), plan, sums, panels, teacher_logits, probe)
+        roles = self.roles(plans)
+        got = SourceTargets(batch["labels"])
+        preset = self.cached_targets(batch, roles, sums)
+        pending: list[tuple[int, torch.Tensor]] = []  # trained models waiting for their sources' forwards
+        ran, bad = set(), set()
+        for k, trains in roles.trains.items():
+            member = self.m.members[k]
+            with torch.set_grad_enabled(trains):
+                logits = forward_logits(member, batch, self.m.vocab)
+            got.logits[k] = logits.detach()
+            ran.add(k)
+            if trains:
+                pending.append((k, logits))
+            elif not self.frozen(k, logits, batch, sums, got):
+                bad.add(k)
+            del logits
+            still = []
+            for position, own in pending:
+                index = self.m.learner_at(position)
+                sources = roles.reads.get(index, []) if index is not None else []
+                if all(j in ran for j in sources):
+                    self.train(position, own, sources, batch, plans, sums, panels, probes, got, bad, preset)
+                else:
+                    still.append((position, own))
+            pending = still
+            if panels is None:  # what no waiting model reads any more (top-k targets: the full logits)
+                self._drop_read(roles, got, pending, ran, plans)
 
-    def teacher_targets(self, batch: Batch, plans: list[StudentPlan],
-                        sums: dict[str, float]) -> Optional[tuple[dict[int, Targets], Optional[torch.Tensor]]]:
-        """The one place that decides what the teacher does in a micro-step, and each active student's targets:
-        none in hard mode (the teacher is in the data), the cached top-k, or the live teacher's (it steps first
-        in co-distillation; a frozen one runs only while a student learns from it). Also returns the live
-        teacher's full logits (None otherwise), or None altogether when the teacher's update was skipped."""
-        active = [i for i, plan in enumerate(plans) if plan.active]
-        if self.mode == "hard":
-            return {}, None
-        if self.cache is not None:
-            cached = self.cache.targets(batch["index"], self.device)
-            mask = batch["mask"].reshape(-1)
-            self.add_teacher_sums(sums, float((cached.token_ce * mask).sum() / mask.sum().clamp(min=1)))
-            return {i: cached for i in active}, None
-        if not active and not self.m.teacher.trainable:  # a frozen teacher with nobody to teach
-            return {}, None
-        teacher_out = self.teacher(batch, sums)
-        if teacher_out is None:
-            return None
-        logits, token_ce, lse = teacher_out
-        # with only top-k targets, the caller drops the logits
-        return self.targets_for(active, plans, logits, token_ce, lse), logits
+    def cached_targets(self, batch: Batch, roles: Roles, sums: dict[str, float]) -> dict[int, Targets]:
+        """A cached teacher's top-k for every active learner (and its CE, for the log); none otherwise."""
+        if self.cache is None:
+            return {}
+        cached = self.cache.targets(batch["index"], self.device)
+        mask = batch["mask"].reshape(-1)
+        ce = float((cached.token_ce * mask).sum() / mask.sum().clamp(min=1))
+        add(sums, f"{self.m.teacher_name}/train/loss", ce)
+        add(sums, f"{self.m.teacher_name}/train/loss_ce", ce)
+        return {i: cached for i in roles.reads}
 
-    def teacher(self, batch: Batch, sums: dict[str, float]) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Teacher: CE on the ground truth, backward, step. Returns its detached logits [B, S, V], its CE per
-        position [N] (for the token filter) and the logsumexp of its logits [N] (the students' loss reuses it);
-        None if skipped."""
-        teacher = self.m.teacher
-        with torch.set_grad_enabled(teacher.trainable):
-            out = forward_logits(teacher, batch, self.m.vocab)
-            with self.phase("loss"):
-                parts = distill_loss(out, batch["labels"], batch["mask"])
-        if not self.finite(teacher, parts.loss):
-            return None
-        if teacher.trainable:
-            teacher.engine.backward(parts.loss)
-            self.step(teacher)
-        self.add_teacher_sums(sums, parts.ce.item())
-        return out.detach(), parts.token_ce, parts.lse
-
-    def student(self, index: int, batch: Batch, targets: Optional[Targets], plan: StudentPlan,
-                sums: dict[str, float], panels: Optional[dict[str, float]] = None,
-                teacher_logits: Optional[torch.Tensor] = None, probe: Optional[Batch] = None) -> None:
-        """Student: (1-α)·CE + α·T²·D(teacher ‖ student); with ``targets=None``, CE alone. With ``panels``, also
-        the distillation diagnostics of this micro-batch; with ``probe``, the benefit gate's measurement."""
-        student, state = self.m.students[index], self.m.states[index]
-        out = forward_logits(student, batch, self.m.vocab)
-        spec = plan.spec if targets is not None else SoftSpec()
+    def frozen(self, position: int, logits: torch.Tensor, batch: Batch, sums: dict[str, float],
+               got: SourceTargets) -> bool:
+        """A frozen model's CE (logged; its per-position CE and logsumexp serve its readers); False if it is
+        not finite (then nobody learns from it at this step)."""
         with self.phase("loss"):
-            parts = distill_loss(out, batch["labels"], batch["mask"], targets, spec, state.distill.chunk_tokens)
-        if panels is not None and targets is not None:
-            self.add_panels(panels, index, out, batch, targets, plan, teacher_logits)
-        if not self.finite(student, parts.loss):
+            parts = distill_loss(logits, batch["labels"], batch["mask"])
+        if not self.finite(self.m.members[position], parts.loss):
+            return False
+        got.known[position] = (parts.token_ce, parts.lse)
+        self.add_sums(sums, position, parts, soft=False)
+        return True
+
+    def train(self, position: int, logits: torch.Tensor, sources: list[int], batch: Batch,
+              plans: list[StudentPlan], sums: dict[str, float], panels: Optional[dict[str, float]],
+              probes: Optional[Probes], got: SourceTargets, bad: set, preset: dict[int, Targets]) -> None:
+        """One model's loss, backward and (deferred) step: ``(1-α)·CE + α·T²·D(sources ‖ model)`` for a
+        learner with sources now, CE alone otherwise. A model whose source's loss was not finite skips."""
+        member, index = self.m.members[position], self.m.learner_at(position)
+        if any(j in bad for j in sources):
             return
-        student.engine.backward(parts.loss)
-        del out
-        if probe is not None and targets is not None:  # before the student's step
+        plan = plans[index] if index is not None else None
+        targets = preset.get(index) if not sources else got.make(sources, self.m.states[index], plan.temperature)
+        spec = plan.spec if targets is not None else SoftSpec()
+        chunk = self.m.states[index].distill.chunk_tokens if index is not None else None
+        with self.phase("loss"):
+            parts = distill_loss(logits, batch["labels"], batch["mask"], targets, spec, chunk)
+        if panels is not None and targets is not None:
+            self.add_panels(panels, index, logits, batch, targets, plan,
+                            got.panel_logits(sources) if sources else None)
+        if not self.finite(member, parts.loss):
+            bad.add(position)
+            return
+        member.engine.backward(parts.loss)
+        del logits
+        got.known[position] = (parts.token_ce, parts.lse)
+        probe = None if index is None or not probes or not plan.measure else \
+            probes.get(self.m.states[index].distill.benefit_probe)
+        if probe is not None and targets is not None:  # before the learner's step
             self.measure_benefit(index, batch, targets, plan, probe, sums)
-        self.step(student)
-        self.add_student_sums(sums, index, parts, soft=targets is not None)
+        self.step(member)
+        self.add_sums(sums, position, parts, soft=targets is not None)
+
+    def _drop_read(self, roles: Roles, got: SourceTargets, pending: list, ran: set,
+                   plans: list[StudentPlan]) -> None:
+        """Forget the detached logits that no model still to train reads (a model's targets made once its
+        sources' losses are known hold them only if they are full logits)."""
+        waiting = {p for p, _ in pending} | (set(roles.trains) - ran)
+        for i, sources in roles.reads.items():
+            if self.m.learners[i] in waiting and sources and all(j in got.known for j in sources):
+                got.make(sources, self.m.states[i], plans[i].temperature)
+        needed = {j for i, sources in roles.reads.items() if self.m.learners[i] in waiting
+                  and not all(j2 in got.known for j2 in sources) for j in sources}
+        for j in list(got.logits):
+            if j not in needed and j in got.known:
+                del got.logits[j]
+
+
+class FusedStep(MicroStep):
+    """Every loss from the final hidden states: the forwards stop before the LM heads, one chunked pass over
+    every head (codistill/fused.py) gives every model's loss with its gradients (each source's chunk of logits
+    computed once, for its own loss and as its readers' targets), then each model back-propagates its own
+    loss, the last in the models' order first (the teacher's, the step's largest, runs last, without the
+    students' activations). No model's [N x V] logits exist; no head changes before every reader has used it."""
+
+    def losses(self, batch: Batch, plans: list[StudentPlan], sums: dict[str, float],
+               panels: Optional[dict[str, float]], probes: Optional[Probes]) -> None:
+        roles = self.roles(plans)
+        if not any(roles.trains.values()):
+            return
+        hidden = {}
+        for k, trains in roles.trains.items():
+            with torch.set_grad_enabled(trains):
+                hidden[k] = forward_hidden(self.m.members[k], batch)
+        measuring = [i for i, sources in roles.reads.items() if sources and plans[i].measure and probes is not None
+                     and self.m.learners[i] in roles.trains]
+        done = self._pass(batch, plans, sums, panels, roles, hidden, measuring)
+        for position, parts, soft in done.trained:
+            index = self.m.learner_at(position)
+            if index in measuring:  # before the learner's step, outside the pass: the gate runs its forward
+                probe = probes[self.m.states[index].distill.benefit_probe]
+                heads = [done.frozen[j] for j in roles.reads[index]]
+                self.measure_benefit(index, batch, done.targets[index], plans[index], probe, sums, heads)
+            if roles.trains[position]:
+                self.step(self.m.members[position])
+            self.add_sums(sums, position, parts, soft=soft)
+
+    def _pass(self, batch: Batch, plans: list[StudentPlan], sums: dict[str, float],
+              panels: Optional[dict[str, float]], roles: Roles, hidden: dict[int, torch.Tensor],
+              measuring: list[int]) -> _Pass:
+        """The fused pass and every backward. ZeRO-3: every head whole from the pass to its model's backward
+        (the forwards ran before), entered in the models' order and left in the reverse one, each right after
+        its model's backward (the order changes no number: each model's gradients were computed in the pass,
+        and the optimizer steps wait for the micro-step's end)."""
+        members, running = self.m.members, list(roles.trains)
+        at = {k: n for n, k in enumerate(running)}
+        gathered = [heads_gathered(members[k]) for k in running]
+        entered = []
+        try:
+            for context in gathered:
+                context.__enter__()
+                entered.append(context)
+            heads = [Head(hidden.pop(k), *lm_head(members[k])) for k in running]
+            terms = []
+            for k in running:
+                index = self.m.learner_at(k)
+                sources = roles.reads.get(index, []) if index is not None else []
+                terms.append(None if not sources else Term([at[j] for j in sources], plans[index].spec,
+                                                           plans[index].temperature, self.m.states[index].top_k))
+            with torch.set_grad_enabled(True), self.phase("fused loss pass"):
+                parts = fused_losses(heads, terms, batch["labels"], batch["mask"], self.m.vocab, self.chunk_tokens)
+            readers = [i for i in roles.reads if roles.reads[i] and self.m.learners[i] in at
+                       and (panels is not None or i in measuring)]
+            read = sorted({j for i in readers for j in roles.reads[i]})
+            frozen = {j: self._frozen(heads[at[j]], members[j]) for j in read}
+            got = SourceTargets(batch["labels"])
+            for j in read:
+                got.logits[j] = HeadLogits(frozen[j], self.m.vocab)
+                got.known[j] = (parts[at[j]].token_ce, parts[at[j]].lse)
+            targets = {i: got.make(roles.reads[i], self.m.states[i], plans[i].temperature) for i in readers}
+            bad, trained = set(), []
+            for n, k in enumerate(running):
+                index = self.m.learner_at(k)
+                sources = roles.reads.get(index, []) if index is not None else []
+                if panels is not None and index in targets:
+                    self.add_panels(panels, index, HeadLogits(heads[n], self.m.vocab), batch, targets[index],
+                                    plans[index], got.panel_logits(sources))
+                if any(j in bad for j in sources) or not self.finite(members[k], parts[n].loss):
+                    bad.add(k)
+                    continue
+                trained.append((k, parts[n], terms[n] is not None))
+            for n in reversed(range(len(running))):
+                k = running[n]
+                if roles.trains[k] and k not in bad:
+                    members[k].engine.backward(parts[n].loss)
+                heads[n] = None  # its activations go with its graph
+                entered.pop().__exit__(None, None, None)
+        finally:
+            while entered:
+                entered.pop().__exit__(None, None, None)
+        return _Pass(trained, frozen, targets)
+
+    def _frozen(self, head: Head, member: Member) -> Head:
+        """What the panels and the gate read of a source: its head as it is now (no model steps before the
+        micro-step's end); a copy under ZeRO-3, taken before its backward (a tied head is partitioned again
+        by the embedding's backward hook, gathered or not) and kept after the pass."""
+        zero3 = member.engine.zero_optimization_stage() == 3
+        copy = (lambda t: t.detach().clone()) if zero3 else (lambda t: t.detach())
+        return Head(head.hidden.detach(), copy(head.weight), None if head.bias is None else copy(head.bias))
 
 
 @dataclass
 class _Pass:
     """What the fused pass leaves for the rest of the micro-step."""
 
-    students: list[tuple[int, LossParts]]  # (student index, its parts) of the students that back-propagated
-    frozen_teacher: Optional[Head]  # the teacher's head as the students saw it (for panels and the gate)
-    targets: dict[int, Targets]  # the targets of the students whose panels or gate read them
-
-
-class FusedStep(MicroStep):
-    """Every loss from the final hidden states: the forwards stop before the LM heads, one chunked pass over
-    every head (codistill/fused.py) gives the teacher's CE and every student's blended loss with their
-    gradients, then each model back-propagates its own loss (the students first). No model's [N x V]
-    logits exist; the teacher's head does not change before every student has used it."""
-
-    def losses(self, batch: Batch, plans: list[StudentPlan], sums: dict[str, float],
-               panels: Optional[dict[str, float]], probes: Optional[Probes]) -> None:
-        teacher = self.m.teacher
-        active = [i for i, plan in enumerate(plans) if plan.active]
-        if not active and not teacher.trainable:  # a frozen teacher with nobody to teach
-            return
-        measuring = [i for i in active if plans[i].measure and probes is not None]
-        with torch.set_grad_enabled(teacher.trainable):
-            teacher_hidden = forward_hidden(teacher, batch)
-        hidden = {i: forward_hidden(self.m.students[i], batch) for i in active}
-        done = self._pass(batch, plans, sums, panels, teacher_hidden, hidden, measuring)
-        if done is None:
-            return
-        for i, parts in done.students:
-            if i in measuring:  # before the student's step, outside the pass: the gate runs the student's forward
-                probe = probes[self.m.states[i].distill.benefit_probe]
-                self.measure_benefit(i, batch, done.targets[i], plans[i], probe, sums, done.frozen_teacher)
-            self.step(self.m.students[i])
-            self.add_student_sums(sums, i, parts, soft=True)
-
-    def _pass(self, batch: Batch, plans: list[StudentPlan], sums: dict[str, float],
-              panels: Optional[dict[str, float]], teacher_hidden: torch.Tensor, hidden: dict[int, torch.Tensor],
-              measuring: list[int]) -> Optional[_Pass]:
-        """The fused pass and every backward. ZeRO-3: every head whole from the pass to its model's backward
-        (the forwards ran before). The students back-propagate first: the teacher's backward, the step's
-        largest, then runs without their activations, handed-over gradients or gathered heads (the order
-        changes no number: each model's gradients were computed in the pass, and the optimizer steps wait for
-        the micro-step's end). None when the teacher's loss was not finite (skipped)."""
-        teacher, students = self.m.teacher, self.m.students
-        active = list(hidden)
-        with heads_gathered(teacher):
-            with heads_gathered(*(students[i] for i in active)):
-                head = Head(teacher_hidden, *lm_head(teacher))
-                heads = {i: Head(hidden.pop(i), *lm_head(students[i])) for i in active}
-                terms = [StudentTerm(heads[i], plans[i].spec, plans[i].temperature, self.m.states[i].top_k)
-                         for i in active]
-                with torch.set_grad_enabled(True), self.phase("fused loss pass"):
-                    teacher_parts, student_parts = fused_linear_losses(head, terms, batch["labels"], batch["mask"],
-                                                                       self.m.vocab, self.chunk_tokens)
-                del terms
-                frozen = self._frozen(head) if panels is not None or measuring else None
-                if not self.finite(teacher, teacher_parts.loss):
-                    return None
-                readers = active if panels is not None else measuring
-                targets = self.targets_for(readers, plans, None if frozen is None else HeadLogits(frozen, self.m.vocab),
-                                           teacher_parts.token_ce, teacher_parts.lse)
-                stepped = []
-                for i, parts in zip(active, student_parts):
-                    if panels is not None:
-                        self.add_panels(panels, i, HeadLogits(heads[i], self.m.vocab), batch, targets[i], plans[i],
-                                    HeadLogits(frozen, self.m.vocab))
-                    if not self.finite(students[i], parts.loss):
-                        continue
-                    students[i].engine.backward(parts.loss)
-                    heads[i] = None  # its activations go with its graph
-                    stepped.append((i, parts))
-                del heads
-            if teacher.trainable:
-                teacher.engine.backward(teacher_parts.loss)
-                self.step(teacher)
-            self.add_teacher_sums(sums, teacher_parts.ce.item())
-            del head
-        return _Pass(stepped, frozen, targets)
-
-    def _frozen(self, head: Head) -> Head:
-        """What the panels and the gate read of the teacher: its head as it is now (it steps last); a copy under
-        ZeRO-3, taken before its backward (a tied head is partitioned again by the embedding's backward hook,
-        gathered or not) and kept after the pass."""
-        zero3 = self.m.teacher.engine.zero_optimization_stage() == 3
-        copy = (lambda t: t.detach().clone()) if zero3 else (lambda t: t.detach())
-        return Head(head.hidden.detach(), copy(head.weight), None if head.bias is None else copy(head.bias))
-
+    trained: list[tuple[int, LossParts, bool]]  # (member position, its parts, whether soft) of finite losses
+    frozen: dict[int, Head]  # the sources' heads as their readers saw them (for panels and the gate)
+    targets: dict[int, Targets]  # the targets of the learners whose panels or gate read them
 
 
 def fused_problems(static_refusal: Optional[str], members: list[Member], vocab: int) -> list[str]:
@@ -384,7 +490,7 @@ def use_fused(cfg: RunConfig, members: list[Member], vocab: int, world_size: int
     """``distill.fused_linear``: false; true (refused where it would not be exact); auto: on where it is exact,
     the vocabulary is large enough for the logits to matter (FUSED_AUTO_VOCAB), no model is at ZeRO-3
     (fused.auto_problem) and the memory estimate's step peak is lower with it."""
-    setting, refusal = cfg.distill.fused_linear, static_problem(cfg.mode, bool(cfg.teacher.cache))
+    setting, refusal = cfg.distill.fused_linear, static_problem(cfg.mode, cfg.teacher is not None and bool(cfg.teacher.cache))
     if setting is False or (setting == "auto" and (refusal or vocab < FUSED_AUTO_VOCAB)):
         return False
     at_zero3 = auto_problem([m.engine.zero_optimization_stage() for m in members])

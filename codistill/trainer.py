@@ -77,7 +77,7 @@ class Trainer:
     def _open_cache(self, data_fingerprint: str) -> Optional[TeacherCache]:
         """The cached teacher of soft mode (its one temperature was checked with the config)."""
         cfg = self.cfg
-        if not cfg.teacher.cache:
+        if cfg.teacher is None or not cfg.teacher.cache:
             return None
         return TeacherCache.open(Path(cfg.teacher.cache).expanduser(),
                                  {"tokenizer": self.tokenizer_fp, "data": data_fingerprint,
@@ -85,21 +85,25 @@ class Trainer:
                                  cfg.distill_for(0).temperature)
 
     def _build_engines(self, specs: list, hf_configs: dict, ds_configs: dict) -> None:
-        """One engine per model, every student's state, and the micro-step and validation that use them."""
+        """One engine per model, every learner's state and sources, and the micro-step and validation that
+        use them."""
         cfg = self.cfg
         self.members: list[Member] = [
             build_engine(s, hf_configs[s.name], ds_configs[s.name], init_seed(cfg, s), is_trainable(cfg, s))
             for s in specs]
-        self.teacher_name = cfg.teacher.name
+        self.teacher_name = None if cfg.teacher is None else cfg.teacher.name
         self.teacher: Optional[Member] = self.members[0] if cfg.teacher in specs else None
         self.students = self.members[1 if self.teacher is not None else 0:]
         self.trainable = [m for m in self.members if m.trainable]
-        self.learners = Students([StudentState(s.name, cfg.distill_for(i), cfg.distill_for(i).benefit_gate
-                                               and cfg.mode != "hard") for i, s in enumerate(self.students)])
-        self.tags = Tags([s.name for s in self.students])
+        at = {m.name: k for k, m in enumerate(self.members)}
+        learners = cfg.learners()
+        self.learners = Students([StudentState(s.name, d, d.benefit_gate and cfg.mode != "hard")
+                                  for s, d, _ in learners])
+        self.tags = Tags([s.name for s, _, _ in learners])
         self.fused = use_fused(cfg, self.members, self.vocab, self.world.size, self.world.device.type)
-        self.models = Models(self.teacher, self.teacher_name, self.students, list(self.learners), self.vocab,
-                             self.tags)
+        self.models = Models(self.members, self.teacher, [at[s.name] for s, _, _ in learners], list(self.learners),
+                             [[at[n] for n in sources if n in at] for _, _, sources in learners], self.vocab,
+                             self.tags, self.teacher_name)
         self.micro_step = make_step(self.fused, self.models, cfg, self.world.size, self.cache, self.world.device)
         self.evaluate_models = Validator(self.val_batches, self.prepare_batch, self.vocab, self.fused,
                                          cfg.distill.chunk_tokens)
@@ -149,8 +153,7 @@ class Trainer:
         elapsed = time.perf_counter() - start
         values = self._mean_over_ranks({**{k: v / gas for k, v in sums.items()}, **(panels or {})})
         values.update(self._observe(plans, values))
-        stepped = [m for m, p in zip([self.teacher, *self.students], [None, *plans])
-                   if m is not None and m.trainable and (p is None or p.active)]
+        stepped = [self.members[k] for k, trains in self.micro_step.roles(plans).trains.items() if trains]
         values.update(report.engine_values(stepped, self.micro_step.skipped if self.cfg.train.nonfinite == "skip"
                                            else None, step))
         if self.cfg.mode != "hard":
@@ -159,8 +162,8 @@ class Trainer:
         return values
 
     def plan(self, step: int) -> list[StudentPlan]:
-        """What every student does at optimizer step ``step``: α, T and whether it trains."""
-        lrs = [float(s.engine.get_lr()[0]) for s in self.students]
+        """What every learner does at optimizer step ``step``: α, T and whether it trains."""
+        lrs = [float(self.models.learner(i).engine.get_lr()[0]) for i in range(len(self.learners))]
         return self.learners.plans(step, self.cfg.train.max_steps, lrs)
 
     def probes(self, step: int, plans: list[StudentPlan]) -> Optional[Probes]:
@@ -176,13 +179,19 @@ class Trainer:
         return out or None
 
     def _observe(self, plans: list[StudentPlan], values: dict[str, float]) -> dict[str, float]:
-        """Each student's state after the step, from the rank-averaged values (so identical on every rank): the
-        teacher's lead, the peak learning rate and the benefit gate's evidence; returns what to log of them."""
+        """Each learner's state after the step, from the rank-averaged values (so identical on every rank): its
+        sources' lead (their mean CE below its own), the peak learning rate and the benefit gate's evidence;
+        returns what to log of them."""
         out = {}
-        teacher_ce = values.get(f"{self.teacher_name}/train/loss_ce")
-        for i, (state, member, plan) in enumerate(zip(self.learners, self.students, plans)):
+        for i, (state, plan) in enumerate(zip(self.learners, plans)):
+            member = self.models.learner(i)
             lr_after = float(member.engine.get_lr()[0])
-            lead = state.observe(plan, teacher_ce, values.get(f"{state.name}/train/loss_ce"), lr_after)
+            ces = [values.get(f"{self.members[j].name}/train/loss_ce") for j in self.models.sources[i]]
+            if self.cache is not None:
+                ces = [values.get(f"{self.teacher_name}/train/loss_ce")]
+            ces = [ce for ce in ces if ce is not None]
+            source_ce = sum(ces) / len(ces) if ces else None
+            lead = state.observe(plan, source_ce, values.get(f"{state.name}/train/loss_ce"), lr_after)
             if lead is not None:
                 out[self.tags.student("distill", "teacher_lead", i)] = lead
             measured = state.measured(rank_averaged_terms(values, state.name), lr_after, self.world.size,
@@ -214,8 +223,10 @@ class Trainer:
         if source is not None:
             return [*lines, source]
         heldout = None if self.heldout is None else len(self.heldout.dataset)
-        lines += [report.describe_student(s, self.cfg.train.max_steps, heldout) for s in self.learners]
-        engine = self.teacher.engine
+        lines += [report.describe_student(s, self.cfg.train.max_steps, heldout, [self.members[j].name for j in
+                                                                             self.models.sources[i]])
+                  for i, s in enumerate(self.learners)]
+        engine = self.members[0].engine
         return lines + report.describe_targets(self.cfg, list(self.learners), self.vocab, self.fused,
                                                engine.bfloat16_enabled() or engine.fp16_enabled())
 

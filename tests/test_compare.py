@@ -50,10 +50,10 @@ def test_compare_trains_five_arms_writes_table_and_plot_and_resumes(tmp_path):
     paired, weak, two = (yaml.safe_load((seed_dir / f"{n}.yaml").read_text())
                          for n in ("paired", "handicap", "two_stage"))
     assert [s["name"] for s in paired["students"]] == ["student", "lead_only", "alone", "t2"]
-    assert paired["students"][3]["distill"] == {**paired["students"][0]["distill"], "temperature": 2,
+    assert paired["students"][3]["distill"] == {**(paired["students"][0]["distill"] or {}), "temperature": 2,
                                                 "divergence": "jsd"}
     assert paired["students"][2]["distill"]["alpha_max"] == 0.0
-    assert [s["distill"].get("benefit_gate", True) for s in paired["students"]] == [True, False, False, True]
+    assert [(s["distill"] or {}).get("benefit_gate", True) for s in paired["students"]] == [True, False, False, True]
     lr = paired["teacher"]["deepspeed"]["optimizer"]["params"]["lr"]
     assert weak["teacher"]["deepspeed"]["optimizer"]["params"]["lr"] == lr * 0.1
     assert two["mode"] == "soft" and two["teacher"]["pretrained"].endswith("teacher_hf/teacher")

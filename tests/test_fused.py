@@ -218,10 +218,10 @@ def test_scaled_losses_scale_the_gradients_and_a_second_backward_is_refused():
     assert math.isfinite(parts.kd.item())
 
 
-def test_mismatched_shapes_are_refused_with_the_model_named():
+def test_mismatched_shapes_are_refused_with_the_head_named():
     labels, mask = _batch()
     h, w = (t.detach().float() for t in _inputs(14)[:2])
-    with pytest.raises(ValueError, match="student 0: head weight"):
+    with pytest.raises(ValueError, match="head 1: head weight"):
         fused_linear_losses(Head(h, w), [StudentTerm(Head(h, w[:V - 1]), SoftSpec())], labels, mask, V)
-    with pytest.raises(ValueError, match="the teacher: hidden states"):
+    with pytest.raises(ValueError, match="head 0: hidden states"):
         fused_linear_losses(Head(h[:, :3], w), [], labels, mask, V)

@@ -2,10 +2,13 @@
 
 In one run, on the same engines and the same batches, rotates through
   (a) the co-distillation step: teacher fwd + CE + bwd + step, then each student
-      fwd + (1-α)·CE + α·T²·KL to the teacher's logits + bwd + step;
-  (b) a teacher-only step plus a student-only (CE) step on the same batch;
+      fwd + (1-α)·CE + α·T²·KL to the teacher's logits + bwd + step (mode mutual: every peer's
+      forward, its loss against the others' average, its backward and step);
+  (b) every model's step alone (CE only) on the same batch (the teacher's and each student's, or
+      each peer's);
   (c) the two-stage pipeline's cost per student step: a teacher training step, plus a
       frozen-teacher forward (no grad) whose logits the student step then learns from;
+  (e) with a listening teacher (teacher.distill): step (a) with the teacher deaf;
   (d) step (a) at which every student with a benefit gate measures it (two more forwards
       and backwards of the student, on its batch and on the next, unseen one), through the path
       the run would take (``distill.fused_linear``);
@@ -54,17 +57,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def variants(trainer, plans: list, gated: list, probes: dict) -> dict[str, Callable[[list], None]]:
-    """Each variant as a function of one step's micro-batches, driven through the step's interface: the run's
-    micro-step, the other strategy where it is exact, and the logits strategy's teacher and student parts."""
-    import torch
-
-    from ..engines import forward_logits
+    """Each variant as a function of one step's micro-batches, every one a micro-step over the run's engines
+    with other edges: the run's (every model reading its sources), none (every model alone), the teacher
+    frozen after its own step (two-stage), a deaf teacher (with a listening one), the other strategy where
+    it is exact."""
+    from ..engines import Member
     from ..fused import static_problem
-    from ..losses import Targets, distill_loss
-    from ..step import fused_problems, make_step
+    from ..step import Models, fused_problems, make_step
 
-    cfg, sink = trainer.cfg, {}
-    logits = make_step(False, trainer.models, cfg, trainer.world.size, trainer.cache, trainer.world.device)
+    cfg, sink, models = trainer.cfg, {}, trainer.models
+
+    def step_of(m: Models, fused: bool = False):
+        return make_step(fused, m, cfg, trainer.world.size, trainer.cache, trainer.world.device)
 
     def steps(micro_step, plans_of_step, probe_first=False):
         def run(batches):
@@ -72,28 +76,30 @@ def variants(trainer, plans: list, gated: list, probes: dict) -> dict[str, Calla
                 micro_step(batch, plans_of_step, sink, probes=probes.get("now") if probe_first and k == 0 else None)
         return run
 
-    def separate(batches):
-        for batch in batches:
-            logits.teacher(batch, sink)
-            for i, plan in enumerate(plans):
-                logits.student(i, batch, None, plan, sink)
+    out = {"codistill": steps(step_of(models), plans),
+           "separate": steps(step_of(replace(models, sources=[[] for _ in models.sources])), plans)}
+    cached = cfg.teacher is not None and bool(cfg.teacher.cache)
+    if not fused_problems(static_problem(cfg.mode, cached), trainer.members, trainer.vocab):
+        out["fused"] = steps(step_of(models, fused=True), plans)
+    teacher = trainer.teacher
+    if teacher is not None and teacher.trainable:
+        # two-stage: the teacher's own step, then the same engine frozen feeds the students
+        students = [i for i, k in enumerate(models.learners) if k != 0]
+        alone = replace(models, members=[teacher], learners=[], states=[], sources=[])
+        frozen = Member(teacher.spec, teacher.engine, trainable=False)
+        fed = replace(models, members=[frozen, *trainer.students], teacher=frozen,
+                      learners=[models.learners[i] for i in students], states=[models.states[i] for i in students],
+                      sources=[[0] for _ in students])
+        first, then = steps(step_of(alone), []), steps(step_of(fed), [plans[i] for i in students])
 
-    def two_stage(batches):
-        for batch in batches:
-            logits.teacher(batch, sink)  # stage 1: the teacher's own training
-            with torch.no_grad():  # stage 2: the trained teacher, frozen, feeds the student
-                teacher_logits = forward_logits(trainer.teacher, batch, trainer.vocab)
-            for i, plan in enumerate(plans):
-                targets = Targets(temperature=plan.temperature, logits=teacher_logits)
-                if trainer.learners[i].distill.token_filter:
-                    targets.token_ce = distill_loss(teacher_logits, batch["labels"], batch["mask"]).token_ce
-                logits.student(i, batch, targets, plan, sink)
+        def two_stage(batches):
+            first(batches)
+            then(batches)
 
-    out = {"codistill": steps(logits, plans)}
-    if not fused_problems(static_problem(cfg.mode, bool(cfg.teacher.cache)), trainer.members, trainer.vocab):
-        out["fused"] = steps(make_step(True, trainer.models, cfg, trainer.world.size, trainer.cache,
-                                       trainer.world.device), plans)
-    out.update(separate=separate, two_stage=two_stage)
+        out["two_stage"] = two_stage
+        if 0 in models.learners:  # a listening teacher: the same step with it deaf
+            deaf = [[] if k == 0 else s for k, s in zip(models.learners, models.sources)]
+            out["deaf"] = steps(step_of(replace(models, sources=deaf)), plans)
     if any(s.benefit is not None for s in trainer.learners):
         out["measured"] = steps(trainer.micro_step, gated, probe_first=True)  # the path the run takes
     return out
@@ -114,13 +120,18 @@ def summary(trainer, med: dict[str, float], rounds: int, config: Optional[str]) 
         "device": trainer.world.device.type, "tokens_per_step": tokens, "rounds": rounds,
         **{f"{k}_ms": v * 1e3 for k, v in med.items()},
         **{f"{k}_tokens_per_sec": tokens / v for k, v in med.items()},
-        "ratio_a_over_b": med["codistill"] / med["separate"], "ratio_a_over_c": med["codistill"] / med["two_stage"],
+        "ratio_a_over_b": med["codistill"] / med["separate"],
         "fused_linear": trainer.fused,
         "peak_memory_mb_per_rank": [float(p) / 2**20 for p in peaks],
     }
+    if "two_stage" in med:
+        result["ratio_a_over_c"] = med["codistill"] / med["two_stage"]
+    if "deaf" in med:
+        result["ratio_listening_over_deaf"] = med["codistill"] / med["deaf"]
     if "fused" in med:
         result["ratio_fused_a_over_b"] = med["fused"] / med["separate"]
-        result["ratio_fused_a_over_c"] = med["fused"] / med["two_stage"]
+        if "two_stage" in med:
+            result["ratio_fused_a_over_c"] = med["fused"] / med["two_stage"]
         result["ratio_fused_over_a"] = med["fused"] / med["codistill"]
     if "measured" in med:  # the gate measures once every benefit_interval steps (the most frequent gate counts)
         interval = min(s.distill.benefit_interval for s in trainer.learners if s.benefit is not None)
@@ -131,7 +142,8 @@ def summary(trainer, med: dict[str, float], rounds: int, config: Optional[str]) 
     return result
 
 
-LABELS = {"codistill": "(a) co-distillation step", "separate": "(b) teacher step + student step",
+LABELS = {"codistill": "(a) co-distillation step", "separate": "(b) every model's step alone (CE only)",
+          "deaf": "(e) step (a) with the teacher deaf (not listening)",
           "two_stage": "(c) two-stage: teacher step + frozen fwd + student step",
           "measured": "(d) step (a) with the benefit gate measuring", "fused": "(a') step (a) with fused-linear losses"}
 
@@ -141,10 +153,16 @@ def print_report(result: dict, names: list[str]) -> None:
           f"{result['rounds']} rounds (median):")
     for name in names:
         print(f"  {LABELS[name]:<58} {result[name + '_ms']:9.1f} ms  {result[name + '_tokens_per_sec']:10,.0f} tok/s")
-    print(f"  ratio a/b = {result['ratio_a_over_b']:.3f}   ratio a/c = {result['ratio_a_over_c']:.3f}")
+    ratios = [f"ratio a/b = {result['ratio_a_over_b']:.3f}"]
+    if "ratio_a_over_c" in result:
+        ratios.append(f"ratio a/c = {result['ratio_a_over_c']:.3f}")
+    if "ratio_listening_over_deaf" in result:
+        ratios.append(f"listening/deaf a/e = {result['ratio_listening_over_deaf']:.3f}")
+    print("  " + "   ".join(ratios))
     if "fused" in names:
-        print(f"  fused: ratio a'/b = {result['ratio_fused_a_over_b']:.3f}   ratio a'/c = "
-              f"{result['ratio_fused_a_over_c']:.3f}   a'/a = {result['ratio_fused_over_a']:.3f}")
+        over_c = f"   ratio a'/c = {result['ratio_fused_a_over_c']:.3f}" if "ratio_fused_a_over_c" in result else ""
+        print(f"  fused: ratio a'/b = {result['ratio_fused_a_over_b']:.3f}{over_c}   "
+              f"a'/a = {result['ratio_fused_over_a']:.3f}")
     if "measured" in names:
         a = "a'" if result["fused_linear"] else "a"
         print(f"  benefit gate: (d - {a}) / {a} = {result['benefit_gate_step_ratio']:.3f} at a measuring step, once "

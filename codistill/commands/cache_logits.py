@@ -41,7 +41,7 @@ def body(args: argparse.Namespace) -> None:
 
 def _target(args: argparse.Namespace, cfg: RunConfig) -> tuple[Path, int, float]:
     """The cache folder, k and T (--out or teacher.cache; --top-k or the first student's top_k and temperature)."""
-    if not cfg.teacher.pretrained:
+    if cfg.teacher is None or not cfg.teacher.pretrained:
         raise ConfigError("teacher.pretrained: caching needs a trained teacher folder")
     out = Path(args.out or cfg.teacher.cache or "").expanduser()
     if not str(args.out or cfg.teacher.cache or ""):

@@ -98,11 +98,11 @@ def arm_configs(base: dict[str, Any], seed: int, folder: Path, handicap: float,
     paired = copy.deepcopy(base)
     alone = copy.deepcopy(student)
     alone["name"] = ALONE
-    alone["distill"] = {**alone.get("distill", {}), "schedule": "constant", "alpha_max": 0.0,
+    alone["distill"] = {**(alone.get("distill") or {}), "schedule": "constant", "alpha_max": 0.0,
                         "token_filter": False, "benefit_gate": False}
     lead = copy.deepcopy(student)
     lead["name"] = LEAD
-    lead["distill"] = {**lead.get("distill", {}), "benefit_gate": False}
+    lead["distill"] = {**(lead.get("distill") or {}), "benefit_gate": False}
     paired["students"] = [copy.deepcopy(student), lead, alone]
     for name, overrides in (variants or {}).items():
         if name == student["name"]:
@@ -287,6 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
                              "section, e.g. 't2:distill.temperature=2' (repeatable)")
     parser.add_argument("--paired-only", action="store_true",
                         help="run only the paired run ((a), (b), (e) and the variants): no (c), no (d)")
+    parser.add_argument("--mutual", action="store_true",
+                        help="the mutual arms instead (codistill/commands/compare_mutual.py): peers in mode mutual "
+                             "against CE-only twins (peers, large, handicap) and a listening teacher (listening)")
+    parser.add_argument("--mutual-arms", nargs="+", metavar="ARM",
+                        help="with --mutual: some of peers large handicap listening (default: all)")
+    parser.add_argument("--listen", action="append", default=[], metavar="KEY=VALUE",
+                        help="with --mutual: the listening teacher's teacher.distill keys (repeatable; default: "
+                             "none given, the students' distill section)")
     parser.add_argument("--datasets", nargs="+", metavar="CORPUS",
                         help="run every arm and seed on each of these corpora (built-in ones by name, as "
                              "codistill-prepare-corpus --help lists them; or files/folders, each with a 4,096-token "
@@ -322,13 +330,21 @@ def body(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     cmdline = ("codistill-compare " + " ".join(shlex.quote(a) for a in sys.argv[1:])).strip()
     machine = f"{os.cpu_count()} CPU cores, {args.nproc} process(es) per run"
-    results, ok = {}, True
-    for dataset, label in zip(corpora, labels):
+    bases = []
+    for dataset in corpora:
         base = cfg.model_dump(mode="json")
         if len(corpora) > 1 or args.datasets:
             base["data"]["dataset"] = dataset
             if dataset not in CORPORA and base["data"].get("tokenizer") is None:  # one trained on it, as large
                 base["data"]["tokenizer"] = {"train": {"vocab_size": BUILTIN_VOCAB}}
+        bases.append(base)
+    if args.mutual:
+        from .compare_mutual import run_mutual
+
+        ok = run_mutual(args, cfg, corpora, labels, out, seeds, cmdline, machine, bases, run_training, eval_curve)
+        return 0 if ok or not args.strict else 1
+    results, ok = {}, True
+    for base, dataset, label in zip(bases, corpora, labels):
         folder = out if len(corpora) == 1 else out / label
         if len(corpora) > 1:
             print(f"corpus {label}:", flush=True)

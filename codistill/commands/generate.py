@@ -147,7 +147,7 @@ def body(args: argparse.Namespace) -> None:
     from .. import distributed
 
     cfg = cli.run_config(args)
-    if not cfg.teacher.pretrained:
+    if cfg.teacher is None or not cfg.teacher.pretrained:
         raise ConfigError("teacher.pretrained: generation needs a trained teacher folder")
     tokenizer, hf_config = _checked_teacher(cfg)
     prompts = rendered_prompts(args, cfg, tokenizer)
