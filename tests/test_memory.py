@@ -151,6 +151,9 @@ def test_the_example_llm_configs_fit_their_gpus(tmp_path):
     assert not teacher.trainable and teacher.width == 152064 and est.vocab == 50257
     assert teacher.params == 2 * teacher.parameters // 8  # bf16, a ZeRO-3 share, no optimizer
     assert est.largest_micro_batch(80 * 2**30) > 2
+    mutual = estimate(load_config(ROOT / "configs/examples/llama8b-mutual-1b.yaml"), 8, "cuda")
+    assert mutual.together == ["large", "small"] and mutual.peak() < 80 * 2**30  # both forwards at once
+    assert mutual.largest_micro_batch(80 * 2**30) >= 2
 
 
 def test_what_does_not_fit_is_named():
@@ -206,3 +209,24 @@ def test_fused_linear_drops_every_logits_term_and_counts_the_head_gradients_and_
             assert (plain.with_fused().step_peak() < plain.step_peak()) is lower
             assert fused_lowers_peak(load_config(MICRO, overrides), 2, "cpu") is lower
             assert auto.fused is (lower and stage < 3)  # ZeRO-3 measured higher with it (docs/results.md)
+
+
+def test_models_that_learn_from_each_other_count_with_every_forward_held_at_once():
+    """Peers (mode mutual) and a listening teacher hold their forwards, logits and logit gradients together
+    until the last of them has run; a one-way run holds one student's beside the teacher's kept logits."""
+    peers = ["mode=mutual", "teacher=null", "students=[" + ", ".join(
+        "{name: %s, config: {hidden_size: %d, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, "
+        "num_key_value_heads: 2, max_position_embeddings: 64}, deepspeed: {zero_optimization: {stage: 2}, "
+        "optimizer: {type: AdamW, params: {lr: 1.0e-3}}}}" % (n, h) for n, h in (("p1", 32), ("p2", 48), ("p3", 64)))
+        + "]", "distill.benefit_gate=false"]
+    est = estimate(load_config(MICRO, peers), 2)
+    assert est.teacher is None and sorted(est.together) == ["p1", "p2", "p3"] and est.kept_per_position == 0
+    held = max(sum(phase.values()) for phase in est._phase_terms(4)[1])
+    scale = 4 / est.micro_batch_size
+    assert held >= sum((m.activations + 2 * m.logits) * scale for m in est.models)
+    one_way = estimate(load_config(MICRO, ["distill.benefit_gate=false"]), 2)
+    heard = estimate(load_config(MICRO, ["distill.benefit_gate=false", "teacher.distill={benefit_gate: false}"]), 2)
+    assert heard.together == ["teacher", "student"] and one_way.together == []
+    assert heard.step_peak() > one_way.step_peak()
+    gated = estimate(load_config(MICRO, ["teacher.distill={}"]), 2)  # a gated listening teacher measures too
+    assert by_name(gated)["teacher"].gate > 0 and by_name(one_way)["teacher"].gate == 0
