@@ -171,7 +171,7 @@ CASES = [
     ("fused_linear not a choice", plain("distill.fused_linear=maybe"),
      "config key 'distill.fused_linear': input should be 'auto', true or false (got 'maybe')"),
     ("fused_linear per student", plain("students.0.distill.fused_linear=false"),
-     "students[student].distill.fused_linear: the teacher's fused pass is shared by every student"),
+     "student.distill.fused_linear: the fused pass is shared by every model"),
     ("missing resume", plain("resume=/nonexistent/ckpt"), "resume: /nonexistent/ckpt does not exist"),
     ("resume a folder that is no checkpoint", fmt(plain(), "resume={tmp}"), "is not a complete checkpoint (no manifest.json)"),
     ("name ..", plain("students.0.name=.."), "students.0.name: model name '..' is not allowed: it names folders"),

@@ -18,3 +18,21 @@ def test_one_round_reports_every_variant_and_its_ratios(tmp_path):
     for ratio in ("ratio_a_over_b", "ratio_a_over_c", "ratio_fused_over_a", "benefit_gate_cost_share"):
         assert 0 < abs(result[ratio]) < 100, ratio
     assert "(a') step (a) with fused-linear losses" in proc.stdout
+
+
+def test_peers_and_a_listening_teacher_are_benchmarked_against_their_models_alone_and_deaf(tmp_path):
+    peers = ["mode=mutual", "teacher=null", "students=[" + ", ".join(
+        "{name: %s, config: {hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, "
+        "num_key_value_heads: 2, max_position_embeddings: 64}, deepspeed: {zero_optimization: {stage: 2}, "
+        "optimizer: {type: AdamW, params: {lr: 1.0e-3}}}}" % n for n in ("p1", "p2")) + "]"]
+    for name, overrides, variants in (("peers", peers, {"codistill", "separate", "fused", "measured"}),
+                                      ("listening", ["teacher.distill={}"],
+                                       {"codistill", "separate", "two_stage", "deaf", "fused", "measured"})):
+        out = tmp_path / f"{name}.json"
+        proc = run_cmd([sys.executable, "tools/bench_step.py", "--config", str(MICRO), "--rounds", "1", "--warmup",
+                        "0", "--out", str(out), f"output_dir={tmp_path / name}", *overrides])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        result = json.loads(out.read_text())
+        assert {k[:-3] for k in result if k.endswith("_ms")} == variants, name
+        assert 0 < result["ratio_a_over_b"] < 100
+    assert 0 < result["ratio_listening_over_deaf"] < 100 and "listening/deaf a/e = " in proc.stdout

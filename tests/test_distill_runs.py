@@ -49,7 +49,7 @@ def test_every_divergence_trains_on_two_ranks_and_its_kd_term_falls(tmp_path):
     assert sorted(tb["distill/teacher_entropy"]) == [6, 12, 18, 24]
     layout = read_layout(out)  # each student's own chart of its α, gate signal and gap
     for i in range(4):
-        assert layout[f"s{i}: alpha and the teacher's lead (running and this step)"] == [
+        assert layout[f"s{i}: alpha and its sources' lead (running and this step)"] == [
             f"^schedule/alpha/s{i}$", f"^schedule/lead/s{i}$", f"^distill/teacher_lead/s{i}$"]
     assert len(layout["validation loss, every model"]) == 5
     assert "s1: top-32 targets hold 0.03 MB per micro-batch instead of 2.00 MB of full teacher logits" in proc.stdout

@@ -78,7 +78,7 @@ def test_the_run_ends_with_a_summary_and_tensorboard_has_the_comparison_charts(z
     assert summary[5].endswith(f"view them with: tensorboard --logdir {out.resolve() / 'tensorboard'}")
     layout = read_layout(out)
     assert layout["validation loss, every model"] == ["^teacher/eval/loss$", "^student/eval/loss$"]
-    assert layout["student: alpha and the teacher's lead (running and this step)"] == [
+    assert layout["student: alpha and its sources' lead (running and this step)"] == [
         "^schedule/alpha$", "^schedule/lead$", "^distill/teacher_lead$"]
     for chart, tags in layout.items():  # every chart shows something the run wrote
         for tag in tags:
