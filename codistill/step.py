@@ -97,7 +97,7 @@ class SourceTargets:
         key = (tuple(sources), state.top_k, temperature, d.token_filter)
         if key in self.made:
             return self.made[key]
-        rows = chunk_rows(self.m_vocab(sources), d.chunk_tokens)
+        rows = chunk_rows(self.logits[sources[0]].shape[-1], d.chunk_tokens)
         if len(sources) == 1:
             logits = self.logits[sources[0]]
             token_ce, lse = self.known.get(sources[0], (None, None))
@@ -114,9 +114,6 @@ class SourceTargets:
             made = replace(topk_targets(logits, state.top_k, temperature, d.chunk_tokens), token_ce=token_ce)
         self.made[key] = made
         return made
-
-    def m_vocab(self, sources: list[int]) -> int:
-        return self.logits[sources[0]].shape[-1]
 
     def panel_logits(self, sources: list[int]):
         """What the panels read as the sources' prediction: one source's logits, or their average."""

@@ -303,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def body(args: argparse.Namespace) -> int:
-    from ..data import BUILTIN_VOCAB, CORPORA, data_files
+    from ..data import CORPORA, data_files
 
     if args.handicap <= 0:
         raise ConfigError(f"--handicap={args.handicap}: expected a positive learning-rate factor")
@@ -330,14 +330,7 @@ def body(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     cmdline = ("codistill-compare " + " ".join(shlex.quote(a) for a in sys.argv[1:])).strip()
     machine = f"{os.cpu_count()} CPU cores, {args.nproc} process(es) per run"
-    bases = []
-    for dataset in corpora:
-        base = cfg.model_dump(mode="json")
-        if len(corpora) > 1 or args.datasets:
-            base["data"]["dataset"] = dataset
-            if dataset not in CORPORA and base["data"].get("tokenizer") is None:  # one trained on it, as large
-                base["data"]["tokenizer"] = {"train": {"vocab_size": BUILTIN_VOCAB}}
-        bases.append(base)
+    bases = [corpus_base(cfg, dataset, len(corpora) > 1 or bool(args.datasets)) for dataset in corpora]
     if args.mutual:
         from .compare_mutual import run_mutual
 
@@ -367,6 +360,19 @@ def body(args: argparse.Namespace) -> int:
     print(f"wrote {out / 'results.md'} and {out / 'results.json'}" + (" (and one folder per corpus)"
                                                                          if len(corpora) > 1 else ""))
     return 0 if ok or not args.strict else 1
+
+
+def corpus_base(cfg, dataset: str, given: bool) -> dict[str, Any]:
+    """The config tree of the runs on one corpus: the config's, on ``dataset`` when corpora were ``given``
+    (a file or folder with a BPE of the built-in corpora's size trained on it, unless data.tokenizer is set)."""
+    from ..data import BUILTIN_VOCAB, CORPORA
+
+    base = cfg.model_dump(mode="json")
+    if given:
+        base["data"]["dataset"] = dataset
+        if dataset not in CORPORA and base["data"].get("tokenizer") is None:
+            base["data"]["tokenizer"] = {"train": {"vocab_size": BUILTIN_VOCAB}}
+    return base
 
 
 def corpus_label(dataset: str) -> str:
