@@ -1,7 +1,9 @@
-"""What one learning student carries between steps, and what it does at a step.
+"""What one learner carries between steps, and what it does at a step.
 
-A :class:`StudentState` holds a student's distill config, the teacher's running lead over it
-(the teacher-lead schedule's signal), its peak learning rate so far and its benefit gate;
+A learner is a model that distils: a student, a peer of mode mutual, a listening teacher. A
+:class:`StudentState` holds its distill config, its sources' running lead over it (the
+teacher-lead schedule's signal: the teacher's, for a student), its peak learning rate so far
+and its benefit gate;
 :meth:`StudentState.plan` turns them into the step's α and T (composed in
 :func:`codistill.schedules.compose_alpha`), :meth:`StudentState.observe` folds in what the
 step measured, and ``state_dict``/``load_state_dict`` carry all of it through a checkpoint.
@@ -33,12 +35,12 @@ class StudentPlan:
 
 
 class StudentState:
-    """One student's state between optimizer steps (saved with every checkpoint)."""
+    """One learner's state between optimizer steps (saved with every checkpoint)."""
 
     def __init__(self, name: str, distill: DistillConfig, gated: bool):
-        """``gated``: whether the student has a benefit gate (``distill.benefit_gate`` outside hard mode)."""
+        """``gated``: whether the learner has a benefit gate (``distill.benefit_gate`` outside hard mode)."""
         self.name, self.distill = name, distill
-        self.lead: Optional[float] = None  # running student CE − teacher CE: by how much the teacher is ahead
+        self.lead: Optional[float] = None  # running own CE − sources' mean CE: by how much the sources are ahead
         self.lr_peak = 0.0  # the highest learning rate seen so far (before or after a step)
         self.benefit: Optional[BenefitState] = BenefitState(distill.benefit_init) if gated else None
 
@@ -60,18 +62,18 @@ class StudentState:
         return StudentPlan(active=step >= d.head_start_steps, temperature=temperature_at(
             step, max_steps, d.temperature, d.temperature_final), spec=spec, openness=openness, measure=measure, lr=lr)
 
-    def observe(self, plan: StudentPlan, teacher_ce: Optional[float], student_ce: Optional[float],
+    def observe(self, plan: StudentPlan, source_ce: Optional[float], own_ce: Optional[float],
                 lr_after: float) -> Optional[float]:
         """After a step: the peak learning rate (``plan.lr`` before the step, ``lr_after`` after it) and the
-        teacher's running lead, from the rank-averaged CEs of the step; returns this step's lead (None when
-        the student did not train against a teacher)."""
+        sources' running lead (their mean CE below this learner's), from the rank-averaged CEs of the step;
+        returns this step's lead (None when the learner did not train against a source)."""
         if not plan.active:
             return None
         self.lr_peak = max(self.lr_peak, plan.lr, lr_after)
-        if teacher_ce is None or student_ce is None:
+        if source_ce is None or own_ce is None:
             return None
-        self.lead = ema(self.lead, student_ce - teacher_ce, self.distill.lead_ema)
-        return student_ce - teacher_ce
+        self.lead = ema(self.lead, own_ce - source_ce, self.distill.lead_ema)
+        return own_ce - source_ce
 
     def measured(self, raw: dict[str, float], lr_after: float, world: int, batches: int) -> dict[str, float]:
         """Fold the benefit gate's rank-averaged inner products (``raw``, by :data:`codistill.gate.TERMS`) of a
@@ -99,7 +101,7 @@ class StudentState:
 
 
 class Students:
-    """Every student's state, in the config's order, saved and loaded as one part of the trainer's state."""
+    """Every learner's state, in the models' order, saved and loaded as one part of the trainer's state."""
 
     def __init__(self, states: list[StudentState]):
         self.states = states

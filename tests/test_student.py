@@ -27,9 +27,9 @@ def test_the_plan_waits_for_the_head_start_and_measures_every_interval_after_the
 def test_observe_keeps_one_peak_learning_rate_and_the_teachers_running_lead():
     s = state(lead_ema=0.5)
     plan = s.plan(3, 100, 1e-3)
-    assert s.observe(plan, teacher_ce=4.0, student_ce=4.5, lr_after=2e-3) == pytest.approx(0.5)
+    assert s.observe(plan, source_ce=4.0, own_ce=4.5, lr_after=2e-3) == pytest.approx(0.5)
     assert s.lead == pytest.approx(0.5) and s.lr_peak == 2e-3  # the larger of before and after the step
-    s.observe(s.plan(4, 100, 2e-3), teacher_ce=4.0, student_ce=4.1, lr_after=1e-3)
+    s.observe(s.plan(4, 100, 2e-3), source_ce=4.0, own_ce=4.1, lr_after=1e-3)
     assert s.lead == pytest.approx(0.3) and s.lr_peak == 2e-3
     idle = state()
     assert idle.observe(idle.plan(0, 100, 5e-3), 4.0, 5.0, 5e-3) is None and idle.lr_peak == 0.0  # head start
