@@ -211,9 +211,10 @@ def test_three_peers_resume_exactly(three_peers):
 
 @pytest.fixture(scope="module")
 def listening(tmp_path_factory):
-    """A teacher listening to its student, on the fused-linear path, on two ranks: straight, and split at 4."""
+    """A teacher listening to its student, on the fused-linear path with the teacher at ZeRO-3 (each head
+    gathered from the pass to its own backward), on two ranks: straight, and split at 4."""
     root = tmp_path_factory.mktemp("listening")
-    common = [*LISTENING, "distill.fused_linear=true"]
+    common = [*LISTENING, "distill.fused_linear=true", "teacher.deepspeed.zero_optimization.stage=3"]
     straight = deepspeed(root / "straight", *common)
     deepspeed(root / "split", *common, "train.steps_this_run=4", "checkpoint.interval=4")
     deepspeed(root / "split", *common, "resume=auto")
