@@ -272,9 +272,9 @@ class LogitsStep(MicroStep):
     student's activations at a time); models that learn from each other hold their forwards together."""
 
     def __init__(self, models: Models, nonfinite: str, chunk_tokens: Optional[int], world_size: int,
-                 mode: str, cache: Optional[TeacherCache], device: torch.device):
+                 cache: Optional[TeacherCache], device: torch.device):
         super().__init__(models, nonfinite, chunk_tokens, world_size)
-        self.mode, self.cache, self.device = mode, cache, device
+        self.cache, self.device = cache, device
 
     def losses(self, batch: Batch, plans: list[StudentPlan], sums: dict[str, float],
                panels: Optional[dict[str, float]], probes: Optional[Probes]) -> None:
@@ -512,4 +512,4 @@ def make_step(fused: bool, models: Models, cfg: RunConfig, world_size: int, cach
     """The run's micro-step: the fused strategy or the logits one."""
     if fused:
         return FusedStep(models, cfg.train.nonfinite, cfg.distill.chunk_tokens, world_size)
-    return LogitsStep(models, cfg.train.nonfinite, cfg.distill.chunk_tokens, world_size, cfg.mode, cache, device)
+    return LogitsStep(models, cfg.train.nonfinite, cfg.distill.chunk_tokens, world_size, cache, device)
