@@ -121,8 +121,8 @@ def steps_to_reach(curve: dict[int, float], target: float) -> float:
 
 
 def pairs(arm: str) -> list[tuple[str, str, str, str]]:
-    """(label, run, model, its twin's run, twin model) of an arm, as (label, run, model, twin) with the twin's
-    run given by :func:`twin_run`."""
+    """Each model an arm compares, as (label, its run, its name, "twin run:twin name"); the names
+    ``teacher`` and ``student`` stand for the config's."""
     if arm == "listening":
         return [("teacher", "listening", "teacher", "deaf:teacher"), ("student", "listening", "student",
                                                                        "deaf:student")]
