@@ -16,7 +16,7 @@ from conftest import MICRO, ROOT, launch, read_layout, read_scalars
 PEER = ("{name: %s, config: {hidden_size: %d, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, "
         "num_key_value_heads: 2, max_position_embeddings: 64}, deepspeed: {zero_optimization: {stage: %d}, "
         "optimizer: {type: AdamW, params: {lr: 3.0e-3}}, gradient_clipping: 1.0}}")
-THREE_PEERS = ["mode=mutual", "teacher=null",
+THREE_PEERS = ["mode=mutual", "teacher=null", "distill.schedule=warmup",  # a ramp: every peer listens
                "students=[%s]" % ", ".join(PEER % (n, h, z) for n, h, z in (("p1", 32, 2), ("p2", 48, 2), ("p3", 32, 3)))]
 # the gates measure at steps 1, 3, 5, 7 (the split at 4 carries their state), α ramps over steps 2-3
 GATED = ["train.max_steps=8", "distill.burn_in_steps=1", "distill.warmup_steps=2", "distill.benefit_interval=2",
