@@ -134,9 +134,9 @@ RENAMED_DISTILL_KEYS = {"adaptive_gap": "lead_scale", "adaptive_ema": "lead_ema"
 RENAMED_SCHEDULES = {"adaptive": "lead"}
 
 # What mode=mutual gives the peers where the config does not set the key: on the same batches an equal peer
-# teaches nothing (a ramp of alpha with the benefit gate cost up to 0.03 nats against training alone), a
+# teaches nothing (a ramp of alpha with the benefit gate cost up to 0.06 nats against training alone), a
 # peer that is ahead does; so each peer listens only while its sources lead it (the teacher-lead schedule
-# on its own sources), after a CE-only burn-in (docs/results.md, section 8).
+# on its own sources), after a CE-only burn-in (docs/results.md, section 7).
 MUTUAL_DEFAULTS = {"schedule": "lead", "alpha_max": 0.25, "head_start_steps": 0, "burn_in_steps": 50}
 
 
