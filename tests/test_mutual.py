@@ -153,6 +153,8 @@ def test_the_mutual_arms_pair_every_peer_with_an_equal_twin_and_read_steps_to_re
     assert runs["listening"]["teacher"]["distill"] == {"schedule": "warmup"}
     assert runs["deaf"]["teacher"].get("distill") is None
     assert [s["name"] for s in runs["listening"]["students"]] == ["student"]
+    ramp = arm_runs(base, 5, ROOT / "x", ["peers"], 0.1, {}, {"schedule": "warmup", "alpha_max": 0.5})["peers"]
+    assert ramp["distill"]["schedule"] == "warmup" and RunConfig.model_validate(ramp).distill_for(1).alpha_max == 0.5
     assert steps_to_reach({0: 8.0, 50: 6.0, 100: 5.0}, 5.5) == pytest.approx(75.0)
     assert steps_to_reach({0: 8.0, 50: 6.0}, 5.0) == math.inf
     results = {"c": {1: {"peers/peer_a": {"final": 5.0, "twin": 5.1, "share": 0.6},

@@ -292,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "against CE-only twins (peers, large, handicap) and a listening teacher (listening)")
     parser.add_argument("--mutual-arms", nargs="+", metavar="ARM",
                         help="with --mutual: some of peers large handicap listening (default: all)")
+    parser.add_argument("--peer", action="append", default=[], metavar="KEY=VALUE",
+                        help="with --mutual: the peers' distill keys (repeatable; default: mode mutual's defaults)")
     parser.add_argument("--listen", action="append", default=[], metavar="KEY=VALUE",
                         help="with --mutual: the listening teacher's teacher.distill keys (repeatable; default: "
                              "none given, the students' distill section)")

@@ -1,7 +1,8 @@
 """The mutual arms of ``codistill-compare --mutual``: do models that teach each other end better than
 each trained alone? Per seed, on the same data and batches, each arm one run:
 
-  peers      two peers of the config's student size in mode mutual (its defaults), beside a CE-only
+  peers      two peers of the config's student size in mode mutual (its defaults, or --peer's distill
+             keys), beside a CE-only
              twin of each (equal init, same batches and steps: a model of the same run whose sources
              are none, so it teaches nobody and learns from nobody);
   large      the same with two peers of about 4x the student's parameters;
@@ -56,13 +57,14 @@ def larger(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def peer_run(base: dict[str, Any], student: dict[str, Any], seed: int, out: Path,
-             handicap: Optional[float] = None) -> dict[str, Any]:
-    """Mode mutual: peer_a and peer_b (init seeds seed+1, seed+2) and a CE-only twin of each."""
+             handicap: Optional[float] = None, peer: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Mode mutual: peer_a and peer_b (init seeds seed+1, seed+2) and a CE-only twin of each; ``peer``: distill
+    keys of the peers (default: mode mutual's defaults)."""
     tree = copy.deepcopy(base)
     tree.pop("teacher", None)
     tree["mode"] = "mutual"
-    # the peers get mode mutual's defaults, not the one-way schedule of a co-distillation config
-    tree["distill"] = {k: v for k, v in tree["distill"].items() if k not in MUTUAL_DEFAULTS}
+    # the peers get mode mutual's defaults (or --peer's keys), not the one-way schedule of a co-distillation config
+    tree["distill"] = {**{k: v for k, v in tree["distill"].items() if k not in MUTUAL_DEFAULTS}, **(peer or {})}
     peers = []
     for k, name in enumerate(("peer_a", "peer_b")):
         peer = {**copy.deepcopy(student), "name": name, "init_seed": seed + 1 + k, "sources": None}
@@ -91,7 +93,7 @@ def listening_runs(base: dict[str, Any], seed: int, folder: Path, listen: dict[s
 
 
 def arm_runs(base: dict[str, Any], seed: int, folder: Path, arms: list[str], handicap: float,
-             listen: dict[str, Any]) -> dict[str, dict[str, Any]]:
+             listen: dict[str, Any], peer: Optional[dict[str, Any]] = None) -> dict[str, dict[str, Any]]:
     """Every run of one seed, as config trees, by run name."""
     base = copy.deepcopy(base)
     base["train"]["seed"] = seed
@@ -100,12 +102,12 @@ def arm_runs(base: dict[str, Any], seed: int, folder: Path, arms: list[str], han
     student = _inline(base["students"][0])
     runs = {}
     if "peers" in arms:
-        runs["peers"] = peer_run(base, student, seed, folder / "peers")
+        runs["peers"] = peer_run(base, student, seed, folder / "peers", peer=peer)
     if "large" in arms:
         runs["large"] = peer_run(base, {**student, "config": larger(student.get("config", {}))}, seed,
-                                 folder / "large")
+                                 folder / "large", peer=peer)
     if "handicap" in arms:
-        runs["handicap"] = peer_run(base, student, seed, folder / "handicap", handicap)
+        runs["handicap"] = peer_run(base, student, seed, folder / "handicap", handicap, peer)
     if "listening" in arms:
         runs.update(listening_runs(base, seed, folder, listen))
     return runs
@@ -190,6 +192,19 @@ def report(results: dict[str, dict[int, dict[str, Any]]], seeds: list[int], cmdl
     return "\n".join(lines + [""] + checks) + "\n", ok
 
 
+def keys(given: list[str], option: str) -> dict[str, Any]:
+    """``key=value`` items of a repeatable option as a mapping (values parsed as YAML)."""
+    import yaml
+
+    out = {}
+    for item in given:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{option} {item!r}: expected key=value, e.g. schedule=warmup")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
 def run_mutual(args, cfg, corpora: list[str], labels: list[str], out: Path, seeds: list[int], cmdline: str,
                machine: str, bases: list[dict[str, Any]], run_training, eval_curve) -> bool:
     """Every corpus, seed and arm (finished runs skipped, with compare.py's ``run_training``; curves read with
@@ -198,10 +213,7 @@ def run_mutual(args, cfg, corpora: list[str], labels: list[str], out: Path, seed
     unknown = sorted(set(arms) - set(ARMS))
     if unknown:
         raise ConfigError(f"--mutual-arms: {unknown} unknown; expected some of {', '.join(ARMS)}")
-    listen = dict(item.split("=", 1) for item in args.listen) if args.listen else {}
-    import yaml
-
-    listen = {k: yaml.safe_load(v) for k, v in listen.items()}
+    listen, peer = keys(args.listen, "--listen"), keys(args.peer, "--peer")
     results: dict[str, dict[int, dict[str, Any]]] = {}
     for base, label in zip(bases, labels):
         folder = out if len(corpora) == 1 else out / label
@@ -209,7 +221,7 @@ def run_mutual(args, cfg, corpora: list[str], labels: list[str], out: Path, seed
         for s in seeds:
             seed_dir = folder / f"seed_{s}"
             print(f"{label}, seed {s}:", flush=True)
-            for name, tree in arm_runs(base, s, seed_dir, arms, args.handicap, listen).items():
+            for name, tree in arm_runs(base, s, seed_dir, arms, args.handicap, listen, peer).items():
                 run_training(name, tree, args.nproc, seed_dir / f"{name}.log")
             results[label][s] = collect(seed_dir, arms, cfg.teacher.name, cfg.students[0].name, eval_curve)
     text, ok = report(results, seeds, cmdline, machine, listen, args.handicap)
