@@ -2,9 +2,8 @@
 each trained alone? Per seed, on the same data and batches, each arm one run:
 
   peers      two peers of the config's student size in mode mutual (its defaults, or --peer's distill
-             keys), beside a CE-only
-             twin of each (equal init, same batches and steps: a model of the same run whose sources
-             are none, so it teaches nobody and learns from nobody);
+             keys), beside a CE-only twin of each (equal init, same batches and steps: a model of the
+             same run whose sources are none, so it teaches nobody and learns from nobody);
   large      the same with two peers of about 4x the student's parameters;
   handicap   peers, the second one (and its twin) at --handicap x its learning rate: never worse;
   listening  co-distillation with the teacher listening to its student (teacher.distill, with
