@@ -22,13 +22,13 @@ head's size) and the hidden states' gradient; never N × V.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from .losses import ChunkLoss, LossParts, SoftSpec, Targets, loss_and_grad, topk_targets
-from .mixture import mix, mixture_ce, position_ce
+from .losses import ChunkLoss, LossParts, SoftSpec, Targets, loss_and_grad
+from .mixture import mix, source_targets
 
 # distill.fused_linear=auto is on from this vocabulary up: below it the logits are not a step's largest
 # activations (tools/bench_step.py: the fused step takes about as long as the plain one on CPU).
@@ -206,26 +206,14 @@ def _check_heads(heads: list[Head], n_pos: int, vocab: int) -> None:
 def _chunk_targets(term: Term, z: dict[int, torch.Tensor], done: dict[int, ChunkLoss], labels: torch.Tensor,
                    made: dict) -> Targets:
     """A term's targets on one chunk: its one source's logits (with that source's CE per position and
-    logsumexp, when its loss on the chunk is known) or the average of several; shared by (sources, top-k, T)."""
-    key = (tuple(term.sources), term.top_k, term.temperature)
-    if key in made:
-        return made[key]
-    ready = all(j in done for j in term.sources)
-    if len(term.sources) == 1:
-        j = term.sources[0]
-        logits = z[j]
-        token_ce = done[j].token_ce if ready else (position_ce(logits, labels, logits.shape[0])
-                                                   if term.spec.token_filter else None)
-        lse = done[j].lse if ready else None
-    else:
-        logits = mix([z[j] for j in term.sources], term.temperature)
-        token_ce = None if not term.spec.token_filter else mixture_ce(
-            [done[j].token_ce if j in done else position_ce(z[j], labels, z[j].shape[0]) for j in term.sources])
-        lse = None
-    if term.top_k is None:
-        made[key] = Targets(temperature=term.temperature, logits=logits, token_ce=token_ce, lse=lse)
-    else:
-        made[key] = replace(topk_targets(logits, term.top_k, term.temperature), token_ce=token_ce)
+    logsumexp, when its loss on the chunk is known) or the average of several; shared by (sources, top-k, T,
+    token filter)."""
+    key = (tuple(term.sources), term.top_k, term.temperature, term.spec.token_filter)
+    if key not in made:
+        made[key] = source_targets([z[j] for j in term.sources],
+                                   [(done[j].token_ce, done[j].lse) if j in done else None for j in term.sources],
+                                   labels, term.top_k, term.temperature, term.spec.token_filter,
+                                   z[term.sources[0]].shape[0], mix)
     return made[key]
 
 

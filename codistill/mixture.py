@@ -10,9 +10,12 @@ they read :class:`codistill.fused.HeadLogits`. One source is its own target (no 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from dataclasses import replace
+from typing import Callable, Optional, Sequence
 
 import torch
+
+from .losses import Targets, topk_targets
 
 
 def mix(chunks: Sequence[torch.Tensor], temperature: float) -> torch.Tensor:
@@ -73,3 +76,24 @@ class Mixture:
             raise TypeError("Mixture: read a slice of positions of the [N, V] view")
         with torch.no_grad():
             return mix([s[rows] for s in self.sources], self.temperature)
+
+
+def source_targets(logits: Sequence, known: Sequence[Optional[tuple]], labels: torch.Tensor, top_k: Optional[int],
+                   temperature: float, token_filter: bool, rows: int, average: Callable,
+                   chunk_tokens: Optional[int] = None) -> Targets:
+    """A learner's targets from its sources' logits (tensors or row-sliceable stand-ins, by source): one
+    source's own, or ``average(logits, T)`` of several; ``known`` holds each source's (CE per position,
+    logsumexp) once its own loss is computed (else None: its CE is computed here, ``rows`` positions at a time,
+    when the token filter needs it). Full targets or top-``k``."""
+    if len(logits) == 1:
+        target = logits[0]
+        token_ce, lse = known[0] or (None, None)
+        if token_ce is None and token_filter:
+            token_ce = position_ce(target, labels, rows)
+    else:
+        target, lse = average(logits, temperature), None
+        token_ce = None if not token_filter else mixture_ce(
+            [k[0] if k is not None else position_ce(z, labels, rows) for z, k in zip(logits, known)])
+    if top_k is None:
+        return Targets(temperature=temperature, logits=target, lse=lse, token_ce=token_ce)
+    return replace(topk_targets(target, top_k, temperature, chunk_tokens), token_ce=token_ce)

@@ -35,10 +35,10 @@ from .engines import (Member, forward_hidden, forward_logits, fused_head_problem
 from .errors import NonFinite
 from .fused import FUSED_AUTO_VOCAB, Head, HeadLogits, Term, auto_problem, fused_losses, static_problem
 from .gate import hypergradient_terms, trainable_parameters
-from .losses import LossParts, SoftSpec, Targets, chunk_rows, distill_loss, panel_stats, topk_targets
+from .losses import LossParts, SoftSpec, Targets, chunk_rows, distill_loss, panel_stats
 from .memory import fused_lowers_peak
 from .metrics import Tags
-from .mixture import Mixture, mixture_ce, position_ce
+from .mixture import Mixture, source_targets
 from .student import StudentPlan, StudentState
 
 log = logging.getLogger("codistill")
@@ -98,20 +98,8 @@ class SourceTargets:
         if key in self.made:
             return self.made[key]
         rows = chunk_rows(self.logits[sources[0]].shape[-1], d.chunk_tokens)
-        if len(sources) == 1:
-            logits = self.logits[sources[0]]
-            token_ce, lse = self.known.get(sources[0], (None, None))
-            if token_ce is None and d.token_filter:
-                token_ce = position_ce(logits, self.labels, rows)
-        else:
-            logits, lse = Mixture([self.logits[j] for j in sources], temperature), None
-            token_ce = None if not d.token_filter else mixture_ce(
-                [self.known[j][0] if j in self.known else position_ce(self.logits[j], self.labels, rows)
-                 for j in sources])
-        if state.top_k is None:
-            made = Targets(temperature=temperature, logits=logits, lse=lse, token_ce=token_ce)
-        else:
-            made = replace(topk_targets(logits, state.top_k, temperature, d.chunk_tokens), token_ce=token_ce)
+        made = source_targets([self.logits[j] for j in sources], [self.known.get(j) for j in sources], self.labels,
+                              state.top_k, temperature, d.token_filter, rows, Mixture, d.chunk_tokens)
         self.made[key] = made
         return made
 
