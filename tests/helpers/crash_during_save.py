@@ -6,20 +6,16 @@ failure would. Run as a single process:
 """
 import os
 import signal
-import sys
 from pathlib import Path
 
 import torch
+from micro import micro_trainer
 
 from codistill import checkpoint
-from codistill.config import load_config
-from codistill.trainer import Trainer
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def main() -> None:
-    cfg = load_config(ROOT / "tests" / "configs" / "micro.yaml", ["checkpoint.interval=2", *sys.argv[1:]])
+    _, trainer = micro_trainer("checkpoint.interval=2")
     real_save, saves = torch.save, []
 
     def dying_save(obj, path, *args, **kwargs):
@@ -30,7 +26,7 @@ def main() -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
 
     checkpoint.torch.save = dying_save
-    Trainer(cfg).fit()
+    trainer.fit()
 
 
 if __name__ == "__main__":

@@ -4,22 +4,12 @@ Launched by tests/test_mutual.py under the deepspeed launcher.
 
     record_order.py output_dir=OUT [key.path=value ...]   (writes OUT/rank<N>.json)
 """
-import json
-import sys
-from pathlib import Path
-
 import torch
-
-from codistill.config import load_config
-from codistill.trainer import Trainer
-
-ROOT = Path(__file__).resolve().parents[2]
+from micro import micro_trainer, write_rank
 
 
 def main() -> None:
-    overrides = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
-    cfg = load_config(ROOT / "tests" / "configs" / "micro.yaml", overrides)
-    trainer = Trainer(cfg)
+    cfg, trainer = micro_trainer()
     events = []
     for m in trainer.members:
         m.engine.module.register_forward_pre_hook(lambda *_, name=m.name: events.append(f"forward {name}"))
@@ -58,9 +48,7 @@ def main() -> None:
         trainer.train_step(n)
         events.append("end")
         trainer.step = n + 1
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"rank{trainer.world.rank}.json").write_text(json.dumps({"events": events, "checks": checks}))
+    write_rank(cfg, trainer, {"events": events, "checks": checks})
 
 
 if __name__ == "__main__":
