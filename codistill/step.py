@@ -103,6 +103,19 @@ class SourceTargets:
         self.made[key] = made
         return made
 
+    def keep_for(self, readers: list[tuple[list[int], StudentState, float]]) -> None:
+        """Forget the detached logits that none of ``readers`` (sources, state, T) still needs: a reader whose
+        sources' losses are all known gets its targets made now (they hold the logits only if full)."""
+        needed = set()
+        for sources, state, temperature in readers:
+            if sources and all(j in self.known for j in sources):
+                self.make(sources, state, temperature)
+            else:
+                needed.update(sources)
+        for j in list(self.logits):
+            if j not in needed and j in self.known:
+                del self.logits[j]
+
     def panel_logits(self, sources: list[int]):
         """What the panels read as the sources' prediction: one source's logits, or their average."""
         if len(sources) == 1:
@@ -292,7 +305,9 @@ class LogitsStep(MicroStep):
                     still.append((position, own))
             pending = still
             if panels is None:  # what no waiting model reads any more (top-k targets: the full logits)
-                self._drop_read(roles, got, pending, ran, plans)
+                waiting = {p for p, _ in pending} | (set(roles.trains) - ran)
+                got.keep_for([(sources, self.m.states[i], plans[i].temperature) for i, sources in roles.reads.items()
+                              if self.m.learners[i] in waiting])
 
     def cached_targets(self, batch: Batch, roles: Roles, sums: dict[str, float]) -> dict[int, Targets]:
         """A cached teacher's top-k for every active learner (and its CE, for the log); none otherwise."""
@@ -346,20 +361,6 @@ class LogitsStep(MicroStep):
             self.measure_benefit(index, batch, targets, plan, probe, sums)
         self.step(member)
         self.add_sums(sums, position, parts, soft=targets is not None)
-
-    def _drop_read(self, roles: Roles, got: SourceTargets, pending: list, ran: set,
-                   plans: list[StudentPlan]) -> None:
-        """Forget the detached logits that no model still to train reads (a model's targets made once its
-        sources' losses are known hold them only if they are full logits)."""
-        waiting = {p for p, _ in pending} | (set(roles.trains) - ran)
-        for i, sources in roles.reads.items():
-            if self.m.learners[i] in waiting and sources and all(j in got.known for j in sources):
-                got.make(sources, self.m.states[i], plans[i].temperature)
-        needed = {j for i, sources in roles.reads.items() if self.m.learners[i] in waiting
-                  and not all(j2 in got.known for j2 in sources) for j in sources}
-        for j in list(got.logits):
-            if j not in needed and j in got.known:
-                del got.logits[j]
 
 
 class FusedStep(MicroStep):
