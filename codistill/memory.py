@@ -301,6 +301,16 @@ def fused_path_phases(est: Estimate, batch: int) -> tuple[list[dict[str, float]]
 
 # The report.
 
+def phase_names(est: Estimate) -> tuple[str, str]:
+    """What the two sides of :meth:`Estimate._phases` are, in this run: a deaf teacher's pass (with the
+    optimizer steps) and its students' passes; without one (mode mutual, a listening teacher), the optimizer
+    steps and the passes of the models that learn from each other; with fused-linear losses, the fused pass."""
+    if est.fused:
+        return "optimizer steps", "the fused pass"
+    deaf = any(m.name == est.teacher and m.name not in est.together for m in est.models)
+    return ("the teacher's phase", "the students' phase") if deaf else ("optimizer steps", "the models' passes")
+
+
 def report_lines(est: Estimate, device_memory: Optional[int] = None) -> list[str]:
     """The estimate as lines of text: per model, then the step's shared terms, the phases and the peak, the
     build, and with ``device_memory`` (bytes) the largest micro-batch that fits it."""
@@ -314,6 +324,7 @@ def report_lines(est: Estimate, device_memory: Optional[int] = None) -> list[str
         out.append(f"  {role:<14}{gb(m.params):>12}{gb(m.grads):>12}{gb(m.optimizer):>12}{gb(m.activations):>13}"
                    f"{gb(m.logits):>12}{gb(m.host):>12}   ZeRO-{m.stage}, {m.parameters:,} parameters")
     t_phase, s_phase = est._phases(est.micro_batch_size)
+    first, second = phase_names(est)
     out += [f"  DeepSpeed: gradient buckets {gb(sum(m.buckets for m in est.models)).strip()}, ZeRO-3 parameters "
             f"gathered while a model runs {gb(max((m.gathered for m in est.models), default=0)).strip()}, "
             f"ZeRO-3 gradient reduction {gb(max((m.reducing for m in est.models), default=0)).strip()}, "
@@ -325,15 +336,13 @@ def report_lines(est: Estimate, device_memory: Optional[int] = None) -> list[str
              " of loss temporaries alone)" if est.fused else
              f"  KD loss working set: {gb(est.kd_bytes(est.micro_batch_size)).strip()} chunked (plain PyTorch "
              f"over full logits: {gb(est.kd_bytes(est.micro_batch_size, chunked=False)).strip()})"),
-            *(["  benefit gate: a measuring step holds two whole gradients of the student and one of its "
+            *(["  benefit gate: a measuring step holds two whole gradients of the learner and one of its "
                "largest parameter (" + ", ".join(f"{m.name} {gb(m.gate).strip()}" for m in est.models if m.gate)
-               + ") instead of its gradient reduction; counted in the students' phase"]
+               + f") instead of its gradient reduction; counted in {second}"]
               if any(m.gate for m in est.models) else []),
             f"  runtime ({'measured in this process' if est.device == 'cpu' else 'CUDA context'}): "
             f"{gb(est.runtime).strip()}",
-            (f"  optimizer steps {gb(t_phase).strip()}, the fused pass {gb(s_phase).strip()} (the larger counts)"
-             if est.fused else
-             f"  teacher phase {gb(t_phase).strip()}, students' phase {gb(s_phase).strip()} (the larger counts)"),
+            f"  {first} {gb(t_phase).strip()}, {second} {gb(s_phase).strip()} (the larger counts)",
             f"  expected peak per rank: {gb(est.peak()).strip()}"
             + (f" (+ {gb(sum(m.host for m in est.models)).strip()} offloaded to host)"
                if any(m.host for m in est.models) else "")]

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from codistill.config import ConfigError, load_config
-from codistill.memory import LOSS_TEMPORARIES, estimate, fused_lowers_peak, parse_size
+from codistill.memory import LOSS_TEMPORARIES, estimate, fused_lowers_peak, parse_size, report_lines
 
 from conftest import MICRO, ROOT, launch, read_scalars, run_cmd
 
@@ -230,3 +230,6 @@ def test_models_that_learn_from_each_other_count_with_every_forward_held_at_once
     assert heard.step_peak() > one_way.step_peak()
     gated = estimate(load_config(MICRO, ["teacher.distill={}"]), 2)  # a gated listening teacher measures too
     assert by_name(gated)["teacher"].gate > 0 and by_name(one_way)["teacher"].gate == 0
+    # the report names the sides for what they are: no teacher's phase where no teacher runs alone
+    assert "the models' passes" in "\n".join(report_lines(est)) and "teacher" not in "\n".join(report_lines(est))
+    assert "the teacher's phase" in "\n".join(report_lines(one_way))
