@@ -185,6 +185,26 @@ class _DistillNames(_Section):
         return renamed_distill(data)
 
 
+class OnPolicyConfig(_Section):
+    """On-policy distillation of one student: on a share of its steps it learns on continuations it samples
+    itself, scored by the teacher (codistill/onpolicy.py)."""
+
+    fraction: float = Field(0.5, ge=0.0, le=1.0, description="share of the student's optimizer steps that are "
+                            "on-policy (GKD's lambda), drawn per step from train.seed")
+    max_new_tokens: int = Field(32, gt=0, description="tokens sampled per prompt at most (a sample ends at eos)")
+    temperature: float = Field(1.0, gt=0.0, description="sampling temperature")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling: the smallest set of tokens whose "
+                         "probability reaches top_p")
+    prompts: Literal["auto", "data", "prefix"] = Field(
+        "auto", description="data: each row's prompt (data.prompt_field or data.messages_field, rendered as the "
+        "training data is; needs data.pack=false); prefix: each row's first prefix_tokens tokens; auto: data "
+        "when the data has prompts, else prefix")
+    prefix_tokens: int = Field(32, gt=0, description="prefix prompts: tokens cut from the start of each row")
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "tvd"] = Field(
+        "reverse_kl", description="the divergence on the student's own samples (distill.temperature, targets and "
+        "top_k apply)")
+
+
 class DistillConfig(_DistillNames):
     """How a student learns from the teacher. The top-level ``distill`` section is the
     default of every student; ``students[i].distill`` overrides any of its keys."""
@@ -227,6 +247,9 @@ class DistillConfig(_DistillNames):
     benefit_length: Literal["constant", "lr"] = Field(
         "constant", description="benefit gate: weight of the signal's length (label-noise) term: constant 1, or "
         "the student's learning rate over its peak so far (less noise matters less as the step shrinks)")
+    on_policy: Optional[OnPolicyConfig] = Field(
+        None, description="on-policy distillation: the student also learns on its own samples, scored by the "
+        "teacher (off unless given; {} takes every default)")
     fused_linear: Literal["auto", True, False] = Field(
         "auto", description="one setting for the run: every model's loss from its final hidden states and LM head, "
         "chunk by chunk, so no [tokens x vocabulary] logits exist (codistill and a live soft teacher); true / false / "
@@ -345,13 +368,42 @@ class RunConfig(_Section):
                 raise ValueError(f"{s.name}: distill.head_start_steps={d.head_start_steps} leaves no steps of "
                                  f"train.max_steps={self.train.max_steps} for the student")
         if self.listening:
-            self._teacher_distill = DistillConfig.model_validate({**base, **overrides(self.teacher)})
+            if overrides(self.teacher).get("on_policy") is not None:
+                raise ValueError(f"{self.teacher.name}.distill.on_policy: the teacher scores the samples; only a "
+                                 "student learns on its own")
+            self._teacher_distill = DistillConfig.model_validate({**base, **overrides(self.teacher),
+                                                                  "on_policy": None})
         if self.teacher is not None and self.teacher.cache and (
                 len({d.temperature for d in self._merged}) != 1 or any(d.temperature_final for d in self._merged)):
             raise ValueError("teacher.cache holds probabilities at one temperature: every student needs the "
                              "same constant distill.temperature")
         self._check_sources()
+        self._check_on_policy()
         return self
+
+    def _check_on_policy(self) -> None:
+        """On-policy students need a live teacher to score their samples, and prompts the data can give."""
+        for spec, d, _ in self.learners():
+            if d.on_policy is None:
+                continue
+            where = f"{spec.name}.distill.on_policy"
+            if self.mode not in ("codistill", "soft"):
+                raise ValueError(f"{where}: a student learns on its own samples scored by a teacher: mode codistill "
+                                 f"or soft, not {self.mode}")
+            if self.teacher.cache:
+                raise ValueError(f"{where}: teacher.cache holds predictions for the data's text only; the teacher "
+                                 "must be loaded (teacher.pretrained) to score the student's samples")
+            prompted = bool(self.data.prompt_field or self.data.messages_field)
+            if d.on_policy.prompts == "data" and not prompted:
+                raise ValueError(f"{where}.prompts=data: the data has no prompts (set data.prompt_field or "
+                                 "data.messages_field, or use prompts=prefix)")
+            if d.on_policy.prompts != "prefix" and prompted and self.data.pack:
+                raise ValueError(f"{where}: prompts from the data need data.pack=false (one example per row, so each "
+                                 "row starts with its prompt), or prompts=prefix")
+            if d.on_policy.prompts == "prefix" or not prompted:
+                if d.on_policy.prefix_tokens >= self.data.seq_len:
+                    raise ValueError(f"{where}.prefix_tokens={d.on_policy.prefix_tokens} leaves nothing of "
+                                     f"data.seq_len={self.data.seq_len} to continue; lower it")
 
     def _check_models(self) -> None:
         """Which models a mode takes, and what only some modes allow."""

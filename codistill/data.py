@@ -636,6 +636,17 @@ def turn_end(tokenizer: PreTrainedTokenizerBase) -> str:
     return after.split()[0] if after else ""
 
 
+def stop_ids(tokenizer) -> tuple[list[int], str]:
+    """Token ids that end a reply (EOS, and the template's end-of-turn marker when it is one
+    token) and the marker's text (cut from a reply however it was tokenized)."""
+    end = turn_end(tokenizer)
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    marker = tokenizer.encode(end, add_special_tokens=False) if end else []
+    if len(marker) == 1 and marker[0] not in ids:
+        ids.append(marker[0])
+    return ids, end
+
+
 def _split_chats(chats: list, tokenizer: PreTrainedTokenizerBase) -> dict[str, list[str]]:
     """Chat examples to prompt/response: the last message must be the assistant's reply;
     the ones before it, rendered by the tokenizer's chat template, are the prompt. The reply

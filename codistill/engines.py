@@ -339,3 +339,38 @@ def fused_head_problem(member: Member, vocab: int) -> Optional[str]:
     if again.shape != logits.shape or not torch.allclose(again, logits, atol=1e-4 * float(scale), rtol=1e-3):
         return "its logits are not its head's linear map of its final hidden states (scaled or capped)"
     return None
+
+
+@contextlib.contextmanager
+def whole_for_generation(member: Member):
+    """The model's module ready for a generation's many small forwards, in eval mode (no dropout, a KV cache
+    even with gradient checkpointing on). At ZeRO-3 every parameter is gathered once for the whole generation
+    (the model whole on this rank meanwhile) and DeepSpeed's per-module hooks, which would gather and release
+    each layer at every token and make every rank run as many forwards, are set aside until it ends. Every
+    rank enters it together; inside, each rank may run any number of forwards."""
+    module = member.engine.module
+    training = module.training
+    module.eval()
+    try:
+        if member.engine.zero_optimization_stage() != 3:
+            yield module
+            return
+        import deepspeed
+
+        offload = getattr(member.engine.optimizer, "parameter_offload", None)
+        if offload is None or not hasattr(offload, "_register_deepspeed_module"):
+            raise RuntimeError(f"{member.name}: this DeepSpeed ({deepspeed.__version__}) does not expose the "
+                               "ZeRO-3 module hooks that on-policy sampling sets aside")
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            offload._remove_module_hooks()
+            try:
+                yield module
+            finally:
+                for param in module.parameters():
+                    param.ds_active_sub_modules.clear()
+                offload.forward_hooks, offload.backward_hooks = [], []
+                offload.fwd_pre_hook = module.register_forward_pre_hook(
+                    lambda *_: offload.get_param_coordinator().reset_step())
+                offload._register_deepspeed_module(module)
+    finally:
+        module.train(training)

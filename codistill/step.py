@@ -22,8 +22,9 @@ benefit gate (codistill/gate.py) before their step.
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import torch
@@ -31,7 +32,7 @@ import torch
 from .cache import TeacherCache
 from .config import ConfigError, RunConfig
 from .engines import (Member, forward_hidden, forward_logits, fused_head_problem, heads_gathered, lm_head,
-                      module_hidden, module_logits)
+                      module_hidden, module_logits, whole_for_generation)
 from .errors import NonFinite
 from .fused import FUSED_AUTO_VOCAB, Head, HeadLogits, Term, auto_problem, fused_losses, static_problem
 from .gate import hypergradient_terms, trainable_parameters
@@ -39,6 +40,7 @@ from .losses import LossParts, SoftSpec, Targets, chunk_rows, distill_loss, pane
 from .memory import fused_lowers_peak
 from .metrics import Tags
 from .mixture import Mixture, source_targets
+from .onpolicy import Sampling, left_padded, on_policy_loss, prompt_lengths, sample, sample_seed, sampled_batch
 from .student import StudentPlan, StudentState
 
 log = logging.getLogger("codistill")
@@ -79,6 +81,7 @@ class Roles:
 
     trains: dict[int, bool]  # member position -> whether it trains (a frozen teacher runs only when read)
     reads: dict[int, list[int]]  # learner index -> the sources it learns from now (active learners only)
+    on_policy: list[int] = field(default_factory=list)  # learners that train on their own samples instead
 
 
 class SourceTargets:
@@ -136,11 +139,16 @@ class MicroStep:
         self.skipped = {m.name: 0 for m in models.members}
         self._deferred: Optional[list[Member]] = None  # optimizer steps waiting for the micro-step's end
         self.phase: Callable[[str], AbstractContextManager] = lambda name: nullcontext()
+        self.sampling: Optional[Sampling] = None  # what on-policy learners sample with (the run's tokenizer, seed)
 
     def __call__(self, batch: Batch, plans: list[StudentPlan], sums: dict[str, float],
-                 panels: Optional[dict[str, float]] = None, probes: Optional[Probes] = None) -> None:
+                 panels: Optional[dict[str, float]] = None, probes: Optional[Probes] = None,
+                 where: tuple[int, int] = (0, 0)) -> None:
+        """``where``: (optimizer step, micro-batch), which seeds an on-policy learner's sampling."""
         self._deferred = []
         try:
+            for index in self.roles(plans).on_policy:
+                self.learn_on_policy(index, batch, plans[index], sums, where)
             self.losses(batch, plans, sums, panels, probes)
             for member in self._deferred:
                 member.engine.step()
@@ -157,15 +165,49 @@ class MicroStep:
         (the teacher always trains: its head start delays only its listening); a frozen model runs only when a
         training learner reads it."""
         m = self.m
-        present = [m.learner_at(k) is None or member is m.teacher or plans[m.learner_at(k)].active
+        here = [plan.active and not plan.on_policy for plan in plans]  # on the ground-truth micro-batch
+        present = [m.learner_at(k) is None or member is m.teacher or here[m.learner_at(k)]
                    for k, member in enumerate(m.members)]
         trains = {k: True for k, member in enumerate(m.members) if member.trainable and present[k]}
-        reads = {i: [j for j in m.sources[i] if present[j]] for i, plan in enumerate(plans) if plan.active}
+        reads = {i: [j for j in m.sources[i] if present[j]] for i in range(len(plans)) if here[i]}
         for i, sources in reads.items():
             if m.learners[i] in trains:
                 for j in sources:
                     trains.setdefault(j, False)
-        return Roles(dict(sorted(trains.items())), reads)
+        return Roles(dict(sorted(trains.items())), reads,
+                     [i for i, plan in enumerate(plans) if plan.active and plan.on_policy])
+
+    def learn_on_policy(self, index: int, batch: Batch, plan: StudentPlan, sums: dict[str, float],
+                        where: tuple[int, int]) -> None:
+        """Learner ``index`` on its own continuations of this micro-batch's prompts, scored by the teacher
+        before any step (codistill/onpolicy.py): ``T²·D(P_teacher ‖ P_self)`` on the sampled tokens alone, its
+        backward and (deferred) step."""
+        member, state, s = self.m.learner(index), self.m.states[index], self.sampling
+        cfg, chunk = state.distill.on_policy, state.distill.chunk_tokens
+        lengths = prompt_lengths(batch, None if s.prompted and cfg.prompts != "prefix" else cfg.prefix_tokens)
+        ids, attention = left_padded(batch["input_ids"], lengths, s.pad_id)
+        generator = torch.Generator(device=ids.device)
+        generator.manual_seed(sample_seed(s.seed, s.rank, *where, member.name))
+        start = time.perf_counter()
+        with self.phase("generate"), whole_for_generation(member) as module:
+            tokens, made = sample(module, ids, attention, cfg.max_new_tokens, cfg.temperature, cfg.top_p, s.stops,
+                                  s.pad_id, self.m.vocab, generator)
+        seconds = time.perf_counter() - start
+        sampled = sampled_batch(batch["input_ids"], lengths, tokens, made, s.pad_id)
+        with torch.no_grad():
+            teacher = forward_logits(self.m.teacher, sampled, self.m.vocab)
+        spec = replace(plan.spec, divergence=cfg.divergence)
+        with self.phase("loss"):
+            parts, scored = on_policy_loss(forward_logits(member, sampled, self.m.vocab), teacher, sampled["labels"],
+                                           sampled["mask"], spec, plan.temperature, state.top_k, chunk)
+        if not self.finite(member, parts.loss):
+            return
+        member.engine.backward(parts.loss)
+        self.step(member)
+        for key, value in {"loss": parts.loss.item(), "teacher_logp": -scored.ce.item(),
+                           "length": made.float().mean().item(), "tokens": made.sum().item(),
+                           "seconds": seconds}.items():
+            add(sums, f"{member.name}/on_policy/{key}", value)
 
     def step(self, member: Member) -> None:
         """The optimizer step of ``member``: at the end of the micro-step when called inside one, at once when a

@@ -19,6 +19,7 @@ from .config import DistillConfig
 from .gate import SUMMED, TERMS, BenefitState, length_weight, signal_parts
 from .gate import update as update_benefit
 from .losses import SoftSpec
+from .onpolicy import drawn
 from .schedules import compose_alpha, ema, temperature_at
 
 
@@ -32,6 +33,7 @@ class StudentPlan:
     openness: Optional[float] = None  # the benefit gate's factor on α at this step (None: gate off)
     measure: bool = False  # the benefit gate measures at this step (first micro-batch)
     lr: float = 0.0  # the student's learning rate at this step
+    on_policy: bool = False  # it trains on its own samples at this step (distill.on_policy), not the batch's text
 
 
 class StudentState:
@@ -49,8 +51,9 @@ class StudentState:
         """k of top-k targets, None for the teacher's full distribution."""
         return self.distill.top_k if self.distill.targets == "topk" else None
 
-    def plan(self, step: int, max_steps: int, lr: float) -> StudentPlan:
-        """α, T and what runs at optimizer step ``step`` (0-based), at learning rate ``lr`` before the step."""
+    def plan(self, step: int, max_steps: int, lr: float, seed: int = 0) -> StudentPlan:
+        """α, T and what runs at optimizer step ``step`` (0-based), at learning rate ``lr`` before the step
+        (``seed``: the run's, which draws the on-policy steps)."""
         d = self.distill
         own = step - d.head_start_steps  # α's schedule counts the student's own steps
         openness, measure = None, False
@@ -59,8 +62,10 @@ class StudentState:
             measure = (own - d.burn_in_steps) % d.benefit_interval == 0
         alpha = compose_alpha(d, own, self.lead, openness, lr, self.lr_peak)
         spec = SoftSpec(divergence=d.divergence, beta=d.beta, alpha=alpha, token_filter=d.token_filter)
+        on_policy = d.on_policy is not None and drawn(seed, step, self.name, d.on_policy.fraction)
         return StudentPlan(active=step >= d.head_start_steps, temperature=temperature_at(
-            step, max_steps, d.temperature, d.temperature_final), spec=spec, openness=openness, measure=measure, lr=lr)
+            step, max_steps, d.temperature, d.temperature_final), spec=spec, openness=openness, measure=measure, lr=lr,
+            on_policy=on_policy)
 
     def observe(self, plan: StudentPlan, source_ce: Optional[float], own_ce: Optional[float],
                 lr_after: float) -> Optional[float]:
@@ -115,8 +120,8 @@ class Students:
     def __getitem__(self, index: int) -> StudentState:
         return self.states[index]
 
-    def plans(self, step: int, max_steps: int, lrs: list[float]) -> list[StudentPlan]:
-        return [s.plan(step, max_steps, lr) for s, lr in zip(self.states, lrs)]
+    def plans(self, step: int, max_steps: int, lrs: list[float], seed: int = 0) -> list[StudentPlan]:
+        return [s.plan(step, max_steps, lr, seed) for s, lr in zip(self.states, lrs)]
 
     def state_dict(self) -> dict[str, Any]:
         return {s.name: s.state_dict() for s in self.states}

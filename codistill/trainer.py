@@ -19,7 +19,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from . import checkpoint, distributed, report
+from . import checkpoint, distributed, onpolicy, report
 from .cache import TeacherCache
 from .config import ConfigError, RunConfig, dump_config, today_names
 from .data import BatchStream, ProbeBatches, build_splits, eval_batches
@@ -105,6 +105,7 @@ class Trainer:
                              [[at[n] for n in sources if n in at] for _, _, sources in learners], self.vocab,
                              self.tags, self.teacher_name)
         self.micro_step = make_step(self.fused, self.models, cfg, self.world.size, self.cache, self.world.device)
+        self.micro_step.sampling = onpolicy.Sampling.of(cfg, self.tokenizer, self.world.rank)
         self.evaluate_models = Validator(self.val_batches, self.prepare_batch, self.vocab, self.fused,
                                          cfg.distill.chunk_tokens)
 
@@ -146,25 +147,28 @@ class Trainer:
             for micro in range(gas):
                 batch = self.prepare_batch(next(self.stream))
                 probes = self.probes(step, plans) if micro == 0 else None
-                self.micro_step(batch, plans, sums, panels if micro == 0 else None, probes)
+                self.micro_step(batch, plans, sums, panels if micro == 0 else None, probes, (step, micro))
         except NonFinite as exc:
             exc.args = (f"{exc} at step {step + 1}",)
             raise
         elapsed = time.perf_counter() - start
         values = self._mean_over_ranks({**{k: v / gas for k, v in sums.items()}, **(panels or {})})
         values.update(self._observe(plans, values))
-        stepped = [self.members[k] for k, trains in self.micro_step.roles(plans).trains.items() if trains]
+        roles = self.micro_step.roles(plans)
+        stepped = [self.members[k] for k, trains in roles.trains.items() if trains] + [
+            self.models.learner(i) for i in roles.on_policy]
         values.update(report.engine_values(stepped, self.micro_step.skipped if self.cfg.train.nonfinite == "skip"
                                            else None, step))
         if self.cfg.mode != "hard":
             values.update(report.schedule_values(plans, list(self.learners), self.tags))
         values.update(report.perf_values(elapsed, self.tokens_per_step))
+        values.update(onpolicy.rates(values, [s.name for s in self.learners], elapsed, gas))
         return values
 
     def plan(self, step: int) -> list[StudentPlan]:
         """What every learner does at optimizer step ``step``: α, T and whether it trains."""
         lrs = [float(self.models.learner(i).engine.get_lr()[0]) for i in range(len(self.learners))]
-        return self.learners.plans(step, self.cfg.train.max_steps, lrs)
+        return self.learners.plans(step, self.cfg.train.max_steps, lrs, self.cfg.train.seed)
 
     def probes(self, step: int, plans: list[StudentPlan]) -> Optional[Probes]:
         """The benefit gates' unseen batches at ``step``, by ``distill.benefit_probe`` (those that a measuring

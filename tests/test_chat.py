@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from codistill.commands.generate import clean_reply, stop_ids
+from codistill.commands.generate import clean_reply
 from codistill.config import ConfigError, DataConfig, load_config
-from codistill.data import build_splits, render_prompt, resolve_tokenizer, run_tokenizer, turn_end
+from codistill.data import build_splits, render_prompt, resolve_tokenizer, run_tokenizer, stop_ids, turn_end
 
 from conftest import MICRO, ROOT, launch, read_scalars
 

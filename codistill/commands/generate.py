@@ -106,19 +106,6 @@ def conversation(prompt: list[dict] | str, system: Optional[str]) -> list[dict]:
     return messages
 
 
-def stop_ids(tokenizer) -> tuple[list[int], str]:
-    """Token ids that end a reply (EOS, and the template's end-of-turn marker when it is one
-    token) and the marker's text (cut from a reply however it was tokenized)."""
-    from ..data import turn_end
-
-    end = turn_end(tokenizer)
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    marker = tokenizer.encode(end, add_special_tokens=False) if end else []
-    if len(marker) == 1 and marker[0] not in ids:
-        ids.append(marker[0])
-    return ids, end
-
-
 def clean_reply(tokenizer, ids: list[int], stops: list[int], end: str, chat: bool) -> str:
     """A generated reply as text: up to its first stop token or end-of-turn marker, without
     special tokens (and, in a chat, without the whitespace around it)."""
@@ -145,6 +132,7 @@ def body(args: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM
 
     from .. import distributed
+    from ..data import stop_ids
 
     cfg = cli.run_config(args)
     if cfg.teacher is None or not cfg.teacher.pretrained:
