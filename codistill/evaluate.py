@@ -1,14 +1,18 @@
 """Validation: every model's CE on the validation batches and each student's top-1 agreement with the
-teacher, averaged over ranks (a cached or hard-mode teacher has neither: it is not loaded)."""
+teacher, averaged over ranks (a cached or hard-mode teacher has neither: it is not loaded); in a run with an
+on-policy student, the teacher's mean log-probability per token of every student's samples of the validation
+prompts (how good a student's own text is in the teacher's eyes)."""
 from __future__ import annotations
 
 from typing import Callable, Optional
 
 import torch
 
-from .engines import Member, forward_hidden, forward_logits, heads_gathered, lm_head
+from .config import OnPolicyConfig
+from .engines import Member, forward_hidden, forward_logits, heads_gathered, lm_head, whole_for_generation
 from .fused import Head, HeadLogits, fused_linear_losses, fused_rows
 from .losses import distill_loss, top1_agreement
+from .onpolicy import Sampling, left_padded, prompt_lengths, sample, sample_seed, sampled_batch
 
 Batch = dict[str, torch.Tensor]
 
@@ -21,6 +25,7 @@ class Validator:
                  chunk_tokens: Optional[int]):
         self.batches, self.prepare, self.vocab, self.fused, self.chunk_tokens = (
             batches, prepare, vocab, fused, chunk_tokens)
+        self.sampling: Optional[tuple[Sampling, OnPolicyConfig]] = None  # set in a run with an on-policy student
 
     @torch.no_grad()
     def __call__(self, members: list[Member], teacher: Optional[Member], students: list[Member]) -> dict[str, float]:
@@ -41,11 +46,36 @@ class Validator:
             if teacher is not None:
                 for j, student in enumerate(students):
                     sums[len(members) + j] += top1_agreement(top1[student.name], top1[teacher.name], batch["mask"])
+        scored = self.scores(teacher, students) if teacher is not None and self.sampling is not None else {}
         for m in members:
             if m.trainable:
                 m.engine.train()
         torch.distributed.all_reduce(sums)
-        return {key: float(sums[i] / sums[-1]) for i, key in enumerate(keys)}
+        return {**{key: float(sums[i] / sums[-1]) for i, key in enumerate(keys)}, **scored}
+
+    def scores(self, teacher: Member, students: list[Member]) -> dict[str, float]:
+        """Each student's continuations of the validation prompts (the on-policy settings; the same generator
+        seeds at every evaluation), scored by the teacher: its mean log-probability per sampled token."""
+        s, cfg = self.sampling
+        sums = torch.zeros(2 * len(students), dtype=torch.float64)  # per student: log-probability, tokens
+        for b, raw in enumerate(self.batches):
+            batch = self.prepare(raw)
+            lengths = prompt_lengths(batch, None if s.prompted and cfg.prompts != "prefix" else cfg.prefix_tokens)
+            ids, attention = left_padded(batch["input_ids"], lengths, s.pad_id)
+            for j, student in enumerate(students):
+                generator = torch.Generator(device=ids.device)
+                generator.manual_seed(sample_seed(s.seed, s.rank, -1, b, student.name))
+                with whole_for_generation(student) as module:
+                    tokens, made = sample(module, ids, attention, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                                          s.stops, s.pad_id, self.vocab, generator)
+                sampled = sampled_batch(batch["input_ids"], lengths, tokens, made, s.pad_id)
+                ce = distill_loss(forward_logits(teacher, sampled, self.vocab), sampled["labels"], sampled["mask"]).ce
+                n = int(sampled["mask"].sum())
+                sums[2 * j] -= float(ce) * n
+                sums[2 * j + 1] += n
+        torch.distributed.all_reduce(sums)
+        return {f"{student.name}/eval/teacher_logp": float(sums[2 * j] / sums[2 * j + 1].clamp(min=1))
+                for j, student in enumerate(students)}
 
     def model(self, member: Member, batch: Batch) -> tuple[float, torch.Tensor]:
         """One model's CE on a validation batch and its most likely token per position [B, S]."""

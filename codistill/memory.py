@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -76,6 +76,8 @@ class ModelMemory:
     largest: int = 0  # elements of the largest parameter (the embedding or the LM head)
     head: int = 0  # elements of the LM head's weight (rows x hidden size)
     linear_head: bool = True  # the head is a linear layer (the fused-linear path can serve it)
+    kv_per_token: int = 0  # bytes of KV cache per sequence position (keys and values of every layer)
+    sample_tokens: int = 0  # on-policy: positions of a sampled sequence at most (prompt + max_new_tokens)
 
     @property
     def states(self) -> int:
@@ -264,7 +266,31 @@ def logits_path_phases(est: Estimate, batch: int) -> tuple[list[dict[str, float]
                          f"{m.name} benefit gate's gradients": m.gate}
             measuring.pop(f"{m.name} gradient reduction (ZeRO-3)")
             student_side.append(measuring)
-    return teacher_pass, student_side
+    return teacher_pass, student_side + on_policy_phases(est, batch)
+
+
+def on_policy_phases(est: Estimate, batch: int) -> list[dict[str, float]]:
+    """Per on-policy learner, before the step's other passes (always on the logits path): its sampling (the
+    KV cache of the sampled sequences and, at ZeRO-3, the whole model gathered for the generation) and its
+    pass on the samples (the teacher's logits of them kept as targets, its own forward, logits and backward
+    at the samples' length)."""
+    teacher = next((m for m in est.models if m.name == est.teacher), None)
+    out = []
+    for m in est.models:
+        if not m.sample_tokens or teacher is None:
+            continue
+        scale = batch / est.micro_batch_size * m.sample_tokens / est.seq_len
+        logits = batch * m.sample_tokens * m.width * m.dtype_bytes
+        out.append({f"{m.name} KV cache (sampling)": m.kv_per_token * batch * m.sample_tokens,
+                    f"{m.name} gathered whole to sample (ZeRO-3)":
+                        m.dtype_bytes * m.parameters - m.params if m.stage == 3 else 0})
+        out.append({"teacher logits of the samples": batch * m.sample_tokens * teacher.width * teacher.dtype_bytes,
+                    f"{m.name} activations (samples)": m.activations * scale, f"{m.name} logits (samples)": 2 * logits,
+                    "KD loss working set": est.kd_bytes(batch, chunked=True) if not est.fused else
+                    LOSS_TEMPORARIES * min(batch * m.sample_tokens, est.chunk_rows) * est.vocab * 4,
+                    f"{m.name} gathered parameters (ZeRO-3)": m.gathered,
+                    f"{m.name} gradient reduction (ZeRO-3)": m.reducing})
+    return out
 
 
 def fused_path_phases(est: Estimate, batch: int) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
@@ -296,10 +322,18 @@ def fused_path_phases(est: Estimate, batch: int) -> tuple[list[dict[str, float]]
                                  f"{m.name} head gradients (the gate's fused pass)": 2 * est.head_gradient(m),
                                  "source head copies (ZeRO-3)": copies, "fused pass working set": kd,
                                  "gathered parameters (ZeRO-3)": m.gathered, **hidden})
-    return [], student_side
+    return [], student_side + on_policy_phases(est, batch)
 
 
 # The report.
+
+def on_policy_lines(est: Estimate, gb: Callable[[float], str]) -> list[str]:
+    """Each on-policy learner's two phases (counted in the second side), one line."""
+    phases = on_policy_phases(est, est.micro_batch_size)
+    terms = lambda phase: ", ".join(f"{k} {gb(v).strip()}" for k, v in phase.items() if v)  # noqa: E731
+    return [f"  on-policy, before the step's other passes: sampling {gb(sum(a.values())).strip()} ({terms(a)}); "
+            f"the pass on the samples {gb(sum(b.values())).strip()} ({terms(b)})" for a, b in zip(phases[::2], phases[1::2])]
+
 
 def phase_names(est: Estimate) -> tuple[str, str]:
     """What the two sides of :meth:`Estimate._phases` are, in this run: a deaf teacher's pass (with the
@@ -340,6 +374,7 @@ def report_lines(est: Estimate, device_memory: Optional[int] = None) -> list[str
                "largest parameter (" + ", ".join(f"{m.name} {gb(m.gate).strip()}" for m in est.models if m.gate)
                + f") instead of its gradient reduction; counted in {second}"]
               if any(m.gate for m in est.models) else []),
+            *on_policy_lines(est, gb),
             f"  runtime ({'measured in this process' if est.device == 'cpu' else 'CUDA context'}): "
             f"{gb(est.runtime).strip()}",
             f"  {first} {gb(t_phase).strip()}, {second} {gb(s_phase).strip()} (the larger counts)",
@@ -509,6 +544,10 @@ def _model_memory(spec: ModelSpec, hf_config, ds: dict, trainable: bool, world: 
     m.linear_head = isinstance(head, torch.nn.Linear)
     m.head = head.weight.numel() if head is not None else m.largest
     m.logits = batch * seq_len * m.width * m.dtype_bytes
+    heads = int(getattr(hf_config, "num_attention_heads", 0) or 0)
+    head_dim = getattr(hf_config, "head_dim", None) or (int(getattr(hf_config, "hidden_size", 0) or 0) // max(heads, 1))
+    kv_heads = int(getattr(hf_config, "num_key_value_heads", None) or heads)
+    m.kv_per_token = 2 * int(getattr(hf_config, "num_hidden_layers", 0) or 0) * kv_heads * head_dim * m.dtype_bytes
     if stage == 3:  # gathered whole module by module, up to stage3_max_live_parameters at once
         m.gathered = m.dtype_bytes * min(n, int(zero.get("stage3_max_live_parameters", 10**9)))
     if not trainable:
@@ -560,6 +599,11 @@ def _plain_estimate(cfg: RunConfig, world_size: int, device: Optional[str] = Non
         if m is not None and d.benefit_gate and cfg.mode != "hard":
             # ∇CE(probe) and ∇CE whole; ∇(T²·D) one parameter at a time (at most the largest one)
             m.gate = m.dtype_bytes * (2 * m.parameters + m.largest)
+    for spec, d, _ in learners:  # on-policy: the longest sequence a student samples (prompt + new tokens)
+        m = next((m for m in est.models if m.name == spec.name), None)
+        if m is not None and d.on_policy is not None:
+            prefix = d.on_policy.prompts == "prefix" or not (cfg.data.prompt_field or cfg.data.messages_field)
+            m.sample_tokens = (min(seq, d.on_policy.prefix_tokens) if prefix else seq) + d.on_policy.max_new_tokens
     # models that learn from each other hold their forwards at once: every peer; a listening teacher and the
     # students it listens to (and, through the teacher, every student)
     if cfg.mode == "mutual" or cfg.listening:

@@ -95,9 +95,14 @@ def format_values(values: Mapping[str, float]) -> str:
     extra = []
     for tag, value in values.items():
         parts = tag.split("/")
-        if len(parts) == 3 and parts[2] in ("loss", "loss_ce", "loss_kd", "agreement"):
+        if len(parts) == 3 and parts[1] != "on_policy" and parts[2] in ("loss", "loss_ce", "loss_kd", "agreement"):
             label = {"loss": "", "loss_ce": "ce ", "loss_kd": "kd ", "agreement": "agree "}[parts[2]]
             models.setdefault(parts[0], []).append(f"{label}{value:.4f}")
+        elif len(parts) == 3 and parts[2] == "teacher_logp":  # how the teacher scores the model's own samples
+            models.setdefault(parts[0], []).append(f"teacher logp {value:.3f}")
+        elif len(parts) == 3 and parts[1] == "on_policy" and parts[2] in ("loss", "length"):
+            models.setdefault(parts[0], []).append(f"on-policy {value:.4f}" if parts[2] == "loss"
+                                                   else f"{value:.1f} tokens sampled")
         elif tag == "schedule/alpha":
             extra.append(f"alpha {value:.3f}")
         elif tag == "schedule/temperature":

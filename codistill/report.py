@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from .config import RunConfig
+from .config import DistillConfig, RunConfig
 from .engines import Member
 from .errors import NonFinite
 from .fused import fused_rows
@@ -59,8 +59,8 @@ def describe_student(state: StudentState, max_steps: int, heldout_blocks: Option
         return f"{name}: learns from no other model: CE alone"
     start = d.head_start_steps + d.burn_in_steps
     if start >= max_steps or d.alpha_max == 0:
-        return (f"{name}: never distils (alpha_max {d.alpha_max}, head start {d.head_start_steps} + burn-in "
-                f"{d.burn_in_steps} of {max_steps} steps): CE alone")
+        return (f"{name}: never distils on the text (alpha_max {d.alpha_max}, head start {d.head_start_steps} + "
+                f"burn-in {d.burn_in_steps} of {max_steps} steps): CE alone" + describe_on_policy(d))
     gate = "no benefit gate"
     if d.benefit_gate:  # (only then are held-out documents set aside)
         noise = "x lr / peak lr" if d.benefit_length == "lr" else "unweighted"
@@ -69,7 +69,20 @@ def describe_student(state: StudentState, max_steps: int, heldout_blocks: Option
         gate = f"benefit gate every {d.benefit_interval} steps ({source}; noise term {noise})"
     whom = f"from {' + '.join(sources)}; " if sources else ""
     return (f"{name}: distils from step {start} of {max_steps} ({whom}head start {d.head_start_steps}, burn-in "
-            f"{d.burn_in_steps}); {d.schedule} alpha up to {d.alpha_max}, T={d.temperature}, {d.divergence}, {gate}")
+            f"{d.burn_in_steps}); {d.schedule} alpha up to {d.alpha_max}, T={d.temperature}, {d.divergence}, {gate}"
+            + describe_on_policy(d))
+
+
+def describe_on_policy(d: DistillConfig) -> str:
+    """The on-policy part of a learner's description ('' when it has none)."""
+    p = d.on_policy
+    if p is None:
+        return ""
+    prompts = {"data": "the data's prompts", "prefix": f"{p.prefix_tokens}-token prefixes",
+               "auto": f"the data's prompts, else {p.prefix_tokens}-token prefixes"}[p.prompts]
+    return (f"; on its own samples on {p.fraction:.0%} of its steps from step {d.head_start_steps} ({prompts}, up to "
+            f"{p.max_new_tokens} new tokens at temperature {p.temperature}, top_p {p.top_p}; {p.divergence} to the "
+            "teacher on them)")
 
 
 def describe_targets(cfg: RunConfig, states: list[StudentState], vocab: int, fused: bool,
@@ -107,6 +120,14 @@ def scalars_layout(members: list[Member], teacher: str, states: list[StudentStat
                 charts[f"{state.name}: benefit gate (openness, signal, evidence) and alpha"] = [
                     "Multiline", exact([tags.student("benefit", key, i) for key in ("openness", "signal", "evidence")]
                                        + [tags.student("schedule", "alpha", i)])]
+            if state.distill.on_policy is not None:
+                charts[f"{state.name}: on its own samples (its loss, the teacher's log-probability of them)"] = [
+                    "Multiline", exact([f"{state.name}/on_policy/loss", f"{state.name}/on_policy/teacher_logp"])]
+                charts[f"{state.name}: sampling (share of the step, mean length)"] = [
+                    "Multiline", exact([f"{state.name}/on_policy/generate_share", f"{state.name}/on_policy/length"])]
+    if any(state.distill.on_policy is not None for state in states):
+        charts["the teacher's log-probability of each student's samples (validation prompts)"] = [
+            "Multiline", exact(f"{m.name}/eval/teacher_logp" for m in members if m.name != teacher)]
     return {"codistill": charts}
 
 

@@ -14,7 +14,7 @@ from codistill.losses import SoftSpec, next_token_targets
 from codistill.onpolicy import (drawn, left_padded, on_policy_loss, pick, prompt_lengths, sample, sample_seed,
                                 sampled_batch)
 
-from conftest import MICRO, launch, read_scalars
+from conftest import MICRO, launch, read_layout, read_scalars
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -169,5 +169,28 @@ def test_a_two_rank_zero3_on_policy_run_logs_its_samples_and_resumes_to_the_same
     for tag in TAGS:
         assert a[tag] == b[tag], tag  # the same samples, scored alike, after the restart
     assert all(1 <= v <= 8 for v in a["student/on_policy/length"].values())
+    # every evaluation scores the student's samples of the validation prompts (the same seeds each time)
+    assert sorted(a["student/eval/teacher_logp"]) == [0, 3, 6] and a["student/eval/teacher_logp"] == \
+        b["student/eval/teacher_logp"] and all(v < 0 for v in a["student/eval/teacher_logp"].values())
+    layout = read_layout(tmp_path / "straight")
+    assert any("on its own samples" in chart for chart in layout)
     assert sorted(a["student/train/loss"]) == [2, 3, 5]  # the other steps train on the text
     assert sorted(a["teacher/train/loss"]) == [1, 2, 3, 4, 5, 6]  # the teacher trains on the text at every step
+
+
+def test_the_memory_estimate_counts_the_kv_cache_and_the_whole_model_a_zero3_student_samples_with():
+    from codistill.memory import estimate, report_lines
+
+    on = ["distill.on_policy={prefix_tokens: 8, max_new_tokens: 24}",
+          "students.0.deepspeed.zero_optimization={stage: 3, stage3_param_persistence_threshold: 0}"]
+    est = estimate(load_config(MICRO, on), 2, "cpu")
+    student = next(m for m in est.models if m.name == "student")
+    assert student.sample_tokens == 8 + 24
+    # micro.yaml's student: 1 layer, 2 KV heads of 16 dimensions, fp32: keys and values per position
+    assert student.kv_per_token == 2 * 1 * 2 * 16 * 4
+    sampling = next(p for p in est._phase_terms(4)[1] if "student KV cache (sampling)" in p)
+    assert sampling["student KV cache (sampling)"] == student.kv_per_token * 4 * 32
+    assert sampling["student gathered whole to sample (ZeRO-3)"] == 4 * student.parameters - student.params > 0
+    assert "on-policy, before the step's other passes: sampling" in "\n".join(report_lines(est))
+    off = estimate(load_config(MICRO, on[1:]), 2, "cpu")
+    assert not any("KV cache" in k for p in off._phase_terms(4)[1] for k in p)
