@@ -3,21 +3,27 @@ the other strategy through the step's interface (no trainer internals), and repo
 import json
 import sys
 
+import pytest
+
 from conftest import MICRO, run_cmd
 
 
 def test_one_round_reports_every_variant_and_its_ratios(tmp_path):
     out = tmp_path / "bench.json"
     proc = run_cmd([sys.executable, "tools/bench_step.py", "--config", str(MICRO), "--rounds", "1", "--warmup", "0",
-                    "--out", str(out), f"output_dir={tmp_path / 'run'}", "distill.benefit_interval=1"])
+                    "--out", str(out), f"output_dir={tmp_path / 'run'}", "distill.benefit_interval=1",
+                    "distill.on_policy={prefix_tokens: 8, max_new_tokens: 8}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    for name in ("codistill", "fused", "separate", "two_stage", "measured"):  # micro's heads are linear: fused runs
+    for name in ("codistill", "fused", "separate", "two_stage", "measured", "on_policy"):  # micro's heads are linear
         assert result[f"{name}_ms"] > 0, name
     assert result["fused_linear"] is False and result["benefit_gate_interval"] == 1
-    for ratio in ("ratio_a_over_b", "ratio_a_over_c", "ratio_fused_over_a", "benefit_gate_cost_share"):
+    for ratio in ("ratio_a_over_b", "ratio_a_over_c", "ratio_fused_over_a", "benefit_gate_cost_share",
+                  "ratio_on_policy_over_a", "ratio_lambda_half_over_a"):
         assert 0 < abs(result[ratio]) < 100, ratio
-    assert "(a') step (a) with fused-linear losses" in proc.stdout
+    assert 0 < result["on_policy_sampling_share"] < 1
+    assert result["ratio_lambda_half_over_a"] == pytest.approx((result["ratio_on_policy_over_a"] + 1) / 2)
+    assert "(a') step (a) with fused-linear losses" in proc.stdout and "at lambda 0.5" in proc.stdout
 
 
 def test_peers_and_a_listening_teacher_are_benchmarked_against_their_models_alone_and_deaf(tmp_path):

@@ -15,9 +15,12 @@ In one run, on the same engines and the same batches, rotates through
   (a') where the fused-linear path is exact: step (a) from hidden states and LM heads (no model's
       [tokens x vocabulary] logits; codistill/fused.py), (b) and (c) unchanged (each model trained
       by itself, as a user would without co-distillation),
+  (o) with on-policy students (distill.on_policy): step (a), through the path the run takes, at which every
+      one of them learns on its own samples (sampling, the teacher's scoring forward, its pass on them),
 and prints median times, tokens/s, the ratios a/b and a/c (and a'/b, a'/c, a'/a), the benefit gate's cost per
 step (d − a, or d − a' where the run takes the fused path, paid once every distill.benefit_interval steps,
-as a share of that step) and each
+as a share of that step), an on-policy step against an off-policy one (o/a, and at λ = 0.5, half the steps
+on-policy: (o + a) / 2a, with the share of (o) spent sampling) and each
 rank's peak memory. Rotating the order round by round cancels most of the drift of a shared,
 noisy machine.
 
@@ -56,11 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def variants(trainer, plans: list, gated: list, probes: dict) -> dict[str, Callable[[list], None]]:
+def variants(trainer, plans: list, gated: list, probes: dict, sampled: list) -> dict[str, Callable[[list], None]]:
     """Each variant as a function of one step's micro-batches, every one a micro-step over the run's engines
     with other edges: the run's (every model reading its sources), none (every model alone), the teacher
     frozen after its own step (two-stage), a deaf teacher (with a listening one), the other strategy where
-    it is exact."""
+    it is exact; ``sampled`` gets the seconds each on-policy step spent sampling."""
     from ..engines import Member
     from ..fused import static_problem
     from ..step import Models, fused_problems, make_step
@@ -102,11 +105,24 @@ def variants(trainer, plans: list, gated: list, probes: dict) -> dict[str, Calla
             out["deaf"] = steps(step_of(replace(models, sources=deaf)), plans)
     if any(s.benefit is not None for s in trainer.learners):
         out["measured"] = steps(trainer.micro_step, gated, probe_first=True)  # the path the run takes
+    if any(s.distill.on_policy is not None for s in trainer.learners):
+        own = steps(trainer.micro_step, [replace(p, on_policy=s.distill.on_policy is not None)
+                                         for p, s in zip(plans, trainer.learners)])
+
+        def on_policy(batches):
+            for key in [k for k in sink if k.endswith("/on_policy/seconds")]:
+                del sink[key]
+            own(batches)
+            sampled.append(sum(v for k, v in sink.items() if k.endswith("/on_policy/seconds")))
+
+        out["on_policy"] = on_policy
     return out
 
 
-def summary(trainer, med: dict[str, float], rounds: int, config: Optional[str]) -> dict:
-    """The figures: medians, tokens/s, the ratios and the benefit gate's cost share."""
+def summary(trainer, med: dict[str, float], rounds: int, config: Optional[str],
+            sampling: Optional[float] = None) -> dict:
+    """The figures: medians, tokens/s, the ratios, the benefit gate's cost share and (``sampling``: the median
+    seconds an on-policy step spent sampling) the on-policy step's."""
     import torch
 
     from ..metrics import peak_bytes
@@ -139,13 +155,19 @@ def summary(trainer, med: dict[str, float], rounds: int, config: Optional[str]) 
         result["benefit_gate_interval"] = interval
         result["benefit_gate_step_ratio"] = (med["measured"] - base) / base
         result["benefit_gate_cost_share"] = result["benefit_gate_step_ratio"] / interval
+    if "on_policy" in med:  # against the off-policy step of the path the run takes
+        base = med["fused" if trainer.fused else "codistill"]
+        result["ratio_on_policy_over_a"] = med["on_policy"] / base
+        result["ratio_lambda_half_over_a"] = (med["on_policy"] + base) / (2 * base)
+        result["on_policy_sampling_share"] = (sampling or 0.0) / med["on_policy"]
     return result
 
 
 LABELS = {"codistill": "(a) co-distillation step", "separate": "(b) every model's step alone (CE only)",
           "deaf": "(e) step (a) with the teacher deaf (not listening)",
           "two_stage": "(c) two-stage: teacher step + frozen fwd + student step",
-          "measured": "(d) step (a) with the benefit gate measuring", "fused": "(a') step (a) with fused-linear losses"}
+          "measured": "(d) step (a) with the benefit gate measuring", "fused": "(a') step (a) with fused-linear losses",
+          "on_policy": "(o) step (a) with every on-policy student on its samples"}
 
 
 def print_report(result: dict, names: list[str]) -> None:
@@ -168,6 +190,10 @@ def print_report(result: dict, names: list[str]) -> None:
         print(f"  benefit gate: (d - {a}) / {a} = {result['benefit_gate_step_ratio']:.3f} at a measuring step, once "
               f"every {result['benefit_gate_interval']} steps: {result['benefit_gate_cost_share']:.1%} of "
               "the co-distillation step")
+    if "on_policy" in names:
+        a = "a'" if result["fused_linear"] else "a"
+        print(f"  on-policy: o/{a} = {result['ratio_on_policy_over_a']:.3f} ({result['on_policy_sampling_share']:.0%} of "
+              f"(o) sampling); at lambda 0.5 (half the steps on-policy): {result['ratio_lambda_half_over_a']:.3f}")
     kind = "peak RSS" if result["device"] == "cpu" else "peak allocated"
     print(f"  {kind} per rank (whole run): " + ", ".join(f"{m:,.0f} MB" for m in result["peak_memory_mb_per_rank"]))
 
@@ -182,7 +208,8 @@ def body(args: argparse.Namespace) -> None:
              for p, s in zip(trainer.plan(0), trainer.learners)]
     gated = [replace(p, measure=s.benefit is not None) for p, s in zip(plans, trainer.learners)]
     probes: dict = {}  # this round's unseen batches, for the gate's measurement
-    timed_variants = list(variants(trainer, plans, gated, probes).items())
+    sampled: list[float] = []  # seconds each on-policy step spent sampling
+    timed_variants = list(variants(trainer, plans, gated, probes, sampled).items())
     times: dict[str, list[float]] = {name: [] for name, _ in timed_variants}
     for r in range(args.warmup + args.rounds):
         batches = [trainer.prepare_batch(next(trainer.stream)) for _ in range(trainer.cfg.train.gradient_accumulation_steps)]
@@ -192,7 +219,8 @@ def body(args: argparse.Namespace) -> None:
             t = timed(lambda: fn(batches))
             if r >= args.warmup:
                 times[name].append(t)
-    result = summary(trainer, {k: statistics.median(v) for k, v in times.items()}, args.rounds, args.config)
+    result = summary(trainer, {k: statistics.median(v) for k, v in times.items()}, args.rounds, args.config,
+                     statistics.median(sampled[args.warmup:]) if sampled else None)
     if trainer.world.is_main:
         print_report(result, [name for name, _ in timed_variants])
         if args.out:
