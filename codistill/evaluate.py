@@ -22,10 +22,11 @@ class Validator:
     its labels), from their logits or, on the fused path, one model's head at a time."""
 
     def __init__(self, batches: list[Batch], prepare: Callable[[Batch], Batch], vocab: int, fused: bool,
-                 chunk_tokens: Optional[int]):
+                 chunk_tokens: Optional[int], sampling: Optional[tuple[Sampling, OnPolicyConfig]] = None):
+        """``sampling``: how every student's samples are scored (a run with an on-policy student), or None."""
         self.batches, self.prepare, self.vocab, self.fused, self.chunk_tokens = (
             batches, prepare, vocab, fused, chunk_tokens)
-        self.sampling: Optional[tuple[Sampling, OnPolicyConfig]] = None  # set in a run with an on-policy student
+        self.sampling = sampling
 
     @torch.no_grad()
     def __call__(self, members: list[Member], teacher: Optional[Member], students: list[Member]) -> dict[str, float]:

@@ -50,6 +50,12 @@ class Sampling:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         return cls(cfg.train.seed, rank, tuple(stops), pad, bool(cfg.data.prompt_field or cfg.data.messages_field))
 
+    def scoring(self, learners: list) -> Optional[tuple["Sampling", object]]:
+        """What evaluation samples every student with (``learners``: the run's (spec, distill, sources)): these
+        settings and the first on-policy learner's, or None when no learner is on-policy."""
+        on_policy = next((d.on_policy for _, d, _ in learners if d.on_policy is not None), None)
+        return None if on_policy is None else (self, on_policy)
+
 
 def drawn(seed: int, step: int, learner: str, fraction: float) -> bool:
     """Whether learner ``learner`` is on-policy at optimizer step ``step``: a draw from (seed, step, learner),

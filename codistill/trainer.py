@@ -106,11 +106,8 @@ class Trainer:
                              self.tags, self.teacher_name)
         self.micro_step = make_step(self.fused, self.models, cfg, self.world.size, self.cache, self.world.device)
         self.micro_step.sampling = onpolicy.Sampling.of(cfg, self.tokenizer, self.world.rank)
-        on_policy = next((d.on_policy for _, d, _ in learners if d.on_policy is not None), None)
         self.evaluate_models = Validator(self.val_batches, self.prepare_batch, self.vocab, self.fused,
-                                         cfg.distill.chunk_tokens)
-        if on_policy is not None:  # every student's samples scored, with the (first) on-policy student's settings
-            self.evaluate_models.sampling = (self.micro_step.sampling, on_policy)
+                                         cfg.distill.chunk_tokens, self.micro_step.sampling.scoring(learners))
 
     def _init_state(self) -> None:
         """What the loop keeps between steps (saved with a checkpoint) and this rank's RNGs."""
