@@ -56,7 +56,8 @@ class Validator:
 
     def scores(self, teacher: Member, students: list[Member]) -> dict[str, float]:
         """Each student's continuations of the validation prompts (the on-policy settings; the same generator
-        seeds at every evaluation), scored by the teacher: its mean log-probability per sampled token."""
+        seeds at every evaluation and for every student, so equal students write alike), scored by the teacher:
+        its mean log-probability per sampled token."""
         s, cfg = self.sampling
         sums = torch.zeros(2 * len(students), dtype=torch.float64)  # per student: log-probability, tokens
         for b, raw in enumerate(self.batches):
@@ -65,7 +66,7 @@ class Validator:
             ids, attention = left_padded(batch["input_ids"], lengths, s.pad_id)
             for j, student in enumerate(students):
                 generator = torch.Generator(device=ids.device)
-                generator.manual_seed(sample_seed(s.seed, s.rank, -1, b, student.name))
+                generator.manual_seed(sample_seed(s.seed, s.rank, -1, b, "evaluation"))  # alike for every student
                 with whole_for_generation(student) as module:
                     tokens, made = sample(module, ids, attention, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
                                           s.stops, s.pad_id, self.vocab, generator)

@@ -10,11 +10,11 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from codistill.config import ConfigError, DataConfig, load_config
 from codistill.data import build_splits, render_prompt
-from codistill.losses import SoftSpec, next_token_targets
+from codistill.losses import SoftSpec
 from codistill.onpolicy import (drawn, left_padded, on_policy_loss, pick, prompt_lengths, sample, sample_seed,
                                 sampled_batch)
 
-from conftest import MICRO, launch, read_layout, read_scalars
+from conftest import MICRO, ROOT, launch, read_layout, read_scalars
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -194,3 +194,21 @@ def test_the_memory_estimate_counts_the_kv_cache_and_the_whole_model_a_zero3_stu
     assert "on-policy, before the step's other passes: sampling" in "\n".join(report_lines(est))
     off = estimate(load_config(MICRO, on[1:]), 2, "cpu")
     assert not any("KV cache" in k for p in off._phase_terms(4)[1] for k in p)
+
+
+def test_the_on_policy_evidence_pairs_two_equal_students_from_the_default_teacher_and_checks_both_targets():
+    from codistill.commands.compare_onpolicy import report, soft_run, teacher_run
+    from codistill.config import RunConfig
+
+    base = load_config(ROOT / "configs" / "tiny.yaml").model_dump(mode="json")
+    assert teacher_run(base, ROOT / "x")["mode"] == "codistill"
+    tree = soft_run(base, 5, ROOT / "x", ROOT / "t", {"max_new_tokens": 16})
+    cfg = RunConfig.model_validate(tree)
+    assert cfg.mode == "soft" and cfg.teacher.pretrained == str(ROOT / "t")
+    assert [(s.name, s.init_seed) for s in cfg.students] == [("offpolicy", 6), ("onpolicy", 6)]
+    assert cfg.distill_for(0).on_policy is None and cfg.distill_for(1).on_policy.fraction == 0.5
+    assert cfg.distill_for(1).on_policy.max_new_tokens == 16 and cfg.distill_for(1).head_start_steps == 0
+    row = lambda ce, logp: {"ce": ce, "teacher_logp": logp, "start_logp": -9.0}  # noqa: E731
+    text, ok = report({"c": {1: {"offpolicy": row(5.0, -6.0), "onpolicy": row(5.01, -5.5)},
+                             2: {"offpolicy": row(5.0, -6.0), "onpolicy": row(5.03, -5.9)}}}, [1, 2], "cmd", "m", {})
+    assert not ok and "every corpus and seed: **yes** (least +0.100" in text and "**no** (worst +0.0300" in text

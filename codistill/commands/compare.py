@@ -297,6 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--listen", action="append", default=[], metavar="KEY=VALUE",
                         help="with --mutual: the listening teacher's teacher.distill keys (repeatable; default: "
                              "none given, the students' distill section)")
+    parser.add_argument("--on-policy", action="store_true",
+                        help="the on-policy arm instead (codistill/commands/compare_onpolicy.py): from the config's "
+                             "teacher, frozen, a student at lambda 0 against its twin with distill.on_policy")
+    parser.add_argument("--on-policy-key", action="append", default=[], metavar="KEY=VALUE",
+                        help="with --on-policy: the on-policy student's distill.on_policy keys (repeatable; default: "
+                             "fraction=0.5)")
     parser.add_argument("--datasets", nargs="+", metavar="CORPUS",
                         help="run every arm and seed on each of these corpora (built-in ones by name, as "
                              "codistill-prepare-corpus --help lists them; or files/folders, each with a 4,096-token "
@@ -333,6 +339,13 @@ def body(args: argparse.Namespace) -> int:
     cmdline = ("codistill-compare " + " ".join(shlex.quote(a) for a in sys.argv[1:])).strip()
     machine = f"{os.cpu_count()} CPU cores, {args.nproc} process(es) per run"
     bases = [corpus_base(cfg, dataset, len(corpora) > 1 or bool(args.datasets)) for dataset in corpora]
+    if args.on_policy:
+        from .compare_mutual import keys
+        from .compare_onpolicy import run_on_policy
+
+        on_policy = keys(args.on_policy_key, "--on-policy-key")
+        ok = run_on_policy(args, cfg, labels, out, seeds, cmdline, machine, bases, run_training, on_policy)
+        return 0 if ok or not args.strict else 1
     if args.mutual:
         from .compare_mutual import run_mutual
 
