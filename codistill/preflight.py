@@ -18,6 +18,23 @@ from .fused import static_problem
 from .models import check_attention, check_model, model_config
 
 
+def check_sample_lengths(cfg: RunConfig, hf_configs: dict) -> None:
+    """An on-policy student's samples (its prompt, at most the prefix or a whole row, plus max_new_tokens) must
+    fit its positions and the teacher's, which scores them."""
+    prompted = bool(cfg.data.prompt_field or cfg.data.messages_field)
+    for spec, d, _ in cfg.learners():
+        p = d.on_policy
+        if p is None:
+            continue
+        prompt = cfg.data.seq_len if prompted and p.prompts != "prefix" else min(p.prefix_tokens, cfg.data.seq_len)
+        for name in (spec.name, cfg.teacher.name):
+            positions = getattr(hf_configs.get(name), "max_position_embeddings", None)
+            if positions is not None and prompt + p.max_new_tokens > positions:
+                raise ConfigError(f"{spec.name}.distill.on_policy: a prompt of up to {prompt} tokens plus "
+                                  f"max_new_tokens={p.max_new_tokens} exceeds {name}'s max_position_embeddings="
+                                  f"{positions}; lower max_new_tokens (or prefix_tokens, data.seq_len)")
+
+
 @dataclass
 class Inputs:
     """What the checks found, for the set-up that follows."""
@@ -49,6 +66,7 @@ def check_inputs(cfg: RunConfig, output_dir: Path) -> Inputs:
     hf_configs = {s.name: model_config(s, tokenizer) for s in specs}
     for spec in specs:
         check_model(spec, hf_configs[spec.name], tokenizer, tokenizer_fp, cfg.data.seq_len)
+    check_sample_lengths(cfg, hf_configs)
     cached = cfg.teacher is not None and bool(cfg.teacher.cache)
     if cached:
         TeacherCache.check_ready(Path(cfg.teacher.cache).expanduser())

@@ -212,3 +212,15 @@ def test_the_on_policy_evidence_pairs_two_equal_students_from_the_default_teache
     text, ok = report({"c": {1: {"offpolicy": row(5.0, -6.0), "onpolicy": row(5.01, -5.5)},
                              2: {"offpolicy": row(5.0, -6.0), "onpolicy": row(5.03, -5.9)}}}, [1, 2], "cmd", "m", {})
     assert not ok and "every corpus and seed: **yes** (least +0.100" in text and "**no** (worst +0.0300" in text
+
+
+def test_samples_longer_than_a_models_positions_are_refused_before_training(tokenizer):
+    from codistill.models import model_config
+    from codistill.preflight import check_sample_lengths
+
+    cfg = load_config(MICRO, ["distill.on_policy={prefix_tokens: 8, max_new_tokens: 60}"])
+    hf = {s.name: model_config(s, tokenizer) for s in cfg.models}
+    with pytest.raises(ConfigError, match=r"student.distill.on_policy: a prompt of up to 8 tokens plus "
+                                          r"max_new_tokens=60 exceeds student's max_position_embeddings=64"):
+        check_sample_lengths(cfg, hf)
+    check_sample_lengths(load_config(MICRO, ["distill.on_policy={prefix_tokens: 8, max_new_tokens: 56}"]), hf)
