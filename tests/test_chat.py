@@ -145,13 +145,15 @@ def test_soft_distillation_on_the_conversations_from_the_frozen_instruct_teacher
 
 def test_an_on_policy_student_replies_to_the_templated_prompts_and_the_instruct_teacher_scores_it(generated, tmp_path):
     """Soft mode from the saved instruct teacher, the student on its own replies at every step: prompts
-    rendered through the chat template, replies ended at the template's end of turn, scored by the teacher."""
+    rendered through the chat template, replies ended at the template's end of turn, scored by the teacher (the
+    run's own losses on the fused-linear path; the on-policy loss on the logits path beside it)."""
     teacher, out = generated["teacher"], generated["out"]
     launch(f"output_dir={tmp_path / 'run'}", "mode=soft", f"data.dataset={out}", "data.messages_field=messages",
            f"data.tokenizer={teacher}", "data.pack=false", "data.val_fraction=0.34", "train.micro_batch_size=1",
            "train.max_steps=2", "train.eval_interval=2", "train.log_interval=1", f"teacher.pretrained={teacher}",
            "teacher.config={}", f"data.cache_dir={tmp_path / 'cache'}",
-           "distill.on_policy={fraction: 1.0, max_new_tokens: 6, temperature: 0.7}", how="python")
+           "distill.on_policy={fraction: 1.0, max_new_tokens: 6, temperature: 0.7}", "distill.fused_linear=true",
+           how="python")
     scalars = read_scalars(tmp_path / "run")
     assert sorted(scalars["student/on_policy/loss"]) == [1, 2] and "student/train/loss" not in scalars
     assert all(1 <= v <= 6 for v in scalars["student/on_policy/length"].values())
