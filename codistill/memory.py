@@ -332,7 +332,8 @@ def on_policy_lines(est: Estimate, gb: Callable[[float], str]) -> list[str]:
     phases = on_policy_phases(est, est.micro_batch_size)
     terms = lambda phase: ", ".join(f"{k} {gb(v).strip()}" for k, v in phase.items() if v)  # noqa: E731
     return [f"  on-policy, before the step's other passes: sampling {gb(sum(a.values())).strip()} ({terms(a)}); "
-            f"the pass on the samples {gb(sum(b.values())).strip()} ({terms(b)})" for a, b in zip(phases[::2], phases[1::2])]
+            f"the pass on the samples {gb(sum(b.values())).strip()} ({terms(b)})"
+            for a, b in zip(phases[::2], phases[1::2])]
 
 
 def phase_names(est: Estimate) -> tuple[str, str]:

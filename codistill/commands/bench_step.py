@@ -192,8 +192,9 @@ def print_report(result: dict, names: list[str]) -> None:
               "the co-distillation step")
     if "on_policy" in names:
         a = "a'" if result["fused_linear"] else "a"
-        print(f"  on-policy: o/{a} = {result['ratio_on_policy_over_a']:.3f} ({result['on_policy_sampling_share']:.0%} of "
-              f"(o) sampling); at lambda 0.5 (half the steps on-policy): {result['ratio_lambda_half_over_a']:.3f}")
+        print(f"  on-policy: o/{a} = {result['ratio_on_policy_over_a']:.3f} "
+              f"({result['on_policy_sampling_share']:.0%} of (o) sampling); at lambda 0.5 (half the steps "
+              f"on-policy): {result['ratio_lambda_half_over_a']:.3f}")
     kind = "peak RSS" if result["device"] == "cpu" else "peak allocated"
     print(f"  {kind} per rank (whole run): " + ", ".join(f"{m:,.0f} MB" for m in result["peak_memory_mb_per_rank"]))
 

@@ -77,7 +77,8 @@ def report(results: dict[str, dict[int, dict]], seeds: list[int], cmdline: str, 
     lines = [f"Command: `{cmdline}`  ", f"Machine: {machine}.  ",
              f"On-policy student: `distill.on_policy: {json.dumps({'fraction': 0.5, **on_policy})}`.", "",
              "Final validation CE of each student, and the teacher's mean log-probability per token of its samples of "
-             "the validation prompts (higher: likelier in the teacher's eyes; at step 0 both students write alike).", "",
+             "the validation prompts (higher: likelier in the teacher's eyes; at step 0 both students write "
+             "alike).", "",
              "| corpus | seed | CE λ=0 | CE on-policy | Δ CE | teacher log p λ=0 | on-policy | Δ log p |",
              "|---|---|---|---|---|---|---|---|"]
     d_ce, d_logp = [], []
