@@ -43,12 +43,14 @@ class Sampling:
     @classmethod
     def of(cls, cfg, tokenizer, rank: int) -> "Sampling":
         """A run's (``cfg``: its RunConfig): a sample stops at eos, and in chat data at the template's end of
-        turn; padding is the tokenizer's pad token, else eos."""
+        turn (a tokenizer without either samples ``max_new_tokens`` every time); padding is the tokenizer's pad
+        token, else eos, else 0 (padding is masked out)."""
         from .data import stop_ids
 
         stops = stop_ids(tokenizer)[0] if cfg.data.messages_field else [tokenizer.eos_token_id]
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        return cls(cfg.train.seed, rank, tuple(stops), pad, bool(cfg.data.prompt_field or cfg.data.messages_field))
+        pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+        return cls(cfg.train.seed, rank, tuple(t for t in stops if t is not None), pad,
+                   bool(cfg.data.prompt_field or cfg.data.messages_field))
 
     def scoring(self, learners: list) -> Optional[tuple["Sampling", object]]:
         """What evaluation samples every student with (``learners``: the run's (spec, distill, sources)): these
