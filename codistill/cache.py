@@ -29,7 +29,7 @@ import torch
 
 from .config import ConfigError
 from .distributed import disk_group
-from .files import entry_problem, fsync, write_atomically
+from .files import entry_problem, fsync, temp_beside, write_atomically
 from .losses import Targets
 
 log = logging.getLogger("codistill")
@@ -90,7 +90,7 @@ def write_part(folder: Path, chunk: int, rows: dict[str, list], features: Option
     """Write one part atomically; returns its size in bytes. ``features`` fixes the schema (a part
     with no rows must still read back with the others)."""
     target = part_path(folder, chunk)
-    tmp = target.with_name(f".{target.name}.tmp")
+    tmp = temp_beside(target)
     datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp))
     fsync(tmp)
     os.replace(tmp, target)

@@ -39,7 +39,7 @@ from . import accelerator  # noqa: F401  (first: sets DS_ACCELERATOR before anyt
 from .config import ConfigError, check_name
 from .distributed import disk_barrier, disk_group
 from .errors import StorageFailed
-from .files import check_writable, entry_problem, file_entry, fsync, fsync_folders, write_atomically
+from .files import check_writable, entry_problem, file_entry, fsync, fsync_folders, temp_beside, write_atomically
 
 log = logging.getLogger("codistill")
 
@@ -450,9 +450,8 @@ def universal(path: Path, model: str, is_main: bool) -> Path:
     rank 0 beside the checkpoints (``.universal_<step>/<model>``); collective."""
     folder = path.parent / f".universal_{path.name}" / model
     if is_main and not (folder / UNIVERSAL_TAG).is_dir():
-        tmp = folder.with_name(f".{model}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.parent.mkdir(parents=True, exist_ok=True)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_beside(folder, folder=True)
         cmd = [sys.executable, "-m", "codistill.checkpoint", "--input_folder", str(path / model / TAG),
                "--output_folder", str(tmp / UNIVERSAL_TAG), "--inject_missing_state"]
         proc = subprocess.run(cmd, capture_output=True, text=True)

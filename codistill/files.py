@@ -37,15 +37,44 @@ def entry_problem(path: Path, size: object, sha256: object, source: str) -> Opti
     return None
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _umask()  # what an ordinary open() would leave off a new file's permissions
+
+
+def temp_beside(path: Path, folder: bool = False) -> Path:
+    """A new, empty file (or ``folder``) with a fresh random name beside ``path``, created exclusively: a link
+    or file planted under any name cannot be written through (``O_EXCL``; ``mkdtemp`` likewise). Its
+    permissions are an ordinary new file's (or folder's), not the private ones ``tempfile`` gives."""
+    if folder:
+        made = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+        made.chmod(0o777 & ~UMASK)
+        return made
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~UMASK)
+    os.close(fd)
+    return Path(name)
+
+
 def write_atomically(path: Path, text: str) -> None:
     """Write ``path`` so that it is either the old file or the whole new one, never a part, and
-    is on disk when this returns (the file, then its folder's entry)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    is on disk when this returns (the file, then its folder's entry). The new file is made exclusively
+    under a random name and renamed over ``path``: a link at ``path`` is replaced, never followed."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~UMASK)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(name, path)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
     fsync(path.parent)
 
 

@@ -1,0 +1,31 @@
+"""Writes inside a run's folder never follow a link planted there: the temporary file of an atomic write is
+made exclusively under a fresh name, and a link at the target itself is replaced, not written through."""
+import os
+
+from codistill.files import UMASK, temp_beside, write_atomically
+
+
+def test_an_atomic_write_never_writes_through_a_planted_link(tmp_path):
+    outside = tmp_path / "precious.txt"
+    outside.write_text("keep me\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in (".latest.tmp", ".config.yaml.tmp"):  # the fixed names earlier releases wrote through
+        (run / name).symlink_to(outside)
+    write_atomically(run / "latest", "step_00000002\n")
+    (run / "config.yaml").symlink_to(outside)  # a link at the target: replaced by the new file
+    write_atomically(run / "config.yaml", "mode: codistill\n")
+    assert outside.read_text() == "keep me\n"
+    assert (run / "latest").read_text() == "step_00000002\n"
+    assert not (run / "config.yaml").is_symlink() and (run / "config.yaml").read_text() == "mode: codistill\n"
+    assert sorted(p.name for p in run.iterdir()) == [".config.yaml.tmp", ".latest.tmp", "config.yaml", "latest"]
+
+
+def test_temporary_names_are_fresh_files_and_folders_beside_their_target(tmp_path):
+    a, b = temp_beside(tmp_path / "part-00001.parquet"), temp_beside(tmp_path / "part-00001.parquet")
+    assert a != b and a.parent == tmp_path and a.is_file() and not a.is_symlink() and a.stat().st_size == 0
+    d = temp_beside(tmp_path / "student", folder=True)
+    assert d.is_dir() and d.name.startswith(".student.") and os.stat(d).st_mode & 0o777 == 0o777 & ~UMASK
+    assert os.stat(a).st_mode & 0o777 == 0o666 & ~UMASK  # an ordinary file's permissions, not tempfile's 0600
+    write_atomically(tmp_path / "config.yaml", "x\n")
+    assert os.stat(tmp_path / "config.yaml").st_mode & 0o777 == 0o666 & ~UMASK
