@@ -362,15 +362,35 @@ def run_id(path: Path) -> Optional[str]:
 
 
 def _prune(root: Path, keep_last: int, keep: Path, run: str) -> None:
-    """Remove this run's oldest complete checkpoints beyond ``keep_last``; never another run's."""
+    """Keep ``keep`` (the checkpoint just written) and this run's newest others up to ``keep_last`` in all,
+    counting only those whose files are all there at their listed sizes; remove the older intact ones.
+    A damaged checkpoint is neither counted nor removed (it would leave fewer usable ones than asked),
+    and another run's are never touched."""
     if keep_last <= 0:
         return
-    ours = [p for p in sorted(root.glob("step_*")) if (p / MANIFEST).exists() and run_id(p) == run]
-    for old in ours[:-keep_last]:
-        if old != keep:
+    ours = [p for p in sorted(root.glob("step_*"), reverse=True)
+            if p != keep and (p / MANIFEST).exists() and run_id(p) == run]
+    kept = 1
+    for old in ours:
+        if not _sizes_intact(old):
+            log.warning("%s is damaged: not counted toward checkpoint.keep_last, left in place", old)
+        elif kept < keep_last:
+            kept += 1
+        else:
             for folder in (old, old.parent / f".universal_{old.name}"):
                 shutil.rmtree(folder, onerror=lambda _f, path, exc: log.warning(
                     "could not remove %s while pruning old checkpoints: %s", path, exc[1]))
+
+
+def _sizes_intact(path: Path) -> bool:
+    """Whether every file ``path``'s manifest lists is there at its listed size (the cheap part of
+    :func:`verify`: no hashing, so pruning at every save stays cheap at any model size)."""
+    try:
+        files = json.loads((path / MANIFEST).read_text())["files"]
+        return all((path / rel).is_file() and (path / rel).stat().st_size == int(meta["size"])
+                   for rel, meta in files.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
 
 
 def verify(path: Path) -> Optional[str]:

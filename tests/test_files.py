@@ -29,3 +29,30 @@ def test_temporary_names_are_fresh_files_and_folders_beside_their_target(tmp_pat
     assert os.stat(a).st_mode & 0o777 == 0o666 & ~UMASK  # an ordinary file's permissions, not tempfile's 0600
     write_atomically(tmp_path / "config.yaml", "x\n")
     assert os.stat(tmp_path / "config.yaml").st_mode & 0o777 == 0o666 & ~UMASK
+
+
+def fake_checkpoint(root, step, run="r1", damaged=False):
+    import json
+
+    folder = root / f"step_{step:08d}"
+    folder.mkdir(parents=True)
+    (folder / "trainer_state.json").write_text(json.dumps({"step": step, "run_id": run}))
+    (folder / "weights.bin").write_bytes(b"x" * 10)
+    files = {name: {"size": (folder / name).stat().st_size, "sha256": "-"} for name in ("trainer_state.json",
+                                                                                     "weights.bin")}
+    (folder / "manifest.json").write_text(json.dumps({"step": step, "files": files}))
+    if damaged:
+        (folder / "weights.bin").write_bytes(b"x" * 3)  # truncated after it was listed
+    return folder
+
+
+def test_pruning_counts_only_intact_checkpoints_and_never_removes_a_damaged_or_another_runs(tmp_path):
+    from codistill.checkpoint import _prune
+
+    for step, run, damaged in ((1, "r1", False), (2, "r1", False), (3, "other", False), (4, "r1", True)):
+        fake_checkpoint(tmp_path, step, run, damaged)
+    new = fake_checkpoint(tmp_path, 5)
+    _prune(tmp_path, keep_last=2, keep=new, run="r1")
+    # the damaged step 4 is not counted: the newest intact one before step 5 (step 2) stays, step 1 goes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000002", "step_00000003", "step_00000004",
+                                                          "step_00000005"]
