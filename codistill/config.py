@@ -486,13 +486,59 @@ class RunConfig(_Section):
 # --------------------------------------------------------------------------- loading
 
 
+MAX_CONFIG_BYTES = 4 << 20  # a config or DeepSpeed file larger than this is not a config
+MAX_DEPTH = 64  # nesting of mappings and lists
+MAX_NODES = 100_000  # values of a YAML document with every alias expanded (an alias bomb is billions)
+
+
+class _Bounded(yaml.SafeLoader):
+    """The safe loader with a bound on nesting, which it reaches before Python's recursion limit."""
+
+    depth = 0
+
+    def compose_node(self, parent, index):
+        if self.depth >= MAX_DEPTH:
+            mark = self.peek_event().start_mark
+            raise ConfigError(f"nested deeper than {MAX_DEPTH} levels (line {mark.line + 1}); a config is "
+                              "not that deep")
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def _expanded(node: yaml.Node, memo: dict[int, int]) -> int:
+    """Values under ``node`` with every alias expanded (shared nodes counted once per use, computed once)."""
+    if id(node) not in memo:
+        children = node.value if isinstance(node, yaml.SequenceNode) else \
+            [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else []
+        memo[id(node)] = min(MAX_NODES + 1, 1 + sum(_expanded(c, memo) for c in children))
+    return memo[id(node)]
+
+
+def load_yaml(text: str) -> Any:
+    """YAML text as data (safe types only), bounded: nesting, size and the values its aliases expand to
+    (a ConfigError past them, before anything is built from it)."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{len(text):,} characters; a config is at most {MAX_CONFIG_BYTES:,}")
+    loader = _Bounded(text)
+    try:
+        node = loader.get_single_node()
+        if node is not None and _expanded(node, {}) > MAX_NODES:
+            raise ConfigError(f"expands to more than {MAX_NODES:,} values (through its aliases); a config does not")
+        return None if node is None else loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def _read_mapping(path: Path, where: str, kind: str) -> dict[str, Any]:
     """Read a YAML or JSON file that must hold a mapping; ``where`` starts every error."""
     if path.is_dir():
         raise ConfigError(f"{where}{path} is a folder; expected a {kind} file")
     if not path.is_file():
         raise ConfigError(f"{where}file {path} does not exist")
-    parse, malformed = (yaml.safe_load, yaml.YAMLError) if kind == "YAML" else (json.loads, json.JSONDecodeError)
+    parse, malformed = (load_yaml, yaml.YAMLError) if kind == "YAML" else (json.loads, json.JSONDecodeError)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -500,9 +546,15 @@ def _read_mapping(path: Path, where: str, kind: str) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(f"{where}{path} cannot be read ({exc.strerror})") from None
     try:
+        if len(text) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{len(text):,} characters; a config is at most {MAX_CONFIG_BYTES:,}")
         data = parse(text)
     except malformed as exc:
-        raise ConfigError(f"{where}{path} is not valid {kind}: {' '.join(str(exc).split())}") from None
+        raise ConfigError(f"{where}{path} is not valid {kind}: {' '.join(str(exc).split())[:200]}") from None
+    except ConfigError as exc:
+        raise ConfigError(f"{where}{path}: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}{path}: nested too deeply to be a config") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{where}{path} must hold a mapping of keys, got {type(data).__name__}")
     return data
@@ -521,9 +573,11 @@ def apply_override(tree: dict[str, Any], dotted: str) -> None:
     if not all(parts):
         raise ConfigError(f"override key '{key}' has an empty component")
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = load_yaml(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
+    except ConfigError as exc:
+        raise ConfigError(f"override '{key}': its value {exc}") from None
     node: Any = tree
     for i, part in enumerate(parts[:-1]):
         where = ".".join(parts[: i + 1])
@@ -625,7 +679,7 @@ def is_resolved_config(path: Path) -> bool:
         text = path.read_text()
         if text.startswith(RESOLVED_HEADER):
             return True
-        return text == yaml.safe_dump(RunConfig.model_validate(yaml.safe_load(text)).model_dump(mode="json"),
+        return text == yaml.safe_dump(RunConfig.model_validate(load_yaml(text)).model_dump(mode="json"),
                                       sort_keys=False)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, ValidationError, TypeError):
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, ValidationError, TypeError, ConfigError):
         return False

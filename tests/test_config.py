@@ -151,3 +151,31 @@ def test_the_previous_releases_distill_names_still_work_with_one_line_each(caplo
     assert "distill.adaptive_gap is now distill.lead_scale" in said[0] and "token_gate is now" in said[1]
     with pytest.raises(ConfigError, match="distill.lead_scale or its old name distill.adaptive_gap"):
         load_config(MICRO, ["distill.adaptive_gap=0.3", "distill.lead_scale=0.3"])
+
+
+BOMB = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"{b}: &{b} [{', '.join([f'*{a}'] * 9)}]\n" for a, b in zip("abcdefgh", "bcdefghi"))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("a: " + "[" * 100_000 + "]" * 100_000 + "\n", "nested deeper than 64 levels (line 1)"),
+    ("teacher:\n  config:\n" + "".join("  " * i + f"k{i}:\n" for i in range(2, 100)), "nested deeper than 64"),
+    (BOMB, "expands to more than 100,000 values (through its aliases)"),
+    ("# " + "x" * (5 << 20) + "\n", "characters; a config is at most 4,194,304"),
+])
+def test_a_config_file_is_parsed_within_bounds_and_refused_in_one_line_past_them(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert message in str(err.value) and str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_an_override_and_a_deepspeed_file_are_bounded_too(tmp_path):
+    with pytest.raises(ConfigError, match=r"^override 'train.seed': its value nested deeper than 64 levels"):
+        load_config(None, ["train.seed=" + "[" * 20_000 + "]" * 20_000])
+    ds = tmp_path / "ds.json"
+    ds.write_text("[" * 100_000 + "]" * 100_000)
+    spec = load_config(None, [f"students.0.deepspeed={ds}"]).students[0]
+    with pytest.raises(ConfigError, match="student.deepspeed: .*ds.json: nested too deeply to be a config"):
+        load_deepspeed_config(spec)

@@ -25,7 +25,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Optional
 
-from ..config import MUTUAL_DEFAULTS, ConfigError, ModelSpec, load_deepspeed_config
+from ..config import MUTUAL_DEFAULTS, ConfigError, ModelSpec, load_deepspeed_config, load_yaml
 
 ARMS = ("peers", "large", "handicap", "listening")
 NEVER_WORSE = 0.01  # nats: a model may not end more than this above its twin
@@ -200,7 +200,11 @@ def keys(given: list[str], option: str) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"{option} {item!r}: expected key=value, e.g. schedule=warmup")
-        out[key] = yaml.safe_load(value)
+        try:
+            out[key] = load_yaml(value)
+        except (yaml.YAMLError, ConfigError) as exc:
+            raise ConfigError(f"{option} {key}: its value is not valid YAML ({' '.join(str(exc).split())[:200]})") \
+                from None
     return out
 
 
