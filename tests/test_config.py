@@ -179,3 +179,14 @@ def test_an_override_and_a_deepspeed_file_are_bounded_too(tmp_path):
     spec = load_config(None, [f"students.0.deepspeed={ds}"]).students[0]
     with pytest.raises(ConfigError, match="student.deepspeed: .*ds.json: nested too deeply to be a config"):
         load_deepspeed_config(spec)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.micro_batch_size=true", "config key 'train.micro_batch_size': input should be a valid integer (got True)"),
+    ("train.max_steps='40'", "config key 'train.max_steps': input should be a valid integer"),
+    ("distill.benefit_gate=1", "config key 'distill.benefit_gate': input should be a valid boolean"),
+])
+def test_a_value_of_another_type_is_refused_not_coerced(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(MICRO, [override])
+    assert message in str(err.value)
