@@ -33,14 +33,16 @@ DEFAULT_CONFIG = next((c / "tiny.yaml" for c in _CONFIGS if (c / "tiny.yaml").is
 
 
 SEED_LIMIT = 2**63 - 2**20  # seeds are offset per rank and model and must stay 64-bit integers
-NAME_RULE = "letters, digits, _ and -, starting with a letter or digit"
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+NAME_RULE = "letters, digits, _ and -, starting with a letter or digit, at most 64 characters"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
 def check_name(name: object, what: str) -> str:
-    """A model name that is safe as a folder name (no '.', '..', '/' or empty); ValueError if not."""
+    """A model name that is safe as a folder name (no '.', '..', '/' or empty, and short enough for the
+    file names built from it: a file system allows 255 bytes); ValueError if not."""
     if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise ValueError(f"{what} {name!r} is not allowed: it names folders, so it must be {NAME_RULE}")
+        shown = repr(name) if len(repr(name)) <= 80 else repr(name)[:77] + "..."
+        raise ValueError(f"{what} {shown} is not allowed: it names folders, so it must be {NAME_RULE}")
     return name
 
 

@@ -190,3 +190,10 @@ def test_a_value_of_another_type_is_refused_not_coerced(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(MICRO, [override])
     assert message in str(err.value)
+
+
+def test_a_model_name_too_long_for_the_file_names_built_from_it_is_refused_up_front():
+    with pytest.raises(ConfigError) as err:
+        load_config(MICRO, ["students.0.name=" + "a" * 300])
+    assert "at most 64 characters" in str(err.value) and len(str(err.value)) < 400
+    load_config(MICRO, ["students.0.name=" + "a" * 64])
