@@ -89,5 +89,5 @@ def test_export_refuses_a_model_name_from_disk_that_would_leave_its_folder(saved
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1] == (
         f"codistill-export: error: {step / 'trainer_state.json'}: model name '..' is not allowed: it names folders, so it "
-        "must be letters, digits, _ and -, starting with a letter or digit")
+        "must be letters, digits, _ and -, starting with a letter or digit, at most 64 characters")
     assert not (tmp_path / "hf" / "model.safetensors").exists()
