@@ -188,11 +188,13 @@ class _DistillNames(_Section):
 
 
 class OnPolicyConfig(_Section):
-    """On-policy distillation of one student: on a share of its steps it learns on continuations it samples
-    itself, scored by the teacher (codistill/onpolicy.py)."""
+    """On-policy distillation of one student: on a share of its steps it also learns on continuations it
+    samples itself, scored by the teacher (codistill/onpolicy.py)."""
 
     fraction: float = Field(0.5, ge=0.0, le=1.0, description="share of the student's optimizer steps that are "
                             "on-policy (GKD's lambda), drawn per step from train.seed")
+    weight: float = Field(1.0, gt=0.0, description="the on-policy term's weight, added to the student's loss on "
+                          "the text at an on-policy step")
     max_new_tokens: int = Field(32, gt=0, description="tokens sampled per prompt at most (a sample ends at eos)")
     temperature: float = Field(1.0, gt=0.0, description="sampling temperature")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling: the smallest set of tokens whose "

@@ -266,14 +266,18 @@ def logits_path_phases(est: Estimate, batch: int) -> tuple[list[dict[str, float]
                          f"{m.name} benefit gate's gradients": m.gate}
             measuring.pop(f"{m.name} gradient reduction (ZeRO-3)")
             student_side.append(measuring)
-    return teacher_pass, student_side + on_policy_phases(est, batch)
+    own = {m.name: {**kept, **(together if m.name in est.together else {}), **_running(m, scale, 2, kd)}
+           for m in est.models if m.sample_tokens}
+    return teacher_pass, student_side + on_policy_phases(est, batch, own)
 
 
-def on_policy_phases(est: Estimate, batch: int) -> list[dict[str, float]]:
-    """Per on-policy learner, before the step's other passes (always on the logits path): its sampling (the
-    KV cache of the sampled sequences and, at ZeRO-3, the whole model gathered for the generation) and its
-    pass on the samples (the teacher's logits of them kept as targets, its own forward, logits and backward
-    at the samples' length)."""
+def on_policy_phases(est: Estimate, batch: int, own: Optional[dict[str, dict[str, float]]] = None
+                     ) -> list[dict[str, float]]:
+    """Per on-policy learner: its sampling, before the step's other passes (the KV cache of the sampled
+    sequences and, at ZeRO-3, the whole model gathered for the generation), then its pass on the samples
+    (always on the logits path: the teacher's logits of them kept as targets, its own forward and logits at the
+    samples' length), held until its one backward, so on top of ``own[name]``, the phase of its pass on the
+    text (none given: the samples' pass alone)."""
     teacher = next((m for m in est.models if m.name == est.teacher), None)
     out = []
     for m in est.models:
@@ -284,7 +288,8 @@ def on_policy_phases(est: Estimate, batch: int) -> list[dict[str, float]]:
         out.append({f"{m.name} KV cache (sampling)": m.kv_per_token * batch * m.sample_tokens,
                     f"{m.name} gathered whole to sample (ZeRO-3)":
                         m.dtype_bytes * m.parameters - m.params if m.stage == 3 else 0})
-        out.append({"teacher logits of the samples": batch * m.sample_tokens * teacher.width * teacher.dtype_bytes,
+        out.append({**(own or {}).get(m.name, {}),
+                    "teacher logits of the samples": batch * m.sample_tokens * teacher.width * teacher.dtype_bytes,
                     f"{m.name} activations (samples)": m.activations * scale, f"{m.name} logits (samples)": 2 * logits,
                     "KD loss working set": est.kd_bytes(batch, chunked=True) if not est.fused else
                     LOSS_TEMPORARIES * min(batch * m.sample_tokens, est.chunk_rows) * est.vocab * 4,
@@ -322,7 +327,7 @@ def fused_path_phases(est: Estimate, batch: int) -> tuple[list[dict[str, float]]
                                  f"{m.name} head gradients (the gate's fused pass)": 2 * est.head_gradient(m),
                                  "source head copies (ZeRO-3)": copies, "fused pass working set": kd,
                                  "gathered parameters (ZeRO-3)": m.gathered, **hidden})
-    return [], student_side + on_policy_phases(est, batch)
+    return [], student_side + on_policy_phases(est, batch, {m.name: fused for m in est.models if m.sample_tokens})
 
 
 # The report.
@@ -332,7 +337,8 @@ def on_policy_lines(est: Estimate, gb: Callable[[float], str]) -> list[str]:
     phases = on_policy_phases(est, est.micro_batch_size)
     terms = lambda phase: ", ".join(f"{k} {gb(v).strip()}" for k, v in phase.items() if v)  # noqa: E731
     return [f"  on-policy, before the step's other passes: sampling {gb(sum(a.values())).strip()} ({terms(a)}); "
-            f"the pass on the samples {gb(sum(b.values())).strip()} ({terms(b)})"
+            f"the pass on the samples {gb(sum(b.values())).strip()} ({terms(b)}), held with its pass on the text "
+            "until their one backward"
             for a, b in zip(phases[::2], phases[1::2])]
 
 

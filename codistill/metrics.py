@@ -92,6 +92,7 @@ class Metrics:
 def format_values(values: Mapping[str, float]) -> str:
     """A short human summary: per model its loss (and CE/KD parts), then α, T and throughput."""
     models: dict[str, list[str]] = {}
+    later: dict[str, list[str]] = {}  # a model's on-policy figures, after its loss on the text
     extra = []
     for tag, value in values.items():
         parts = tag.split("/")
@@ -99,10 +100,10 @@ def format_values(values: Mapping[str, float]) -> str:
             label = {"loss": "", "loss_ce": "ce ", "loss_kd": "kd ", "agreement": "agree "}[parts[2]]
             models.setdefault(parts[0], []).append(f"{label}{value:.4f}")
         elif len(parts) == 3 and parts[2] == "teacher_logp":  # how the teacher scores the model's own samples
-            models.setdefault(parts[0], []).append(f"teacher logp {value:.3f}")
+            (later if parts[1] == "on_policy" else models).setdefault(parts[0], []).append(f"teacher logp {value:.3f}")
         elif len(parts) == 3 and parts[1] == "on_policy" and parts[2] in ("loss", "length"):
-            models.setdefault(parts[0], []).append(f"on-policy {value:.4f}" if parts[2] == "loss"
-                                                   else f"{value:.1f} tokens sampled")
+            later.setdefault(parts[0], []).append(f"on-policy {value:.4f}" if parts[2] == "loss"
+                                                  else f"{value:.1f} tokens sampled")
         elif tag == "schedule/alpha":
             extra.append(f"alpha {value:.3f}")
         elif tag == "schedule/temperature":
@@ -112,7 +113,8 @@ def format_values(values: Mapping[str, float]) -> str:
         elif tag == "perf/peak_memory_gb":
             extra.append(f"peak {value:.2f} GB")
     shown = []
-    for name, items in models.items():
+    for name in dict.fromkeys([*models, *later]):
+        items = models.get(name, []) + later.get(name, [])
         head, rest = items[0], items[1:]
         shown.append(f"{name} {head}" + (f" ({', '.join(rest)})" if rest else ""))
     return " | ".join(shown + extra)

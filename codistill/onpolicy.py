@@ -2,7 +2,8 @@
 learns on continuations it samples itself, scored by the teacher.
 
 On a share ``distill.on_policy.fraction`` of its optimizer steps (drawn from ``train.seed`` and the step: the
-same on every rank, and again after a resume) a student trains, on every micro-batch of the step, on:
+same on every rank, and again after a resume) a student's loss on every micro-batch of the step gains a term
+on its own text, beside its usual loss on the micro-batch's text (it never sees less of the data):
 
 1. prompts cut from the micro-batch: each row's prompt (instruction or chat data, rendered as the training data
    is) or its first ``prefix_tokens`` tokens. Ranks hold different rows, so they sample different prompts;
@@ -11,8 +12,9 @@ same on every rank, and again after a resume) a student trains, on every micro-b
    student): a resumed run samples what the uninterrupted one would have;
 3. the teacher's predictions on the sampled sequences, from one forward without gradient (a co-distilled
    teacher keeps training on the ground-truth micro-batch; a frozen one only scores);
-4. the loss ``T²·D(P_teacher ‖ P_student)`` on the generated positions only (default reverse KL; the
-   student's temperature and full or top-k targets), with no cross-entropy on its own text.
+4. the term ``weight·T²·D(P_teacher ‖ P_student)`` on the generated positions only (default reverse KL; the
+   student's temperature and full or top-k targets), with no cross-entropy on its own text, added to the
+   student's loss on the text before its one backward of the micro-batch.
 
 The pure parts are here (the draw, prompts, sampling, the sampled batch); the step (codistill/step.py) runs them.
 """

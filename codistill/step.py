@@ -81,7 +81,7 @@ class Roles:
 
     trains: dict[int, bool]  # member position -> whether it trains (a frozen teacher runs only when read)
     reads: dict[int, list[int]]  # learner index -> the sources it learns from now (active learners only)
-    on_policy: list[int] = field(default_factory=list)  # learners that train on their own samples instead
+    on_policy: list[int] = field(default_factory=list)  # learners that also learn on their own samples now
 
 
 class SourceTargets:
@@ -140,6 +140,7 @@ class MicroStep:
         self._deferred: Optional[list[Member]] = None  # optimizer steps waiting for the micro-step's end
         self.phase: Callable[[str], AbstractContextManager] = lambda name: nullcontext()
         self.sampling: Optional[Sampling] = None  # what on-policy learners sample with (the run's tokenizer, seed)
+        self._own: dict[int, tuple[torch.Tensor, dict[str, float]]] = {}  # position -> on-policy loss, its sums
 
     def __call__(self, batch: Batch, plans: list[StudentPlan], sums: dict[str, float],
                  panels: Optional[dict[str, float]] = None, probes: Optional[Probes] = None,
@@ -148,12 +149,13 @@ class MicroStep:
         self._deferred = []
         try:
             for index in self.roles(plans).on_policy:
-                self.learn_on_policy(index, batch, plans[index], sums, where)
+                self._own[self.m.learners[index]] = self.on_own_samples(index, batch, plans[index], where)
             self.losses(batch, plans, sums, panels, probes)
             for member in self._deferred:
                 member.engine.step()
         finally:
             self._deferred = None
+            self._own.clear()
 
     def losses(self, batch: Batch, plans: list[StudentPlan], sums: dict[str, float],
                panels: Optional[dict[str, float]], probes: Optional[Probes]) -> None:
@@ -165,11 +167,10 @@ class MicroStep:
         (the teacher always trains: its head start delays only its listening); a frozen model runs only when a
         training learner reads it."""
         m = self.m
-        here = [plan.active and not plan.on_policy for plan in plans]  # on the ground-truth micro-batch
-        present = [m.learner_at(k) is None or member is m.teacher or here[m.learner_at(k)]
+        present = [m.learner_at(k) is None or member is m.teacher or plans[m.learner_at(k)].active
                    for k, member in enumerate(m.members)]
         trains = {k: True for k, member in enumerate(m.members) if member.trainable and present[k]}
-        reads = {i: [j for j in m.sources[i] if present[j]] for i in range(len(plans)) if here[i]}
+        reads = {i: [j for j in m.sources[i] if present[j]] for i, plan in enumerate(plans) if plan.active}
         for i, sources in reads.items():
             if m.learners[i] in trains:
                 for j in sources:
@@ -177,11 +178,12 @@ class MicroStep:
         return Roles(dict(sorted(trains.items())), reads,
                      [i for i, plan in enumerate(plans) if plan.active and plan.on_policy])
 
-    def learn_on_policy(self, index: int, batch: Batch, plan: StudentPlan, sums: dict[str, float],
-                        where: tuple[int, int]) -> None:
-        """Learner ``index`` on its own continuations of this micro-batch's prompts, scored by the teacher
-        before any step (codistill/onpolicy.py): ``T²·D(P_teacher ‖ P_self)`` on the sampled tokens alone, its
-        backward and (deferred) step."""
+    def on_own_samples(self, index: int, batch: Batch, plan: StudentPlan,
+                       where: tuple[int, int]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Learner ``index``'s on-policy term on this micro-batch (codistill/onpolicy.py): its continuations of the
+        micro-batch's prompts, scored by the teacher before any step; ``weight·T²·D(P_teacher ‖ P_self)`` on the
+        sampled tokens, with its graph, for :meth:`own_loss` to add to the learner's loss on the text; and what to
+        log of it."""
         member, state, s = self.m.learner(index), self.m.states[index], self.sampling
         cfg, chunk = state.distill.on_policy, state.distill.chunk_tokens
         lengths = prompt_lengths(batch, None if s.prompted and cfg.prompts != "prefix" else cfg.prefix_tokens)
@@ -200,14 +202,19 @@ class MicroStep:
         with self.phase("loss"):
             parts, scored = on_policy_loss(forward_logits(member, sampled, self.m.vocab), teacher, sampled["labels"],
                                            sampled["mask"], spec, plan.temperature, state.top_k, chunk)
-        if not self.finite(member, parts.loss):
-            return
-        member.engine.backward(parts.loss)
-        self.step(member)
-        for key, value in {"loss": parts.loss.item(), "teacher_logp": -scored.ce.item(),
-                           "length": made.float().mean().item(), "tokens": made.sum().item(),
-                           "seconds": seconds}.items():
-            add(sums, f"{member.name}/on_policy/{key}", value)
+        return cfg.weight * parts.loss, {"loss": parts.loss.item(), "teacher_logp": -scored.ce.item(),
+                                         "length": made.float().mean().item(), "tokens": made.sum().item(),
+                                         "seconds": seconds}
+
+    def own_loss(self, position: int, loss: torch.Tensor, sums: dict[str, float]) -> torch.Tensor:
+        """The loss the member at ``position`` back-propagates: its loss on the text, plus its on-policy term at an
+        on-policy step (one backward for both: the engine sees one per micro-batch), logged here."""
+        own = self._own.pop(position, None)
+        if own is None:
+            return loss
+        for key, value in own[1].items():
+            add(sums, f"{self.m.members[position].name}/on_policy/{key}", value)
+        return loss + own[0]
 
     def step(self, member: Member) -> None:
         """The optimizer step of ``member``: at the end of the micro-step when called inside one, at once when a
@@ -391,10 +398,11 @@ class LogitsStep(MicroStep):
         if panels is not None and targets is not None:
             self.add_panels(panels, index, logits, batch, targets, plan,
                             got.panel_logits(sources) if sources else None)
-        if not self.finite(member, parts.loss):
+        loss = self.own_loss(position, parts.loss, sums)
+        if not self.finite(member, loss):
             bad.add(position)
             return
-        member.engine.backward(parts.loss)
+        member.engine.backward(loss)
         del logits
         got.known[position] = (parts.token_ce, parts.lse)
         probe = None if index is None or not probes or not plan.measure else \
@@ -467,21 +475,23 @@ class FusedStep(MicroStep):
                 got.logits[j] = HeadLogits(frozen[j], self.m.vocab)
                 got.known[j] = (parts[at[j]].token_ce, parts[at[j]].lse)
             targets = {i: got.make(roles.reads[i], self.m.states[i], plans[i].temperature) for i in readers}
-            bad, trained = set(), []
+            bad, trained, losses = set(), [], {}
             for n, k in enumerate(running):
                 index = self.m.learner_at(k)
                 sources = roles.reads.get(index, []) if index is not None else []
                 if panels is not None and index in targets:
                     self.add_panels(panels, index, HeadLogits(heads[n], self.m.vocab), batch, targets[index],
                                     plans[index], got.panel_logits(sources))
-                if any(j in bad for j in sources) or not self.finite(members[k], parts[n].loss):
+                loss = self.own_loss(k, parts[n].loss, sums) if roles.trains[k] else parts[n].loss
+                if any(j in bad for j in sources) or not self.finite(members[k], loss):
                     bad.add(k)
                     continue
+                losses[k] = loss
                 trained.append((k, parts[n], terms[n] is not None))
             for n in reversed(range(len(running))):
                 k = running[n]
                 if roles.trains[k] and k not in bad:
-                    members[k].engine.backward(parts[n].loss)
+                    members[k].engine.backward(losses[k])
                 heads[n] = None  # its activations go with its graph
                 entered.pop().__exit__(None, None, None)
         finally:

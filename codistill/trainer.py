@@ -154,9 +154,7 @@ class Trainer:
         elapsed = time.perf_counter() - start
         values = self._mean_over_ranks({**{k: v / gas for k, v in sums.items()}, **(panels or {})})
         values.update(self._observe(plans, values))
-        roles = self.micro_step.roles(plans)
-        stepped = [self.members[k] for k, trains in roles.trains.items() if trains] + [
-            self.models.learner(i) for i in roles.on_policy]
+        stepped = [self.members[k] for k, trains in self.micro_step.roles(plans).trains.items() if trains]
         values.update(report.engine_values(stepped, self.micro_step.skipped if self.cfg.train.nonfinite == "skip"
                                            else None, step))
         if self.cfg.mode != "hard":

@@ -155,7 +155,7 @@ def test_an_on_policy_student_replies_to_the_templated_prompts_and_the_instruct_
            "distill.on_policy={fraction: 1.0, max_new_tokens: 6, temperature: 0.7}", "distill.fused_linear=true",
            how="python")
     scalars = read_scalars(tmp_path / "run")
-    assert sorted(scalars["student/on_policy/loss"]) == [1, 2] and "student/train/loss" not in scalars
+    assert sorted(scalars["student/on_policy/loss"]) == sorted(scalars["student/train/loss"]) == [1, 2]
     assert all(1 <= v <= 6 for v in scalars["student/on_policy/length"].values())
     assert all(v < 0 for v in scalars["student/on_policy/teacher_logp"].values())
     assert sorted(scalars["student/eval/teacher_logp"]) == [0, 2]

@@ -16,7 +16,7 @@ In one run, on the same engines and the same batches, rotates through
       [tokens x vocabulary] logits; codistill/fused.py), (b) and (c) unchanged (each model trained
       by itself, as a user would without co-distillation),
   (o) with on-policy students (distill.on_policy): step (a), through the path the run takes, at which every
-      one of them learns on its own samples (sampling, the teacher's scoring forward, its pass on them),
+      one of them also learns on its own samples (sampling, the teacher's scoring forward, its pass on them),
 and prints median times, tokens/s, the ratios a/b and a/c (and a'/b, a'/c, a'/a), the benefit gate's cost per
 step (d − a, or d − a' where the run takes the fused path, paid once every distill.benefit_interval steps,
 as a share of that step), an on-policy step against an off-policy one (o/a, and at λ = 0.5, half the steps
@@ -167,7 +167,7 @@ LABELS = {"codistill": "(a) co-distillation step", "separate": "(b) every model'
           "deaf": "(e) step (a) with the teacher deaf (not listening)",
           "two_stage": "(c) two-stage: teacher step + frozen fwd + student step",
           "measured": "(d) step (a) with the benefit gate measuring", "fused": "(a') step (a) with fused-linear losses",
-          "on_policy": "(o) step (a) with every on-policy student on its samples"}
+          "on_policy": "(o) step (a) with every on-policy student also on its samples"}
 
 
 def print_report(result: dict, names: list[str]) -> None:
