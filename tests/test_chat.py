@@ -132,30 +132,21 @@ def test_hard_mode_trains_on_the_conversation_with_the_templated_prompt_masked(g
 
 
 def test_soft_distillation_on_the_conversations_from_the_frozen_instruct_teacher(generated, tmp_path):
+    """Soft mode from the saved instruct teacher, the student also on its own replies at every step: prompts
+    rendered through the chat template, replies ended at the template's end of turn, scored by the teacher (the
+    run's own losses on the fused-linear path; the on-policy loss on the logits path beside it)."""
     teacher, out = generated["teacher"], generated["out"]
     proc = launch(f"output_dir={tmp_path / 'run'}", "mode=soft", f"data.dataset={out}", "data.messages_field=messages",
                   f"data.tokenizer={teacher}", "data.pack=false", "data.val_fraction=0.34", "train.micro_batch_size=1",
                   "train.max_steps=2", "train.eval_interval=2", "distill.burn_in_steps=0", "distill.schedule=constant",
                   f"teacher.pretrained={teacher}", "teacher.config={}", f"data.cache_dir={tmp_path / 'cache'}",
+                  "distill.on_policy={fraction: 1.0, max_new_tokens: 6, temperature: 0.7}", "distill.fused_linear=true",
                   how="python")
     assert "teacher: " in proc.stdout and "frozen" in proc.stdout
-    kd = read_scalars(tmp_path / "run")["student/train/loss_kd"]
-    assert len(kd) == 2 and all(v > 0 for v in kd.values())
-
-
-def test_an_on_policy_student_replies_to_the_templated_prompts_and_the_instruct_teacher_scores_it(generated, tmp_path):
-    """Soft mode from the saved instruct teacher, the student on its own replies at every step: prompts
-    rendered through the chat template, replies ended at the template's end of turn, scored by the teacher (the
-    run's own losses on the fused-linear path; the on-policy loss on the logits path beside it)."""
-    teacher, out = generated["teacher"], generated["out"]
-    launch(f"output_dir={tmp_path / 'run'}", "mode=soft", f"data.dataset={out}", "data.messages_field=messages",
-           f"data.tokenizer={teacher}", "data.pack=false", "data.val_fraction=0.34", "train.micro_batch_size=1",
-           "train.max_steps=2", "train.eval_interval=2", "train.log_interval=1", f"teacher.pretrained={teacher}",
-           "teacher.config={}", f"data.cache_dir={tmp_path / 'cache'}",
-           "distill.on_policy={fraction: 1.0, max_new_tokens: 6, temperature: 0.7}", "distill.fused_linear=true",
-           how="python")
     scalars = read_scalars(tmp_path / "run")
-    assert sorted(scalars["student/on_policy/loss"]) == sorted(scalars["student/train/loss"]) == [1, 2]
+    kd = scalars["student/train/loss_kd"]
+    assert len(kd) == 2 and all(v > 0 for v in kd.values())
+    assert sorted(scalars["student/on_policy/loss"]) == [1, 2]
     assert all(1 <= v <= 6 for v in scalars["student/on_policy/length"].values())
     assert all(v < 0 for v in scalars["student/on_policy/teacher_logp"].values())
     assert sorted(scalars["student/eval/teacher_logp"]) == [0, 2]

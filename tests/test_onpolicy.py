@@ -1,6 +1,8 @@
 """On-policy distillation: the draw, prompts cut from a micro-batch (plain and chat-templated), batched
 KV-cache sampling against a row-by-row reference, the mask of sampled tokens, the loss against a reference,
-bad configs, and a 2-rank ZeRO-3 run that resumes to the same samples."""
+bad configs, the memory estimate and the evidence's arm. A 2-rank ZeRO-3 on-policy run that resumes to the
+same samples is part of tests/test_resume.py's exact-resume test; a chat-templated one from a saved instruct
+teacher, of tests/test_chat.py."""
 import copy
 import json
 
@@ -14,7 +16,7 @@ from codistill.losses import SoftSpec
 from codistill.onpolicy import (drawn, left_padded, on_policy_loss, pick, prompt_lengths, sample, sample_seed,
                                 sampled_batch)
 
-from conftest import MICRO, ROOT, launch, read_layout, read_scalars
+from conftest import MICRO, ROOT
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -149,33 +151,6 @@ def test_bad_on_policy_configs_are_refused_in_one_line(overrides, message):
     with pytest.raises(ConfigError) as err:
         load_config(MICRO, ["distill.on_policy={}", *overrides])
     assert message in str(err.value) and "\n" not in str(err.value)
-
-
-ON_POLICY = ["train.max_steps=6", "train.log_interval=1", "distill.on_policy={fraction: 0.5, prefix_tokens: 8, max_new_tokens: 8}",
-             *[f"{m}.deepspeed.zero_optimization={{stage: 3, stage3_param_persistence_threshold: 0}}"
-               for m in ("teacher", "students.0")]]
-TAGS = ["student/on_policy/loss", "student/on_policy/teacher_logp", "student/on_policy/length"]
-
-
-def test_a_two_rank_zero3_on_policy_run_logs_its_samples_and_resumes_to_the_same_ones(tmp_path):
-    launch(f"output_dir={tmp_path / 'straight'}", *ON_POLICY)
-    launch(f"output_dir={tmp_path / 'split'}", *ON_POLICY, "train.steps_this_run=3")
-    launch(f"output_dir={tmp_path / 'split'}", *ON_POLICY, "resume=auto")
-    a, b = read_scalars(tmp_path / "straight"), read_scalars(tmp_path / "split")
-    steps = [s + 1 for s in range(6) if drawn(7, s, "student", 0.5)]
-    assert steps == [1, 4, 6]  # on either side of the restart
-    for tag in TAGS + ["student/on_policy/tokens_per_s", "student/on_policy/generate_share"]:
-        assert sorted(a[tag]) == steps and all(torch.isfinite(torch.tensor(list(a[tag].values())))), tag
-    for tag in TAGS:
-        assert a[tag] == b[tag], tag  # the same samples, scored alike, after the restart
-    assert all(1 <= v <= 8 for v in a["student/on_policy/length"].values())
-    # every evaluation scores the student's samples of the validation prompts (the same seeds each time)
-    assert sorted(a["student/eval/teacher_logp"]) == [0, 3, 6] and a["student/eval/teacher_logp"] == \
-        b["student/eval/teacher_logp"] and all(v < 0 for v in a["student/eval/teacher_logp"].values())
-    layout = read_layout(tmp_path / "straight")
-    assert any("on its own samples" in chart for chart in layout)
-    # every model trains on the text at every step, an on-policy student too (its samples add a term)
-    assert sorted(a["student/train/loss"]) == sorted(a["teacher/train/loss"]) == [1, 2, 3, 4, 5, 6]
 
 
 def test_the_memory_estimate_counts_the_kv_cache_and_the_whole_model_a_zero3_student_samples_with():

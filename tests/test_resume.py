@@ -1,5 +1,6 @@
 """Never lose a run: exact resume, preemption, crashes during a save, corrupted files."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -12,7 +13,7 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 
 from codistill.distributed import free_port
 
-from conftest import MICRO, ROOT, launch, launch_cmd, launch_env, read_scalars
+from conftest import MICRO, ROOT, launch, launch_cmd, launch_env, read_layout, read_scalars
 
 TRACKED = ["teacher/train/loss", "student/train/loss", "student/train/loss_kd", "teacher/train/lr",
            "student/train/grad_norm", "schedule/alpha", "benefit/openness"]
@@ -49,9 +50,19 @@ def straight_zero2(tmp_path_factory):
     return out
 
 
+# At ZeRO-3 the student is also on-policy (on steps 1, 4, 6, 7, 8: the draw from seed 7): its samples,
+# drawn per rank and step, and the teacher's scores of them must come out the same after the restart.
+ON_POLICY = ["distill.on_policy={fraction: 0.5, prefix_tokens: 8, max_new_tokens: 8}",
+             "teacher.deepspeed.zero_optimization.stage3_param_persistence_threshold=0",
+             "students.0.deepspeed.zero_optimization.stage3_param_persistence_threshold=0"]
+SAMPLED = ["student/on_policy/loss", "student/on_policy/teacher_logp", "student/on_policy/length",
+           "student/eval/teacher_logp"]
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_stop_and_resume_mid_epoch_matches_an_uninterrupted_run_bitwise(tmp_path, stage, straight_zero2):
-    zero = [f"teacher.deepspeed.zero_optimization.stage={stage}", f"students.0.deepspeed.zero_optimization.stage={stage}"]
+    zero = [f"teacher.deepspeed.zero_optimization.stage={stage}", f"students.0.deepspeed.zero_optimization.stage={stage}",
+            *(ON_POLICY if stage == 3 else [])]
     straight = straight_zero2 if stage == 2 else tmp_path / "straight"
     if stage != 2:
         deepspeed(straight, *zero)
@@ -65,6 +76,14 @@ def test_stop_and_resume_mid_epoch_matches_an_uninterrupted_run_bitwise(tmp_path
     for tag in TRACKED:
         assert sorted(b[tag]) == list(range(1, 9)), tag
         assert [a[tag][s] for s in range(1, 9)] == [b[tag][s] for s in range(1, 9)], tag
+    if stage == 3:  # a 2-rank ZeRO-3 on-policy run: its tags present, finite, and the same after the restart
+        sampled, resumed = read_scalars(straight), read_scalars(tmp_path / "split")
+        for tag in SAMPLED:
+            assert sampled[tag] == resumed[tag] and all(map(math.isfinite, sampled[tag].values())), tag
+        assert sorted(sampled["student/on_policy/loss"]) == [1, 4, 6, 7, 8]
+        assert all(1 <= v <= 8 for v in sampled["student/on_policy/length"].values())
+        assert 0 < min(sampled["student/on_policy/generate_share"].values()) < 1
+        assert any("on its own samples" in chart for chart in read_layout(straight))
     assert max(a["schedule/alpha"].values()) > 0  # the lead state was live across the restart
     # α at step k = α_max · clip(lead / lead_scale) · openness · lr / peak lr, from the gap and the
     # learning rate logged at step k − 1 (both are what the step after them starts from).

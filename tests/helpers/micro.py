@@ -4,6 +4,7 @@ import json
 import sys
 from pathlib import Path
 
+from codistill.cli import leave  # noqa: F401  (the helpers end through it)
 from codistill.config import RunConfig, load_config
 from codistill.trainer import Trainer
 

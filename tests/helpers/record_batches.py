@@ -5,7 +5,7 @@ model's forward received. Launched by tests/test_launch.py under the deepspeed l
 """
 import hashlib
 
-from micro import micro_trainer, write_rank
+from micro import leave, micro_trainer, write_rank
 
 
 def main() -> None:
@@ -22,3 +22,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    leave(0)  # no interpreter teardown: C++ threads left by the engines may abort it

@@ -5,7 +5,7 @@ Launched by tests/test_mutual.py under the deepspeed launcher.
     record_order.py output_dir=OUT [key.path=value ...]   (writes OUT/rank<N>.json)
 """
 import torch
-from micro import micro_trainer, write_rank
+from micro import leave, micro_trainer, write_rank
 
 
 def main() -> None:
@@ -53,3 +53,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    leave(0)  # no interpreter teardown: C++ threads left by the engines may abort it
