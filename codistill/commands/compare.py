@@ -310,9 +310,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def body(args: argparse.Namespace) -> int:
+def checked_corpora(args: argparse.Namespace, cfg) -> tuple[list[str], list[str]]:
+    """The corpora to run (``--datasets``, else the config's) and their labels, each checked before any run
+    starts (not in the first run's log)."""
     from ..data import CORPORA, data_files
 
+    corpora = args.datasets or [cfg.data.dataset]
+    labels = [corpus_label(d) for d in corpora]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"--datasets: two corpora share the name {labels}; give distinct files or folders")
+    for dataset in corpora:
+        if dataset not in CORPORA:
+            try:
+                data_files(dataset)
+            except ConfigError as exc:
+                raise ConfigError(f"{'--datasets' if args.datasets else 'data.dataset'}: '{dataset}' is not a bundled "
+                                  f"corpus ({', '.join(CORPORA)}) and {str(exc).removeprefix('data.dataset: ')}") from None
+    return corpora, labels
+
+
+def body(args: argparse.Namespace) -> int:
     if args.handicap <= 0:
         raise ConfigError(f"--handicap={args.handicap}: expected a positive learning-rate factor")
     if args.datasets:  # "--datasets a b key=value": argparse hands the overrides after it to --datasets
@@ -324,17 +341,7 @@ def body(args: argparse.Namespace) -> int:
         raise ConfigError(f"mode={cfg.mode}: compare.py needs a co-distillation config (mode=codistill)")
     out = (args.output_dir or Path(cfg.output_dir) / "compare").expanduser().resolve()
     seeds = [cfg.train.seed + k for k in range(args.seeds)]
-    corpora = args.datasets or [cfg.data.dataset]
-    labels = [corpus_label(d) for d in corpora]
-    if len(set(labels)) != len(labels):
-        raise ConfigError(f"--datasets: two corpora share the name {labels}; give distinct files or folders")
-    for dataset in corpora:  # before any run starts, not in the first run's log
-        if dataset not in CORPORA:
-            try:
-                data_files(dataset)
-            except ConfigError as exc:
-                raise ConfigError(f"{'--datasets' if args.datasets else 'data.dataset'}: '{dataset}' is not a bundled "
-                                  f"corpus ({', '.join(CORPORA)}) and {str(exc).removeprefix('data.dataset: ')}") from None
+    corpora, labels = checked_corpora(args, cfg)
     out.mkdir(parents=True, exist_ok=True)
     cmdline = ("codistill-compare " + " ".join(shlex.quote(a) for a in sys.argv[1:])).strip()
     machine = f"{os.cpu_count()} CPU cores, {args.nproc} process(es) per run"
