@@ -228,9 +228,14 @@ def run_mutual(args, cfg, corpora: list[str], labels: list[str], out: Path, seed
                 run_training(name, tree, args.nproc, seed_dir / f"{name}.log")
             results[label][s] = collect(seed_dir, arms, cfg.teacher.name, cfg.students[0].name, eval_curve)
     text, ok = report(results, seeds, cmdline, machine, listen, args.handicap)
+    write_results(out, text, results)
+    return ok
+
+
+def write_results(out: Path, text: str, results: dict) -> None:
+    """An arm's table (results.md, also printed) and its figures (results.json) in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(text)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     print(text)
     print(f"wrote {out / 'results.md'} and {out / 'results.json'}")
-    return ok

@@ -103,6 +103,7 @@ def run_on_policy(args, cfg, labels: list[str], out: Path, seeds: list[int], cmd
     ``run_training``); writes results.md and results.json into ``out``."""
     from ..checkpoint import export_hf
     from ..metrics import read_scalars
+    from .compare_mutual import write_results
 
     results: dict[str, dict[int, dict]] = {}
     for base, label in zip(bases, labels):
@@ -120,9 +121,5 @@ def run_on_policy(args, cfg, labels: list[str], out: Path, seeds: list[int], cmd
             run_training("soft", soft_run(base, s, seed_dir, teacher_dir, on_policy), args.nproc, seed_dir / "soft.log")
             results[label][s] = collect(seed_dir / "soft", read_scalars)
     text, ok = report(results, seeds, cmdline, machine, on_policy)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text(text)
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    print(text)
-    print(f"wrote {out / 'results.md'} and {out / 'results.json'}")
+    write_results(out, text, results)
     return ok
