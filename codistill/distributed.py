@@ -93,6 +93,22 @@ def shutdown() -> None:
     _disk_group = None
 
 
+def local_ranks() -> int:
+    """How many ranks this machine runs (as the launcher announced it; 1 if it did not)."""
+    for var in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"):
+        if os.environ.get(var, "").isdigit():
+            return max(1, int(os.environ[var]))
+    return 1
+
+
+def share_cores() -> None:
+    """On CPU, give each of this machine's ranks its share of the cores: torch's default of one thread
+    per core in every rank oversubscribes them (``deepspeed`` on CPU, unlike ``torchrun``, sets no
+    OMP_NUM_THREADS), and threads that thrash cost more than they compute. A user's OMP_NUM_THREADS wins."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, torch.get_num_threads() // local_ranks()))
+
+
 def init(timeout_s: int = 600) -> World:
     """Create the world process group (gloo on CPU, NCCL on GPU) and pick this rank's device."""
     import deepspeed
@@ -121,6 +137,7 @@ def init(timeout_s: int = 600) -> World:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if accel.device_name() == "cpu":
         device = torch.device("cpu")
+        share_cores()
     else:
         accel.set_device(local_rank)
         device = torch.device(accel.device_name(local_rank))

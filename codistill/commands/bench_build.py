@@ -32,18 +32,16 @@ def _config(args: argparse.Namespace):
 
 
 def _worker(args: argparse.Namespace) -> None:
-    from .. import accelerator  # noqa: F401  (first: sets DS_ACCELERATOR before deepspeed is imported)
-
-    import deepspeed
     import psutil
     import torch
 
+    from .. import distributed
     from ..config import ModelSpec
     from ..engines import quiet_library_noise
     from ..models import build_model
 
     quiet_library_noise()
-    deepspeed.init_distributed(dist_backend="gloo")
+    distributed.init()
     world = torch.distributed.get_world_size()
     ds = {"train_micro_batch_size_per_gpu": 1, "train_batch_size": world, "zero_optimization": {"stage": 3}}
     spec, cfg = ModelSpec(name="model", deepspeed=ds), _config(args)

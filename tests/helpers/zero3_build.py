@@ -8,6 +8,7 @@ import deepspeed
 import torch
 from transformers import AutoConfig
 
+from codistill import distributed
 from codistill.config import ModelSpec
 from codistill.models import build_model
 
@@ -22,7 +23,7 @@ def compare(whole, part) -> float:
 
 
 def main() -> None:
-    deepspeed.init_distributed(dist_backend="gloo")
+    distributed.init()  # gloo on CPU, without the shm op DeepSpeed would compile for ~30 s
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     ds = {"train_micro_batch_size_per_gpu": 1, "train_batch_size": world, "zero_optimization": {"stage": 3}}
     shapes = {"llama-tied-gqa": ("llama", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
