@@ -29,7 +29,7 @@ def stored_per_rank(log: str, name: str) -> tuple[int, list[int]]:
 @pytest.fixture(scope="module")
 def zero2(tmp_path_factory):
     out = tmp_path_factory.mktemp("zero2") / "run"
-    return out, log_of(launch(f"output_dir={out}"))
+    return out, log_of(launch(f"output_dir={out}", how="deepspeed"))
 
 
 def test_deepspeed_two_ranks_zero2(zero2):
@@ -91,7 +91,7 @@ def test_deepspeed_two_ranks_zero3_partitions_every_model(tmp_path):
         f"output_dir={tmp_path / 'run'}", "train.max_steps=3", "teacher.deepspeed=configs/ds/zero3_cpu.json",
         "students.0.deepspeed.zero_optimization.stage=3",
         "students.0.deepspeed.zero_optimization.stage3_param_persistence_threshold=0",
-        "students.0.deepspeed.bf16.enabled=true", "students.0.gradient_checkpointing=true",
+        "students.0.deepspeed.bf16.enabled=true", "students.0.gradient_checkpointing=true", how="deepspeed",
     ))
     for name in ("teacher", "student"):
         total, stored = stored_per_rank(log, name)

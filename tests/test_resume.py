@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -28,7 +29,7 @@ COMMON = ["train.max_steps=8", "distill.schedule=lead", "distill.lead_scale=0.01
 
 
 def deepspeed(out, *overrides):
-    proc = launch(f"output_dir={out}", *COMMON, *overrides)
+    proc = launch(f"output_dir={out}", *COMMON, *overrides, how="deepspeed")
     return proc.stdout + proc.stderr
 
 
@@ -50,6 +51,19 @@ def straight_zero2(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def split_zero2(tmp_path_factory):
+    """The same run stopped at step 4 (train.steps_this_run), and its log: each test that resumes it
+    works on a copy."""
+    out = tmp_path_factory.mktemp("split") / "run"
+    return out, deepspeed(out, "train.steps_this_run=4")
+
+
+def copy_of(run, folder):
+    shutil.copytree(run, folder)
+    return folder
+
+
 # At ZeRO-3 the student is also on-policy (on steps 1, 4, 6, 7, 8: the draw from seed 7): its samples,
 # drawn per rank and step, and the teacher's scores of them must come out the same after the restart.
 ON_POLICY = ["distill.on_policy={fraction: 0.5, prefix_tokens: 8, max_new_tokens: 8}",
@@ -60,13 +74,17 @@ SAMPLED = ["student/on_policy/loss", "student/on_policy/teacher_logp", "student/
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_stop_and_resume_mid_epoch_matches_an_uninterrupted_run_bitwise(tmp_path, stage, straight_zero2):
+def test_stop_and_resume_mid_epoch_matches_an_uninterrupted_run_bitwise(tmp_path, request, stage):
     zero = [f"teacher.deepspeed.zero_optimization.stage={stage}", f"students.0.deepspeed.zero_optimization.stage={stage}",
             *(ON_POLICY if stage == 3 else [])]
-    straight = straight_zero2 if stage == 2 else tmp_path / "straight"
-    if stage != 2:
+    if stage == 2:  # the runs other tests share
+        straight = request.getfixturevalue("straight_zero2")
+        split, first = request.getfixturevalue("split_zero2")
+        copy_of(split, tmp_path / "split")
+    else:
+        straight = tmp_path / "straight"
         deepspeed(straight, *zero)
-    first = deepspeed(tmp_path / "split", *zero, "train.steps_this_run=4")
+        first = deepspeed(tmp_path / "split", *zero, "train.steps_this_run=4")
     assert "stopping at step 4 (train.steps_this_run); continue with resume=auto" in first
     assert "held-out probe: " in first and "blocks of training documents set aside" in first
     second = deepspeed(tmp_path / "split", *zero, "resume=auto")
@@ -124,7 +142,7 @@ def test_sigterm_finishes_the_step_saves_and_exits_zero_then_resumes(tmp_path):
     assert stopped, log[-3000:]
     step = int(stopped[0].split("stopping at step ")[1].split()[0])
     assert (out / "checkpoints" / f"step_{step:08d}" / "manifest.json").exists()
-    resumed = launch(f"output_dir={out}", f"train.max_steps={step + 2}", "resume=auto")
+    resumed = launch(f"output_dir={out}", f"train.max_steps={step + 2}", "resume=auto", how="deepspeed")
     assert f"at step {step}" in resumed.stdout and f"step {step + 2}/{step + 2}" in resumed.stdout
 
 
@@ -234,10 +252,10 @@ def test_a_dead_or_silent_rank_ends_the_job_through_the_trainers_own_handling(tm
     assert elapsed < timeout_s + 15, elapsed
 
 
-def test_a_two_rank_checkpoint_resumes_on_one_rank(tmp_path, straight_zero2):
+def test_a_two_rank_checkpoint_resumes_on_one_rank(tmp_path, straight_zero2, split_zero2):
     """Saved by 2 ranks, resumed by 1 with twice the accumulation (same global batch, same
     samples): the continuation matches the 2-rank run up to float summation order."""
-    deepspeed(tmp_path / "split", "train.steps_this_run=4")
+    copy_of(split_zero2[0], tmp_path / "split")
     proc = launch(f"output_dir={tmp_path / 'split'}", *COMMON, "resume=auto", "train.gradient_accumulation_steps=2",
                   how="python")
     assert "resuming a 2-rank checkpoint on 1 rank(s) through DeepSpeed's universal checkpoint" in proc.stderr
@@ -279,8 +297,6 @@ def test_resume_auto_continues_this_run_never_the_one_overwrite_wrote_beside(tmp
     (lambda m: {"files": {**m["files"], "../outside": m["files"]["rank_00000.pt"]}}, "outside the checkpoint"),
 ])
 def test_a_damaged_manifest_is_not_intact_and_auto_resume_falls_back(tmp_path, damage, problem, two_checkpoints):
-    import shutil
-
     from codistill.checkpoint import find_resume, verify
 
     out = tmp_path / "run"
@@ -328,7 +344,7 @@ def test_a_save_that_takes_longer_than_the_collective_timeout_completes(tmp_path
     waits on the checkpoint's own (long) timeout, not the one that detects dead ranks."""
     out = tmp_path / "run"
     proc = launch(f"output_dir={out}", "train.max_steps=2", "train.eval_interval=2", "train.collective_timeout_s=4",
-                  script="tests/helpers/slow_hash.py", timeout=400, SLOW_HASH_S="8")
+                  how="deepspeed", script="tests/helpers/slow_hash.py", timeout=400, SLOW_HASH_S="8")
     assert (out / "checkpoints" / "step_00000002" / "manifest.json").exists(), proc.stdout[-2000:]
     from codistill.checkpoint import verify
 
@@ -343,7 +359,7 @@ def test_a_full_disk_during_a_save_ends_every_rank_with_one_line_and_keeps_the_e
 
     out, root = tmp_path / "run", tmp_path / "run" / "checkpoints"
     proc = launch(f"output_dir={out}", "checkpoint.interval=2", script="tests/helpers/full_disk.py", ok=False,
-                  FULL_DISK_RANK="1", FULL_DISK_STEP="4")
+                  how="deepspeed", FULL_DISK_RANK="1", FULL_DISK_STEP="4")
     assert proc.returncode == 5, proc.stdout[-2000:] + proc.stderr[-2000:]
     errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "codistill-train: error" in line]
     assert len(errors) == 1 and "Traceback" not in proc.stderr and "lost contact" not in proc.stderr, errors
@@ -354,7 +370,7 @@ def test_a_full_disk_during_a_save_ends_every_rank_with_one_line_and_keeps_the_e
     assert 0.8 < needed / stored < 1.25, (needed, stored)  # the size a checkpoint of this run takes
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002"]
     assert (root / "latest").read_text().split()[0] == "step_00000002" and verify(root / "step_00000002") is None
-    resumed = launch(f"output_dir={out}", "checkpoint.interval=2", "resume=auto")
+    resumed = launch(f"output_dir={out}", "checkpoint.interval=2", "resume=auto", how="deepspeed")
     assert "step_00000002 at step 2" in resumed.stdout and verify(root / "step_00000006") is None
 
 
