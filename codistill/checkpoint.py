@@ -28,6 +28,7 @@ import socket
 import subprocess
 import sys
 import time
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
@@ -39,7 +40,9 @@ from . import accelerator  # noqa: F401  (first: sets DS_ACCELERATOR before anyt
 from .config import ConfigError, check_name
 from .distributed import disk_barrier, disk_group
 from .errors import StorageFailed
-from .files import check_writable, entry_problem, file_entry, fsync, fsync_folders, temp_beside, write_atomically
+from .files import (check_run_folder, check_writable, entry_problem, file_entry, fsync, fsync_folders, remove_tree,
+                    temp_beside, write_atomically)
+from .identity import RUN_RECORD, read_run
 
 log = logging.getLogger("codistill")
 
@@ -106,6 +109,7 @@ def claim(output_dir: Path) -> Callable[[], None]:
     (also called at exit), which also removes the folders the claim made if they are still empty."""
     made = [f for f in (output_dir, *output_dir.parents) if not f.exists()]  # deepest first
     check_writable(output_dir, "output_dir")
+    check_run_folder(output_dir)
     lock = output_dir / LOCK
     mine = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
     for _ in range(2):
@@ -218,8 +222,7 @@ def save(output_dir: Path, step: int, engines: Iterable[tuple[str, object]], sta
 
 
 def _fresh_folder(path: Path) -> None:
-    if path.exists():  # left by a save that was killed
-        shutil.rmtree(path)
+    remove_tree(path)  # left by a save that was killed
     path.mkdir(parents=True)
 
 
@@ -231,8 +234,7 @@ def _publish(staging: Path, final: Path, step: int, files: dict, run: str) -> No
     write_atomically(staging / MANIFEST, json.dumps({"step": step, "files": dict(sorted(files.items()))},
                                                     indent=1) + "\n")
     fsync_folders(staging)  # with every file fsynced: on disk before it becomes visible
-    if final.exists():  # overwrite=true on an output_dir with this step already saved
-        shutil.rmtree(final)
+    remove_tree(final)  # overwrite=true on an output_dir with this step already saved
     os.replace(staging, final)
     fsync(root)
     write_atomically(root / LATEST, f"{final.name}\n{run}\n")
@@ -413,6 +415,8 @@ def verify(path: Path) -> Optional[str]:
         problem = entry_problem(path / rel, size, sha256, "the manifest")
         if problem:
             return f"checkpoint file {problem}"
+        if rel.endswith(".pt") and not zipfile.is_zipfile(path / rel):  # its manifest rewritten to match
+            return f"checkpoint file {path / rel} is not a whole torch file (no zip directory at its end: cut short?)"
     return None
 
 
@@ -426,12 +430,23 @@ def read_latest(root: Path) -> tuple[Optional[str], Optional[str]]:
     return (lines[0] if lines else None), (lines[1] if len(lines) > 1 else None)
 
 
+def last_good(output_dir: Path, run: str) -> str:
+    """Where a run that cannot save its current state left its last good one (for its last line)."""
+    name, owner = read_latest(output_dir / CHECKPOINTS)
+    if name is not None and owner == run and (output_dir / CHECKPOINTS / name).is_dir():
+        return f"the newest checkpoint, {output_dir / CHECKPOINTS / name}, holds the last good state (resume=auto)"
+    return ("no checkpoint of this run was saved before it, so no good state is kept; start again (a lower "
+            "learning rate, gradient clipping or checkpoint.interval help)")
+
+
 def find_resume(output_dir: Path, resume: Optional[str]) -> Optional[Path]:
     """The checkpoint to resume from. ``resume=auto``: this run's newest intact checkpoint in
-    ``output_dir``, the one ``checkpoints/latest`` names, falling back past damaged ones (with a
-    warning) to older checkpoints of the same run, never to another run's (one that
-    ``overwrite=true`` wrote beside); none means a fresh start. ``resume=<path>``: an intact
-    checkpoint, or a run's output_dir (its ``resume=auto`` choice)."""
+    ``output_dir`` (the run ``run.json`` names, else the one ``checkpoints/latest`` names),
+    falling back past damaged ones (with a warning) to older checkpoints of the same run, never to
+    another run's (one that ``overwrite=true`` wrote beside); none means a fresh start. A ``latest``
+    or a newest checkpoint that names another run than the folder's is refused: the checkpoints
+    were swapped in. ``resume=<path>``: an intact checkpoint, or a run's output_dir (its
+    ``resume=auto`` choice)."""
     if resume is None:
         return None
     if resume != "auto":
@@ -449,20 +464,38 @@ def find_resume(output_dir: Path, resume: Optional[str]) -> Optional[Path]:
         return path
     root = output_dir / CHECKPOINTS
     candidates = sorted(root.glob("step_*"), reverse=True)
-    name, run = read_latest(root)
+    name, latest_run = read_latest(root)
+    run = read_run(output_dir)
+    if run is not None and latest_run not in (None, run):
+        raise ConfigError(_foreign(root / LATEST, latest_run, run, output_dir))
+    named = None
     if name is not None:  # this run's newest checkpoint; older ones of the same run are the fallback
         named = root / name
         if named.parent == root and named.name.startswith("step_") and named.is_dir():
-            run = run or run_id(named)  # ``latest`` of earlier releases holds no run id
             candidates = [named, *(c for c in candidates if c.name < named.name)]
+    run = run or latest_run or (run_id(named) if named in candidates else None)  # ``latest`` of earlier releases
+    others = []
     for candidate in candidates:
-        if run is not None and candidate != candidates[0] and run_id(candidate) != run:
-            continue  # another run's checkpoint (written before overwrite=true started this one)
+        owner = run_id(candidate)
+        if run is not None and owner not in (None, run):
+            if candidate == named:
+                raise ConfigError(_foreign(candidate, owner, run, output_dir))
+            others.append(candidate.name)  # another run's checkpoint (written before overwrite=true started this one)
+            continue
         problem = verify(candidate)
         if problem is None:
             return candidate
         log.warning("resume=auto: skipping %s: %s", candidate.name, problem)
+    if others:
+        log.warning("resume=auto: no intact checkpoint of run %s in %s, starting afresh; another run's are left "
+                    "alone: %s", run, root, ", ".join(sorted(others)))
     return None
+
+
+def _foreign(path: Path, owner: str, run: str, output_dir: Path) -> str:
+    return (f"resume=auto: {path} names run {owner}, but {output_dir / RUN_RECORD} says this folder holds run {run}; "
+            f"to continue run {owner} here on purpose pass resume=<its checkpoint> adopt=true, else choose another "
+            "output_dir")
 
 
 def universal(path: Path, model: str, is_main: bool) -> Path:
@@ -519,7 +552,19 @@ def rescale_cursor(cursor: dict[str, int], micro_batch_size: int, saved_world: i
 
 
 def read_state(path: Path) -> dict:
-    return json.loads((path / STATE).read_text())
+    """A checkpoint's trainer state (its step, world size, config and every part's state), checked for
+    the keys every checkpoint holds."""
+    try:
+        state = json.loads((path / STATE).read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"resume: {path / STATE} cannot be read ({type(exc).__name__})") from None
+    if not isinstance(state, dict):
+        raise ConfigError(f"resume: {path / STATE} holds a {type(state).__name__}, not a trainer state")
+    for key, kind in (("step", int), ("world_size", int), ("config", dict)):
+        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
+            raise ConfigError(f"resume: {path / STATE} has no valid '{key}' (expected a {kind.__name__}); "
+                              "the checkpoint was not written by this program or was edited")
+    return state
 
 
 def export_hf(path: Path, out: Path, names: Optional[list[str]] = None, overwrite: bool = False) -> list[Path]:
@@ -546,11 +591,16 @@ def export_hf(path: Path, out: Path, names: Optional[list[str]] = None, overwrit
     for name in names or []:
         if name not in models:
             raise ConfigError(f"model '{name}' is not in {found} (it holds {models})")
+    for name in names or models:  # every target checked before any is written
+        target = out / name
+        if target.is_symlink() or (target.exists() and not target.is_dir()):
+            raise ConfigError(f"{target} is {'a link' if target.is_symlink() else 'a file'}; expected a folder to "
+                              "export into (choose another folder)")
+        if target.is_dir() and any(target.iterdir()) and not overwrite:
+            raise ConfigError(f"{target} is not empty; choose another folder or pass --overwrite")
     exported = []
     for name in names or models:
         target = out / name
-        if target.exists() and any(target.iterdir()) and not overwrite:
-            raise ConfigError(f"{target} is not empty; choose another folder or pass --overwrite")
         config = AutoConfig.from_pretrained(str(found / "hf" / name), local_files_only=True)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         with data_only_loads():
@@ -566,6 +616,7 @@ def export_hf(path: Path, out: Path, names: Optional[list[str]] = None, overwrit
         exported.append(target)
     return exported
 
+
 def load_engine(path: Path, member, is_main: bool) -> None:
     """Load one model's engine from the checkpoint ``path`` (through DeepSpeed's universal format when the
     engine was configured to, i.e. on another number of ranks); a checkpoint is data: nothing in it may run
@@ -577,21 +628,6 @@ def load_engine(path: Path, member, is_main: bool) -> None:
         loaded, _ = member.engine.load_checkpoint(str(folder), tag=tag)
     if loaded is None:
         raise ConfigError(f"resume: {folder} holds no checkpoint of model '{member.name}'")
-
-
-def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two configs (ignoring where the run writes and how it resumes)."""
-    out = []
-    for key in sorted(set(old) | set(new)):
-        dotted = f"{prefix}{key}"
-        if dotted in ("output_dir", "resume", "overwrite", "train.steps_this_run"):
-            continue
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += changed_keys(a, b, dotted + ".")
-        elif a != b:
-            out.append(dotted)
-    return out
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
                       model_serializer, model_validator)
 from pydantic.fields import FieldInfo
 
-from .errors import ConfigError
+from .errors import ConfigError, quoted
 
 log = logging.getLogger("codistill")
 
@@ -334,7 +334,10 @@ class RunConfig(_Section):
     output_dir: str = Field("runs/tiny", description="where the run writes (config.yaml, TensorBoard, checkpoints)")
     overwrite: bool = Field(False, description="allow writing into an output_dir holding checkpoints")
     dry_run: bool = Field(False, description="print the expected memory per rank and stop (nothing is trained)")
-    resume: Optional[str] = Field(None, description="'auto' (newest intact checkpoint in output_dir) or a path")
+    resume: Optional[str] = Field(None, description="'auto' (this run's newest intact checkpoint in output_dir) or a "
+                                  "path (a checkpoint, or a run's output_dir)")
+    adopt: bool = Field(False, description="with resume=<path>: continue another run's checkpoint in this output_dir, "
+                                           "which becomes that run's folder")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -619,7 +622,7 @@ def _describe(err: dict[str, Any]) -> str:
     if kind == "missing":
         return f"config key '{key}' is required"
     given = err.get("input")
-    shown = repr(given) if not isinstance(given, (dict, list)) else type(given).__name__
+    shown = quoted(given) if not isinstance(given, (dict, list)) else type(given).__name__
     return f"config key '{key}': {err['msg'].lower()} (got {shown})"
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -105,3 +106,26 @@ def check_writable(folder: Path, key: str) -> None:
         raise ConfigError(f"{key}: {folder} is a file; expected a folder") from None
     except OSError as exc:
         raise ConfigError(f"{key}: cannot write in {folder} ({exc.strerror or exc})") from None
+
+
+RUN_FOLDERS = ("checkpoints", "tensorboard")  # what a run writes below its output_dir, file by file
+
+
+def check_run_folder(output_dir: Path) -> None:
+    """The folders a run writes into file by file are its own: a symbolic link planted in their place
+    would have the run write wherever it points (the files a run replaces whole are renamed over,
+    never written through)."""
+    for name in RUN_FOLDERS:
+        path = output_dir / name
+        if path.is_symlink() or (path.exists() and not path.is_dir()):
+            kind = "a symbolic link" if path.is_symlink() else "not a folder"
+            raise ConfigError(f"output_dir: {path} is {kind}; a run writes only into folders of its own there "
+                              "(move it away, or choose another output_dir)")
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a folder, or a link or file planted in its place (never what a link points to)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)

@@ -3,19 +3,22 @@ a typo costs seconds and leaves nothing behind: the data source, the tokenizer, 
 the DeepSpeed configs and the checkpoint to resume from. Ends by claiming the output folder."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, identity
 from .cache import TeacherCache
 from .config import ConfigError, ModelSpec, RunConfig, is_resolved_config
 from .data import check_data_source, run_tokenizer, tokenizer_fingerprint
 from .engines import deepspeed_configs, half_precision, loaded_models, zero_stage
 from .fused import static_problem
 from .models import check_attention, check_model, model_config
+
+log = logging.getLogger("codistill")
 
 
 def check_sample_lengths(cfg: RunConfig, hf_configs: dict) -> None:
@@ -83,9 +86,14 @@ def check_inputs(cfg: RunConfig, output_dir: Path) -> Inputs:
                           "it with its resolved config; move it or choose another output_dir")
     checkpoint.refuse_foreign_checkpoints(output_dir, cfg.overwrite, cfg.resume)
     resume_from = checkpoint.find_resume(output_dir, cfg.resume)
+    state = checkpoint.read_state(resume_from) if resume_from else {}
+    if resume_from:
+        changed = identity.check_resume(cfg, output_dir, resume_from, state)
+        if changed and distributed.env_rank() == 0:
+            log.warning("resuming with a config that differs from the checkpoint's in: %s", ", ".join(changed))
     # A checkpoint from another number of ranks is loaded through DeepSpeed's universal
     # format (ZeRO-partitioned optimizer states re-sliced for the new world).
-    saved_world = checkpoint.read_state(resume_from)["world_size"] if resume_from else world_size
+    saved_world = state.get("world_size", world_size)
     if saved_world != world_size:
         for ds in ds_configs.values():
             if zero_stage(ds) > 0:

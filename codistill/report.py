@@ -154,7 +154,7 @@ def engine_values(stepped: list[Member], skipped: Optional[dict[str, int]], step
         out[f"{member.name}/train/grad_norm"] = float(norm) if norm is not None else float("nan")
         if norm is not None and not math.isfinite(float(norm)):
             raise NonFinite(f"non-finite gradient norm of {member.name} at step {step + 1}; its update "
-                            "is already applied, so the newest checkpoint holds the last good state", save=False)
+                            "is already applied", save=False)
         if skipped is not None:
             out[f"{member.name}/train/skipped_steps"] = float(skipped[member.name])
     return out

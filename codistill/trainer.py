@@ -19,9 +19,9 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from . import checkpoint, distributed, onpolicy, report
+from . import checkpoint, distributed, identity, onpolicy, report
 from .cache import TeacherCache
-from .config import ConfigError, RunConfig, dump_config, today_names
+from .config import ConfigError, RunConfig, dump_config
 from .data import BatchStream, ProbeBatches, build_splits, eval_batches
 from .engines import Member, build_engine, init_seed, is_trainable, quiet_library_noise
 from .errors import NonFinite
@@ -82,7 +82,7 @@ class Trainer:
         return TeacherCache.open(Path(cfg.teacher.cache).expanduser(),
                                  {"tokenizer": self.tokenizer_fp, "data": data_fingerprint,
                                   "seq_len": cfg.data.seq_len},
-                                 cfg.distill_for(0).temperature)
+                                 cfg.distill_for(0).temperature, self.vocab)
 
     def _build_engines(self, specs: list, hf_configs: dict, ds_configs: dict) -> None:
         """One engine per model, every learner's state and sources, and the micro-step and validation that
@@ -282,9 +282,6 @@ class Trainer:
             cursor = checkpoint.rescale_cursor(cursor, self.cfg.train.micro_batch_size, self.saved_world,
                                                self.world.size, warn=self.world.is_main)
         self.stream.load_state_dict(cursor)
-        changed = checkpoint.changed_keys(today_names(state["config"]), self.cfg.model_dump(mode="json"))
-        if changed and self.world.is_main:
-            log.warning("resuming with a config that differs from the checkpoint's in: %s", ", ".join(changed))
 
     # ------------------------------------------------------------------ the loop
 
@@ -318,6 +315,8 @@ class Trainer:
             if exc.save:  # no model stepped in the failed step: save them with the data cursor before it
                 saved = self.save(rank_state=self._step_start)
                 exc.args = (f"{exc}; saved the last good state to {saved} (train.nonfinite=stop)",)
+            else:
+                exc.args = (f"{exc}; {checkpoint.last_good(self.output_dir, self.run_id)}",)
             raise
         finally:
             for sig, handler in previous.items():
@@ -332,6 +331,7 @@ class Trainer:
         if world.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             write_atomically(self.output_dir / "config.yaml", dump_config(cfg))
+            identity.write_run(self.output_dir, self.run_id)  # a resumed run's is the checkpoint's
             for partial in checkpoint.remove_partial(self.output_dir):
                 log.warning("removed %s, left by a save that did not finish", partial)
         torch.autograd.set_detect_anomaly(cfg.train.detect_anomaly)

@@ -146,6 +146,21 @@ def test_sigterm_finishes_the_step_saves_and_exits_zero_then_resumes(tmp_path):
     assert f"at step {step}" in resumed.stdout and f"step {step + 2}/{step + 2}" in resumed.stdout
 
 
+def test_sigterm_during_start_up_ends_with_one_line_and_frees_the_output_dir(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(launch_cmd(["--config", str(MICRO), f"output_dir={out}"], how="python", ranks=1), cwd=ROOT,
+                            env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / ".codistill.lock").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)  # claimed at the end of the checks: the process group and engines come next
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert err.strip().splitlines()[-1] == (
+        "codistill-train: error: stopped by SIGTERM before training began; no checkpoint was written")
+    assert not (out / ".codistill.lock").exists()
+
+
 def test_a_kill_during_a_save_leaves_the_previous_checkpoint_to_resume_from(tmp_path):
     out = tmp_path / "run"
     proc = launch(f"output_dir={out}", how="python", script="tests/helpers/crash_during_save.py", config=None, ok=False)
@@ -271,15 +286,17 @@ def test_a_two_rank_checkpoint_resumes_on_one_rank(tmp_path, straight_zero2, spl
 
 def test_resume_auto_continues_this_run_never_the_one_overwrite_wrote_beside(tmp_path):
     """Run A leaves checkpoints 3 and 6; run B (overwrite=true) starts afresh in the same folder
-    and keeps one checkpoint: pruning leaves A's alone, and resume=auto continues B, not A's
-    higher step."""
+    and keeps one checkpoint: pruning leaves A's alone, and resume=auto (given no config) continues B
+    with its own config, not A's higher step."""
     out = tmp_path / "run"
     launch(f"output_dir={out}", "checkpoint.interval=3", "checkpoint.keep_last=0", how="python")
     launch(f"output_dir={out}", "overwrite=true", "train.max_steps=2", "checkpoint.keep_last=1", how="python")
     root = out / "checkpoints"
     assert sorted(p.name for p in root.glob("step_*")) == ["step_00000002", "step_00000003", "step_00000006"]
     assert (root / "latest").read_text().split()[0] == "step_00000002"
-    resumed = launch(f"output_dir={out}", "resume=auto", "train.max_steps=4", "checkpoint.keep_last=1", how="python")
+    # continued with nothing but its folder: no --config (not the embedded default: the run's own config)
+    resumed = launch(f"output_dir={out}", "resume=auto", "train.max_steps=4", how="python", config=None)
+    assert f"config: {out / 'config.yaml'} (the run's own; resume without --config)" in resumed.stdout
     assert "step_00000002 at step 2" in resumed.stdout
     assert sorted(p.name for p in root.glob("step_*")) == ["step_00000003", "step_00000004", "step_00000006"]
     # B's one checkpoint damaged where its run id is kept: ``latest`` still says whose run this is

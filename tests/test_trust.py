@@ -91,3 +91,21 @@ def test_export_refuses_a_model_name_from_disk_that_would_leave_its_folder(saved
         f"codistill-export: error: {step / 'trainer_state.json'}: model name '..' is not allowed: it names folders, so it "
         "must be letters, digits, _ and -, starting with a letter or digit, at most 64 characters")
     assert not (tmp_path / "hf" / "model.safetensors").exists()
+
+
+def test_export_checks_every_target_before_writing_any(saved, tmp_path):
+    from codistill.checkpoint import export_hf
+    from codistill.config import ConfigError
+
+    out = tmp_path / "hf"
+    (out / "student").mkdir(parents=True)
+    (out / "student" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="student is not empty; choose another folder or pass --overwrite"):
+        export_hf(saved, out)
+    assert not (out / "teacher").exists()  # the first model was not written before the second was refused
+    (out / "student" / "notes.txt").unlink()
+    (out / "student").rmdir()
+    (out / "student").write_text("a file")
+    with pytest.raises(ConfigError, match="student is a file; expected a folder"):
+        export_hf(saved, out)
+    assert not (out / "teacher").exists() and (out / "student").read_text() == "a file"

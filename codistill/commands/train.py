@@ -5,7 +5,8 @@
     mpirun -np N python launch/train.py --config configs/X.yaml [key.path=value ...]
     codistill-train ...   (the same, as a console command)
 
-Without --config the embedded default configs/tiny.yaml runs.
+Without --config the embedded default configs/tiny.yaml runs; with resume (auto or a run's
+folder or checkpoint) and no --config, the run continues with its own resolved config.yaml.
 """
 from __future__ import annotations
 
@@ -26,6 +27,12 @@ def body(args: argparse.Namespace) -> int:
     from .. import memory
     from ..distributed import env_rank, env_world_size
 
+    from ..identity import own_config
+
+    if args.config is None:  # a run continued with resume: its own config, not the embedded default
+        args.config = own_config(args.overrides)
+        if args.config is not None and env_rank() == 0:
+            print(f"config: {args.config} (the run's own; resume without --config)", flush=True)
     cfg = cli.run_config(args, DEBUG_OVERRIDES if args.debug else [])
     if cfg.dry_run:  # the memory estimate, then stop: nothing is built or written
         lines = memory.report(cfg, env_world_size())
