@@ -37,6 +37,11 @@ log = logging.getLogger("codistill")
 META = "codistill_cache.json"
 MATCHED = ("tokenizer", "seq_len", "data")  # must equal the training run's (the data fingerprint covers seq_len too)
 PARAMS = ("tokenizer", "data", "seq_len", "teacher", "k", "temperature", "shard_blocks", "blocks")
+# what a finished cache's metadata holds: (key, type, least value, as the error says it)
+SCHEMA = (("tokenizer", str, None, "a fingerprint"), ("data", str, None, "a fingerprint"),
+          ("seq_len", int, 1, "an integer >= 1"), ("k", int, 1, "an integer >= 1"),
+          ("temperature", (int, float), 1e-6, "a number > 0"), ("shard_blocks", int, 1, "an integer >= 1"),
+          ("blocks", int, 1, "an integer >= 1"))
 
 
 def stored_bytes_per_token(k: int) -> int:
@@ -135,6 +140,17 @@ def part_problem(path: Path, entry: Any, listed: bool) -> Optional[str]:
     return f"{META} does not list {path.name}" if listed else None
 
 
+def _largest_id(rows: datasets.Dataset) -> int:
+    """The largest token id a cache holds (read column-wise: the parts were just read whole for their hashes)."""
+    import pyarrow.compute as pc
+
+    column = rows.data.column("topk_ids").combine_chunks()
+    while hasattr(column, "flatten") and hasattr(column.type, "value_type"):
+        column = column.flatten()
+    largest = pc.max(column).as_py()
+    return -1 if largest is None else int(largest)
+
+
 @dataclass
 class TeacherCache:
     """Read side: the cached targets of the training blocks a micro-batch holds."""
@@ -155,10 +171,18 @@ class TeacherCache:
         if not meta.get("complete"):
             raise ConfigError(f"teacher.cache: {folder} is incomplete; run tools/cache_logits.py again "
                               "to finish it")
+        for key, kind, least, what in SCHEMA:
+            value = meta.get(key)
+            if not isinstance(value, kind) or isinstance(value, bool) or (least is not None and value < least):
+                raise ConfigError(f"teacher.cache: {folder / META} has no valid '{key}' (expected {what}, got "
+                                  f"{str(value)[:200]!r}); remake it with tools/cache_logits.py")
         return meta
 
     @classmethod
-    def open(cls, folder: Path, expected: dict[str, Any], temperature: float) -> "TeacherCache":
+    def open(cls, folder: Path, expected: dict[str, Any], temperature: float,
+             vocab: Optional[int] = None) -> "TeacherCache":
+        """The cache for this run (its data, tokenizer and temperature), its parts whole and, given ``vocab``,
+        every token id in it within the vocabulary; a one-line ConfigError if not."""
         meta = cls.check_ready(folder)
         for key in MATCHED:
             if meta[key] != expected[key]:
@@ -175,6 +199,11 @@ class TeacherCache:
         rows = datasets.load_dataset("parquet", data_files=parts, split="train")
         if len(rows) != meta["blocks"]:
             raise ConfigError(f"teacher.cache: {folder} holds {len(rows)} blocks, its metadata says {meta['blocks']}")
+        if vocab is not None:
+            largest = _largest_id(rows)
+            if largest >= vocab:
+                raise ConfigError(f"teacher.cache: {folder} holds token id {largest}, beyond this run's vocabulary of "
+                                  f"{vocab:,}; remake it with tools/cache_logits.py")
         return cls(folder, meta, rows.with_format("torch"))
 
     def targets(self, index: torch.Tensor, device: torch.device) -> Targets:

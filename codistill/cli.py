@@ -24,20 +24,22 @@ import argparse
 import atexit
 import errno
 import os
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Callable, Optional
 
 from .config import RunConfig, load_config
-from .errors import (EXIT_FAILED, EXIT_INPUT, EXIT_LOST_RANK, EXIT_NONFINITE, EXIT_STORAGE, ConfigError, NonFinite,
-                     RunFailed, StorageFailed)
+from .errors import (EXIT_FAILED, EXIT_INPUT, EXIT_LOST_RANK, EXIT_NONFINITE, EXIT_STORAGE, ConfigError, Interrupted,
+                     NonFinite, RunFailed, StorageFailed)
 
 
 def parser_for(prog: str, doc: Optional[str], config: bool = True, debug: bool = False) -> argparse.ArgumentParser:
     """An argument parser with the shared options: ``--config`` and overrides (when ``config``),
     ``--debug`` (when ``debug``) and the hidden ``--local_rank`` the deepspeed launcher passes."""
-    parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _OneLine(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     if config:
         parser.add_argument("--config", help="YAML run config (default: the embedded configs/tiny.yaml)")
     if debug:
@@ -48,6 +50,13 @@ def parser_for(prog: str, doc: Optional[str], config: bool = True, debug: bool =
         parser.add_argument("overrides", nargs="*", metavar="key.path=value",
                             help="override any config key, e.g. output_dir=runs/x train.max_steps=50 train.seed=1")
     return parser
+
+
+class _OneLine(argparse.ArgumentParser):
+    """A bad argument is one line, like every other error (argparse adds the usage above it)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_INPUT, f"{self.prog}: error: {message[:200]} (see --help)\n")
 
 
 def int_at_least(minimum: int) -> Callable[[str], int]:
@@ -81,9 +90,12 @@ def run(prog: str, parser: argparse.ArgumentParser, body: Callable[[argparse.Nam
     from .distributed import shutdown
 
     ours = not (dist.is_available() and dist.is_initialized())  # a caller's process group is left alone
+    previous = _interruptible()
     try:
         code = _outcome(prog, args, body)
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         made = ours and dist.is_available() and dist.is_initialized()
         if made:
             shutdown()
@@ -99,6 +111,10 @@ def _outcome(prog: str, args: argparse.Namespace, body: Callable[[argparse.Names
         return body(args) or 0
     except ConfigError as exc:
         return _fail(prog, exc, EXIT_INPUT, debug)
+    except (Interrupted, KeyboardInterrupt) as exc:  # the training loop handles its own: this is start-up
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        return _fail(prog, f"stopped by {signal.Signals(signum).name} before training began; no checkpoint was "
+                           "written", 128 + signum, debug, error=exc)
     except NonFinite as exc:
         return _fail(prog, exc, EXIT_NONFINITE, debug)
     except RunFailed as exc:
@@ -118,6 +134,17 @@ def _outcome(prog: str, args: argparse.Namespace, body: Callable[[argparse.Names
                      every_rank=True, error=exc)
 
 
+def _interruptible() -> dict:
+    """SIGTERM raises :class:`Interrupted` (the default would end the process silently, its output folder
+    still locked); returns the handlers it replaced. Only the main thread can set handlers."""
+    def interrupt(signum: int, _frame) -> None:
+        raise Interrupted(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {signal.SIGTERM: signal.signal(signal.SIGTERM, interrupt)}
+
+
 def leave(code: int) -> None:
     """End the process now with ``code``, its work done: output flushed and the exit handlers run
     (a run's output-folder lock is released), but no interpreter teardown. Threads that DeepSpeed's
@@ -132,6 +159,7 @@ def leave(code: int) -> None:
     os._exit(code)
 
 
+MESSAGE_LIMIT = 2000  # an error line's characters at most (paths and a quoted value fit well within it)
 _DISK_REFUSED = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # outside a checkpoint save (caches, logs)
 
 
@@ -145,7 +173,10 @@ def _fail(prog: str, message: object, code: int, debug: bool, every_rank: bool =
         raise error
     if every_rank or env_rank() == 0:
         where = f"rank {env_rank()}: " if every_rank else ""
-        print(f"{prog}: error: {where}{message}", file=sys.stderr, flush=True)
+        line = " ".join(str(message).split())  # one line whatever a quoted value held
+        if len(line) > MESSAGE_LIMIT:
+            line = f"{line[:MESSAGE_LIMIT]}... ({len(line):,} characters)"
+        print(f"{prog}: error: {where}{line}", file=sys.stderr, flush=True)
     return code
 
 

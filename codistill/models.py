@@ -66,7 +66,14 @@ def model_config(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase) -> Pretrai
     """
     if spec.pretrained:
         path = _pretrained_dir(spec)
-        return AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=spec.trust_remote_code)
+        try:
+            cfg = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=spec.trust_remote_code)
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # a truncated or edited config.json
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ConfigError(f"{spec.name}.pretrained: {path / 'config.json'} cannot be read as a transformers "
+                              f"config ({first[:200]})") from None
+        _check_language_model(spec, cfg, f"{spec.name}.pretrained: {path} holds")
+        return cfg
     kwargs = {
         "vocab_size": len(tokenizer),
         "bos_token_id": tokenizer.bos_token_id,
@@ -90,7 +97,25 @@ def model_config(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase) -> Pretrai
         value = getattr(cfg, attr, None)
         if isinstance(value, int) and not isinstance(value, bool) and value <= 0:
             raise ConfigError(f"{spec.name}.config.{attr}: expected a positive integer, got {value}")
+    _check_language_model(spec, cfg, f"{spec.name}.arch:")
     return cfg
+
+
+def _check_language_model(spec: ModelSpec, cfg: PretrainedConfig, where: str) -> None:
+    """A model every run can train: a causal language model of transformers (or one a trusted folder
+    defines) with an activation transformers knows."""
+    from transformers.activations import ACT2FN
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    own = spec.trust_remote_code and "AutoModelForCausalLM" in (getattr(cfg, "auto_map", None) or {})
+    if cfg.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not own:
+        raise ConfigError(f"{where} '{cfg.model_type}' is not a causal language model transformers can build "
+                          "(e.g. llama, gpt2, qwen2, mistral)")
+    for attr in ("hidden_act", "activation_function"):
+        value = getattr(cfg, attr, None)
+        if isinstance(value, str) and value not in ACT2FN:
+            raise ConfigError(f"{spec.name}.config.{attr}: '{value[:200]}' is not an activation transformers knows "
+                              "(e.g. silu, gelu, gelu_new, relu)")
 
 
 def check_model(spec: ModelSpec, cfg: PretrainedConfig, tokenizer: PreTrainedTokenizerBase,

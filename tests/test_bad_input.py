@@ -52,6 +52,19 @@ def own_data(name, content, *extra):
     return make
 
 
+def saved_folder(damage):
+    """A datasets.save_to_disk folder of the user's, damaged by ``damage(folder)``."""
+    def make(tmp, tok):
+        import datasets
+
+        folder = tmp / "saved"
+        datasets.Dataset.from_dict({"text": ["a line of text " * 30] * 20}).save_to_disk(str(folder))
+        damage(folder)
+        tok.save_pretrained(tmp / "tok")
+        return [f"data.dataset={folder}", f"data.tokenizer={tmp / 'tok'}", f"data.cache_dir={tmp / 'cache'}"]
+    return make
+
+
 def jsonl(*rows):
     return "".join(json.dumps(r) + "\n" for r in rows)
 
@@ -183,8 +196,24 @@ CASES = [
      "teacher.deepspeed.zero_optimization.stagee: unknown key"),
     ("unknown optimizer", plain("students.0.deepspeed.optimizer.type=Adamz"),
      "student.deepspeed.optimizer.type: 'Adamz' is not an optimizer"),
+    ("unknown optimizer parameter", plain("teacher.deepspeed.optimizer.params.weight_decai=0.1"),
+     "teacher.deepspeed.optimizer.params.weight_decai: not a parameter of optimizer AdamW (it takes "),
+    ("unknown torch optimizer parameter", plain("students.0.deepspeed.optimizer={type: SGD, params: {lr: 0.1, beta: 0.9}}"),
+     "student.deepspeed.optimizer.params.beta: not a parameter of optimizer SGD"),
+    ("unknown scheduler", plain("teacher.deepspeed.scheduler={type: WarmupLinear, params: {}}"),
+     "teacher.deepspeed.scheduler.type: 'WarmupLinear' is not a scheduler DeepSpeed knows (its own: LRRangeTest"),
+    ("unknown scheduler parameter", plain("teacher.deepspeed.scheduler={type: WarmupLR, params: {warmup_step: 5}}"),
+     "teacher.deepspeed.scheduler.params.warmup_step: not a parameter of scheduler WarmupLR"),
+    ("nvme offload without a path", plain("teacher.deepspeed.zero_optimization.offload_optimizer={device: nvme}"),
+     "teacher.deepspeed.zero_optimization.offload_optimizer: device nvme needs nvme_path"),
+    ("fp16 on CPU", plain("students.0.deepspeed.fp16={enabled: true}"),
+     "student.deepspeed.fp16.enabled: fp16 needs a GPU"),
+    ("a link in place of the run's TensorBoard folder", lambda tmp, tok: (tmp / "out").mkdir() or
+     (tmp / "out" / "tensorboard").symlink_to(tmp) or [], "output_dir: {tmp}/out/tensorboard is a symbolic link"),
     ("misspelt DeepSpeed key", plain("teacher.deepspeed.gradient_clipin=1.0"),
      "teacher.deepspeed.gradient_clipin: not a DeepSpeed key; did you mean 'gradient_clipping'?"),
+    ("a huge bad value is quoted short", plain("train.max_steps=" + "x" * 100_000),
+     "config key 'train.max_steps': input should be a valid integer (got 'xxxxxxxx"),
     ("infinite temperature", plain("distill.temperature=.inf"), "config key 'distill.temperature': input should be a finite number"),
     ("nan alpha", plain("distill.alpha_max=.nan"), "config key 'distill.alpha_max': input should be a finite number"),
     ("seed beyond 64 bits", plain("train.seed=99999999999999999999"), "config key 'train.seed': input should be less than"),
@@ -204,6 +233,12 @@ CASES = [
      "codistill_cache.json is corrupted (expected JSON)"),
     ("flash attention without flash_attn", plain("teacher.attn_implementation=flash_attention_2"),
      "teacher.attn_implementation: flash_attention_2 needs the flash_attn package and a CUDA GPU"),
+    ("an arch that is not a causal LM", plain("students.0.arch=t5"),
+     "student.arch: 't5' is not a causal language model transformers can build"),
+    ("unknown activation", plain("teacher.config.hidden_act=swishy"),
+     "teacher.config.hidden_act: 'swishy' is not an activation transformers knows"),
+    ("truncated config.json", teacher_folder(damage=lambda f: (f.parent / "config.json").write_text(
+        (f.parent / "config.json").read_text()[:40])), "config.json cannot be read as a transformers config"),
     ("unknown attention", plain("students.0.attn_implementation=flash"),
      "config key 'students.0.attn_implementation': input should be 'sdpa', 'eager' or 'flash_attention_2'"),
     # the config file itself
@@ -238,6 +273,11 @@ CASES = [
      own_data("two.jsonl", jsonl({"text": "a line of text " * 40}, {"text": "more lines of text " * 40}),
               "distill.benefit_probe=heldout"),
      "distill.benefit_probe=heldout: the training split of '{tmp}/two.jsonl' has one document"),
+    ("whitespace-only corpus", own_data("blank.txt", " \n\t\n" * 100), "blank.txt holds only whitespace; expected documents"),
+    ("damaged state.json of a saved dataset", saved_folder(lambda f: (f / "state.json").write_text("{\"_data_files\": [")),
+     "saved is not a whole datasets.save_to_disk folder (JSONDecodeError"),
+    ("truncated arrow file of a saved dataset", saved_folder(lambda f: truncate(next(f.glob("*.arrow")))),
+     "saved is not a whole datasets.save_to_disk folder ("),
     ("broken link in a data folder", broken_link, "docs/b.txt is a link to nothing; expected data files"),
     ("mixed formats", fmt(lambda tmp, tok: mixed(tmp, tok) + own_data("mixed/a.txt", "text " * 100)(tmp, tok),
                           "data.dataset={tmp}/mixed"),
@@ -282,7 +322,7 @@ def test_bad_input(capsys, monkeypatch, tmp_path, tokenizer, make, expected):
     err = capsys.readouterr().err.strip()
     assert code == 2, err
     assert len(err.splitlines()) == 1 and err.startswith("codistill-train: error: "), err
-    assert expected.format(tmp=tmp_path) in err
+    assert expected.format(tmp=tmp_path) in err and len(err) < 2500  # a bad value is quoted, not repeated whole
     assert not engines
     assert torch.distributed.is_initialized() == grouped  # none left behind
     after = snapshot(tmp_path)

@@ -1,5 +1,6 @@
 """Soft-label distillation from cached top-k teacher predictions."""
 import json
+import re
 import shutil
 
 import datasets
@@ -14,7 +15,7 @@ from codistill.losses import topk_targets
 
 from codistill.cache import stored_bytes_per_token
 
-from conftest import launch
+from conftest import MICRO, launch
 
 K = 16
 
@@ -73,13 +74,17 @@ def test_training_from_the_cache_does_not_load_the_teacher(cached, corpus, pretr
     assert f"teacher: not loaded; top-{K} predictions at T=2.0 from the cache" in proc.stdout
 
 
-def test_a_cache_for_other_data_or_temperature_is_refused(cached, corpus, pretrained_teacher, tmp_path):
+def test_a_cache_for_other_data_or_temperature_is_refused(cached, corpus, pretrained_teacher, tmp_path, capsys):
+    from codistill.commands import train
+
     out, _ = cached
-    base = [f"output_dir={tmp_path}", *overrides(corpus, pretrained_teacher, out)]
-    proc = launch(*base, "data.seq_len=16", how="python", ok=False)
-    assert proc.returncode == 2 and "was made for seq_len=32 but this run has seq_len=16" in proc.stderr
-    proc = launch(*base, "distill.temperature=1.0", how="python", ok=False)
-    assert proc.returncode == 2 and "holds probabilities at temperature 2.0, but distill.temperature=1.0" in proc.stderr
+    base = ["--config", str(MICRO), f"output_dir={tmp_path}", *overrides(corpus, pretrained_teacher, out)]
+    for change, message in (("data.seq_len=16", "was made for seq_len=32 but this run has seq_len=16"),
+                            ("distill.temperature=1.0", "holds probabilities at temperature 2.0, but "
+                                                        "distill.temperature=1.0")):
+        capsys.readouterr()
+        assert train.main([*base, change]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_a_damaged_part_is_named_when_the_cache_is_opened(cached, tmp_path, corpus, tokenizer):
@@ -101,6 +106,31 @@ def test_a_damaged_part_is_named_when_the_cache_is_opened(cached, tmp_path, corp
     part.unlink()
     with pytest.raises(ConfigError, match=f"{part} is missing"):
         TeacherCache.open(copy, expected, meta["temperature"])
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("shard_blocks", 0, "has no valid 'shard_blocks' (expected an integer >= 1, got '0')"),
+    ("k", None, "has no valid 'k' (expected an integer >= 1, got 'None')"),
+    ("temperature", "2", "has no valid 'temperature' (expected a number > 0"),
+])
+def test_cache_metadata_outside_its_schema_is_named(cached, tmp_path, key, value, expected):
+    out, _ = cached
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    meta = read_meta(copy)
+    write_meta(copy, {k: v for k, v in meta.items() if k != key} if value is None else {**meta, key: value})
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        TeacherCache.check_ready(copy)
+
+
+def test_a_cache_holding_ids_beyond_the_vocabulary_is_refused(cached):
+    out, _ = cached
+    meta = read_meta(out)
+    expected = {key: meta[key] for key in ("tokenizer", "data", "seq_len")}
+    largest = int(TeacherCache.open(out, expected, meta["temperature"]).rows[:]["topk_ids"].max())
+    assert TeacherCache.open(out, expected, meta["temperature"], vocab=largest + 1)
+    with pytest.raises(ConfigError, match=f"holds token id {largest}, beyond this run's vocabulary of {largest:,}"):
+        TeacherCache.open(out, expected, meta["temperature"], vocab=largest)
 
 
 def test_an_interrupted_cache_run_resumes_to_the_same_cache(cached, corpus, pretrained_teacher, tmp_path):

@@ -152,22 +152,26 @@ def test_soft_distillation_on_the_conversations_from_the_frozen_instruct_teacher
     assert sorted(scalars["student/eval/teacher_logp"]) == [0, 2]
 
 
-def test_bad_chat_input_gets_one_line(generated, tmp_path, tokenizer):
+def test_bad_chat_input_gets_one_line(generated, tmp_path, tokenizer, capsys):
+    """Each through the command in this process (the one line comes before any process group)."""
+    from codistill.commands import generate
+
     teacher, common = generated["teacher"], ["--greedy", "--max-new-tokens", "4"]
     args = [f"teacher.pretrained={generated['teacher']}", "teacher.config={}", f"data.tokenizer={teacher}"]
 
     def fails(prompts_text, *extra):
         prompts = tmp_path / "p.jsonl"
         prompts.write_text(prompts_text)
-        proc = launch("--out", str(tmp_path / "o"), "--prompts", str(prompts), *common, *extra, *args, how="python",
-                      script="tools/generate.py", ok=False)
-        assert proc.returncode == 2, proc.stderr[-2000:]
-        lines = proc.stderr.strip().splitlines()
+        capsys.readouterr()
+        code = generate.main(["--config", str(MICRO), "--out", str(tmp_path / "o"), "--prompts", str(prompts), *common,
+                              *extra, *args])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 2, lines[-20:]
         assert len(lines) == 1 and lines[0].startswith("codistill-generate: error: "), lines
         return lines[0]
 
-    assert "prompt 1 is" in fails(json.dumps({"prompt": "word " * 70}) + "\n")
-    assert "exceeds the teacher's 64 positions" in fails(json.dumps({"prompt": "word " * 70}) + "\n")
+    line = fails(json.dumps({"prompt": "word " * 70}) + "\n")
+    assert "prompt 1 is" in line and "exceeds the teacher's 64 positions" in line
     assert "line 1 of" in fails(json.dumps({"messages": [{"role": "assistant", "content": "hi"}]}) + "\n")
     assert "'messages' prompts need the chat template" in fails(
         json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n", "--no-chat-template")

@@ -124,6 +124,19 @@ def test_a_commands_help_imports_no_torch(command):
     assert not imported & {"torch", "deepspeed", "transformers", "datasets"}, sorted(imported)
 
 
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_bad_argument_is_one_line(command, capsys):
+    import importlib
+
+    module = importlib.import_module(f"codistill.commands.{command}")
+    with pytest.raises(SystemExit) as ended:
+        module.main(["--no-such-flag"])
+    err = capsys.readouterr().err
+    assert ended.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"codistill-{command.replace('_', '-')}: error: "), err
+    assert "--no-such-flag" in err or "the following arguments are required" in err, err
+
+
 def test_without_a_gpu_deepspeed_is_told_to_use_the_cpu_before_it_is_imported():
     """Every module that imports deepspeed imports codistill.accelerator first: DS_ACCELERATOR=cpu when torch
     sees no CUDA device (the user's own value wins)."""

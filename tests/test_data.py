@@ -38,6 +38,21 @@ def test_blocks_are_cached_and_deterministic(tokenizer):
     assert other.fingerprint != a.fingerprint
 
 
+def test_a_damaged_processed_data_cache_is_rebuilt_with_a_warning(local_docs, tokenizer, caplog):
+    tmp, docs = local_docs
+    (tmp / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    cfg = DataConfig(dataset=str(tmp / "docs.jsonl"), seq_len=16, val_fraction=0.2, cache_dir=str(tmp / "cache"))
+    first = build_splits(cfg, tokenizer, seed=0)
+    ids, fingerprint = first.train[:]["input_ids"].clone(), first.fingerprint
+    del first  # its memory map of the file about to be cut short (reading it would be a bus error)
+    arrow = next((tmp / "cache" / "processed" / fingerprint / "train").glob("*.arrow"))
+    arrow.write_bytes(arrow.read_bytes()[: arrow.stat().st_size // 2])
+    with caplog.at_level("WARNING", logger="codistill"):
+        again = build_splits(cfg, tokenizer, seed=0)
+    assert "is damaged (" in caplog.text and "rebuilding it" in caplog.text
+    assert torch.equal(again.train[:]["input_ids"], ids)
+
+
 @pytest.fixture
 def local_docs(tmp_path):
     docs = [f"Document {i}. " + "The quick brown fox jumps over the lazy dog. " * (5 + i) for i in range(20)]
@@ -267,3 +282,31 @@ def test_the_other_built_in_corpora_are_pinned_split_by_document_and_bring_a_tok
     wrong.write_bytes(b"not the wheel")
     with pytest.raises(ConfigError, match="is not the pinned"):
         prepare_corpus("django-code", tmp_path / "other", wrong)
+
+
+def test_a_hub_dataset_out_of_reach_fails_at_once(monkeypatch, tmp_path):
+    """Online (no HF_HUB_OFFLINE) but the hub unreachable: one look with a short timeout, then the local
+    cache only, not minutes of retries; the offline switches are as they were afterwards."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    import huggingface_hub.constants as hub
+
+    from codistill.config import ConfigError
+    from codistill.data import _load_raw
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    looks = []
+
+    def unreachable(url, timeout):
+        looks.append(timeout)
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(urllib.request, "urlopen", unreachable)
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match="cannot load 'codistill-tests/no-such-dataset' from the Hugging Face Hub"):
+        _load_raw(DataConfig(dataset="hub:codistill-tests/no-such-dataset", cache_dir=str(tmp_path)), "hub")
+    assert time.monotonic() - started < 5 and looks == [5.0]
+    assert datasets.config.HF_HUB_OFFLINE is False and hub.HF_HUB_OFFLINE is False
