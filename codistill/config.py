@@ -373,7 +373,8 @@ class RunConfig(_Section):
         for s, d in zip(self.students, self._merged):
             if d.head_start_steps >= self.train.max_steps:
                 raise ValueError(f"{s.name}: distill.head_start_steps={d.head_start_steps} leaves no steps of "
-                                 f"train.max_steps={self.train.max_steps} for the student")
+                                 f"train.max_steps={self.train.max_steps} for the student; lower "
+                                 "distill.head_start_steps or raise train.max_steps")
         if self.listening:
             if overrides(self.teacher).get("on_policy") is not None:
                 raise ValueError(f"{self.teacher.name}.distill.on_policy: the teacher scores the samples; only a "
@@ -649,11 +650,13 @@ def validate(tree: dict[str, Any], source: str) -> RunConfig:
 
 def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | list[str] = ()) -> RunConfig:
     """Read a YAML config (default: the embedded ``configs/tiny.yaml``) and apply overrides."""
+    given = bool(path)
     path = Path(path) if path else DEFAULT_CONFIG
     tree = _read_mapping(path, "config ", "YAML")
     for item in overrides:
         apply_override(tree, item)
-    cfg = validate(tree, str(path))
+    # an error names what the user gave: their file, or (no --config) the embedded default with their overrides
+    cfg = validate(tree, str(path) if given else "the embedded default config (configs/tiny.yaml, no --config given)")
     for spec in cfg.models:
         # A relative DeepSpeed JSON path is taken from the working directory, else beside the YAML.
         if isinstance(spec.deepspeed, str) and not Path(spec.deepspeed).expanduser().exists():

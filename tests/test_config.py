@@ -104,8 +104,13 @@ def test_a_head_start_shortens_the_students_schedule_only():
     assert steps == {"teacher": 400, "student": 300}
     ds = resolve_deepspeed_config(cfg.students[0], cfg.train, world_size=1, on_cpu=True, steps=steps["student"])
     assert ds["scheduler"]["params"]["total_num_steps"] == 300  # its cosine ends at its own last step
-    with pytest.raises(ConfigError, match="student: distill.head_start_steps=400 leaves no steps"):
+    with pytest.raises(ConfigError) as refused:  # no --config: the error says so, and what to change
         load_config(None, ["train.max_steps=400", "distill.head_start_steps=400"])
+    assert str(refused.value).startswith("the embedded default config (configs/tiny.yaml, no --config given): ")
+    assert str(refused.value).endswith("student: distill.head_start_steps=400 leaves no steps of train.max_steps=400 "
+                                       "for the student; lower distill.head_start_steps or raise train.max_steps")
+    with pytest.raises(ConfigError, match=f"^{DEFAULT_CONFIG}: .*leaves no steps"):  # a file given: its path
+        load_config(DEFAULT_CONFIG, ["train.max_steps=400", "distill.head_start_steps=400"])
 
 
 def test_student_distill_overrides_are_typed_merged_once_and_written_back_as_given():
