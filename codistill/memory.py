@@ -356,8 +356,8 @@ def report_lines(est: Estimate, device_memory: Optional[int] = None) -> list[str
     """The estimate as lines of text: per model, then the step's shared terms, the phases and the peak, the
     build, and with ``device_memory`` (bytes) the largest micro-batch that fits it."""
     gb = lambda b: f"{b / 2**30:8.3f} GB"  # noqa: E731
-    out = [f"memory per rank, {est.world_size} rank(s) on {est.device}, micro-batch {est.micro_batch_size} x "
-           f"{est.seq_len} tokens, vocabulary {est.vocab:,}:",
+    out = [f"memory per rank (GB: 2^30 bytes, GiB), {est.world_size} rank(s) on {est.device}, micro-batch "
+           f"{est.micro_batch_size} x {est.seq_len} tokens, vocabulary {est.vocab:,}:",
            f"  {'model':<14}{'params':>12}{'grads':>12}{'optimizer':>12}{'activations':>13}{'logits':>12}"
            f"{'host':>12}"]
     for m in est.models:
@@ -653,10 +653,26 @@ def fused_lowers_peak(cfg: RunConfig, world_size: int, device: str) -> bool:
     return _plain_estimate(cfg, world_size, device).fused_lowers_peak()
 
 
+def recommendation(cfg: RunConfig, est: Estimate, device_memory: int, headroom: float) -> list[str]:
+    """The micro-batch to choose: the largest that leaves ``headroom`` of ``device_memory`` free (allocator
+    fragmentation, what the estimate leaves out), the global batch it makes, and the memory switches it assumes."""
+    fit = est.largest_micro_batch(int(device_memory * (1 - headroom)))
+    steps = cfg.train.gradient_accumulation_steps
+    switches = (f"fused-linear losses {'on' if est.fused else 'off'}; activation checkpointing "
+                + ", ".join(f"{s.name} {'on' if s.gradient_checkpointing else 'off'}" for s in cfg.models))
+    if not fit:
+        return [f"  recommended: nothing fits with {headroom:.0%} headroom ({switches})"]
+    return [f"  recommended micro-batch with {headroom:.0%} headroom: train.micro_batch_size={fit} (global batch "
+            f"{fit} x {steps} accumulation x {est.world_size} rank(s) = {fit * steps * est.world_size} sequences of "
+            f"{est.seq_len} tokens; configured: {cfg.train.micro_batch_size})",
+            f"  assumes: {switches}"]
+
+
 def report(cfg: RunConfig, world_size: int, device: Optional[str] = None,
-           device_memory: Optional[int] = None) -> list[str]:
+           device_memory: Optional[int] = None, headroom: float = 0.15) -> list[str]:
     """The estimate as lines of text; ``device_memory`` defaults to this machine's (a GPU's
-    total memory, or on CPU the RAM shared by the ranks of one node)."""
+    total memory, or on CPU the RAM shared by the ranks of one node), and the recommendation leaves
+    ``headroom`` of it free."""
     est = estimate(cfg, world_size, device)
     if device_memory is None and est.device == "cuda" and torch.cuda.is_available():
         device_memory = torch.cuda.get_device_properties(0).total_memory
@@ -665,4 +681,4 @@ def report(cfg: RunConfig, world_size: int, device: Optional[str] = None,
 
         local = int(os.environ.get("LOCAL_WORLD_SIZE", min(world_size, os.cpu_count() or 1)))
         device_memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(1, local)
-    return est.lines(device_memory)
+    return est.lines(device_memory) + (recommendation(cfg, est, device_memory, headroom) if device_memory else [])

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from codistill.config import ConfigError, load_config
-from codistill.memory import LOSS_TEMPORARIES, estimate, fused_lowers_peak, parse_size, report_lines
+from codistill.memory import LOSS_TEMPORARIES, estimate, fused_lowers_peak, parse_size, report, report_lines
 
 from conftest import MICRO, ROOT, launch, read_scalars, run_cmd
 
@@ -154,6 +154,21 @@ def test_the_example_llm_configs_fit_their_gpus(tmp_path):
     mutual = estimate(load_config(ROOT / "configs/examples/llama8b-mutual-1b.yaml"), 8, "cuda")
     assert mutual.together == ["large", "small"] and mutual.peak() < 80 * 2**30  # both forwards at once
     assert mutual.largest_micro_batch(80 * 2**30) >= 2
+    # the report recommends the micro-batch that leaves the headroom free, and the global batch it makes
+    lines = report(big, 8, "cuda", 80 * 2**30, headroom=0.15)
+    fit, room = est_of(big).largest_micro_batch(80 * 2**30), est_of(big).largest_micro_batch(int(0.85 * 80 * 2**30))
+    assert f"  largest micro-batch in 80.0 GB: {fit}" in lines and 1 <= room <= fit
+    steps = big.train.gradient_accumulation_steps
+    assert (f"  recommended micro-batch with 15% headroom: train.micro_batch_size={room} (global batch {room} x "
+            f"{steps} accumulation x 8 rank(s) = {room * steps * 8} sequences of {big.data.seq_len} tokens; "
+            f"configured: {big.train.micro_batch_size})") in lines
+    assert (f"  assumes: fused-linear losses {'on' if est_of(big).fused else 'off'}; activation checkpointing "
+            "teacher on, student on") in lines
+    assert lines[0].startswith("memory per rank (GB: 2^30 bytes, GiB)")
+
+
+def est_of(cfg):
+    return estimate(cfg, 8, "cuda")
 
 
 def test_what_does_not_fit_is_named():
