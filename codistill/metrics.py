@@ -90,17 +90,20 @@ class Metrics:
 
 
 def format_values(values: Mapping[str, float]) -> str:
-    """A short human summary: per model its loss (and CE/KD parts), then α, T and throughput."""
-    models: dict[str, list[str]] = {}
+    """A short human summary: per model its cross-entropy first (the number comparable across models and with
+    validation), then its soft term and the objective it minimised when distilling; then α, T and throughput."""
+    models: dict[str, dict[str, float]] = {}
     later: dict[str, list[str]] = {}  # a model's on-policy figures, after its loss on the text
     extra = []
     for tag, value in values.items():
         parts = tag.split("/")
         if len(parts) == 3 and parts[1] != "on_policy" and parts[2] in ("loss", "loss_ce", "loss_kd", "agreement"):
-            label = {"loss": "", "loss_ce": "ce ", "loss_kd": "kd ", "agreement": "agree "}[parts[2]]
-            models.setdefault(parts[0], []).append(f"{label}{value:.4f}")
+            models.setdefault(parts[0], {})[parts[2]] = value
         elif len(parts) == 3 and parts[2] == "teacher_logp":  # how the teacher scores the model's own samples
-            (later if parts[1] == "on_policy" else models).setdefault(parts[0], []).append(f"teacher logp {value:.3f}")
+            if parts[1] == "on_policy":
+                later.setdefault(parts[0], []).append(f"teacher logp {value:.3f}")
+            else:
+                models.setdefault(parts[0], {})["teacher_logp"] = value
         elif len(parts) == 3 and parts[1] == "on_policy" and parts[2] in ("loss", "length"):
             later.setdefault(parts[0], []).append(f"on-policy {value:.4f}" if parts[2] == "loss"
                                                   else f"{value:.1f} tokens sampled")
@@ -114,8 +117,20 @@ def format_values(values: Mapping[str, float]) -> str:
             extra.append(f"peak {value:.2f} GB")
     shown = []
     for name in dict.fromkeys([*models, *later]):
-        items = models.get(name, []) + later.get(name, [])
-        head, rest = items[0], items[1:]
+        got = models.get(name, {})
+        if "loss_ce" in got:  # a training step: the CE heads the line; the objective only where it differs
+            head = f"ce {got['loss_ce']:.4f}"
+            rest = [f"kd {got['loss_kd']:.4f}"] if "loss_kd" in got else []
+            if "loss" in got and abs(got["loss"] - got["loss_ce"]) > 5e-5:
+                rest.append(f"objective {got['loss']:.4f}")
+        else:  # validation: the loss is the CE
+            head = f"{got['loss']:.4f}" if "loss" in got else ""
+            rest = []
+        rest += [f"agree {got['agreement']:.4f}"] if "agreement" in got else []
+        rest += [f"teacher logp {got['teacher_logp']:.3f}"] if "teacher_logp" in got else []
+        rest += later.get(name, [])
+        if not head and rest:
+            head, rest = rest[0], rest[1:]
         shown.append(f"{name} {head}" + (f" ({', '.join(rest)})" if rest else ""))
     return " | ".join(shown + extra)
 

@@ -19,6 +19,23 @@ from .models import count_parameters, local_parameters
 from .student import StudentPlan, StudentState
 
 
+EPOCHS_WARNED = 4  # passes over the training blocks past which a run is told its data repeats
+
+
+def describe_data(cfg, tokenizer, train_blocks: int, val_blocks: int, tokens_per_step: int) -> list[str]:
+    """What the run trains on: the data's blocks and tokens, the tokenizer and where it came from, and how
+    many passes over the data ``train.max_steps`` makes (with a warning when the data repeats many times)."""
+    seq, steps = cfg.data.seq_len, cfg.train.max_steps
+    epochs = steps * tokens_per_step / max(1, train_blocks * seq)
+    lines = [f"data: {cfg.data.dataset}: {train_blocks:,} training blocks of {seq} tokens ({train_blocks * seq:,} "
+             f"tokens), {val_blocks:,} validation blocks; tokenizer {getattr(tokenizer, 'name_or_path', '?') or '?'} "
+             f"({len(tokenizer):,} tokens); {steps:,} steps pass over the training blocks {epochs:.1f} times"]
+    if epochs > EPOCHS_WARNED:
+        lines.append(f"warning: train.max_steps={steps} repeats the training data {epochs:.0f} times: the models will "
+                     "learn it by heart (add data, or lower train.max_steps)")
+    return lines
+
+
 def describe_models(members: list[Member], world_size: int) -> list[str]:
     """One line per model: size, ZeRO stage, precision and what each rank stores (collective: every rank calls)."""
     lines = []

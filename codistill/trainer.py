@@ -70,6 +70,7 @@ class Trainer:
             splits.probe, cfg.train.micro_batch_size, world.rank, cfg.train.seed)
         self.val_batches = eval_batches(splits.validation, cfg.train.micro_batch_size, world.rank, world.size,
                                         cfg.train.eval_batches)
+        self.val_total = len(splits.validation)
         if not self.val_batches:
             raise ConfigError(f"data: the validation split has fewer than {world.size} blocks; one per rank is needed")
         return splits.fingerprint
@@ -220,7 +221,8 @@ class Trainer:
 
     def describe(self) -> list[str]:
         """The run's opening lines: every model, and per student when and how it distils."""
-        lines = report.describe_models(self.members, self.world.size)
+        lines = [*report.describe_data(self.cfg, self.tokenizer, len(self.stream.dataset), self.val_total,
+                                       self.tokens_per_step), *report.describe_models(self.members, self.world.size)]
         source = report.describe_teacher_source(self.cfg, self.cache)
         if source is not None:
             return [*lines, source]

@@ -154,3 +154,35 @@ def test_the_start_up_lines_name_the_gates_probe_and_a_gate_turned_off_sets_no_d
     assert gated.heldout is not None and "blocks of training documents set aside" in " ".join(gated.describe())
     off = Trainer(load_config(MICRO, [f"output_dir={tmp_path / 'b'}", *held, "students.0.distill.benefit_gate=false"]))
     assert off.heldout is None and any(line.endswith("no benefit gate") for line in off.describe())
+
+
+def test_a_run_that_repeats_small_data_many_times_is_warned():
+    from codistill.report import describe_data
+
+    class Tokenizer:
+        name_or_path = "/data/tok"
+
+        def __len__(self):
+            return 8192
+
+    cfg = load_config(MICRO, ["train.max_steps=100", "data.dataset=/data/mine.jsonl"])
+    lines = describe_data(cfg, Tokenizer(), train_blocks=40, val_blocks=4, tokens_per_step=4 * 32)
+    assert lines[0] == ("data: /data/mine.jsonl: 40 training blocks of 32 tokens (1,280 tokens), 4 validation blocks; "
+                        "tokenizer /data/tok (8,192 tokens); 100 steps pass over the training blocks 10.0 times")
+    assert lines[1] == ("warning: train.max_steps=100 repeats the training data 10 times: the models will learn it by "
+                        "heart (add data, or lower train.max_steps)")
+    assert len(describe_data(cfg, Tokenizer(), 400, 4, 4 * 32)) == 1  # once over: no warning
+
+
+def test_a_step_line_leads_with_each_models_cross_entropy():
+    """The distilling student's objective (blended with its soft term) is not its loss on the data: the
+    line leads with the CE, which compares across models and with validation."""
+    from codistill.metrics import format_values
+
+    step = {"teacher/train/loss": 8.4112, "teacher/train/loss_ce": 8.4112, "student/train/loss": 6.3524,
+            "student/train/loss_ce": 8.393, "student/train/loss_kd": 0.2306, "schedule/alpha": 0.25,
+            "perf/tokens_per_sec": 2083.2}
+    assert format_values(step) == ("teacher ce 8.4112 | student ce 8.3930 (kd 0.2306, objective 6.3524) | "
+                                   "alpha 0.250 | 2,083 tok/s")
+    assert format_values({"teacher/eval/loss": 7.794, "student/eval/loss": 7.2254, "student/eval/agreement": 0.0015}) \
+        == "teacher 7.7940 | student 7.2254 (agree 0.0015)"
