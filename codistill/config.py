@@ -298,6 +298,9 @@ class ModelSpec(_Section):
         None, description="the models it distils from, by name (the average of their predictions is its target); "
         "default: the teacher for a student, the students for a listening teacher, the other peers in mode mutual")
     cache: Optional[str] = Field(None, description="soft-mode teacher: a top-k cache folder used instead of the model")
+    twin: bool = Field(False, description="a student: also train its copy on cross-entropy alone, named <name>_alone "
+                                          "(the same initial weights and batches), so that the run shows whether "
+                                          "distilling helped on this data")
     gradient_checkpointing: bool = Field(
         False, description="recompute each decoder layer in the backward pass (non-reentrant) instead of keeping its "
         "activations: less memory, about a third more compute; trainable models only")
@@ -358,6 +361,7 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":
+        self._add_twins()
         self._check_models()
         if self.train.nonfinite == "skip" and self.train.gradient_accumulation_steps != 1:
             raise ValueError("train.nonfinite=skip needs train.gradient_accumulation_steps=1 (a skipped "
@@ -412,6 +416,36 @@ class RunConfig(_Section):
                 if d.on_policy.prefix_tokens >= self.data.seq_len:
                     raise ValueError(f"{where}.prefix_tokens={d.on_policy.prefix_tokens} leaves nothing of "
                                      f"data.seq_len={self.data.seq_len} to continue; lower it")
+
+    def _add_twins(self) -> None:
+        """Each student with ``twin: true`` gets its CE-only copy (α 0, no gate, no samples of its own) as one more
+        student, with the same initial weights: the student's seed is made explicit and shared. A resolved config
+        already lists the twin, which is then kept as it is. A listening teacher listens to the others only."""
+        names = {m.name for m in self.models}
+        for i, s in enumerate(list(self.students)):
+            if not s.twin:
+                continue
+            if self.mode not in ("codistill", "soft"):
+                raise ValueError(f"{s.name}.twin: a twin trained alone is the baseline of a student that learns from a "
+                                 f"teacher (modes codistill and soft), not of mode {self.mode}")
+            if s.init_seed is None:
+                s.init_seed = self.train.seed + 1 + i  # its default: the model's position, the teacher first
+            name = f"{s.name}_alone"
+            check_name(name, f"{s.name}.twin: its twin's name")
+            if name in names:
+                continue
+            alone = {**overrides(s), "schedule": "constant", "alpha_max": 0.0, "token_filter": False,
+                     "benefit_gate": False, "on_policy": None}
+            self.students.append(s.model_copy(deep=True, update={"name": name, "twin": False,
+                                                                  "distill": DistillOverrides(**alone)}))
+            names.add(name)
+        twins = set(self.twins().values())
+        if twins and self.teacher is not None and self.teacher.distill is not None and self.teacher.sources is None:
+            self.teacher.sources = [t.name for t in self.students if t.name not in twins]
+
+    def twins(self) -> dict[str, str]:
+        """Each student with a twin, and its twin's name."""
+        return {s.name: f"{s.name}_alone" for s in self.students if s.twin}
 
     def _check_models(self) -> None:
         """Which models a mode takes, and what only some modes allow."""

@@ -136,9 +136,11 @@ def format_values(values: Mapping[str, float]) -> str:
 
 
 def summary_lines(final: Mapping[str, float], start: Mapping[str, float], teacher: Optional[str], students: list[str],
-                  wall_s: float, tokens: int, checkpoint: Path, output_dir: Path) -> list[str]:
+                  wall_s: float, tokens: int, checkpoint: Path, output_dir: Path,
+                  twins: Optional[Mapping[str, str]] = None) -> list[str]:
     """The run's face at its end: each model's validation loss and perplexity, each student's gap
-    to the teacher and its change since step 0, time and throughput, and where to look next."""
+    to the teacher and its change since step 0, each student against its twin trained alone (or how to
+    get that comparison), time and throughput, and where to look next."""
     lines = ["run finished:"]
     for name in [*([teacher] if teacher else []), *students]:
         loss = final.get(f"{name}/eval/loss")
@@ -150,9 +152,25 @@ def summary_lines(final: Mapping[str, float], start: Mapping[str, float], teache
         if f"{name}/eval/loss" in start:
             parts.append(f"{loss - start[f'{name}/eval/loss']:+.4f} since step 0")
         lines.append(f"  {name}: " + ", ".join(parts))
+    lines += baseline_lines(final, teacher, twins or {})
     rate = f", {tokens / wall_s:,.0f} tokens/s" if wall_s > 0 and tokens else ""
     lines += [f"  {wall_s:,.1f} s of training in this run{rate}",
               f"  checkpoint: {checkpoint}",
               f"  TensorBoard logs: {output_dir / 'tensorboard'}; view them with: "
               f"tensorboard --logdir {output_dir / 'tensorboard'}"]
     return lines
+
+
+def baseline_lines(final: Mapping[str, float], teacher: Optional[str], twins: Mapping[str, str]) -> list[str]:
+    """Whether distilling beat training alone: each student against its twin (the same initial weights and
+    batches, cross-entropy only); without twins, how to get that comparison."""
+    out = []
+    for student, twin in twins.items():
+        ours, alone = final.get(f"{student}/eval/loss"), final.get(f"{twin}/eval/loss")
+        if ours is not None and alone is not None:
+            verdict = "distilling helped" if ours < alone else "distilling did not help here"
+            out.append(f"  {student} against its twin trained alone ({twin}): {ours - alone:+.4f} ({verdict})")
+    if not out and teacher is not None:
+        out.append("  whether distilling beats training alone on this data: add students.N.twin=true (a copy trained "
+                   "on cross-entropy alone, in this run) or run codistill-compare")
+    return out

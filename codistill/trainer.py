@@ -356,7 +356,7 @@ class Trainer:
             return
         for line in summary_lines(final, self.start_eval, self.teacher_name, [s.name for s in self.students],
                                   wall_s, (self.step - first) * self.tokens_per_step,
-                                  checkpoint.step_dir(self.output_dir, saved_at), self.output_dir):
+                                  checkpoint.step_dir(self.output_dir, saved_at), self.output_dir, self.cfg.twins()):
             self.metrics.message(line)
 
     def _evaluate_and_log(self) -> dict[str, float]:

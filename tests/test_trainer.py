@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from codistill.config import load_config
+from codistill.config import ConfigError, load_config
 from codistill.trainer import Trainer
 
 from conftest import MICRO
@@ -186,3 +186,39 @@ def test_a_step_line_leads_with_each_models_cross_entropy():
                                    "alpha 0.250 | 2,083 tok/s")
     assert format_values({"teacher/eval/loss": 7.794, "student/eval/loss": 7.2254, "student/eval/agreement": 0.0015}) \
         == "teacher 7.7940 | student 7.2254 (agree 0.0015)"
+
+
+def test_a_twin_trained_alone_starts_equal_and_the_summary_says_whether_distilling_helped(tmp_path):
+    from codistill.metrics import summary_lines
+
+    cfg = load_config(MICRO, [f"output_dir={tmp_path / 'run'}", "students.0.twin=true", "train.max_steps=4",
+                              "distill.burn_in_steps=0"])
+    trainer = Trainer(cfg)
+    assert [m.name for m in trainer.members] == ["teacher", "student", "student_alone"]
+    start = trainer.evaluate()
+    assert start["student/eval/loss"] == start["student_alone/eval/loss"]  # the same initial weights
+    final = trainer.fit()
+    assert final["student/eval/loss"] != final["student_alone/eval/loss"]
+    lines = summary_lines(final, start, "teacher", ["student", "student_alone"], 1.0, 10, tmp_path, tmp_path,
+                          cfg.twins())
+    delta = final["student/eval/loss"] - final["student_alone/eval/loss"]
+    verdict = "distilling helped" if delta < 0 else "distilling did not help here"
+    assert f"  student against its twin trained alone (student_alone): {delta:+.4f} ({verdict})" in lines
+    untwinned = summary_lines(final, start, "teacher", ["student"], 1.0, 10, tmp_path, tmp_path, {})
+    assert any("add students.N.twin=true" in line for line in untwinned)
+
+
+def test_a_twin_is_a_ce_only_copy_listed_once_and_only_where_a_student_learns_from_a_teacher():
+    from codistill.config import dump_config, load_yaml, validate
+
+    cfg = load_config(MICRO, ["students.0.twin=true"])
+    student, twin = cfg.students
+    assert twin.name == "student_alone" and not twin.twin and twin.init_seed == student.init_seed == 7 + 1
+    d = cfg.distill_for(1)
+    assert d.alpha_max == 0.0 and not d.benefit_gate and d.on_policy is None
+    again = validate(load_yaml(dump_config(cfg)), "resolved")  # a resolved config lists the twin already
+    assert [s.name for s in again.students] == ["student", "student_alone"] and again.twins() == cfg.twins()
+    listening = load_config(MICRO, ["students.0.twin=true", "teacher.distill={}"])
+    assert listening.teacher.sources == ["student"]  # the teacher never listens to the baseline
+    with pytest.raises(ConfigError, match="student.twin: a twin trained alone is the baseline"):
+        load_config(MICRO, ["mode=hard", "students.0.twin=true", "data.dataset=x", "data.prompt_field=p"])
