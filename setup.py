@@ -31,6 +31,7 @@ setup(
         "console_scripts": [
             "codistill-train = codistill.commands.train:main",
             "codistill-export = codistill.commands.export:main",
+            "codistill-eval = codistill.commands.evaluate:main",
             "codistill-estimate = codistill.commands.estimate:main",
             "codistill-compare = codistill.commands.compare:main",
             "codistill-bench-step = codistill.commands.bench_step:main",

@@ -95,8 +95,9 @@ def test_two_runs_from_one_python_process(tmp_path):
 
 
 # Every command, by module.
-COMMANDS = ["train", "export", "estimate", "compare", "bench_step", "bench_memory", "bench_build", "bench_loss",
-            "cache_logits", "cache_quality", "generate", "prepare_corpus"]
+COMMANDS = ["train", "export", "evaluate", "estimate", "compare", "bench_step", "bench_memory", "bench_build",
+            "bench_loss", "cache_logits", "cache_quality", "generate", "prepare_corpus"]
+CONSOLE = {"evaluate": "codistill-eval"}  # the console name, where it is not codistill-<module>
 
 
 def test_importing_the_shell_imports_no_torch():
@@ -133,7 +134,7 @@ def test_a_bad_argument_is_one_line(command, capsys):
         module.main(["--no-such-flag"])
     err = capsys.readouterr().err
     assert ended.value.code == 2 and err.count("\n") == 1, err
-    assert err.startswith(f"codistill-{command.replace('_', '-')}: error: "), err
+    assert err.startswith(f"{CONSOLE.get(command, 'codistill-' + command.replace('_', '-'))}: error: "), err
     assert "--no-such-flag" in err or "the following arguments are required" in err, err
 
 

@@ -109,3 +109,14 @@ def test_export_checks_every_target_before_writing_any(saved, tmp_path):
     with pytest.raises(ConfigError, match="student is a file; expected a folder"):
         export_hf(saved, out)
     assert not (out / "teacher").exists() and (out / "student").read_text() == "a file"
+
+
+def test_eval_reads_a_run_through_an_export_of_its_model(saved, tmp_path):
+    from codistill.commands import evaluate
+
+    out = tmp_path / "eval.json"
+    assert evaluate.main([str(saved), "--prompt", "to be", "--max-new-tokens", "3", "--no-chat-template",
+                          "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["replies"][0]["tokens"] == 3 or report["replies"][0]["stopped"]
+    assert not list(tmp_path.glob("**/model.safetensors"))  # the export was temporary
