@@ -115,6 +115,11 @@ class TrainConfig(_Section):
     log_interval: int = Field(10, gt=0)
     eval_interval: int = Field(50, gt=0)
     eval_batches: int = Field(8, gt=0, description="validation micro-batches per rank")
+    samples: int = Field(2, ge=0, le=64, description="at every evaluation each model continues this many fixed "
+                         "prompts greedily, shown in the log and TensorBoard's text tab (0: none)")
+    sample_tokens: int = Field(32, gt=0, le=4096, description="tokens each sample continues its prompt by, at most")
+    sample_prompts: Optional[list[str]] = Field(None, description="the samples' prompts (default: the first "
+                                                "16 tokens of the first validation blocks)")
     panel_interval: int = Field(25, ge=0, description="steps between the distillation diagnostics in "
                                 "TensorBoard (entropies, top-k mass, KD/CE gradient ratio, KD by position); 0: off")
     detect_anomaly: bool = False

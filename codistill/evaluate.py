@@ -4,6 +4,7 @@ on-policy student, the teacher's mean log-probability per token of every student
 prompts (how good a student's own text is in the teacher's eyes)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -22,11 +23,13 @@ class Validator:
     its labels), from their logits or, on the fused path, one model's head at a time."""
 
     def __init__(self, batches: list[Batch], prepare: Callable[[Batch], Batch], vocab: int, fused: bool,
-                 chunk_tokens: Optional[int], sampling: Optional[tuple[Sampling, OnPolicyConfig]] = None):
-        """``sampling``: how every student's samples are scored (a run with an on-policy student), or None."""
+                 chunk_tokens: Optional[int], sampling: Optional[tuple[Sampling, OnPolicyConfig]] = None,
+                 shown: Optional["Shown"] = None):
+        """``sampling``: how every student's samples are scored (a run with an on-policy student), or None;
+        ``shown``: the prompts every model continues at each evaluation for the log, or None."""
         self.batches, self.prepare, self.vocab, self.fused, self.chunk_tokens = (
             batches, prepare, vocab, fused, chunk_tokens)
-        self.sampling = sampling
+        self.sampling, self.shown = sampling, shown
 
     @torch.no_grad()
     def __call__(self, members: list[Member], teacher: Optional[Member], students: list[Member]) -> dict[str, float]:
@@ -79,6 +82,26 @@ class Validator:
         return {f"{student.name}/eval/teacher_logp": float(sums[2 * j] / sums[2 * j + 1].clamp(min=1))
                 for j, student in enumerate(students)}
 
+    @torch.no_grad()
+    def continuations(self, members: list[Member]) -> list[tuple[str, str, str]]:
+        """(model, prompt, its greedy continuation) for every model and shown prompt: the same prompts at every
+        evaluation, so a model's samples read as its progress (collective under ZeRO-3: every rank calls)."""
+        if self.shown is None:
+            return []
+        show, out = self.shown, []
+        ids, attention = left_padded(show.ids, show.lengths, show.pad_id)
+        for m in members:
+            m.engine.eval()
+            with whole_for_generation(m) as module:
+                device = next(module.parameters()).device
+                tokens, made = sample(module, ids.to(device), attention.to(device), show.max_new_tokens, 0.0, 1.0, show.stops, show.pad_id,
+                                      self.vocab, torch.Generator())
+            if m.trainable:
+                m.engine.train()
+            for i, text in enumerate(show.texts):
+                out.append((m.name, text, show.decode(tokens[i, :int(made[i])].tolist())))
+        return out
+
     def model(self, member: Member, batch: Batch) -> tuple[float, torch.Tensor]:
         """One model's CE on a validation batch and its most likely token per position [B, S]."""
         if not self.fused:
@@ -92,3 +115,39 @@ class Validator:
             rows = fused_rows(self.vocab, self.chunk_tokens)
             top = torch.cat([logits[i:i + rows].argmax(dim=-1) for i in range(0, logits.shape[0], rows)])
         return ce, top.view(batch["mask"].shape)
+
+
+PROMPT_TOKENS = 16  # a shown prompt cut from a validation block: its first tokens
+
+
+@dataclass
+class Shown:
+    """The prompts every model continues at each evaluation (train.samples), as token ids right-padded."""
+
+    ids: torch.Tensor  # [N, P]
+    lengths: torch.Tensor  # [N]
+    texts: list[str]
+    max_new_tokens: int
+    stops: tuple[int, ...]
+    pad_id: int
+    decode: Callable[[list[int]], str]
+
+    @classmethod
+    def of(cls, cfg, tokenizer, batches: list[Batch], sampling: Sampling) -> Optional["Shown"]:
+        """``train.sample_prompts``, else the first tokens of this rank's first validation rows; None without
+        ``train.samples``."""
+        count = cfg.train.samples
+        if count == 0:
+            return None
+        if cfg.train.sample_prompts:
+            rows = [tokenizer(p, add_special_tokens=False)["input_ids"][-cfg.data.seq_len:] or [sampling.pad_id]
+                    for p in cfg.train.sample_prompts[:count]]
+        else:
+            rows = [r[:PROMPT_TOKENS].tolist() for b in batches for r in b["input_ids"]][:count]
+        ids = torch.full((len(rows), max(map(len, rows))), sampling.pad_id, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = torch.tensor(r)
+        def decode(t: list[int]) -> str:
+            return tokenizer.decode(t, skip_special_tokens=True)
+        return cls(ids, torch.tensor([len(r) for r in rows]), [decode(r) for r in rows], cfg.train.sample_tokens,
+                   sampling.stops, sampling.pad_id, decode)

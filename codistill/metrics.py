@@ -78,6 +78,17 @@ class Metrics:
         if line:
             self.bar.write(f"step {step}/{self.total}: " + format_values(values))
 
+    def samples(self, step: int, continuations: list[tuple[str, str, str]]) -> None:
+        """Each model's continuation of each shown prompt: a log line each (cut short) and one text entry per
+        model in TensorBoard (the whole of each)."""
+        by_model: dict[str, list[str]] = {}
+        for name, prompt, text in continuations:
+            self.message(f"sample at step {step}, {name}: {_cut(prompt, 60)} -> {_cut(text, 120)}")
+            by_model.setdefault(name, []).append(f"**{prompt}** {text}")
+        if self.writer is not None:
+            for name, entries in by_model.items():
+                self.writer.add_text(f"{name}/samples", "\n\n".join(entries), global_step=step)
+
     def message(self, text: str) -> None:
         if self.enabled:
             self.bar.write(text)
@@ -174,3 +185,9 @@ def baseline_lines(final: Mapping[str, float], teacher: Optional[str], twins: Ma
         out.append("  whether distilling beats training alone on this data: add students.N.twin=true (a copy trained "
                    "on cross-entropy alone, in this run) or run codistill-compare")
     return out
+
+
+def _cut(text: str, limit: int) -> str:
+    """A sample for one log line: escaped (no line breaks) and at most ``limit`` characters."""
+    shown = repr(text)
+    return shown if len(shown) <= limit else shown[:limit - 4] + "...'"

@@ -100,7 +100,10 @@ def left_padded(input_ids: torch.Tensor, lengths: torch.Tensor, pad_id: int) -> 
 
 
 def pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
-    """One token per row [B] from logits [B, V]: softmax at ``temperature``, the nucleus of mass ``top_p``."""
+    """One token per row [B] from logits [B, V]: softmax at ``temperature``, the nucleus of mass ``top_p``;
+    temperature 0: the most likely token."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)

@@ -29,7 +29,7 @@ def describe_data(cfg, tokenizer, train_blocks: int, val_blocks: int, tokens_per
     epochs = steps * tokens_per_step / max(1, train_blocks * seq)
     lines = [f"data: {cfg.data.dataset}: {train_blocks:,} training blocks of {seq} tokens ({train_blocks * seq:,} "
              f"tokens), {val_blocks:,} validation blocks; tokenizer {getattr(tokenizer, 'name_or_path', '?') or '?'} "
-             f"({len(tokenizer):,} tokens); {steps:,} steps pass over the training blocks {epochs:.1f} times"]
+             f"({len(tokenizer):,} tokens); {steps:,} steps make {epochs:.3g} epochs"]
     if epochs > EPOCHS_WARNED:
         lines.append(f"warning: train.max_steps={steps} repeats the training data {epochs:.0f} times: the models will "
                      "learn it by heart (add data, or lower train.max_steps)")

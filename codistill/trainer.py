@@ -25,7 +25,7 @@ from .config import ConfigError, RunConfig, dump_config
 from .data import BatchStream, ProbeBatches, build_splits, eval_batches
 from .engines import Member, build_engine, init_seed, is_trainable, quiet_library_noise
 from .errors import NonFinite
-from .evaluate import Validator
+from .evaluate import Shown, Validator
 from .files import write_atomically
 from .losses import next_token_targets
 from .metrics import Metrics, Tags, format_values, summary_lines
@@ -108,7 +108,8 @@ class Trainer:
         self.micro_step = make_step(self.fused, self.models, cfg, self.world.size, self.cache, self.world.device)
         self.micro_step.sampling = onpolicy.Sampling.of(cfg, self.tokenizer, self.world.rank)
         self.evaluate_models = Validator(self.val_batches, self.prepare_batch, self.vocab, self.fused,
-                                         cfg.distill.chunk_tokens, self.micro_step.sampling.scoring(learners))
+                                         cfg.distill.chunk_tokens, self.micro_step.sampling.scoring(learners),
+                                         Shown.of(cfg, self.tokenizer, self.val_batches, self.micro_step.sampling))
 
     def _init_state(self) -> None:
         """What the loop keeps between steps (saved with a checkpoint) and this rank's RNGs."""
@@ -363,6 +364,7 @@ class Trainer:
         values = self.evaluate()
         self.metrics.scalars(self.step, values)
         self.metrics.message(("step 0: " if self.step == 0 else f"eval at step {self.step}: ") + format_values(values))
+        self.metrics.samples(self.step, self.evaluate_models.continuations(self.members))
         return values
 
     def _on_signal(self, signum: int, _frame: Any) -> None:

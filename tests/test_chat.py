@@ -114,6 +114,7 @@ def test_replies_follow_the_template_stop_at_its_end_and_are_stored_clean(genera
     assert ("wrote 3 prompt/response pairs to" in generated["proc"].stdout
             and "1 of 4 replies were empty (the teacher ended its turn at once) and were not written"
             in generated["proc"].stdout)
+    assert f"  {QUESTION[-60:]!r} -> 'the king'" in generated["proc"].stdout  # the first pairs, shown
 
 
 def test_hard_mode_trains_on_the_conversation_with_the_templated_prompt_masked(generated, chat_tokenizer, tmp_path):

@@ -168,7 +168,7 @@ def test_a_run_that_repeats_small_data_many_times_is_warned():
     cfg = load_config(MICRO, ["train.max_steps=100", "data.dataset=/data/mine.jsonl"])
     lines = describe_data(cfg, Tokenizer(), train_blocks=40, val_blocks=4, tokens_per_step=4 * 32)
     assert lines[0] == ("data: /data/mine.jsonl: 40 training blocks of 32 tokens (1,280 tokens), 4 validation blocks; "
-                        "tokenizer /data/tok (8,192 tokens); 100 steps pass over the training blocks 10.0 times")
+                        "tokenizer /data/tok (8,192 tokens); 100 steps make 10 epochs")
     assert lines[1] == ("warning: train.max_steps=100 repeats the training data 10 times: the models will learn it by "
                         "heart (add data, or lower train.max_steps)")
     assert len(describe_data(cfg, Tokenizer(), 400, 4, 4 * 32)) == 1  # once over: no warning
@@ -188,17 +188,28 @@ def test_a_step_line_leads_with_each_models_cross_entropy():
         == "teacher 7.7940 | student 7.2254 (agree 0.0015)"
 
 
-def test_a_twin_trained_alone_starts_equal_and_the_summary_says_whether_distilling_helped(tmp_path):
+def test_a_twin_trained_alone_starts_equal_and_the_summary_says_whether_distilling_helped(tmp_path, capsys):
     from codistill.metrics import summary_lines
 
     cfg = load_config(MICRO, [f"output_dir={tmp_path / 'run'}", "students.0.twin=true", "train.max_steps=4",
-                              "distill.burn_in_steps=0"])
+                              "distill.burn_in_steps=0", "train.samples=1", "train.sample_tokens=5",
+                              "train.sample_prompts=[Now is the winter]"])
     trainer = Trainer(cfg)
     assert [m.name for m in trainer.members] == ["teacher", "student", "student_alone"]
     start = trainer.evaluate()
     assert start["student/eval/loss"] == start["student_alone/eval/loss"]  # the same initial weights
+    capsys.readouterr()
     final = trainer.fit()
     assert final["student/eval/loss"] != final["student_alone/eval/loss"]
+    # every evaluation shows each model's greedy continuation of the fixed prompt: a log line, a TensorBoard text
+    shown = [line for line in capsys.readouterr().out.splitlines() if line.startswith("sample at step 4, ")]
+    assert [line.split(":")[0] for line in shown] == [f"sample at step 4, {n}" for n in ("teacher", "student",
+                                                                                         "student_alone")]
+    assert all(line.split(": ", 1)[1].startswith("'Now is the winter' -> '") for line in shown)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
+    assert "student/samples/text_summary" in events.Tags()["tensors"]
     lines = summary_lines(final, start, "teacher", ["student", "student_alone"], 1.0, 10, tmp_path, tmp_path,
                           cfg.twins())
     delta = final["student/eval/loss"] - final["student_alone/eval/loss"]

@@ -264,6 +264,12 @@ def _finish(out: Path, settings: dict, batches: int, prompts: int) -> None:
     if written == 0:
         raise ConfigError(f"every reply of the teacher was empty; {out} holds no training data (check the "
                           "teacher's chat template and --max-new-tokens)")
+    first = pq.read_table(cache.part_path(out, 0), columns=["prompt", "response"]).to_pylist()[:SHOWN]
+    for row in first:  # what the training data looks like, before anyone trains on it
+        print(f"  {row['prompt'][-60:]!r} -> {row['response'][:120]!r}")
+
+
+SHOWN = 3  # pairs printed at the end of a generation
 
 
 def probability(text: str) -> float:
