@@ -5,8 +5,9 @@ import logging
 import math
 import resource
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -42,21 +43,50 @@ class Tags:
         return f"{group}/{key}" if len(self.students) == 1 else f"{group}/{key}/{self.students[index]}"
 
 
+@dataclass
+class Settings:
+    """What TensorBoard shows of a run's config: the resolved YAML, the main settings as HParams, and the
+    tags HParams compares runs by."""
+
+    text: str
+    hparams: dict[str, Any]
+    metrics: list[str]
+
+    @classmethod
+    def of(cls, cfg) -> "Settings":
+        from .config import dump_config
+
+        flat = {"mode": cfg.mode, "seq_len": cfg.data.seq_len, "dataset": cfg.data.dataset,
+                "max_steps": cfg.train.max_steps, "micro_batch_size": cfg.train.micro_batch_size,
+                "accumulation": cfg.train.gradient_accumulation_steps, "seed": cfg.train.seed}
+        for spec, d, _ in cfg.learners():
+            flat.update({f"{spec.name}/{k}": v for k, v in (
+                ("alpha_max", d.alpha_max), ("schedule", d.schedule), ("temperature", d.temperature),
+                ("divergence", d.divergence), ("benefit_gate", d.benefit_gate), ("targets", d.targets))})
+        return cls(dump_config(cfg), flat, [f"{m.name}/eval/loss" for m in cfg.models])
+
+
 class Metrics:
     """Writes ``<output_dir>/tensorboard`` on rank 0; a no-op on other ranks."""
 
     def __init__(self, output_dir: Path, enabled: bool, total_steps: int, start_step: int = 0,
-                 layout: Optional[dict] = None):
-        """``layout``: TensorBoard's custom-scalars layout ({category: {chart: ["Multiline", [tag regexes]]}})."""
+                 layout: Optional[dict] = None, settings: Optional["Settings"] = None):
+        """``layout``: TensorBoard's custom-scalars layout ({category: {chart: ["Multiline", [tag regexes]]}});
+        ``settings``: the run's config, written as text and as HParams (runs compared side by side)."""
         self.enabled = enabled
         self.total = total_steps
         self.writer = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard.summary import hparams
 
             self.writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
             if layout:
                 self.writer.add_custom_scalars(layout)
+            if settings is not None:
+                self.writer.add_text("config", f"```\n{settings.text}\n```", global_step=start_step)
+                for summary in hparams(settings.hparams, {tag: 0.0 for tag in settings.metrics}):
+                    self.writer.file_writer.add_summary(summary)
         self.bar = tqdm(total=total_steps, initial=start_step, disable=not (enabled and sys.stderr.isatty()), unit="step",
                         dynamic_ncols=True, leave=True)
 

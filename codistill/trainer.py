@@ -28,7 +28,7 @@ from .errors import NonFinite
 from .evaluate import Shown, Validator
 from .files import write_atomically
 from .losses import next_token_targets
-from .metrics import Metrics, Tags, format_values, summary_lines
+from .metrics import Metrics, Settings, Tags, format_values, summary_lines
 from .preflight import check_inputs
 from .step import Models, Probes, make_step, use_fused
 from .student import StudentPlan, Students, StudentState, rank_averaged_terms
@@ -340,7 +340,7 @@ class Trainer:
         torch.autograd.set_detect_anomaly(cfg.train.detect_anomaly)
         layout = report.scalars_layout(self.members, self.teacher_name, list(self.learners), cfg.mode, self.tags)
         metrics = self.metrics = Metrics(self.output_dir, world.is_main, cfg.train.max_steps, start_step=self.step,
-                                         layout=layout)
+                                         layout=layout, settings=Settings.of(cfg))
         lines = [f"world: {world.size} rank(s) on {world.device.type} ({world.how}); "
                  f"{self.tokens_per_step:,} tokens per step", *self.describe()]
         if self.resume_from is not None:

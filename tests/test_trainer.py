@@ -209,7 +209,13 @@ def test_a_twin_trained_alone_starts_equal_and_the_summary_says_whether_distilli
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
-    assert "student/samples/text_summary" in events.Tags()["tensors"]
+    assert {"student/samples/text_summary", "config/text_summary"} <= set(events.Tags()["tensors"])
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    plugins = events.PluginTagToContent("hparams")  # the run's settings, for HParams' side-by-side table
+    session = plugin_data_pb2.HParamsPluginData.FromString(plugins["_hparams_/session_start_info"]).session_start_info
+    assert session.hparams["student_alone/alpha_max"].number_value == 0.0
+    assert session.hparams["student/alpha_max"].number_value == 0.5 and session.hparams["seq_len"].number_value == 32
     lines = summary_lines(final, start, "teacher", ["student", "student_alone"], 1.0, 10, tmp_path, tmp_path,
                           cfg.twins())
     delta = final["student/eval/loss"] - final["student_alone/eval/loss"]
