@@ -190,7 +190,7 @@ def summary_lines(final: Mapping[str, float], start: Mapping[str, float], teache
         parts = [f"validation loss {loss:.4f} (perplexity {math.exp(min(loss, 50.0)):,.1f})"]
         if name != teacher and f"{teacher}/eval/loss" in final:
             parts.append(f"{loss - final[f'{teacher}/eval/loss']:+.4f} vs the teacher")
-        if f"{name}/eval/loss" in start:
+        if f"{name}/eval/loss" in start and loss != start[f"{name}/eval/loss"]:  # (a frozen teacher's never moves)
             parts.append(f"{loss - start[f'{name}/eval/loss']:+.4f} since step 0")
         lines.append(f"  {name}: " + ", ".join(parts))
     lines += baseline_lines(final, teacher, twins or {})

@@ -46,8 +46,9 @@ def describe_models(members: list[Member], world_size: int) -> list[str]:
         torch.distributed.all_gather(gathered, local)
         stored = " ".join(f"{int(t):,}" for t in gathered)
         recomputed = m.trainable and m.spec.gradient_checkpointing
+        origin = f"from {m.spec.pretrained}" if m.spec.pretrained else "random init"
         lines.append(
-            f"{m.name}: {count_parameters(module):,} parameters, ZeRO stage {m.engine.zero_optimization_stage()}, "
+            f"{m.name}: {count_parameters(module):,} parameters ({origin}), ZeRO stage {m.engine.zero_optimization_stage()}, "
             f"bf16={m.engine.bfloat16_enabled()}{'' if m.trainable else ', frozen'}, "
             f"{m.spec.attn_implementation} attention{', checkpointed' if recomputed else ''}; stored per rank: {stored}"
         )

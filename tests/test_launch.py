@@ -100,7 +100,7 @@ def test_deepspeed_two_ranks_zero3_partitions_every_model(tmp_path):
         assert len(stored) == 2
         for shard in stored:  # each rank holds about half (shards are padded to equal size)
             assert abs(shard - total / 2) / total < 0.02, (name, total, stored)
-    assert re.search(r"student: [\d,]+ parameters, ZeRO stage 3, bf16=True, sdpa attention, checkpointed", log)
+    assert re.search(r"student: [\d,]+ parameters \(random init\), ZeRO stage 3, bf16=True, sdpa attention, checkpointed", log)
     assert "FutureWarning" not in log
     assert re.search(r"eval at step 3: teacher \d+\.\d+ \| student \d+\.\d+", log)
 

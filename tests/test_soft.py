@@ -27,7 +27,7 @@ def test_frozen_zero3_teacher_is_partitioned_unchanged_and_still_logged(tmp_path
                   "teacher.config={}", "teacher.deepspeed=configs/ds/zero3_cpu.json", students)
     log = proc.stdout + proc.stderr
     line = next(x for x in log.splitlines() if x.startswith("teacher: "))
-    assert "ZeRO stage 3, bf16=False, frozen" in line
+    assert "ZeRO stage 3, bf16=False, frozen" in line and f" parameters (from {pretrained_teacher}), " in line
     total = int(line.split(" parameters")[0].split(": ")[1].replace(",", ""))
     shards = [int(x.replace(",", "")) for x in line.split("stored per rank: ")[1].split()]
     assert all(abs(s - total / 2) / total < 0.02 for s in shards)
