@@ -75,9 +75,11 @@ def test_the_run_ends_with_a_summary_and_tensorboard_has_the_comparison_charts(z
     assert summary[2] == (f"  student: validation loss {final['student']:.4f} (perplexity {math.exp(final['student']):,.1f}), "
                           f"{final['student'] - final['teacher']:+.4f} vs the teacher, "
                           f"{final['student'] - start['student']:+.4f} since step 0")
-    assert re.fullmatch(r"  [\d.,]+ s of training in this run, [\d,]+ tokens/s", summary[3])
-    assert summary[4] == f"  checkpoint: {out.resolve() / 'checkpoints' / 'step_00000006'}"
-    assert summary[5].endswith(f"view them with: tensorboard --logdir {out.resolve() / 'tensorboard'}")
+    assert summary[3] == ("  whether distilling beats training alone on this data: add students.N.twin=true (a copy "
+                          "trained on cross-entropy alone, in this run) or run codistill-compare")
+    assert re.fullmatch(r"  [\d.,]+ s of training in this run, [\d,]+ tokens/s", summary[4])
+    assert summary[5] == f"  checkpoint: {out.resolve() / 'checkpoints' / 'step_00000006'}"
+    assert summary[6].endswith(f"view them with: tensorboard --logdir {out.resolve() / 'tensorboard'}")
     layout = read_layout(out)
     assert layout["validation loss, every model"] == ["^teacher/eval/loss$", "^student/eval/loss$"]
     assert layout["student: alpha and its sources' lead (running and this step)"] == [
