@@ -2,7 +2,7 @@
 
     codistill-eval MODEL --data my_texts.jsonl [--text-field text] [--seq-len 512] [--max-blocks 200]
     codistill-eval MODEL --prompt "Once upon a time" --prompt "def fib(n):" [--max-new-tokens 64]
-    python tools/eval.py ...   (the same)
+    python tools/evaluate.py ...   (the same)
 
 MODEL is an exported Hugging Face folder (codistill-export), or a checkpoint or a run's output_dir
 (its newest intact checkpoint; --model NAME picks the model, default the first student).

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Evaluate a trained model: perplexity on text, replies to prompts.
 
-    python tools/eval.py --help        (the console command: codistill-eval --help)
+    python tools/evaluate.py --help        (the console command: codistill-eval --help)
 
 A thin shell over codistill/commands/evaluate.py, where the code and its usage live.
 """
