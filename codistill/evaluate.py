@@ -37,7 +37,7 @@ class Validator:
             m.engine.eval()
         keys = [f"{m.name}/eval/loss" for m in members]
         if teacher is not None:
-            keys += [f"{s.name}/eval/agreement" for s in students]
+            keys += [f"{s.name}/eval/agreement" for s in students] + [f"{teacher.name}/eval/top1_share"]
         sums = torch.zeros(len(keys) + 1, dtype=torch.float64)  # the last entry counts tokens
         for raw in self.batches:
             batch = self.prepare(raw)
@@ -50,6 +50,9 @@ class Validator:
             if teacher is not None:
                 for j, student in enumerate(students):
                     sums[len(members) + j] += top1_agreement(top1[student.name], top1[teacher.name], batch["mask"])
+                # how much of the agreement one token can explain: the teacher's most common top-1 token's share
+                picked = top1[teacher.name][batch["mask"]]
+                sums[len(members) + len(students)] += int(picked.bincount().max()) if picked.numel() else 0
         scored = self.scores(teacher, students) if teacher is not None and self.sampling is not None else {}
         for m in members:
             if m.trainable:

@@ -130,6 +130,9 @@ class Metrics:
             self.writer.close()
 
 
+ONE_TOKEN = 0.5  # the share of positions with one top-1 token past which an agreement figure gets a note
+
+
 def format_values(values: Mapping[str, float]) -> str:
     """A short human summary: per model its cross-entropy first (the number comparable across models and with
     validation), then its soft term and the objective it minimised when distilling; then α, T and throughput."""
@@ -138,7 +141,7 @@ def format_values(values: Mapping[str, float]) -> str:
     extra = []
     for tag, value in values.items():
         parts = tag.split("/")
-        if len(parts) == 3 and parts[1] != "on_policy" and parts[2] in ("loss", "loss_ce", "loss_kd", "agreement"):
+        if len(parts) == 3 and parts[1] != "on_policy" and parts[2] in ("loss", "loss_ce", "loss_kd", "agreement", "top1_share"):
             models.setdefault(parts[0], {})[parts[2]] = value
         elif len(parts) == 3 and parts[2] == "teacher_logp":  # how the teacher scores the model's own samples
             if parts[1] == "on_policy":
@@ -157,6 +160,7 @@ def format_values(values: Mapping[str, float]) -> str:
         elif tag == "perf/peak_memory_gb":
             extra.append(f"peak {value:.2f} GB")
     shown = []
+    one = next((g["top1_share"] for g in models.values() if "top1_share" in g), 0.0)  # see ONE_TOKEN
     for name in dict.fromkeys([*models, *later]):
         got = models.get(name, {})
         if "loss_ce" in got:  # a training step: the CE heads the line; the objective only where it differs
@@ -167,7 +171,9 @@ def format_values(values: Mapping[str, float]) -> str:
         else:  # validation: the loss is the CE
             head = f"{got['loss']:.4f}" if "loss" in got else ""
             rest = []
-        rest += [f"agree {got['agreement']:.4f}"] if "agreement" in got else []
+        if "agreement" in got:  # agreement on one token the teacher predicts almost everywhere says little
+            rest.append(f"agree {got['agreement']:.4f}" + (f": the teacher predicts one token at {one:.0%} of positions"
+                                                            if one > ONE_TOKEN else ""))
         rest += [f"teacher logp {got['teacher_logp']:.3f}"] if "teacher_logp" in got else []
         rest += later.get(name, [])
         if not head and rest:

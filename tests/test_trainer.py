@@ -97,6 +97,9 @@ def test_agreement_is_the_share_of_validation_tokens_where_both_models_rank_the_
         counted += int(batch["mask"].sum())
     assert run["after"]["student/eval/agreement"] == pytest.approx(same / counted, abs=1e-12)
     assert 0.0 < same / counted < 1.0  # trained for 6 steps: neither nothing nor everything in common
+    common = sum(int(run["final_logits"]["teacher"][i][..., :4096].argmax(-1)[b["mask"]].bincount().max())
+                 for i, b in enumerate(run["batches"]))  # the teacher's most common top-1 token, per batch
+    assert run["after"]["teacher/eval/top1_share"] == pytest.approx(common / counted, abs=1e-12)
 
 
 def test_output_holds_resolved_config_and_final_checkpoints(run):
@@ -184,8 +187,12 @@ def test_a_step_line_leads_with_each_models_cross_entropy():
             "perf/tokens_per_sec": 2083.2}
     assert format_values(step) == ("teacher ce 8.4112 | student ce 8.3930 (kd 0.2306, objective 6.3524) | "
                                    "alpha 0.250 | 2,083 tok/s")
-    assert format_values({"teacher/eval/loss": 7.794, "student/eval/loss": 7.2254, "student/eval/agreement": 0.0015}) \
-        == "teacher 7.7940 | student 7.2254 (agree 0.0015)"
+    assert format_values({"teacher/eval/loss": 7.794, "student/eval/loss": 7.2254, "student/eval/agreement": 0.0015,
+                          "teacher/eval/top1_share": 0.2}) == "teacher 7.7940 | student 7.2254 (agree 0.0015)"
+    # high agreement because the teacher predicts one (frequent) token almost everywhere is said to be so
+    assert format_values({"teacher/eval/loss": 7.0, "student/eval/loss": 7.1, "student/eval/agreement": 0.9999,
+                          "teacher/eval/top1_share": 0.93}) == ("teacher 7.0000 | student 7.1000 (agree 0.9999: the "
+                                                                "teacher predicts one token at 93% of positions)")
 
 
 def test_a_twin_trained_alone_starts_equal_and_the_summary_says_whether_distilling_helped(tmp_path, capsys):
