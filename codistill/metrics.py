@@ -75,6 +75,7 @@ class Metrics:
         ``settings``: the run's config, written as text and as HParams (runs compared side by side)."""
         self.enabled = enabled
         self.total = total_steps
+        self.tokens = 0.0  # trained on by every rank in this invocation (padding not counted)
         self.writer = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
@@ -99,6 +100,7 @@ class Metrics:
     def advance(self, step: int, values: Mapping[str, float], line: bool) -> None:
         """Record one finished optimizer step; print a summary line when ``line``."""
         self.scalars(step, values)
+        self.tokens += values.get("perf/tokens", 0.0)  # this invocation's, for the summary's throughput
         if not self.enabled:
             return
         self.bar.update(1)

@@ -178,9 +178,10 @@ def engine_values(stepped: list[Member], skipped: Optional[dict[str, int]], step
     return out
 
 
-def perf_values(elapsed: float, tokens_per_step: int) -> dict[str, float]:
-    """Throughput of the slowest rank and the largest rank's peak memory so far (GPU: allocated; CPU: RSS)."""
+def perf_values(elapsed: float, tokens: float) -> dict[str, float]:
+    """Throughput of the slowest rank over the step's ``tokens`` (every rank's, padding not counted), and the
+    largest rank's peak memory so far (GPU: allocated; CPU: RSS)."""
     t = torch.tensor([elapsed, float(peak_bytes())], dtype=torch.float64)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     slowest, peak = t.tolist()
-    return {"perf/tokens_per_sec": tokens_per_step / slowest, "perf/peak_memory_gb": peak / 2**30}
+    return {"perf/tokens": tokens, "perf/tokens_per_sec": tokens / slowest, "perf/peak_memory_gb": peak / 2**30}

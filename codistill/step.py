@@ -146,6 +146,7 @@ class MicroStep:
                  panels: Optional[dict[str, float]] = None, probes: Optional[Probes] = None,
                  where: tuple[int, int] = (0, 0)) -> None:
         """``where``: (optimizer step, micro-batch), which seeds an on-policy learner's sampling."""
+        add(sums, "perf/tokens", float(batch["attention_mask"].sum()))  # the batch's tokens, padding not counted
         self._deferred = []
         try:
             for index in self.roles(plans).on_policy:

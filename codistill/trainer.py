@@ -161,7 +161,7 @@ class Trainer:
                                            else None, step))
         if self.cfg.mode != "hard":
             values.update(report.schedule_values(plans, list(self.learners), self.tags))
-        values.update(report.perf_values(elapsed, self.tokens_per_step))
+        values.update(report.perf_values(elapsed, values.pop("perf/tokens") * gas * self.world.size))
         values.update(onpolicy.rates(values, [s.name for s in self.learners], elapsed, gas))
         return values
 
@@ -313,7 +313,7 @@ class Trainer:
             if self._save_due(stop, saved_at):  # resumed at max_steps: nothing ran, still leave a checkpoint
                 metrics.message(f"saved checkpoint {self.save()}")
                 saved_at = self.step
-            self._finish(stop, final, first, time.perf_counter() - started, saved_at)
+            self._finish(stop, final, time.perf_counter() - started, saved_at)
         except NonFinite as exc:
             if exc.save:  # no model stepped in the failed step: save them with the data cursor before it
                 saved = self.save(rank_state=self._step_start)
@@ -349,14 +349,13 @@ class Trainer:
             metrics.message(line)
         return metrics
 
-    def _finish(self, stop: Optional[str], final: dict[str, float], first: int, wall_s: float,
-                saved_at: Optional[int]) -> None:
+    def _finish(self, stop: Optional[str], final: dict[str, float], wall_s: float, saved_at: Optional[int]) -> None:
         """The run's last lines: where to continue after a stop, else the summary."""
         if stop is not None and self.step < self.cfg.train.max_steps:
             self.metrics.message(f"stopping at step {self.step} ({stop}); continue with resume=auto")
             return
         for line in summary_lines(final, self.start_eval, self.teacher_name, [s.name for s in self.students],
-                                  wall_s, (self.step - first) * self.tokens_per_step,
+                                  wall_s, self.metrics.tokens,
                                   checkpoint.step_dir(self.output_dir, saved_at), self.output_dir, self.cfg.twins()):
             self.metrics.message(line)
 

@@ -246,3 +246,19 @@ def test_a_twin_is_a_ce_only_copy_listed_once_and_only_where_a_student_learns_fr
     assert listening.teacher.sources == ["student"]  # the teacher never listens to the baseline
     with pytest.raises(ConfigError, match="student.twin: a twin trained alone is the baseline"):
         load_config(MICRO, ["mode=hard", "students.0.twin=true", "data.dataset=x", "data.prompt_field=p"])
+
+
+def test_tokens_per_second_counts_no_padding(tmp_path, tokenizer):
+    """Short documents, unpacked: each block is one document padded to seq_len; only its tokens count."""
+    import json
+
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": f"line {i} of a short text"}) + "\n"
+                                                 for i in range(200)))
+    tokenizer.save_pretrained(tmp_path / "tok")
+    trainer = Trainer(load_config(MICRO, [f"output_dir={tmp_path / 'run'}", f"data.dataset={tmp_path / 'docs.jsonl'}",
+                                          f"data.tokenizer={tmp_path / 'tok'}", f"data.cache_dir={tmp_path / 'cache'}",
+                                          "data.pack=false", "distill.benefit_gate=false"]))
+    batch = trainer.stream.peek()  # the micro-batch the step trains on
+    values = trainer.train_step(0)
+    assert values["perf/tokens"] == int(batch["attention_mask"].sum()) < 4 * 32  # padding not counted
+    assert values["perf/tokens_per_sec"] > 0
