@@ -466,10 +466,14 @@ def find_resume(output_dir: Path, resume: Optional[str]) -> Optional[Path]:
     candidates = sorted(root.glob("step_*"), reverse=True)
     name, latest_run = read_latest(root)
     run = read_run(output_dir)
-    if run is not None and latest_run not in (None, run):
+    other = run is not None and latest_run not in (None, run)
+    # ``latest`` is another run's: a run that started after it (overwrite=true, run.json newer) and has saved
+    # nothing yet has no checkpoint to continue; a ``latest`` newer than the folder's run was put there
+    started_after = other and (output_dir / RUN_RECORD).stat().st_mtime_ns > (root / LATEST).stat().st_mtime_ns
+    if other and not started_after:
         raise ConfigError(_foreign(root / LATEST, latest_run, run, output_dir))
     named = None
-    if name is not None:  # this run's newest checkpoint; older ones of the same run are the fallback
+    if name is not None and not started_after:  # this run's newest checkpoint; older ones of the same run are the fallback
         named = root / name
         if named.parent == root and named.name.startswith("step_") and named.is_dir():
             candidates = [named, *(c for c in candidates if c.name < named.name)]

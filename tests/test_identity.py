@@ -2,6 +2,7 @@
 a config that keeps its models and data; no process group needed (checkpoints written by hand)."""
 import json
 import logging
+import os
 
 import pytest
 import torch
@@ -42,6 +43,10 @@ def test_resume_auto_takes_only_this_folders_run(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="codistill"):
         assert checkpoint.find_resume(out, "auto") is None
     assert "no intact checkpoint of run bbbb" in caplog.text and "left alone: step_00000003, step_00000006" in caplog.text
+    # run bbbb started (overwrite=true) after aaaa's last save and has saved nothing: a fresh start, not aaaa's
+    (out / "checkpoints" / "latest").write_text("step_00000006\naaaa\n")
+    os.utime(out / "checkpoints" / "latest", ns=(1, 1))
+    assert checkpoint.find_resume(out, "auto") is None
     # checkpoints swapped in from another run: ``latest`` (or the checkpoint it names) disagrees with run.json
     (out / "checkpoints" / "latest").write_text("step_00000006\naaaa\n")
     with pytest.raises(ConfigError, match=r"latest names run aaaa, but .*run.json says this folder holds run bbbb"):
