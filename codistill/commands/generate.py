@@ -151,10 +151,10 @@ def body(args: argparse.Namespace) -> None:
                                                  trust_remote_code=cfg.teacher.trust_remote_code).to(world.device).eval()
     tokenizer.padding_side = "left"  # batched generation continues every prompt from its own end
     batches = -(-len(prompts.given) // args.batch_size)
-    _generate(args, model, tokenizer, prompts, stops, end, out, batches, world)
-    torch.distributed.barrier()
+    cut = torch.tensor(_generate(args, model, tokenizer, prompts, stops, end, out, batches, world), device=world.device)
+    torch.distributed.all_reduce(cut)  # replies of this invocation that ran to --max-new-tokens, every rank's
     if world.is_main:
-        _finish(out, settings, batches, len(prompts.given))
+        _finish(out, settings, batches, len(prompts.given), cut.tolist())
 
 
 def _checked_teacher(cfg: RunConfig):
@@ -218,8 +218,9 @@ def _start(out: Path, settings: dict) -> None:
 
 
 def _generate(args: argparse.Namespace, model, tokenizer, prompts: Prompts, stops: list[int], end: str, out: Path,
-              batches: int, world) -> None:
-    """Generate and write this rank's batches (batch b is rank b mod world's) that are not written yet."""
+              batches: int, world) -> list[int]:
+    """Generate and write this rank's batches (batch b is rank b mod world's) that are not written yet; returns
+    [replies written, of them cut at --max-new-tokens (no stop token)]."""
     import torch
     from tqdm.auto import tqdm
 
@@ -227,6 +228,7 @@ def _generate(args: argparse.Namespace, model, tokenizer, prompts: Prompts, stop
 
     todo = [b for b in range(batches) if b % world.size == world.rank and not cache.part_path(out, b).exists()]
     bar = tqdm(total=len(todo), disable=not world.is_main, unit="batch", desc=f"generating (rank 0 of {world.size})")
+    counts = [0, 0]
     for b in todo:
         span = slice(b * args.batch_size, (b + 1) * args.batch_size)
         enc = tokenizer(prompts.texts[span], return_tensors="pt", padding=True,
@@ -239,6 +241,8 @@ def _generate(args: argparse.Namespace, model, tokenizer, prompts: Prompts, stop
         replies = [clean_reply(tokenizer, row.tolist(), stops, end, prompts.chat)
                    for row in ids[:, enc["input_ids"].shape[1]:]]
         kept = [i for i, reply in enumerate(replies) if reply]  # an empty reply teaches nothing
+        counts[0] += len(kept)
+        counts[1] += sum(1 for i in kept if not set(ids[i, enc["input_ids"].shape[1]:].tolist()) & set(stops))
         rows = {"prompt": [p if isinstance(p, str) else p[-1]["content"] for p in prompts.given[span]],
                 "response": replies}
         if prompts.chat:
@@ -247,11 +251,13 @@ def _generate(args: argparse.Namespace, model, tokenizer, prompts: Prompts, stop
         cache.write_part(out, b, {k: [v[i] for i in kept] for k, v in rows.items()}, features(prompts.chat))
         bar.update(1)
     bar.close()
+    return counts
 
 
-def _finish(out: Path, settings: dict, batches: int, prompts: int) -> None:
+def _finish(out: Path, settings: dict, batches: int, prompts: int, cut: list[int]) -> None:
     """Rank 0: count the pairs written, mark the generation complete and say how many replies were empty
-    (none written at all is an error)."""
+    (none written at all is an error) and, of this invocation's (``cut``: [written, cut short]), how many ran
+    to --max-new-tokens."""
     import pyarrow.parquet as pq
 
     from .. import cache
@@ -264,6 +270,9 @@ def _finish(out: Path, settings: dict, batches: int, prompts: int) -> None:
     if written == 0:
         raise ConfigError(f"every reply of the teacher was empty; {out} holds no training data (check the "
                           "teacher's chat template and --max-new-tokens)")
+    if cut[1]:
+        print(f"  {cut[1]} of the {cut[0]} replies written now ran to --max-new-tokens={settings['max_new_tokens']} "
+              "without ending (cut short: raise it, or check that the teacher ends its replies)")
     first = pq.read_table(cache.part_path(out, 0), columns=["prompt", "response"]).to_pylist()[:SHOWN]
     for row in first:  # what the training data looks like, before anyone trains on it
         print(f"  {row['prompt'][-60:]!r} -> {row['response'][:120]!r}")
