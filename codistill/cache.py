@@ -29,6 +29,7 @@ import torch
 
 from .config import ConfigError
 from .distributed import disk_group
+from .errors import quoted
 from .files import entry_problem, fsync, temp_beside, write_atomically
 from .losses import Targets
 
@@ -175,7 +176,7 @@ class TeacherCache:
             value = meta.get(key)
             if not isinstance(value, kind) or isinstance(value, bool) or (least is not None and value < least):
                 raise ConfigError(f"teacher.cache: {folder / META} has no valid '{key}' (expected {what}, got "
-                                  f"{str(value)[:200]!r}); remake it with tools/cache_logits.py")
+                                  f"{quoted(value)}); remake it with tools/cache_logits.py")
         return meta
 
     @classmethod

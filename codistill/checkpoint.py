@@ -571,21 +571,34 @@ def read_state(path: Path) -> dict:
     return state
 
 
+def intact(path: Path) -> Path:
+    """The checkpoint ``path`` names, its files verified once: a checkpoint folder, or a run's output_dir (its
+    newest intact checkpoint, which ``resume=auto`` verified on the way)."""
+    if (path / CHECKPOINTS).is_dir():
+        found = find_resume(path, "auto")
+        if found is None:
+            raise ConfigError(f"{path} holds no complete checkpoint")
+        return found
+    problem = verify(path)
+    if problem:
+        raise ConfigError(problem)
+    return path
+
+
 def export_hf(path: Path, out: Path, names: Optional[list[str]] = None, overwrite: bool = False) -> list[Path]:
     """Write models of a checkpoint as Hugging Face folders (safetensors, config, tokenizer).
 
     ``path`` is a checkpoint folder or a run's output_dir (its newest intact checkpoint).
     ZeRO-1/2/3 shards are consolidated to fp32 with DeepSpeed's zero_to_fp32.
     """
+    return export_checkpoint(intact(path), out, names, overwrite)
+
+
+def export_checkpoint(found: Path, out: Path, names: Optional[list[str]] = None, overwrite: bool = False) -> list[Path]:
+    """:func:`export_hf` of a checkpoint :func:`intact` has verified (not hashed again)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    found = find_resume(path, "auto") if (path / CHECKPOINTS).is_dir() else path
-    if found is None:
-        raise ConfigError(f"{path} holds no complete checkpoint")
-    problem = verify(found)
-    if problem:
-        raise ConfigError(problem)
     models = read_state(found)["models"]
     for name in models:  # names read from disk become paths: the same rule as in a config
         try:

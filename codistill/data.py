@@ -422,9 +422,7 @@ def _check_saved(folder: Path) -> None:
     truncated arrow file shows here, not once the ranks read it together)."""
     try:
         loaded = datasets.load_from_disk(str(folder))
-        for split in (loaded.values() if isinstance(loaded, datasets.DatasetDict) else [loaded]):
-            if len(split):
-                split[len(split) - 1]
+        _read_through(loaded.values() if isinstance(loaded, datasets.DatasetDict) else [loaded])
     except Exception as exc:  # datasets and pyarrow raise many types (JSONDecodeError, ArrowInvalid, ...)
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise ConfigError(f"data.dataset: {folder} is not a whole datasets.save_to_disk folder "
@@ -578,11 +576,16 @@ def build_splits(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int,
 
 def _read_whole(target: Path, names: list[str]) -> list[datasets.Dataset]:
     """The cached splits, each read through to its last row (a truncated file fails here, not mid-run)."""
-    out = [datasets.load_from_disk(str(target / name)) for name in names]
-    for split in out:
+    return _read_through([datasets.load_from_disk(str(target / name)) for name in names])
+
+
+def _read_through(splits: Iterable[datasets.Dataset]) -> list[datasets.Dataset]:
+    """``splits``, each read to its last row: a file cut short fails here, not where training reads it."""
+    splits = list(splits)
+    for split in splits:
         if len(split):
             split[len(split) - 1]
-    return out
+    return splits
 
 
 def _discard(parent: Path, name: str, stamp: int) -> None:

@@ -97,8 +97,8 @@ class Validator:
             m.engine.eval()
             with whole_for_generation(m) as module:
                 device = next(module.parameters()).device
-                tokens, made = sample(module, ids.to(device), attention.to(device), show.max_new_tokens, 0.0, 1.0, show.stops, show.pad_id,
-                                      self.vocab, torch.Generator())
+                tokens, made = sample(module, ids.to(device), attention.to(device), show.max_new_tokens, 0.0, 1.0,
+                                      show.stops, show.pad_id, self.vocab, torch.Generator())
             if m.trainable:
                 m.engine.train()
             for i, text in enumerate(show.texts):

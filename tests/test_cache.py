@@ -109,8 +109,8 @@ def test_a_damaged_part_is_named_when_the_cache_is_opened(cached, tmp_path, corp
 
 
 @pytest.mark.parametrize("key, value, expected", [
-    ("shard_blocks", 0, "has no valid 'shard_blocks' (expected an integer >= 1, got '0')"),
-    ("k", None, "has no valid 'k' (expected an integer >= 1, got 'None')"),
+    ("shard_blocks", 0, "has no valid 'shard_blocks' (expected an integer >= 1, got 0)"),
+    ("k", None, "has no valid 'k' (expected an integer >= 1, got None)"),
     ("temperature", "2", "has no valid 'temperature' (expected a number > 0"),
 ])
 def test_cache_metadata_outside_its_schema_is_named(cached, tmp_path, key, value, expected):

@@ -45,22 +45,18 @@ def load_model(path: Path, name: Optional[str], workdir: Path):
     """The model and its tokenizer from an exported folder, or exported first from a checkpoint or run."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..checkpoint import export_hf, read_state
+    from ..checkpoint import export_checkpoint, intact, read_state
 
     if not path.exists():
         raise ConfigError(f"model: {path} does not exist")
     folder = path
-    if not (path / "config.json").is_file():
-        from ..checkpoint import CHECKPOINTS, find_resume
-
-        found = find_resume(path, "auto") if (path / CHECKPOINTS).is_dir() else path
-        if found is None:
-            raise ConfigError(f"model: {path} is neither an exported model folder nor a run with a checkpoint")
+    if not (path / "config.json").is_file():  # a checkpoint or a run: verified once, exported
+        found = intact(path)
         models = read_state(found)["models"]
         name = name or (models[1] if len(models) > 1 else models[0])
-        folder = export_hf(found, workdir, [name])[0]
+        folder = export_checkpoint(found, workdir, [name])[0]
     model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True).eval()
-    return model, AutoTokenizer.from_pretrained(str(folder), local_files_only=True), folder
+    return model, AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
 def documents(spec: str, text_field: str) -> list[str]:
@@ -127,7 +123,7 @@ def body(args: argparse.Namespace) -> None:
     if not args.data and not args.prompt:
         raise ConfigError("nothing to evaluate: give --data (perplexity) and/or --prompt (replies)")
     with tempfile.TemporaryDirectory() as tmp:
-        model, tokenizer, folder = load_model(args.model, args.name, Path(tmp))
+        model, tokenizer = load_model(args.model, args.name, Path(tmp))
         report: dict = {"model": str(args.model)}
         if args.data:
             report["data"] = args.data
