@@ -134,15 +134,27 @@ def _outcome(prog: str, args: argparse.Namespace, body: Callable[[argparse.Names
                      every_rank=True, error=exc)
 
 
+_received: list[int] = []  # signals taken by the start-up handler, in case Python dropped their exception
+
+
 def _interruptible() -> dict:
     """SIGTERM raises :class:`Interrupted` (the default would end the process silently, its output folder
     still locked); returns the handlers it replaced. Only the main thread can set handlers."""
     def interrupt(signum: int, _frame) -> None:
+        _received.append(signum)
         raise Interrupted(signum)
 
+    _received.clear()
     if threading.current_thread() is not threading.main_thread():
         return {}
     return {signal.SIGTERM: signal.signal(signal.SIGTERM, interrupt)}
+
+
+def check_interrupted() -> None:
+    """Raise :class:`Interrupted` for a start-up signal whose exception never arrived: one that lands
+    while a finalizer (``__del__``) runs is printed and dropped by Python, and start-up would go on."""
+    if _received:
+        raise Interrupted(_received[-1])
 
 
 def leave(code: int) -> None:

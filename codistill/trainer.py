@@ -294,11 +294,11 @@ class Trainer:
         cfg, metrics = self.cfg, self._start_run()
         first, saved_at, stop = self.step, None, None
         final: dict[str, float] = {}
-        if self.step == 0:
-            final = self.start_eval = self._evaluate_and_log()
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-        started = time.perf_counter()
         try:
+            if self.step == 0:  # a signal during it stops the run after its first step
+                final = self.start_eval = self._evaluate_and_log()
+            started = time.perf_counter()
             while self.step < cfg.train.max_steps and stop is None:
                 values = self.train_step(self.step)
                 self.step += 1

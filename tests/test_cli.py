@@ -1,5 +1,9 @@
 """The command-line shell every command shares: one line per failure, the documented exit
 codes, and a process group torn down only if the command made it (no process group here)."""
+import os
+import signal
+import time
+
 import pytest
 
 from codistill import cli
@@ -29,6 +33,24 @@ def raising(exc):
 def test_each_failure_is_one_line_with_its_exit_code(capsys, exc, code, line):
     assert run(raising(exc)) == code
     assert capsys.readouterr().err.strip().splitlines() == [line]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_sigterm_that_python_dropped_in_a_finalizer_still_stops_start_up(capsys):
+    class Finalized:
+        def __del__(self):  # the handler's exception raised here is printed and dropped by Python
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)
+
+    def body(args):
+        Finalized()
+        cli.check_interrupted()
+        return 0
+
+    assert run(body) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "x: error: stopped by SIGTERM before training began; no checkpoint was written")
+    assert run(lambda args: cli.check_interrupted()) == 0  # each run starts with none received
 
 
 def test_other_errors_and_debug_keep_the_traceback():

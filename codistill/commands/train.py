@@ -41,7 +41,9 @@ def body(args: argparse.Namespace) -> int:
         return 0
     from ..trainer import Trainer
 
-    Trainer(cfg, debug=args.debug).fit()
+    trainer = Trainer(cfg, debug=args.debug)
+    cli.check_interrupted()  # a SIGTERM during the build whose exception a finalizer swallowed
+    trainer.fit()
     return 0
 
 
