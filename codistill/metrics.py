@@ -32,6 +32,15 @@ def peak_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+FROZEN_CE = "frozen/loss_ce"  # a frozen (or cached) model's CE on each training batch: it scores, it does not learn
+
+
+def batch_ce(values: Mapping[str, float], name: str) -> Optional[float]:
+    """A model's CE on the step's training batches, whether it trained on them or only scored them."""
+    ce = values.get(f"{name}/train/loss_ce")
+    return values.get(f"{name}/{FROZEN_CE}") if ce is None else ce
+
+
 class Tags:
     """TensorBoard tags of per-student values: ``<group>/<key>`` with one student, ``<group>/<key>/<student>``
     with several."""
@@ -143,7 +152,8 @@ def format_values(values: Mapping[str, float]) -> str:
     extra = []
     for tag, value in values.items():
         parts = tag.split("/")
-        if len(parts) == 3 and parts[1] != "on_policy" and parts[2] in ("loss", "loss_ce", "loss_kd", "agreement", "top1_share"):
+        if len(parts) == 3 and parts[1] in ("train", "eval") and parts[2] in ("loss", "loss_ce", "loss_kd", "agreement",
+                                                                            "top1_share"):
             models.setdefault(parts[0], {})[parts[2]] = value
         elif len(parts) == 3 and parts[2] == "teacher_logp":  # how the teacher scores the model's own samples
             if parts[1] == "on_policy":

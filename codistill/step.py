@@ -38,7 +38,7 @@ from .fused import FUSED_AUTO_VOCAB, Head, HeadLogits, Term, auto_problem, fused
 from .gate import hypergradient_terms, trainable_parameters
 from .losses import LossParts, SoftSpec, Targets, chunk_rows, distill_loss, panel_stats
 from .memory import fused_lowers_peak
-from .metrics import Tags
+from .metrics import FROZEN_CE, Tags
 from .mixture import Mixture, source_targets
 from .onpolicy import Sampling, left_padded, on_policy_loss, prompt_lengths, sample, sample_seed, sampled_batch
 from .student import StudentPlan, StudentState
@@ -366,8 +366,7 @@ class LogitsStep(MicroStep):
         cached = self.cache.targets(batch["index"], self.device)
         mask = batch["mask"].reshape(-1)
         ce = float((cached.token_ce * mask).sum() / mask.sum().clamp(min=1))
-        add(sums, f"{self.m.teacher_name}/train/loss", ce)
-        add(sums, f"{self.m.teacher_name}/train/loss_ce", ce)
+        add(sums, f"{self.m.teacher_name}/{FROZEN_CE}", ce)
         return {i: cached for i in roles.reads}
 
     def frozen(self, position: int, logits: torch.Tensor, batch: Batch, sums: dict[str, float],
@@ -379,7 +378,7 @@ class LogitsStep(MicroStep):
         if not self.finite(self.m.members[position], parts.loss):
             return False
         got.known[position] = (parts.token_ce, parts.lse)
-        self.add_sums(sums, position, parts, soft=False)
+        add(sums, f"{self.m.members[position].name}/{FROZEN_CE}", parts.ce.item())  # it scores; it does not train
         return True
 
     def train(self, position: int, logits: torch.Tensor, sources: list[int], batch: Batch,

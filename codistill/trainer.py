@@ -28,7 +28,7 @@ from .errors import NonFinite
 from .evaluate import Shown, Validator
 from .files import write_atomically
 from .losses import next_token_targets
-from .metrics import Metrics, Settings, Tags, format_values, summary_lines
+from .metrics import Metrics, Settings, Tags, batch_ce, format_values, summary_lines
 from .preflight import check_inputs
 from .step import Models, Probes, make_step, use_fused
 from .student import StudentPlan, Students, StudentState, rank_averaged_terms
@@ -190,9 +190,9 @@ class Trainer:
         for i, (state, plan) in enumerate(zip(self.learners, plans)):
             member = self.models.learner(i)
             lr_after = float(member.engine.get_lr()[0])
-            ces = [values.get(f"{self.members[j].name}/train/loss_ce") for j in self.models.sources[i]]
+            ces = [batch_ce(values, self.members[j].name) for j in self.models.sources[i]]
             if self.cache is not None:
-                ces = [values.get(f"{self.teacher_name}/train/loss_ce")]
+                ces = [batch_ce(values, self.teacher_name)]
             ces = [ce for ce in ces if ce is not None]
             source_ce = sum(ces) / len(ces) if ces else None
             lead = state.observe(plan, source_ce, values.get(f"{state.name}/train/loss_ce"), lr_after)

@@ -34,11 +34,16 @@ def test_frozen_zero3_teacher_is_partitioned_unchanged_and_still_logged(tmp_path
     tb = read_scalars(out)
     evals = list(tb["teacher/eval/loss"].values())
     assert len(evals) == 3 and evals[0] == evals[-1]  # same weights, same validation batches
-    assert len(tb["teacher/train/loss"]) == 6  # its CE on every batch is still logged
+    assert len(tb["teacher/frozen/loss_ce"]) == 6  # its CE on every batch, the reference of the teacher lead
+    assert "teacher/train/loss" not in tb  # it scores; it does not train
+    steps = [x for x in log.splitlines() if x.startswith("step ") and not x.startswith("step 0:")]
+    assert steps and not any("teacher" in x for x in steps)
+    assert any(x.startswith("eval at step") and "teacher" in x for x in log.splitlines()), log[-3000:]
     assert "teacher/train/lr" not in tb
     for name in ("student", "second"):
         losses = list(tb[f"{name}/eval/loss"].values())
         assert losses[-1] < losses[0]
         assert len(tb[f"{name}/train/loss_kd"]) == 6
+        assert tb[f"distill/teacher_lead/{name}"]  # against the frozen teacher's CE on the same batches
     state = json.loads((out / "checkpoints" / "step_00000006" / "trainer_state.json").read_text())
     assert state["models"] == ["student", "second"]  # the frozen teacher is not re-saved

@@ -187,6 +187,9 @@ def test_a_step_line_leads_with_each_models_cross_entropy():
             "perf/tokens_per_sec": 2083.2}
     assert format_values(step) == ("teacher ce 8.4112 | student ce 8.3930 (kd 0.2306, objective 6.3524) | "
                                    "alpha 0.250 | 2,083 tok/s")
+    # a frozen teacher scores the batch (the teacher lead's reference) but does not train: not in the step line
+    frozen = {"teacher/frozen/loss_ce": 3.1, "student/train/loss": 6.3524, "student/train/loss_ce": 8.393}
+    assert format_values(frozen) == "student ce 8.3930 (objective 6.3524)"
     assert format_values({"teacher/eval/loss": 7.794, "student/eval/loss": 7.2254, "student/eval/agreement": 0.0015,
                           "teacher/eval/top1_share": 0.2}) == "teacher 7.7940 | student 7.2254 (agree 0.0015)"
     # high agreement because the teacher predicts one (frequent) token almost everywhere is said to be so
