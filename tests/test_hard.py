@@ -42,3 +42,17 @@ def test_generation_is_seeded_identical_on_one_and_two_ranks_and_trains(tmp_path
            "data.text_field=response", "data.prompt_field=prompt", "data.pack=false", "data.val_fraction=0.34",
            "train.micro_batch_size=2", "train.max_steps=2", f"teacher.pretrained={pretrained_teacher}",
            "teacher.config={}", how="python")
+
+
+def test_the_cut_count_covers_every_part_of_a_continued_generation(tmp_path, capsys):
+    """Parts written by an earlier, killed invocation count as well as this one's."""
+    from codistill import cache
+    from codistill.commands.generate import _finish, features
+
+    for b, cut in enumerate([[True, False], [True, True], [False]]):
+        cache.write_part(tmp_path, b, {"prompt": ["p"] * len(cut), "response": ["r"] * len(cut), "cut": cut},
+                         features(False))
+    _finish(tmp_path, {"max_new_tokens": 6}, batches=3, prompts=6)
+    out = capsys.readouterr().out
+    assert "wrote 5 prompt/response pairs" in out and "1 of 6 replies were empty" in out
+    assert "3 of the 5 replies ran to --max-new-tokens=6 without ending" in out

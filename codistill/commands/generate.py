@@ -16,7 +16,8 @@ reply is stored without template tokens, with the conversation in a ``messages``
 Train on that with mode=hard data.messages_field=messages: the prompt is rendered
 through the same template and masked out of the loss. --no-chat-template gives raw
 continuations; prompts cut from training data are rendered only with --chat-template.
-Empty replies (the teacher ended its turn at once) are counted and not written.
+Empty replies (the teacher ended its turn at once) are counted and not written; a ``cut`` column
+marks the replies that ran to --max-new-tokens without ending, and the end says how many did.
 
 Prompts are generated in fixed batches, batch b on rank b mod world, each batch sampled
 with seed + b, so the output is the same for any number of ranks. Each batch is written
@@ -38,12 +39,13 @@ META = "codistill_generation.json"
 
 
 def features(chat: bool):
-    """The columns of a part: prompt and response, and in a chat the conversation with the reply
-    (a ``datasets.Features``; built here, as importing datasets takes a second)."""
+    """The columns of a part: prompt and response, whether the reply ran to --max-new-tokens without
+    ending, and in a chat the conversation with the reply (a ``datasets.Features``; built here, as
+    importing datasets takes a second)."""
     import datasets
 
     text = datasets.Value("string")
-    columns = {"prompt": text, "response": text}
+    columns = {"prompt": text, "response": text, "cut": datasets.Value("bool")}  # cut: ran to --max-new-tokens
     if chat:
         columns["messages"] = [{"role": text, "content": text}]
     return datasets.Features(columns)
@@ -151,10 +153,10 @@ def body(args: argparse.Namespace) -> None:
                                                  trust_remote_code=cfg.teacher.trust_remote_code).to(world.device).eval()
     tokenizer.padding_side = "left"  # batched generation continues every prompt from its own end
     batches = -(-len(prompts.given) // args.batch_size)
-    cut = torch.tensor(_generate(args, model, tokenizer, prompts, stops, end, out, batches, world), device=world.device)
-    torch.distributed.all_reduce(cut)  # replies of this invocation that ran to --max-new-tokens, every rank's
+    _generate(args, model, tokenizer, prompts, stops, end, out, batches, world)
+    torch.distributed.barrier()  # every rank's parts are written
     if world.is_main:
-        _finish(out, settings, batches, len(prompts.given), cut.tolist())
+        _finish(out, settings, batches, len(prompts.given))
 
 
 def _checked_teacher(cfg: RunConfig):
@@ -205,7 +207,7 @@ def _settings(args: argparse.Namespace, cfg: RunConfig, tokenizer, prompts: Prom
             "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
             "seed": args.seed, "batch_size": args.batch_size, "prompts": len(prompts.given),
             "tokenizer": tokenizer_fingerprint(tokenizer), "chat_template": prompts.chat,
-            "system_prompt": args.system_prompt}
+            "system_prompt": args.system_prompt, "columns": list(features(prompts.chat))}
 
 
 def _start(out: Path, settings: dict) -> None:
@@ -218,9 +220,8 @@ def _start(out: Path, settings: dict) -> None:
 
 
 def _generate(args: argparse.Namespace, model, tokenizer, prompts: Prompts, stops: list[int], end: str, out: Path,
-              batches: int, world) -> list[int]:
-    """Generate and write this rank's batches (batch b is rank b mod world's) that are not written yet; returns
-    [replies written, of them cut at --max-new-tokens (no stop token)]."""
+              batches: int, world) -> None:
+    """Generate and write this rank's batches (batch b is rank b mod world's) that are not written yet."""
     import torch
     from tqdm.auto import tqdm
 
@@ -228,7 +229,6 @@ def _generate(args: argparse.Namespace, model, tokenizer, prompts: Prompts, stop
 
     todo = [b for b in range(batches) if b % world.size == world.rank and not cache.part_path(out, b).exists()]
     bar = tqdm(total=len(todo), disable=not world.is_main, unit="batch", desc=f"generating (rank 0 of {world.size})")
-    counts = [0, 0]
     for b in todo:
         span = slice(b * args.batch_size, (b + 1) * args.batch_size)
         enc = tokenizer(prompts.texts[span], return_tensors="pt", padding=True,
@@ -241,28 +241,27 @@ def _generate(args: argparse.Namespace, model, tokenizer, prompts: Prompts, stop
         replies = [clean_reply(tokenizer, row.tolist(), stops, end, prompts.chat)
                    for row in ids[:, enc["input_ids"].shape[1]:]]
         kept = [i for i, reply in enumerate(replies) if reply]  # an empty reply teaches nothing
-        counts[0] += len(kept)
-        counts[1] += sum(1 for i in kept if not set(ids[i, enc["input_ids"].shape[1]:].tolist()) & set(stops))
         rows = {"prompt": [p if isinstance(p, str) else p[-1]["content"] for p in prompts.given[span]],
-                "response": replies}
+                "response": replies,
+                "cut": [not set(row.tolist()) & set(stops) for row in ids[:, enc["input_ids"].shape[1]:]]}
         if prompts.chat:
             rows["messages"] = [[*c, {"role": "assistant", "content": r}]
                                 for c, r in zip(prompts.conversations[span], replies)]
         cache.write_part(out, b, {k: [v[i] for i in kept] for k, v in rows.items()}, features(prompts.chat))
         bar.update(1)
     bar.close()
-    return counts
 
 
-def _finish(out: Path, settings: dict, batches: int, prompts: int, cut: list[int]) -> None:
+def _finish(out: Path, settings: dict, batches: int, prompts: int) -> None:
     """Rank 0: count the pairs written, mark the generation complete and say how many replies were empty
-    (none written at all is an error) and, of this invocation's (``cut``: [written, cut short]), how many ran
-    to --max-new-tokens."""
+    (none written at all is an error) and how many ran to --max-new-tokens (in every part, a continued
+    generation's earlier ones too)."""
     import pyarrow.parquet as pq
 
     from .. import cache
 
     written = sum(pq.read_metadata(cache.part_path(out, b)).num_rows for b in range(batches))
+    cut = sum(sum(pq.read_table(cache.part_path(out, b), columns=["cut"])["cut"].to_pylist()) for b in range(batches))
     (out / META).write_text(json.dumps({**settings, "complete": True, "written": written}, indent=2) + "\n")
     print(f"wrote {written} prompt/response pairs to {out}"
           + (f"; {prompts - written} of {prompts} replies were empty (the teacher ended its turn at "
@@ -270,9 +269,9 @@ def _finish(out: Path, settings: dict, batches: int, prompts: int, cut: list[int
     if written == 0:
         raise ConfigError(f"every reply of the teacher was empty; {out} holds no training data (check the "
                           "teacher's chat template and --max-new-tokens)")
-    if cut[1]:
-        print(f"  {cut[1]} of the {cut[0]} replies written now ran to --max-new-tokens={settings['max_new_tokens']} "
-              "without ending (cut short: raise it, or check that the teacher ends its replies)")
+    if cut:
+        print(f"  {cut} of the {written} replies ran to --max-new-tokens={settings['max_new_tokens']} without "
+              "ending (cut short: raise it, or check that the teacher ends its replies; column 'cut' marks them)")
     first = pq.read_table(cache.part_path(out, 0), columns=["prompt", "response"]).to_pylist()[:SHOWN]
     for row in first:  # what the training data looks like, before anyone trains on it
         print(f"  {row['prompt'][-60:]!r} -> {row['response'][:120]!r}")
