@@ -1,0 +1,152 @@
+"""Distillation across tokenizers: where two tokenizations of one text agree, and the losses that
+compare a teacher and a student there.
+
+Two tokenizers cut the same characters differently ("naïve" may be three tokens in one and one in
+the other, a space may open the next token or close the last). Their *common boundaries* are the
+character positions where both have a token ending: between two consecutive ones lie the same
+characters in both, as a *chunk* of one or more tokens on each side. From each tokenizer's own
+offset mapping (a fast tokenizer's ``return_offsets_mapping``; byte-level pieces of one character
+share its offsets) :func:`align` gives every token its chunk, once per text, in the data pipeline.
+
+Two losses use the chunks, with different trade-offs:
+
+- :func:`chunk_likelihood_loss` (approximate likelihood matching, Minixhofer et al. 2025): a chunk's
+  likelihood is the product of its tokens' probabilities under each model; the loss is the binary
+  KL between the teacher's and the student's chunk probabilities (``exp(log-likelihood / T)``).
+  Exact on aligned text: no vocabulary mapping, every chunk counted, one gather per token.
+- :func:`sorted_distribution_loss` (universal logit distillation, Boizard et al. 2024, at common
+  boundaries): where a chunk ends, both models predict what comes after the same characters; their
+  next-token distributions, sorted by probability, are compared rank by rank (the L1 distance of the
+  sorted top-k, the Wasserstein distance of ULD with the tails' mass difference). Needs no
+  likelihood of a long chunk, ignores which token is which: cheap, and blind to the teacher's
+  preference between tokens.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import torch
+
+from .errors import ConfigError
+
+
+class Alignment(NamedTuple):
+    """One text's two tokenizations, chunk by chunk: ``student_chunk[i]`` / ``teacher_chunk[j]`` is the
+    chunk of the i-th / j-th token (-1: a token after the last common boundary, in no chunk), ``chunks``
+    the number of chunks, ``aligned`` the share of the text's characters inside a chunk."""
+
+    student_chunk: np.ndarray
+    teacher_chunk: np.ndarray
+    chunks: int
+    aligned: float
+
+
+def offsets(tokenizer, text: str, where: str) -> tuple[list[int], np.ndarray]:
+    """The text's token ids and each token's end offset (characters), from the tokenizer's own offset
+    mapping; a one-line error naming ``where`` for a tokenizer that has none (a slow tokenizer)."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ConfigError(f"{where}: the tokenizer {type(tokenizer).__name__} gives no character offsets (a slow "
+                          "tokenizer); distilling across tokenizers needs a fast one (a tokenizer.json)")
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ends = np.asarray([end for _, end in enc["offset_mapping"]], dtype=np.int64)
+    return enc["input_ids"], ends
+
+
+def align(student_ends: Sequence[int], teacher_ends: Sequence[int], length: int) -> Alignment:
+    """Chunk every token of two tokenizations of one text of ``length`` characters from their end offsets.
+
+    A common boundary is a position where a token of each ends and no token of either runs past it
+    (ends only grow along a tokenization, so the running maximum decides); the chunk of a token is
+    the first common boundary at or after its end."""
+    s, t = np.asarray(student_ends, dtype=np.int64), np.asarray(teacher_ends, dtype=np.int64)
+    s_reach, t_reach = np.maximum.accumulate(s) if len(s) else s, np.maximum.accumulate(t) if len(t) else t
+    common = np.intersect1d(s_reach, t_reach)  # a running maximum ends there in both: nothing straddles it
+    common = common[common > 0]
+
+    def chunk_of(reach: np.ndarray) -> np.ndarray:
+        at = np.searchsorted(common, reach, side="left")
+        return np.where(at < len(common), at, -1)
+
+    covered = int(common[-1]) if len(common) else 0
+    return Alignment(chunk_of(s_reach), chunk_of(t_reach), len(common), covered / length if length else 0.0)
+
+
+def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log p(token i | tokens before it) at temperature T, [B, S] (position 0 has no prediction: 0),
+    computed from unshifted logits [B, S, V] without materialising the log-softmax."""
+    z = logits[:, :-1].float() / temperature
+    picked = z.gather(-1, ids[:, 1:, None]).squeeze(-1) - torch.logsumexp(z, dim=-1)
+    return torch.nn.functional.pad(picked, (1, 0))
+
+
+def chunk_sums(values: torch.Tensor, chunk: torch.Tensor, chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the sum of ``values`` [B, S] over each chunk's positions (``chunk`` [B, S], -1 for none), and
+    which chunks are whole: every token of them present with a prediction (a chunk holding a row's first
+    token, whose probability no model gives, is not)."""
+    rows = values.shape[0]
+    index = chunk.clamp(min=0)
+    member = (chunk >= 0).to(values.dtype)
+    sums = values.new_zeros(rows, chunks).scatter_add_(1, index, values * member)
+    has_first = torch.zeros(rows, chunks, dtype=torch.bool, device=values.device)
+    has_first.scatter_(1, index[:, :1], (chunk[:, :1] >= 0))
+    present = torch.zeros(rows, chunks, dtype=torch.bool, device=values.device).scatter_(1, index, chunk >= 0)
+    return sums, present & ~has_first
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, stable at both ends."""
+    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def chunk_likelihood_loss(student_logits: torch.Tensor, student_ids: torch.Tensor, student_chunk: torch.Tensor,
+                          teacher_logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_chunk: torch.Tensor,
+                          chunks: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean over whole chunks of the binary KL between the teacher's and the student's chunk probabilities
+    ``p = exp(sum of the chunk's token log-probabilities / T)``:
+    ``p_t·log(p_t/p_s) + (1−p_t)·log((1−p_t)/(1−p_s))``; the teacher's side is detached. Returns the loss
+    and the number of chunks it averages (chunks whole in both)."""
+    s_sum, s_whole = chunk_sums(token_logprobs(student_logits, student_ids), student_chunk, chunks)
+    with torch.no_grad():
+        t_sum, t_whole = chunk_sums(token_logprobs(teacher_logits, teacher_ids), teacher_chunk, chunks)
+    counted = s_whole & t_whole
+    floor = -1e-6  # a chunk of probability 1 has no "not this chunk" side
+    ls, lt = (s_sum / temperature).clamp(max=floor), (t_sum / temperature).clamp(max=floor)
+    pt = lt.exp()
+    kl = pt * (lt - ls) + (1 - pt) * (_log1mexp(lt) - _log1mexp(ls))
+    n = counted.sum()
+    return (kl * counted).sum() / n.clamp(min=1), n
+
+
+def boundary_positions(chunk: torch.Tensor, chunks: int) -> torch.Tensor:
+    """Per row [B, S] of chunk ids, the position of each chunk's last token [B, chunks] (-1 where absent):
+    the logits there predict what follows the chunk's characters."""
+    rows, length = chunk.shape
+    pos = torch.arange(length, device=chunk.device).expand(rows, length)
+    out = torch.full((rows, chunks), -1, dtype=torch.long, device=chunk.device)
+    return out.scatter_reduce_(1, chunk.clamp(min=0), torch.where(chunk >= 0, pos, -1), reduce="amax")
+
+
+def sorted_distribution_loss(student_logits: torch.Tensor, student_chunk: torch.Tensor,
+                             teacher_logits: torch.Tensor, teacher_chunk: torch.Tensor, chunks: int, k: int,
+                             temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean over common boundaries (but the last) of ``Σ_r |p_s(r) − p_t(r)| + |tail_s − tail_t|`` over the
+    ranks r ≤ k of each model's next-token distribution at T sorted by probability (tail: the mass past
+    rank k). At the position ending a chunk on each side both models predict what follows the same text.
+    Returns the loss and the number of boundaries averaged."""
+    s_pos, t_pos = boundary_positions(student_chunk, chunks), boundary_positions(teacher_chunk, chunks)
+    next_s = torch.cat([s_pos[:, 1:], s_pos.new_full((s_pos.shape[0], 1), -1)], dim=1)
+    next_t = torch.cat([t_pos[:, 1:], t_pos.new_full((t_pos.shape[0], 1), -1)], dim=1)
+    counted = (s_pos >= 0) & (t_pos >= 0) & (next_s >= 0) & (next_t >= 0)  # a next chunk to predict, both sides
+    rows, at = counted.nonzero(as_tuple=True)
+    if rows.numel() == 0:
+        return student_logits.sum() * 0.0, rows.new_zeros(())
+    zs = student_logits[rows, s_pos[rows, at]].float() / temperature
+    with torch.no_grad():
+        zt = teacher_logits[rows, t_pos[rows, at]].float() / temperature
+        pt = zt.softmax(-1).topk(min(k, zt.shape[-1]), dim=-1).values
+    ps = zs.softmax(-1).topk(min(k, zs.shape[-1]), dim=-1).values
+    width = max(ps.shape[-1], pt.shape[-1])
+    ps, pt = (torch.nn.functional.pad(p, (0, width - p.shape[-1])) for p in (ps, pt))
+    tails = ((1 - ps.sum(-1)) - (1 - pt.sum(-1))).abs()
+    return ((ps - pt).abs().sum(-1) + tails).mean(), rows.new_tensor(rows.numel())

@@ -1,0 +1,133 @@
+"""Distillation across tokenizers: the alignment of two tokenizations by character offsets on hand-made
+and real texts (multi-byte characters, whitespace runs, a word one tokenizer splits and the other does
+not), and each loss against its formula written out by hand."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from codistill.config import ConfigError, DataConfig
+from codistill.crosstok import (align, boundary_positions, chunk_likelihood_loss, offsets, sorted_distribution_loss,
+                                token_logprobs)
+from codistill.data import resolve_tokenizer
+
+
+def test_hand_made_alignment_chunks_where_both_end():
+    # "unhappy day": student "un|happy| day", teacher "unh|appy|  d|ay" (ends 3,7,10,11 vs 2,7,11)
+    got = align([2, 7, 11], [3, 7, 10, 11], 11)
+    assert got.chunks == 2 and got.aligned == 1.0
+    assert got.student_chunk.tolist() == [0, 0, 1] and got.teacher_chunk.tolist() == [0, 0, 1, 1]
+    # byte pieces of one character share its offsets; a token after the last common end is in no chunk
+    got = align([1, 2, 2, 5], [2, 4], 5)
+    assert got.student_chunk.tolist() == [0, 0, 0, -1] and got.teacher_chunk.tolist() == [0, -1]
+    assert got.chunks == 1 and got.aligned == pytest.approx(2 / 5)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return resolve_tokenizer(DataConfig(), None), resolve_tokenizer(DataConfig(tokenizer="gpt2"), None)
+
+
+@pytest.mark.parametrize("text", [
+    "Naïve café-owners  said: «déjà vu» — 東京 is far.",  # multi-byte, a run of spaces, punctuation
+    "To be, or not to be: that is the question.\n\n  Whether 'tis nobler",
+    "def f(x):\n    return x**2  # squared\n",
+])
+def test_real_tokenizers_chunks_hold_the_same_characters(pair, text):
+    (s_ids, s_ends), (t_ids, t_ends) = (offsets(tok, text, "test") for tok in pair)
+    assert len(s_ids) != len(t_ids) or s_ids != t_ids  # they do cut it differently
+    got = align(s_ends, t_ends, len(text))
+    assert got.chunks > 5 and got.aligned == 1.0
+    for c in range(got.chunks):  # every chunk decodes to the same characters on both sides
+        s = pair[0].decode([i for i, k in zip(s_ids, got.student_chunk) if k == c])
+        t = pair[1].decode([i for i, k in zip(t_ids, got.teacher_chunk) if k == c])
+        assert s == t and s, (c, s, t)
+
+
+def test_one_tokenizer_on_both_sides_makes_one_chunk_per_character_run(pair):
+    text = "Naïve café"
+    ids, ends = offsets(pair[1], text, "test")
+    got = align(ends, ends, len(text))
+    assert (got.student_chunk == got.teacher_chunk).all()
+    assert got.chunks == len(np.unique(ends))  # byte pieces of one character stay together
+
+
+def test_a_slow_tokenizer_is_one_line(pair):
+    class Slow:
+        is_fast = False
+
+    with pytest.raises(ConfigError, match=r"^students\[0\]\.tokenizer: the tokenizer Slow gives no character "
+                                          r"offsets \(a slow tokenizer\)"):
+        offsets(Slow(), "text", "students[0].tokenizer")
+
+
+def _chunked(rows, length, chunks_per_row, seed):
+    g = torch.Generator().manual_seed(seed)
+    chunk = torch.full((rows, length), -1, dtype=torch.long)
+    for r in range(rows):
+        cuts = sorted(torch.randperm(length - 1, generator=g)[:chunks_per_row - 1].add(1).tolist())
+        starts = [0, *cuts]
+        for c, (a, b) in enumerate(zip(starts, [*cuts, length])):
+            chunk[r, a:b] = c
+    return chunk
+
+
+def test_chunk_likelihood_loss_is_the_binary_kl_of_chunk_probabilities():
+    torch.manual_seed(0)
+    vs, vt, rows, ls, lt, chunks, temp = 11, 17, 2, 9, 7, 4, 2.0
+    zs = torch.randn(rows, ls, vs, requires_grad=True)
+    zt = torch.randn(rows, lt, vt)
+    ids_s, ids_t = torch.randint(vs, (rows, ls)), torch.randint(vt, (rows, lt))
+    cs, ct = _chunked(rows, ls, chunks, 1), _chunked(rows, lt, chunks, 2)
+    cs[1, -2:] = -1  # the student's last tokens lie past the last common boundary
+    loss, n = chunk_likelihood_loss(zs, ids_s, cs, zt, ids_t, ct, chunks, temp)
+    expected, count = 0.0, 0
+    for r in range(rows):
+        for c in range(1, chunks):  # chunk 0 holds each row's first token, which nothing predicts
+            def chunk_logp(z, ids, ch):
+                return sum(torch.log_softmax(z[r, i - 1].detach(), -1)[ids[r, i]].item()
+                           for i in range(1, z.shape[1]) if ch[r, i] == c)
+            if (cs[r] == c).any() and (ct[r] == c).any():
+                p_s, p_t = math.exp(chunk_logp(zs, ids_s, cs) / temp), math.exp(chunk_logp(zt, ids_t, ct) / temp)
+                expected += p_t * math.log(p_t / p_s) + (1 - p_t) * math.log((1 - p_t) / (1 - p_s))
+                count += 1
+    assert int(n) == count and loss.item() == pytest.approx(expected / count, rel=1e-4)
+    loss.backward()
+    assert zs.grad.abs().sum() > 0
+    same, _ = chunk_likelihood_loss(zs.detach(), ids_s, cs, zs.detach(), ids_s, cs, chunks, temp)
+    assert same.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_token_logprobs_are_the_log_softmax_of_the_previous_position():
+    z, ids = torch.randn(2, 5, 7), torch.randint(7, (2, 5))
+    got = token_logprobs(z, ids, 1.5)
+    assert (got[:, 0] == 0).all()
+    ref = torch.log_softmax(z[:, :-1] / 1.5, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    assert torch.allclose(got[:, 1:], ref, atol=1e-6)
+
+
+def test_sorted_distribution_loss_is_the_l1_of_sorted_probabilities_at_common_boundaries():
+    torch.manual_seed(1)
+    vs, vt, rows, ls, lt, chunks = 13, 29, 2, 8, 6, 4
+    zs, zt = torch.randn(rows, ls, vs, requires_grad=True), torch.randn(rows, lt, vt)
+    cs, ct = _chunked(rows, ls, chunks, 3), _chunked(rows, lt, chunks, 4)
+    for k in (vt, 5):
+        loss, n = sorted_distribution_loss(zs, cs, zt, ct, chunks, k, temperature=1.0)
+        expected = []
+        for r in range(rows):
+            s_last, t_last = boundary_positions(cs, chunks)[r], boundary_positions(ct, chunks)[r]
+            for c in range(chunks - 1):  # the last chunk has nothing after it in the row
+                ps = torch.sort(zs[r, s_last[c]].detach().softmax(-1), descending=True).values[:k]
+                pt = torch.sort(zt[r, t_last[c]].softmax(-1), descending=True).values[:k]
+                ps = torch.cat([ps, ps.new_zeros(max(0, len(pt) - len(ps)))])
+                pt = torch.cat([pt, pt.new_zeros(max(0, len(ps) - len(pt)))])
+                expected.append((ps - pt).abs().sum().item() + abs(pt.sum().item() - ps.sum().item()))
+        assert int(n) == len(expected) and loss.item() == pytest.approx(sum(expected) / len(expected), rel=1e-5)
+    loss.backward()
+    assert zs.grad.abs().sum() > 0
+
+
+def test_boundary_positions_are_each_chunks_last_token():
+    chunk = torch.tensor([[0, 0, 1, 2, 2, -1]])
+    assert boundary_positions(chunk, 4).tolist() == [[1, 2, 4, -1]]
