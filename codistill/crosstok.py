@@ -150,3 +150,59 @@ def sorted_distribution_loss(student_logits: torch.Tensor, student_chunk: torch.
     ps, pt = (torch.nn.functional.pad(p, (0, width - p.shape[-1])) for p in (ps, pt))
     tails = ((1 - ps.sum(-1)) - (1 - pt.sum(-1))).abs()
     return ((ps - pt).abs().sum(-1) + tails).mean(), rows.new_tensor(rows.numel())
+
+
+PAIRED = ("input_ids", "attention_mask", "loss_mask", "teacher_input_ids", "teacher_attention_mask",
+          "student_chunk", "teacher_chunk")  # the columns of a paired block
+
+
+def pair_blocks(texts: Sequence[str], student, teacher, seq_len: int) -> dict[str, list]:
+    """Documents tokenized both ways and packed into paired blocks of the same characters (a ``datasets``
+    batched map): each block starts and ends at a common boundary and holds at most ``seq_len`` tokens on
+    each side (the side with fewer is padded); a document ends with each tokenizer's end-of-text, which
+    both place at one boundary. Chunk ids count from 0 in each block (-1: padding). A chunk longer than
+    ``seq_len`` on either side (characters neither tokenizer cuts alike over that span) is left out, and
+    counted in ``dropped_tokens``."""
+    s_ids, s_reach, t_ids, t_reach = [], [], [], []
+    base = 0
+    for text in texts:
+        for ids, reach, tok in ((s_ids, s_reach, student), (t_ids, t_reach, teacher)):
+            got, ends = offsets(tok, text, "data")
+            ids += [*got, tok.eos_token_id]
+            reach += [*(base + np.maximum.accumulate(ends)).tolist(), base + len(text) + 1]
+        base += len(text) + 1
+    common = np.intersect1d(s_reach, t_reach)
+    s_chunk = np.searchsorted(common, np.asarray(s_reach, dtype=np.int64))
+    t_chunk = np.searchsorted(common, np.asarray(t_reach, dtype=np.int64))
+    s_cum = np.searchsorted(s_chunk, np.arange(len(common) + 1))  # tokens before chunk c, each side
+    t_cum = np.searchsorted(t_chunk, np.arange(len(common) + 1))
+    out: dict[str, list] = {name: [] for name in (*PAIRED, "dropped_tokens")}
+    c0, dropped = 0, 0
+    while c0 < len(common):
+        c1 = min(np.searchsorted(s_cum, s_cum[c0] + seq_len, side="right"),
+                 np.searchsorted(t_cum, t_cum[c0] + seq_len, side="right")) - 1
+        if c1 <= c0:  # one chunk longer than a block
+            dropped += int(s_cum[c0 + 1] - s_cum[c0])
+            c0 += 1
+            continue
+        _add_block(out, seq_len, s_ids[s_cum[c0]:s_cum[c1]], s_chunk[s_cum[c0]:s_cum[c1]] - c0, student,
+                   t_ids[t_cum[c0]:t_cum[c1]], t_chunk[t_cum[c0]:t_cum[c1]] - c0, teacher)
+        c0 = c1
+    out["dropped_tokens"] = [dropped] + [0] * (len(out["input_ids"]) - 1) if out["input_ids"] else []
+    return out
+
+
+def _add_block(out: dict[str, list], seq_len: int, s_ids, s_chunk, student, t_ids, t_chunk, teacher) -> None:
+    def padded(values, fill):
+        values = list(values)
+        return values + [fill] * (seq_len - len(values))
+
+    s_pad = student.pad_token_id if student.pad_token_id is not None else student.eos_token_id
+    t_pad = teacher.pad_token_id if teacher.pad_token_id is not None else teacher.eos_token_id
+    out["input_ids"].append(padded(s_ids, s_pad))
+    out["attention_mask"].append(padded([1] * len(s_ids), 0))
+    out["loss_mask"].append(padded([1] * len(s_ids), 0))
+    out["teacher_input_ids"].append(padded(t_ids, t_pad))
+    out["teacher_attention_mask"].append(padded([1] * len(t_ids), 0))
+    out["student_chunk"].append(padded(s_chunk.tolist(), -1))
+    out["teacher_chunk"].append(padded(t_chunk.tolist(), -1))

@@ -131,3 +131,53 @@ def test_sorted_distribution_loss_is_the_l1_of_sorted_probabilities_at_common_bo
 def test_boundary_positions_are_each_chunks_last_token():
     chunk = torch.tensor([[0, 0, 1, 2, 2, -1]])
     assert boundary_positions(chunk, 4).tolist() == [[1, 2, 4, -1]]
+
+
+DOCS = ["Naïve café-owners  said: «déjà vu».", "To be, or not to be: that is the question.\n\nWhether 'tis nobler "
+        "in the mind to suffer the slings and arrows of outrageous fortune", "東京 is far; x**2  # squared", "Ay."]
+
+
+def test_paired_blocks_hold_the_same_text_on_both_sides_and_all_of_it(pair):
+    from codistill.crosstok import PAIRED, pair_blocks
+
+    student, teacher = pair
+    out = pair_blocks(DOCS, student, teacher, seq_len=16)
+    assert set(out) == {*PAIRED, "dropped_tokens"} and sum(out["dropped_tokens"]) == 0
+    assert len(out["input_ids"]) > 4
+    texts = []
+    for row in range(len(out["input_ids"])):
+        s_len, t_len = sum(out["attention_mask"][row]), sum(out["teacher_attention_mask"][row])
+        assert max(s_len, t_len) <= 16 and all(len(out[c][row]) == 16 for c in PAIRED)
+        s_ids, t_ids = out["input_ids"][row][:s_len], out["teacher_input_ids"][row][:t_len]
+        s_chunk, t_chunk = out["student_chunk"][row], out["teacher_chunk"][row]
+        assert s_chunk[s_len:] == [-1] * (16 - s_len) and s_chunk[0] == t_chunk[0] == 0
+        assert max(s_chunk) == max(t_chunk)  # a block ends where both end a chunk
+        for c in range(max(s_chunk) + 1):  # chunk by chunk, and so the block, the same characters
+            s = student.decode([i for i, k in zip(s_ids, s_chunk) if k == c])
+            t = teacher.decode([i for i, k in zip(t_ids, t_chunk) if k == c])
+            assert s == t or {s, t} == {student.eos_token, teacher.eos_token}, (row, c, s, t)
+        texts.append(student.decode(s_ids))
+    # every block in order gives back every document, each closed by the end-of-text
+    assert "".join(texts) == "".join(d + student.eos_token for d in DOCS)
+
+
+def test_a_chunk_longer_than_a_block_is_left_out_and_counted():
+    from codistill.crosstok import pair_blocks
+
+    class Cut:  # a stand-in fast tokenizer cutting the text every ``step`` characters
+        is_fast, pad_token_id, eos_token_id = True, 0, 1
+
+        def __init__(self, step):
+            self.step = step
+
+        def __call__(self, text, **_):
+            ends = list(range(self.step, len(text), self.step)) + [len(text)]
+            return {"input_ids": [2] * len(ends), "offset_mapping": [(e - self.step, e) for e in ends]}
+
+    # cut every 2 and every 3 characters: they end together every 6 characters and at each end-of-text
+    out = pair_blocks(["aaaaaa", "bbbbbbbbbbbb"], Cut(2), Cut(3), seq_len=2)
+    lengths = [sum(m) for m in out["attention_mask"]]
+    teacher = [sum(m) for m in out["teacher_attention_mask"]]
+    assert all(s <= 2 for s in lengths) and all(t <= 2 for t in teacher)
+    # each 6-character run is one chunk of 3 student tokens: longer than a block of 2, so left out
+    assert out["input_ids"] == [[1, 0]] * 2 and sum(out["dropped_tokens"]) == 3 + 6
