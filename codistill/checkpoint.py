@@ -629,7 +629,9 @@ def export_checkpoint(found: Path, out: Path, names: Optional[list[str]] = None,
                               f"unexpected {sorted(unexpected)}")
         model.tie_weights()
         model.save_pretrained(str(target), safe_serialization=True)
-        AutoTokenizer.from_pretrained(str(found / "tokenizer"), local_files_only=True).save_pretrained(str(target))
+        own = found / "tokenizer" / name  # a teacher with its own tokenizer (codistill/crosstok.py)
+        tokenizer = own if (own / "tokenizer_config.json").is_file() else found / "tokenizer"
+        AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True).save_pretrained(str(target))
         exported.append(target)
     return exported
 

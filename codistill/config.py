@@ -240,6 +240,10 @@ class DistillConfig(_DistillNames):
     targets: Literal["full", "topk"] = "full"
     top_k: int = Field(64, gt=0)
     token_filter: bool = Field(False, description="distil only on tokens where the teacher's CE < the student's")
+    cross_tokenizer: Literal["likelihood", "sorted"] = Field(
+        "likelihood", description="a teacher with another tokenizer: likelihood (the chunks of text both tokenize "
+        "alike, their likelihoods matched) or sorted (the next-token distributions at the chunks' ends, compared by "
+        "rank); see docs/distillation.md")
     chunk_tokens: Optional[int] = Field(None, gt=0, description="positions per loss chunk (default: ~256k "
                                         "logits per chunk on CPU, ~4M on a GPU)")
     benefit_gate: bool = Field(True, description="scale alpha by an openness in [0, 1] that follows whether the "
@@ -303,6 +307,9 @@ class ModelSpec(_Section):
         None, description="the models it distils from, by name (the average of their predictions is its target); "
         "default: the teacher for a student, the students for a listening teacher, the other peers in mode mutual")
     cache: Optional[str] = Field(None, description="soft-mode teacher: a top-k cache folder used instead of the model")
+    tokenizer: Optional[str] = Field(None, description="the teacher: its own tokenizer folder (default: the one in its "
+                                     "pretrained folder, else data.tokenizer); one that differs from the students' is "
+                                     "distilled from across tokenizers (distill.cross_tokenizer)")
     twin: bool = Field(False, description="a student: also train its copy on cross-entropy alone, named <name>_alone "
                                           "(the same initial weights and batches), so that the run shows whether "
                                           "distilling helped on this data")
@@ -464,6 +471,12 @@ class RunConfig(_Section):
         names = [s.name for s in self.models]
         if len(set(names)) != len(names):
             raise ValueError(f"model names must be unique, got {names}")
+        for s in self.students:
+            if s.tokenizer is not None:
+                raise ValueError(f"{s.name}.tokenizer: students read data.tokenizer; only the teacher has its own")
+        if self.teacher is not None and self.teacher.tokenizer and self.teacher.cache:
+            raise ValueError(f"{self.teacher.name}.tokenizer: a cached teacher ({self.teacher.name}.cache) holds "
+                             "predictions over the students' tokens; it cannot have a tokenizer of its own")
         if self.teacher is None:
             return
         if (self.teacher.distill is not None or self.teacher.sources is not None) and self.mode != "codistill":

@@ -23,12 +23,13 @@ Two losses use the chunks, with different trade-offs:
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
 
 from .errors import ConfigError
+from .losses import LossParts, distill_loss, weighted_ce
 
 
 class Alignment(NamedTuple):
@@ -105,10 +106,19 @@ def chunk_likelihood_loss(student_logits: torch.Tensor, student_ids: torch.Tenso
     """Mean over whole chunks of the binary KL between the teacher's and the student's chunk probabilities
     ``p = exp(sum of the chunk's token log-probabilities / T)``:
     ``p_t·log(p_t/p_s) + (1−p_t)·log((1−p_t)/(1−p_s))``; the teacher's side is detached. Returns the loss
-    and the number of chunks it averages (chunks whole in both)."""
-    s_sum, s_whole = chunk_sums(token_logprobs(student_logits, student_ids), student_chunk, chunks)
+    and the number of chunks it averages (chunks whole in both). The definition, from whole logits: training
+    takes :func:`likelihood_parts`, which never holds an fp32 copy of them."""
     with torch.no_grad():
-        t_sum, t_whole = chunk_sums(token_logprobs(teacher_logits, teacher_ids), teacher_chunk, chunks)
+        teacher = token_logprobs(teacher_logits, teacher_ids)
+    return chunk_kl(token_logprobs(student_logits, student_ids), student_chunk, teacher, teacher_chunk, chunks,
+                    temperature)
+
+
+def chunk_kl(student: torch.Tensor, student_chunk: torch.Tensor, teacher: torch.Tensor, teacher_chunk: torch.Tensor,
+             chunks: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`chunk_likelihood_loss` from the tokens' log-probabilities [B, S] of each side."""
+    s_sum, s_whole = chunk_sums(student, student_chunk, chunks)
+    t_sum, t_whole = chunk_sums(teacher.detach(), teacher_chunk, chunks)
     counted = s_whole & t_whole
     floor = -1e-6  # a chunk of probability 1 has no "not this chunk" side
     ls, lt = (s_sum / temperature).clamp(max=floor), (t_sum / temperature).clamp(max=floor)
@@ -206,3 +216,49 @@ def _add_block(out: dict[str, list], seq_len: int, s_ids, s_chunk, student, t_id
     out["teacher_attention_mask"].append(padded([1] * len(t_ids), 0))
     out["student_chunk"].append(padded(s_chunk.tolist(), -1))
     out["teacher_chunk"].append(padded(t_chunk.tolist(), -1))
+
+
+def cross_parts(logits: torch.Tensor, batch: dict[str, torch.Tensor], teacher: tuple[torch.Tensor, torch.Tensor],
+                method: str, alpha: float, temperature: float, top_k: int,
+                chunk_tokens: Optional[int] = None) -> LossParts:
+    """A student's loss with a teacher of another tokenizer: ``(1 − α)·CE + α·D`` where D is ``method``'s
+    divergence over the paired block's chunks (its teacher columns; ``teacher``: the teacher's detached logits
+    and its per-position CE on them); ``kd`` is D, logged even at α = 0, and ``filtered`` the aligned share:
+    the chunks (likelihood) or chunk ends (sorted) compared per counted token of the student (1: every token a
+    chunk of its own)."""
+    if method == "likelihood":
+        parts, n = likelihood_parts(logits, batch, teacher[1], alpha, temperature, chunk_tokens)
+    else:
+        plain = distill_loss(logits, batch["labels"], batch["mask"], chunk_tokens=chunk_tokens)
+        kd, n = sorted_distribution_loss(logits, batch["student_chunk"], teacher[0].detach(), batch["teacher_chunk"],
+                                         logits.shape[1], top_k, temperature)
+        loss = plain.loss if alpha == 0 else (1 - alpha) * plain.loss + alpha * kd
+        parts = plain._replace(loss=loss, kd=kd.detach())
+    return parts._replace(filtered=n.to(torch.float32) / batch["mask"].sum().clamp(min=1))
+
+
+def _shifted(token_ce: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Each token's log-probability [B, S] from the per-position CE of the position before it (0 at a row's
+    first token, which nothing predicts)."""
+    return torch.nn.functional.pad(-token_ce.view(shape)[:, :-1], (1, 0))
+
+
+def likelihood_parts(logits: torch.Tensor, batch: dict[str, torch.Tensor], teacher_token_ce: torch.Tensor, alpha: float,
+                     temperature: float, chunk_tokens: Optional[int] = None) -> tuple[LossParts, torch.Tensor]:
+    """``(1 − α)·CE + α·D`` with D :func:`chunk_likelihood_loss`, at the memory of the chunked CE: D depends on the
+    student's logits only through its tokens' log-probabilities, so its gradient is that of a CE weighted per
+    position by ``−∂D/∂log p`` (one more chunked pass, no gradient, gives the log-probabilities first). Returns the
+    parts and the number of chunks D averages."""
+    labels, mask = batch["labels"], batch["mask"]
+    with torch.no_grad():
+        plain = distill_loss(logits, labels, mask, chunk_tokens=chunk_tokens)
+    own = _shifted(plain.token_ce, labels.shape).requires_grad_()
+    teacher = _shifted(teacher_token_ce, batch["teacher_input_ids"].shape)
+    with torch.enable_grad():
+        kd, n = chunk_kl(own, batch["student_chunk"], teacher, batch["teacher_chunk"], logits.shape[1], temperature)
+        (per_token,) = torch.autograd.grad(kd, own) if kd.requires_grad else (torch.zeros_like(own),)
+    per_position = torch.nn.functional.pad(-per_token[:, 1:], (0, 1))  # position t predicts token t + 1
+    weights = (1 - alpha) * mask / mask.sum().clamp(min=1) + alpha * per_position
+    value = (1 - alpha) * plain.ce + alpha * kd.detach()
+    surrogate = weighted_ce(logits, labels, weights, chunk_tokens)
+    return plain._replace(loss=surrogate + (value - surrogate).detach(), kd=kd.detach()), n

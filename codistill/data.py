@@ -246,14 +246,16 @@ def _pip_download(requirement: str, dest: Path, pattern: str, binary: bool, sha2
 # --------------------------------------------------------------------------- tokenizer
 
 
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    path = Path(path).expanduser()
+def load_tokenizer(path: str | Path, where: Optional[str] = None) -> PreTrainedTokenizerBase:
+    """The tokenizer in ``path`` (a pad token set to EOS where it has none); errors name ``where`` (a key)."""
+    path, key = Path(path).expanduser(), f"{where}: " if where else ""
     if not path.is_dir():
-        raise ConfigError(f"tokenizer folder {path} does not exist")
+        raise ConfigError(f"{key}tokenizer folder {path} does not exist")
     try:
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as exc:  # transformers raises many types for a bad folder
-        raise ConfigError(f"tokenizer folder {path} could not be loaded: {' '.join(str(exc).split())[:200]}") from None
+        raise ConfigError(f"{key}tokenizer folder {path} could not be loaded: "
+                          f"{' '.join(str(exc).split())[:200]}") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -284,6 +286,22 @@ def run_tokenizer(cfg: RunConfig) -> PreTrainedTokenizerBase:
     the bundled corpus's, else the pretrained teacher's own (the first peer's, in mode mutual)."""
     own = pretrained_tokenizer_dir(cfg.models[0])
     return resolve_tokenizer(cfg.data, str(own) if own else None, cfg.train.seed)
+
+
+PAIRED_VERSION = 1  # bump when paired blocks (codistill/crosstok.py) change, so cached ones are rebuilt
+
+
+def teacher_tokenizer(cfg: RunConfig, run: PreTrainedTokenizerBase) -> Optional[PreTrainedTokenizerBase]:
+    """The teacher's own tokenizer where it differs from the run's (``teacher.tokenizer``, else the one in its
+    pretrained folder); None when the teacher reads the run's (or is not loaded)."""
+    spec = cfg.teacher
+    if spec is None or cfg.mode == "hard" or spec.cache:
+        return None
+    own = spec.tokenizer or pretrained_tokenizer_dir(spec)
+    if own is None:
+        return None
+    tok = load_tokenizer(own, f"{spec.name}.tokenizer" if spec.tokenizer else f"{spec.name}.pretrained")
+    return None if tokenizer_fingerprint(tok) == tokenizer_fingerprint(run) else tok
 
 
 TRAINED_VERSION = 1  # bump when trained tokenizers change, so cached ones are retrained
@@ -546,21 +564,26 @@ def _unreadable(files: list[Path], fmt: str) -> Optional[str]:
 
 
 def build_splits(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int,
-                 probe_fraction: Optional[float] = None) -> Splits:
+                 probe_fraction: Optional[float] = None,
+                 teacher_tokenizer: Optional[PreTrainedTokenizerBase] = None) -> Splits:
     """Tokenized, packed (or padded) train and validation blocks, cached on disk; with
     ``probe_fraction``, that share of the training documents set aside (before packing, like the
-    validation split) as the benefit gate's probe: never trained on, never validated on."""
+    validation split) as the benefit gate's probe: never trained on, never validated on. With
+    ``teacher_tokenizer`` (a teacher with its own), each block holds the same text tokenized both
+    ways (codistill/crosstok.py)."""
     kind, identity = _source_identity(cfg)
     parts = [CHAT_BLOCKS_VERSION if cfg.messages_field else BLOCKS_VERSION, kind, identity, cfg.format, cfg.text_field,
              cfg.prompt_field, cfg.messages_field, cfg.seq_len, cfg.pack,
              cfg.val_split,
              cfg.val_fraction, seed, tokenizer_fingerprint(tokenizer)]
+    if teacher_tokenizer is not None:
+        parts += [{"teacher_tokenizer": tokenizer_fingerprint(teacher_tokenizer), "paired": PAIRED_VERSION}]
     key = json.dumps(parts + ([{"probe_fraction": probe_fraction}] if probe_fraction else []))  # (no probe: as before)
     fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
     parent = cfg.resolved_cache_dir() / "processed"
 
     def build(work: Path) -> str:
-        return _build_blocks(cfg, tokenizer, seed, kind, work, probe_fraction)
+        return _build_blocks(cfg, tokenizer, seed, kind, work, probe_fraction, teacher_tokenizer)
 
     target = build_once(parent, fingerprint, build)
     names = ["train", "validation", *(["probe"] if probe_fraction else [])]
@@ -622,7 +645,8 @@ def _raw_splits(cfg: DataConfig, seed: int, kind: str) -> tuple[datasets.Dataset
 
 
 def _build_blocks(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, kind: str, work: Path,
-                  probe_fraction: Optional[float] = None) -> str:
+                  probe_fraction: Optional[float] = None,
+                  teacher_tokenizer: Optional[PreTrainedTokenizerBase] = None) -> str:
     """Tokenize and pack the splits into ``work``; returns the READY text."""
     train, val = _raw_splits(cfg, seed, kind)
     splits = {"train": train, "validation": val}
@@ -637,7 +661,8 @@ def _build_blocks(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int
                           "give one that has, or use data.prompt_field/text_field")
     out = {}
     for name, part in splits.items():
-        blocks = _to_blocks(part, cfg, tokenizer)
+        blocks = _to_blocks(part, cfg, tokenizer) if teacher_tokenizer is None else \
+            _paired_blocks(part, cfg, tokenizer, teacher_tokenizer)
         if len(blocks) == 0:
             hint = " (or raise data.probe_fraction)" if name == "probe" else ""
             raise ConfigError(
@@ -697,6 +722,30 @@ def _to_blocks(part: datasets.Dataset, cfg: DataConfig, tokenizer: PreTrainedTok
                       remove_columns=["ids", "counted"], num_proc=cfg.num_proc)
 
 
+def _paired_blocks(part: datasets.Dataset, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase,
+                   teacher_tokenizer: PreTrainedTokenizerBase) -> datasets.Dataset:
+    """Blocks of the same text in both tokenizations (codistill/crosstok.py); how much text fell in a chunk
+    longer than a block, and so was left out, is logged."""
+    from .crosstok import pair_blocks
+
+    field = cfg.text_field
+
+    def pair(batch):
+        texts = batch[field]
+        if not all(isinstance(x, str) for x in texts):
+            bad = next(x for x in texts if not isinstance(x, str))
+            raise ConfigError(f"data.text_field: a row of '{cfg.dataset}' holds {quoted(bad)} in column '{field}'; "
+                              "expected text in every row")
+        return pair_blocks(texts, tokenizer, teacher_tokenizer, cfg.seq_len)
+
+    blocks = part.map(pair, batched=True, batch_size=1000, remove_columns=part.column_names, num_proc=cfg.num_proc)
+    dropped = sum(blocks["dropped_tokens"])
+    if dropped:
+        log.warning("data: %d tokens lie in stretches of text the two tokenizers cut alike nowhere within "
+                    "data.seq_len=%d tokens; left out of the blocks", dropped, cfg.seq_len)
+    return blocks.remove_columns(["dropped_tokens"])
+
+
 def _render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict], where: str, opened: bool) -> str:
     """``messages`` rendered by the tokenizer's chat template (with the assistant's turn opened
     when ``opened``); a one-line ConfigError naming ``where`` if the template fails."""
@@ -754,6 +803,20 @@ def _split_chats(chats: list, tokenizer: PreTrainedTokenizerBase) -> dict[str, l
         prompts.append(render_prompt(tokenizer, messages[:-1], "data.messages_field"))
         responses.append(messages[-1]["content"] + suffix)
     return {"prompt": prompts, "response": responses}
+
+
+def on_device(raw: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A micro-batch moved to ``device`` with next-token labels and mask, for each tokenization it holds."""
+    from .engines import CROSS
+    from .losses import next_token_targets
+
+    batch = {k: v.to(device, non_blocking=True) for k, v in raw.items()}
+    batch["labels"], batch["mask"] = next_token_targets(batch["input_ids"], batch["attention_mask"],
+                                                        batch.get("loss_mask"))
+    if CROSS + "input_ids" in batch:
+        batch[CROSS + "labels"], batch[CROSS + "mask"] = next_token_targets(batch[CROSS + "input_ids"],
+                                                                            batch[CROSS + "attention_mask"])
+    return batch
 
 
 # --------------------------------------------------------------------------- per-rank streams

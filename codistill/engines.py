@@ -288,10 +288,22 @@ class Member:
     spec: ModelSpec
     engine: Any  # deepspeed.DeepSpeedEngine
     trainable: bool = True  # False for the frozen teacher of soft mode
+    vocab: Optional[int] = None  # its own vocabulary: a teacher with another tokenizer, reading its own columns
 
     @property
     def name(self) -> str:
         return self.spec.name
+
+
+CROSS = "teacher_"  # the prefix of a paired batch's columns in the teacher's own tokenization
+
+
+def view(member: Member, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The micro-batch as ``member`` reads it: its own tokenization of the same text for a teacher with another
+    tokenizer (ids, attention, labels and mask), the batch itself for every other model."""
+    if member.vocab is None:
+        return batch
+    return {key: batch[CROSS + key] for key in ("input_ids", "attention_mask", "labels", "mask")}
 
 
 def half_precision(ds_config: dict[str, Any]) -> bool:
@@ -304,7 +316,8 @@ def zero_stage(ds_config: dict[str, Any]) -> int:
     return int((ds_config.get("zero_optimization") or {}).get("stage", 0))
 
 
-def build_engine(spec: ModelSpec, hf_config, ds_config: dict[str, Any], seed: int, trainable: bool) -> Member:
+def build_engine(spec: ModelSpec, hf_config, ds_config: dict[str, Any], seed: int, trainable: bool,
+                 vocab: Optional[int] = None) -> Member:
     """The model's weights (random init under ``seed``, or loaded) wrapped in its DeepSpeed
     engine; a frozen model gets an inference-only engine (no optimizer, eval mode, no grads)."""
     import deepspeed
@@ -315,16 +328,17 @@ def build_engine(spec: ModelSpec, hf_config, ds_config: dict[str, Any], seed: in
         enable_checkpointing(model)
     if not trainable:
         engine, *_ = deepspeed.initialize(model=model.requires_grad_(False).eval(), config=ds_config)
-        return Member(spec, engine, trainable=False)
+        return Member(spec, engine, trainable=False, vocab=vocab)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                       config=ds_config)
-    return Member(spec, engine)
+    return Member(spec, engine, vocab=vocab)
 
 
 def forward_logits(member: Member, batch: dict[str, torch.Tensor], vocab: int) -> torch.Tensor:
-    """[B, S, V] logits over the tokenizer's real vocabulary (embedding padding sliced away)."""
+    """[B, S, V] logits over the tokenizer's real vocabulary (embedding padding sliced away); ``batch`` is as the
+    member reads it (:func:`view`), ``vocab`` the run's unless the member has its own."""
     out = member.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    return out.logits[..., :vocab]
+    return out.logits[..., :member.vocab or vocab]
 
 
 def module_logits(member: Member, batch: dict[str, torch.Tensor], vocab: int) -> torch.Tensor:

@@ -10,7 +10,8 @@ from typing import Callable, Optional
 import torch
 
 from .config import OnPolicyConfig
-from .engines import Member, forward_hidden, forward_logits, heads_gathered, lm_head, whole_for_generation
+from .engines import (CROSS, Member, forward_hidden, forward_logits, heads_gathered, lm_head, view,
+                      whole_for_generation)
 from .fused import Head, HeadLogits, fused_linear_losses, fused_rows
 from .losses import distill_loss, top1_agreement
 from .onpolicy import Sampling, left_padded, prompt_lengths, sample, sample_seed, sampled_batch
@@ -36,17 +37,18 @@ class Validator:
         for m in members:
             m.engine.eval()
         keys = [f"{m.name}/eval/loss" for m in members]
+        teacher = teacher if teacher is not None and teacher.vocab is None else None  # top-1 ids of one vocabulary
         if teacher is not None:
             keys += [f"{s.name}/eval/agreement" for s in students] + [f"{teacher.name}/eval/top1_share"]
-        sums = torch.zeros(len(keys) + 1, dtype=torch.float64)  # the last entry counts tokens
+        sums = torch.zeros(len(keys) + 2, dtype=torch.float64)  # the last two count tokens: the run's, another's
         for raw in self.batches:
             batch = self.prepare(raw)
-            n = int(batch["mask"].sum())
-            sums[-1] += n
+            n, own = int(batch["mask"].sum()), int(batch[CROSS + "mask"].sum()) if CROSS + "mask" in batch else 0
+            sums[-2:] += torch.tensor([own, n], dtype=torch.float64)
             top1 = {}
             for i, m in enumerate(members):  # one model's logits (or none, fused) at a time
                 ce, top1[m.name] = self.model(m, batch)
-                sums[i] += ce * n
+                sums[i] += ce * (own if m.vocab is not None else n)
             if teacher is not None:
                 for j, student in enumerate(students):
                     sums[len(members) + j] += top1_agreement(top1[student.name], top1[teacher.name], batch["mask"])
@@ -58,7 +60,11 @@ class Validator:
             if m.trainable:
                 m.engine.train()
         torch.distributed.all_reduce(sums)
-        return {**{key: float(sums[i] / sums[-1]) for i, key in enumerate(keys)}, **scored}
+        out = {key: float(sums[i] / sums[-1]) for i, key in enumerate(keys)}
+        for i, m in enumerate(members):  # another tokenizer: its CE per own token, and per token of the run's
+            if m.vocab is not None:
+                out[f"{m.name}/eval/loss_aligned"], out[keys[i]] = out[keys[i]], float(sums[i] / sums[-2])
+        return {**out, **scored}
 
     def scores(self, teacher: Member, students: list[Member]) -> dict[str, float]:
         """Each student's continuations of the validation prompts (the on-policy settings; the same generator
@@ -93,7 +99,7 @@ class Validator:
             return []
         show, out = self.shown, []
         ids, attention = left_padded(show.ids, show.lengths, show.pad_id)
-        for m in members:
+        for m in (m for m in members if m.vocab is None):  # (a teacher with another tokenizer shows none)
             m.engine.eval()
             with whole_for_generation(m) as module:
                 device = next(module.parameters()).device
@@ -106,7 +112,9 @@ class Validator:
         return out
 
     def model(self, member: Member, batch: Batch) -> tuple[float, torch.Tensor]:
-        """One model's CE on a validation batch and its most likely token per position [B, S]."""
+        """One model's CE on a validation batch (as it reads it: :func:`view`) and its most likely token per
+        position [B, S]."""
+        batch = view(member, batch)
         if not self.fused:
             logits = forward_logits(member, batch, self.vocab)
             return distill_loss(logits, batch["labels"], batch["mask"]).ce.item(), logits.argmax(dim=-1)

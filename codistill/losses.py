@@ -495,6 +495,17 @@ def distill_loss(
     return LossParts(*parts)
 
 
+def weighted_ce(student_logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
+                chunk_tokens: Optional[int] = None) -> torch.Tensor:
+    """``Σ_n weights[n]·CE_n`` with its gradient, chunk by chunk (any weights, negative ones too): the surrogate
+    through which a loss that depends on the tokens' log-probabilities alone back-propagates to the logits
+    without an fp32 copy of them."""
+    vocab = student_logits.shape[-1]
+    need_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    return _DistillLoss.apply(student_logits.reshape(-1, vocab), labels.reshape(-1), weights.reshape(-1).float(), None,
+                              SoftSpec(), chunk_tokens, need_grad)[0]
+
+
 def top1_agreement(student_top1: torch.Tensor, teacher_top1: torch.Tensor, mask: torch.Tensor) -> int:
     """How many masked positions have the student's most likely token equal to the teacher's
     (each model's argmax over its logits, [B, S])."""

@@ -34,7 +34,7 @@ import torch
 
 from . import accelerator  # noqa: F401  (first: sets DS_ACCELERATOR before anything imports deepspeed)
 from .config import ConfigError, ModelSpec, RunConfig
-from .data import run_tokenizer
+from .data import run_tokenizer, teacher_tokenizer
 from .engines import deepspeed_configs, half_precision, is_trainable, loaded_models, zero_stage
 from .fused import FUSED_AUTO_VOCAB, auto_problem, fused_rows, static_problem
 from .losses import chunk_rows, topk_bytes_per_position
@@ -105,6 +105,7 @@ class Estimate:
     fused_rows: int = 0  # positions per chunk of the fused pass
     together: list[str] = field(default_factory=list)  # models that learn from each other: forwards held at once
     sources: int = 1  # models whose chunk of logits the fused pass keeps for their readers
+    cross: bool = False  # a teacher with another tokenizer (its own vocabulary; the logits path only)
 
     def with_fused(self) -> "Estimate":
         """The same run with ``distill.fused_linear`` on: no model's logits, no kept teacher targets."""
@@ -595,9 +596,12 @@ def _plain_estimate(cfg: RunConfig, world_size: int, device: Optional[str] = Non
                    distills=cfg.mode != "hard", chunk_rows=rows)
     loaded = loaded_models(cfg)
     ds_configs = deepspeed_configs(cfg, loaded, world_size, on_cpu=device == "cpu")
+    own = teacher_tokenizer(cfg, tokenizer) if cfg.teacher in loaded else None
+    est.cross = own is not None
     for spec in loaded:
-        est.models.append(_model_memory(spec, model_config(spec, tokenizer), ds_configs[spec.name],
-                                        is_trainable(cfg, spec), world_size, batch, seq, vocab))
+        tok = own if est.cross and spec is cfg.teacher else tokenizer  # the teacher's vocabulary may be its own
+        est.models.append(_model_memory(spec, model_config(spec, tok), ds_configs[spec.name],
+                                        is_trainable(cfg, spec), world_size, batch, seq, len(tok)))
     teacher = next((m for m in est.models if m.name == teacher_name), None)
     learners = cfg.learners()
     settings = [d for s, d, _ in learners if s is not cfg.teacher]
@@ -637,7 +641,7 @@ def estimate(cfg: RunConfig, world_size: int, device: Optional[str] = None) -> E
     setting = cfg.distill.fused_linear
     cached = cfg.teacher is not None and bool(cfg.teacher.cache)
     live = cfg.mode == "mutual" or any(m.name == est.teacher for m in est.models)
-    if not live or not all(m.linear_head for m in est.models) or setting is False:
+    if not live or not all(m.linear_head for m in est.models) or setting is False or est.cross:
         return est
     if setting is True:
         return est.with_fused()

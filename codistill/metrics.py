@@ -33,12 +33,16 @@ def peak_bytes() -> int:
 
 
 FROZEN_CE = "frozen/loss_ce"  # a frozen (or cached) model's CE on each training batch: it scores, it does not learn
+CROSS_CE = "cross/loss_ce"  # a model with its own tokenizer: its CE in nats per token of the run's tokenization
 
 
 def batch_ce(values: Mapping[str, float], name: str) -> Optional[float]:
-    """A model's CE on the step's training batches, whether it trained on them or only scored them."""
-    ce = values.get(f"{name}/train/loss_ce")
-    return values.get(f"{name}/{FROZEN_CE}") if ce is None else ce
+    """A model's CE on the step's training batches (trained on or only scored), per token of the run's
+    tokenization: comparable across models."""
+    for tag in (CROSS_CE, "train/loss_ce", FROZEN_CE):
+        if f"{name}/{tag}" in values:
+            return values[f"{name}/{tag}"]
+    return None
 
 
 class Tags:
@@ -206,8 +210,9 @@ def summary_lines(final: Mapping[str, float], start: Mapping[str, float], teache
         if loss is None:  # a teacher that was not loaded (cached, or hard mode)
             continue
         parts = [f"validation loss {loss:.4f} (perplexity {math.exp(min(loss, 50.0)):,.1f})"]
-        if name != teacher and f"{teacher}/eval/loss" in final:
-            parts.append(f"{loss - final[f'{teacher}/eval/loss']:+.4f} vs the teacher")
+        ref = final.get(f"{teacher}/eval/loss_aligned", final.get(f"{teacher}/eval/loss"))  # per token of the run's
+        if name != teacher and ref is not None:
+            parts.append(f"{loss - ref:+.4f} vs the teacher")
         if f"{name}/eval/loss" in start and loss != start[f"{name}/eval/loss"]:  # (a frozen teacher's never moves)
             parts.append(f"{loss - start[f'{name}/eval/loss']:+.4f} since step 0")
         lines.append(f"  {name}: " + ", ".join(parts))

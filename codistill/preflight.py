@@ -13,7 +13,7 @@ import torch
 from . import checkpoint, distributed, identity
 from .cache import TeacherCache
 from .config import ConfigError, ModelSpec, RunConfig, is_resolved_config
-from .data import check_data_source, run_tokenizer, tokenizer_fingerprint
+from .data import check_data_source, run_tokenizer, teacher_tokenizer, tokenizer_fingerprint
 from .engines import deepspeed_configs, half_precision, loaded_models, zero_stage
 from .fused import static_problem
 from .models import check_attention, check_model, model_config
@@ -50,10 +50,36 @@ class Inputs:
     resume_from: Optional[Path]
     saved_world: int  # the number of ranks the checkpoint to resume from was written by (else this run's)
     release: Callable[[], None]  # frees the output folder for another run
+    teacher_tokenizer: Any = None  # the teacher's own, where it differs from the run's (codistill/crosstok.py)
 
     @property
     def vocab(self) -> int:
         return len(self.tokenizer)
+
+    def own_vocab(self, spec: ModelSpec) -> Optional[int]:
+        """The vocabulary of a model that reads its own tokenization (the teacher with another tokenizer)."""
+        cross = self.teacher_tokenizer is not None and spec is self.specs[0]
+        return len(self.teacher_tokenizer) if cross else None
+
+
+def check_cross(cfg: RunConfig) -> None:
+    """What distillation across tokenizers does not do yet, each refused in one line naming the key."""
+    t = cfg.teacher.name
+    source = f"{t}.tokenizer" if cfg.teacher.tokenizer else f"the one in {t}.pretrained"
+    where = f"a teacher with another tokenizer ({source})"
+    if cfg.data.prompt_field or cfg.data.messages_field or not cfg.data.pack:
+        raise ConfigError(f"data: {where} reads packed plain text only (data.pack=true, no data.prompt_field or "
+                          "data.messages_field)")
+    if cfg.distill.fused_linear is True:
+        raise ConfigError(f"distill.fused_linear=true: {where} takes the logits path; set it to auto or false")
+    if cfg.listening:
+        raise ConfigError(f"{cfg.teacher.name}.distill: {where} does not listen to its students")
+    for spec, d, _ in cfg.learners():
+        for key, on in (("benefit_gate", d.benefit_gate), ("token_filter", d.token_filter),
+                        ("on_policy", d.on_policy is not None)):
+            if on:
+                raise ConfigError(f"{spec.name}.distill.{key}: not available with {where}; set it to "
+                                  f"{'null' if key == 'on_policy' else 'false'}")
 
 
 def check_inputs(cfg: RunConfig, output_dir: Path) -> Inputs:
@@ -67,8 +93,14 @@ def check_inputs(cfg: RunConfig, output_dir: Path) -> Inputs:
                               f"{vocab:,} tokens; top-k targets keep k < V (targets: full keeps them all)")
     specs = loaded_models(cfg)
     hf_configs = {s.name: model_config(s, tokenizer) for s in specs}
+    own = teacher_tokenizer(cfg, tokenizer) if specs and specs[0] is cfg.teacher else None
+    if own is not None:  # its vocabulary is its own tokenizer's
+        check_cross(cfg)
+        hf_configs[cfg.teacher.name] = model_config(cfg.teacher, own)
+    readers = {s.name: (own if own is not None and s is cfg.teacher else tokenizer) for s in specs}
     for spec in specs:
-        check_model(spec, hf_configs[spec.name], tokenizer, tokenizer_fp, cfg.data.seq_len)
+        tok = readers[spec.name]
+        check_model(spec, hf_configs[spec.name], tok, tokenizer_fingerprint(tok), cfg.data.seq_len)
     check_sample_lengths(cfg, hf_configs)
     cached = cfg.teacher is not None and bool(cfg.teacher.cache)
     if cached:
@@ -100,4 +132,4 @@ def check_inputs(cfg: RunConfig, output_dir: Path) -> Inputs:
                 ds.setdefault("checkpoint", {})["load_universal"] = True
     # One run per output_dir: another would remove this one's staging folders, or it theirs.
     release = checkpoint.claim(output_dir) if distributed.env_rank() == 0 else (lambda: None)
-    return Inputs(tokenizer, tokenizer_fp, specs, hf_configs, ds_configs, resume_from, saved_world, release)
+    return Inputs(tokenizer, tokenizer_fp, specs, hf_configs, ds_configs, resume_from, saved_world, release, own)

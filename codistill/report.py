@@ -47,10 +47,11 @@ def describe_models(members: list[Member], world_size: int) -> list[str]:
         stored = " ".join(f"{int(t):,}" for t in gathered)
         recomputed = m.trainable and m.spec.gradient_checkpointing
         origin = f"from {m.spec.pretrained}" if m.spec.pretrained else "random init"
+        own = f"; its own tokenizer ({m.vocab:,} tokens), aligned with the run's by characters" if m.vocab else ""
         lines.append(
             f"{m.name}: {count_parameters(module):,} parameters ({origin}), ZeRO stage {m.engine.zero_optimization_stage()}, "
             f"bf16={m.engine.bfloat16_enabled()}{'' if m.trainable else ', frozen'}, "
-            f"{m.spec.attn_implementation} attention{', checkpointed' if recomputed else ''}; stored per rank: {stored}"
+            f"{m.spec.attn_implementation} attention{', checkpointed' if recomputed else ''}; stored per rank: {stored}{own}"
         )
     return lines
 
@@ -69,9 +70,9 @@ def describe_teacher_source(cfg: RunConfig, cache) -> Optional[str]:
 
 
 def describe_student(state: StudentState, max_steps: int, heldout_blocks: Optional[int],
-                     sources: Optional[list[str]] = None) -> str:
+                     sources: Optional[list[str]] = None, cross: bool = False) -> str:
     """When and how one learner distils (and from which models, when that is not simply the teacher): its
-    schedule, temperature, divergence and benefit gate."""
+    schedule, temperature, divergence (``cross``: its method across tokenizers) and benefit gate."""
     d, name = state.distill, state.name
     if sources is not None and not sources:
         return f"{name}: learns from no other model: CE alone"
@@ -87,7 +88,8 @@ def describe_student(state: StudentState, max_steps: int, heldout_blocks: Option
         gate = f"benefit gate every {d.benefit_interval} steps ({source}; noise term {noise})"
     whom = f"from {' + '.join(sources)}; " if sources else ""
     return (f"{name}: distils from step {start} of {max_steps} ({whom}head start {d.head_start_steps}, burn-in "
-            f"{d.burn_in_steps}); {d.schedule} alpha up to {d.alpha_max}, T={d.temperature}, {d.divergence}, {gate}"
+            f"{d.burn_in_steps}); {d.schedule} alpha up to {d.alpha_max}, T={d.temperature}, "
+            f"{f'across tokenizers by {d.cross_tokenizer}' if cross else d.divergence}, {gate}"
             + describe_on_policy(d))
 
 

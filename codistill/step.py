@@ -31,14 +31,15 @@ import torch
 
 from .cache import TeacherCache
 from .config import ConfigError, RunConfig
-from .engines import (Member, forward_hidden, forward_logits, fused_head_problem, heads_gathered, lm_head,
-                      module_hidden, module_logits, whole_for_generation)
+from .crosstok import cross_parts
+from .engines import (CROSS, Member, forward_hidden, forward_logits, fused_head_problem, heads_gathered, lm_head,
+                      module_hidden, module_logits, view, whole_for_generation)
 from .errors import NonFinite
 from .fused import FUSED_AUTO_VOCAB, Head, HeadLogits, Term, auto_problem, fused_losses, static_problem
 from .gate import hypergradient_terms, trainable_parameters
 from .losses import LossParts, SoftSpec, Targets, chunk_rows, distill_loss, panel_stats
 from .memory import fused_lowers_peak
-from .metrics import FROZEN_CE, Tags
+from .metrics import CROSS_CE, FROZEN_CE, Tags
 from .mixture import Mixture, source_targets
 from .onpolicy import Sampling, left_padded, on_policy_loss, prompt_lengths, sample, sample_seed, sampled_batch
 from .student import StudentPlan, StudentState
@@ -69,6 +70,11 @@ class Models:
 
     def learner(self, index: int) -> Member:
         return self.members[self.learners[index]]
+
+    @property
+    def cross(self) -> bool:
+        """Whether a model reads its own tokenization of the text (a teacher with another tokenizer)."""
+        return any(m.vocab is not None for m in self.members)
 
     def learner_at(self, position: int) -> Optional[int]:
         """The learner index of the member at ``position`` (None: it learns from nobody, e.g. a deaf teacher)."""
@@ -337,7 +343,7 @@ class LogitsStep(MicroStep):
         for k, trains in roles.trains.items():
             member = self.m.members[k]
             with torch.set_grad_enabled(trains):
-                logits = forward_logits(member, batch, self.m.vocab)
+                logits = forward_logits(member, view(member, batch), self.m.vocab)
             got.logits[k] = logits.detach()
             ran.add(k)
             if trains:
@@ -354,7 +360,7 @@ class LogitsStep(MicroStep):
                 else:
                     still.append((position, own))
             pending = still
-            if panels is None:  # what no waiting model reads any more (top-k targets: the full logits)
+            if panels is None and not self.m.cross:  # what no waiting model reads any more (top-k: the full logits)
                 waiting = {p for p, _ in pending} | (set(roles.trains) - ran)
                 got.keep_for([(sources, self.m.states[i], plans[i].temperature) for i, sources in roles.reads.items()
                               if self.m.learners[i] in waiting])
@@ -373,13 +379,22 @@ class LogitsStep(MicroStep):
                got: SourceTargets) -> bool:
         """A frozen model's CE (logged; its per-position CE and logsumexp serve its readers); False if it is
         not finite (then nobody learns from it at this step)."""
+        member, seen = self.m.members[position], view(self.m.members[position], batch)
         with self.phase("loss"):
-            parts = distill_loss(logits, batch["labels"], batch["mask"])
-        if not self.finite(self.m.members[position], parts.loss):
+            parts = distill_loss(logits, seen["labels"], seen["mask"])
+        if not self.finite(member, parts.loss):
             return False
         got.known[position] = (parts.token_ce, parts.lse)
-        add(sums, f"{self.m.members[position].name}/{FROZEN_CE}", parts.ce.item())  # it scores; it does not train
+        add(sums, f"{member.name}/{FROZEN_CE}", parts.ce.item())  # it scores; it does not train
+        self.cross_ce(sums, member, batch, parts.ce)
         return True
+
+    def cross_ce(self, sums: dict[str, float], member: Member, batch: Batch, ce: torch.Tensor) -> None:
+        """A model with its own tokenizer: its CE on the text in nats per token of the run's tokenization (the
+        same text: comparable with the students' CE, e.g. for the teacher-lead schedule)."""
+        if member.vocab is not None:
+            per = batch[CROSS + "mask"].sum() / batch["mask"].sum().clamp(min=1)
+            add(sums, f"{member.name}/{CROSS_CE}", float(ce * per))
 
     def train(self, position: int, logits: torch.Tensor, sources: list[int], batch: Batch,
               plans: list[StudentPlan], sums: dict[str, float], panels: Optional[dict[str, float]],
@@ -389,12 +404,16 @@ class LogitsStep(MicroStep):
         member, index = self.m.members[position], self.m.learner_at(position)
         if any(j in bad for j in sources):
             return
-        plan = plans[index] if index is not None else None
-        targets = preset.get(index) if not sources else got.make(sources, self.m.states[index], plan.temperature)
+        plan, seen = plans[index] if index is not None else None, view(member, batch)
+        cross = bool(sources) and self.m.members[sources[0]].vocab is not None  # its one source: another tokenizer
+        targets = None if cross else preset.get(index) if not sources else got.make(sources, self.m.states[index],
+                                                                                     plan.temperature)
         spec = plan.spec if targets is not None else SoftSpec()
-        chunk = self.m.states[index].distill.chunk_tokens if index is not None else None
+        d = self.m.states[index].distill if index is not None else None
         with self.phase("loss"):
-            parts = distill_loss(logits, batch["labels"], batch["mask"], targets, spec, chunk)
+            parts = cross_parts(logits, batch, (got.logits[sources[0]], got.known[sources[0]][0]), d.cross_tokenizer,
+                                plan.spec.alpha, plan.temperature, d.top_k, d.chunk_tokens) if cross else \
+                distill_loss(logits, seen["labels"], seen["mask"], targets, spec, d and d.chunk_tokens)
         if panels is not None and targets is not None:
             self.add_panels(panels, index, logits, batch, targets, plan,
                             got.panel_logits(sources) if sources else None)
@@ -410,7 +429,10 @@ class LogitsStep(MicroStep):
         if probe is not None and targets is not None:  # before the learner's step
             self.measure_benefit(index, batch, targets, plan, probe, sums)
         self.step(member)
-        self.add_sums(sums, position, parts, soft=targets is not None)
+        self.add_sums(sums, position, parts, soft=targets is not None or cross)
+        self.cross_ce(sums, member, batch, parts.ce)
+        if cross:
+            add(sums, f"{member.name}/train/aligned_share", parts.filtered.item())
 
 
 class FusedStep(MicroStep):
@@ -530,6 +552,9 @@ def use_fused(cfg: RunConfig, members: list[Member], vocab: int, world_size: int
     (fused.auto_problem) and the memory estimate's step peak is lower with it."""
     setting, refusal = cfg.distill.fused_linear, static_problem(cfg.mode, cfg.teacher is not None and bool(cfg.teacher.cache))
     if setting is False or (setting == "auto" and (refusal or vocab < FUSED_AUTO_VOCAB)):
+        return False
+    if any(m.vocab is not None for m in members):  # another tokenizer: the logits path (true was refused before)
+        log.info("fused-linear losses off: a model reads another tokenizer's text")
         return False
     at_zero3 = auto_problem([m.engine.zero_optimization_stage() for m in members])
     if setting == "auto" and at_zero3:  # before the heads' exactness probe: nothing to run for it

@@ -22,14 +22,13 @@ import torch
 from . import checkpoint, distributed, identity, onpolicy, report
 from .cache import TeacherCache
 from .config import ConfigError, RunConfig, dump_config
-from .data import BatchStream, ProbeBatches, build_splits, eval_batches
+from .data import BatchStream, ProbeBatches, build_splits, eval_batches, on_device
 from .engines import Member, build_engine, init_seed, is_trainable, quiet_library_noise
 from .errors import NonFinite
 from .evaluate import Shown, Validator
 from .files import write_atomically
-from .losses import next_token_targets
 from .metrics import Metrics, Settings, Tags, batch_ce, format_values, summary_lines
-from .preflight import check_inputs
+from .preflight import Inputs, check_inputs
 from .step import Models, Probes, make_step, use_fused
 from .student import StudentPlan, Students, StudentState, rank_averaged_terms
 
@@ -46,12 +45,13 @@ class Trainer:
         self.output_dir = Path(cfg.output_dir).expanduser().resolve()
         inputs = check_inputs(cfg, self.output_dir)
         self.tokenizer, self.vocab, self.tokenizer_fp = inputs.tokenizer, inputs.vocab, inputs.tokenizer_fp
+        self.teacher_tokenizer = inputs.teacher_tokenizer  # a teacher's own, where it differs (codistill/crosstok.py)
         self.resume_from, self.saved_world, self._release = inputs.resume_from, inputs.saved_world, inputs.release
         try:
             self.world = distributed.init(timeout_s=cfg.train.collective_timeout_s)
             fingerprint = self._load_data()
             self.cache = self._open_cache(fingerprint)
-            self._build_engines(inputs.specs, inputs.hf_configs, inputs.ds_configs)
+            self._build_engines(inputs)
             self._init_state()
             if self.resume_from is not None:
                 self._load(self.resume_from)
@@ -64,7 +64,7 @@ class Trainer:
     def _load_data(self) -> str:
         """This rank's training stream and validation batches; returns the data's fingerprint."""
         cfg, world = self.cfg, self.world
-        splits = build_splits(cfg.data, self.tokenizer, cfg.train.seed, cfg.probe_fraction())
+        splits = build_splits(cfg.data, self.tokenizer, cfg.train.seed, cfg.probe_fraction(), self.teacher_tokenizer)
         self.stream = BatchStream(splits.train, cfg.train.micro_batch_size, world.rank, world.size, cfg.train.seed)
         self.heldout = None if splits.probe is None else ProbeBatches(  # benefit_probe: heldout's documents
             splits.probe, cfg.train.micro_batch_size, world.rank, cfg.train.seed)
@@ -85,13 +85,13 @@ class Trainer:
                                   "seq_len": cfg.data.seq_len},
                                  cfg.distill_for(0).temperature, self.vocab)
 
-    def _build_engines(self, specs: list, hf_configs: dict, ds_configs: dict) -> None:
+    def _build_engines(self, inputs: Inputs) -> None:
         """One engine per model, every learner's state and sources, and the micro-step and validation that
         use them."""
-        cfg = self.cfg
-        self.members: list[Member] = [
-            build_engine(s, hf_configs[s.name], ds_configs[s.name], init_seed(cfg, s), is_trainable(cfg, s))
-            for s in specs]
+        cfg, specs = self.cfg, inputs.specs
+        self.members: list[Member] = [build_engine(s, inputs.hf_configs[s.name], inputs.ds_configs[s.name],
+                                                   init_seed(cfg, s), is_trainable(cfg, s), inputs.own_vocab(s))
+                                      for s in specs]
         self.teacher_name = None if cfg.teacher is None else cfg.teacher.name
         self.teacher: Optional[Member] = self.members[0] if cfg.teacher in specs else None
         self.students = self.members[1 if self.teacher is not None else 0:]
@@ -205,10 +205,7 @@ class Trainer:
 
     def prepare_batch(self, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Move a micro-batch to this rank's device and add next-token labels and mask."""
-        batch = {k: v.to(self.world.device, non_blocking=True) for k, v in raw.items()}
-        batch["labels"], batch["mask"] = next_token_targets(batch["input_ids"], batch["attention_mask"],
-                                                            batch.get("loss_mask"))
-        return batch
+        return on_device(raw, self.world.device)
 
     def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
         keys = list(values)  # the same keys in the same order on every rank: what runs is decided collectively
@@ -229,10 +226,11 @@ class Trainer:
             return [*lines, source]
         heldout = None if self.heldout is None else len(self.heldout.dataset)
         lines += [report.describe_student(s, self.cfg.train.max_steps, heldout, [self.members[j].name for j in
-                                                                             self.models.sources[i]])
+                                                                             self.models.sources[i]], self.models.cross)
                   for i, s in enumerate(self.learners)]
         engine = self.members[0].engine
-        return lines + report.describe_targets(self.cfg, list(self.learners), self.vocab, self.fused,
+        return lines + report.describe_targets(self.cfg, [] if self.models.cross else list(self.learners), self.vocab,
+                                               self.fused,
                                                engine.bfloat16_enabled() or engine.fp16_enabled())
 
     # ------------------------------------------------------------------ checkpoints
@@ -266,10 +264,12 @@ class Trainer:
                                self.cfg.checkpoint.keep_last, self._write_extra)
 
     def _write_extra(self, folder: Path) -> None:
-        """What an export needs beside the weights: each model's config and the tokenizer."""
+        """What an export needs beside the weights: each model's config and tokenizer (a teacher's own, if any)."""
         for m in self.trainable:
             m.engine.module.config.save_pretrained(str(folder / "hf" / m.name))
         self.tokenizer.save_pretrained(str(folder / "tokenizer"))
+        if self.teacher_tokenizer is not None:
+            self.teacher_tokenizer.save_pretrained(str(folder / "tokenizer" / self.teacher_name))
 
     def _load(self, path: Path) -> None:
         state = checkpoint.read_state(path)

@@ -283,7 +283,9 @@ CASES = [
                           "data.dataset={tmp}/mixed"),
      "data.format: cannot infer one format from ['.jsonl', '.txt']"),
     # pretrained folders
-    ("teacher with another tokenizer", teacher_folder(other_vocab=True), "differs from the run's tokenizer"),
+    ("teacher with another tokenizer", teacher_folder(other_vocab=True),  # distilled across tokenizers: not gated
+     "student.distill.benefit_gate: not available with a teacher with another tokenizer (the one in "
+     "teacher.pretrained); set it to false"),
     ("pretrained without weights", teacher_folder(weights=False), "holds no weights"),
     ("truncated safetensors", teacher_folder(damage=truncate), "model.safetensors is truncated ("),
     ("garbage safetensors", teacher_folder(damage=lambda f: f.write_bytes(b"garbage" * 10)),

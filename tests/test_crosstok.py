@@ -181,3 +181,153 @@ def test_a_chunk_longer_than_a_block_is_left_out_and_counted():
     assert all(s <= 2 for s in lengths) and all(t <= 2 for t in teacher)
     # each 6-character run is one chunk of 3 student tokens: longer than a block of 2, so left out
     assert out["input_ids"] == [[1, 0]] * 2 and sum(out["dropped_tokens"]) == 3 + 6
+
+
+# ------------------------------------------------------------------ runs with a teacher of another tokenizer
+
+CROSS_RUN = ["distill.benefit_gate=false", "train.max_steps=4", "train.eval_interval=2", "distill.burn_in_steps=0",
+             "distill.warmup_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def cross_setup(tmp_path_factory, pair):
+    """A small corpus (the bundled one's first documents) and the GPT-2 tokenizer in a folder: the teacher's."""
+    import json
+
+    from codistill.data import prepare_corpus
+
+    folder = tmp_path_factory.mktemp("cross")
+    root = prepare_corpus("shakespeare", DataConfig().resolved_cache_dir())
+    play = json.loads((root / "train.jsonl").read_text().splitlines()[0])["text"][:120_000]
+    speeches = [s for s in play.split("\n\n") if s.strip()]  # ~2,000 short documents: a quick paired build
+    (folder / "docs.jsonl").write_text("".join(json.dumps({"text": s}) + "\n" for s in speeches))
+    pair[1].save_pretrained(folder / "gpt2")
+    return [f"data.dataset={folder / 'docs.jsonl'}", f"data.tokenizer={root / 'tokenizer'}",
+            f"data.cache_dir={folder / 'cache'}",
+            f"teacher.tokenizer={folder / 'gpt2'}", *CROSS_RUN]
+
+
+def test_a_two_rank_codistillation_across_tokenizers_logs_its_tags_and_resumes_exactly(tmp_path, cross_setup):
+    from conftest import launch, read_scalars
+
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    log = launch(f"output_dir={straight}", *cross_setup).stdout
+    assert "its own tokenizer (50,257 tokens), aligned with the run's by characters" in log
+    assert "across tokenizers by likelihood" in log
+    launch(f"output_dir={split}", *cross_setup, "train.steps_this_run=2")
+    resumed = launch(f"output_dir={split}", *cross_setup, "resume=auto").stdout
+    assert "step_00000002 at step 2" in resumed
+    a, b = read_scalars(straight), read_scalars(split)
+    for tag in ("teacher/train/loss", "teacher/cross/loss_ce", "student/train/loss", "student/train/loss_kd",
+                "student/train/aligned_share", "schedule/alpha"):
+        assert sorted(a[tag]) == [1, 2, 3, 4] and all(map(math.isfinite, a[tag].values())), tag
+        assert a[tag] == b[tag], tag  # the same batches, targets and steps after the restart
+    assert 0 < min(a["student/train/aligned_share"].values()) <= 1
+    assert max(a["schedule/alpha"].values()) > 0 and max(a["student/train/loss_kd"].values()) > 0
+    for tag in ("teacher/eval/loss", "teacher/eval/loss_aligned", "student/eval/loss"):
+        assert sorted(a[tag]) == [0, 2, 4] and a[tag] == b[tag], tag
+    # the teacher's CE per token of its own tokenization, and per token of the students' (same text, fewer tokens)
+    assert a["teacher/eval/loss_aligned"][4] != a["teacher/eval/loss"][4]
+    assert "student/eval/agreement" not in a  # top-1 tokens of two vocabularies do not compare
+    # each model is exported with the tokenizer it read
+    from transformers import AutoTokenizer
+
+    from codistill.checkpoint import export_checkpoint, intact
+
+    folders = export_checkpoint(intact(straight), tmp_path / "hf", ["teacher", "student"])
+    assert [len(AutoTokenizer.from_pretrained(str(f))) for f in folders] == [50257, 4096]
+
+
+def test_a_frozen_teacher_of_another_tokenizer_teaches_in_soft_mode(tmp_path, cross_setup, pair):
+    """A pretrained teacher folder that holds its own (GPT-2) tokenizer: no teacher.tokenizer needed."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from conftest import launch, read_scalars
+
+    folder = tmp_path / "teacher"
+    hf = AutoConfig.for_model("llama", vocab_size=len(pair[1]), hidden_size=32, intermediate_size=64,
+                              num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                              max_position_embeddings=64)
+    AutoModelForCausalLM.from_config(hf).save_pretrained(folder)
+    pair[1].save_pretrained(folder)
+    setup = [x for x in cross_setup if not x.startswith("teacher.tokenizer=")]
+    out = tmp_path / "run"
+    log = launch(f"output_dir={out}", *setup, "mode=soft", f"teacher.pretrained={folder}", "teacher.config={}",
+                 "distill.cross_tokenizer=sorted", "distill.targets=topk", "distill.top_k=8", how="python").stdout
+    assert "frozen" in log and "its own tokenizer (50,257 tokens)" in log and "across tokenizers by sorted" in log
+    tb = read_scalars(out)
+    for tag in ("teacher/frozen/loss_ce", "teacher/cross/loss_ce", "student/train/loss_kd", "distill/teacher_lead"):
+        assert len(tb[tag]) == 4 and all(map(math.isfinite, tb[tag].values())), tag
+    assert "teacher/train/loss" not in tb and max(tb["student/train/loss_kd"].values()) > 0
+
+
+@pytest.mark.parametrize("override, line", [
+    ("data.pack=false", "data: a teacher with another tokenizer (teacher.tokenizer) reads packed plain text only"),
+    ("distill.fused_linear=true", "distill.fused_linear=true: a teacher with another tokenizer (teacher.tokenizer) "
+                                  "takes the logits path; set it to auto or false"),
+    ("distill.benefit_gate=true", "student.distill.benefit_gate: not available with a teacher with another tokenizer "
+                                  "(teacher.tokenizer); set it to false"),
+    ("distill.token_filter=true", "student.distill.token_filter: not available with a teacher with another "
+                                  "tokenizer (teacher.tokenizer); set it to false"),
+])
+def test_what_is_not_available_across_tokenizers_is_one_line(tmp_path, cross_setup, override, line):
+    from codistill.config import load_config
+    from codistill.preflight import check_inputs
+
+    from conftest import MICRO
+
+    cfg = load_config(MICRO, [*cross_setup, override, f"output_dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError) as err:
+        check_inputs(cfg, tmp_path / "run")
+    assert str(err.value).startswith(line)
+    assert not (tmp_path / "run").exists()  # refused before the output folder is claimed
+
+
+def test_a_student_cannot_have_a_tokenizer_of_its_own():
+    from codistill.config import load_config
+
+    from conftest import MICRO
+
+    with pytest.raises(ConfigError, match=r"student\.tokenizer: students read data\.tokenizer; only the teacher"):
+        load_config(MICRO, ["students.0.tokenizer=/somewhere"])
+    with pytest.raises(ConfigError, match=r"teacher\.tokenizer: a cached teacher \(teacher\.cache\) holds"):
+        load_config(MICRO, ["mode=soft", "teacher.cache=/c", "teacher.tokenizer=/t"])
+
+
+def test_likelihood_parts_match_the_definition_value_and_gradient_without_an_fp32_copy():
+    """Training's chunk-likelihood term (a CE weighted per position, chunked) equals the definition computed
+    from whole logits: value and gradient."""
+    from codistill.crosstok import likelihood_parts
+    from codistill.losses import distill_loss, next_token_targets
+
+    torch.manual_seed(3)
+    vs, vt, rows, ls, lt, chunks, temp, alpha = 11, 17, 2, 9, 7, 4, 2.0, 0.3
+    zs, zt = torch.randn(rows, ls, vs, requires_grad=True), torch.randn(rows, lt, vt)
+    ids_s, ids_t = torch.randint(vs, (rows, ls)), torch.randint(vt, (rows, lt))
+    cs, ct = _chunked(rows, ls, chunks, 5), _chunked(rows, lt, chunks, 6)
+    labels, mask = next_token_targets(ids_s, torch.ones_like(ids_s))
+    t_labels, t_mask = next_token_targets(ids_t, torch.ones_like(ids_t))
+    teacher_ce = distill_loss(zt, t_labels, t_mask).token_ce
+    batch = {"input_ids": ids_s, "labels": labels, "mask": mask, "teacher_input_ids": ids_t, "student_chunk": cs,
+             "teacher_chunk": ct}
+    parts, n = likelihood_parts(zs, batch, teacher_ce, alpha, temp, chunk_tokens=5)
+    parts.loss.backward()
+    got = zs.grad.clone()
+    zs.grad = None
+    kd, m = chunk_likelihood_loss(zs, ids_s, cs, zt, ids_t, ct, chunks, temp)
+    ce = torch.nn.functional.cross_entropy(zs[:, :-1].reshape(-1, vs), ids_s[:, 1:].reshape(-1))
+    ((1 - alpha) * ce + alpha * kd).backward()
+    assert int(n) == int(m) and parts.kd.item() == pytest.approx(kd.item(), rel=1e-5)
+    assert parts.loss.item() == pytest.approx(((1 - alpha) * ce + alpha * kd).item(), rel=1e-5)
+    assert torch.allclose(got, zs.grad, atol=1e-6)
+
+
+def test_the_memory_estimate_gives_the_teacher_its_own_vocabulary(cross_setup):
+    from codistill import memory
+    from codistill.config import load_config
+
+    from conftest import MICRO
+
+    est = memory.estimate(load_config(MICRO, cross_setup), 2, "cpu")
+    assert est.cross and not est.fused
+    assert [m.width for m in est.models] == [50257, 4096]
