@@ -218,20 +218,26 @@ def _add_block(out: dict[str, list], seq_len: int, s_ids, s_chunk, student, t_id
     out["teacher_chunk"].append(padded(t_chunk.tolist(), -1))
 
 
-def cross_parts(logits: torch.Tensor, batch: dict[str, torch.Tensor], teacher: tuple[torch.Tensor, torch.Tensor],
-                method: str, alpha: float, temperature: float, top_k: int,
-                chunk_tokens: Optional[int] = None) -> LossParts:
+class CrossTeacher(NamedTuple):
+    """What a student's soft term reads of a teacher with another tokenizer, on the teacher's own columns of a
+    paired block: its detached logits (for ``sorted``) and its per-position CE (for ``likelihood``)."""
+
+    logits: torch.Tensor
+    token_ce: torch.Tensor
+
+
+def cross_parts(logits: torch.Tensor, batch: dict[str, torch.Tensor], teacher: CrossTeacher, method: str, alpha: float,
+                temperature: float, top_k: int, chunk_tokens: Optional[int] = None) -> LossParts:
     """A student's loss with a teacher of another tokenizer: ``(1 − α)·CE + α·D`` where D is ``method``'s
-    divergence over the paired block's chunks (its teacher columns; ``teacher``: the teacher's detached logits
-    and its per-position CE on them); ``kd`` is D, logged even at α = 0, and ``filtered`` the aligned share:
-    the chunks (likelihood) or chunk ends (sorted) compared per counted token of the student (1: every token a
-    chunk of its own)."""
+    divergence over the paired block's chunks; ``kd`` is D, logged even at α = 0, and ``filtered`` the aligned
+    share: the chunks (likelihood) or chunk ends (sorted) compared per counted token of the student (1: every
+    token a chunk of its own)."""
     if method == "likelihood":
-        parts, n = likelihood_parts(logits, batch, teacher[1], alpha, temperature, chunk_tokens)
+        parts, n = likelihood_parts(logits, batch, teacher.token_ce, alpha, temperature, chunk_tokens)
     else:
         plain = distill_loss(logits, batch["labels"], batch["mask"], chunk_tokens=chunk_tokens)
-        kd, n = sorted_distribution_loss(logits, batch["student_chunk"], teacher[0].detach(), batch["teacher_chunk"],
-                                         logits.shape[1], top_k, temperature)
+        kd, n = sorted_distribution_loss(logits, batch["student_chunk"], teacher.logits.detach(),
+                                         batch["teacher_chunk"], logits.shape[1], top_k, temperature)
         loss = plain.loss if alpha == 0 else (1 - alpha) * plain.loss + alpha * kd
         parts = plain._replace(loss=loss, kd=kd.detach())
     return parts._replace(filtered=n.to(torch.float32) / batch["mask"].sum().clamp(min=1))

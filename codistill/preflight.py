@@ -75,8 +75,7 @@ def check_cross(cfg: RunConfig) -> None:
     if cfg.listening:
         raise ConfigError(f"{cfg.teacher.name}.distill: {where} does not listen to its students")
     for spec, d, _ in cfg.learners():
-        for key, on in (("benefit_gate", d.benefit_gate), ("token_filter", d.token_filter),
-                        ("on_policy", d.on_policy is not None)):
+        for key, on in (("token_filter", d.token_filter), ("on_policy", d.on_policy is not None)):
             if on:
                 raise ConfigError(f"{spec.name}.distill.{key}: not available with {where}; set it to "
                                   f"{'null' if key == 'on_policy' else 'false'}")

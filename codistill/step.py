@@ -31,7 +31,7 @@ import torch
 
 from .cache import TeacherCache
 from .config import ConfigError, RunConfig
-from .crosstok import cross_parts
+from .crosstok import CrossTeacher, cross_parts
 from .engines import (CROSS, Member, forward_hidden, forward_logits, fused_head_problem, heads_gathered, lm_head,
                       module_hidden, module_logits, view, whole_for_generation)
 from .errors import NonFinite
@@ -266,8 +266,8 @@ class MicroStep:
             panels["distill/teacher_entropy" if key == "teacher_entropy" and one_teacher
                    else self.m.tags.student("distill", key, index)] = value
 
-    def measure_benefit(self, index: int, batch: Batch, targets: Targets, plan: StudentPlan, probe: Batch,
-                        sums: dict[str, float], sources: Optional[list[Head]] = None) -> None:
+    def measure_benefit(self, index: int, batch: Batch, targets: Targets | CrossTeacher, plan: StudentPlan,
+                        probe: Batch, sums: dict[str, float], sources: Optional[list[Head]] = None) -> None:
         """The benefit gate's measurement, on this rank, at the learner's weights before its step: the inner
         products of ∇CE and ∇(T²·D − CE) on the batch, the update at this step's α, and ∇CE on the unseen
         ``probe`` (see :func:`codistill.gate.hypergradient_terms`). Forwards of the bare module: gradients of
@@ -293,10 +293,11 @@ class MicroStep:
         for key, value in terms.items():
             add(sums, f"{learner.name}/benefit/{key}", value)
 
-    def _gate_losses(self, index: int, batch: Batch, targets: Targets, plan: StudentPlan,
+    def _gate_losses(self, index: int, batch: Batch, targets: Targets | CrossTeacher, plan: StudentPlan,
                      sources: Optional[list[Head]]) -> Callable[[bool, bool], tuple]:
         """``losses(want_ce, want_soft)`` for the gate: from one forward of the learner, its CE and/or its T²·D
-        (the blended loss at α = 1) on ``batch``; ZeRO-3 asks for one per forward."""
+        (the blended loss at α = 1; with a teacher of another tokenizer, its D) on ``batch``; ZeRO-3 asks for one
+        per forward."""
         learner, state = self.m.learner(index), self.m.states[index]
         labels, mask, vocab = batch["labels"], batch["mask"], self.m.vocab
         soft_spec = replace(plan.spec, alpha=1.0)
@@ -316,7 +317,11 @@ class MicroStep:
             chunk = state.distill.chunk_tokens
             with self.phase("loss"):
                 hard = distill_loss(out, labels, mask, chunk_tokens=chunk).loss if want_ce else None
-                soft = distill_loss(out, labels, mask, targets, soft_spec, chunk).loss if want_soft else None
+                if want_soft and isinstance(targets, CrossTeacher):
+                    d = state.distill
+                    soft = cross_parts(out, batch, targets, d.cross_tokenizer, 1.0, plan.temperature, d.top_k, chunk).loss
+                else:
+                    soft = distill_loss(out, labels, mask, targets, soft_spec, chunk).loss if want_soft else None
             return hard, soft
 
         return fused if sources is not None else logits
@@ -406,13 +411,14 @@ class LogitsStep(MicroStep):
             return
         plan, seen = plans[index] if index is not None else None, view(member, batch)
         cross = bool(sources) and self.m.members[sources[0]].vocab is not None  # its one source: another tokenizer
+        teacher = CrossTeacher(got.logits[sources[0]], got.known[sources[0]][0]) if cross else None
         targets = None if cross else preset.get(index) if not sources else got.make(sources, self.m.states[index],
                                                                                      plan.temperature)
         spec = plan.spec if targets is not None else SoftSpec()
         d = self.m.states[index].distill if index is not None else None
         with self.phase("loss"):
-            parts = cross_parts(logits, batch, (got.logits[sources[0]], got.known[sources[0]][0]), d.cross_tokenizer,
-                                plan.spec.alpha, plan.temperature, d.top_k, d.chunk_tokens) if cross else \
+            parts = cross_parts(logits, batch, teacher, d.cross_tokenizer, plan.spec.alpha, plan.temperature, d.top_k,
+                                d.chunk_tokens) if cross else \
                 distill_loss(logits, seen["labels"], seen["mask"], targets, spec, d and d.chunk_tokens)
         if panels is not None and targets is not None:
             self.add_panels(panels, index, logits, batch, targets, plan,
@@ -426,8 +432,8 @@ class LogitsStep(MicroStep):
         got.known[position] = (parts.token_ce, parts.lse)
         probe = None if index is None or not probes or not plan.measure else \
             probes.get(self.m.states[index].distill.benefit_probe)
-        if probe is not None and targets is not None:  # before the learner's step
-            self.measure_benefit(index, batch, targets, plan, probe, sums)
+        if probe is not None and (targets is not None or cross):  # before the learner's step
+            self.measure_benefit(index, batch, teacher if cross else targets, plan, probe, sums)
         self.step(member)
         self.add_sums(sums, position, parts, soft=targets is not None or cross)
         self.cross_ce(sums, member, batch, parts.ce)

@@ -83,7 +83,7 @@ def broken_link(tmp, tok):
     return [f"data.dataset={tmp / 'docs'}", f"data.tokenizer={tmp / 'tok'}"]
 
 
-def teacher_folder(damage=None, weights=True, other_vocab=False):
+def teacher_folder(damage=None, weights=True, other_vocab=False, extra=()):
     def make(tmp, tok):
         if other_vocab:
             from codistill.data import train_bpe_tokenizer
@@ -92,7 +92,7 @@ def teacher_folder(damage=None, weights=True, other_vocab=False):
         folder = tiny_pretrained(tmp / "teacher", tok, weights)
         if damage:
             damage(next(folder.glob("*.safetensors")))
-        return [f"teacher.pretrained={folder}", "teacher.config={}"]
+        return [f"teacher.pretrained={folder}", "teacher.config={}", *extra]
     return make
 
 
@@ -283,9 +283,8 @@ CASES = [
                           "data.dataset={tmp}/mixed"),
      "data.format: cannot infer one format from ['.jsonl', '.txt']"),
     # pretrained folders
-    ("teacher with another tokenizer", teacher_folder(other_vocab=True),  # distilled across tokenizers: not gated
-     "student.distill.benefit_gate: not available with a teacher with another tokenizer (the one in "
-     "teacher.pretrained); set it to false"),
+    ("teacher with another tokenizer, instruction data", teacher_folder(other_vocab=True, extra=["data.pack=false"]),
+     "data: a teacher with another tokenizer (the one in teacher.pretrained) reads packed plain text only"),
     ("pretrained without weights", teacher_folder(weights=False), "holds no weights"),
     ("truncated safetensors", teacher_folder(damage=truncate), "model.safetensors is truncated ("),
     ("garbage safetensors", teacher_folder(damage=lambda f: f.write_bytes(b"garbage" * 10)),

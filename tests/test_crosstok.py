@@ -185,7 +185,7 @@ def test_a_chunk_longer_than_a_block_is_left_out_and_counted():
 
 # ------------------------------------------------------------------ runs with a teacher of another tokenizer
 
-CROSS_RUN = ["distill.benefit_gate=false", "train.max_steps=4", "train.eval_interval=2", "distill.burn_in_steps=0",
+CROSS_RUN = ["train.max_steps=4", "distill.benefit_interval=2", "train.eval_interval=2", "distill.burn_in_steps=0",
              "distill.warmup_steps=1"]
 
 
@@ -219,10 +219,13 @@ def test_a_two_rank_codistillation_across_tokenizers_logs_its_tags_and_resumes_e
     assert "step_00000002 at step 2" in resumed
     a, b = read_scalars(straight), read_scalars(split)
     for tag in ("teacher/train/loss", "teacher/cross/loss_ce", "student/train/loss", "student/train/loss_kd",
-                "student/train/aligned_share", "schedule/alpha"):
+                "student/train/aligned_share", "schedule/alpha", "benefit/openness"):
         assert sorted(a[tag]) == [1, 2, 3, 4] and all(map(math.isfinite, a[tag].values())), tag
         assert a[tag] == b[tag], tag  # the same batches, targets and steps after the restart
     assert 0 < min(a["student/train/aligned_share"].values()) <= 1
+    # the benefit gate measures the chunk-likelihood term's hypergradient, alike after the restart
+    assert sorted(a["benefit/signal"]) == [1, 3] and a["benefit/signal"] == b["benefit/signal"]
+    assert all(map(math.isfinite, a["benefit/signal"].values()))
     assert max(a["schedule/alpha"].values()) > 0 and max(a["student/train/loss_kd"].values()) > 0
     for tag in ("teacher/eval/loss", "teacher/eval/loss_aligned", "student/eval/loss"):
         assert sorted(a[tag]) == [0, 2, 4] and a[tag] == b[tag], tag
@@ -265,8 +268,6 @@ def test_a_frozen_teacher_of_another_tokenizer_teaches_in_soft_mode(tmp_path, cr
     ("data.pack=false", "data: a teacher with another tokenizer (teacher.tokenizer) reads packed plain text only"),
     ("distill.fused_linear=true", "distill.fused_linear=true: a teacher with another tokenizer (teacher.tokenizer) "
                                   "takes the logits path; set it to auto or false"),
-    ("distill.benefit_gate=true", "student.distill.benefit_gate: not available with a teacher with another tokenizer "
-                                  "(teacher.tokenizer); set it to false"),
     ("distill.token_filter=true", "student.distill.token_filter: not available with a teacher with another "
                                   "tokenizer (teacher.tokenizer); set it to false"),
 ])
