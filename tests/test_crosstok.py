@@ -332,3 +332,22 @@ def test_the_memory_estimate_gives_the_teacher_its_own_vocabulary(cross_setup):
     est = memory.estimate(load_config(MICRO, cross_setup), 2, "cpu")
     assert est.cross and not est.fused
     assert [m.width for m in est.models] == [50257, 4096]
+
+
+def test_the_cross_tokenizer_comparison_builds_its_runs_and_checks_its_targets(tmp_path):
+    from codistill.commands.compare_crosstok import crossed, report, soft_run
+    from codistill.config import load_config, validate
+
+    from conftest import MICRO
+
+    base = load_config(MICRO).model_dump(mode="json")
+    soft = validate(soft_run(base, 5, tmp_path / "soft", tmp_path / "teacher_hf"), "test")
+    assert soft.mode == "soft" and soft.teacher.pretrained == str(tmp_path / "teacher_hf")
+    assert [s.name for s in soft.students] == ["student", "student_alone"] and soft.students[0].init_seed == 6
+    assert soft.distill.head_start_steps == 0 and soft.train.seed == 5
+    assert validate(crossed(dict(base), tmp_path / "tok"), "test").teacher.tokenizer == str(tmp_path / "tok")
+    good = {"a": 5.0, "b": 4.9, "c": 5.005, "d0": 5.1, "d": 4.95}  # (b) gains 0.1 of (d)'s 0.15: 67%
+    text, ok = report({"corpus": {1: good}}, [1], "cmd", "machine", "gpt2")
+    assert ok and "| corpus | 1 | 5.0000 | 4.9000 | 5.0050 | 5.1000 | 4.9500 | -0.1000 | +0.0050 | -0.1500 | 0.67 |" in text
+    for bad in ({**good, "b": 5.01}, {**good, "b": 4.96}, {**good, "c": 5.02}):  # worse; under half; (c) hurts
+        assert not report({"corpus": {1: bad}}, [1], "cmd", "machine", "gpt2")[1]

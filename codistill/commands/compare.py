@@ -25,6 +25,7 @@ Checks (printed, and non-zero exit with --strict when one fails):
 
     python tools/compare.py [--config configs/tiny.yaml] [--seeds 3] [--nproc 1] [key.path=value ...]
     python tools/compare.py --datasets shakespeare django-code django-locale   (one table across corpora)
+    python tools/compare.py --cross-tokenizer gpt2   (a teacher with another tokenizer: compare_crosstok.py)
     python tools/compare.py --paired-only --variant t2:distill.temperature=2 \
         --variant "a25:distill.alpha_max=0.25 distill.schedule=constant"   (settings side by side)
     codistill-compare ...   (the same, as a console command)
@@ -303,6 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--on-policy-key", action="append", default=[], metavar="KEY=VALUE",
                         help="with --on-policy: the on-policy student's distill.on_policy keys (repeatable; default: "
                              "fraction=0.5)")
+    parser.add_argument("--cross-tokenizer", metavar="TOKENIZER",
+                        help="the cross-tokenizer arms instead (codistill/commands/compare_crosstok.py): a teacher with "
+                             "this tokenizer (a folder, gpt2, or train:N), frozen and co-training, against one of the "
+                             "student's own")
     parser.add_argument("--datasets", nargs="+", metavar="CORPUS",
                         help="run every arm and seed on each of these corpora (built-in ones by name, as "
                              "codistill-prepare-corpus --help lists them; or files/folders, each with a 4,096-token "
@@ -352,6 +357,11 @@ def body(args: argparse.Namespace) -> int:
 
         on_policy = keys(args.on_policy_key, "--on-policy-key")
         ok = run_on_policy(args, cfg, labels, out, seeds, cmdline, machine, bases, run_training, on_policy)
+        return 0 if ok or not args.strict else 1
+    if args.cross_tokenizer:
+        from .compare_crosstok import run_cross_tokenizer
+
+        ok = run_cross_tokenizer(args, cfg, labels, out, seeds, cmdline, machine, bases, run_training)
         return 0 if ok or not args.strict else 1
     if args.mutual:
         from .compare_mutual import run_mutual
