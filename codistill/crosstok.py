@@ -176,8 +176,13 @@ def pair_blocks(texts: Sequence[str], student, teacher, seq_len: int) -> dict[st
     s_ids, s_reach, t_ids, t_reach = [], [], [], []
     base = 0
     for text in texts:
-        for ids, reach, tok in ((s_ids, s_reach, student), (t_ids, t_reach, teacher)):
+        for ids, reach, tok, side in ((s_ids, s_reach, student, "students'"), (t_ids, t_reach, teacher, "teacher's")):
             got, ends = offsets(tok, text, "data")
+            if tok.unk_token_id is not None and tok.unk_token_id in got:
+                at = ends[got.index(tok.unk_token_id)]
+                raise ConfigError(f"data: the {side} tokenizer cannot represent some of the text (it writes its unknown "
+                                  f"token {tok.unk_token!r} at {text[max(0, at - 20):at]!r}); distilling across "
+                                  "tokenizers needs both to write every character (byte-level tokenizers do)")
             ids += [*got, tok.eos_token_id]
             reach += [*(base + np.maximum.accumulate(ends)).tolist(), base + len(text) + 1]
         base += len(text) + 1

@@ -256,8 +256,9 @@ def test_a_frozen_teacher_of_another_tokenizer_teaches_in_soft_mode(tmp_path, cr
     setup = [x for x in cross_setup if not x.startswith("teacher.tokenizer=")]
     out = tmp_path / "run"
     log = launch(f"output_dir={out}", *setup, "mode=soft", f"teacher.pretrained={folder}", "teacher.config={}",
-                 "distill.cross_tokenizer=sorted", "distill.targets=topk", "distill.top_k=8", how="python").stdout
-    assert "frozen" in log and "its own tokenizer (50,257 tokens)" in log and "across tokenizers by sorted" in log
+                 "teacher.deepspeed=configs/ds/zero3_cpu.json", "distill.cross_tokenizer=sorted", "distill.targets=topk",
+                 "distill.top_k=8", how="python").stdout
+    assert "ZeRO stage 3, bf16=False, frozen" in log and "its own tokenizer (50,257 tokens)" in log and "across tokenizers by sorted" in log
     tb = read_scalars(out)
     for tag in ("teacher/frozen/loss_ce", "teacher/cross/loss_ce", "student/train/loss_kd", "distill/teacher_lead"):
         assert len(tb[tag]) == 4 and all(map(math.isfinite, tb[tag].values())), tag
@@ -351,3 +352,18 @@ def test_the_cross_tokenizer_comparison_builds_its_runs_and_checks_its_targets(t
     assert ok and "| corpus | 1 | 5.0000 | 4.9000 | 5.0050 | 5.1000 | 4.9500 | -0.1000 | +0.0050 | -0.1500 | 0.67 |" in text
     for bad in ({**good, "b": 5.01}, {**good, "b": 4.96}, {**good, "c": 5.02}):  # worse; under half; (c) hurts
         assert not report({"corpus": {1: bad}}, [1], "cmd", "machine", "gpt2")[1]
+
+
+def test_a_tokenizer_that_cannot_write_the_text_is_one_line(pair):
+    from codistill.crosstok import pair_blocks
+
+    class Unknown:  # a stand-in fast tokenizer with an unknown token for anything but ASCII
+        is_fast, pad_token_id, eos_token_id, unk_token_id, unk_token = True, 0, 1, 3, "[UNK]"
+
+        def __call__(self, text, **_):
+            return {"input_ids": [2 if c.isascii() else 3 for c in text],
+                    "offset_mapping": [(i, i + 1) for i in range(len(text))]}
+
+    with pytest.raises(ConfigError, match=r"^data: the teacher's tokenizer cannot represent some of the text \(it "
+                                          r"writes its unknown token '\[UNK\]' at 'Tokyo is 東'\)"):
+        pair_blocks(["Tokyo is 東京."], pair[0], Unknown(), seq_len=16)

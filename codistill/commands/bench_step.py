@@ -64,7 +64,6 @@ def variants(trainer, plans: list, gated: list, probes: dict, sampled: list) -> 
     with other edges: the run's (every model reading its sources), none (every model alone), the teacher
     frozen after its own step (two-stage), a deaf teacher (with a listening one), the other strategy where
     it is exact; ``sampled`` gets the seconds each on-policy step spent sampling."""
-    from ..engines import Member
     from ..fused import static_problem
     from ..step import Models, fused_problems, make_step
 
@@ -82,14 +81,14 @@ def variants(trainer, plans: list, gated: list, probes: dict, sampled: list) -> 
     out = {"codistill": steps(step_of(models), plans),
            "separate": steps(step_of(replace(models, sources=[[] for _ in models.sources])), plans)}
     cached = cfg.teacher is not None and bool(cfg.teacher.cache)
-    if not fused_problems(static_problem(cfg.mode, cached), trainer.members, trainer.vocab):
+    if not models.cross and not fused_problems(static_problem(cfg.mode, cached), trainer.members, trainer.vocab):
         out["fused"] = steps(step_of(models, fused=True), plans)
     teacher = trainer.teacher
     if teacher is not None and teacher.trainable:
         # two-stage: the teacher's own step, then the same engine frozen feeds the students
         students = [i for i, k in enumerate(models.learners) if k != 0]
         alone = replace(models, members=[teacher], learners=[], states=[], sources=[])
-        frozen = Member(teacher.spec, teacher.engine, trainable=False)
+        frozen = replace(teacher, trainable=False)  # (its own vocabulary, if it has one, kept)
         fed = replace(models, members=[frozen, *trainer.students], teacher=frozen,
                       learners=[models.learners[i] for i in students], states=[models.states[i] for i in students],
                       sources=[[0] for _ in students])
