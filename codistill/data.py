@@ -297,11 +297,14 @@ def teacher_tokenizer(cfg: RunConfig, run: PreTrainedTokenizerBase) -> Optional[
     spec = cfg.teacher
     if spec is None or cfg.mode == "hard" or spec.cache:
         return None
+    tok = own_tokenizer(spec)
+    return None if tok is None or tokenizer_fingerprint(tok) == tokenizer_fingerprint(run) else tok
+
+
+def own_tokenizer(spec: ModelSpec) -> Optional[PreTrainedTokenizerBase]:
+    """A model's own tokenizer (``tokenizer``, else the one in its pretrained folder), or None."""
     own = spec.tokenizer or pretrained_tokenizer_dir(spec)
-    if own is None:
-        return None
-    tok = load_tokenizer(own, f"{spec.name}.tokenizer" if spec.tokenizer else f"{spec.name}.pretrained")
-    return None if tokenizer_fingerprint(tok) == tokenizer_fingerprint(run) else tok
+    return None if own is None else load_tokenizer(own, f"{spec.name}.{'tokenizer' if spec.tokenizer else 'pretrained'}")
 
 
 TRAINED_VERSION = 1  # bump when trained tokenizers change, so cached ones are retrained

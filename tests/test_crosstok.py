@@ -241,18 +241,26 @@ def test_a_two_rank_codistillation_across_tokenizers_logs_its_tags_and_resumes_e
     assert [len(AutoTokenizer.from_pretrained(str(f))) for f in folders] == [50257, 4096]
 
 
-def test_a_frozen_teacher_of_another_tokenizer_teaches_in_soft_mode(tmp_path, cross_setup, pair):
-    """A pretrained teacher folder that holds its own (GPT-2) tokenizer: no teacher.tokenizer needed."""
+@pytest.fixture(scope="module")
+def gpt2_teacher(tmp_path_factory, pair):
+    """A small pretrained folder that holds its own (GPT-2) tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from conftest import launch, read_scalars
-
-    folder = tmp_path / "teacher"
+    folder = tmp_path_factory.mktemp("gpt2_teacher") / "teacher"
     hf = AutoConfig.for_model("llama", vocab_size=len(pair[1]), hidden_size=32, intermediate_size=64,
                               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
                               max_position_embeddings=64)
+    torch.manual_seed(4)
     AutoModelForCausalLM.from_config(hf).save_pretrained(folder)
     pair[1].save_pretrained(folder)
+    return folder
+
+
+def test_a_frozen_teacher_of_another_tokenizer_teaches_in_soft_mode(tmp_path, cross_setup, gpt2_teacher):
+    """A pretrained teacher folder that holds its own (GPT-2) tokenizer: no teacher.tokenizer needed."""
+    from conftest import launch, read_scalars
+
+    folder = gpt2_teacher
     setup = [x for x in cross_setup if not x.startswith("teacher.tokenizer=")]
     out = tmp_path / "run"
     log = launch(f"output_dir={out}", *setup, "mode=soft", f"teacher.pretrained={folder}", "teacher.config={}",
@@ -367,3 +375,14 @@ def test_a_tokenizer_that_cannot_write_the_text_is_one_line(pair):
     with pytest.raises(ConfigError, match=r"^data: the teacher's tokenizer cannot represent some of the text \(it "
                                           r"writes its unknown token '\[UNK\]' at 'Tokyo is 東'\)"):
         pair_blocks(["Tokyo is 東京."], pair[0], Unknown(), seq_len=16)
+
+
+def test_a_teacher_of_another_tokenizer_writes_hard_mode_text_with_its_own(tmp_path, cross_setup, gpt2_teacher):
+    """Generation takes the teacher's own tokenizer, prompts cut from the students' blocks as text."""
+    from conftest import launch
+
+    data = [x for x in cross_setup if x.startswith(("data.", "train.seed"))]
+    proc = launch("--out", str(tmp_path / "gen"), "--num-prompts", "4", "--prompt-tokens", "8", "--max-new-tokens", "4",
+                  "--batch-size", "2", f"teacher.pretrained={gpt2_teacher}", "teacher.config={}", *data,
+                  how="python", script="tools/generate.py")
+    assert " prompt/response pairs to " in proc.stdout, proc.stdout[-2000:]

@@ -139,8 +139,8 @@ def body(args: argparse.Namespace) -> None:
     cfg = cli.run_config(args)
     if cfg.teacher is None or not cfg.teacher.pretrained:
         raise ConfigError("teacher.pretrained: generation needs a trained teacher folder")
-    tokenizer, hf_config = _checked_teacher(cfg)
-    prompts = rendered_prompts(args, cfg, tokenizer)
+    tokenizer, hf_config, run = _checked_teacher(cfg)
+    prompts = rendered_prompts(args, cfg, tokenizer, run)
     check_lengths(prompts, tokenizer, getattr(hf_config, "max_position_embeddings", None), args.max_new_tokens)
     stops, end = stop_ids(tokenizer) if prompts.chat else ([tokenizer.eos_token_id], "")
     world = distributed.init(timeout_s=cfg.train.collective_timeout_s)
@@ -160,21 +160,24 @@ def body(args: argparse.Namespace) -> None:
 
 
 def _checked_teacher(cfg: RunConfig):
-    """The run's tokenizer and the teacher's Hugging Face config, checked against each other."""
-    from ..data import run_tokenizer, tokenizer_fingerprint
+    """The teacher's tokenizer (its own, else the run's), its Hugging Face config, checked against each other,
+    and the run's tokenizer (which the training blocks prompts may be cut from are in)."""
+    from ..data import own_tokenizer, run_tokenizer, tokenizer_fingerprint
     from ..models import check_model, model_config
 
-    tokenizer = run_tokenizer(cfg)
+    run = run_tokenizer(cfg)
+    tokenizer = own_tokenizer(cfg.teacher) or run  # the text it writes is text: any students' tokenizer reads it
     hf_config = model_config(cfg.teacher, tokenizer)
     check_model(cfg.teacher, hf_config, tokenizer, tokenizer_fingerprint(tokenizer), cfg.data.seq_len)
-    return tokenizer, hf_config
+    return tokenizer, hf_config, run
 
 
-def rendered_prompts(args: argparse.Namespace, cfg: RunConfig, tokenizer) -> Prompts:
-    """The prompts of --prompts (else cut from the training data), through the chat template when it is used."""
+def rendered_prompts(args: argparse.Namespace, cfg: RunConfig, tokenizer, run=None) -> Prompts:
+    """The prompts of --prompts (else cut from the training data, in the ``run``'s tokenizer), through the
+    teacher ``tokenizer``'s chat template when it is used."""
     from ..data import render_prompt
 
-    prompts = read_prompts(Path(args.prompts)) if args.prompts else cut_prompts(args, cfg, tokenizer)
+    prompts = read_prompts(Path(args.prompts)) if args.prompts else cut_prompts(args, cfg, run or tokenizer)
     chat = use_chat_template(args.chat_template, tokenizer, from_file=bool(args.prompts))
     if args.system_prompt is not None and not chat:
         raise ConfigError("--system-prompt needs the chat template (the teacher's tokenizer has none, or "
