@@ -253,6 +253,18 @@ class MicroStep:
             if self.m.states[index].distill.token_filter:
                 add(sums, f"{name}/train/token_filter_fraction", parts.filtered.item())
 
+    def frozen_sums(self, sums: dict[str, float], member: Member, batch: Batch, ce: torch.Tensor) -> None:
+        """A frozen model's CE on the micro-batch: it scores, it does not train (not a training loss)."""
+        add(sums, f"{member.name}/{FROZEN_CE}", ce.item())
+        self.cross_ce(sums, member, batch, ce)
+
+    def cross_ce(self, sums: dict[str, float], member: Member, batch: Batch, ce: torch.Tensor) -> None:
+        """A model with its own tokenizer: its CE on the text in nats per token of the run's tokenization (the
+        same text: comparable with the students' CE, e.g. for the teacher-lead schedule)."""
+        if member.vocab is not None:
+            per = batch[CROSS + "mask"].sum() / batch["mask"].sum().clamp(min=1)
+            add(sums, f"{member.name}/{CROSS_CE}", float(ce * per))
+
     def add_panels(self, panels: dict[str, float], index: int, logits, batch: Batch, targets: Targets,
                    plan: StudentPlan, source_logits) -> None:
         """The distillation diagnostics of one learner on this micro-batch, into ``panels``: the sources'
@@ -390,16 +402,8 @@ class LogitsStep(MicroStep):
         if not self.finite(member, parts.loss):
             return False
         got.known[position] = (parts.token_ce, parts.lse)
-        add(sums, f"{member.name}/{FROZEN_CE}", parts.ce.item())  # it scores; it does not train
-        self.cross_ce(sums, member, batch, parts.ce)
+        self.frozen_sums(sums, member, batch, parts.ce)
         return True
-
-    def cross_ce(self, sums: dict[str, float], member: Member, batch: Batch, ce: torch.Tensor) -> None:
-        """A model with its own tokenizer: its CE on the text in nats per token of the run's tokenization (the
-        same text: comparable with the students' CE, e.g. for the teacher-lead schedule)."""
-        if member.vocab is not None:
-            per = batch[CROSS + "mask"].sum() / batch["mask"].sum().clamp(min=1)
-            add(sums, f"{member.name}/{CROSS_CE}", float(ce * per))
 
     def train(self, position: int, logits: torch.Tensor, sources: list[int], batch: Batch,
               plans: list[StudentPlan], sums: dict[str, float], panels: Optional[dict[str, float]],
@@ -468,7 +472,9 @@ class FusedStep(MicroStep):
                 self.measure_benefit(index, batch, done.targets[index], plans[index], probe, sums, heads)
             if roles.trains[position]:
                 self.step(self.m.members[position])
-            self.add_sums(sums, position, parts, soft=soft)
+                self.add_sums(sums, position, parts, soft=soft)
+            else:
+                self.frozen_sums(sums, self.m.members[position], batch, parts.ce)
 
     def _pass(self, batch: Batch, plans: list[StudentPlan], sums: dict[str, float],
               panels: Optional[dict[str, float]], roles: Roles, hidden: dict[int, torch.Tensor],

@@ -165,7 +165,7 @@ def test_a_chunk_longer_than_a_block_is_left_out_and_counted():
     from codistill.crosstok import pair_blocks
 
     class Cut:  # a stand-in fast tokenizer cutting the text every ``step`` characters
-        is_fast, pad_token_id, eos_token_id = True, 0, 1
+        is_fast, pad_token_id, eos_token_id, unk_token_id = True, 0, 1, None
 
         def __init__(self, step):
             self.step = step
@@ -189,22 +189,25 @@ CROSS_RUN = ["train.max_steps=4", "distill.benefit_interval=2", "train.eval_inte
              "distill.warmup_steps=1"]
 
 
+OTHER_VOCAB = 512  # the runs' teacher tokenizer: a byte-level BPE of another size, trained on other text
+
+
 @pytest.fixture(scope="module")
-def cross_setup(tmp_path_factory, pair):
-    """A small corpus (the bundled one's first documents) and the GPT-2 tokenizer in a folder: the teacher's."""
+def cross_setup(tmp_path_factory):
+    """A small corpus (the bundled one's first play, speech by speech) and, in a folder, the teacher's own
+    tokenizer: a 512-token BPE trained on another play (the GPT-2 one makes the same runs slower)."""
     import json
 
-    from codistill.data import prepare_corpus
+    from codistill.data import prepare_corpus, train_bpe_tokenizer
 
     folder = tmp_path_factory.mktemp("cross")
     root = prepare_corpus("shakespeare", DataConfig().resolved_cache_dir())
-    play = json.loads((root / "train.jsonl").read_text().splitlines()[0])["text"][:120_000]
-    speeches = [s for s in play.split("\n\n") if s.strip()]  # ~2,000 short documents: a quick paired build
+    plays = [json.loads(x)["text"] for x in (root / "train.jsonl").read_text().splitlines()[:2]]
+    speeches = [s for s in plays[0][:120_000].split("\n\n") if s.strip()]  # ~2,000 documents: a quick build
     (folder / "docs.jsonl").write_text("".join(json.dumps({"text": s}) + "\n" for s in speeches))
-    pair[1].save_pretrained(folder / "gpt2")
+    train_bpe_tokenizer([plays[1]], OTHER_VOCAB).save_pretrained(folder / "other")
     return [f"data.dataset={folder / 'docs.jsonl'}", f"data.tokenizer={root / 'tokenizer'}",
-            f"data.cache_dir={folder / 'cache'}",
-            f"teacher.tokenizer={folder / 'gpt2'}", *CROSS_RUN]
+            f"data.cache_dir={folder / 'cache'}", f"teacher.tokenizer={folder / 'other'}", *CROSS_RUN]
 
 
 def test_a_two_rank_codistillation_across_tokenizers_logs_its_tags_and_resumes_exactly(tmp_path, cross_setup):
@@ -212,7 +215,7 @@ def test_a_two_rank_codistillation_across_tokenizers_logs_its_tags_and_resumes_e
 
     straight, split = tmp_path / "straight", tmp_path / "split"
     log = launch(f"output_dir={straight}", *cross_setup).stdout
-    assert "its own tokenizer (50,257 tokens), aligned with the run's by characters" in log
+    assert f"its own tokenizer ({OTHER_VOCAB} tokens), aligned with the run's by characters" in log
     assert "across tokenizers by likelihood" in log
     launch(f"output_dir={split}", *cross_setup, "train.steps_this_run=2")
     resumed = launch(f"output_dir={split}", *cross_setup, "resume=auto").stdout
@@ -238,35 +241,38 @@ def test_a_two_rank_codistillation_across_tokenizers_logs_its_tags_and_resumes_e
     from codistill.checkpoint import export_checkpoint, intact
 
     folders = export_checkpoint(intact(straight), tmp_path / "hf", ["teacher", "student"])
-    assert [len(AutoTokenizer.from_pretrained(str(f))) for f in folders] == [50257, 4096]
+    assert [len(AutoTokenizer.from_pretrained(str(f))) for f in folders] == [OTHER_VOCAB, 4096]
 
 
 @pytest.fixture(scope="module")
-def gpt2_teacher(tmp_path_factory, pair):
-    """A small pretrained folder that holds its own (GPT-2) tokenizer."""
+def other_teacher(tmp_path_factory, cross_setup):
+    """A small pretrained folder that holds its own tokenizer (the runs' other one)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    folder = tmp_path_factory.mktemp("gpt2_teacher") / "teacher"
-    hf = AutoConfig.for_model("llama", vocab_size=len(pair[1]), hidden_size=32, intermediate_size=64,
+    from codistill.data import load_tokenizer
+
+    tok = load_tokenizer(next(x for x in cross_setup if x.startswith("teacher.tokenizer=")).split("=", 1)[1])
+    folder = tmp_path_factory.mktemp("other_teacher") / "teacher"
+    hf = AutoConfig.for_model("llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64,
                               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
                               max_position_embeddings=64)
     torch.manual_seed(4)
     AutoModelForCausalLM.from_config(hf).save_pretrained(folder)
-    pair[1].save_pretrained(folder)
+    tok.save_pretrained(folder)
     return folder
 
 
-def test_a_frozen_teacher_of_another_tokenizer_teaches_in_soft_mode(tmp_path, cross_setup, gpt2_teacher):
-    """A pretrained teacher folder that holds its own (GPT-2) tokenizer: no teacher.tokenizer needed."""
+def test_a_frozen_teacher_of_another_tokenizer_teaches_in_soft_mode(tmp_path, cross_setup, other_teacher):
+    """A pretrained teacher folder that holds its own tokenizer: no teacher.tokenizer needed."""
     from conftest import launch, read_scalars
 
-    folder = gpt2_teacher
+    folder = other_teacher
     setup = [x for x in cross_setup if not x.startswith("teacher.tokenizer=")]
     out = tmp_path / "run"
     log = launch(f"output_dir={out}", *setup, "mode=soft", f"teacher.pretrained={folder}", "teacher.config={}",
                  "teacher.deepspeed=configs/ds/zero3_cpu.json", "distill.cross_tokenizer=sorted", "distill.targets=topk",
                  "distill.top_k=8", how="python").stdout
-    assert "ZeRO stage 3, bf16=False, frozen" in log and "its own tokenizer (50,257 tokens)" in log and "across tokenizers by sorted" in log
+    assert "ZeRO stage 3, bf16=False, frozen" in log and f"its own tokenizer ({OTHER_VOCAB} tokens)" in log and "across tokenizers by sorted" in log
     tb = read_scalars(out)
     for tag in ("teacher/frozen/loss_ce", "teacher/cross/loss_ce", "student/train/loss_kd", "distill/teacher_lead"):
         assert len(tb[tag]) == 4 and all(map(math.isfinite, tb[tag].values())), tag
@@ -340,7 +346,7 @@ def test_the_memory_estimate_gives_the_teacher_its_own_vocabulary(cross_setup):
 
     est = memory.estimate(load_config(MICRO, cross_setup), 2, "cpu")
     assert est.cross and not est.fused
-    assert [m.width for m in est.models] == [50257, 4096]
+    assert [m.width for m in est.models] == [OTHER_VOCAB, 4096]
 
 
 def test_the_cross_tokenizer_comparison_builds_its_runs_and_checks_its_targets(tmp_path):
@@ -377,12 +383,12 @@ def test_a_tokenizer_that_cannot_write_the_text_is_one_line(pair):
         pair_blocks(["Tokyo is 東京."], pair[0], Unknown(), seq_len=16)
 
 
-def test_a_teacher_of_another_tokenizer_writes_hard_mode_text_with_its_own(tmp_path, cross_setup, gpt2_teacher):
+def test_a_teacher_of_another_tokenizer_writes_hard_mode_text_with_its_own(tmp_path, cross_setup, other_teacher):
     """Generation takes the teacher's own tokenizer, prompts cut from the students' blocks as text."""
     from conftest import launch
 
     data = [x for x in cross_setup if x.startswith(("data.", "train.seed"))]
     proc = launch("--out", str(tmp_path / "gen"), "--num-prompts", "4", "--prompt-tokens", "8", "--max-new-tokens", "4",
-                  "--batch-size", "2", f"teacher.pretrained={gpt2_teacher}", "teacher.config={}", *data,
+                  "--batch-size", "2", f"teacher.pretrained={other_teacher}", "teacher.config={}", *data,
                   how="python", script="tools/generate.py")
     assert " prompt/response pairs to " in proc.stdout, proc.stdout[-2000:]
