@@ -23,6 +23,7 @@ Two losses use the chunks, with different trade-offs:
 """
 from __future__ import annotations
 
+import time
 from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
@@ -162,6 +163,7 @@ def sorted_distribution_loss(student_logits: torch.Tensor, student_chunk: torch.
     return ((ps - pt).abs().sum(-1) + tails).mean(), rows.new_tensor(rows.numel())
 
 
+STATS = ("dropped_tokens", "tokenize_s", "align_s")  # what pairing a batch of documents left out, and cost
 PAIRED = ("input_ids", "attention_mask", "loss_mask", "teacher_input_ids", "teacher_attention_mask",
           "student_chunk", "teacher_chunk")  # the columns of a paired block
 
@@ -174,10 +176,12 @@ def pair_blocks(texts: Sequence[str], student, teacher, seq_len: int) -> dict[st
     ``seq_len`` on either side (characters neither tokenizer cuts alike over that span) is left out, and
     counted in ``dropped_tokens``."""
     s_ids, s_reach, t_ids, t_reach = [], [], [], []
-    base = 0
+    base, started, tokenizing = 0, time.perf_counter(), 0.0
     for text in texts:
         for ids, reach, tok, side in ((s_ids, s_reach, student, "students'"), (t_ids, t_reach, teacher, "teacher's")):
+            at = time.perf_counter()
             got, ends = offsets(tok, text, "data")
+            tokenizing += time.perf_counter() - at
             if tok.unk_token_id is not None and tok.unk_token_id in got:
                 at = ends[got.index(tok.unk_token_id)]
                 raise ConfigError(f"data: the {side} tokenizer cannot represent some of the text (it writes its unknown "
@@ -191,7 +195,7 @@ def pair_blocks(texts: Sequence[str], student, teacher, seq_len: int) -> dict[st
     t_chunk = np.searchsorted(common, np.asarray(t_reach, dtype=np.int64))
     s_cum = np.searchsorted(s_chunk, np.arange(len(common) + 1))  # tokens before chunk c, each side
     t_cum = np.searchsorted(t_chunk, np.arange(len(common) + 1))
-    out: dict[str, list] = {name: [] for name in (*PAIRED, "dropped_tokens")}
+    out: dict[str, list] = {name: [] for name in (*PAIRED, *STATS)}
     c0, dropped = 0, 0
     while c0 < len(common):
         c1 = min(np.searchsorted(s_cum, s_cum[c0] + seq_len, side="right"),
@@ -203,7 +207,9 @@ def pair_blocks(texts: Sequence[str], student, teacher, seq_len: int) -> dict[st
         _add_block(out, seq_len, s_ids[s_cum[c0]:s_cum[c1]], s_chunk[s_cum[c0]:s_cum[c1]] - c0, student,
                    t_ids[t_cum[c0]:t_cum[c1]], t_chunk[t_cum[c0]:t_cum[c1]] - c0, teacher)
         c0 = c1
-    out["dropped_tokens"] = [dropped] + [0] * (len(out["input_ids"]) - 1) if out["input_ids"] else []
+    rows = len(out["input_ids"])  # the batch's figures ride on its first block (a map's columns are per row)
+    for name, value in zip(STATS, (dropped, tokenizing, time.perf_counter() - started - tokenizing)):
+        out[name] = [value] + [0] * (rows - 1) if rows else []
     return out
 
 

@@ -138,11 +138,11 @@ DOCS = ["Naïve café-owners  said: «déjà vu».", "To be, or not to be: that 
 
 
 def test_paired_blocks_hold_the_same_text_on_both_sides_and_all_of_it(pair):
-    from codistill.crosstok import PAIRED, pair_blocks
+    from codistill.crosstok import PAIRED, STATS, pair_blocks
 
     student, teacher = pair
     out = pair_blocks(DOCS, student, teacher, seq_len=16)
-    assert set(out) == {*PAIRED, "dropped_tokens"} and sum(out["dropped_tokens"]) == 0
+    assert set(out) == {*PAIRED, *STATS} and sum(out["dropped_tokens"]) == 0 and sum(out["tokenize_s"]) > 0
     assert len(out["input_ids"]) > 4
     texts = []
     for row in range(len(out["input_ids"])):
