@@ -233,7 +233,7 @@ class CrossTeacher(NamedTuple):
     """What a student's soft term reads of a teacher with another tokenizer, on the teacher's own columns of a
     paired block: its detached logits (for ``sorted``) and its per-position CE (for ``likelihood``)."""
 
-    logits: torch.Tensor
+    logits: Optional[torch.Tensor]  # None where only ``likelihood`` reads it
     token_ce: torch.Tensor
 
 

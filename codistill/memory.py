@@ -624,6 +624,9 @@ def _plain_estimate(cfg: RunConfig, world_size: int, device: Optional[str] = Non
     est.sources = max(1, len({n for _, _, sources in learners for n in sources}))
     if cfg.mode == "mutual":
         pass  # every peer's logits are held with its forward (counted in its phase)
+    elif est.cross:  # chunk likelihoods read only the teacher's CE per position; sorted distributions its logits
+        sorted_ = any(d.cross_tokenizer == "sorted" for d in settings)
+        est.kept_per_position = teacher.width * teacher.dtype_bytes if sorted_ and teacher is not None else 0
     elif cfg.teacher.cache or (teacher is not None and all(d.targets == "topk" for d in settings)):
         k = max(d.top_k for d in settings)
         est.kept_per_position = topk_bytes_per_position(min(k, vocab))

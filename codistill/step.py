@@ -76,6 +76,11 @@ class Models:
         """Whether a model reads its own tokenization of the text (a teacher with another tokenizer)."""
         return any(m.vocab is not None for m in self.members)
 
+    @property
+    def sorted_readers(self) -> bool:
+        """Whether a learner compares sorted distributions across tokenizers (and so reads its source's logits)."""
+        return self.cross and any(s.distill.cross_tokenizer == "sorted" for s in self.states)
+
     def learner_at(self, position: int) -> Optional[int]:
         """The learner index of the member at ``position`` (None: it learns from nobody, e.g. a deaf teacher)."""
         return self.learners.index(position) if position in self.learners else None
@@ -361,7 +366,8 @@ class LogitsStep(MicroStep):
             member = self.m.members[k]
             with torch.set_grad_enabled(trains):
                 logits = forward_logits(member, view(member, batch), self.m.vocab)
-            got.logits[k] = logits.detach()
+            if member.vocab is None or self.m.sorted_readers:  # chunk likelihoods need only its CE per position
+                got.logits[k] = logits.detach()
             ran.add(k)
             if trains:
                 pending.append((k, logits))
@@ -415,7 +421,7 @@ class LogitsStep(MicroStep):
             return
         plan, seen = plans[index] if index is not None else None, view(member, batch)
         cross = bool(sources) and self.m.members[sources[0]].vocab is not None  # its one source: another tokenizer
-        teacher = CrossTeacher(got.logits[sources[0]], got.known[sources[0]][0]) if cross else None
+        teacher = CrossTeacher(got.logits.get(sources[0]), got.known[sources[0]][0]) if cross else None
         targets = None if cross else preset.get(index) if not sources else got.make(sources, self.m.states[index],
                                                                                      plan.temperature)
         spec = plan.spec if targets is not None else SoftSpec()

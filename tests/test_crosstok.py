@@ -345,7 +345,7 @@ def test_the_memory_estimate_gives_the_teacher_its_own_vocabulary(cross_setup):
     from conftest import MICRO
 
     est = memory.estimate(load_config(MICRO, cross_setup), 2, "cpu")
-    assert est.cross and not est.fused
+    assert est.cross and not est.fused and est.kept_per_position == 0  # likelihood: its CE per position only
     assert [m.width for m in est.models] == [OTHER_VOCAB, 4096]
 
 
