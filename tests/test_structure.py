@@ -112,15 +112,17 @@ def test_every_tool_runs_as_a_script_and_as_its_console_command():
         assert proc.returncode == 0 and proc.stdout.startswith("usage: codistill-"), (cmd, proc.stderr[-2000:])
 
 
-def test_the_gpu_check_script_parses():
-    """It cannot run without a GPU; it must at least be valid bash, and its Python valid Python."""
+def test_the_gpu_check_scripts_parse():
+    """They cannot run without a GPU; each must at least be valid bash, and its Python valid Python."""
     import re
     import subprocess
 
-    script = ROOT / "tools" / "gpu_check.sh"
-    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
-    for block in re.findall(r"<<'PY'[^\n]*\n(.*?)\nPY\n", script.read_text(), re.S):
-        compile(block, str(script), "exec")
+    scripts = sorted((ROOT / "tools").glob("gpu_check*.sh"))
+    assert len(scripts) >= 4
+    for script in scripts:
+        assert subprocess.run(["bash", "-n", str(script)]).returncode == 0, script
+        for block in re.findall(r"<<'PY'[^\n]*\n(.*?)\nPY\n", script.read_text(), re.S):
+            compile(block, str(script), "exec")
 
 
 def test_a_plain_install_ships_the_default_config(tmp_path):
