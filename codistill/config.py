@@ -244,6 +244,10 @@ class DistillConfig(_DistillNames):
         "likelihood", description="a teacher with another tokenizer: likelihood (the chunks of text both tokenize "
         "alike, their likelihoods matched) or sorted (the next-token distributions at the chunks' ends, compared by "
         "rank); see docs/distillation.md")
+    likelihood_temperature: float = Field(
+        100.0, gt=0, description="cross_tokenizer likelihood: each chunk's log-likelihood is divided by it before the "
+        "two models' chunk probabilities are compared (approximate likelihood matching's binarisation temperature; "
+        "its authors' default): at 1 most chunks have a probability near 0 and the term teaches little")
     chunk_tokens: Optional[int] = Field(None, gt=0, description="positions per loss chunk (default: ~256k "
                                         "logits per chunk on CPU, ~4M on a GPU)")
     benefit_gate: bool = Field(True, description="scale alpha by an openness in [0, 1] that follows whether the "

@@ -163,8 +163,9 @@ def sorted_distribution_loss(student_logits: torch.Tensor, student_chunk: torch.
     return ((ps - pt).abs().sum(-1) + tails).mean(), rows.new_tensor(rows.numel())
 
 
+CROSS = "teacher_"  # the prefix of a paired block's columns in the teacher's own tokenization
 STATS = ("dropped_tokens", "tokenize_s", "align_s")  # what pairing a batch of documents left out, and cost
-PAIRED = ("input_ids", "attention_mask", "loss_mask", "teacher_input_ids", "teacher_attention_mask",
+PAIRED = ("input_ids", "attention_mask", "loss_mask", CROSS + "input_ids", CROSS + "attention_mask",
           "student_chunk", "teacher_chunk")  # the columns of a paired block
 
 
@@ -223,8 +224,8 @@ def _add_block(out: dict[str, list], seq_len: int, s_ids, s_chunk, student, t_id
     out["input_ids"].append(padded(s_ids, s_pad))
     out["attention_mask"].append(padded([1] * len(s_ids), 0))
     out["loss_mask"].append(padded([1] * len(s_ids), 0))
-    out["teacher_input_ids"].append(padded(t_ids, t_pad))
-    out["teacher_attention_mask"].append(padded([1] * len(t_ids), 0))
+    out[CROSS + "input_ids"].append(padded(t_ids, t_pad))
+    out[CROSS + "attention_mask"].append(padded([1] * len(t_ids), 0))
     out["student_chunk"].append(padded(s_chunk.tolist(), -1))
     out["teacher_chunk"].append(padded(t_chunk.tolist(), -1))
 
@@ -237,18 +238,19 @@ class CrossTeacher(NamedTuple):
     token_ce: torch.Tensor
 
 
-def cross_parts(logits: torch.Tensor, batch: dict[str, torch.Tensor], teacher: CrossTeacher, method: str, alpha: float,
-                temperature: float, top_k: int, chunk_tokens: Optional[int] = None) -> LossParts:
-    """A student's loss with a teacher of another tokenizer: ``(1 − α)·CE + α·D`` where D is ``method``'s
-    divergence over the paired block's chunks; ``kd`` is D, logged even at α = 0, and ``filtered`` the aligned
-    share: the chunks (likelihood) or chunk ends (sorted) compared per counted token of the student (1: every
-    token a chunk of its own)."""
-    if method == "likelihood":
-        parts, n = likelihood_parts(logits, batch, teacher.token_ce, alpha, temperature, chunk_tokens)
+def cross_parts(logits: torch.Tensor, batch: dict[str, torch.Tensor], teacher: CrossTeacher, d, alpha: float,
+                temperature: float) -> LossParts:
+    """A student's loss with a teacher of another tokenizer: ``(1 − α)·CE + α·D`` where D is the divergence
+    ``d.cross_tokenizer`` names (``d``: the student's distill settings) over the paired block's chunks: chunk
+    likelihoods at ``d.likelihood_temperature``, or sorted distributions at ``temperature`` over ``d.top_k``
+    ranks; ``kd`` is D, logged even at α = 0, and ``filtered`` the aligned share: the chunks (likelihood) or
+    chunk ends (sorted) compared per counted token of the student (1: every token a chunk of its own)."""
+    if d.cross_tokenizer == "likelihood":
+        parts, n = likelihood_parts(logits, batch, teacher.token_ce, alpha, d.likelihood_temperature, d.chunk_tokens)
     else:
-        plain = distill_loss(logits, batch["labels"], batch["mask"], chunk_tokens=chunk_tokens)
+        plain = distill_loss(logits, batch["labels"], batch["mask"], chunk_tokens=d.chunk_tokens)
         kd, n = sorted_distribution_loss(logits, batch["student_chunk"], teacher.logits.detach(),
-                                         batch["teacher_chunk"], logits.shape[1], top_k, temperature)
+                                         batch["teacher_chunk"], logits.shape[1], d.top_k, temperature)
         loss = plain.loss if alpha == 0 else (1 - alpha) * plain.loss + alpha * kd
         parts = plain._replace(loss=loss, kd=kd.detach())
     return parts._replace(filtered=n.to(torch.float32) / batch["mask"].sum().clamp(min=1))
@@ -270,7 +272,7 @@ def likelihood_parts(logits: torch.Tensor, batch: dict[str, torch.Tensor], teach
     with torch.no_grad():
         plain = distill_loss(logits, labels, mask, chunk_tokens=chunk_tokens)
     own = _shifted(plain.token_ce, labels.shape).requires_grad_()
-    teacher = _shifted(teacher_token_ce, batch["teacher_input_ids"].shape)
+    teacher = _shifted(teacher_token_ce, batch[CROSS + "input_ids"].shape)
     with torch.enable_grad():
         kd, n = chunk_kl(own, batch["student_chunk"], teacher, batch["teacher_chunk"], logits.shape[1], temperature)
         (per_token,) = torch.autograd.grad(kd, own) if kd.requires_grad else (torch.zeros_like(own),)

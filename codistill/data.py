@@ -813,7 +813,7 @@ def _split_chats(chats: list, tokenizer: PreTrainedTokenizerBase) -> dict[str, l
 
 def on_device(raw: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     """A micro-batch moved to ``device`` with next-token labels and mask, for each tokenization it holds."""
-    from .engines import CROSS
+    from .crosstok import CROSS
     from .losses import next_token_targets
 
     batch = {k: v.to(device, non_blocking=True) for k, v in raw.items()}

@@ -20,6 +20,7 @@ import torch
 
 from . import accelerator  # noqa: F401  (first: sets DS_ACCELERATOR before anything imports deepspeed)
 from .config import ConfigError, ModelSpec, RunConfig, TrainConfig, load_deepspeed_config
+from .crosstok import CROSS
 from .errors import quoted
 from .models import build_model, enable_checkpointing
 
@@ -293,9 +294,6 @@ class Member:
     @property
     def name(self) -> str:
         return self.spec.name
-
-
-CROSS = "teacher_"  # the prefix of a paired batch's columns in the teacher's own tokenization
 
 
 def view(member: Member, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

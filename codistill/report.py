@@ -89,8 +89,15 @@ def describe_student(state: StudentState, max_steps: int, heldout_blocks: Option
     whom = f"from {' + '.join(sources)}; " if sources else ""
     return (f"{name}: distils from step {start} of {max_steps} ({whom}head start {d.head_start_steps}, burn-in "
             f"{d.burn_in_steps}); {d.schedule} alpha up to {d.alpha_max}, T={d.temperature}, "
-            f"{f'across tokenizers by {d.cross_tokenizer}' if cross else d.divergence}, {gate}"
+            f"{_cross_method(d) if cross else d.divergence}, {gate}"
             + describe_on_policy(d))
+
+
+def _cross_method(d: DistillConfig) -> str:
+    """How a learner distils across tokenizers, for its description."""
+    if d.cross_tokenizer == "likelihood":
+        return f"across tokenizers by likelihood (chunk log-likelihoods / {d.likelihood_temperature:g})"
+    return f"across tokenizers by sorted distributions (top {d.top_k} ranks)"
 
 
 def describe_on_policy(d: DistillConfig) -> str:

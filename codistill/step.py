@@ -335,8 +335,7 @@ class MicroStep:
             with self.phase("loss"):
                 hard = distill_loss(out, labels, mask, chunk_tokens=chunk).loss if want_ce else None
                 if want_soft and isinstance(targets, CrossTeacher):
-                    d = state.distill
-                    soft = cross_parts(out, batch, targets, d.cross_tokenizer, 1.0, plan.temperature, d.top_k, chunk).loss
+                    soft = cross_parts(out, batch, targets, state.distill, 1.0, plan.temperature).loss
                 else:
                     soft = distill_loss(out, labels, mask, targets, soft_spec, chunk).loss if want_soft else None
             return hard, soft
@@ -427,8 +426,7 @@ class LogitsStep(MicroStep):
         spec = plan.spec if targets is not None else SoftSpec()
         d = self.m.states[index].distill if index is not None else None
         with self.phase("loss"):
-            parts = cross_parts(logits, batch, teacher, d.cross_tokenizer, plan.spec.alpha, plan.temperature, d.top_k,
-                                d.chunk_tokens) if cross else \
+            parts = cross_parts(logits, batch, teacher, d, plan.spec.alpha, plan.temperature) if cross else \
                 distill_loss(logits, seen["labels"], seen["mask"], targets, spec, d and d.chunk_tokens)
         if panels is not None and targets is not None:
             self.add_panels(panels, index, logits, batch, targets, plan,
