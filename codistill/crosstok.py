@@ -104,11 +104,14 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
 def chunk_likelihood_loss(student_logits: torch.Tensor, student_ids: torch.Tensor, student_chunk: torch.Tensor,
                           teacher_logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_chunk: torch.Tensor,
                           chunks: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean over whole chunks of the binary KL between the teacher's and the student's chunk probabilities
-    ``p = exp(sum of the chunk's token log-probabilities / T)``:
-    ``p_t·log(p_t/p_s) + (1−p_t)·log((1−p_t)/(1−p_s))``; the teacher's side is detached. Returns the loss
-    and the number of chunks it averages (chunks whole in both). The definition, from whole logits: training
-    takes :func:`likelihood_parts`, which never holds an fp32 copy of them."""
+    """T times the mean over whole chunks of the binary KL between the teacher's and the student's chunk
+    probabilities ``p = exp(sum of the chunk's token log-probabilities / T)``:
+    ``T·[p_t·log(p_t/p_s) + (1−p_t)·log((1−p_t)/(1−p_s))]``; the teacher's side is detached. The factor T
+    keeps the term's scale whatever T (as KD's T²): its gradient in a chunk's log-likelihood shrinks as 1/T,
+    and as T grows T·KL tends to ``(ℓ_t − ℓ_s)² / (2·|ℓ|)``, the squared gap of the chunk log-likelihoods
+    ℓ over their size. Returns the loss and the number of chunks it averages (chunks whole in both). The
+    definition, from whole logits: training takes :func:`likelihood_parts`, which never holds an fp32 copy
+    of them."""
     with torch.no_grad():
         teacher = token_logprobs(teacher_logits, teacher_ids)
     return chunk_kl(token_logprobs(student_logits, student_ids), student_chunk, teacher, teacher_chunk, chunks,
@@ -126,7 +129,7 @@ def chunk_kl(student: torch.Tensor, student_chunk: torch.Tensor, teacher: torch.
     pt = lt.exp()
     kl = pt * (lt - ls) + (1 - pt) * (_log1mexp(lt) - _log1mexp(ls))
     n = counted.sum()
-    return (kl * counted).sum() / n.clamp(min=1), n
+    return temperature * (kl * counted).sum() / n.clamp(min=1), n
 
 
 def boundary_positions(chunk: torch.Tensor, chunks: int) -> torch.Tensor:

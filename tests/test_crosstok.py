@@ -90,7 +90,7 @@ def test_chunk_likelihood_loss_is_the_binary_kl_of_chunk_probabilities():
                            for i in range(1, z.shape[1]) if ch[r, i] == c)
             if (cs[r] == c).any() and (ct[r] == c).any():
                 p_s, p_t = math.exp(chunk_logp(zs, ids_s, cs) / temp), math.exp(chunk_logp(zt, ids_t, ct) / temp)
-                expected += p_t * math.log(p_t / p_s) + (1 - p_t) * math.log((1 - p_t) / (1 - p_s))
+                expected += temp * (p_t * math.log(p_t / p_s) + (1 - p_t) * math.log((1 - p_t) / (1 - p_s)))
                 count += 1
     assert int(n) == count and loss.item() == pytest.approx(expected / count, rel=1e-4)
     loss.backward()
