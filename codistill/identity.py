@@ -26,7 +26,7 @@ CONFIG = "config.yaml"
 # tokenizer, blocks, splits and order). Everything else (learning rates, distillation settings,
 # ZeRO stages, precision, batch layout, logging) may change between a stop and its continuation.
 SHAPING = re.compile(r"mode|teacher|students|train\.seed|data\.(?!cache_dir$|num_proc$).+"
-                     r"|(teacher|students\.\d+)\.(name|arch|pretrained|config(\..+)?)")
+                     r"|(teacher|students\.\d+)\.(name|arch|pretrained|tokenizer|config(\..+)?)")
 IGNORED = ("output_dir", "resume", "overwrite", "adopt", "dry_run", "train.steps_this_run")
 
 

@@ -86,6 +86,7 @@ def test_a_config_that_reshapes_the_models_or_the_data_is_refused_on_resume(tmp_
     for overrides, keys in ((["data.seq_len=64"], "data.seq_len"),
                             (["students.0.config.hidden_size=48"], "students.0.config.hidden_size"),
                             (["data.tokenizer={train: {vocab_size: 8192}}"], "data.tokenizer"),
+                            (["teacher.tokenizer=/a/tokenizer"], "teacher.tokenizer"),  # its vocabulary, the data
                             (["train.seed=5", "teacher.name=big"], "teacher.name, train.seed"),
                             (["students.0.name=s2"], "students.0.name"), (["mode=soft", "teacher.pretrained=/x", "teacher.config={}"], "mode, teacher.config.hidden_size, teacher.config.intermediate_size")):
         cfg = load_config(MICRO, overrides)
