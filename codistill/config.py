@@ -478,9 +478,6 @@ class RunConfig(_Section):
         for s in self.students:
             if s.tokenizer is not None:
                 raise ValueError(f"{s.name}.tokenizer: students read data.tokenizer; only the teacher has its own")
-        if self.teacher is not None and self.teacher.tokenizer and self.teacher.cache:
-            raise ValueError(f"{self.teacher.name}.tokenizer: a cached teacher ({self.teacher.name}.cache) holds "
-                             "predictions over the students' tokens; it cannot have a tokenizer of its own")
         if self.teacher is None:
             return
         if (self.teacher.distill is not None or self.teacher.sources is not None) and self.mode != "codistill":

@@ -293,9 +293,10 @@ PAIRED_VERSION = 1  # bump when paired blocks (codistill/crosstok.py) change, so
 
 def teacher_tokenizer(cfg: RunConfig, run: PreTrainedTokenizerBase) -> Optional[PreTrainedTokenizerBase]:
     """The teacher's own tokenizer where it differs from the run's (``teacher.tokenizer``, else the one in its
-    pretrained folder); None when the teacher reads the run's (or is not loaded)."""
+    pretrained folder; a cached teacher's, which its cache was made over); None when the teacher reads the
+    run's (or, in hard mode, only wrote the text)."""
     spec = cfg.teacher
-    if spec is None or cfg.mode == "hard" or spec.cache:
+    if spec is None or cfg.mode == "hard":
         return None
     tok = own_tokenizer(spec)
     return None if tok is None or tokenizer_fingerprint(tok) == tokenizer_fingerprint(run) else tok

@@ -51,6 +51,7 @@ class Inputs:
     saved_world: int  # the number of ranks the checkpoint to resume from was written by (else this run's)
     release: Callable[[], None]  # frees the output folder for another run
     teacher_tokenizer: Any = None  # the teacher's own, where it differs from the run's (codistill/crosstok.py)
+    teacher_name: Optional[str] = None
 
     @property
     def vocab(self) -> int:
@@ -58,7 +59,7 @@ class Inputs:
 
     def own_vocab(self, spec: ModelSpec) -> Optional[int]:
         """The vocabulary of a model that reads its own tokenization (the teacher with another tokenizer)."""
-        cross = self.teacher_tokenizer is not None and spec is self.specs[0]
+        cross = self.teacher_tokenizer is not None and spec.name == self.teacher_name
         return len(self.teacher_tokenizer) if cross else None
 
 
@@ -74,6 +75,9 @@ def check_cross(cfg: RunConfig) -> None:
         raise ConfigError(f"distill.fused_linear=true: {where} takes the logits path; set it to auto or false")
     if cfg.listening:
         raise ConfigError(f"{cfg.teacher.name}.distill: {where} does not listen to its students")
+    if cfg.teacher.cache and any(d.cross_tokenizer != "likelihood" for _, d, _ in cfg.learners()):
+        raise ConfigError(f"distill.cross_tokenizer: a cached teacher ({t}.cache) with another tokenizer holds its "
+                          "CE per position, what cross_tokenizer=likelihood reads; set it to likelihood")
     for spec, d, _ in cfg.learners():
         for key, on in (("token_filter", d.token_filter), ("on_policy", d.on_policy is not None)):
             if on:
@@ -92,10 +96,11 @@ def check_inputs(cfg: RunConfig, output_dir: Path) -> Inputs:
                               f"{vocab:,} tokens; top-k targets keep k < V (targets: full keeps them all)")
     specs = loaded_models(cfg)
     hf_configs = {s.name: model_config(s, tokenizer) for s in specs}
-    own = teacher_tokenizer(cfg, tokenizer) if specs and specs[0] is cfg.teacher else None
+    own = teacher_tokenizer(cfg, tokenizer)
     if own is not None:  # its vocabulary is its own tokenizer's
         check_cross(cfg)
-        hf_configs[cfg.teacher.name] = model_config(cfg.teacher, own)
+        if cfg.teacher in specs:
+            hf_configs[cfg.teacher.name] = model_config(cfg.teacher, own)
     readers = {s.name: (own if own is not None and s is cfg.teacher else tokenizer) for s in specs}
     for spec in specs:
         tok = readers[spec.name]
@@ -131,4 +136,5 @@ def check_inputs(cfg: RunConfig, output_dir: Path) -> Inputs:
                 ds.setdefault("checkpoint", {})["load_universal"] = True
     # One run per output_dir: another would remove this one's staging folders, or it theirs.
     release = checkpoint.claim(output_dir) if distributed.env_rank() == 0 else (lambda: None)
-    return Inputs(tokenizer, tokenizer_fp, specs, hf_configs, ds_configs, resume_from, saved_world, release, own)
+    return Inputs(tokenizer, tokenizer_fp, specs, hf_configs, ds_configs, resume_from, saved_world, release, own,
+                  None if cfg.teacher is None else cfg.teacher.name)

@@ -62,6 +62,9 @@ def describe_teacher_source(cfg: RunConfig, cache) -> Optional[str]:
         return None
     if cfg.mode == "hard":
         return f"{cfg.teacher.name}: not loaded; hard mode trains on the text it generated (CE on response tokens)"
+    if cache is not None and "teacher_tokenizer" in cache.meta:
+        return (f"{cfg.teacher.name}: not loaded; its CE per position over its own tokenization of the same text, "
+                f"from the cache {cache.folder}, for chunk likelihoods across tokenizers")
     if cache is not None:
         meta = cache.meta
         return (f"{cfg.teacher.name}: not loaded; top-{meta['k']} predictions at T={meta['temperature']} "

@@ -392,9 +392,14 @@ class LogitsStep(MicroStep):
         if self.cache is None:
             return {}
         cached = self.cache.targets(batch["index"], self.device)
-        mask = batch["mask"].reshape(-1)
-        ce = float((cached.token_ce * mask).sum() / mask.sum().clamp(min=1))
-        add(sums, f"{self.m.teacher_name}/{FROZEN_CE}", ce)
+        cross = CROSS + "mask" in batch  # made over the teacher's own columns of paired blocks
+        mask = batch[CROSS + "mask" if cross else "mask"].reshape(-1)
+        ce = (cached.token_ce * mask).sum() / mask.sum().clamp(min=1)
+        add(sums, f"{self.m.teacher_name}/{FROZEN_CE}", float(ce))
+        if cross:
+            per = batch[CROSS + "mask"].sum() / batch["mask"].sum().clamp(min=1)
+            add(sums, f"{self.m.teacher_name}/{CROSS_CE}", float(ce * per))
+            return {i: CrossTeacher(None, cached.token_ce) for i in roles.reads}
         return {i: cached for i in roles.reads}
 
     def frozen(self, position: int, logits: torch.Tensor, batch: Batch, sums: dict[str, float],
@@ -419,8 +424,10 @@ class LogitsStep(MicroStep):
         if any(j in bad for j in sources):
             return
         plan, seen = plans[index] if index is not None else None, view(member, batch)
-        cross = bool(sources) and self.m.members[sources[0]].vocab is not None  # its one source: another tokenizer
-        teacher = CrossTeacher(got.logits.get(sources[0]), got.known[sources[0]][0]) if cross else None
+        cross = isinstance(preset.get(index), CrossTeacher) or (  # its one source: another tokenizer
+            bool(sources) and self.m.members[sources[0]].vocab is not None)
+        teacher = preset.get(index) if not sources else \
+            CrossTeacher(got.logits.get(sources[0]), got.known[sources[0]][0]) if cross else None
         targets = None if cross else preset.get(index) if not sources else got.make(sources, self.m.states[index],
                                                                                      plan.temperature)
         spec = plan.spec if targets is not None else SoftSpec()

@@ -83,7 +83,7 @@ class Trainer:
         return TeacherCache.open(Path(cfg.teacher.cache).expanduser(),
                                  {"tokenizer": self.tokenizer_fp, "data": data_fingerprint,
                                   "seq_len": cfg.data.seq_len},
-                                 cfg.distill_for(0).temperature, self.vocab)
+                                 cfg.distill_for(0).temperature, len(self.teacher_tokenizer or self.tokenizer))
 
     def _build_engines(self, inputs: Inputs) -> None:
         """One engine per model, every learner's state and sources, and the micro-step and validation that

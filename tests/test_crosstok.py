@@ -1,6 +1,7 @@
 """Distillation across tokenizers: the alignment of two tokenizations by character offsets on hand-made
 and real texts (multi-byte characters, whitespace runs, a word one tokenizer splits and the other does
 not), and each loss against its formula written out by hand."""
+import json
 import math
 
 import numpy as np
@@ -306,8 +307,6 @@ def test_a_student_cannot_have_a_tokenizer_of_its_own():
 
     with pytest.raises(ConfigError, match=r"student\.tokenizer: students read data\.tokenizer; only the teacher"):
         load_config(MICRO, ["students.0.tokenizer=/somewhere"])
-    with pytest.raises(ConfigError, match=r"teacher\.tokenizer: a cached teacher \(teacher\.cache\) holds"):
-        load_config(MICRO, ["mode=soft", "teacher.cache=/c", "teacher.tokenizer=/t"])
 
 
 def test_likelihood_parts_match_the_definition_value_and_gradient_without_an_fp32_copy():
@@ -392,3 +391,32 @@ def test_a_teacher_of_another_tokenizer_writes_hard_mode_text_with_its_own(tmp_p
                   "--batch-size", "2", f"teacher.pretrained={other_teacher}", "teacher.config={}", *data,
                   how="python", script="tools/generate.py")
     assert " prompt/response pairs to " in proc.stdout, proc.stdout[-2000:]
+
+
+def test_a_cached_teacher_of_another_tokenizer_holds_its_ce_per_position(tmp_path, cross_setup, other_teacher):
+    """codistill-cache-logits runs the teacher over its own columns of the paired blocks; soft mode reads its CE
+    per position from the cache for chunk likelihoods, without loading the teacher."""
+    from conftest import launch, read_scalars
+
+    setup = [x for x in cross_setup if not x.startswith("teacher.tokenizer=")]
+    soft = [*setup, "mode=soft", f"teacher.pretrained={other_teacher}", "teacher.config={}"]
+    cache = tmp_path / "cache"
+    made = launch("--out", str(cache), *soft, how="python", script="tools/cache_logits.py").stdout
+    assert "cached top-64 teacher predictions" in made
+    meta = json.loads((cache / "codistill_cache.json").read_text())
+    assert meta["complete"] and "teacher_tokenizer" in meta
+    out = tmp_path / "run"
+    log = launch(f"output_dir={out}", *soft, f"teacher.cache={cache}", how="python").stdout
+    assert "teacher: not loaded; its CE per position over its own tokenization of the same text" in log
+    tb = read_scalars(out)
+    for tag in ("teacher/frozen/loss_ce", "teacher/cross/loss_ce", "student/train/loss_kd", "distill/teacher_lead"):
+        assert len(tb[tag]) == 4 and all(map(math.isfinite, tb[tag].values())), tag
+    assert max(tb["student/train/loss_kd"].values()) > 0
+    from codistill.config import load_config
+    from codistill.preflight import check_inputs
+
+    from conftest import MICRO
+
+    cfg = load_config(MICRO, [*soft, f"teacher.cache={cache}", "distill.cross_tokenizer=sorted"])
+    with pytest.raises(ConfigError, match="holds its CE per position, what cross_tokenizer=likelihood reads"):
+        check_inputs(cfg, tmp_path / "sorted")

@@ -31,11 +31,12 @@ def body(args: argparse.Namespace) -> None:
     quiet_library_noise()
     cfg = cli.run_config(args)
     out, k, temperature = _target(args, cfg)
-    tokenizer, hf, ds_config = _checked_teacher(cfg)
+    tokenizer, own, hf, ds_config = _checked_teacher(cfg)
     world = distributed.init(timeout_s=cfg.train.collective_timeout_s)
-    train, params, listed = _start(args, cfg, tokenizer, out, k, temperature, world)
+    train, params, listed = _start(args, cfg, tokenizer, own, out, k, temperature, world)
     engine = build_engine(cfg.teacher, hf, ds_config, seed=cfg.train.seed, trainable=False).engine
-    chunks = _cache_parts(args, cfg, engine, train, out, listed, k, temperature, len(tokenizer), world)
+    chunks = _cache_parts(args, cfg, engine, train, out, listed, k, temperature, len(own or tokenizer), world,
+                          cross=own is not None)
     _finish(out, params, len(train), cfg.data.seq_len, chunks, world)
 
 
@@ -51,25 +52,29 @@ def _target(args: argparse.Namespace, cfg: RunConfig) -> tuple[Path, int, float]
 
 
 def _checked_teacher(cfg: RunConfig):
-    """The run's tokenizer, the teacher's Hugging Face config (checked against both) and its DeepSpeed
-    config, all before any process group exists."""
+    """The run's tokenizer, the teacher's own where it differs (its predictions are then cached over its own
+    tokenization of paired blocks, for chunk likelihoods), its Hugging Face config (checked against the one it
+    reads) and its DeepSpeed config, all before any process group exists."""
     import torch
 
     from .. import distributed
-    from ..data import check_data_source, run_tokenizer, tokenizer_fingerprint
+    from ..data import check_data_source, own_tokenizer, run_tokenizer, tokenizer_fingerprint
     from ..engines import resolve_deepspeed_config
     from ..models import check_model, model_config
 
     check_data_source(cfg.data)
     tokenizer = run_tokenizer(cfg)
-    hf = model_config(cfg.teacher, tokenizer)
-    check_model(cfg.teacher, hf, tokenizer, tokenizer_fingerprint(tokenizer), cfg.data.seq_len)
+    own = own_tokenizer(cfg.teacher)
+    own = own if own is not None and tokenizer_fingerprint(own) != tokenizer_fingerprint(tokenizer) else None
+    reads = own or tokenizer
+    hf = model_config(cfg.teacher, reads)
+    check_model(cfg.teacher, hf, reads, tokenizer_fingerprint(reads), cfg.data.seq_len)
     ds_config = resolve_deepspeed_config(cfg.teacher, cfg.train, distributed.env_world_size(),
                                          not torch.cuda.is_available(), trainable=False)
-    return tokenizer, hf, ds_config
+    return tokenizer, own, hf, ds_config
 
 
-def _start(args: argparse.Namespace, cfg: RunConfig, tokenizer, out: Path, k: int, temperature: float, world):
+def _start(args: argparse.Namespace, cfg: RunConfig, tokenizer, own, out: Path, k: int, temperature: float, world):
     """The run's training split, the cache's parameters (its metadata) and the parts the metadata lists
     (those of a finished cache made again, to check), after rank 0 checked that a partial cache in ``out``
     was started with the same parameters and marked the cache incomplete."""
@@ -78,11 +83,12 @@ def _start(args: argparse.Namespace, cfg: RunConfig, tokenizer, out: Path, k: in
     from .. import cache
     from ..data import build_splits, tokenizer_fingerprint
 
-    splits = build_splits(cfg.data, tokenizer, cfg.train.seed, cfg.probe_fraction())  # the run's training split
+    splits = build_splits(cfg.data, tokenizer, cfg.train.seed, cfg.probe_fraction(), own)  # the run's training split
     train, fingerprint = splits.train, splits.fingerprint
     params = {"tokenizer": tokenizer_fingerprint(tokenizer), "data": fingerprint, "seq_len": cfg.data.seq_len,
-              "teacher": str(Path(cfg.teacher.pretrained).expanduser().resolve()), "k": min(k, len(tokenizer)),
-              "temperature": temperature, "shard_blocks": args.shard_blocks, "blocks": len(train)}
+              "teacher": str(Path(cfg.teacher.pretrained).expanduser().resolve()), "k": min(k, len(own or tokenizer)),
+              "temperature": temperature, "shard_blocks": args.shard_blocks, "blocks": len(train),
+              **({"teacher_tokenizer": tokenizer_fingerprint(own)} if own is not None else {})}
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
         cache.check_started(out, params)
@@ -94,7 +100,7 @@ def _start(args: argparse.Namespace, cfg: RunConfig, tokenizer, out: Path, k: in
 
 
 def _cache_parts(args: argparse.Namespace, cfg: RunConfig, engine, train, out: Path, listed: dict, k: int, temperature: float,
-                 vocab: int, world) -> int:
+                 vocab: int, world, cross: bool = False) -> int:
     """Write this rank's parts that are missing or not what ``listed`` says (part c is rank c mod world's);
     returns the number of parts."""
     import torch
@@ -114,7 +120,7 @@ def _cache_parts(args: argparse.Namespace, cfg: RunConfig, engine, train, out: P
         blocks = list(range(chunk * args.shard_blocks, min(len(train), (chunk + 1) * args.shard_blocks))) \
             if chunk is not None else []
         rows = _part_rows(engine, train, blocks, cfg.train.micro_batch_size, k, temperature, cfg.data.seq_len,
-                          vocab, world.device)
+                          vocab, world.device, cross)
         if chunk is not None:
             cache.write_part(out, chunk, rows)
         bar.update(world.size if world.is_main else 0)
@@ -123,12 +129,14 @@ def _cache_parts(args: argparse.Namespace, cfg: RunConfig, engine, train, out: P
 
 
 def _part_rows(engine, train, blocks: list[int], mbs: int, k: int, temperature: float, seq_len: int, vocab: int,
-               device) -> dict[str, list]:
+               device, cross: bool = False) -> dict[str, list]:
     """The cache rows of ``blocks`` (none: this rank has no part this round but runs its forwards anyway),
-    from the teacher's forwards over micro-batches of ``mbs`` blocks."""
+    from the teacher's forwards over micro-batches of ``mbs`` blocks (``cross``: over its own columns of
+    paired blocks)."""
     import torch
 
     from .. import cache
+    from ..crosstok import CROSS
     from ..losses import distill_loss, next_token_targets, topk_targets
 
     # ZeRO-3 gathers parameters in every forward: every rank runs the same number of them.
@@ -138,6 +146,8 @@ def _part_rows(engine, train, blocks: list[int], mbs: int, k: int, temperature: 
     for b in range(int(steps)):
         index = blocks[b * mbs:(b + 1) * mbs]
         batch = {key: v.to(device) for key, v in train[index or [0]].items()}
+        if cross:  # the teacher's own tokenization of the same text
+            batch = {key: batch[CROSS + key] for key in ("input_ids", "attention_mask")}
         with torch.no_grad():
             logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[..., :vocab]
             labels, mask = next_token_targets(batch["input_ids"], batch["attention_mask"], batch.get("loss_mask"))
