@@ -263,18 +263,27 @@ def other_teacher(tmp_path_factory, cross_setup):
     return folder
 
 
-def test_a_frozen_teacher_of_another_tokenizer_teaches_in_soft_mode(tmp_path, cross_setup, other_teacher):
-    """A pretrained teacher folder that holds its own tokenizer: no teacher.tokenizer needed."""
-    from conftest import launch, read_scalars
+def _fit(overrides, capsys):
+    """A run in the test process (no interpreter start-up): its opening lines and its TensorBoard scalars."""
+    from codistill.config import load_config
+    from codistill.trainer import Trainer
 
-    folder = other_teacher
+    from conftest import MICRO, read_scalars
+
+    cfg = load_config(MICRO, overrides)
+    capsys.readouterr()
+    Trainer(cfg).fit()
+    return capsys.readouterr().out, read_scalars(cfg.output_dir)
+
+
+def test_a_frozen_teacher_of_another_tokenizer_teaches_in_soft_mode(tmp_path, cross_setup, other_teacher, capsys):
+    """A pretrained teacher folder that holds its own tokenizer: no teacher.tokenizer needed."""
     setup = [x for x in cross_setup if not x.startswith("teacher.tokenizer=")]
-    out = tmp_path / "run"
-    log = launch(f"output_dir={out}", *setup, "mode=soft", f"teacher.pretrained={folder}", "teacher.config={}",
-                 "teacher.deepspeed=configs/ds/zero3_cpu.json", "distill.cross_tokenizer=sorted", "distill.targets=topk",
-                 "distill.top_k=8", how="python").stdout
-    assert "ZeRO stage 3, bf16=False, frozen" in log and f"its own tokenizer ({OTHER_VOCAB} tokens)" in log and "across tokenizers by sorted distributions (top 8 ranks)" in log
-    tb = read_scalars(out)
+    log, tb = _fit([f"output_dir={tmp_path / 'run'}", *setup, "mode=soft", f"teacher.pretrained={other_teacher}",
+                    "teacher.config={}", "teacher.deepspeed=configs/ds/zero3_cpu.json", "distill.cross_tokenizer=sorted",
+                    "distill.targets=topk", "distill.top_k=8"], capsys)
+    assert "ZeRO stage 3, bf16=False, frozen" in log and f"its own tokenizer ({OTHER_VOCAB} tokens)" in log
+    assert "across tokenizers by sorted distributions (top 8 ranks)" in log
     for tag in ("teacher/frozen/loss_ce", "teacher/cross/loss_ce", "student/train/loss_kd", "distill/teacher_lead"):
         assert len(tb[tag]) == 4 and all(map(math.isfinite, tb[tag].values())), tag
     assert "teacher/train/loss" not in tb and max(tb["student/train/loss_kd"].values()) > 0
@@ -382,41 +391,42 @@ def test_a_tokenizer_that_cannot_write_the_text_is_one_line(pair):
         pair_blocks(["Tokyo is 東京."], pair[0], Unknown(), seq_len=16)
 
 
-def test_a_teacher_of_another_tokenizer_writes_hard_mode_text_with_its_own(tmp_path, cross_setup, other_teacher):
+def test_a_teacher_of_another_tokenizer_writes_hard_mode_text_with_its_own(tmp_path, cross_setup, other_teacher,
+                                                                            capsys):
     """Generation takes the teacher's own tokenizer, prompts cut from the students' blocks as text."""
-    from conftest import launch
+    from codistill.commands import generate
 
-    data = [x for x in cross_setup if x.startswith(("data.", "train.seed"))]
-    proc = launch("--out", str(tmp_path / "gen"), "--num-prompts", "4", "--prompt-tokens", "8", "--max-new-tokens", "4",
-                  "--batch-size", "2", f"teacher.pretrained={other_teacher}", "teacher.config={}", *data,
-                  how="python", script="tools/generate.py")
-    assert " prompt/response pairs to " in proc.stdout, proc.stdout[-2000:]
+    from conftest import MICRO
+
+    data = [x for x in cross_setup if x.startswith("data.")]
+    code = generate.main(["--config", str(MICRO), "--out", str(tmp_path / "gen"), "--num-prompts", "4",
+                          "--prompt-tokens", "8", "--max-new-tokens", "4", "--batch-size", "2",
+                          f"teacher.pretrained={other_teacher}", "teacher.config={}", *data])
+    out = capsys.readouterr()
+    assert code == 0 and " prompt/response pairs to " in out.out, out.err[-2000:]
 
 
-def test_a_cached_teacher_of_another_tokenizer_holds_its_ce_per_position(tmp_path, cross_setup, other_teacher):
+def test_a_cached_teacher_of_another_tokenizer_holds_its_ce_per_position(tmp_path, cross_setup, other_teacher, capsys):
     """codistill-cache-logits runs the teacher over its own columns of the paired blocks; soft mode reads its CE
     per position from the cache for chunk likelihoods, without loading the teacher."""
-    from conftest import launch, read_scalars
-
-    setup = [x for x in cross_setup if not x.startswith("teacher.tokenizer=")]
-    soft = [*setup, "mode=soft", f"teacher.pretrained={other_teacher}", "teacher.config={}"]
-    cache = tmp_path / "cache"
-    made = launch("--out", str(cache), *soft, how="python", script="tools/cache_logits.py").stdout
-    assert "cached top-64 teacher predictions" in made
-    meta = json.loads((cache / "codistill_cache.json").read_text())
-    assert meta["complete"] and "teacher_tokenizer" in meta
-    out = tmp_path / "run"
-    log = launch(f"output_dir={out}", *soft, f"teacher.cache={cache}", how="python").stdout
-    assert "teacher: not loaded; its CE per position over its own tokenization of the same text" in log
-    tb = read_scalars(out)
-    for tag in ("teacher/frozen/loss_ce", "teacher/cross/loss_ce", "student/train/loss_kd", "distill/teacher_lead"):
-        assert len(tb[tag]) == 4 and all(map(math.isfinite, tb[tag].values())), tag
-    assert max(tb["student/train/loss_kd"].values()) > 0
+    from codistill.commands import cache_logits
     from codistill.config import load_config
     from codistill.preflight import check_inputs
 
     from conftest import MICRO
 
+    setup = [x for x in cross_setup if not x.startswith("teacher.tokenizer=")]
+    soft = [*setup, "mode=soft", f"teacher.pretrained={other_teacher}", "teacher.config={}"]
+    cache = tmp_path / "cache"
+    assert cache_logits.main(["--config", str(MICRO), "--out", str(cache), *soft]) == 0
+    assert "cached top-64 teacher predictions" in capsys.readouterr().out
+    meta = json.loads((cache / "codistill_cache.json").read_text())
+    assert meta["complete"] and "teacher_tokenizer" in meta
+    log, tb = _fit([f"output_dir={tmp_path / 'run'}", *soft, f"teacher.cache={cache}"], capsys)
+    assert "teacher: not loaded; its CE per position over its own tokenization of the same text" in log
+    for tag in ("teacher/frozen/loss_ce", "teacher/cross/loss_ce", "student/train/loss_kd", "distill/teacher_lead"):
+        assert len(tb[tag]) == 4 and all(map(math.isfinite, tb[tag].values())), tag
+    assert max(tb["student/train/loss_kd"].values()) > 0
     cfg = load_config(MICRO, [*soft, f"teacher.cache={cache}", "distill.cross_tokenizer=sorted"])
     with pytest.raises(ConfigError, match="holds its CE per position, what cross_tokenizer=likelihood reads"):
         check_inputs(cfg, tmp_path / "sorted")
