@@ -13,7 +13,7 @@ from codistill.commands.generate import clean_reply
 from codistill.config import ConfigError, DataConfig, load_config
 from codistill.data import build_splits, render_prompt, resolve_tokenizer, run_tokenizer, stop_ids, turn_end
 
-from conftest import MICRO, ROOT, launch, read_scalars
+from conftest import MICRO, ROOT, launch, read_scalars, train_here
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -126,24 +126,24 @@ def test_hard_mode_trains_on_the_conversation_with_the_templated_prompt_masked(g
     assert shown.startswith(f"<|im_start|>user\n{QUESTION}<|im_end|>\n<|im_start|>assistant\nthe king<|im_end|>")
     # The loss sees the reply and the end of the turn (and the eos after it), never the prompt.
     assert chat_tokenizer.decode(row["input_ids"][row["loss_mask"].bool()]) == "the king<|im_end|><|endoftext|>"
-    launch(f"output_dir={tmp_path / 'run'}", "mode=hard", f"data.dataset={out}", "data.messages_field=messages",
-           f"data.tokenizer={teacher}", "data.pack=false", "data.val_fraction=0.34", "train.micro_batch_size=1",
-           "train.max_steps=2", f"teacher.pretrained={teacher}", "teacher.config={}",
-           f"data.cache_dir={tmp_path / 'cache'}", how="python")
+    train_here(f"output_dir={tmp_path / 'run'}", "mode=hard", f"data.dataset={out}", "data.messages_field=messages",
+               f"data.tokenizer={teacher}", "data.pack=false", "data.val_fraction=0.34", "train.micro_batch_size=1",
+               "train.max_steps=2", f"teacher.pretrained={teacher}", "teacher.config={}",
+               f"data.cache_dir={tmp_path / 'cache'}")
 
 
-def test_soft_distillation_on_the_conversations_from_the_frozen_instruct_teacher(generated, tmp_path):
+def test_soft_distillation_on_the_conversations_from_the_frozen_instruct_teacher(generated, tmp_path, capsys):
     """Soft mode from the saved instruct teacher, the student also on its own replies at every step: prompts
     rendered through the chat template, replies ended at the template's end of turn, scored by the teacher (the
     run's own losses on the fused-linear path; the on-policy loss on the logits path beside it)."""
     teacher, out = generated["teacher"], generated["out"]
-    proc = launch(f"output_dir={tmp_path / 'run'}", "mode=soft", f"data.dataset={out}", "data.messages_field=messages",
-                  f"data.tokenizer={teacher}", "data.pack=false", "data.val_fraction=0.34", "train.micro_batch_size=1",
-                  "train.max_steps=2", "train.eval_interval=2", "distill.burn_in_steps=0", "distill.schedule=constant",
-                  f"teacher.pretrained={teacher}", "teacher.config={}", f"data.cache_dir={tmp_path / 'cache'}",
-                  "distill.on_policy={fraction: 1.0, max_new_tokens: 6, temperature: 0.7}", "distill.fused_linear=true",
-                  how="python")
-    assert "teacher: " in proc.stdout and "frozen" in proc.stdout
+    train_here(f"output_dir={tmp_path / 'run'}", "mode=soft", f"data.dataset={out}", "data.messages_field=messages",
+               f"data.tokenizer={teacher}", "data.pack=false", "data.val_fraction=0.34", "train.micro_batch_size=1",
+               "train.max_steps=2", "train.eval_interval=2", "distill.burn_in_steps=0", "distill.schedule=constant",
+               f"teacher.pretrained={teacher}", "teacher.config={}", f"data.cache_dir={tmp_path / 'cache'}",
+               "distill.on_policy={fraction: 1.0, max_new_tokens: 6, temperature: 0.7}", "distill.fused_linear=true")
+    printed = capsys.readouterr().out
+    assert "teacher: " in printed and "frozen" in printed
     scalars = read_scalars(tmp_path / "run")
     kd = scalars["student/train/loss_kd"]
     assert len(kd) == 2 and all(v > 0 for v in kd.values())
@@ -253,8 +253,8 @@ def test_a_run_on_own_text_trains_its_tokenizer_and_every_model_uses_it(own_text
     cfg = load_config(MICRO, [f"data.dataset={own_text / 'data'}", "data.tokenizer={train: {vocab_size: 2000}}",
                               f"data.cache_dir={own_text / 'cache'}"])
     assert len(run_tokenizer(cfg)) == 2000
-    launch(f"output_dir={tmp_path}", f"data.dataset={own_text / 'data'}", "data.tokenizer={train: {vocab_size: 2000}}",
-           f"data.cache_dir={own_text / 'cache'}", "train.max_steps=2", "train.eval_interval=2", how="python")
+    train_here(f"output_dir={tmp_path}", f"data.dataset={own_text / 'data'}", "data.tokenizer={train: {vocab_size: 2000}}",
+               f"data.cache_dir={own_text / 'cache'}", "train.max_steps=2", "train.eval_interval=2")
     for name in ("teacher", "student"):
         config = AutoConfig.from_pretrained(tmp_path / "checkpoints" / "step_00000002" / "hf" / name)
         assert config.vocab_size == 2000

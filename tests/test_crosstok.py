@@ -264,16 +264,13 @@ def other_teacher(tmp_path_factory, cross_setup):
 
 
 def _fit(overrides, capsys):
-    """A run in the test process (no interpreter start-up): its opening lines and its TensorBoard scalars."""
-    from codistill.config import load_config
-    from codistill.trainer import Trainer
+    """A run in the test process: its opening lines and its TensorBoard scalars."""
+    from conftest import read_scalars, train_here
 
-    from conftest import MICRO, read_scalars
-
-    cfg = load_config(MICRO, overrides)
     capsys.readouterr()
-    Trainer(cfg).fit()
-    return capsys.readouterr().out, read_scalars(cfg.output_dir)
+    train_here(*overrides)
+    out = next(x for x in overrides if x.startswith("output_dir=")).split("=", 1)[1]
+    return capsys.readouterr().out, read_scalars(out)
 
 
 def test_a_frozen_teacher_of_another_tokenizer_teaches_in_soft_mode(tmp_path, cross_setup, other_teacher, capsys):

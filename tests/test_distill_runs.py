@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from conftest import launch, read_layout, read_scalars
+from conftest import launch, read_layout, read_scalars, train_here
 
 FROZEN_TEACHER = ["teacher.deepspeed.optimizer.params.lr=0.0"]
 
@@ -62,8 +62,8 @@ def test_every_divergence_trains_on_two_ranks_and_its_kd_term_falls(tmp_path):
 
 def test_lead_alpha_stays_zero_while_the_teacher_is_behind(tmp_path):
     out = tmp_path / "behind"
-    launch(f"output_dir={out}", "train.max_steps=12", "distill.schedule=lead", "distill.burn_in_steps=0",
-           *FROZEN_TEACHER, how="python")
+    train_here(f"output_dir={out}", "train.max_steps=12", "distill.schedule=lead", "distill.burn_in_steps=0",
+               *FROZEN_TEACHER)
     assert scalars(out, "schedule/alpha") == [0.0] * 12
     gap = scalars(out, "schedule/lead")
     assert gap[-1] < 0  # the student's CE is below the frozen teacher's
@@ -71,10 +71,10 @@ def test_lead_alpha_stays_zero_while_the_teacher_is_behind(tmp_path):
 
 def test_lead_alpha_rises_once_the_teacher_is_ahead_and_gating_and_head_start_work(tmp_path):
     out = tmp_path / "ahead"
-    launch(f"output_dir={out}", "train.max_steps=12", "distill.schedule=lead", "distill.burn_in_steps=2",
-           "distill.lead_scale=0.05", "distill.head_start_steps=3", "distill.token_filter=true",
-           "distill.benefit_gate=false",  # the teacher-lead schedule alone
-           "students.0.deepspeed.optimizer.params.lr=0.0", how="python")
+    train_here(f"output_dir={out}", "train.max_steps=12", "distill.schedule=lead", "distill.burn_in_steps=2",
+               "distill.lead_scale=0.05", "distill.head_start_steps=3", "distill.token_filter=true",
+               "distill.benefit_gate=false",  # the teacher-lead schedule alone
+               "students.0.deepspeed.optimizer.params.lr=0.0")
     alpha = scalars(out, "schedule/alpha")
     # 3 steps of head start, then the student's own 2 burn-in steps at α = 0.
     assert alpha[:5] == [0.0] * 5 and alpha[5] > 0 and alpha[-1] == pytest.approx(0.5)

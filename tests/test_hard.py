@@ -3,21 +3,21 @@ import json
 
 import datasets
 
-from conftest import launch, read_scalars
+from conftest import launch, read_scalars, train_here
 
 
-def test_hard_mode_trains_on_responses_without_loading_the_teacher(tmp_path, tokenizer):
+def test_hard_mode_trains_on_responses_without_loading_the_teacher(tmp_path, tokenizer, capsys):
     data = tmp_path / "generated.jsonl"
     with open(data, "w") as fh:
         for i in range(60):
             fh.write(json.dumps({"prompt": f"Line {i} of the play:", "response": " To be, or not to be." * 3}) + "\n")
     tokenizer.save_pretrained(tmp_path / "tok")
     out = tmp_path / "run"
-    proc = launch(f"output_dir={out}", "mode=hard", f"data.dataset={data}", "data.text_field=response",
-                  "data.prompt_field=prompt", "data.pack=false", f"data.tokenizer={tmp_path / 'tok'}",
-                  f"data.cache_dir={tmp_path / 'cache'}", "teacher.pretrained=/nonexistent/teacher",
-                  "teacher.config={}", "train.max_steps=8", "train.eval_interval=8", how="python")
-    assert "teacher: not loaded; hard mode trains on the text it generated" in proc.stdout
+    train_here(f"output_dir={out}", "mode=hard", f"data.dataset={data}", "data.text_field=response",
+               "data.prompt_field=prompt", "data.pack=false", f"data.tokenizer={tmp_path / 'tok'}",
+               f"data.cache_dir={tmp_path / 'cache'}", "teacher.pretrained=/nonexistent/teacher",
+               "teacher.config={}", "train.max_steps=8", "train.eval_interval=8")
+    assert "teacher: not loaded; hard mode trains on the text it generated" in capsys.readouterr().out
     tb = read_scalars(out)
     assert "student/train/loss" in tb and not any(t.startswith("teacher/") or t.startswith("schedule/") for t in tb)
     losses = list(tb["student/eval/loss"].values())
