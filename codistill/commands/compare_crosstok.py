@@ -47,9 +47,13 @@ def teacher_tokenizer(spec: str, base: dict[str, Any], folder: Path, seed: int) 
     return target
 
 
+CHECKPOINT_EVERY = 100  # steps: an interrupted run of this hours-long comparison resumes, not restarts
+
+
 def _run(base: dict[str, Any], output: Path, seed: int | None = None) -> dict[str, Any]:
     tree = copy.deepcopy(base)
     tree["resume"], tree["overwrite"], tree["output_dir"] = "auto", True, str(output)
+    tree["checkpoint"] = {**tree.get("checkpoint", {}), "interval": CHECKPOINT_EVERY}
     if seed is not None:
         tree["train"]["seed"] = seed
         tree["students"] = [{**copy.deepcopy(tree["students"][0]), "init_seed": seed + 1}]
