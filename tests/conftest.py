@@ -23,7 +23,7 @@ os.environ.setdefault("CODISTILL_CACHE", str(ROOT / ".cache"))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 __all__ = ["MICRO", "ROOT", "TRAIN", "launch", "launch_cmd", "launch_env", "read_layout", "read_scalars", "run_cmd",
-           "train_here"]
+           "train_here", "run_here"]
 
 
 def launch_env(**extra: str) -> dict:
@@ -83,6 +83,22 @@ def train_here(*overrides: str, config=MICRO) -> None:
     from codistill.trainer import Trainer
 
     Trainer(load_config(config, list(overrides))).fit()
+
+
+def run_here(main, *args: str, config=MICRO, ok: bool = True) -> subprocess.CompletedProcess:
+    """A one-rank command (``main``: a codistill.commands module's) in the test process, its output captured as a
+    launch's would be: the same ``--config`` default, a CompletedProcess with its exit code, stdout and stderr."""
+    import contextlib
+    import io
+
+    argv = [*(["--config", str(config)] if config else []), *args]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    proc = subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+    if ok:
+        assert code == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
 
 
 def read_layout(output_dir) -> dict[str, list[str]]:

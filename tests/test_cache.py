@@ -15,7 +15,7 @@ from codistill.losses import topk_targets
 
 from codistill.cache import stored_bytes_per_token
 
-from conftest import MICRO, launch
+from conftest import MICRO, run_here, train_here
 
 K = 16
 
@@ -36,9 +36,10 @@ def overrides(corpus, teacher, out):
             f"teacher.cache={out}", f"distill.top_k={K}", "distill.temperature=2.0", "train.max_steps=6"]
 
 
-def make_cache(corpus, teacher, out, *extra):
-    return launch("--shard-blocks", "16", *overrides(corpus, teacher, out), *extra, how="python",
-                  script="tools/cache_logits.py")
+def make_cache(corpus, teacher, out, *extra, ok=True):
+    from codistill.commands import cache_logits
+
+    return run_here(cache_logits.main, "--shard-blocks", "16", *overrides(corpus, teacher, out), *extra, ok=ok)
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +69,10 @@ def test_cache_holds_the_live_teachers_top_k_within_fp16(cached, corpus, pretrai
     torch.testing.assert_close(got.tail_logp, live.tail_logp, rtol=2e-3, atol=2e-3)
 
 
-def test_training_from_the_cache_does_not_load_the_teacher(cached, corpus, pretrained_teacher, tmp_path):
+def test_training_from_the_cache_does_not_load_the_teacher(cached, corpus, pretrained_teacher, tmp_path, capsys):
     out, _ = cached
-    proc = launch(f"output_dir={tmp_path}", *overrides(corpus, "/nonexistent/teacher", out), how="python")
-    assert f"teacher: not loaded; top-{K} predictions at T=2.0 from the cache" in proc.stdout
+    train_here(f"output_dir={tmp_path}", *overrides(corpus, "/nonexistent/teacher", out))
+    assert f"teacher: not loaded; top-{K} predictions at T=2.0 from the cache" in capsys.readouterr().out
 
 
 def test_a_cache_for_other_data_or_temperature_is_refused(cached, corpus, pretrained_teacher, tmp_path, capsys):
@@ -151,6 +152,5 @@ def test_an_interrupted_cache_run_resumes_to_the_same_cache(cached, corpus, pret
         a = datasets.Dataset.from_parquet(str(part_path(out, chunk))).to_dict()
         b = datasets.Dataset.from_parquet(str(part_path(partial, chunk))).to_dict()
         assert a == b, chunk
-    proc = launch("--shard-blocks", "16", *overrides(corpus, pretrained_teacher, partial), "distill.top_k=8",
-                  how="python", script="tools/cache_logits.py", ok=False)
+    proc = make_cache(corpus, pretrained_teacher, partial, "distill.top_k=8", ok=False)
     assert proc.returncode == 2 and "made with other settings (k: 16 here, 8 asked)" in proc.stderr

@@ -13,7 +13,7 @@ from codistill.commands.generate import clean_reply
 from codistill.config import ConfigError, DataConfig, load_config
 from codistill.data import build_splits, render_prompt, resolve_tokenizer, run_tokenizer, stop_ids, turn_end
 
-from conftest import MICRO, ROOT, launch, read_scalars, train_here
+from conftest import MICRO, ROOT, launch, read_scalars, run_here, train_here
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -77,9 +77,10 @@ def generated(tmp_path_factory, chat_tokenizer):
             {"prompt": QUESTION}]
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = root / "generated"
-    proc = launch("--out", str(out), "--prompts", str(prompts), "--greedy", "--max-new-tokens", "6",
-                  "--batch-size", "1", f"teacher.pretrained={teacher}", "teacher.config={}",
-                  f"data.tokenizer={teacher}", how="python", script="tools/generate.py")
+    from codistill.commands import generate
+
+    proc = run_here(generate.main, "--out", str(out), "--prompts", str(prompts), "--greedy", "--max-new-tokens", "6",
+                    "--batch-size", "1", f"teacher.pretrained={teacher}", "teacher.config={}", f"data.tokenizer={teacher}")
     return dict(root=root, teacher=teacher, out=out, proc=proc)
 
 
@@ -192,10 +193,11 @@ def test_every_reply_empty_is_an_error_not_an_empty_dataset(tmp_path, chat_token
     teacher = scripted_teacher(tmp_path / "mute", chat_tokenizer, {length: []})
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"prompt": QUESTION}) + "\n")
-    proc = launch("--out", str(tmp_path / "o"), "--prompts", str(prompts), "--greedy", "--max-new-tokens", "4",
-                  f"teacher.pretrained={teacher}",
-                  "teacher.config={}", f"data.tokenizer={teacher}", how="python",
-                  script="tools/generate.py", ok=False)
+    from codistill.commands import generate
+
+    proc = run_here(generate.main, "--out", str(tmp_path / "o"), "--prompts", str(prompts), "--greedy",
+                    "--max-new-tokens", "4", f"teacher.pretrained={teacher}", "teacher.config={}",
+                    f"data.tokenizer={teacher}", ok=False)
     assert proc.returncode == 2 and "every reply of the teacher was empty" in proc.stderr
 
 

@@ -3,7 +3,7 @@ import json
 
 import datasets
 
-from conftest import launch, read_scalars, train_here
+from conftest import launch, read_scalars, run_here, train_here
 
 
 def test_hard_mode_trains_on_responses_without_loading_the_teacher(tmp_path, tokenizer, capsys):
@@ -28,7 +28,9 @@ def test_generation_is_seeded_identical_on_one_and_two_ranks_and_trains(tmp_path
     args = ["--num-prompts", "6", "--prompt-tokens", "8", "--max-new-tokens", "6",
             "--batch-size", "2", "--seed", "3", "--top-p", "0.9", f"teacher.pretrained={pretrained_teacher}",
             "teacher.config={}"]
-    one = launch("--out", str(tmp_path / "one"), *args, how="python", script="tools/generate.py")
+    from codistill.commands import generate
+
+    one = run_here(generate.main, "--out", str(tmp_path / "one"), *args)
     two = launch("--out", str(tmp_path / "two"), *args, script="tools/generate.py")
     a = datasets.load_dataset("parquet", data_files=sorted(str(p) for p in (tmp_path / "one").glob("part-*")))["train"]
     b = datasets.load_dataset("parquet", data_files=sorted(str(p) for p in (tmp_path / "two").glob("part-*")))["train"]
@@ -38,10 +40,10 @@ def test_generation_is_seeded_identical_on_one_and_two_ranks_and_trains(tmp_path
     assert said and said == [line for line in two.stdout.splitlines() if "ran to --max-new-tokens" in line]
     assert all(len(r) > 0 for r in a["response"])
     assert json.loads((tmp_path / "one" / "codistill_generation.json").read_text())["complete"]
-    launch(f"output_dir={tmp_path / 'run'}", "mode=hard", f"data.dataset={tmp_path / 'one'}",
-           "data.text_field=response", "data.prompt_field=prompt", "data.pack=false", "data.val_fraction=0.34",
-           "train.micro_batch_size=2", "train.max_steps=2", f"teacher.pretrained={pretrained_teacher}",
-           "teacher.config={}", how="python")
+    train_here(f"output_dir={tmp_path / 'run'}", "mode=hard", f"data.dataset={tmp_path / 'one'}",
+               "data.text_field=response", "data.prompt_field=prompt", "data.pack=false", "data.val_fraction=0.34",
+               "train.micro_batch_size=2", "train.max_steps=2", f"teacher.pretrained={pretrained_teacher}",
+               "teacher.config={}")
 
 
 def test_the_cut_count_covers_every_part_of_a_continued_generation(tmp_path, capsys):
