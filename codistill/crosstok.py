@@ -6,14 +6,16 @@ the other, a space may open the next token or close the last). Their *common bou
 character positions where both have a token ending: between two consecutive ones lie the same
 characters in both, as a *chunk* of one or more tokens on each side. From each tokenizer's own
 offset mapping (a fast tokenizer's ``return_offsets_mapping``; byte-level pieces of one character
-share its offsets) :func:`align` gives every token its chunk, once per text, in the data pipeline.
+share its offsets) :func:`align` gives every token of one text its chunk; :func:`pair_blocks` does the
+same over a batch of documents in the data pipeline and packs both tokenizations into paired blocks.
 
 Two losses use the chunks, with different trade-offs:
 
 - :func:`chunk_likelihood_loss` (approximate likelihood matching, Minixhofer et al. 2025): a chunk's
-  likelihood is the product of its tokens' probabilities under each model; the loss is the binary
-  KL between the teacher's and the student's chunk probabilities (``exp(log-likelihood / T)``).
-  Exact on aligned text: no vocabulary mapping, every chunk counted, one gather per token.
+  likelihood is the product of its tokens' probabilities under each model; the loss is τ times the
+  binary KL between the teacher's and the student's chunk probabilities (``exp(log-likelihood / τ)``).
+  Exact on aligned text: no vocabulary mapping, every chunk counted; training computes it as a CE
+  weighted per position (:func:`likelihood_parts`).
 - :func:`sorted_distribution_loss` (universal logit distillation, Boizard et al. 2024, at common
   boundaries): where a chunk ends, both models predict what comes after the same characters; their
   next-token distributions, sorted by probability, are compared rank by rank (the L1 distance of the
