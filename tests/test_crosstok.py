@@ -355,7 +355,7 @@ def test_the_memory_estimate_gives_the_teacher_its_own_vocabulary(cross_setup):
 
 
 def test_the_cross_tokenizer_comparison_builds_its_runs_and_checks_its_targets(tmp_path):
-    from codistill.commands.compare_crosstok import crossed, report, soft_run
+    from codistill.commands.compare_crosstok import _run, crossed, report, soft_run
     from codistill.config import load_config, validate
 
     from conftest import MICRO
@@ -366,10 +366,13 @@ def test_the_cross_tokenizer_comparison_builds_its_runs_and_checks_its_targets(t
     assert [s.name for s in soft.students] == ["student", "student_alone"] and soft.students[0].init_seed == 6
     assert soft.distill.head_start_steps == 0 and soft.train.seed == 5
     assert validate(crossed(dict(base), tmp_path / "tok"), "test").teacher.tokenizer == str(tmp_path / "tok")
-    good = {"a": 5.0, "b": 4.9, "c": 5.005, "d0": 5.1, "d": 4.95}  # (b) gains 0.1 of (d)'s 0.15: 67%
+    good = {"a": 5.0, "b": 4.9, "c0": 5.2, "c": 5.205, "d0": 5.1, "d": 4.95}  # (b) gains 0.1 of (d)'s 0.15: 67%
     text, ok = report({"corpus": {1: good}}, [1], "cmd", "machine", "gpt2")
-    assert ok and "| corpus | 1 | 5.0000 | 4.9000 | 5.0050 | 5.1000 | 4.9500 | -0.1000 | +0.0050 | -0.1500 | 0.67 |" in text
-    for bad in ({**good, "b": 5.01}, {**good, "b": 4.96}, {**good, "c": 5.02}):  # worse; under half; (c) hurts
+    assert ok and ("| corpus | 1 | 5.0000 | 4.9000 | 5.2000 | 5.2050 | 5.1000 | 4.9500 | -0.1000 | +0.0050 | -0.1500 "
+                   "| 0.67 |") in text
+    codistilled = validate(_run(base, tmp_path / "c", 5), "test")  # (c) beside its own twin: the same head start
+    assert [s.name for s in codistilled.students] == ["student", "student_alone"]
+    for bad in ({**good, "b": 5.01}, {**good, "b": 4.96}, {**good, "c": 5.22}):  # worse; under half; (c) hurts
         assert not report({"corpus": {1: bad}}, [1], "cmd", "machine", "gpt2")[1]
 
 
