@@ -65,15 +65,23 @@ def align(student_ends: Sequence[int], teacher_ends: Sequence[int], length: int)
     the first common boundary at or after its end."""
     s, t = np.asarray(student_ends, dtype=np.int64), np.asarray(teacher_ends, dtype=np.int64)
     s_reach, t_reach = np.maximum.accumulate(s) if len(s) else s, np.maximum.accumulate(t) if len(t) else t
-    common = np.intersect1d(s_reach, t_reach)  # a running maximum ends there in both: nothing straddles it
+    common, s_chunk, t_chunk = _chunked(s_reach, t_reach)
+    covered = int(common[-1]) if len(common) else 0
+    return Alignment(s_chunk, t_chunk, len(common), covered / length if length else 0.0)
+
+
+def _chunked(s_reach: np.ndarray, t_reach: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The common boundaries of two tokenizations given each token's running maximum end (a position both
+    reach: nothing straddles it), and each token's chunk: the first common boundary at or after its end
+    (-1 past the last)."""
+    common = np.intersect1d(s_reach, t_reach)
     common = common[common > 0]
 
     def chunk_of(reach: np.ndarray) -> np.ndarray:
         at = np.searchsorted(common, reach, side="left")
         return np.where(at < len(common), at, -1)
 
-    covered = int(common[-1]) if len(common) else 0
-    return Alignment(chunk_of(s_reach), chunk_of(t_reach), len(common), covered / length if length else 0.0)
+    return common, chunk_of(s_reach), chunk_of(t_reach)
 
 
 def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -196,9 +204,7 @@ def pair_blocks(texts: Sequence[str], student, teacher, seq_len: int) -> dict[st
             ids += [*got, tok.eos_token_id]
             reach += [*(base + np.maximum.accumulate(ends)).tolist(), base + len(text) + 1]
         base += len(text) + 1
-    common = np.intersect1d(s_reach, t_reach)
-    s_chunk = np.searchsorted(common, np.asarray(s_reach, dtype=np.int64))
-    t_chunk = np.searchsorted(common, np.asarray(t_reach, dtype=np.int64))
+    common, s_chunk, t_chunk = _chunked(np.asarray(s_reach, dtype=np.int64), np.asarray(t_reach, dtype=np.int64))
     s_cum = np.searchsorted(s_chunk, np.arange(len(common) + 1))  # tokens before chunk c, each side
     t_cum = np.searchsorted(t_chunk, np.arange(len(common) + 1))
     out: dict[str, list] = {name: [] for name in (*PAIRED, *STATS)}

@@ -104,7 +104,8 @@ def check_inputs(cfg: RunConfig, output_dir: Path) -> Inputs:
     readers = {s.name: (own if own is not None and s is cfg.teacher else tokenizer) for s in specs}
     for spec in specs:
         tok = readers[spec.name]
-        check_model(spec, hf_configs[spec.name], tok, tokenizer_fingerprint(tok), cfg.data.seq_len)
+        fingerprint = tokenizer_fp if tok is tokenizer else tokenizer_fingerprint(tok)  # (once per tokenizer)
+        check_model(spec, hf_configs[spec.name], tok, fingerprint, cfg.data.seq_len)
     check_sample_lengths(cfg, hf_configs)
     cached = cfg.teacher is not None and bool(cfg.teacher.cache)
     if cached:

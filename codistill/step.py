@@ -426,8 +426,8 @@ class LogitsStep(MicroStep):
         plan, seen = plans[index] if index is not None else None, view(member, batch)
         cross = isinstance(preset.get(index), CrossTeacher) or (  # its one source: another tokenizer
             bool(sources) and self.m.members[sources[0]].vocab is not None)
-        teacher = preset.get(index) if not sources else \
-            CrossTeacher(got.logits.get(sources[0]), got.known[sources[0]][0]) if cross else None
+        teacher = None if not cross else preset.get(index) if not sources else \
+            CrossTeacher(got.logits.get(sources[0]), got.known[sources[0]][0])  # cached, or a live source's
         targets = None if cross else preset.get(index) if not sources else got.make(sources, self.m.states[index],
                                                                                      plan.temperature)
         spec = plan.spec if targets is not None else SoftSpec()
