@@ -33,7 +33,6 @@ Checks (printed, and non-zero exit with --strict when one fails):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import math
@@ -420,7 +419,7 @@ def corpus_label(dataset: str) -> str:
 def run_corpus(base: dict[str, Any], seeds: list[int], out: Path, args: argparse.Namespace, teacher: str,
                student: str, variants: dict[str, list[str]]) -> dict[str, dict[int, dict[int, float]]]:
     """Every seed's runs on one corpus (finished ones skipped); the curve of every arm that ran."""
-    from ..checkpoint import export_hf
+    from .compare_mutual import exported_teacher
 
     plans = {s: arm_configs(base, s, out / f"seed_{s}", args.handicap, variants) for s in seeds}
     names = [*PAIRED_ARMS, *map(variant_key, variants), "teacher"]
@@ -440,10 +439,7 @@ def run_corpus(base: dict[str, Any], seeds: list[int], out: Path, args: argparse
             curves[variant_key(name)][s] = eval_curve(folder / "paired", name)
         if args.paired_only:
             continue
-        exported = folder / "teacher_hf" / teacher
-        if not (exported / "config.json").exists():
-            with open(folder / "paired.log", "a") as fh, contextlib.redirect_stdout(fh):
-                export_hf(folder / "paired", folder / "teacher_hf", [teacher], overwrite=True)
+        exported_teacher(folder / "paired", folder / "teacher_hf", teacher, folder / "paired.log")
         run_training("two_stage", runs["two_stage"], args.nproc, folder / "two_stage.log")
         run_training("handicap", runs["handicap"], args.nproc, folder / "handicap.log")
         curves["two_stage"][s] = eval_curve(folder / "two_stage", student)

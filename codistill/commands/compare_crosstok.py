@@ -17,7 +17,6 @@ over (d0); (c) never more than 0.01 nats above (c0). Finished runs are not repea
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import statistics
 from pathlib import Path
@@ -119,9 +118,8 @@ def run_cross_tokenizer(args, cfg, labels: list[str], out: Path, seeds: list[int
                         bases: list[dict[str, Any]], run_training) -> bool:
     """Every corpus (its two teachers once, then every seed's three runs; finished runs skipped, with
     compare.py's ``run_training``); writes results.md and results.json into ``out``."""
-    from ..checkpoint import export_hf
     from ..metrics import read_scalars
-    from .compare_mutual import write_results
+    from .compare_mutual import exported_teacher, write_results
 
     teacher, student = cfg.teacher.name, cfg.students[0].name
     results: dict[str, dict[int, dict]] = {}
@@ -135,10 +133,8 @@ def run_cross_tokenizer(args, cfg, labels: list[str], out: Path, seeds: list[int
             tree = _run(base, folder / f"teacher_{kind}")
             run_training(f"teacher_{kind}", crossed(tree, tokenizer) if kind == "cross" else tree, args.nproc,
                          folder / f"teacher_{kind}.log")
-            exported[kind] = folder / f"teacher_{kind}_hf" / teacher
-            if not (exported[kind] / "config.json").exists():
-                with open(folder / f"teacher_{kind}.log", "a") as fh, contextlib.redirect_stdout(fh):
-                    export_hf(folder / f"teacher_{kind}", folder / f"teacher_{kind}_hf", [teacher], overwrite=True)
+            exported[kind] = exported_teacher(folder / f"teacher_{kind}", folder / f"teacher_{kind}_hf", teacher,
+                                              folder / f"teacher_{kind}.log")
         results[label] = {}
         for s in seeds:
             seed_dir = folder / f"seed_{s}"

@@ -232,6 +232,20 @@ def run_mutual(args, cfg, corpora: list[str], labels: list[str], out: Path, seed
     return ok
 
 
+def exported_teacher(run: Path, out: Path, name: str, log: Path) -> Path:
+    """The teacher ``name`` of the finished ``run``, exported once into ``out/name`` (the export's output appended
+    to ``log``); a later call finds it there."""
+    import contextlib
+
+    from ..checkpoint import export_hf
+
+    target = out / name
+    if not (target / "config.json").exists():
+        with open(log, "a") as fh, contextlib.redirect_stdout(fh):
+            export_hf(run, out, [name], overwrite=True)
+    return target
+
+
 def write_results(out: Path, text: str, results: dict) -> None:
     """An arm's table (results.md, also printed) and its figures (results.json) in ``out``."""
     out.mkdir(parents=True, exist_ok=True)

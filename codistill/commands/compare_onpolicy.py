@@ -16,7 +16,6 @@ checks: on-policy raises that log-probability on every corpus and seed, and ends
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import statistics
@@ -101,19 +100,16 @@ def run_on_policy(args, cfg, labels: list[str], out: Path, seeds: list[int], cmd
                   bases: list[dict[str, Any]], run_training, on_policy: dict[str, Any]) -> bool:
     """Every corpus (its teacher once, then every seed's soft run; finished runs skipped, with compare.py's
     ``run_training``); writes results.md and results.json into ``out``."""
-    from ..checkpoint import export_hf
     from ..metrics import read_scalars
-    from .compare_mutual import write_results
+    from .compare_mutual import exported_teacher, write_results
 
     results: dict[str, dict[int, dict]] = {}
     for base, label in zip(bases, labels):
         folder = out if len(labels) == 1 else out / label
         print(f"{label}, the teacher:", flush=True)
         run_training("teacher_run", teacher_run(base, folder), args.nproc, folder / "teacher_run.log")
-        teacher_dir = folder / "teacher_hf" / cfg.teacher.name
-        if not (teacher_dir / "config.json").exists():
-            with open(folder / "teacher_run.log", "a") as fh, contextlib.redirect_stdout(fh):
-                export_hf(folder / "teacher_run", folder / "teacher_hf", [cfg.teacher.name], overwrite=True)
+        teacher_dir = exported_teacher(folder / "teacher_run", folder / "teacher_hf", cfg.teacher.name,
+                                       folder / "teacher_run.log")
         results[label] = {}
         for s in seeds:
             seed_dir = folder / f"seed_{s}"
