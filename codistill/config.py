@@ -597,8 +597,9 @@ def _read_mapping(path: Path, where: str, kind: str) -> dict[str, Any]:
     """Read a YAML or JSON file that must hold a mapping; ``where`` starts every error."""
     if path.is_dir():
         raise ConfigError(f"{where}{path} is a folder; expected a {kind} file")
-    if not path.is_file():
-        raise ConfigError(f"{where}file {path} does not exist")
+    if not path.is_file():  # a device or pipe would block or read forever
+        raise ConfigError(f"{where}file {path} " + (f"is not a regular file; expected a {kind} file" if path.exists()
+                                                   else "does not exist"))
     parse, malformed = (load_yaml, yaml.YAMLError) if kind == "YAML" else (json.loads, json.JSONDecodeError)
     try:
         text = path.read_text(encoding="utf-8")

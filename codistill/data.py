@@ -250,7 +250,8 @@ def load_tokenizer(path: str | Path, where: Optional[str] = None) -> PreTrainedT
     """The tokenizer in ``path`` (a pad token set to EOS where it has none); errors name ``where`` (a key)."""
     path, key = Path(path).expanduser(), f"{where}: " if where else ""
     if not path.is_dir():
-        raise ConfigError(f"{key}tokenizer folder {path} does not exist")
+        raise ConfigError(f"{key}tokenizer folder {path} " + ("is a file; expected the folder a tokenizer was saved to"
+                                                              if path.exists() else "does not exist"))
     try:
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as exc:  # transformers raises many types for a bad folder
@@ -352,7 +353,7 @@ def resolve_tokenizer(cfg: DataConfig, fallback: Optional[str], seed: int = 0) -
     if cfg.tokenizer == "gpt2":
         return load_tokenizer(prepare_gpt2_tokenizer(cfg.resolved_cache_dir()))
     if cfg.tokenizer:
-        return load_tokenizer(cfg.tokenizer)
+        return load_tokenizer(cfg.tokenizer, "data.tokenizer")
     if cfg.dataset in CORPORA:
         return load_tokenizer(prepare_corpus(cfg.dataset, cfg.resolved_cache_dir()) / "tokenizer")
     if fallback:
@@ -375,7 +376,7 @@ class Splits:
 
 
 def data_files(spec: str) -> list[Path]:
-    """The data files ``data.dataset`` names (a file, a glob or a folder), checked to exist and hold bytes."""
+    """The data files ``data.dataset`` names (a file, a glob or a folder) that hold bytes, checked to exist."""
     path = Path(spec).expanduser()
     if path.is_dir():  # codistill_*.json beside the data are our own metadata, not documents
         files = [p for p in sorted(path.rglob("*")) if p.suffix in _FORMATS and not p.name.startswith("codistill_")]
@@ -387,11 +388,11 @@ def data_files(spec: str) -> list[Path]:
     if broken:
         raise ConfigError(f"data.dataset: {', '.join(broken[:3])} {'is a link' if len(broken) == 1 else 'are links'} "
                           "to nothing; expected data files")
-    empty = [str(p) for p in files if p.stat().st_size == 0]
-    if empty:
-        raise ConfigError(f"data.dataset: {', '.join(empty[:3])} {'is' if len(empty) == 1 else 'are'} empty; "
-                          "expected documents")
-    return files
+    held = [p for p in files if p.stat().st_size > 0]  # an empty file among others holds no document: skipped
+    if not held:
+        raise ConfigError(f"data.dataset: {', '.join(map(str, files[:3]))} {'is' if len(files) == 1 else 'are'} "
+                          "empty; expected documents")
+    return held
 
 
 def _is_saved_dataset(path: Path) -> bool:
@@ -643,7 +644,8 @@ def _raw_splits(cfg: DataConfig, seed: int, kind: str) -> tuple[datasets.Dataset
             raise ConfigError(f"data.val_split: '{val_name}' is not a split of '{cfg.dataset}' (splits: {list(raw)})")
         return train, raw[val_name]
     if len(train) < 2:
-        raise ConfigError(f"data.dataset: '{cfg.dataset}' has one document; a validation split needs two or more")
+        raise ConfigError(f"data.dataset: '{cfg.dataset}' has one document; a validation split needs two or more "
+                          "(a text file is one document: give a folder or glob of files, or JSONL with one per line)")
     parts = train.train_test_split(test_size=cfg.val_fraction, seed=seed)
     return parts["train"], parts["test"]
 

@@ -63,6 +63,11 @@ def check_deepspeed_sections(name: str, ds: dict[str, Any]) -> None:
     for section in ("bf16", "fp16", "optimizer", "scheduler", "checkpoint"):
         if ds.get(section) is not None and not isinstance(ds[section], dict):
             raise ConfigError(f"{name}.deepspeed.{section}: expected a mapping, got {quoted(ds[section])}")
+    clip = ds.get("gradient_clipping")
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not math.isfinite(clip)
+                             or clip < 0):  # DeepSpeed clips only above 0: a negative value would silently not clip
+        raise ConfigError(f"{name}.deepspeed.gradient_clipping: expected a finite number >= 0 (0: no clipping), "
+                          f"got {quoted(clip)}")
     zero = ds.get("zero_optimization")
     if zero is not None:
         from deepspeed.runtime.zero.config import DeepSpeedZeroConfig

@@ -210,6 +210,8 @@ CASES = [
      "student.deepspeed.fp16.enabled: fp16 needs a GPU"),
     ("a link in place of the run's TensorBoard folder", lambda tmp, tok: (tmp / "out").mkdir() or
      (tmp / "out" / "tensorboard").symlink_to(tmp) or [], "output_dir: {tmp}/out/tensorboard is a symbolic link"),
+    ("negative gradient clipping", plain("teacher.deepspeed.gradient_clipping=-1"),
+     "teacher.deepspeed.gradient_clipping: expected a finite number >= 0 (0: no clipping), got -1"),
     ("misspelt DeepSpeed key", plain("teacher.deepspeed.gradient_clipin=1.0"),
      "teacher.deepspeed.gradient_clipin: not a DeepSpeed key; did you mean 'gradient_clipping'?"),
     ("a huge bad value is quoted short", plain("train.max_steps=" + "x" * 100_000),
@@ -244,6 +246,7 @@ CASES = [
     # the config file itself
     ("config missing", config_arg(lambda tmp: tmp / "missing.yaml"), "missing.yaml does not exist"),
     ("config is a folder", config_arg(lambda tmp: tmp), "is a folder; expected a YAML file"),
+    ("config is a device", config_arg(lambda tmp: "/dev/null"), "/dev/null is not a regular file; expected a YAML file"),
     ("config is binary", lambda tmp, tok: (tmp / "model.bin").write_bytes(bytes(range(256)) * 4) and
      ["--config", str(tmp / "model.bin")], "model.bin is not a text file; expected YAML"),
     ("unparsable DeepSpeed JSON", fmt(with_file("ds.json", '{"zero_optimization": {"stage": 2,}}'),

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from codistill.config import ConfigError, DataConfig
-from codistill.data import (BatchStream, ProbeBatches, build_splits, eval_batches, prepare_shakespeare,
+from codistill.data import (BatchStream, ProbeBatches, build_splits, data_files, eval_batches, prepare_shakespeare,
                             tokenizer_fingerprint)
 
 
@@ -112,6 +112,15 @@ def test_missing_files_and_bad_fields_are_named(tmp_path, tokenizer):
     empty.write_text(json.dumps({"text": ""}) + "\n" + json.dumps({"text": ""}) + "\n")
     with pytest.raises(ConfigError, match="no complete block"):
         build_splits(DataConfig(dataset=str(empty), seq_len=64, cache_dir=str(tmp_path)), tokenizer, 0)
+
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.txt").write_text("a document")
+    (folder / "__init__.txt").write_text("")  # an empty file among others holds no document: skipped
+    assert data_files(str(folder)) == [folder / "a.txt"]
+    (folder / "a.txt").write_text("")
+    with pytest.raises(ConfigError, match="docs/__init__.txt, .*docs/a.txt are empty; expected documents"):
+        data_files(str(folder))
 
 
 def test_ranks_get_disjoint_deterministic_shards(tokenizer):
