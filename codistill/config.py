@@ -240,10 +240,11 @@ class DistillConfig(_DistillNames):
     targets: Literal["full", "topk"] = "full"
     top_k: int = Field(64, gt=0)
     token_filter: bool = Field(False, description="distil only on tokens where the teacher's CE < the student's")
-    cross_tokenizer: Literal["likelihood", "sorted"] = Field(
+    cross_tokenizer: Literal["likelihood", "sorted", "project"] = Field(
         "likelihood", description="a teacher with another tokenizer: likelihood (the chunks of text both tokenize "
-        "alike, their likelihoods matched) or sorted (the next-token distributions at the chunks' ends, compared by "
-        "rank); see docs/distillation.md")
+        "alike, their likelihoods matched), sorted (the next-token distributions at the chunks' ends, compared by "
+        "rank) or project (the teacher's distribution at the chunks' ends moved onto the student's vocabulary, "
+        "compared by the divergence); see docs/distillation.md")
     likelihood_temperature: float = Field(
         100.0, gt=0, description="cross_tokenizer likelihood: each chunk's log-likelihood is divided by it before the "
         "two models' chunk probabilities are compared (approximate likelihood matching's binarisation temperature; "

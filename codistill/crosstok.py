@@ -22,9 +22,16 @@ Two losses use the chunks, with different trade-offs:
   sorted top-k, the Wasserstein distance of ULD with the tails' mass difference). Needs no
   likelihood of a long chunk, ignores which token is which: cheap, and blind to the teacher's
   preference between tokens.
+- :func:`projected_loss` (a vocabulary projection at common boundaries, as in token-mapping methods such
+  as MinED's): where a chunk ends, the teacher's next-token distribution is moved onto the student's
+  vocabulary, each teacher token's probability given to the student's first token of the same text
+  (:func:`vocab_map`), and the run's divergence compares it with the student's, full or top-k. Keeps
+  which token is which; approximate where the student would begin the next characters with a token
+  longer than the teacher's next one.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import NamedTuple, Optional, Sequence
 
@@ -32,7 +39,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError
-from .losses import LossParts, distill_loss, weighted_ce
+from .losses import LossParts, SoftSpec, Targets, chunk_rows, distill_loss, weighted_ce
 
 
 class Alignment(NamedTuple):
@@ -151,6 +158,18 @@ def boundary_positions(chunk: torch.Tensor, chunks: int) -> torch.Tensor:
     return out.scatter_reduce_(1, chunk.clamp(min=0), torch.where(chunk >= 0, pos, -1), reduce="amax")
 
 
+def boundaries(student_chunk: torch.Tensor, teacher_chunk: torch.Tensor,
+               chunks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every common boundary with a next chunk on both sides, as (row, the student's position, the teacher's
+    position) [N] each: the positions ending a chunk, where both models predict what follows the same text."""
+    s_pos, t_pos = boundary_positions(student_chunk, chunks), boundary_positions(teacher_chunk, chunks)
+    next_s = torch.cat([s_pos[:, 1:], s_pos.new_full((s_pos.shape[0], 1), -1)], dim=1)
+    next_t = torch.cat([t_pos[:, 1:], t_pos.new_full((t_pos.shape[0], 1), -1)], dim=1)
+    counted = (s_pos >= 0) & (t_pos >= 0) & (next_s >= 0) & (next_t >= 0)  # a next chunk to predict, both sides
+    rows, at = counted.nonzero(as_tuple=True)
+    return rows, s_pos[rows, at], t_pos[rows, at]
+
+
 def sorted_distribution_loss(student_logits: torch.Tensor, student_chunk: torch.Tensor,
                              teacher_logits: torch.Tensor, teacher_chunk: torch.Tensor, chunks: int, k: int,
                              temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,22 +177,91 @@ def sorted_distribution_loss(student_logits: torch.Tensor, student_chunk: torch.
     ranks r ≤ k of each model's next-token distribution at T sorted by probability (tail: the mass past
     rank k). At the position ending a chunk on each side both models predict what follows the same text.
     Returns the loss and the number of boundaries averaged."""
-    s_pos, t_pos = boundary_positions(student_chunk, chunks), boundary_positions(teacher_chunk, chunks)
-    next_s = torch.cat([s_pos[:, 1:], s_pos.new_full((s_pos.shape[0], 1), -1)], dim=1)
-    next_t = torch.cat([t_pos[:, 1:], t_pos.new_full((t_pos.shape[0], 1), -1)], dim=1)
-    counted = (s_pos >= 0) & (t_pos >= 0) & (next_s >= 0) & (next_t >= 0)  # a next chunk to predict, both sides
-    rows, at = counted.nonzero(as_tuple=True)
+    rows, s_at, t_at = boundaries(student_chunk, teacher_chunk, chunks)
     if rows.numel() == 0:
         return student_logits.sum() * 0.0, rows.new_zeros(())
-    zs = student_logits[rows, s_pos[rows, at]].float() / temperature
+    zs = student_logits[rows, s_at].float() / temperature
     with torch.no_grad():
-        zt = teacher_logits[rows, t_pos[rows, at]].float() / temperature
+        zt = teacher_logits[rows, t_at].float() / temperature
         pt = zt.softmax(-1).topk(min(k, zt.shape[-1]), dim=-1).values
     ps = zs.softmax(-1).topk(min(k, zs.shape[-1]), dim=-1).values
     width = max(ps.shape[-1], pt.shape[-1])
     ps, pt = (torch.nn.functional.pad(p, (0, width - p.shape[-1])) for p in (ps, pt))
     tails = ((1 - ps.sum(-1)) - (1 - pt.sum(-1))).abs()
     return ((ps - pt).abs().sum(-1) + tails).mean(), rows.new_tensor(rows.numel())
+
+
+def vocab_map(teacher, student, device: Optional[torch.device] = None) -> Optional[torch.Tensor]:
+    """For each id of the teacher's tokenizer, the id of the student's first token of the same text [V_t]
+    (None without a teacher tokenizer): the token the student begins those characters with. The teacher's
+    special tokens map to the student's end-of-text. A token holding part of one character's bytes has no
+    text of its own: between two byte-level tokenizers it maps by its bytes (the student's BPE on them),
+    otherwise by the replacement character it decodes to."""
+    if teacher is None:
+        return None
+    texts = teacher.batch_decode([[i] for i in range(len(teacher))], skip_special_tokens=False,
+                                 clean_up_tokenization_spaces=False)
+    firsts = [ids[0] if ids else student.eos_token_id for ids in student(texts, add_special_tokens=False)["input_ids"]]
+    if _byte_level(teacher) and _byte_level(student):  # both spell bytes with one alphabet (GPT-2's)
+        bpe = student.backend_tokenizer.model
+        for i, text in enumerate(texts):
+            if "\ufffd" in text:
+                firsts[i] = bpe.tokenize(teacher.convert_ids_to_tokens(i))[0].id
+    out = torch.tensor(firsts, dtype=torch.long)
+    out[[i for i in teacher.all_special_ids if i < len(out)]] = student.eos_token_id
+    return out.to(device) if device is not None else out
+
+
+def _byte_level(tokenizer) -> bool:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return backend is not None and type(backend.decoder).__name__ == "ByteLevel" and \
+        type(backend.model).__name__ == "BPE"
+
+
+def projected_targets(teacher_rows: torch.Tensor, mapping: torch.Tensor, vocab: int, temperature: float,
+                      top_k: Optional[int] = None, chunk_tokens: Optional[int] = None) -> Targets:
+    """The teacher's next-token distributions at T [N, V_t] moved onto the student's vocabulary of ``vocab``
+    tokens, each token's probability added to the student's token ``mapping`` gives it: full (as logits
+    ``T·log q``, which the loss's softmax at T turns back into q) or the top ``top_k`` of q and the tail's mass.
+    Row chunk by row chunk, in fp32."""
+    n = teacher_rows.shape[0]
+    full = top_k is None
+    k = vocab if full else min(top_k, vocab)
+    logits = torch.empty(n, vocab, device=teacher_rows.device) if full else None
+    ids = None if full else torch.empty(n, k, dtype=torch.int32, device=teacher_rows.device)
+    logp = None if full else torch.empty(n, k, device=teacher_rows.device)
+    tail = None if full else torch.empty(n, device=teacher_rows.device)
+    step = chunk_rows(max(vocab, teacher_rows.shape[-1]), chunk_tokens)
+    for i in range(0, n, step):
+        p = (teacher_rows[i:i + step].float() / temperature).softmax(-1)
+        q = p.new_zeros(p.shape[0], vocab).index_add_(1, mapping.to(p.device), p)
+        if full:
+            logits[i:i + step] = temperature * q.clamp(min=1e-30).log()
+            continue
+        top = q.topk(k, dim=-1)
+        ids[i:i + step], logp[i:i + step] = top.indices, top.values.clamp(min=1e-30).log()
+        tail[i:i + step] = (1 - top.values.sum(-1)).clamp(min=0).log()
+    return Targets(temperature=temperature, logits=logits, topk_ids=ids, topk_logp=logp, tail_logp=tail)
+
+
+def projected_loss(student_logits: torch.Tensor, student_chunk: torch.Tensor, teacher_logits: torch.Tensor,
+                   teacher_chunk: torch.Tensor, chunks: int, mapping: torch.Tensor, spec: SoftSpec,
+                   temperature: float = 1.0, top_k: Optional[int] = None,
+                   chunk_tokens: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``T²·mean D(q ‖ p_s)`` over the common boundaries (:func:`boundaries`), D ``spec``'s divergence, q the
+    teacher's next-token distribution projected onto the student's vocabulary (:func:`projected_targets`),
+    p_s the student's; computed by the chunked loss of one tokenizer (only the boundaries' rows are
+    gathered). Returns the loss and the number of boundaries averaged."""
+    rows, s_at, t_at = boundaries(student_chunk, teacher_chunk, chunks)
+    if rows.numel() == 0:
+        return student_logits.sum() * 0.0, rows.new_zeros(())
+    with torch.no_grad():
+        targets = projected_targets(teacher_logits[rows, t_at], mapping, student_logits.shape[-1], temperature,
+                                    top_k, chunk_tokens)
+    n = rows.numel()
+    parts = distill_loss(student_logits[rows, s_at], rows.new_zeros(n), torch.ones(n, dtype=torch.bool,
+                         device=rows.device), targets, dataclasses.replace(spec, alpha=1.0), chunk_tokens)
+    return parts.loss, rows.new_tensor(n)
 
 
 CROSS = "teacher_"  # the prefix of a paired block's columns in the teacher's own tokenization
@@ -241,27 +329,35 @@ def _add_block(out: dict[str, list], seq_len: int, s_ids, s_chunk, student, t_id
     out["teacher_chunk"].append(padded(t_chunk.tolist(), -1))
 
 
+READS_LOGITS = ("sorted", "project")  # the methods that read the teacher's logits (likelihood: its CE)
+
+
 class CrossTeacher(NamedTuple):
     """What a student's soft term reads of a teacher with another tokenizer, on the teacher's own columns of a
-    paired block: its detached logits (for ``sorted``) and its per-position CE (for ``likelihood``)."""
+    paired block: its detached logits (for ``sorted`` and ``project``), its per-position CE (for
+    ``likelihood``) and the map of its vocabulary onto the student's (:func:`vocab_map`, for ``project``)."""
 
     logits: Optional[torch.Tensor]  # None where only ``likelihood`` reads it
     token_ce: torch.Tensor
+    mapping: Optional[torch.Tensor] = None
 
 
 def cross_parts(logits: torch.Tensor, batch: dict[str, torch.Tensor], teacher: CrossTeacher, d, alpha: float,
                 temperature: float) -> LossParts:
     """A student's loss with a teacher of another tokenizer: ``(1 − α)·CE + α·D`` where D is the divergence
     ``d.cross_tokenizer`` names (``d``: the student's distill settings) over the paired block's chunks: chunk
-    likelihoods at ``d.likelihood_temperature``, or sorted distributions at ``temperature`` over ``d.top_k``
-    ranks; ``kd`` is D, logged even at α = 0, and ``filtered`` the aligned share: the chunks (likelihood) or
-    chunk ends (sorted) compared per counted token of the student (1: every token a chunk of its own)."""
+    likelihoods at ``d.likelihood_temperature``, sorted distributions at ``temperature`` over ``d.top_k`` ranks,
+    or the teacher's distributions projected onto the student's vocabulary (``d``'s divergence, T and targets);
+    ``kd`` is D, logged even at α = 0, and ``filtered`` the aligned share: the chunks (likelihood) or chunk ends
+    (sorted, project) compared per counted token of the student (1: every token a chunk of its own)."""
     if d.cross_tokenizer == "likelihood":
         parts, n = likelihood_parts(logits, batch, teacher.token_ce, alpha, d.likelihood_temperature, d.chunk_tokens)
     else:
         plain = distill_loss(logits, batch["labels"], batch["mask"], chunk_tokens=d.chunk_tokens)
-        kd, n = sorted_distribution_loss(logits, batch["student_chunk"], teacher.logits.detach(),
-                                         batch["teacher_chunk"], logits.shape[1], d.top_k, temperature)
+        where = (logits, batch["student_chunk"], teacher.logits.detach(), batch["teacher_chunk"], logits.shape[1])
+        kd, n = sorted_distribution_loss(*where, d.top_k, temperature) if d.cross_tokenizer == "sorted" else \
+            projected_loss(*where, teacher.mapping, SoftSpec(d.divergence, d.beta), temperature,
+                           d.top_k if d.targets == "topk" else None, d.chunk_tokens)
         loss = plain.loss if alpha == 0 else (1 - alpha) * plain.loss + alpha * kd
         parts = plain._replace(loss=loss, kd=kd.detach())
     return parts._replace(filtered=n.to(torch.float32) / batch["mask"].sum().clamp(min=1))

@@ -37,6 +37,7 @@ from .config import ConfigError, ModelSpec, RunConfig
 from .data import run_tokenizer, teacher_tokenizer
 from .engines import deepspeed_configs, half_precision, is_trainable, loaded_models, zero_stage
 from .fused import FUSED_AUTO_VOCAB, auto_problem, fused_rows, static_problem
+from .crosstok import READS_LOGITS
 from .losses import chunk_rows, topk_bytes_per_position
 from .metrics import peak_bytes
 from .models import model_config
@@ -624,9 +625,9 @@ def _plain_estimate(cfg: RunConfig, world_size: int, device: Optional[str] = Non
     est.sources = max(1, len({n for _, _, sources in learners for n in sources}))
     if cfg.mode == "mutual":
         pass  # every peer's logits are held with its forward (counted in its phase)
-    elif est.cross:  # chunk likelihoods read only the teacher's CE per position; sorted distributions its logits
-        sorted_ = any(d.cross_tokenizer == "sorted" for d in settings)
-        est.kept_per_position = teacher.width * teacher.dtype_bytes if sorted_ and teacher is not None else 0
+    elif est.cross and teacher is not None:  # chunk likelihoods read only the teacher's CE per position
+        est.kept_per_position = boundary_bytes([d.cross_tokenizer for d in settings], teacher,
+                                               [m for m in est.models if m.name != teacher_name])
     elif cfg.teacher.cache or (teacher is not None and all(d.targets == "topk" for d in settings)):
         k = max(d.top_k for d in settings)
         est.kept_per_position = topk_bytes_per_position(min(k, vocab))
@@ -635,6 +636,19 @@ def _plain_estimate(cfg: RunConfig, world_size: int, device: Optional[str] = Non
     est.fused_rows = fused_rows(vocab, cfg.distill.chunk_tokens)
     est.runtime = runtime_bytes(device)  # after the models' code was imported above
     return est
+
+
+def boundary_bytes(methods: list[str], teacher: ModelMemory, students: list[ModelMemory]) -> int:
+    """Bytes per position the students' phase holds of a teacher with another tokenizer whose logits it reads
+    (sorted or projected distributions; 0 for chunk likelihoods): its logits, and the rows at common boundaries
+    (at most one per position): the student's copy and its gradient with the projected targets in fp32, or the
+    sorted method's fp32 copies of both sides' rows and their softmax."""
+    if not any(m in READS_LOGITS for m in methods):
+        return 0
+    width, dtype = max(m.width for m in students), max(m.dtype_bytes for m in students)
+    rows = max((width * (2 * dtype + 4) if m == "project" else 8 * (width + teacher.width)) for m in methods
+               if m in READS_LOGITS)
+    return 2 * teacher.width * teacher.dtype_bytes + rows  # its logits, and their rows at the boundaries
 
 
 def estimate(cfg: RunConfig, world_size: int, device: Optional[str] = None) -> Estimate:

@@ -100,7 +100,10 @@ def _cross_method(d: DistillConfig) -> str:
     """How a learner distils across tokenizers, for its description."""
     if d.cross_tokenizer == "likelihood":
         return f"across tokenizers by likelihood (chunk log-likelihoods / {d.likelihood_temperature:g})"
-    return f"across tokenizers by sorted distributions (top {d.top_k} ranks)"
+    if d.cross_tokenizer == "sorted":
+        return f"across tokenizers by sorted distributions (top {d.top_k} ranks)"
+    targets = f"top-{d.top_k}" if d.targets == "topk" else "full"
+    return f"across tokenizers by projected distributions ({d.divergence}, {targets})"
 
 
 def describe_on_policy(d: DistillConfig) -> str:

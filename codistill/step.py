@@ -31,7 +31,7 @@ import torch
 
 from .cache import TeacherCache
 from .config import ConfigError, RunConfig
-from .crosstok import CrossTeacher, cross_parts
+from .crosstok import READS_LOGITS, CrossTeacher, cross_parts
 from .engines import (CROSS, Member, forward_hidden, forward_logits, fused_head_problem, heads_gathered, lm_head,
                       module_hidden, module_logits, view, whole_for_generation)
 from .errors import NonFinite
@@ -67,6 +67,7 @@ class Models:
     vocab: int
     tags: Tags
     teacher_name: Optional[str] = None  # the teacher's name, loaded or not
+    vocab_map: Optional[torch.Tensor] = None  # a teacher of another tokenizer: its ids onto the students' (crosstok)
 
     def learner(self, index: int) -> Member:
         return self.members[self.learners[index]]
@@ -77,9 +78,9 @@ class Models:
         return any(m.vocab is not None for m in self.members)
 
     @property
-    def sorted_readers(self) -> bool:
-        """Whether a learner compares sorted distributions across tokenizers (and so reads its source's logits)."""
-        return self.cross and any(s.distill.cross_tokenizer == "sorted" for s in self.states)
+    def logit_readers(self) -> bool:
+        """Whether a learner reads its source's logits across tokenizers (sorted or projected distributions)."""
+        return self.cross and any(s.distill.cross_tokenizer in READS_LOGITS for s in self.states)
 
     def learner_at(self, position: int) -> Optional[int]:
         """The learner index of the member at ``position`` (None: it learns from nobody, e.g. a deaf teacher)."""
@@ -365,7 +366,7 @@ class LogitsStep(MicroStep):
             member = self.m.members[k]
             with torch.set_grad_enabled(trains):
                 logits = forward_logits(member, view(member, batch), self.m.vocab)
-            if member.vocab is None or self.m.sorted_readers:  # chunk likelihoods need only its CE per position
+            if member.vocab is None or self.m.logit_readers:  # chunk likelihoods need only its CE per position
                 got.logits[k] = logits.detach()
             ran.add(k)
             if trains:
@@ -427,7 +428,7 @@ class LogitsStep(MicroStep):
         cross = isinstance(preset.get(index), CrossTeacher) or (  # its one source: another tokenizer
             bool(sources) and self.m.members[sources[0]].vocab is not None)
         teacher = None if not cross else preset.get(index) if not sources else \
-            CrossTeacher(got.logits.get(sources[0]), got.known[sources[0]][0])  # cached, or a live source's
+            CrossTeacher(got.logits.get(sources[0]), got.known[sources[0]][0], self.m.vocab_map)  # cached, or live
         targets = None if cross else preset.get(index) if not sources else got.make(sources, self.m.states[index],
                                                                                      plan.temperature)
         spec = plan.spec if targets is not None else SoftSpec()

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from codistill.config import ConfigError, DataConfig
-from codistill.crosstok import (align, boundary_positions, chunk_likelihood_loss, offsets, sorted_distribution_loss,
-                                token_logprobs)
+from codistill.crosstok import (align, boundary_positions, chunk_likelihood_loss, offsets, projected_loss,
+                                sorted_distribution_loss, token_logprobs, vocab_map)
 from codistill.data import resolve_tokenizer
+from codistill.losses import SoftSpec, Targets, distill_loss, topk_targets
 
 
 def test_hand_made_alignment_chunks_where_both_end():
@@ -127,6 +128,43 @@ def test_sorted_distribution_loss_is_the_l1_of_sorted_probabilities_at_common_bo
         assert int(n) == len(expected) and loss.item() == pytest.approx(sum(expected) / len(expected), rel=1e-5)
     loss.backward()
     assert zs.grad.abs().sum() > 0
+
+
+def test_projected_loss_with_one_vocabulary_is_the_soft_term_and_adds_what_maps_to_one_token():
+    torch.manual_seed(2)
+    rows, length, v = 2, 7, 11
+    zs, zt = torch.randn(rows, length, v, requires_grad=True), torch.randn(rows, length, v)
+    chunk = torch.arange(length).expand(rows, length)  # one tokenization: every token a chunk of its own
+    n_rows = rows * (length - 1)  # the last position has no next chunk to predict
+    ones, zeros = torch.ones(n_rows, dtype=torch.bool), torch.zeros(n_rows, dtype=torch.long)
+    for divergence, temperature, k in (("forward_kl", 1.0, None), ("reverse_kl", 2.0, None), ("jsd", 1.0, 4)):
+        loss, n = projected_loss(zs, chunk, zt, chunk, length, torch.arange(v), SoftSpec(divergence), temperature, k)
+        teacher = zt[:, :-1].reshape(-1, v)
+        targets = Targets(temperature, logits=teacher) if k is None else topk_targets(teacher, k, temperature)
+        ref = distill_loss(zs[:, :-1].reshape(-1, v), zeros, ones, targets, SoftSpec(divergence, alpha=1.0))
+        assert int(n) == n_rows and loss.item() == pytest.approx(ref.loss.item(), rel=1e-4)
+    # a teacher of 13 tokens whose last three begin with the student's token 0: their probabilities add up there
+    zt = torch.randn(rows, length, v + 2)
+    mapping = torch.cat([torch.arange(v), torch.zeros(2, dtype=torch.long)])
+    loss, _ = projected_loss(zs, chunk, zt, chunk, length, mapping, SoftSpec("forward_kl"))
+    p = zt[:, :-1].reshape(-1, v + 2).softmax(-1)
+    q = torch.cat([p[:, :1] + p[:, v:].sum(-1, keepdim=True), p[:, 1:v]], dim=1)
+    log_ps = zs[:, :-1].reshape(-1, v).log_softmax(-1)
+    assert loss.item() == pytest.approx((q * (q.log() - log_ps)).sum(-1).mean().item(), rel=1e-4)
+    loss.backward()
+    assert zs.grad[:, -1].abs().sum() == 0 and zs.grad[:, :-1].abs().sum() > 0
+
+
+def test_the_vocabulary_map_gives_each_teacher_token_the_students_first_token_of_its_text(pair):
+    student, teacher = pair
+    assert torch.equal(vocab_map(student, student), torch.arange(len(student)))  # bytes of one character included
+    mapping = vocab_map(teacher, student)
+    assert mapping.shape == (len(teacher),) and int(mapping.max()) < len(student)
+    for text in (" the", " Elsinore", "\n\n", " café"):
+        first_t = teacher(text, add_special_tokens=False)["input_ids"][0]
+        first_s = student(teacher.decode([first_t]), add_special_tokens=False)["input_ids"][0]
+        assert int(mapping[first_t]) == first_s
+    assert int(mapping[teacher.eos_token_id]) == student.eos_token_id
 
 
 def test_boundary_positions_are_each_chunks_last_token():
@@ -277,10 +315,10 @@ def test_a_frozen_teacher_of_another_tokenizer_teaches_in_soft_mode(tmp_path, cr
     """A pretrained teacher folder that holds its own tokenizer: no teacher.tokenizer needed."""
     setup = [x for x in cross_setup if not x.startswith("teacher.tokenizer=")]
     log, tb = _fit([f"output_dir={tmp_path / 'run'}", *setup, "mode=soft", f"teacher.pretrained={other_teacher}",
-                    "teacher.config={}", "teacher.deepspeed=configs/ds/zero3_cpu.json", "distill.cross_tokenizer=sorted",
+                    "teacher.config={}", "teacher.deepspeed=configs/ds/zero3_cpu.json", "distill.cross_tokenizer=project",
                     "distill.targets=topk", "distill.top_k=8"], capsys)
     assert "ZeRO stage 3, bf16=False, frozen" in log and f"its own tokenizer ({OTHER_VOCAB} tokens)" in log
-    assert "across tokenizers by sorted distributions (top 8 ranks)" in log
+    assert "across tokenizers by projected distributions (forward_kl, top-8)" in log
     for tag in ("teacher/frozen/loss_ce", "teacher/cross/loss_ce", "student/train/loss_kd", "distill/teacher_lead"):
         assert len(tb[tag]) == 4 and all(map(math.isfinite, tb[tag].values())), tag
     assert "teacher/train/loss" not in tb and max(tb["student/train/loss_kd"].values()) > 0
