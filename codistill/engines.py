@@ -29,7 +29,8 @@ _ADAM = {"adam", "adamw"}
 
 def quiet_library_noise() -> None:
     """torch 2.13 warns ~70 times per ZeRO step about deprecated collectives; DeepSpeed
-    prints its whole config per engine. Neither helps a user reading the run's log."""
+    prints its whole config per engine; transformers draws a progress bar (carriage returns)
+    per pretrained model it loads. None helps a user reading the run's log."""
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed.*")
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"deepspeed.*")
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\._(all_gather_base|reduce_scatter_base).*")
@@ -38,6 +39,7 @@ def quiet_library_noise() -> None:
 
     ds_logger.setLevel(logging.ERROR)
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def _known_deepspeed_keys() -> set[str]:

@@ -22,7 +22,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, DataConfig, ModelSpec, load_deepspeed_config
+from ..config import ConfigError, DataConfig
 
 NEVER_WORSE = 0.01  # nats: (c) may not end more than this above its twin (c0)
 HALF = 0.5  # (b)'s gain over (a) against (d)'s over (d0)
@@ -70,15 +70,9 @@ def crossed(tree: dict[str, Any], tokenizer: Path) -> dict[str, Any]:
 def soft_run(base: dict[str, Any], seed: int, output: Path, teacher_dir: Path) -> dict[str, Any]:
     """Mode soft from an exported teacher (its own tokenizer inside), the student and its twin alone; no head
     start (the teacher is finished)."""
-    tree = _run(base, output, seed)
-    teacher = tree["teacher"]
-    tree["mode"] = "soft"
-    tree["teacher"] = {"name": teacher["name"], "pretrained": str(teacher_dir),
-                       "deepspeed": load_deepspeed_config(ModelSpec.model_validate(teacher))}
-    tree["distill"] = {**tree.get("distill", {}), "head_start_steps": 0}
-    student = tree["students"][0]
-    student["deepspeed"] = load_deepspeed_config(ModelSpec.model_validate(student))
-    return tree
+    from .compare_mutual import soft_from
+
+    return soft_from(_run(base, output, seed), teacher_dir)
 
 
 def final(run: Path, name: str, read_scalars) -> float:

@@ -246,6 +246,20 @@ def exported_teacher(run: Path, out: Path, name: str, log: Path) -> Path:
     return target
 
 
+def soft_from(tree: dict[str, Any], teacher_dir: Path) -> dict[str, Any]:
+    """``tree`` (a run's config, changed in place and returned) in mode soft from the exported teacher in
+    ``teacher_dir``: its name and DeepSpeed config kept, no head start (the teacher is finished), and every
+    student's DeepSpeed config read in (a path relative to the config would not resolve from the run)."""
+    teacher = tree["teacher"]
+    tree["mode"] = "soft"
+    tree["teacher"] = {"name": teacher["name"], "pretrained": str(teacher_dir),
+                       "deepspeed": load_deepspeed_config(ModelSpec.model_validate(teacher))}
+    tree["distill"] = {**tree.get("distill", {}), "head_start_steps": 0}
+    for student in tree["students"]:
+        student["deepspeed"] = load_deepspeed_config(ModelSpec.model_validate(student))
+    return tree
+
+
 def write_results(out: Path, text: str, results: dict) -> None:
     """An arm's table (results.md, also printed) and its figures (results.json) in ``out``."""
     out.mkdir(parents=True, exist_ok=True)

@@ -22,8 +22,6 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from ..config import ModelSpec, load_deepspeed_config
-
 WORSE_CE = 0.02  # nats: how much validation CE on-policy may cost against λ = 0
 STUDENTS = ("offpolicy", "onpolicy")
 
@@ -31,16 +29,13 @@ STUDENTS = ("offpolicy", "onpolicy")
 def soft_run(base: dict[str, Any], seed: int, folder: Path, teacher_dir: Path, on_policy: dict[str, Any]) -> dict:
     """Mode soft from the exported teacher: the config's student twice, equal init (seed + 1), the second with
     ``distill.on_policy``; no head start (the teacher is finished)."""
+    from .compare_mutual import soft_from
+
     tree = copy.deepcopy(base)
     tree["train"]["seed"] = seed
     tree["resume"], tree["overwrite"] = "auto", True
-    teacher = tree["teacher"]
-    tree["mode"] = "soft"
-    tree["teacher"] = {"name": teacher["name"], "pretrained": str(teacher_dir),
-                       "deepspeed": load_deepspeed_config(ModelSpec.model_validate(teacher))}
-    tree["distill"] = {**tree.get("distill", {}), "head_start_steps": 0}
-    student = copy.deepcopy(tree["students"][0])
-    student["deepspeed"] = load_deepspeed_config(ModelSpec.model_validate(student))
+    tree["students"] = tree["students"][:1]
+    student = soft_from(tree, teacher_dir)["students"][0]
     student["init_seed"] = seed + 1
     tree["students"] = []
     for name in STUDENTS:
