@@ -1,8 +1,9 @@
 #!/bin/bash
-# The GPU check of distillation across tokenizers (about 6 minutes on one CUDA GPU), on the mid-size pair
+# The GPU check of distillation across tokenizers (about 8 minutes on one CUDA GPU), on the mid-size pair
 # (configs/examples/mid-gpt2.yaml: ~360M teacher, ~58M student, seq_len 1024, bf16, ZeRO-3, checkpointing)
 # with the teacher on the bundled corpus's 4,096-token BPE and the students on GPT-2's 50,257 tokens:
-#   - the memory estimate for this GPU against the peak a 20-step run measures, and its tokens/s;
+#   - the memory estimate for this GPU against the peak a 20-step run measures, and its tokens/s, for the
+#     likelihood method (the default) and the project method (which holds logits rows of both vocabularies);
 #   - bench_step on the cross-tokenizer pair and on the same pair with one tokenizer: each one's a/b (the
 #     co-distillation step against the models' steps alone), and the quotient of the two (target <= 1.10).
 # Writes everything under ${OUT:-gpu_check_crosstok}/ and prints a summary.
@@ -15,10 +16,13 @@ CONFIG=${CONFIG:-configs/examples/mid-gpt2.yaml}
 TOKENIZER=$(python -c "from codistill.config import DataConfig; from codistill.data import prepare_corpus; \
 print(prepare_corpus('shakespeare', DataConfig().resolved_cache_dir()) / 'tokenizer')")
 CROSS=(teacher.tokenizer="$TOKENIZER")
-python tools/estimate.py --config $CONFIG --world-size 1 "${CROSS[@]}" > "$OUT/estimate.txt" 2>&1 || true
-timeout 240 python launch/train.py --config $CONFIG output_dir="$OUT/run" overwrite=true train.max_steps=20 \
-  train.log_interval=1 train.eval_interval=20 train.eval_batches=2 checkpoint.interval=0 "${CROSS[@]}" \
-  > "$OUT/run.log" 2>&1 || true
+for method in likelihood project; do  # project holds the chunk ends' rows of both vocabularies: its own check
+  python tools/estimate.py --config $CONFIG --world-size 1 "${CROSS[@]}" distill.cross_tokenizer=$method \
+    > "$OUT/estimate_$method.txt" 2>&1 || true
+  timeout 240 python launch/train.py --config $CONFIG output_dir="$OUT/run_$method" overwrite=true \
+    train.max_steps=20 train.log_interval=1 train.eval_interval=20 train.eval_batches=2 checkpoint.interval=0 \
+    "${CROSS[@]}" distill.cross_tokenizer=$method > "$OUT/run_$method.log" 2>&1 || true
+done
 for kind in cross same; do
   keys=(); [ $kind = cross ] && keys=("${CROSS[@]}")
   timeout 150 python tools/bench_step.py --config $CONFIG --rounds 5 --warmup 2 --out "$OUT/bench_$kind.json" \
@@ -29,14 +33,15 @@ import json, re, statistics, sys
 from pathlib import Path
 from codistill.metrics import read_scalars
 out = Path(sys.argv[1])
-est = re.search(r"expected peak per rank: ([\d.]+) GB", (out / "estimate.txt").read_text())
-try:
-    s = read_scalars(out / "run")
-    print(f"run: {statistics.median(s['perf/tokens_per_sec'].values()):,.0f} tokens/s, peak "
-          f"{max(s['perf/peak_memory_gb'].values()):.2f} GB (estimate {est.group(1) if est else '?'} GB), aligned share "
-          f"{statistics.median(s['student/train/aligned_share'].values()):.2f}")
-except Exception as exc:
-    print(f"run: failed, see {out}/run.log ({exc})")
+for method in ("likelihood", "project"):
+    est = re.search(r"expected peak per rank: ([\d.]+) GB", (out / f"estimate_{method}.txt").read_text())
+    try:
+        s = read_scalars(out / f"run_{method}")
+        print(f"run ({method}): {statistics.median(s['perf/tokens_per_sec'].values()):,.0f} tokens/s, peak "
+              f"{max(s['perf/peak_memory_gb'].values()):.2f} GB (estimate {est.group(1) if est else '?'} GB), "
+              f"aligned share {statistics.median(s['student/train/aligned_share'].values()):.2f}")
+    except Exception as exc:
+        print(f"run ({method}): failed, see {out}/run_{method}.log ({exc})")
 ratios = {k: json.loads((out / f"bench_{k}.json").read_text())["ratio_a_over_b"]
           for k in ("cross", "same") if (out / f"bench_{k}.json").exists()}
 if len(ratios) == 2:
