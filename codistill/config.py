@@ -240,11 +240,12 @@ class DistillConfig(_DistillNames):
     targets: Literal["full", "topk"] = "full"
     top_k: int = Field(64, gt=0)
     token_filter: bool = Field(False, description="distil only on tokens where the teacher's CE < the student's")
-    cross_tokenizer: Literal["likelihood", "sorted", "project"] = Field(
-        "likelihood", description="a teacher with another tokenizer: likelihood (the chunks of text both tokenize "
-        "alike, their likelihoods matched), sorted (the next-token distributions at the chunks' ends, compared by "
-        "rank) or project (the teacher's distribution at the chunks' ends moved onto the student's vocabulary, "
-        "compared by the divergence); see docs/distillation.md")
+    cross_tokenizer: Literal["auto", "project", "likelihood", "sorted"] = Field(
+        "auto", description="a teacher with another tokenizer: project (the teacher's distribution at the chunks' "
+        "ends moved onto the student's vocabulary, compared by the divergence), likelihood (the chunks of text both "
+        "tokenize alike, their likelihoods matched) or sorted (the next-token distributions at the chunks' ends, "
+        "compared by rank); auto: project, or likelihood from a cached teacher (which holds no logits); see "
+        "docs/distillation.md")
     likelihood_temperature: float = Field(
         100.0, gt=0, description="cross_tokenizer likelihood: each chunk's log-likelihood is divided by it before the "
         "two models' chunk probabilities are compared (approximate likelihood matching's binarisation temperature; "
@@ -391,6 +392,9 @@ class RunConfig(_Section):
         if self.mode == "mutual":  # the peers' defaults, where the config does not say
             base.update({k: v for k, v in MUTUAL_DEFAULTS.items() if k not in self.distill.model_fields_set})
         self._merged = [DistillConfig.model_validate({**base, **overrides(s)}) for s in self.students]
+        cached = self.teacher is not None and bool(self.teacher.cache)  # a cache holds the teacher's CE, no logits
+        self._merged = [d.model_copy(update={"cross_tokenizer": "likelihood" if cached else "project"})
+                        if d.cross_tokenizer == "auto" else d for d in self._merged]
         for s, d in zip(self.students, self._merged):
             if d.head_start_steps >= self.train.max_steps:
                 raise ValueError(f"{s.name}: distill.head_start_steps={d.head_start_steps} leaves no steps of "

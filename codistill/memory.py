@@ -626,8 +626,7 @@ def _plain_estimate(cfg: RunConfig, world_size: int, device: Optional[str] = Non
     if cfg.mode == "mutual":
         pass  # every peer's logits are held with its forward (counted in its phase)
     elif est.cross and teacher is not None:  # chunk likelihoods read only the teacher's CE per position
-        est.kept_per_position = boundary_bytes([d.cross_tokenizer for d in settings], teacher,
-                                               [m for m in est.models if m.name != teacher_name])
+        est.kept_per_position = boundary_bytes(settings, teacher, [m for m in est.models if m.name != teacher_name])
     elif cfg.teacher.cache or (teacher is not None and all(d.targets == "topk" for d in settings)):
         k = max(d.top_k for d in settings)
         est.kept_per_position = topk_bytes_per_position(min(k, vocab))
@@ -638,17 +637,21 @@ def _plain_estimate(cfg: RunConfig, world_size: int, device: Optional[str] = Non
     return est
 
 
-def boundary_bytes(methods: list[str], teacher: ModelMemory, students: list[ModelMemory]) -> int:
+def boundary_bytes(settings: list, teacher: ModelMemory, students: list[ModelMemory]) -> int:
     """Bytes per position the students' phase holds of a teacher with another tokenizer whose logits it reads
     (sorted or projected distributions; 0 for chunk likelihoods): its logits, and the rows at common boundaries
-    (at most one per position): the student's copy and its gradient with the projected targets in fp32, or the
-    sorted method's fp32 copies of both sides' rows and their softmax."""
-    if not any(m in READS_LOGITS for m in methods):
+    (at most one per position): the student's copy and its gradient with the projected targets (fp32 rows, or
+    top-k), or the sorted method's fp32 copies of both sides' rows and their softmax."""
+    def rows(d) -> int:
+        if d.cross_tokenizer == "sorted":
+            return 8 * (width + teacher.width)
+        return width * 2 * dtype + (topk_bytes_per_position(d.top_k) if d.targets == "topk" else 4 * width)
+
+    readers = [d for d in settings if d.cross_tokenizer in READS_LOGITS]
+    if not readers:
         return 0
     width, dtype = max(m.width for m in students), max(m.dtype_bytes for m in students)
-    rows = max((width * (2 * dtype + 4) if m == "project" else 8 * (width + teacher.width)) for m in methods
-               if m in READS_LOGITS)
-    return 2 * teacher.width * teacher.dtype_bytes + rows  # its logits, and their rows at the boundaries
+    return 2 * teacher.width * teacher.dtype_bytes + max(map(rows, readers))  # its logits, their boundary rows
 
 
 def estimate(cfg: RunConfig, world_size: int, device: Optional[str] = None) -> Estimate:

@@ -255,7 +255,7 @@ def test_a_two_rank_codistillation_across_tokenizers_logs_its_tags_and_resumes_e
     straight, split = tmp_path / "straight", tmp_path / "split"
     log = launch(f"output_dir={straight}", *cross_setup).stdout
     assert f"its own tokenizer ({OTHER_VOCAB} tokens), aligned with the run's by characters" in log
-    assert "across tokenizers by likelihood (chunk log-likelihoods / 100)" in log
+    assert "across tokenizers by projected distributions (forward_kl, full)" in log  # the default
     launch(f"output_dir={split}", *cross_setup, "train.steps_this_run=2")
     resumed = launch(f"output_dir={split}", *cross_setup, "resume=auto").stdout
     assert "step_00000002 at step 2" in resumed
@@ -265,7 +265,7 @@ def test_a_two_rank_codistillation_across_tokenizers_logs_its_tags_and_resumes_e
         assert sorted(a[tag]) == [1, 2, 3, 4] and all(map(math.isfinite, a[tag].values())), tag
         assert a[tag] == b[tag], tag  # the same batches, targets and steps after the restart
     assert 0 < min(a["student/train/aligned_share"].values()) <= 1
-    # the benefit gate measures the chunk-likelihood term's hypergradient, alike after the restart
+    # the benefit gate measures the projected term's hypergradient, alike after the restart
     assert sorted(a["benefit/signal"]) == [1, 3] and a["benefit/signal"] == b["benefit/signal"]
     assert all(map(math.isfinite, a["benefit/signal"].values()))
     assert max(a["schedule/alpha"].values()) > 0 and max(a["student/train/loss_kd"].values()) > 0
@@ -315,10 +315,10 @@ def test_a_frozen_teacher_of_another_tokenizer_teaches_in_soft_mode(tmp_path, cr
     """A pretrained teacher folder that holds its own tokenizer: no teacher.tokenizer needed."""
     setup = [x for x in cross_setup if not x.startswith("teacher.tokenizer=")]
     log, tb = _fit([f"output_dir={tmp_path / 'run'}", *setup, "mode=soft", f"teacher.pretrained={other_teacher}",
-                    "teacher.config={}", "teacher.deepspeed=configs/ds/zero3_cpu.json", "distill.cross_tokenizer=project",
+                    "teacher.config={}", "teacher.deepspeed=configs/ds/zero3_cpu.json", "distill.cross_tokenizer=sorted",
                     "distill.targets=topk", "distill.top_k=8"], capsys)
     assert "ZeRO stage 3, bf16=False, frozen" in log and f"its own tokenizer ({OTHER_VOCAB} tokens)" in log
-    assert "across tokenizers by projected distributions (forward_kl, top-8)" in log
+    assert "across tokenizers by sorted distributions (top 8 ranks)" in log
     for tag in ("teacher/frozen/loss_ce", "teacher/cross/loss_ce", "student/train/loss_kd", "distill/teacher_lead"):
         assert len(tb[tag]) == 4 and all(map(math.isfinite, tb[tag].values())), tag
     assert "teacher/train/loss" not in tb and max(tb["student/train/loss_kd"].values()) > 0
@@ -388,8 +388,12 @@ def test_the_memory_estimate_gives_the_teacher_its_own_vocabulary(cross_setup):
     from conftest import MICRO
 
     est = memory.estimate(load_config(MICRO, cross_setup), 2, "cpu")
-    assert est.cross and not est.fused and est.kept_per_position == 0  # likelihood: its CE per position only
-    assert [m.width for m in est.models] == [OTHER_VOCAB, 4096]
+    assert est.cross and not est.fused and [m.width for m in est.models] == [OTHER_VOCAB, 4096]
+    # project (the default): the teacher's logits and their rows at the boundaries, the student's rows, its
+    # gradient and the fp32 targets; chunk likelihoods read the teacher's CE per position only
+    assert est.kept_per_position == 2 * OTHER_VOCAB * 4 + 4096 * (2 * 4 + 4)
+    likelihood = memory.estimate(load_config(MICRO, [*cross_setup, "distill.cross_tokenizer=likelihood"]), 2, "cpu")
+    assert likelihood.kept_per_position == 0 and likelihood.step_peak() < est.step_peak()
 
 
 def test_the_cross_tokenizer_comparison_builds_its_runs_and_checks_its_targets(tmp_path):
