@@ -211,6 +211,8 @@ def summary_lines(final: Mapping[str, float], start: Mapping[str, float], teache
             continue
         parts = [f"validation loss {loss:.4f} (perplexity {math.exp(min(loss, 50.0)):,.1f})"]
         ref = final.get(f"{teacher}/eval/loss_aligned", final.get(f"{teacher}/eval/loss"))  # per token of the run's
+        if name == teacher and f"{teacher}/eval/loss_aligned" in final:  # another tokenizer: say both figures
+            parts[0] += f" per token of its own tokenizer, {ref:.4f} per token of the students'"
         if name != teacher and ref is not None:
             parts.append(f"{loss - ref:+.4f} vs the teacher")
         if f"{name}/eval/loss" in start and loss != start[f"{name}/eval/loss"]:  # (a frozen teacher's never moves)

@@ -472,3 +472,13 @@ def test_a_cached_teacher_of_another_tokenizer_holds_its_ce_per_position(tmp_pat
     cfg = load_config(MICRO, [*soft, f"teacher.cache={cache}", "distill.cross_tokenizer=sorted"])
     with pytest.raises(ConfigError, match="holds its CE per position, what cross_tokenizer=likelihood reads"):
         check_inputs(cfg, tmp_path / "sorted")
+
+
+def test_the_summary_gives_a_teacher_of_another_tokenizer_both_figures(tmp_path):
+    from codistill.metrics import summary_lines
+
+    final = {"teacher/eval/loss": 5.7365, "teacher/eval/loss_aligned": 4.9721, "student/eval/loss": 5.3065}
+    lines = summary_lines(final, {}, "teacher", ["student"], 1.0, 0, tmp_path, tmp_path)
+    assert lines[1] == ("  teacher: validation loss 5.7365 (perplexity 310.0) per token of its own tokenizer, "
+                        "4.9721 per token of the students'")
+    assert lines[2].startswith("  student: validation loss 5.3065 (perplexity 201.6), +0.3344 vs the teacher")
