@@ -233,15 +233,15 @@ def run_mutual(args, cfg, corpora: list[str], labels: list[str], out: Path, seed
 
 
 def exported_teacher(run: Path, out: Path, name: str, log: Path) -> Path:
-    """The teacher ``name`` of the finished ``run``, exported once into ``out/name`` (the export's output appended
-    to ``log``); a later call finds it there."""
+    """The teacher ``name`` of the finished ``run``, exported once into ``out/name`` (the export's output and
+    progress bars appended to ``log``); a later call finds it there."""
     import contextlib
 
     from ..checkpoint import export_hf
 
     target = out / name
     if not (target / "config.json").exists():
-        with open(log, "a") as fh, contextlib.redirect_stdout(fh):
+        with open(log, "a") as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):  # its bars too
             export_hf(run, out, [name], overwrite=True)
     return target
 
