@@ -9,7 +9,7 @@ offset mapping (a fast tokenizer's ``return_offsets_mapping``; byte-level pieces
 share its offsets) :func:`align` gives every token of one text its chunk; :func:`pair_blocks` does the
 same over a batch of documents in the data pipeline and packs both tokenizations into paired blocks.
 
-Two losses use the chunks, with different trade-offs:
+Three losses use the chunks, with different trade-offs:
 
 - :func:`chunk_likelihood_loss` (approximate likelihood matching, Minixhofer et al. 2025): a chunk's
   likelihood is the product of its tokens' probabilities under each model; the loss is τ times the
@@ -220,13 +220,13 @@ def _byte_level(tokenizer) -> bool:
 
 def projected_targets(teacher_rows: torch.Tensor, mapping: torch.Tensor, vocab: int, temperature: float,
                       top_k: Optional[int] = None, chunk_tokens: Optional[int] = None,
-                      index: Optional[torch.Tensor] = None) -> Targets:
-    """The teacher's next-token distributions at T [N, V_t] (``teacher_rows``, or its rows ``index`` [N]) moved
-    onto the student's vocabulary of ``vocab`` tokens, each token's probability added to the student's token
-    ``mapping`` gives it: full (as logits ``T·log q``, which the loss's softmax at T turns back into q) or the
-    top ``top_k`` of q and the tail's mass. Row chunk by row chunk, in fp32 (rows picked per chunk: no copy of
-    all of them)."""
-    n = teacher_rows.shape[0] if index is None else index.numel()
+                      at: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> Targets:
+    """The teacher's next-token distributions at T [N, V_t] (``teacher_rows``; or, given ``at`` = (rows,
+    positions) [N] each, those of ``teacher_rows`` [B, S, V_t]) moved onto the student's vocabulary of ``vocab``
+    tokens, each token's probability added to the student's token ``mapping`` gives it: full (as logits
+    ``T·log q``, which the loss's softmax at T turns back into q) or the top ``top_k`` of q and the tail's mass.
+    Row chunk by row chunk, in fp32 (rows picked per chunk: no copy of all of them)."""
+    n = teacher_rows.shape[0] if at is None else at[0].numel()
     full = top_k is None
     k = vocab if full else min(top_k, vocab)
     logits = torch.empty(n, vocab, device=teacher_rows.device) if full else None
@@ -235,7 +235,7 @@ def projected_targets(teacher_rows: torch.Tensor, mapping: torch.Tensor, vocab: 
     tail = None if full else torch.empty(n, device=teacher_rows.device)
     step = chunk_rows(max(vocab, teacher_rows.shape[-1]), chunk_tokens)
     for i in range(0, n, step):
-        z = teacher_rows[i:i + step] if index is None else teacher_rows.index_select(0, index[i:i + step])
+        z = teacher_rows[i:i + step] if at is None else teacher_rows[at[0][i:i + step], at[1][i:i + step]]
         p = (z if temperature == 1 else z / temperature).softmax(-1, dtype=torch.float32)
         q = p.new_zeros(p.shape[0], vocab).index_add_(1, mapping.to(p.device), p)
         if full:
@@ -259,13 +259,11 @@ def projected_loss(student_logits: torch.Tensor, student_chunk: torch.Tensor, te
     if rows.numel() == 0:
         return student_logits.sum() * 0.0, rows.new_zeros(())
     with torch.no_grad():
-        targets = projected_targets(teacher_logits.reshape(-1, teacher_logits.shape[-1]), mapping,
-                                    student_logits.shape[-1], temperature, top_k, chunk_tokens,
-                                    rows * teacher_logits.shape[1] + t_at)
-    n, vocab = rows.numel(), student_logits.shape[-1]
-    student = student_logits.reshape(-1, vocab).index_select(0, rows * student_logits.shape[1] + s_at)
-    parts = distill_loss(student, rows.new_zeros(n), torch.ones(n, dtype=torch.bool, device=rows.device), targets,
-                         dataclasses.replace(spec, alpha=1.0), chunk_tokens)
+        targets = projected_targets(teacher_logits, mapping, student_logits.shape[-1], temperature, top_k,
+                                    chunk_tokens, (rows, t_at))
+    n = rows.numel()  # the student's rows copied once (with their gradient); no reshape copies padded-head logits
+    parts = distill_loss(student_logits[rows, s_at], rows.new_zeros(n), torch.ones(n, dtype=torch.bool,
+                         device=rows.device), targets, dataclasses.replace(spec, alpha=1.0), chunk_tokens)
     return parts.loss, rows.new_tensor(n)
 
 
