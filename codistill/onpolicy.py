@@ -1,8 +1,8 @@
 """On-policy distillation (Agarwal et al., "On-Policy Distillation of Language Models", ICLR 2024): a student
 learns on continuations it samples itself, scored by the teacher.
 
-On a share ``distill.on_policy.fraction`` of its optimizer steps after its burn-in (drawn from ``train.seed``
-and the step: the same on every rank, and again after a resume) a student's loss on every micro-batch of the step gains a term
+On a share ``distill.on_policy.fraction`` of its optimizer steps (drawn from ``train.seed`` and the step: the
+same on every rank, and again after a resume) a student's loss on every micro-batch of the step gains a term
 on its own text, beside its usual loss on the micro-batch's text (it never sees less of the data):
 
 1. prompts cut from the micro-batch: each row's prompt (instruction or chat data, rendered as the training data

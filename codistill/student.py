@@ -62,9 +62,7 @@ class StudentState:
             measure = (own - d.burn_in_steps) % d.benefit_interval == 0
         alpha = compose_alpha(d, own, self.lead, openness, lr, self.lr_peak)
         spec = SoftSpec(divergence=d.divergence, beta=d.beta, alpha=alpha, token_filter=d.token_filter)
-        # its own samples only once its burn-in is over: a fresh student's samples are noise the teacher cannot mend
-        on_policy = d.on_policy is not None and own >= d.burn_in_steps and drawn(seed, step, self.name,
-                                                                                  d.on_policy.fraction)
+        on_policy = d.on_policy is not None and drawn(seed, step, self.name, d.on_policy.fraction)
         return StudentPlan(active=step >= d.head_start_steps, temperature=temperature_at(
             step, max_steps, d.temperature, d.temperature_final), spec=spec, openness=openness, measure=measure, lr=lr,
             on_policy=on_policy)
