@@ -66,8 +66,7 @@ def check_deepspeed_sections(name: str, ds: dict[str, Any]) -> None:
         if ds.get(section) is not None and not isinstance(ds[section], dict):
             raise ConfigError(f"{name}.deepspeed.{section}: expected a mapping, got {quoted(ds[section])}")
     clip = ds.get("gradient_clipping")
-    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not math.isfinite(clip)
-                             or clip < 0):  # DeepSpeed clips only above 0: a negative value would silently not clip
+    if clip is not None and not _nonnegative(clip):  # DeepSpeed clips only above 0: a negative value would not clip
         raise ConfigError(f"{name}.deepspeed.gradient_clipping: expected a finite number >= 0 (0: no clipping), "
                           f"got {quoted(clip)}")
     zero = ds.get("zero_optimization")
@@ -117,6 +116,11 @@ def check_optimizer(name: str, kind: str) -> None:
 _NONNEGATIVE = ("lr", "eps", "weight_decay", "momentum")  # what every torch/DeepSpeed optimizer refuses below 0
 
 
+def _nonnegative(value: Any) -> bool:
+    """Whether ``value`` is a finite number >= 0 (a boolean is not a number here)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
+
+
 def check_optimizer_params(name: str, params: Any) -> None:
     """The optimizer's common hyper-parameters as numbers in range, named by key (the optimizers
     themselves refuse them only once the process group exists, with a bare traceback); a number
@@ -135,7 +139,7 @@ def check_optimizer_params(name: str, params: Any) -> None:
                 v = params[k] = float(v)
             except ValueError:
                 pass
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        if not _nonnegative(v):
             raise ConfigError(f"{key}.{k}: expected a finite number >= 0, got {quoted(v)}")
     betas = params.get("betas")
     if betas is not None and not (isinstance(betas, (list, tuple)) and len(betas) == 2 and all(
