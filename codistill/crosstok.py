@@ -218,26 +218,26 @@ def _byte_level(tokenizer) -> bool:
         type(backend.model).__name__ == "BPE"
 
 
-def projected_targets(teacher_rows: torch.Tensor, mapping: torch.Tensor, vocab: int, temperature: float,
-                      top_k: Optional[int] = None, chunk_tokens: Optional[int] = None,
-                      at: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> Targets:
-    """The teacher's next-token distributions at T [N, V_t] (``teacher_rows``; or, given ``at`` = (rows,
-    positions) [N] each, those of ``teacher_rows`` [B, S, V_t]) moved onto the student's vocabulary of ``vocab``
-    tokens, each token's probability added to the student's token ``mapping`` gives it: full (as logits
-    ``T·log q``, which the loss's softmax at T turns back into q) or the top ``top_k`` of q and the tail's mass.
-    Row chunk by row chunk, in fp32 (rows picked per chunk: no copy of all of them)."""
-    n = teacher_rows.shape[0] if at is None else at[0].numel()
+def projected_targets(teacher_logits: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, mapping: torch.Tensor,
+                      vocab: int, temperature: float, top_k: Optional[int] = None,
+                      chunk_tokens: Optional[int] = None) -> Targets:
+    """The teacher's next-token distributions at T at (``rows``, ``positions``) [N] of its logits [B, S, V_t],
+    moved onto the student's vocabulary of ``vocab`` tokens, each token's probability added to the student's
+    token ``mapping`` gives it: full (as logits ``T·log q``, which the loss's softmax at T turns back into q) or
+    the top ``top_k`` of q and the tail's mass. Row chunk by row chunk, in fp32 (rows picked per chunk: no copy
+    of all of them, and none of logits sliced off a padded head)."""
+    n, device = rows.numel(), teacher_logits.device
     full = top_k is None
     k = vocab if full else min(top_k, vocab)
-    logits = torch.empty(n, vocab, device=teacher_rows.device) if full else None
-    ids = None if full else torch.empty(n, k, dtype=torch.int32, device=teacher_rows.device)
-    logp = None if full else torch.empty(n, k, device=teacher_rows.device)
-    tail = None if full else torch.empty(n, device=teacher_rows.device)
-    step = chunk_rows(max(vocab, teacher_rows.shape[-1]), chunk_tokens)
+    logits = torch.empty(n, vocab, device=device) if full else None
+    ids = None if full else torch.empty(n, k, dtype=torch.int32, device=device)
+    logp = None if full else torch.empty(n, k, device=device)
+    tail = None if full else torch.empty(n, device=device)
+    step, mapping = chunk_rows(max(vocab, teacher_logits.shape[-1]), chunk_tokens), mapping.to(device)
     for i in range(0, n, step):
-        z = teacher_rows[i:i + step] if at is None else teacher_rows[at[0][i:i + step], at[1][i:i + step]]
+        z = teacher_logits[rows[i:i + step], positions[i:i + step]]
         p = (z if temperature == 1 else z / temperature).softmax(-1, dtype=torch.float32)
-        q = p.new_zeros(p.shape[0], vocab).index_add_(1, mapping.to(p.device), p)
+        q = p.new_zeros(p.shape[0], vocab).index_add_(1, mapping, p)
         if full:
             logits[i:i + step] = temperature * q.clamp(min=1e-30).log()
             continue
@@ -259,8 +259,8 @@ def projected_loss(student_logits: torch.Tensor, student_chunk: torch.Tensor, te
     if rows.numel() == 0:
         return student_logits.sum() * 0.0, rows.new_zeros(())
     with torch.no_grad():
-        targets = projected_targets(teacher_logits, mapping, student_logits.shape[-1], temperature, top_k,
-                                    chunk_tokens, (rows, t_at))
+        targets = projected_targets(teacher_logits, rows, t_at, mapping, student_logits.shape[-1], temperature, top_k,
+                                    chunk_tokens)
     n = rows.numel()  # the student's rows copied once (with their gradient); no reshape copies padded-head logits
     parts = distill_loss(student_logits[rows, s_at], rows.new_zeros(n), torch.ones(n, dtype=torch.bool,
                          device=rows.device), targets, dataclasses.replace(spec, alpha=1.0), chunk_tokens)
