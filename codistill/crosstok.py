@@ -32,6 +32,7 @@ Three losses use the chunks, with different trade-offs:
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from typing import NamedTuple, Optional, Sequence
 
@@ -192,24 +193,92 @@ def sorted_distribution_loss(student_logits: torch.Tensor, student_chunk: torch.
 
 
 def vocab_map(teacher, student, device: Optional[torch.device] = None) -> Optional[torch.Tensor]:
-    """For each id of the teacher's tokenizer, the id of the student's first token of the same text [V_t]
-    (None without a teacher tokenizer): the token the student begins those characters with. The teacher's
-    special tokens map to the student's end-of-text. A token holding part of one character's bytes has no
-    text of its own: between two byte-level tokenizers it maps by its bytes (the student's BPE on them),
-    otherwise by the replacement character it decodes to."""
+    """For each id of the teacher's tokenizer, the id of the student's first token of the same characters
+    [V_t] (None without a teacher tokenizer): the token the student begins them with in the middle of a
+    text. Works from what each token spells (:func:`token_bytes`), so SentencePiece's "▁" spaces and byte
+    fallback, GPT-2's byte alphabet and WordPiece's "##" all map by their characters. The teacher's special
+    tokens, and tokens that spell nothing, map to the student's end-of-text."""
     if teacher is None:
         return None
-    texts = teacher.batch_decode([[i] for i in range(len(teacher))], skip_special_tokens=False,
-                                 clean_up_tokenization_spaces=False)
-    firsts = [ids[0] if ids else student.eos_token_id for ids in student(texts, add_special_tokens=False)["input_ids"]]
-    if _byte_level(teacher) and _byte_level(student):  # both spell bytes with one alphabet (GPT-2's)
-        bpe = student.backend_tokenizer.model
-        for i, text in enumerate(texts):
-            if "\ufffd" in text:
-                firsts[i] = bpe.tokenize(teacher.convert_ids_to_tokens(i))[0].id
-    out = torch.tensor(firsts, dtype=torch.long)
-    out[[i for i in teacher.all_special_ids if i < len(out)]] = student.eos_token_id
+    end = student.eos_token_id if student.eos_token_id is not None else student.unk_token_id or 0
+    out = torch.tensor(first_tokens(student, token_bytes(teacher), end), dtype=torch.long)
     return out.to(device) if device is not None else out
+
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte-fallback tokens
+
+
+def token_bytes(tokenizer) -> list[Optional[bytes]]:
+    """The bytes each id of ``tokenizer`` stands for in the middle of a text; None for special tokens. A
+    byte-level BPE spells bytes in GPT-2's alphabet; any other tokenizer is decoded after an anchor token
+    (a lone "▁the" decodes to "the", after "a" to " the") unless the token is a byte of its byte fallback."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    ids = list(range(len(tokenizer)))
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    added = {i: t.content for i, t in tokenizer.added_tokens_decoder.items()}
+    if _byte_level(tokenizer):
+        alphabet = {c: b for b, c in bytes_to_unicode().items()}
+        out = [bytes(alphabet[c] for c in p) if all(c in alphabet for c in p) else p.encode() for p in pieces]
+    else:
+        anchor = tokenizer("a", add_special_tokens=False)["input_ids"][-1:]
+        lead = len(tokenizer.decode(anchor, clean_up_tokenization_spaces=False))
+        texts = tokenizer.batch_decode([anchor + [i] for i in ids], clean_up_tokenization_spaces=False)
+        out = [t[lead:].encode() for t in texts]
+    for i, text in added.items():
+        out[i] = text.encode()
+    if not _byte_level(tokenizer):  # the bytes of its byte fallback, in its vocabulary or added
+        for i, p in enumerate(pieces):
+            if m := _BYTE_PIECE.fullmatch(p or ""):
+                out[i] = bytes([int(m.group(1), 16)])
+    for i in tokenizer.all_special_ids:
+        out[i] = None
+    return out
+
+
+def first_tokens(student, spelled: Sequence[Optional[bytes]], end: int) -> list[int]:
+    """The student's first token of each byte string in the middle of a text (after a newline, or after a
+    letter where the student merges it with the newline, found by the offsets; alone if both merge), ``end``
+    for None or nothing. Bytes that are no whole text (a piece of one character) map by their first byte:
+    the byte-level BPE's token for it, or the byte-fallback token."""
+    texts, partial = {}, {}
+    for i, b in enumerate(spelled):
+        if b:
+            try:
+                texts[i] = b.decode("utf-8")
+            except UnicodeDecodeError:
+                partial[i] = b
+    out, pending = [end] * len(spelled), list(texts)
+    for lead in ("\n", "a"):
+        if not pending:
+            break
+        enc = student([lead + texts[i] for i in pending], add_special_tokens=False, return_offsets_mapping=True)
+        merged = []
+        for i, ids, spans in zip(pending, enc["input_ids"], enc["offset_mapping"]):
+            at = next((k for k, (_, stop) in enumerate(spans) if stop > len(lead)), None)
+            if at is not None and spans[at][0] >= len(lead):
+                out[i] = ids[at]
+            else:
+                merged.append(i)
+        pending = merged
+    if pending:  # alone, the first token that spells a beginning of it (not a "▁" the student prepends)
+        own = token_bytes(student)
+        for i, ids in zip(pending, student([texts[i] for i in pending], add_special_tokens=False)["input_ids"]):
+            out[i] = next((t for t in ids if own[t] and spelled[i].startswith(own[t])), ids[0] if ids else end)
+    for i, b in partial.items():
+        out[i] = _byte_token(student, b[0])
+    return out
+
+
+def _byte_token(student, byte: int) -> int:
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    if _byte_level(student):
+        return student.backend_tokenizer.model.tokenize(bytes_to_unicode()[byte])[0].id
+    piece = student.convert_tokens_to_ids(f"<0x{byte:02X}>")
+    if piece is not None and piece != student.unk_token_id:
+        return piece
+    return student("\ufffd", add_special_tokens=False)["input_ids"][0]
 
 
 def _byte_level(tokenizer) -> bool:

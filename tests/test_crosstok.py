@@ -10,7 +10,7 @@ import torch
 
 from codistill.config import ConfigError, DataConfig
 from codistill.crosstok import (align, boundary_positions, chunk_likelihood_loss, offsets, projected_loss,
-                                sorted_distribution_loss, token_logprobs, vocab_map)
+                                sorted_distribution_loss, token_bytes, token_logprobs, vocab_map)
 from codistill.data import resolve_tokenizer
 from codistill.losses import SoftSpec, Targets, distill_loss, topk_targets
 
@@ -165,6 +165,62 @@ def test_the_vocabulary_map_gives_each_teacher_token_the_students_first_token_of
         first_s = student(teacher.decode([first_t]), add_special_tokens=False)["input_ids"][0]
         assert int(mapping[first_t]) == first_s
     assert int(mapping[teacher.eos_token_id]) == student.eos_token_id
+
+
+@pytest.fixture(scope="module")
+def llama_style():
+    """A tokenizer of SentencePiece's kind (Llama 2, Mistral): "▁" for a space and at the text's start, bytes
+    of unknown characters as <0xHH> tokens, a decoder that strips the first space (a lone "▁the" reads "the")."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), *"▁abcdefghilmnopqrstuvwyTEW',.:\n"]
+    merges = [("▁", "t"), ("h", "e"), ("▁t", "he"), ("o", "r"), ("▁", "E"), ("\n", "\n")]
+    vocab = {t: i for i, t in enumerate(pieces + [a + b for a, b in merges])}
+    tok = Tokenizer(models.BPE(vocab, merges, byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_the_vocabulary_map_reads_sentencepiece_spaces_and_byte_fallback(pair, llama_style):
+    student, sp = pair[0], llama_style
+    assert sp.decode(sp.convert_tokens_to_ids(["▁the"])) == "the"  # what a map by lone decodes would read
+
+    def first(tok, text):
+        return tok(text, add_special_tokens=False)["input_ids"][0]
+
+    spelled, ids = token_bytes(sp), sp.convert_tokens_to_ids
+    assert spelled[ids("▁the")] == b" the" and spelled[ids("<0xC3>")] == b"\xc3"
+    forward, back = vocab_map(sp, student), vocab_map(student, sp)
+    for piece, text in (("▁the", " the"), ("he", "he"), ("▁", " "), ("\n\n", "\n\n"), ("<0xC3>", "é")):
+        assert int(forward[ids(piece)]) == first(student, text), piece
+    for piece, text in (("Ġthe", "▁the"), ("the", "t"), ("Ã", "<0xC3>"), ("ĊĊ", "\n\n")):  # mid-word: no "▁"
+        assert int(back[student.convert_tokens_to_ids(piece)]) == ids(text), piece
+    assert int(forward[sp.eos_token_id]) == student.eos_token_id and int(back[student.eos_token_id]) == sp.eos_token_id
+    own = vocab_map(sp, sp)  # onto itself, but for <unk>, <s>, and bytes of a character it has a piece for
+    assert torch.equal(own[259:], torch.arange(259, len(sp)))
+    assert int(own[ids("<0x0A>")]) == ids("\n") and int(own[ids("<0xE6>")]) == ids("<0xE6>")
+
+
+def test_a_sentencepiece_teacher_pairs_the_same_bytes_chunk_by_chunk(pair, llama_style):
+    from codistill.crosstok import pair_blocks
+
+    student, spelled_s, spelled_t = pair[0], token_bytes(pair[0]), token_bytes(llama_style)
+    out = pair_blocks(DOCS, student, llama_style, seq_len=24)
+    joined, opened = [], 0
+    for row in range(len(out["input_ids"])):
+        s_ids, t_ids = out["input_ids"][row], out["teacher_input_ids"][row]
+        s_chunk, t_chunk = out["student_chunk"][row], out["teacher_chunk"][row]
+        for c in range(max(s_chunk) + 1):
+            s = b"".join(spelled_s[i] or b"|" for i, k in zip(s_ids, s_chunk) if k == c)
+            t = b"".join(spelled_t[i] or b"|" for i, k in zip(t_ids, t_chunk) if k == c)
+            opened += t == b" " + s  # the "▁" it opens each document with, as a Llama reads it
+            assert s == t or t == b" " + s, (row, c, s, t)
+            joined.append(s)
+    assert opened == len(DOCS)
+    assert b"".join(joined).replace(b"|", b"") == "".join(DOCS).encode()  # "東京" and "«" by byte fallback
 
 
 def test_boundary_positions_are_each_chunks_last_token():
