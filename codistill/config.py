@@ -109,6 +109,8 @@ class DataConfig(_Section):
 
 class TrainConfig(_Section):
     max_steps: int = Field(200, gt=0)
+    tail_steps: int = Field(0, ge=0, description="mode codistill: the teacher stops training this many steps before "
+                            "the end (its schedule ends there) and the students distil its final weights, frozen")
     micro_batch_size: int = Field(8, gt=0, description="per rank, shared by every model")
     gradient_accumulation_steps: int = Field(1, gt=0)
     seed: int = Field(1234, ge=0, lt=SEED_LIMIT, description="model init, data order, validation split")
@@ -400,6 +402,7 @@ class RunConfig(_Section):
                 raise ValueError(f"{s.name}: distill.head_start_steps={d.head_start_steps} leaves no steps of "
                                  f"train.max_steps={self.train.max_steps} for the student; lower "
                                  "distill.head_start_steps or raise train.max_steps")
+        self._check_tail()
         if self.listening:
             if overrides(self.teacher).get("on_policy") is not None:
                 raise ValueError(f"{self.teacher.name}.distill.on_policy: the teacher scores the samples; only a "
@@ -413,6 +416,23 @@ class RunConfig(_Section):
         self._check_sources()
         self._check_on_policy()
         return self
+
+    def _check_tail(self) -> None:
+        """A tail needs a teacher that trains, a step of training before it, and students that distil in it."""
+        tail, steps = self.train.tail_steps, self.train.max_steps
+        if not tail:
+            return
+        if self.mode != "codistill" or self.listening:
+            raise ValueError(f"train.tail_steps={tail}: the teacher stops training for the last steps in mode "
+                             f"codistill, with a teacher that does not listen (here mode {self.mode}"
+                             f"{', a listening teacher' if self.listening else ''}); set it to 0")
+        if tail >= steps:
+            raise ValueError(f"train.tail_steps={tail} leaves the teacher no step of train.max_steps={steps}; "
+                             "lower it")
+        for s, d in zip(self.students, self._merged):
+            if tail > steps - d.head_start_steps:
+                raise ValueError(f"train.tail_steps={tail} is longer than {s.name}'s steps (train.max_steps {steps} "
+                                 f"less distill.head_start_steps {d.head_start_steps}); lower it")
 
     def _check_on_policy(self) -> None:
         """On-policy students need a live teacher to score their samples, and prompts the data can give."""

@@ -24,7 +24,8 @@ EPOCHS_WARNED = 4  # passes over the training blocks past which a run is told it
 
 def describe_data(cfg, tokenizer, train_blocks: int, val_blocks: int, tokens_per_step: int) -> list[str]:
     """What the run trains on: the data's blocks and tokens, the tokenizer and where it came from, and how
-    many passes over the data ``train.max_steps`` makes (with a warning when the data repeats many times)."""
+    many passes over the data ``train.max_steps`` makes (with a warning when the data repeats many times), and
+    the teacher's tail."""
     seq, steps = cfg.data.seq_len, cfg.train.max_steps
     epochs = steps * tokens_per_step / max(1, train_blocks * seq)
     lines = [f"data: {cfg.data.dataset}: {train_blocks:,} training blocks of {seq} tokens ({train_blocks * seq:,} "
@@ -33,6 +34,10 @@ def describe_data(cfg, tokenizer, train_blocks: int, val_blocks: int, tokens_per
     if epochs > EPOCHS_WARNED:
         lines.append(f"warning: train.max_steps={steps} repeats the training data {epochs:.0f} times: the models will "
                      "learn it by heart (add data, or lower train.max_steps)")
+    tail = cfg.train.tail_steps
+    if tail:
+        lines.append(f"{cfg.teacher.name}: trains {steps - tail:,} steps, then runs frozen for the last {tail:,} "
+                     "(train.tail_steps): the students distil its final weights")
     return lines
 
 

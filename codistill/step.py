@@ -153,13 +153,15 @@ class MicroStep:
         self.phase: Callable[[str], AbstractContextManager] = lambda name: nullcontext()
         self.sampling: Optional[Sampling] = None  # what on-policy learners sample with (the run's tokenizer, seed)
         self._own: dict[int, tuple[torch.Tensor, dict[str, float]]] = {}  # position -> on-policy loss, its sums
+        self.teacher_stops: Optional[int] = None  # from this optimizer step on the teacher is frozen (its tail)
+        self.at = 0  # the optimizer step of the micro-step that runs (or ran last)
 
     def __call__(self, batch: Batch, plans: list[StudentPlan], sums: dict[str, float],
                  panels: Optional[dict[str, float]] = None, probes: Optional[Probes] = None,
                  where: tuple[int, int] = (0, 0)) -> None:
         """``where``: (optimizer step, micro-batch), which seeds an on-policy learner's sampling."""
         add(sums, "perf/tokens", float(batch["attention_mask"].sum()))  # the batch's tokens, padding not counted
-        self._deferred = []
+        self._deferred, self.at = [], where[0]
         try:
             for index in self.roles(plans).on_policy:
                 self._own[self.m.learners[index]] = self.on_own_samples(index, batch, plans[index], where)
@@ -177,12 +179,14 @@ class MicroStep:
 
     def roles(self, plans: list[StudentPlan]) -> Roles:
         """Who trains and who reads whom at this step: a learner in its head start neither trains nor teaches
-        (the teacher always trains: its head start delays only its listening); a frozen model runs only when a
-        training learner reads it."""
+        (the teacher trains but in its tail: its head start delays only its listening); a frozen model runs only
+        when a training learner reads it."""
         m = self.m
         present = [m.learner_at(k) is None or member is m.teacher or plans[m.learner_at(k)].active
                    for k, member in enumerate(m.members)]
-        trains = {k: True for k, member in enumerate(m.members) if member.trainable and present[k]}
+        resting = m.teacher is not None and self.teacher_stops is not None and self.at >= self.teacher_stops
+        trains = {k: True for k, member in enumerate(m.members)
+                  if member.trainable and present[k] and not (resting and member is m.teacher)}
         reads = {i: [j for j in m.sources[i] if present[j]] for i, plan in enumerate(plans) if plan.active}
         for i, sources in reads.items():
             if m.learners[i] in trains:
@@ -601,5 +605,9 @@ def make_step(fused: bool, models: Models, cfg: RunConfig, world_size: int, cach
               device: torch.device) -> MicroStep:
     """The run's micro-step: the fused strategy or the logits one."""
     if fused:
-        return FusedStep(models, cfg.train.nonfinite, cfg.distill.chunk_tokens, world_size)
-    return LogitsStep(models, cfg.train.nonfinite, cfg.distill.chunk_tokens, world_size, cache, device)
+        out: MicroStep = FusedStep(models, cfg.train.nonfinite, cfg.distill.chunk_tokens, world_size)
+    else:
+        out = LogitsStep(models, cfg.train.nonfinite, cfg.distill.chunk_tokens, world_size, cache, device)
+    if cfg.train.tail_steps:
+        out.teacher_stops = cfg.train.max_steps - cfg.train.tail_steps
+    return out

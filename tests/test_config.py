@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -111,6 +112,22 @@ def test_a_head_start_shortens_the_students_schedule_only():
                                        "for the student; lower distill.head_start_steps or raise train.max_steps")
     with pytest.raises(ConfigError, match=f"^{DEFAULT_CONFIG}: .*leaves no steps"):  # a file given: its path
         load_config(DEFAULT_CONFIG, ["train.max_steps=400", "distill.head_start_steps=400"])
+
+
+def test_a_tail_shortens_the_teachers_schedule_and_is_refused_where_nothing_trains_in_it():
+    cfg = load_config(None, ["train.max_steps=500", "distill.head_start_steps=200", "train.tail_steps=100"])
+    assert optimizer_steps(cfg) == {"teacher": 400, "student": 300}  # the teacher's cosine ends at its step 400
+    for overrides, message in (
+            (["train.tail_steps=400"], "train.tail_steps=400 leaves the teacher no step of train.max_steps=400"),
+            (["train.tail_steps=301"], "train.tail_steps=301 is longer than student's steps (train.max_steps 400 "
+                                       "less distill.head_start_steps 100)"),
+            (["train.tail_steps=50", "mode=hard"], "in mode codistill, with a teacher that does not listen (here "
+                                                  "mode hard)"),
+            (["train.tail_steps=50", "teacher.distill={}"], "a listening teacher"),
+            (["train.tail_steps=-1"], "config key 'train.tail_steps'")):
+        with pytest.raises(ConfigError, match=re.escape(message)) as refused:
+            load_config(None, overrides)
+        assert "\n" not in str(refused.value)
 
 
 def test_student_distill_overrides_are_typed_merged_once_and_written_back_as_given():
