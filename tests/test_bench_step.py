@@ -12,10 +12,11 @@ def test_one_round_reports_every_variant_and_its_ratios(tmp_path):
     out = tmp_path / "bench.json"
     proc = run_cmd([sys.executable, "tools/bench_step.py", "--config", str(MICRO), "--rounds", "1", "--warmup", "0",
                     "--out", str(out), f"output_dir={tmp_path / 'run'}", "distill.benefit_interval=1",
-                    "distill.on_policy={prefix_tokens: 8, max_new_tokens: 8}"])
+                    "distill.on_policy={prefix_tokens: 8, max_new_tokens: 8}", "train.tail_steps=2"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    for name in ("codistill", "fused", "separate", "two_stage", "measured", "on_policy"):  # micro's heads are linear
+    for name in ("codistill", "fused", "separate", "two_stage", "teacher_alone", "frozen_teacher", "measured",
+                 "on_policy"):  # micro's heads are linear
         assert result[f"{name}_ms"] > 0, name
     assert result["fused_linear"] is False and result["benefit_gate_interval"] == 1
     for ratio in ("ratio_a_over_b", "ratio_a_over_c", "ratio_fused_over_a", "benefit_gate_cost_share",
@@ -23,6 +24,10 @@ def test_one_round_reports_every_variant_and_its_ratios(tmp_path):
         assert 0 < abs(result[ratio]) < 100, ratio
     assert 0 < result["on_policy_sampling_share"] < 1
     assert result["ratio_lambda_half_over_a"] == pytest.approx((result["ratio_on_policy_over_a"] + 1) / 2)
+    ms = {k[:-3]: v / 1e3 for k, v in result.items() if k.endswith("_ms")}  # micro: 6 steps, no head start
+    assert result["run_s"] == pytest.approx(4 * ms["codistill"] + 2 * ms["frozen_teacher"])
+    assert result["two_stage_run_s"] == pytest.approx(4 * ms["teacher_alone"] + 6 * ms["frozen_teacher"])
+    assert "the whole run (head start, co-distillation, tail) against two-stage" in proc.stdout
     assert "(a') step (a) with fused-linear losses" in proc.stdout and "at lambda 0.5" in proc.stdout
 
 
@@ -33,7 +38,8 @@ def test_peers_and_a_listening_teacher_are_benchmarked_against_their_models_alon
         "optimizer: {type: AdamW, params: {lr: 1.0e-3}}}}" % n for n in ("p1", "p2")) + "]"]
     for name, overrides, variants in (("peers", peers, {"codistill", "separate", "fused", "measured"}),
                                       ("listening", ["teacher.distill={}"],
-                                       {"codistill", "separate", "two_stage", "deaf", "fused", "measured"})):
+                                       {"codistill", "separate", "two_stage", "teacher_alone", "frozen_teacher",
+                                        "deaf", "fused", "measured"})):
         out = tmp_path / f"{name}.json"
         proc = run_cmd([sys.executable, "tools/bench_step.py", "--config", str(MICRO), "--rounds", "1", "--warmup",
                         "0", "--out", str(out), f"output_dir={tmp_path / name}", *overrides])

@@ -7,7 +7,10 @@ In one run, on the same engines and the same batches, rotates through
   (b) every model's step alone (CE only) on the same batch (the teacher's and each student's, or
       each peer's);
   (c) the two-stage pipeline's cost per student step: a teacher training step, plus a
-      frozen-teacher forward (no grad) whose logits the student step then learns from;
+      frozen-teacher forward (no grad) whose logits the student step then learns from; and each of its
+      two stages timed by itself, (c1) the teacher's step and (c2) the frozen forward and student step
+      (also a step of the teacher's tail, train.tail_steps), which give the whole run's cost against
+      two-stage's from the steps each takes;
   (e) with a listening teacher (teacher.distill): step (a) with the teacher deaf;
   (d) step (a) at which every student with a benefit gate measures it (two more forwards
       and backwards of the student, on its batch and on the next, unseen one), through the path
@@ -99,6 +102,7 @@ def variants(trainer, plans: list, gated: list, probes: dict, sampled: list) -> 
             then(batches)
 
         out["two_stage"] = two_stage
+        out["teacher_alone"], out["frozen_teacher"] = first, then  # its two stages, for the run's cost
         if 0 in models.learners:  # a listening teacher: the same step with it deaf
             deaf = [[] if k == 0 else s for k, s in zip(models.learners, models.sources)]
             out["deaf"] = steps(step_of(replace(models, sources=deaf)), plans)
@@ -141,6 +145,8 @@ def summary(trainer, med: dict[str, float], rounds: int, config: Optional[str],
     }
     if "two_stage" in med:
         result["ratio_a_over_c"] = med["codistill"] / med["two_stage"]
+        result.update(run_cost(trainer.cfg, med["fused" if trainer.fused else "codistill"], med["teacher_alone"],
+                               med["frozen_teacher"]))
     if "deaf" in med:
         result["ratio_listening_over_deaf"] = med["codistill"] / med["deaf"]
     if "fused" in med:
@@ -162,9 +168,23 @@ def summary(trainer, med: dict[str, float], rounds: int, config: Optional[str],
     return result
 
 
+def run_cost(cfg, codistill: float, teacher: float, frozen: float) -> dict[str, float]:
+    """The whole run's seconds from its steps' medians, against the two-stage pipeline that trains the same
+    teacher for as many steps and then the students from it, frozen: the run takes its head start H of
+    teacher steps alone, then S − K co-distillation steps and its tail of K frozen-teacher steps (S: the
+    first student's steps); two-stage takes H + S − K teacher steps alone, then S frozen-teacher steps."""
+    head, tail = cfg.distill_for(0).head_start_steps, cfg.train.tail_steps
+    students = cfg.train.max_steps - head
+    run = head * teacher + (students - tail) * codistill + tail * frozen
+    two = (cfg.train.max_steps - tail) * teacher + students * frozen
+    return {"run_s": run, "two_stage_run_s": two, "ratio_run_over_two_stage": run / two}
+
+
 LABELS = {"codistill": "(a) co-distillation step", "separate": "(b) every model's step alone (CE only)",
           "deaf": "(e) step (a) with the teacher deaf (not listening)",
           "two_stage": "(c) two-stage: teacher step + frozen fwd + student step",
+          "teacher_alone": "(c1) its first stage: the teacher's step alone",
+          "frozen_teacher": "(c2) its second stage (and a tail step): frozen fwd + student step",
           "measured": "(d) step (a) with the benefit gate measuring", "fused": "(a') step (a) with fused-linear losses",
           "on_policy": "(o) step (a) with every on-policy student also on its samples"}
 
@@ -180,6 +200,10 @@ def print_report(result: dict, names: list[str]) -> None:
     if "ratio_listening_over_deaf" in result:
         ratios.append(f"listening/deaf a/e = {result['ratio_listening_over_deaf']:.3f}")
     print("  " + "   ".join(ratios))
+    if "ratio_run_over_two_stage" in result:
+        print(f"  the whole run (head start, co-distillation, tail) against two-stage (the teacher's steps, then "
+              f"the students'): {result['run_s']:,.0f} s / {result['two_stage_run_s']:,.0f} s = "
+              f"{result['ratio_run_over_two_stage']:.3f}")
     if "fused" in names:
         over_c = f"   ratio a'/c = {result['ratio_fused_a_over_c']:.3f}" if "ratio_fused_a_over_c" in result else ""
         print(f"  fused: ratio a'/b = {result['ratio_fused_a_over_b']:.3f}{over_c}   "
