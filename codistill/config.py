@@ -234,6 +234,9 @@ class DistillConfig(_DistillNames):
     alpha_decay: Literal["none", "lr"] = Field(
         "none", description="lr: α (after the schedule and the gate) x the student's learning rate over its peak so "
         "far: distil less as the step shrinks, when the harm of imitating a teacher the student cannot follow builds")
+    teacher_progress: Literal["none", "lr"] = Field(
+        "none", description="mode codistill, lr: α x the teacher's progress, 1 − its learning rate over its peak so "
+        "far (1 in its tail): distil little from a teacher at its peak learning rate, fully from a finished one")
     head_start_steps: int = Field(0, ge=0, description="the teacher trains alone for this many steps first")
     temperature: float = Field(1.0, gt=0.0)
     temperature_final: Optional[float] = Field(None, gt=0.0, description="anneal T linearly to this by max_steps")
@@ -402,7 +405,6 @@ class RunConfig(_Section):
                 raise ValueError(f"{s.name}: distill.head_start_steps={d.head_start_steps} leaves no steps of "
                                  f"train.max_steps={self.train.max_steps} for the student; lower "
                                  "distill.head_start_steps or raise train.max_steps")
-        self._check_tail()
         if self.listening:
             if overrides(self.teacher).get("on_policy") is not None:
                 raise ValueError(f"{self.teacher.name}.distill.on_policy: the teacher scores the samples; only a "
@@ -414,11 +416,18 @@ class RunConfig(_Section):
             raise ValueError("teacher.cache holds probabilities at one temperature: every student needs the "
                              "same constant distill.temperature")
         self._check_sources()
+        self._check_tail()
         self._check_on_policy()
         return self
 
     def _check_tail(self) -> None:
-        """A tail needs a teacher that trains, a step of training before it, and students that distil in it."""
+        """A tail needs a teacher that trains, a step of training before it, and students that distil in it; so
+        does α that follows the teacher's progress."""
+        for spec, d, _ in self.learners():
+            if d.teacher_progress != "none" and (self.mode != "codistill" or spec is self.teacher):
+                here = "the teacher itself" if spec is self.teacher else f"mode {self.mode}"
+                raise ValueError(f"{spec.name}.distill.teacher_progress={d.teacher_progress}: α follows a teacher "
+                                 f"that trains, a student's in mode codistill (here {here}); set it to none")
         tail, steps = self.train.tail_steps, self.train.max_steps
         if not tail:
             return

@@ -170,7 +170,8 @@ def scalars_layout(members: list[Member], teacher: str, states: list[StudentStat
 
 
 def schedule_values(plans: list[StudentPlan], states: list[StudentState], tags: Tags) -> dict[str, float]:
-    """Each student's α, T, the teacher's running lead and the benefit gate's factor at this step."""
+    """Each student's α, T, the teacher's running lead, the benefit gate's factor and the teacher's progress
+    (with ``teacher_progress``) at this step."""
     out = {}
     for i, (plan, state) in enumerate(zip(plans, states)):
         out[tags.student("schedule", "alpha", i)] = plan.spec.alpha
@@ -179,6 +180,8 @@ def schedule_values(plans: list[StudentPlan], states: list[StudentState], tags: 
             out[tags.student("schedule", "lead", i)] = state.lead
         if plan.openness is not None and plan.active:  # the factor this step's α was given
             out[tags.student("benefit", "openness", i)] = plan.openness
+        if plan.progress is not None and plan.active:
+            out[tags.student("schedule", "teacher_progress", i)] = plan.progress
     return out
 
 

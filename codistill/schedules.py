@@ -51,10 +51,11 @@ def constant_alpha(step: int, alpha_max: float, burn_in_steps: int) -> float:
 
 
 def compose_alpha(d: "DistillConfig", own_step: int, lead: Optional[float], openness: Optional[float], lr: float,
-                  lr_peak: float) -> float:
+                  lr_peak: float, progress: float = 1.0) -> float:
     """A student's α at its own step ``own_step`` (counted from the end of its head start): the schedule's
     (``d.schedule``), times the benefit gate's ``openness`` (None: the gate is off or not yet measuring),
-    times lr / peak lr with ``d.alpha_decay: lr``."""
+    times lr / peak lr with ``d.alpha_decay: lr``, times the teacher's ``progress`` with
+    ``d.teacher_progress: lr``."""
     if d.schedule == "lead":
         alpha = lead_alpha(own_step, d.alpha_max, d.burn_in_steps, lead, d.lead_scale)
     elif d.schedule == "warmup":
@@ -65,6 +66,8 @@ def compose_alpha(d: "DistillConfig", own_step: int, lead: Optional[float], open
         alpha *= openness
     if d.alpha_decay == "lr":
         alpha *= lr_fraction(lr, max(lr_peak, lr))
+    if d.teacher_progress == "lr":
+        alpha *= progress
     return alpha
 
 

@@ -20,7 +20,7 @@ from .gate import SUMMED, TERMS, BenefitState, length_weight, signal_parts
 from .gate import update as update_benefit
 from .losses import SoftSpec
 from .onpolicy import drawn
-from .schedules import compose_alpha, ema, temperature_at
+from .schedules import compose_alpha, ema, lr_fraction, temperature_at
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,7 @@ class StudentPlan:
     measure: bool = False  # the benefit gate measures at this step (first micro-batch)
     lr: float = 0.0  # the student's learning rate at this step
     on_policy: bool = False  # it trains on its own samples at this step (distill.on_policy), not the batch's text
+    progress: Optional[float] = None  # the teacher's progress α was multiplied by (distill.teacher_progress)
 
 
 class StudentState:
@@ -51,21 +52,22 @@ class StudentState:
         """k of top-k targets, None for the teacher's full distribution."""
         return self.distill.top_k if self.distill.targets == "topk" else None
 
-    def plan(self, step: int, max_steps: int, lr: float, seed: int = 0) -> StudentPlan:
+    def plan(self, step: int, max_steps: int, lr: float, seed: int = 0, progress: float = 1.0) -> StudentPlan:
         """α, T and what runs at optimizer step ``step`` (0-based), at learning rate ``lr`` before the step
-        (``seed``: the run's, which draws the on-policy steps)."""
+        (``seed``: the run's, which draws the on-policy steps; ``progress``: the teacher's, see
+        :meth:`Students.progress`)."""
         d = self.distill
         own = step - d.head_start_steps  # α's schedule counts the student's own steps
         openness, measure = None, False
         if self.benefit is not None and own >= d.burn_in_steps:
             openness = self.benefit.openness
             measure = (own - d.burn_in_steps) % d.benefit_interval == 0
-        alpha = compose_alpha(d, own, self.lead, openness, lr, self.lr_peak)
+        alpha = compose_alpha(d, own, self.lead, openness, lr, self.lr_peak, progress)
         spec = SoftSpec(divergence=d.divergence, beta=d.beta, alpha=alpha, token_filter=d.token_filter)
         on_policy = d.on_policy is not None and drawn(seed, step, self.name, d.on_policy.fraction)
         return StudentPlan(active=step >= d.head_start_steps, temperature=temperature_at(
             step, max_steps, d.temperature, d.temperature_final), spec=spec, openness=openness, measure=measure, lr=lr,
-            on_policy=on_policy)
+            on_policy=on_policy, progress=progress if d.teacher_progress != "none" else None)
 
     def observe(self, plan: StudentPlan, source_ce: Optional[float], own_ce: Optional[float],
                 lr_after: float) -> Optional[float]:
@@ -105,11 +107,15 @@ class StudentState:
             self.benefit = BenefitState.from_dict(state["benefit"])
 
 
+TEACHER_PEAK = "_teacher_lr_peak"  # its key in the saved state: no model's name (names start with a letter or digit)
+
+
 class Students:
     """Every learner's state, in the models' order, saved and loaded as one part of the trainer's state."""
 
     def __init__(self, states: list[StudentState]):
         self.states = states
+        self.teacher_lr_peak = 0.0  # the training teacher's highest learning rate so far (its progress)
 
     def __iter__(self) -> Iterator[StudentState]:
         return iter(self.states)
@@ -120,16 +126,32 @@ class Students:
     def __getitem__(self, index: int) -> StudentState:
         return self.states[index]
 
-    def plans(self, step: int, max_steps: int, lrs: list[float], seed: int = 0) -> list[StudentPlan]:
-        return [s.plan(step, max_steps, lr, seed) for s, lr in zip(self.states, lrs)]
+    def plans(self, step: int, train, models) -> list[StudentPlan]:
+        """Every learner's plan at optimizer step ``step`` of a run of ``train`` (its TrainConfig), from the
+        learning rates of ``models`` (a :class:`codistill.step.Models`) before the step."""
+        lrs = [float(models.learner(i).engine.get_lr()[0]) for i in range(len(self.states))]
+        teacher = models.teacher if models.teacher is not None and models.teacher.trainable else None
+        resting = train.tail_steps > 0 and step >= train.max_steps - train.tail_steps
+        progress = self.progress(None if teacher is None else float(teacher.engine.get_lr()[0]), resting)
+        return [s.plan(step, train.max_steps, lr, train.seed, progress) for s, lr in zip(self.states, lrs)]
+
+    def progress(self, teacher_lr: Optional[float], resting: bool) -> float:
+        """The teacher's progress in [0, 1]: 1 − its learning rate ``teacher_lr`` (before this step) over its
+        peak so far (0 while it warms up to its peak, 1 − its schedule's floor at its last step); 1 once it
+        rests in its tail, or without a teacher that trains (a finished one)."""
+        if resting or teacher_lr is None:
+            return 1.0
+        self.teacher_lr_peak = max(self.teacher_lr_peak, teacher_lr)
+        return 1.0 - lr_fraction(teacher_lr, self.teacher_lr_peak) if self.teacher_lr_peak > 0 else 0.0
 
     def state_dict(self) -> dict[str, Any]:
-        return {s.name: s.state_dict() for s in self.states}
+        return {**{s.name: s.state_dict() for s in self.states}, TEACHER_PEAK: self.teacher_lr_peak}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for s in self.states:
             if s.name in state:
                 s.load_state_dict(state[s.name])
+        self.teacher_lr_peak = float(state.get(TEACHER_PEAK, 0.0))  # (none in an earlier release's checkpoint)
 
     @staticmethod
     def from_legacy(schedule: dict[str, Any]) -> dict[str, Any]:

@@ -168,8 +168,7 @@ class Trainer:
 
     def plan(self, step: int) -> list[StudentPlan]:
         """What every learner does at optimizer step ``step``: α, T and whether it trains."""
-        lrs = [float(self.models.learner(i).engine.get_lr()[0]) for i in range(len(self.learners))]
-        return self.learners.plans(step, self.cfg.train.max_steps, lrs, self.cfg.train.seed)
+        return self.learners.plans(step, self.cfg.train, self.models)
 
     def probes(self, step: int, plans: list[StudentPlan]) -> Optional[Probes]:
         """The benefit gates' unseen batches at ``step``, by ``distill.benefit_probe`` (those that a measuring

@@ -114,7 +114,7 @@ def test_a_head_start_shortens_the_students_schedule_only():
         load_config(DEFAULT_CONFIG, ["train.max_steps=400", "distill.head_start_steps=400"])
 
 
-def test_a_tail_shortens_the_teachers_schedule_and_is_refused_where_nothing_trains_in_it():
+def test_a_tail_shortens_the_teachers_schedule_and_both_teacher_keys_are_refused_where_nothing_trains():
     cfg = load_config(None, ["train.max_steps=500", "distill.head_start_steps=200", "train.tail_steps=100"])
     assert optimizer_steps(cfg) == {"teacher": 400, "student": 300}  # the teacher's cosine ends at its step 400
     for overrides, message in (
@@ -124,7 +124,13 @@ def test_a_tail_shortens_the_teachers_schedule_and_is_refused_where_nothing_trai
             (["train.tail_steps=50", "mode=hard"], "in mode codistill, with a teacher that does not listen (here "
                                                   "mode hard)"),
             (["train.tail_steps=50", "teacher.distill={}"], "a listening teacher"),
-            (["train.tail_steps=-1"], "config key 'train.tail_steps'")):
+            (["train.tail_steps=-1"], "config key 'train.tail_steps'"),
+            (["distill.teacher_progress=lr", "mode=hard"],
+             "student.distill.teacher_progress=lr: α follows a teacher that trains, a student's in mode codistill "
+             "(here mode hard)"),
+            (["distill.teacher_progress=lr", "teacher.distill={}"], "teacher.distill.teacher_progress=lr: α follows "
+                                                                    "a teacher that trains, a student's in mode "
+                                                                    "codistill (here the teacher itself)")):
         with pytest.raises(ConfigError, match=re.escape(message)) as refused:
             load_config(None, overrides)
         assert "\n" not in str(refused.value)
