@@ -1,5 +1,6 @@
 """codistill-compare end to end on micro models (through its console entry point): five arms and
 a variant, a table, a plot, and reruns that repeat nothing; its --variant checks without a run."""
+import copy
 import json
 import sys
 
@@ -93,6 +94,17 @@ def test_a_variant_with_a_bad_key_or_value_is_refused_before_any_run(tmp_path, o
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
         compare.arm_configs(base, 7, tmp_path, 0.1, {"v": [override]})
     assert not any(tmp_path.iterdir())
+
+
+def test_a_tail_stays_in_the_co_distilled_runs_and_two_stage_distils_the_finished_teacher(tmp_path):
+    from codistill.config import validate
+
+    base = load_config(MICRO, ["train.tail_steps=2"]).model_dump(mode="json")
+    runs = compare.arm_configs(base, 7, tmp_path, 0.1)
+    assert runs["paired"]["train"]["tail_steps"] == runs["handicap"]["train"]["tail_steps"] == 2
+    assert runs["two_stage"]["train"]["tail_steps"] == 0
+    for name, tree in runs.items():  # each a config the trainer takes
+        validate(copy.deepcopy(tree), name)
 
 
 def test_compare_refuses_a_config_that_is_not_co_distillation(tmp_path):

@@ -127,6 +127,7 @@ def arm_configs(base: dict[str, Any], seed: int, folder: Path, handicap: float,
 
     two = copy.deepcopy(base)
     two["mode"] = "soft"
+    two["train"]["tail_steps"] = 0  # the paired run's teacher, finished: its tail is the whole run
     two["students"] = [copy.deepcopy(student)]
     two["teacher"] = {"name": teacher["name"], "pretrained": str(folder / "teacher_hf" / teacher["name"]),
                       "deepspeed": teacher["deepspeed"]}

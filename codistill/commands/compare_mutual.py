@@ -252,6 +252,7 @@ def soft_from(tree: dict[str, Any], teacher_dir: Path) -> dict[str, Any]:
     student's DeepSpeed config read in (a path relative to the config would not resolve from the run)."""
     teacher = tree["teacher"]
     tree["mode"] = "soft"
+    tree["train"] = {**tree.get("train", {}), "tail_steps": 0}  # a finished teacher has no tail
     tree["teacher"] = {"name": teacher["name"], "pretrained": str(teacher_dir),
                        "deepspeed": load_deepspeed_config(ModelSpec.model_validate(teacher))}
     tree["distill"] = {**tree.get("distill", {}), "head_start_steps": 0}
