@@ -5,7 +5,7 @@
 #   - the memory estimate for this GPU, against the peak the run measures;
 #   - a 30-step training run: tokens/s and model-FLOPs utilisation per model (6·N·tokens plus
 #     attention, over the GPU's bf16 peak, GPU_PEAK_TFLOPS, default by device name);
-#   - bench_step's a/b and a/c.
+#   - bench_step's a/b and a/c, and the whole run's cost against two-stage (head start, tail).
 # Writes everything under ${OUT:-gpu_check}/ and prints a summary.
 #   bash tools/gpu_check.sh            (after: pip install -e ".[test]" with a CUDA torch)
 set -euo pipefail
@@ -70,6 +70,9 @@ for ck in ("true", "false"):
         line += f"; bench_step a/b {b.get('ratio_a_over_b', float('nan')):.3f}, a/c {b.get('ratio_a_over_c', float('nan')):.3f}"
         if "ratio_fused_over_a" in b:
             line += f", fused a'/b {b['ratio_fused_a_over_b']:.3f}, a'/a {b['ratio_fused_over_a']:.3f}"
+        if "ratio_run_over_two_stage" in b:  # the config's head start and tail; (c1), (c2) per step give any other
+            line += (f", the run against two-stage {b['ratio_run_over_two_stage']:.3f} (teacher step "
+                     f"{b['teacher_alone_ms']:.0f} ms, frozen-teacher step {b['frozen_teacher_ms']:.0f} ms)")
     print(line)
 rows = out / "bench_loss_fused.json"
 for row in json.loads(rows.read_text()) if rows.exists() else []:
