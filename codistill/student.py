@@ -45,6 +45,7 @@ class StudentState:
         self.name, self.distill = name, distill
         self.lead: Optional[float] = None  # running own CE − sources' mean CE: by how much the sources are ahead
         self.lr_peak = 0.0  # the highest learning rate seen so far (before or after a step)
+        self.teacher_lr_peak = 0.0  # the training teacher's highest learning rate so far (its progress)
         self.benefit: Optional[BenefitState] = BenefitState(distill.benefit_init) if gated else None
 
     @property
@@ -68,6 +69,15 @@ class StudentState:
         return StudentPlan(active=step >= d.head_start_steps, temperature=temperature_at(
             step, max_steps, d.temperature, d.temperature_final), spec=spec, openness=openness, measure=measure, lr=lr,
             on_policy=on_policy, progress=progress if d.teacher_progress != "none" else None)
+
+    def progress(self, teacher_lr: Optional[float], resting: bool) -> float:
+        """The teacher's progress in [0, 1]: 1 − its learning rate ``teacher_lr`` (before this step) over its
+        peak so far (0 while it warms up to its peak, 1 − its schedule's floor at its last step); 1 once it
+        rests in its tail, or without a teacher that trains (a finished one)."""
+        if resting or teacher_lr is None:
+            return 1.0
+        self.teacher_lr_peak = max(self.teacher_lr_peak, teacher_lr)
+        return 1.0 - lr_fraction(teacher_lr, self.teacher_lr_peak) if self.teacher_lr_peak > 0 else 0.0
 
     def observe(self, plan: StudentPlan, source_ce: Optional[float], own_ce: Optional[float],
                 lr_after: float) -> Optional[float]:
@@ -97,17 +107,15 @@ class StudentState:
                 "evidence": self.benefit.evidence}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"lead": self.lead, "lr_peak": self.lr_peak,
+        return {"lead": self.lead, "lr_peak": self.lr_peak, "teacher_lr_peak": self.teacher_lr_peak,
                 "benefit": None if self.benefit is None else self.benefit.to_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.lead = state["lead"]
         self.lr_peak = float(state["lr_peak"])
+        self.teacher_lr_peak = float(state.get("teacher_lr_peak", 0.0))  # (none in an earlier release's checkpoint)
         if self.benefit is not None and state.get("benefit") is not None:
             self.benefit = BenefitState.from_dict(state["benefit"])
-
-
-TEACHER_PEAK = "_teacher_lr_peak"  # its key in the saved state: no model's name (names start with a letter or digit)
 
 
 class Students:
@@ -115,7 +123,6 @@ class Students:
 
     def __init__(self, states: list[StudentState]):
         self.states = states
-        self.teacher_lr_peak = 0.0  # the training teacher's highest learning rate so far (its progress)
 
     def __iter__(self) -> Iterator[StudentState]:
         return iter(self.states)
@@ -132,26 +139,17 @@ class Students:
         lrs = [float(models.learner(i).engine.get_lr()[0]) for i in range(len(self.states))]
         teacher = models.teacher if models.teacher is not None and models.teacher.trainable else None
         resting = train.tail_steps > 0 and step >= train.max_steps - train.tail_steps
-        progress = self.progress(None if teacher is None else float(teacher.engine.get_lr()[0]), resting)
-        return [s.plan(step, train.max_steps, lr, train.seed, progress) for s, lr in zip(self.states, lrs)]
-
-    def progress(self, teacher_lr: Optional[float], resting: bool) -> float:
-        """The teacher's progress in [0, 1]: 1 − its learning rate ``teacher_lr`` (before this step) over its
-        peak so far (0 while it warms up to its peak, 1 − its schedule's floor at its last step); 1 once it
-        rests in its tail, or without a teacher that trains (a finished one)."""
-        if resting or teacher_lr is None:
-            return 1.0
-        self.teacher_lr_peak = max(self.teacher_lr_peak, teacher_lr)
-        return 1.0 - lr_fraction(teacher_lr, self.teacher_lr_peak) if self.teacher_lr_peak > 0 else 0.0
+        teacher_lr = None if teacher is None else float(teacher.engine.get_lr()[0])
+        return [s.plan(step, train.max_steps, lr, train.seed, s.progress(teacher_lr, resting))
+                for s, lr in zip(self.states, lrs)]
 
     def state_dict(self) -> dict[str, Any]:
-        return {**{s.name: s.state_dict() for s in self.states}, TEACHER_PEAK: self.teacher_lr_peak}
+        return {s.name: s.state_dict() for s in self.states}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for s in self.states:
             if s.name in state:
                 s.load_state_dict(state[s.name])
-        self.teacher_lr_peak = float(state.get(TEACHER_PEAK, 0.0))  # (none in an earlier release's checkpoint)
 
     @staticmethod
     def from_legacy(schedule: dict[str, Any]) -> dict[str, Any]:
