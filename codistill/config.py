@@ -132,6 +132,11 @@ class TrainConfig(_Section):
     collective_timeout_s: int = Field(90, gt=0, le=7 * 24 * 3600, description="a rank silent this long ends the job "
                                       "(at most a week)")
 
+    @property
+    def teacher_steps(self) -> int:
+        """The teacher's optimizer steps in mode codistill: max_steps less its tail, from which it runs frozen."""
+        return self.max_steps - self.tail_steps
+
 
 class CheckpointConfig(_Section):
     interval: int = Field(0, ge=0, description="steps between checkpoints; 0: only at the end")

@@ -217,7 +217,8 @@ def token_bytes(tokenizer) -> list[Optional[bytes]]:
     ids = list(range(len(tokenizer)))
     pieces = tokenizer.convert_ids_to_tokens(ids)
     added = {i: t.content for i, t in tokenizer.added_tokens_decoder.items()}
-    if _byte_level(tokenizer):
+    byte_level = _byte_level(tokenizer)
+    if byte_level:
         alphabet = {c: b for b, c in bytes_to_unicode().items()}
         out = [bytes(alphabet[c] for c in p) if all(c in alphabet for c in p) else p.encode() for p in pieces]
     else:
@@ -227,7 +228,7 @@ def token_bytes(tokenizer) -> list[Optional[bytes]]:
         out = [t[lead:].encode() for t in texts]
     for i, text in added.items():
         out[i] = text.encode()
-    if not _byte_level(tokenizer):  # the bytes of its byte fallback, in its vocabulary or added
+    if not byte_level:  # the bytes of its byte fallback, in its vocabulary or added
         for i, p in enumerate(pieces):
             if m := _BYTE_PIECE.fullmatch(p or ""):
                 out[i] = bytes([int(m.group(1), 16)])

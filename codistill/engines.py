@@ -214,7 +214,7 @@ def check_offload_and_precision(name: str, ds: dict[str, Any], on_cpu: bool) -> 
 def optimizer_steps(cfg: RunConfig) -> dict[str, int]:
     """How many optimizer steps each model takes: train.max_steps, less a student's head start or the
     teacher's tail (the config's validator guarantees at least one)."""
-    steps = {} if cfg.teacher is None else {cfg.teacher.name: cfg.train.max_steps - cfg.train.tail_steps}
+    steps = {} if cfg.teacher is None else {cfg.teacher.name: cfg.train.teacher_steps}
     for i, s in enumerate(cfg.students):
         steps[s.name] = cfg.train.max_steps - cfg.distill_for(i).head_start_steps
     return steps

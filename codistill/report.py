@@ -36,7 +36,7 @@ def describe_data(cfg, tokenizer, train_blocks: int, val_blocks: int, tokens_per
                      "learn it by heart (add data, or lower train.max_steps)")
     tail = cfg.train.tail_steps
     if tail:
-        lines.append(f"{cfg.teacher.name}: trains {steps - tail:,} steps, then runs frozen for the last {tail:,} "
+        lines.append(f"{cfg.teacher.name}: trains {cfg.train.teacher_steps:,} steps, then runs frozen for the last {tail:,} "
                      "(train.tail_steps): the students distil its final weights")
     return lines
 

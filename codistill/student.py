@@ -56,7 +56,7 @@ class StudentState:
     def plan(self, step: int, max_steps: int, lr: float, seed: int = 0, progress: float = 1.0) -> StudentPlan:
         """α, T and what runs at optimizer step ``step`` (0-based), at learning rate ``lr`` before the step
         (``seed``: the run's, which draws the on-policy steps; ``progress``: the teacher's, see
-        :meth:`Students.progress`)."""
+        :meth:`progress`)."""
         d = self.distill
         own = step - d.head_start_steps  # α's schedule counts the student's own steps
         openness, measure = None, False
@@ -138,7 +138,7 @@ class Students:
         learning rates of ``models`` (a :class:`codistill.step.Models`) before the step."""
         lrs = [float(models.learner(i).engine.get_lr()[0]) for i in range(len(self.states))]
         teacher = models.teacher if models.teacher is not None and models.teacher.trainable else None
-        resting = train.tail_steps > 0 and step >= train.max_steps - train.tail_steps
+        resting = step >= train.teacher_steps
         teacher_lr = None if teacher is None else float(teacher.engine.get_lr()[0])
         return [s.plan(step, train.max_steps, lr, train.seed, s.progress(teacher_lr, resting))
                 for s, lr in zip(self.states, lrs)]

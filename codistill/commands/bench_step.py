@@ -176,7 +176,7 @@ def run_cost(cfg, codistill: float, teacher: float, frozen: float) -> dict[str, 
     head, tail = cfg.distill_for(0).head_start_steps, cfg.train.tail_steps
     students = cfg.train.max_steps - head
     run = head * teacher + (students - tail) * codistill + tail * frozen
-    two = (cfg.train.max_steps - tail) * teacher + students * frozen
+    two = cfg.train.teacher_steps * teacher + students * frozen
     return {"run_s": run, "two_stage_run_s": two, "ratio_run_over_two_stage": run / two}
 
 
