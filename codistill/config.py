@@ -137,6 +137,11 @@ class TrainConfig(_Section):
         """The teacher's optimizer steps in mode codistill: max_steps less its tail, from which it runs frozen."""
         return self.max_steps - self.tail_steps
 
+    def teacher_rests(self, step: int) -> bool:
+        """Whether the teacher is frozen at optimizer step ``step``: only inside a tail (a step past max_steps,
+        as in a debugging call, still trains it when there is no tail)."""
+        return self.tail_steps > 0 and step >= self.teacher_steps
+
 
 class CheckpointConfig(_Section):
     interval: int = Field(0, ge=0, description="steps between checkpoints; 0: only at the end")

@@ -608,5 +608,5 @@ def make_step(fused: bool, models: Models, cfg: RunConfig, world_size: int, cach
         out: MicroStep = FusedStep(models, cfg.train.nonfinite, cfg.distill.chunk_tokens, world_size)
     else:
         out = LogitsStep(models, cfg.train.nonfinite, cfg.distill.chunk_tokens, world_size, cache, device)
-    out.teacher_stops = cfg.train.teacher_steps  # max_steps without a tail: never reached
+    out.teacher_stops = cfg.train.teacher_steps if cfg.train.tail_steps else None
     return out

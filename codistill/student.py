@@ -138,7 +138,7 @@ class Students:
         learning rates of ``models`` (a :class:`codistill.step.Models`) before the step."""
         lrs = [float(models.learner(i).engine.get_lr()[0]) for i in range(len(self.states))]
         teacher = models.teacher if models.teacher is not None and models.teacher.trainable else None
-        resting = step >= train.teacher_steps
+        resting = train.teacher_rests(step)
         teacher_lr = None if teacher is None else float(teacher.engine.get_lr()[0])
         return [s.plan(step, train.max_steps, lr, train.seed, s.progress(teacher_lr, resting))
                 for s, lr in zip(self.states, lrs)]

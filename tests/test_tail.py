@@ -55,3 +55,11 @@ def test_a_restart_continues_the_teachers_progress_and_tail_exactly(tmp_path):
             assert a[tag][step] == pytest.approx(b[tag][step], rel=1e-6), (tag, step)
     wa, wb = weights(straight, 8, "student"), weights(split, 8, "student")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_the_teacher_rests_only_inside_a_tail():
+    from codistill.config import TrainConfig
+
+    plain, tailed = TrainConfig(max_steps=6), TrainConfig(max_steps=6, tail_steps=2)
+    assert not any(plain.teacher_rests(step) for step in range(12))  # past max_steps too (a debugging call)
+    assert [tailed.teacher_rests(step) for step in range(7)] == [False] * 4 + [True] * 3
