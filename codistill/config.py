@@ -255,9 +255,11 @@ class DistillConfig(_DistillNames):
     targets: Literal["full", "topk"] = "full"
     top_k: int = Field(64, gt=0)
     token_filter: bool = Field(False, description="distil only on tokens where the teacher's CE < the student's")
-    cross_tokenizer: Literal["auto", "project", "likelihood", "sorted"] = Field(
+    cross_tokenizer: Literal["auto", "project", "spread", "likelihood", "sorted"] = Field(
         "auto", description="a teacher with another tokenizer: project (the teacher's distribution at the chunks' "
-        "ends moved onto the student's vocabulary, compared by the divergence), likelihood (the chunks of text both "
+        "ends moved onto the student's vocabulary, compared by the divergence), spread (the same, each teacher "
+        "token's probability shared among the student tokens the teacher begins with it, by the student's own "
+        "probabilities), likelihood (the chunks of text both "
         "tokenize alike, their likelihoods matched) or sorted (the next-token distributions at the chunks' ends, "
         "compared by rank); auto: project, or likelihood from a cached teacher (which holds no logits); see "
         "docs/distillation.md")

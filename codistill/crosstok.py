@@ -28,6 +28,10 @@ Three losses use the chunks, with different trade-offs:
   (:func:`vocab_map`), and the run's divergence compares it with the student's, full or top-k. Keeps
   which token is which; approximate where the student would begin the next characters with a token
   longer than the teacher's next one.
+- ``spread`` (:func:`projected_targets` with a back map): the same, but each teacher token's probability
+  is shared among the student tokens whose text the teacher would begin with it (its newline among the
+  student's newline-and-indentation tokens), in proportion to the student's own detached probabilities:
+  the teacher says which characters come next, the student how it writes them.
 """
 from __future__ import annotations
 
@@ -205,6 +209,13 @@ def vocab_map(teacher, student, device: Optional[torch.device] = None) -> Option
     return out.to(device) if device is not None else out
 
 
+def vocab_maps(teacher, student, learners, device: torch.device) -> tuple[Optional[torch.Tensor], ...]:
+    """:func:`vocab_map` of a teacher's tokenizer onto the students' (None without one) and, where a learner of
+    ``learners`` (``RunConfig.learners()``) spreads, the students' onto the teacher's (else None)."""
+    spreads = teacher is not None and any(d.cross_tokenizer == "spread" for _, d, _ in learners)
+    return vocab_map(teacher, student, device), vocab_map(student, teacher, device) if spreads else None
+
+
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte-fallback tokens
 
 
@@ -288,14 +299,39 @@ def _byte_level(tokenizer) -> bool:
         type(backend.model).__name__ == "BPE"
 
 
+class Spread(NamedTuple):
+    """What ``spread`` reads besides the map: the teacher's first token of each student token's text [V_s]
+    (:func:`vocab_map` the other way) and the student's logits [B, S, V_s] at its boundary positions [N]."""
+
+    back: torch.Tensor
+    student_logits: torch.Tensor
+    positions: torch.Tensor
+
+
+def spread_probs(p: torch.Tensor, own: torch.Tensor, mapping: torch.Tensor, back: torch.Tensor) -> torch.Tensor:
+    """The teacher's next-token probabilities ``p`` [N, V_t] on the student's vocabulary: each teacher token t's
+    probability shared among its student tokens, those whose text the teacher begins with t (``back`` [V_s]) and
+    ``mapping[t]`` (the student's first token of t's text), in proportion to the student's probabilities ``own``
+    [N, V_s]. A teacher token whose tokens all have probability 0 gives its probability to ``mapping[t]``."""
+    v_t = p.shape[-1]
+    alone = back[mapping] != torch.arange(v_t, device=p.device)  # its first student token is in another's set
+    total = p.new_zeros(p.shape[0], v_t).index_add_(1, back, own) + own[:, mapping] * alone
+    empty = total <= 1e-30
+    share = torch.where(empty, 0.0, p / total.clamp(min=1e-30))  # per unit of the student's probability
+    q = own * share[:, back]
+    q.index_add_(1, mapping[alone], own[:, mapping[alone]] * share[:, alone])
+    return q.index_add_(1, mapping, torch.where(empty, p, 0.0))
+
+
 def projected_targets(teacher_logits: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, mapping: torch.Tensor,
                       vocab: int, temperature: float, top_k: Optional[int] = None,
-                      chunk_tokens: Optional[int] = None) -> Targets:
+                      chunk_tokens: Optional[int] = None, spread: Optional[Spread] = None) -> Targets:
     """The teacher's next-token distributions at T at (``rows``, ``positions``) [N] of its logits [B, S, V_t],
     moved onto the student's vocabulary of ``vocab`` tokens, each token's probability added to the student's
-    token ``mapping`` gives it: full (as logits ``T·log q``, which the loss's softmax at T turns back into q) or
-    the top ``top_k`` of q and the tail's mass. Row chunk by row chunk, in fp32 (rows picked per chunk: no copy
-    of all of them, and none of logits sliced off a padded head)."""
+    token ``mapping`` gives it, or with ``spread`` shared among the student's tokens (:func:`spread_probs`, the
+    student's probabilities at T): full (as logits ``T·log q``, which the loss's softmax at T turns back into q)
+    or the top ``top_k`` of q and the tail's mass. Row chunk by row chunk, in fp32 (rows picked per chunk: no
+    copy of all of them, and none of logits sliced off a padded head)."""
     n, device = rows.numel(), teacher_logits.device
     full = top_k is None
     k = vocab if full else min(top_k, vocab)
@@ -303,11 +339,17 @@ def projected_targets(teacher_logits: torch.Tensor, rows: torch.Tensor, position
     ids = None if full else torch.empty(n, k, dtype=torch.int32, device=device)
     logp = None if full else torch.empty(n, k, device=device)
     tail = None if full else torch.empty(n, device=device)
-    step, mapping = chunk_rows(max(vocab, teacher_logits.shape[-1]), chunk_tokens), mapping.to(device)
+    width = max(vocab, teacher_logits.shape[-1]) * (1 if spread is None else 3)  # spread holds ~3 rows per row
+    step, mapping = chunk_rows(width, chunk_tokens), mapping.to(device)
     for i in range(0, n, step):
         z = teacher_logits[rows[i:i + step], positions[i:i + step]]
         p = (z if temperature == 1 else z / temperature).softmax(-1, dtype=torch.float32)
-        q = p.new_zeros(p.shape[0], vocab).index_add_(1, mapping, p)
+        if spread is None:
+            q = p.new_zeros(p.shape[0], vocab).index_add_(1, mapping, p)
+        else:
+            zs = spread.student_logits[rows[i:i + step], spread.positions[i:i + step]].detach()
+            own = (zs if temperature == 1 else zs / temperature).softmax(-1, dtype=torch.float32)
+            q = spread_probs(p, own, mapping, spread.back.to(device))
         if full:
             logits[i:i + step] = temperature * q.clamp(min=1e-30).log()
             continue
@@ -319,10 +361,11 @@ def projected_targets(teacher_logits: torch.Tensor, rows: torch.Tensor, position
 
 def projected_loss(student_logits: torch.Tensor, student_chunk: torch.Tensor, teacher_logits: torch.Tensor,
                    teacher_chunk: torch.Tensor, chunks: int, mapping: torch.Tensor, spec: SoftSpec,
-                   temperature: float = 1.0, top_k: Optional[int] = None,
-                   chunk_tokens: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   temperature: float = 1.0, top_k: Optional[int] = None, chunk_tokens: Optional[int] = None,
+                   back: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``T²·mean D(q ‖ p_s)`` over the common boundaries (:func:`boundaries`), D ``spec``'s divergence, q the
-    teacher's next-token distribution projected onto the student's vocabulary (:func:`projected_targets`),
+    teacher's next-token distribution projected onto the student's vocabulary (:func:`projected_targets`; with
+    ``back``, the teacher's first token of each student token's text, spread by the student's probabilities),
     p_s the student's; computed by the chunked loss of one tokenizer (only the boundaries' rows are
     gathered). Returns the loss and the number of boundaries averaged."""
     rows, s_at, t_at = boundaries(student_chunk, teacher_chunk, chunks)
@@ -330,7 +373,7 @@ def projected_loss(student_logits: torch.Tensor, student_chunk: torch.Tensor, te
         return student_logits.sum() * 0.0, rows.new_zeros(())
     with torch.no_grad():
         targets = projected_targets(teacher_logits, rows, t_at, mapping, student_logits.shape[-1], temperature, top_k,
-                                    chunk_tokens)
+                                    chunk_tokens, None if back is None else Spread(back, student_logits, s_at))
     n = rows.numel()  # the student's rows copied once (with their gradient); no reshape copies padded-head logits
     parts = distill_loss(student_logits[rows, s_at], rows.new_zeros(n), torch.ones(n, dtype=torch.bool,
                          device=rows.device), targets, dataclasses.replace(spec, alpha=1.0), chunk_tokens)
@@ -402,17 +445,19 @@ def _add_block(out: dict[str, list], seq_len: int, s_ids, s_chunk, student, t_id
     out["teacher_chunk"].append(padded(t_chunk.tolist(), -1))
 
 
-READS_LOGITS = ("sorted", "project")  # the methods that read the teacher's logits (likelihood: its CE)
+READS_LOGITS = ("sorted", "project", "spread")  # the methods that read the teacher's logits (likelihood: its CE)
 
 
 class CrossTeacher(NamedTuple):
     """What a student's soft term reads of a teacher with another tokenizer, on the teacher's own columns of a
-    paired block: its detached logits (for ``sorted`` and ``project``), its per-position CE (for
-    ``likelihood``) and the map of its vocabulary onto the student's (:func:`vocab_map`, for ``project``)."""
+    paired block: its detached logits (for ``sorted``, ``project`` and ``spread``), its per-position CE (for
+    ``likelihood``), the map of its vocabulary onto the student's (:func:`vocab_map`, for ``project`` and
+    ``spread``) and the student's onto its own (for ``spread``)."""
 
     logits: Optional[torch.Tensor]  # None where only ``likelihood`` reads it
     token_ce: torch.Tensor
     mapping: Optional[torch.Tensor] = None
+    back: Optional[torch.Tensor] = None
 
 
 def cross_parts(logits: torch.Tensor, batch: dict[str, torch.Tensor], teacher: CrossTeacher, d, alpha: float,
@@ -420,9 +465,9 @@ def cross_parts(logits: torch.Tensor, batch: dict[str, torch.Tensor], teacher: C
     """A student's loss with a teacher of another tokenizer: ``(1 − α)·CE + α·D`` where D is the divergence
     ``d.cross_tokenizer`` names (``d``: the student's distill settings) over the paired block's chunks: chunk
     likelihoods at ``d.likelihood_temperature``, sorted distributions at ``temperature`` over ``d.top_k`` ranks,
-    or the teacher's distributions projected onto the student's vocabulary (``d``'s divergence, T and targets);
-    ``kd`` is D, logged even at α = 0, and ``filtered`` the aligned share: the chunks (likelihood) or chunk ends
-    (sorted, project) compared per counted token of the student (1: every token a chunk of its own)."""
+    or the teacher's distributions projected (or spread) onto the student's vocabulary (``d``'s divergence, T and
+    targets); ``kd`` is D, logged even at α = 0, and ``filtered`` the aligned share: the chunks (likelihood) or
+    chunk ends (the others) compared per counted token of the student (1: every token a chunk of its own)."""
     if d.cross_tokenizer == "likelihood":
         parts, n = likelihood_parts(logits, batch, teacher.token_ce, alpha, d.likelihood_temperature, d.chunk_tokens)
     else:
@@ -430,7 +475,8 @@ def cross_parts(logits: torch.Tensor, batch: dict[str, torch.Tensor], teacher: C
         where = (logits, batch["student_chunk"], teacher.logits.detach(), batch["teacher_chunk"], logits.shape[1])
         kd, n = sorted_distribution_loss(*where, d.top_k, temperature) if d.cross_tokenizer == "sorted" else \
             projected_loss(*where, teacher.mapping, SoftSpec(d.divergence, d.beta), temperature,
-                           d.top_k if d.targets == "topk" else None, d.chunk_tokens)
+                           d.top_k if d.targets == "topk" else None, d.chunk_tokens,
+                           teacher.back if d.cross_tokenizer == "spread" else None)
         loss = plain.loss if alpha == 0 else (1 - alpha) * plain.loss + alpha * kd
         parts = plain._replace(loss=loss, kd=kd.detach())
     return parts._replace(filtered=n.to(torch.float32) / batch["mask"].sum().clamp(min=1))

@@ -108,7 +108,8 @@ def _cross_method(d: DistillConfig) -> str:
     if d.cross_tokenizer == "sorted":
         return f"across tokenizers by sorted distributions (top {d.top_k} ranks)"
     targets = f"top-{d.top_k}" if d.targets == "topk" else "full"
-    return f"across tokenizers by projected distributions ({d.divergence}, {targets})"
+    how = "spread" if d.cross_tokenizer == "spread" else "projected"
+    return f"across tokenizers by {how} distributions ({d.divergence}, {targets})"
 
 
 def describe_on_policy(d: DistillConfig) -> str:

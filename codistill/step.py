@@ -68,6 +68,7 @@ class Models:
     tags: Tags
     teacher_name: Optional[str] = None  # the teacher's name, loaded or not
     vocab_map: Optional[torch.Tensor] = None  # a teacher of another tokenizer: its ids onto the students' (crosstok)
+    vocab_back: Optional[torch.Tensor] = None  # and the students' onto its own, where a learner spreads
 
     def learner(self, index: int) -> Member:
         return self.members[self.learners[index]]
@@ -432,7 +433,8 @@ class LogitsStep(MicroStep):
         cross = isinstance(preset.get(index), CrossTeacher) or (  # its one source: another tokenizer
             bool(sources) and self.m.members[sources[0]].vocab is not None)
         teacher = None if not cross else preset.get(index) if not sources else \
-            CrossTeacher(got.logits.get(sources[0]), got.known[sources[0]][0], self.m.vocab_map)  # cached, or live
+            CrossTeacher(got.logits.get(sources[0]), got.known[sources[0]][0], self.m.vocab_map,  # cached, or live
+                         self.m.vocab_back)
         targets = None if cross else preset.get(index) if not sources else got.make(sources, self.m.states[index],
                                                                                      plan.temperature)
         spec = plan.spec if targets is not None else SoftSpec()

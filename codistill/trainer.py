@@ -22,7 +22,7 @@ import torch
 from . import checkpoint, distributed, identity, onpolicy, report
 from .cache import TeacherCache
 from .config import ConfigError, RunConfig, dump_config
-from .crosstok import vocab_map
+from .crosstok import vocab_maps
 from .data import BatchStream, ProbeBatches, build_splits, eval_batches, on_device
 from .engines import Member, build_engine, init_seed, is_trainable, quiet_library_noise
 from .errors import NonFinite
@@ -105,7 +105,8 @@ class Trainer:
         self.fused = use_fused(cfg, self.members, self.vocab, self.world.size, self.world.device.type)
         self.models = Models(self.members, self.teacher, [at[s.name] for s, _, _ in learners], list(self.learners),
                              [[at[n] for n in sources if n in at] for _, _, sources in learners], self.vocab, self.tags,
-                             self.teacher_name, vocab_map(self.teacher_tokenizer, self.tokenizer, self.world.device))
+                             self.teacher_name, *vocab_maps(self.teacher_tokenizer, self.tokenizer, learners,
+                                                            self.world.device))
         self.micro_step = make_step(self.fused, self.models, cfg, self.world.size, self.cache, self.world.device)
         self.micro_step.sampling = onpolicy.Sampling.of(cfg, self.tokenizer, self.world.rank)
         self.evaluate_models = Validator(self.val_batches, self.prepare_batch, self.vocab, self.fused,

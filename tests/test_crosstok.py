@@ -10,7 +10,7 @@ import torch
 
 from codistill.config import ConfigError, DataConfig
 from codistill.crosstok import (align, boundary_positions, chunk_likelihood_loss, offsets, projected_loss,
-                                sorted_distribution_loss, token_bytes, token_logprobs, vocab_map)
+                                sorted_distribution_loss, spread_probs, token_bytes, token_logprobs, vocab_map)
 from codistill.data import resolve_tokenizer
 from codistill.losses import SoftSpec, Targets, distill_loss, topk_targets
 
@@ -143,6 +143,9 @@ def test_projected_loss_with_one_vocabulary_is_the_soft_term_and_adds_what_maps_
         targets = Targets(temperature, logits=teacher) if k is None else topk_targets(teacher, k, temperature)
         ref = distill_loss(zs[:, :-1].reshape(-1, v), zeros, ones, targets, SoftSpec(divergence, alpha=1.0))
         assert int(n) == n_rows and loss.item() == pytest.approx(ref.loss.item(), rel=1e-4)
+        spread, _ = projected_loss(zs, chunk, zt, chunk, length, torch.arange(v), SoftSpec(divergence), temperature,
+                                   k, back=torch.arange(v))  # spread over one vocabulary: the same
+        assert spread.item() == pytest.approx(ref.loss.item(), rel=1e-4)
     # a teacher of 13 tokens whose last three begin with the student's token 0: their probabilities add up there
     zt = torch.randn(rows, length, v + 2)
     mapping = torch.cat([torch.arange(v), torch.zeros(2, dtype=torch.long)])
@@ -153,6 +156,39 @@ def test_projected_loss_with_one_vocabulary_is_the_soft_term_and_adds_what_maps_
     assert loss.item() == pytest.approx((q * (q.log() - log_ps)).sum(-1).mean().item(), rel=1e-4)
     loss.backward()
     assert zs.grad[:, -1].abs().sum() == 0 and zs.grad[:, :-1].abs().sum() > 0
+
+
+def test_spread_shares_each_teacher_tokens_probability_among_its_student_tokens_by_their_probabilities():
+    torch.manual_seed(3)
+    v_t, v_s, n = 6, 9, 4
+    p, own = torch.randn(n, v_t).softmax(-1), torch.randn(n, v_s).softmax(-1)
+    mapping = torch.tensor([0, 1, 2, 3, 4, 4])  # teacher token 5's text begins with the student's token 4
+    back = torch.tensor([0, 1, 2, 3, 4, 0, 0, 2, 1])  # student tokens 5-8 are longer: "\n" + indentation, say
+    q = spread_probs(p, own, mapping, back)
+    expected = torch.zeros(n, v_s)
+    for t in range(v_t):
+        members = sorted({s for s in range(v_s) if int(back[s]) == t} | {int(mapping[t])})
+        weights = own[:, members] / own[:, members].sum(-1, keepdim=True)
+        expected[:, members] += p[:, t:t + 1] * weights
+    torch.testing.assert_close(q, expected)
+    torch.testing.assert_close(q.sum(-1), torch.ones(n))  # every teacher token's probability lands, once
+    same = torch.arange(v_t)  # one vocabulary: the plain distribution
+    torch.testing.assert_close(spread_probs(p, torch.randn(n, v_t).softmax(-1), same, same), p)
+    own[:, [0, 5, 6]] = 0  # a teacher token whose student tokens all have probability 0: its map keeps it
+    torch.testing.assert_close(spread_probs(p, own, mapping, back)[:, 0], p[:, 0])
+
+
+def test_spread_gives_the_teachers_newline_to_the_students_newline_and_indentation(pair):
+    student, teacher = pair
+    mapping, back = vocab_map(teacher, student), vocab_map(student, teacher)
+    newline, indented = teacher.convert_tokens_to_ids("Ċ"), student("\n" + " " * 8 + "x")["input_ids"][0]
+    assert student.convert_ids_to_tokens(indented).startswith("ĊĠĠĠĠ") and int(back[indented]) == newline
+    p = torch.zeros(1, len(teacher))
+    p[0, newline] = 1.0
+    own = torch.full((1, len(student)), 1e-6)
+    own[0, indented] = 1.0  # the student writes a newline before indented code as one token
+    q = spread_probs(p, own / own.sum(), mapping, back)
+    assert q[0, indented] > 0.99 and q[0, mapping[newline]] < 0.01  # where a plain projection puts it all
 
 
 def test_the_vocabulary_map_gives_each_teacher_token_the_students_first_token_of_its_text(pair):
@@ -367,14 +403,17 @@ def _fit(overrides, capsys):
     return capsys.readouterr().out, read_scalars(out)
 
 
-def test_a_frozen_teacher_of_another_tokenizer_teaches_in_soft_mode(tmp_path, cross_setup, other_teacher, capsys):
+@pytest.mark.parametrize("method,line", [("sorted", "sorted distributions (top 8 ranks)"),
+                                         ("spread", "spread distributions (forward_kl, top-8)")])
+def test_a_frozen_teacher_of_another_tokenizer_teaches_in_soft_mode(tmp_path, cross_setup, other_teacher, capsys,
+                                                                    method, line):
     """A pretrained teacher folder that holds its own tokenizer: no teacher.tokenizer needed."""
     setup = [x for x in cross_setup if not x.startswith("teacher.tokenizer=")]
     log, tb = _fit([f"output_dir={tmp_path / 'run'}", *setup, "mode=soft", f"teacher.pretrained={other_teacher}",
-                    "teacher.config={}", "teacher.deepspeed=configs/ds/zero3_cpu.json", "distill.cross_tokenizer=sorted",
-                    "distill.targets=topk", "distill.top_k=8"], capsys)
+                    "teacher.config={}", "teacher.deepspeed=configs/ds/zero3_cpu.json",
+                    f"distill.cross_tokenizer={method}", "distill.targets=topk", "distill.top_k=8"], capsys)
     assert "ZeRO stage 3, bf16=False, frozen" in log and f"its own tokenizer ({OTHER_VOCAB} tokens)" in log
-    assert "across tokenizers by sorted distributions (top 8 ranks)" in log
+    assert f"across tokenizers by {line}" in log
     for tag in ("teacher/frozen/loss_ce", "teacher/cross/loss_ce", "student/train/loss_kd", "distill/teacher_lead"):
         assert len(tb[tag]) == 4 and all(map(math.isfinite, tb[tag].values())), tag
     assert "teacher/train/loss" not in tb and max(tb["student/train/loss_kd"].values()) > 0
