@@ -1,9 +1,10 @@
 #!/bin/bash
-# The GPU check of distillation across tokenizers (about 8 minutes on one CUDA GPU), on the mid-size pair
+# The GPU check of distillation across tokenizers (about 10 minutes on one CUDA GPU), on the mid-size pair
 # (configs/examples/mid-gpt2.yaml: ~360M teacher, ~58M student, seq_len 1024, bf16, ZeRO-3, checkpointing)
 # with the teacher on the bundled corpus's 4,096-token BPE and the students on GPT-2's 50,257 tokens:
 #   - the memory estimate for this GPU against the peak a 20-step run measures, and its tokens/s, for the
-#     likelihood method (the default) and the project method (which holds logits rows of both vocabularies);
+#     methods in METHODS (default: likelihood, project and spread; the last two hold logits rows of both
+#     vocabularies, spread also the student's probabilities at the same rows);
 #   - bench_step on the cross-tokenizer pair and on the same pair with one tokenizer: each one's a/b (the
 #     co-distillation step against the models' steps alone), and the quotient of the two (target <= 1.10).
 # Writes everything under ${OUT:-gpu_check_crosstok}/ and prints a summary.
@@ -16,10 +17,11 @@ CONFIG=${CONFIG:-configs/examples/mid-gpt2.yaml}
 TOKENIZER=$(python -c "from codistill.config import DataConfig; from codistill.data import prepare_corpus; \
 print(prepare_corpus('shakespeare', DataConfig().resolved_cache_dir()) / 'tokenizer')")
 CROSS=(teacher.tokenizer="$TOKENIZER")
-for method in likelihood project; do  # project holds the chunk ends' rows of both vocabularies: its own check
+METHODS=${METHODS:-likelihood project spread}
+for method in $METHODS; do  # project and spread hold the chunk ends' rows of both vocabularies: their own check
   python tools/estimate.py --config $CONFIG --world-size 1 "${CROSS[@]}" distill.cross_tokenizer=$method \
     > "$OUT/estimate_$method.txt" 2>&1 || true
-  timeout 240 python launch/train.py --config $CONFIG output_dir="$OUT/run_$method" overwrite=true \
+  timeout 180 python launch/train.py --config $CONFIG output_dir="$OUT/run_$method" overwrite=true \
     train.max_steps=20 train.log_interval=1 train.eval_interval=20 train.eval_batches=2 checkpoint.interval=0 \
     "${CROSS[@]}" distill.cross_tokenizer=$method > "$OUT/run_$method.log" 2>&1 || true
 done
@@ -28,12 +30,12 @@ for kind in cross same; do
   timeout 150 python tools/bench_step.py --config $CONFIG --rounds 5 --warmup 2 --out "$OUT/bench_$kind.json" \
     output_dir="$OUT/bench_$kind" "${keys[@]}" > "$OUT/bench_$kind.log" 2>&1 || true
 done
-python - "$OUT" <<'PY'
+python - "$OUT" $METHODS <<'PY'
 import json, re, statistics, sys
 from pathlib import Path
 from codistill.metrics import read_scalars
 out = Path(sys.argv[1])
-for method in ("likelihood", "project"):
+for method in sys.argv[2:]:
     est = re.search(r"expected peak per rank: ([\d.]+) GB", (out / f"estimate_{method}.txt").read_text())
     try:
         s = read_scalars(out / f"run_{method}")
