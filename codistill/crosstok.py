@@ -210,10 +210,12 @@ def vocab_map(teacher, student, device: Optional[torch.device] = None) -> Option
 
 
 def vocab_maps(teacher, student, learners, device: torch.device) -> tuple[Optional[torch.Tensor], ...]:
-    """:func:`vocab_map` of a teacher's tokenizer onto the students' (None without one) and, where a learner of
-    ``learners`` (``RunConfig.learners()``) spreads, the students' onto the teacher's (else None)."""
-    spreads = teacher is not None and any(d.cross_tokenizer == "spread" for _, d, _ in learners)
-    return vocab_map(teacher, student, device), vocab_map(student, teacher, device) if spreads else None
+    """What the learners of ``learners`` (``RunConfig.learners()``) read of a teacher with another tokenizer:
+    :func:`vocab_map` of its tokenizer onto the students' where one projects or spreads, and the students' onto
+    its own where one spreads (each None otherwise, and without a teacher tokenizer)."""
+    methods = {d.cross_tokenizer for _, d, _ in learners} if teacher is not None else set()
+    return (vocab_map(teacher, student, device) if methods & {"project", "spread"} else None,
+            vocab_map(student, teacher, device) if "spread" in methods else None)
 
 
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte-fallback tokens
