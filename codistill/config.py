@@ -37,6 +37,11 @@ NAME_RULE = "letters, digits, _ and -, starting with a letter or digit, at most 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
+def twin_name(student: str) -> str:
+    """The name of ``student``'s twin trained on cross-entropy alone (``twin: true``)."""
+    return f"{student}_alone"
+
+
 def check_name(name: object, what: str) -> str:
     """A model name that is safe as a folder name (no '.', '..', '/' or empty, and short enough for the
     file names built from it: a file system allows 255 bytes); ValueError if not."""
@@ -492,7 +497,7 @@ class RunConfig(_Section):
                                  f"teacher (modes codistill and soft), not of mode {self.mode}")
             if s.init_seed is None:
                 s.init_seed = self.train.seed + 1 + i  # its default: the model's position, the teacher first
-            name = f"{s.name}_alone"
+            name = twin_name(s.name)
             check_name(name, f"{s.name}.twin: its twin's name")
             if name in names:
                 continue
@@ -507,7 +512,7 @@ class RunConfig(_Section):
 
     def twins(self) -> dict[str, str]:
         """Each student with a twin, and its twin's name."""
-        return {s.name: f"{s.name}_alone" for s in self.students if s.twin}
+        return {s.name: twin_name(s.name) for s in self.students if s.twin}
 
     def _check_models(self) -> None:
         """Which models a mode takes, and what only some modes allow."""

@@ -22,7 +22,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, DataConfig
+from ..config import ConfigError, DataConfig, twin_name
 
 NEVER_WORSE = 0.01  # nats: (c) may not end more than this above its twin (c0)
 HALF = 0.5  # (b)'s gain over (a) against (d)'s over (d0)
@@ -138,7 +138,7 @@ def run_cross_tokenizer(args, cfg, labels: list[str], out: Path, seeds: list[int
                     "soft_same": soft_run(base, s, seed_dir / "soft_same", exported["same"])}
             for name, tree in runs.items():
                 run_training(name, tree, args.nproc, seed_dir / f"{name}.log")
-            alone = f"{student}_alone"
+            alone = twin_name(student)
             results[label][s] = {
                 "a": final(seed_dir / "soft_cross", alone, read_scalars),
                 "b": final(seed_dir / "soft_cross", student, read_scalars),

@@ -25,7 +25,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Optional
 
-from ..config import MUTUAL_DEFAULTS, ConfigError, ModelSpec, load_deepspeed_config, load_yaml
+from ..config import MUTUAL_DEFAULTS, ConfigError, ModelSpec, load_deepspeed_config, load_yaml, twin_name
 
 ARMS = ("peers", "large", "handicap", "listening")
 NEVER_WORSE = 0.01  # nats: a model may not end more than this above its twin
@@ -69,7 +69,7 @@ def peer_run(base: dict[str, Any], student: dict[str, Any], seed: int, out: Path
         peer = {**copy.deepcopy(student), "name": name, "init_seed": seed + 1 + k, "sources": None}
         if handicap is not None and k == 1:
             _lr_times(peer, handicap)
-        twin = {**copy.deepcopy(peer), "name": f"{name}_alone", "sources": []}
+        twin = {**copy.deepcopy(peer), "name": twin_name(name), "sources": []}
         peers.append((peer, twin))
     tree["students"] = [p for p, _ in peers] + [t for _, t in peers]
     tree["students"][0]["sources"] = ["peer_b"]
@@ -127,7 +127,7 @@ def pairs(arm: str) -> list[tuple[str, str, str, str]]:
     if arm == "listening":
         return [("teacher", "listening", "teacher", "deaf:teacher"), ("student", "listening", "student",
                                                                        "deaf:student")]
-    return [(name, arm, name, f"{arm}:{name}_alone") for name in ("peer_a", "peer_b")]
+    return [(name, arm, name, f"{arm}:{twin_name(name)}") for name in ("peer_a", "peer_b")]
 
 
 def collect(folder: Path, arms: list[str], teacher: str, student: str, eval_curve) -> dict[str, Any]:
