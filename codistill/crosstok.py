@@ -209,13 +209,13 @@ def vocab_map(teacher, student, device: Optional[torch.device] = None) -> Option
     return out.to(device) if device is not None else out
 
 
-def vocab_maps(teacher, student, learners, device: torch.device) -> tuple[Optional[torch.Tensor], ...]:
+def vocab_maps(teacher, student, learners, device: torch.device) -> tuple[Optional[torch.Tensor], Optional["SpreadMap"]]:
     """What the learners of ``learners`` (``RunConfig.learners()``) read of a teacher with another tokenizer:
-    :func:`vocab_map` of its tokenizer onto the students' where one projects or spreads, and the students' onto
-    its own where one spreads (each None otherwise, and without a teacher tokenizer)."""
+    :func:`vocab_map` of its tokenizer onto the students' where one projects or spreads, and the groups of
+    ``spread`` (:func:`spread_map`) where one spreads (each None otherwise, and without a teacher tokenizer)."""
     methods = {d.cross_tokenizer for _, d, _ in learners} if teacher is not None else set()
-    return (vocab_map(teacher, student, device) if methods & {"project", "spread"} else None,
-            vocab_map(student, teacher, device) if "spread" in methods else None)
+    mapping = vocab_map(teacher, student, device) if methods & {"project", "spread"} else None
+    return mapping, spread_map(mapping, vocab_map(student, teacher, device)) if "spread" in methods else None
 
 
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte-fallback tokens
@@ -301,28 +301,58 @@ def _byte_level(tokenizer) -> bool:
         type(backend.model).__name__ == "BPE"
 
 
-class Spread(NamedTuple):
-    """What ``spread`` reads besides the map: the teacher's first token of each student token's text [V_s]
-    (:func:`vocab_map` the other way) and the student's logits [B, S, V_s] at its boundary positions [N]."""
+class SpreadMap(NamedTuple):
+    """Which student tokens share each teacher token's probability under ``spread`` (:func:`spread_map`): the
+    teacher tokens that some student token's text begins with (``groups`` [G]; every other teacher token gives
+    its probability to its first student token, as ``project`` does), each student token's group (``member``
+    [V_s], a column of ``groups``), and the grouped teacher tokens whose first student token belongs to another
+    group (``alone`` [A], columns of ``groups``; ``alone_to`` [A], that student token). Built once: the step's
+    work is then ``project``'s plus a few operations [N, V_s]."""
 
-    back: torch.Tensor
+    mapping: torch.Tensor
+    groups: torch.Tensor
+    member: torch.Tensor
+    alone: torch.Tensor
+    alone_to: torch.Tensor
+
+
+def spread_map(mapping: torch.Tensor, back: torch.Tensor) -> SpreadMap:
+    """The groups of ``spread`` from :func:`vocab_map` both ways: ``mapping`` [V_t] (the student's first token of
+    each teacher token's text) and ``back`` [V_s] (the teacher's first token of each student token's text). The
+    group of teacher token t: the student tokens s with ``back[s] == t``, and ``mapping[t]``."""
+    grouped = torch.zeros(mapping.numel(), dtype=torch.bool, device=mapping.device)
+    grouped[back] = True
+    groups = grouped.nonzero().squeeze(1)
+    column = torch.full_like(mapping, -1)
+    column[groups] = torch.arange(groups.numel(), device=mapping.device)
+    alone = groups[back[mapping[groups]] != groups]
+    return SpreadMap(mapping, groups, column[back], column[alone], mapping[alone])
+
+
+class Spread(NamedTuple):
+    """What ``spread`` reads besides the teacher: its groups (:class:`SpreadMap`) and the student's logits
+    [B, S, V_s] at its boundary positions [N]."""
+
+    groups: SpreadMap
     student_logits: torch.Tensor
     positions: torch.Tensor
 
 
-def spread_probs(p: torch.Tensor, own: torch.Tensor, mapping: torch.Tensor, back: torch.Tensor) -> torch.Tensor:
-    """The teacher's next-token probabilities ``p`` [N, V_t] on the student's vocabulary: each teacher token t's
-    probability shared among its student tokens, those whose text the teacher begins with t (``back`` [V_s]) and
-    ``mapping[t]`` (the student's first token of t's text), in proportion to the student's probabilities ``own``
-    [N, V_s]. A teacher token whose tokens all have probability 0 gives its probability to ``mapping[t]``."""
-    v_t = p.shape[-1]
-    alone = back[mapping] != torch.arange(v_t, device=p.device)  # its first student token is in another's set
-    total = p.new_zeros(p.shape[0], v_t).index_add_(1, back, own) + own[:, mapping] * alone
+def spread_probs(p: torch.Tensor, own: torch.Tensor, m: SpreadMap) -> torch.Tensor:
+    """The teacher's next-token probabilities ``p`` [N, V_t] on the student's vocabulary: each teacher token's
+    probability shared among its group's student tokens (:func:`spread_map`) in proportion to the student's
+    probabilities ``own`` [N, V_s]; a group whose tokens all have probability 0 gives it to the teacher token's
+    first student token. ``p`` is overwritten."""
+    grouped = p.index_select(1, m.groups)
+    p.index_fill_(1, m.groups, 0)  # what remains goes to each token's first student token, as in project
+    q = p.new_zeros(own.shape).index_add_(1, m.mapping, p)
+    extra = own.index_select(1, m.alone_to)
+    total = grouped.new_zeros(grouped.shape).index_add_(1, m.member, own).index_add_(1, m.alone, extra)
     empty = total <= 1e-30
-    share = torch.where(empty, 0.0, p / total.clamp(min=1e-30))  # per unit of the student's probability
-    q = own * share[:, back]
-    q.index_add_(1, mapping[alone], own[:, mapping[alone]] * share[:, alone])
-    return q.index_add_(1, mapping, torch.where(empty, p, 0.0))
+    share = torch.where(empty, 0.0, grouped / total.clamp(min=1e-30))  # per unit of the student's probability
+    q.addcmul_(own, share.index_select(1, m.member))
+    q.index_add_(1, m.alone_to, extra * share.index_select(1, m.alone))
+    return q.index_add_(1, m.mapping.index_select(0, m.groups), torch.where(empty, grouped, 0.0))
 
 
 def projected_targets(teacher_logits: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, mapping: torch.Tensor,
@@ -341,7 +371,7 @@ def projected_targets(teacher_logits: torch.Tensor, rows: torch.Tensor, position
     ids = None if full else torch.empty(n, k, dtype=torch.int32, device=device)
     logp = None if full else torch.empty(n, k, device=device)
     tail = None if full else torch.empty(n, device=device)
-    width = max(vocab, teacher_logits.shape[-1]) * (1 if spread is None else 3)  # spread holds ~3 rows per row
+    width = max(vocab, teacher_logits.shape[-1]) * (1 if spread is None else 2)  # spread: the student's rows too
     step, mapping = chunk_rows(width, chunk_tokens), mapping.to(device)
     for i in range(0, n, step):
         z = teacher_logits[rows[i:i + step], positions[i:i + step]]
@@ -351,7 +381,7 @@ def projected_targets(teacher_logits: torch.Tensor, rows: torch.Tensor, position
         else:
             zs = spread.student_logits[rows[i:i + step], spread.positions[i:i + step]].detach()
             own = (zs if temperature == 1 else zs / temperature).softmax(-1, dtype=torch.float32)
-            q = spread_probs(p, own, mapping, spread.back.to(device))
+            q = spread_probs(p, own, spread.groups)
         if full:
             logits[i:i + step] = temperature * q.clamp(min=1e-30).log()
             continue
@@ -364,10 +394,10 @@ def projected_targets(teacher_logits: torch.Tensor, rows: torch.Tensor, position
 def projected_loss(student_logits: torch.Tensor, student_chunk: torch.Tensor, teacher_logits: torch.Tensor,
                    teacher_chunk: torch.Tensor, chunks: int, mapping: torch.Tensor, spec: SoftSpec,
                    temperature: float = 1.0, top_k: Optional[int] = None, chunk_tokens: Optional[int] = None,
-                   back: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   groups: Optional[SpreadMap] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``T²·mean D(q ‖ p_s)`` over the common boundaries (:func:`boundaries`), D ``spec``'s divergence, q the
     teacher's next-token distribution projected onto the student's vocabulary (:func:`projected_targets`; with
-    ``back``, the teacher's first token of each student token's text, spread by the student's probabilities),
+    ``groups``, spread by the student's probabilities),
     p_s the student's; computed by the chunked loss of one tokenizer (only the boundaries' rows are
     gathered). Returns the loss and the number of boundaries averaged."""
     rows, s_at, t_at = boundaries(student_chunk, teacher_chunk, chunks)
@@ -375,7 +405,7 @@ def projected_loss(student_logits: torch.Tensor, student_chunk: torch.Tensor, te
         return student_logits.sum() * 0.0, rows.new_zeros(())
     with torch.no_grad():
         targets = projected_targets(teacher_logits, rows, t_at, mapping, student_logits.shape[-1], temperature, top_k,
-                                    chunk_tokens, None if back is None else Spread(back, student_logits, s_at))
+                                    chunk_tokens, None if groups is None else Spread(groups, student_logits, s_at))
     n = rows.numel()  # the student's rows copied once (with their gradient); no reshape copies padded-head logits
     parts = distill_loss(student_logits[rows, s_at], rows.new_zeros(n), torch.ones(n, dtype=torch.bool,
                          device=rows.device), targets, dataclasses.replace(spec, alpha=1.0), chunk_tokens)
@@ -453,13 +483,13 @@ READS_LOGITS = ("sorted", "project", "spread")  # the methods that read the teac
 class CrossTeacher(NamedTuple):
     """What a student's soft term reads of a teacher with another tokenizer, on the teacher's own columns of a
     paired block: its detached logits (for ``sorted``, ``project`` and ``spread``), its per-position CE (for
-    ``likelihood``), the map of its vocabulary onto the student's (:func:`vocab_map`, for ``project`` and
-    ``spread``) and the student's onto its own (for ``spread``)."""
+    ``likelihood``), the map of its vocabulary onto the student's (:func:`vocab_map`, for ``project``) and the
+    groups of ``spread`` (:func:`spread_map`)."""
 
     logits: Optional[torch.Tensor]  # None where only ``likelihood`` reads it
     token_ce: torch.Tensor
     mapping: Optional[torch.Tensor] = None
-    back: Optional[torch.Tensor] = None
+    groups: Optional[SpreadMap] = None
 
 
 def cross_parts(logits: torch.Tensor, batch: dict[str, torch.Tensor], teacher: CrossTeacher, d, alpha: float,
@@ -478,7 +508,7 @@ def cross_parts(logits: torch.Tensor, batch: dict[str, torch.Tensor], teacher: C
         kd, n = sorted_distribution_loss(*where, d.top_k, temperature) if d.cross_tokenizer == "sorted" else \
             projected_loss(*where, teacher.mapping, SoftSpec(d.divergence, d.beta), temperature,
                            d.top_k if d.targets == "topk" else None, d.chunk_tokens,
-                           teacher.back if d.cross_tokenizer == "spread" else None)
+                           teacher.groups if d.cross_tokenizer == "spread" else None)
         loss = plain.loss if alpha == 0 else (1 - alpha) * plain.loss + alpha * kd
         parts = plain._replace(loss=loss, kd=kd.detach())
     return parts._replace(filtered=n.to(torch.float32) / batch["mask"].sum().clamp(min=1))

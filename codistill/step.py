@@ -31,7 +31,7 @@ import torch
 
 from .cache import TeacherCache
 from .config import ConfigError, RunConfig
-from .crosstok import READS_LOGITS, CrossTeacher, cross_parts
+from .crosstok import READS_LOGITS, CrossTeacher, SpreadMap, cross_parts
 from .engines import (CROSS, Member, forward_hidden, forward_logits, fused_head_problem, heads_gathered, lm_head,
                       module_hidden, module_logits, view, whole_for_generation)
 from .errors import NonFinite
@@ -68,7 +68,7 @@ class Models:
     tags: Tags
     teacher_name: Optional[str] = None  # the teacher's name, loaded or not
     vocab_map: Optional[torch.Tensor] = None  # a teacher of another tokenizer: its ids onto the students' (crosstok)
-    vocab_back: Optional[torch.Tensor] = None  # and the students' onto its own, where a learner spreads
+    spread: Optional[SpreadMap] = None  # and the groups of crosstok.spread_map, where a learner spreads
 
     def learner(self, index: int) -> Member:
         return self.members[self.learners[index]]
@@ -434,7 +434,7 @@ class LogitsStep(MicroStep):
             bool(sources) and self.m.members[sources[0]].vocab is not None)
         teacher = None if not cross else preset.get(index) if not sources else \
             CrossTeacher(got.logits.get(sources[0]), got.known[sources[0]][0], self.m.vocab_map,  # cached, or live
-                         self.m.vocab_back)
+                         self.m.spread)
         targets = None if cross else preset.get(index) if not sources else got.make(sources, self.m.states[index],
                                                                                      plan.temperature)
         spec = plan.spec if targets is not None else SoftSpec()

@@ -10,7 +10,7 @@ import torch
 
 from codistill.config import ConfigError, DataConfig
 from codistill.crosstok import (align, boundary_positions, chunk_likelihood_loss, offsets, projected_loss,
-                                sorted_distribution_loss, spread_probs, token_bytes, token_logprobs, vocab_map)
+                                sorted_distribution_loss, spread_map, spread_probs, token_bytes, token_logprobs, vocab_map)
 from codistill.data import resolve_tokenizer
 from codistill.losses import SoftSpec, Targets, distill_loss, topk_targets
 
@@ -144,7 +144,7 @@ def test_projected_loss_with_one_vocabulary_is_the_soft_term_and_adds_what_maps_
         ref = distill_loss(zs[:, :-1].reshape(-1, v), zeros, ones, targets, SoftSpec(divergence, alpha=1.0))
         assert int(n) == n_rows and loss.item() == pytest.approx(ref.loss.item(), rel=1e-4)
         spread, _ = projected_loss(zs, chunk, zt, chunk, length, torch.arange(v), SoftSpec(divergence), temperature,
-                                   k, back=torch.arange(v))  # spread over one vocabulary: the same
+                                   k, groups=spread_map(torch.arange(v), torch.arange(v)))  # one vocabulary: the same
         assert spread.item() == pytest.approx(ref.loss.item(), rel=1e-4)
     # a teacher of 13 tokens whose last three begin with the student's token 0: their probabilities add up there
     zt = torch.randn(rows, length, v + 2)
@@ -162,9 +162,10 @@ def test_spread_shares_each_teacher_tokens_probability_among_its_student_tokens_
     torch.manual_seed(3)
     v_t, v_s, n = 6, 9, 4
     p, own = torch.randn(n, v_t).softmax(-1), torch.randn(n, v_s).softmax(-1)
-    mapping = torch.tensor([0, 1, 2, 3, 4, 4])  # teacher token 5's text begins with the student's token 4
+    mapping = torch.tensor([0, 1, 2, 7, 4, 4])  # teacher token 5's text begins with the student's token 4,
+    # teacher token 3's with student token 7, which is in teacher token 2's group: it is in both
     back = torch.tensor([0, 1, 2, 3, 4, 0, 0, 2, 1])  # student tokens 5-8 are longer: "\n" + indentation, say
-    q = spread_probs(p, own, mapping, back)
+    q = spread_probs(p.clone(), own, spread_map(mapping, back))
     expected = torch.zeros(n, v_s)
     for t in range(v_t):
         members = sorted({s for s in range(v_s) if int(back[s]) == t} | {int(mapping[t])})
@@ -173,9 +174,9 @@ def test_spread_shares_each_teacher_tokens_probability_among_its_student_tokens_
     torch.testing.assert_close(q, expected)
     torch.testing.assert_close(q.sum(-1), torch.ones(n))  # every teacher token's probability lands, once
     same = torch.arange(v_t)  # one vocabulary: the plain distribution
-    torch.testing.assert_close(spread_probs(p, torch.randn(n, v_t).softmax(-1), same, same), p)
+    torch.testing.assert_close(spread_probs(p.clone(), torch.randn(n, v_t).softmax(-1), spread_map(same, same)), p)
     own[:, [0, 5, 6]] = 0  # a teacher token whose student tokens all have probability 0: its map keeps it
-    torch.testing.assert_close(spread_probs(p, own, mapping, back)[:, 0], p[:, 0])
+    torch.testing.assert_close(spread_probs(p.clone(), own, spread_map(mapping, back))[:, 0], p[:, 0])
 
 
 def test_spread_gives_the_teachers_newline_to_the_students_newline_and_indentation(pair):
@@ -187,7 +188,7 @@ def test_spread_gives_the_teachers_newline_to_the_students_newline_and_indentati
     p[0, newline] = 1.0
     own = torch.full((1, len(student)), 1e-6)
     own[0, indented] = 1.0  # the student writes a newline before indented code as one token
-    q = spread_probs(p, own / own.sum(), mapping, back)
+    q = spread_probs(p, own / own.sum(), spread_map(mapping, back))
     assert q[0, indented] > 0.99 and q[0, mapping[newline]] < 0.01  # where a plain projection puts it all
 
 
