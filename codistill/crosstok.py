@@ -371,7 +371,7 @@ def projected_targets(teacher_logits: torch.Tensor, rows: torch.Tensor, position
     ids = None if full else torch.empty(n, k, dtype=torch.int32, device=device)
     logp = None if full else torch.empty(n, k, device=device)
     tail = None if full else torch.empty(n, device=device)
-    width = max(vocab, teacher_logits.shape[-1]) * (1 if spread is None else 2)  # spread: the student's rows too
+    width = max(vocab, teacher_logits.shape[-1]) + (0 if spread is None else vocab)  # spread: the student's rows too
     step, mapping = chunk_rows(width, chunk_tokens), mapping.to(device)
     for i in range(0, n, step):
         z = teacher_logits[rows[i:i + step], positions[i:i + step]]
