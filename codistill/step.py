@@ -154,7 +154,7 @@ class MicroStep:
         self.phase: Callable[[str], AbstractContextManager] = lambda name: nullcontext()
         self.sampling: Optional[Sampling] = None  # what on-policy learners sample with (the run's tokenizer, seed)
         self._own: dict[int, tuple[torch.Tensor, dict[str, float]]] = {}  # position -> on-policy loss, its sums
-        self.teacher_stops: Optional[int] = None  # from this optimizer step on the teacher is frozen (its tail)
+        self.teacher_rests: Callable[[int], bool] = lambda step: False  # whether the teacher is frozen (its tail)
         self.at = 0  # the optimizer step of the micro-step that runs (or ran last)
 
     def __call__(self, batch: Batch, plans: list[StudentPlan], sums: dict[str, float],
@@ -185,7 +185,7 @@ class MicroStep:
         m = self.m
         present = [m.learner_at(k) is None or member is m.teacher or plans[m.learner_at(k)].active
                    for k, member in enumerate(m.members)]
-        resting = m.teacher is not None and self.teacher_stops is not None and self.at >= self.teacher_stops
+        resting = m.teacher is not None and self.teacher_rests(self.at)
         trains = {k: True for k, member in enumerate(m.members)
                   if member.trainable and present[k] and not (resting and member is m.teacher)}
         reads = {i: [j for j in m.sources[i] if present[j]] for i, plan in enumerate(plans) if plan.active}
@@ -610,5 +610,5 @@ def make_step(fused: bool, models: Models, cfg: RunConfig, world_size: int, cach
         out: MicroStep = FusedStep(models, cfg.train.nonfinite, cfg.distill.chunk_tokens, world_size)
     else:
         out = LogitsStep(models, cfg.train.nonfinite, cfg.distill.chunk_tokens, world_size, cache, device)
-    out.teacher_stops = cfg.train.teacher_steps if cfg.train.tail_steps else None
+    out.teacher_rests = cfg.train.teacher_rests
     return out
