@@ -345,6 +345,12 @@ def _gb(nbytes: int) -> str:
     return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
 
 
+def due(step: int, stop: Optional[str], saved_at: Optional[int], max_steps: int, interval: int) -> bool:
+    """When to checkpoint: every ``interval`` steps (0: only at the end), at the last step and when asked to
+    stop; never twice at one step."""
+    return saved_at != step and (stop is not None or step >= max_steps or bool(interval and step % interval == 0))
+
+
 def remove_partial(output_dir: Path) -> list[Path]:
     """Delete what killed saves left behind (never visible as checkpoints); rank 0 only."""
     partial = sorted((output_dir / CHECKPOINTS).glob(".staging_*"))
@@ -527,6 +533,12 @@ def rank_state(data_cursor: dict[str, int]) -> dict:
     return {"data": data_cursor, "python": random.getstate(), "numpy": np.random.get_state(),
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def read_rank(file: Path) -> dict:
+    """One rank's saved state (tensors mapped from the file, not read whole: a moving average can be large)."""
+    with data_only_loads():
+        return torch.load(file, weights_only=True, mmap=True)
 
 
 def restore_rank_state(path: Path, rank: int) -> dict[str, int]:

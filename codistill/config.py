@@ -252,6 +252,12 @@ class DistillConfig(_DistillNames):
     teacher_progress: Literal["none", "lr"] = Field(
         "none", description="mode codistill, lr: α x the teacher's progress, 1 − its learning rate over its peak so "
         "far (1 in its tail): distil little from a teacher at its peak learning rate, fully from a finished one")
+    teacher_ema: float = Field(
+        0.0, ge=0.0, lt=1.0, description="mode codistill, d > 0: the students learn from an exponential moving "
+        "average of the teacher's weights (after each teacher step: ema = d·ema + (1−d)·teacher; its time constant "
+        "is 1/(1−d) steps) instead of the teacher itself: a smoothed, lagging teacher, at one more forward per "
+        "micro-batch and a copy of the teacher's weights (fp32 where it trains in bf16/fp16); 0: the teacher "
+        "itself. Set in the top-level distill section: one smoothed teacher serves every student")
     head_start_steps: int = Field(0, ge=0, description="the teacher trains alone for this many steps first")
     temperature: float = Field(1.0, gt=0.0)
     temperature_final: Optional[float] = Field(None, gt=0.0, description="anneal T linearly to this by max_steps")
@@ -445,6 +451,7 @@ class RunConfig(_Section):
                 here = "the teacher itself" if spec is self.teacher else f"mode {self.mode}"
                 raise ValueError(f"{spec.name}.distill.teacher_progress={d.teacher_progress}: α follows a teacher "
                                  f"that trains, a student's in mode codistill (here {here}); set it to none")
+        self._check_teacher_ema()
         tail, steps = self.train.tail_steps, self.train.max_steps
         if not tail:
             return
@@ -459,6 +466,17 @@ class RunConfig(_Section):
             if tail > steps - d.head_start_steps:
                 raise ValueError(f"train.tail_steps={tail} is longer than {s.name}'s steps (train.max_steps {steps} "
                                  f"less distill.head_start_steps {d.head_start_steps}); lower it")
+
+    def _check_teacher_ema(self) -> None:
+        """One smoothed teacher serves every student of a teacher that trains."""
+        d = self.distill.teacher_ema
+        for spec, merged, _ in self.learners():
+            if merged.teacher_ema != d:
+                raise ValueError(f"{spec.name}.distill.teacher_ema={merged.teacher_ema}: one smoothed teacher serves "
+                                 f"every student; set it in the top-level distill section (here {d})")
+        if d and (self.mode != "codistill" or self.teacher is None):
+            raise ValueError(f"distill.teacher_ema={d}: the students read a moving average of a teacher that trains, "
+                             f"in mode codistill (here mode {self.mode}); set it to 0")
 
     def _check_on_policy(self) -> None:
         """On-policy students need a live teacher to score their samples, and prompts the data can give."""

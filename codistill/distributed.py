@@ -109,6 +109,15 @@ def share_cores() -> None:
         torch.set_num_threads(max(1, torch.get_num_threads() // local_ranks()))
 
 
+def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Every rank's ``values`` averaged (the same keys in the same order on every rank: what runs is decided
+    collectively)."""
+    keys = list(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return {k: float(v) / torch.distributed.get_world_size() for k, v in zip(keys, t.tolist())}
+
+
 def init(timeout_s: int = 600) -> World:
     """Create the world process group (gloo on CPU, NCCL on GPU) and pick this rank's device."""
     import deepspeed

@@ -301,6 +301,7 @@ class Member:
     engine: Any  # deepspeed.DeepSpeedEngine
     trainable: bool = True  # False for the frozen teacher of soft mode
     vocab: Optional[int] = None  # its own vocabulary: a teacher with another tokenizer, reading its own columns
+    about: Optional[str] = None  # where its weights come from, when neither a random init nor a folder
 
     @property
     def name(self) -> str:

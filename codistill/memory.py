@@ -35,7 +35,8 @@ import torch
 from . import accelerator  # noqa: F401  (first: sets DS_ACCELERATOR before anything imports deepspeed)
 from .config import ConfigError, ModelSpec, RunConfig
 from .data import run_tokenizer, teacher_tokenizer
-from .engines import deepspeed_configs, half_precision, is_trainable, loaded_models, zero_stage
+from .engines import (deepspeed_configs, half_precision, is_trainable, loaded_models, resolve_deepspeed_config,
+                      zero_stage)
 from .fused import FUSED_AUTO_VOCAB, auto_problem, fused_rows, static_problem
 from .crosstok import READS_LOGITS
 from .losses import chunk_rows, topk_bytes_per_position
@@ -261,7 +262,7 @@ def logits_path_phases(est: Estimate, batch: int) -> tuple[list[dict[str, float]
         if m.name in est.together:
             together.update(_running(m, scale, 2, kd))
     side = [{**kept, **together}] if together else []
-    student_side = side + [{**kept, **_running(m, scale, 2, kd)} for m in students] or [kept]
+    student_side = side + [{**kept, **_running(m, scale, 2 if m.trainable else 1, kd)} for m in students] or [kept]
     for m in est.models:  # a measuring step: no reduction, but its gradients held whole at once
         if m.gate:
             measuring = {**kept, **(together if m.name in est.together else {}), **_running(m, scale, 2, kd),
@@ -358,13 +359,13 @@ def report_lines(est: Estimate, device_memory: Optional[int] = None) -> list[str
     """The estimate as lines of text: per model, then the step's shared terms, the phases and the peak, the
     build, and with ``device_memory`` (bytes) the largest micro-batch that fits it."""
     gb = lambda b: f"{b / 2**30:8.3f} GB"  # noqa: E731
+    roles = [f"{m.name}{'' if m.trainable else ' (frozen)'}" for m in est.models]
+    w = max([14, *(len(r) + 1 for r in roles)])
     out = [f"memory per rank (GB: 2^30 bytes, GiB), {est.world_size} rank(s) on {est.device}, micro-batch "
            f"{est.micro_batch_size} x {est.seq_len} tokens, vocabulary {est.vocab:,}:",
-           f"  {'model':<14}{'params':>12}{'grads':>12}{'optimizer':>12}{'activations':>13}{'logits':>12}"
-           f"{'host':>12}"]
-    for m in est.models:
-        role = f"{m.name}{'' if m.trainable else ' (frozen)'}"
-        out.append(f"  {role:<14}{gb(m.params):>12}{gb(m.grads):>12}{gb(m.optimizer):>12}{gb(m.activations):>13}"
+           f"  {'model':<{w}}{'params':>12}{'grads':>12}{'optimizer':>12}{'activations':>13}{'logits':>12}{'host':>12}"]
+    for m, role in zip(est.models, roles):
+        out.append(f"  {role:<{w}}{gb(m.params):>12}{gb(m.grads):>12}{gb(m.optimizer):>12}{gb(m.activations):>13}"
                    f"{gb(m.logits):>12}{gb(m.host):>12}   ZeRO-{m.stage}, {m.parameters:,} parameters")
     t_phase, s_phase = est._phases(est.micro_batch_size)
     first, second = phase_names(est)
@@ -604,6 +605,8 @@ def _plain_estimate(cfg: RunConfig, world_size: int, device: Optional[str] = Non
         est.models.append(_model_memory(spec, model_config(spec, tok), ds_configs[spec.name],
                                         is_trainable(cfg, spec), world_size, batch, seq, len(tok)))
     teacher = next((m for m in est.models if m.name == teacher_name), None)
+    if cfg.distill.teacher_ema and teacher is not None:
+        est.models.insert(1, smoothed_teacher(cfg, own or tokenizer, world_size, device))
     learners = cfg.learners()
     settings = [d for s, d, _ in learners if s is not cfg.teacher]
     for spec, d, _ in learners:
@@ -635,6 +638,20 @@ def _plain_estimate(cfg: RunConfig, world_size: int, device: Optional[str] = Non
     est.fused_rows = fused_rows(vocab, cfg.distill.chunk_tokens)
     est.runtime = runtime_bytes(device)  # after the models' code was imported above
     return est
+
+
+def smoothed_teacher(cfg: RunConfig, tokenizer, world_size: int, device: str) -> ModelMemory:
+    """The teacher's moving average (distill.teacher_ema, codistill/ema.py): a frozen copy of the teacher
+    (partitioned alike under ZeRO-3), and where it trains in bf16/fp16 the average in fp32 beside it."""
+    from .ema import shadow_name
+
+    spec = cfg.teacher.model_copy(update={"name": shadow_name(cfg.teacher.name), "gradient_checkpointing": False})
+    ds = resolve_deepspeed_config(cfg.teacher, cfg.train, world_size, on_cpu=device == "cpu", trainable=False)
+    m = _model_memory(spec, model_config(cfg.teacher, tokenizer), ds, False, world_size, cfg.train.micro_batch_size,
+                      cfg.data.seq_len, len(tokenizer))
+    if m.dtype_bytes < 4:
+        m.params += 4 * m.parameters // (world_size if m.stage == 3 else 1)
+    return m
 
 
 def boundary_bytes(settings: list, teacher: ModelMemory, students: list[ModelMemory]) -> int:

@@ -51,7 +51,7 @@ def describe_models(members: list[Member], world_size: int) -> list[str]:
         torch.distributed.all_gather(gathered, local)
         stored = " ".join(f"{int(t):,}" for t in gathered)
         recomputed = m.trainable and m.spec.gradient_checkpointing
-        origin = f"from {m.spec.pretrained}" if m.spec.pretrained else "random init"
+        origin = m.about or (f"from {m.spec.pretrained}" if m.spec.pretrained else "random init")
         own = f"; its own tokenizer ({m.vocab:,} tokens), aligned with the run's by characters" if m.vocab else ""
         lines.append(
             f"{m.name}: {count_parameters(module):,} parameters ({origin}), ZeRO stage {m.engine.zero_optimization_stage()}, "

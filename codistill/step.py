@@ -32,6 +32,7 @@ import torch
 from .cache import TeacherCache
 from .config import ConfigError, RunConfig
 from .crosstok import READS_LOGITS, CrossTeacher, SpreadMap, cross_parts
+from .ema import SmoothedTeacher
 from .engines import (CROSS, Member, forward_hidden, forward_logits, fused_head_problem, heads_gathered, lm_head,
                       module_hidden, module_logits, view, whole_for_generation)
 from .errors import NonFinite
@@ -155,6 +156,7 @@ class MicroStep:
         self.sampling: Optional[Sampling] = None  # what on-policy learners sample with (the run's tokenizer, seed)
         self._own: dict[int, tuple[torch.Tensor, dict[str, float]]] = {}  # position -> on-policy loss, its sums
         self.teacher_rests: Callable[[int], bool] = lambda step: False  # whether the teacher is frozen (its tail)
+        self.smoothed: Optional[SmoothedTeacher] = None  # the teacher's moving average (distill.teacher_ema)
         self.at = 0  # the optimizer step of the micro-step that runs (or ran last)
 
     def __call__(self, batch: Batch, plans: list[StudentPlan], sums: dict[str, float],
@@ -168,7 +170,7 @@ class MicroStep:
                 self._own[self.m.learners[index]] = self.on_own_samples(index, batch, plans[index], where)
             self.losses(batch, plans, sums, panels, probes)
             for member in self._deferred:
-                member.engine.step()
+                self.optimizer_step(member)
         finally:
             self._deferred = None
             self._own.clear()
@@ -238,9 +240,16 @@ class MicroStep:
         """The optimizer step of ``member``: at the end of the micro-step when called inside one, at once when a
         benchmark calls a model's part of it by itself."""
         if self._deferred is None:
-            member.engine.step()
+            self.optimizer_step(member)
         else:
             self._deferred.append(member)
+
+    def optimizer_step(self, member: Member) -> None:
+        """``member``'s engine step; after an optimizer step of the teacher, its moving average follows."""
+        boundary = member.engine.is_gradient_accumulation_boundary()
+        member.engine.step()
+        if boundary and self.smoothed is not None and member is self.m.teacher:
+            self.smoothed.update()
 
     def finite(self, member: Member, loss: torch.Tensor) -> bool:
         """Whether ``loss`` is finite on every rank; if not, apply ``train.nonfinite``: ``stop`` raises,

@@ -19,7 +19,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from . import checkpoint, distributed, identity, onpolicy, report
+from . import checkpoint, distributed, ema, identity, onpolicy, report
 from .cache import TeacherCache
 from .config import ConfigError, RunConfig, dump_config
 from .crosstok import vocab_maps
@@ -97,6 +97,7 @@ class Trainer:
         self.teacher: Optional[Member] = self.members[0] if cfg.teacher in specs else None
         self.students = self.members[1 if self.teacher is not None else 0:]
         self.trainable = [m for m in self.members if m.trainable]
+        self.smoothed = ema.join(cfg, self.members, self.teacher, inputs, self.world)  # a frozen model, after it
         at = {m.name: k for k, m in enumerate(self.members)}
         learners = cfg.learners()
         self.learners = Students([StudentState(s.name, d, d.benefit_gate and cfg.mode != "hard")
@@ -104,10 +105,13 @@ class Trainer:
         self.tags = Tags([s.name for s, _, _ in learners])
         self.fused = use_fused(cfg, self.members, self.vocab, self.world.size, self.world.device.type)
         self.models = Models(self.members, self.teacher, [at[s.name] for s, _, _ in learners], list(self.learners),
-                             [[at[n] for n in sources if n in at] for _, _, sources in learners], self.vocab, self.tags,
+                             [[at[n] for n in sources if n in at]
+                              for sources in ema.students_sources(learners, self.teacher_name, self.smoothed)],
+                             self.vocab, self.tags,
                              self.teacher_name, *vocab_maps(self.teacher_tokenizer, self.tokenizer, learners,
                                                             self.world.device))
         self.micro_step = make_step(self.fused, self.models, cfg, self.world.size, self.cache, self.world.device)
+        self.micro_step.smoothed = self.smoothed
         self.micro_step.sampling = onpolicy.Sampling.of(cfg, self.tokenizer, self.world.rank)
         self.evaluate_models = Validator(self.val_batches, self.prepare_batch, self.vocab, self.fused,
                                          cfg.distill.chunk_tokens, self.micro_step.sampling.scoring(learners),
@@ -156,7 +160,7 @@ class Trainer:
             exc.args = (f"{exc} at step {step + 1}",)
             raise
         elapsed = time.perf_counter() - start
-        values = self._mean_over_ranks({**{k: v / gas for k, v in sums.items()}, **(panels or {})})
+        values = distributed.mean_over_ranks({**{k: v / gas for k, v in sums.items()}, **(panels or {})})
         values.update(self._observe(plans, values))
         stepped = [self.members[k] for k, trains in self.micro_step.roles(plans).trains.items() if trains]
         values.update(report.engine_values(stepped, self.micro_step.skipped if self.cfg.train.nonfinite == "skip"
@@ -208,12 +212,6 @@ class Trainer:
         """Move a micro-batch to this rank's device and add next-token labels and mask."""
         return on_device(raw, self.world.device)
 
-    def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
-        keys = list(values)  # the same keys in the same order on every rank: what runs is decided collectively
-        t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-        torch.distributed.all_reduce(t)
-        return {k: float(v) / self.world.size for k, v in zip(keys, t.tolist())}
-
     def evaluate(self) -> dict[str, float]:
         """Validation CE of every model and each student's top-1 agreement with the teacher."""
         return self.evaluate_models(self.members, self.teacher, self.students)
@@ -260,8 +258,10 @@ class Trainer:
         (``rank_state``: this rank's cursor and RNGs to save instead of the current ones)."""
         state = {"world_size": self.world.size, "models": [m.name for m in self.trainable],
                  "config": self.cfg.model_dump(mode="json"), **self.state_dict()}
+        rank_state = {**(rank_state or checkpoint.rank_state(self.stream.state_dict())),
+                      **(self.smoothed.rank_state(self.world.rank) if self.smoothed else {})}
         return checkpoint.save(self.output_dir, self.step, [(m.name, m.engine) for m in self.trainable], state,
-                               rank_state or checkpoint.rank_state(self.stream.state_dict()), self.world.rank,
+                               rank_state, self.world.rank,
                                self.cfg.checkpoint.keep_last, self._write_extra)
 
     def _write_extra(self, folder: Path) -> None:
@@ -280,6 +280,8 @@ class Trainer:
                         self.saved_world, self.world.size)
         for m in self.trainable:
             checkpoint.load_engine(path, m, self.world.is_main)
+        if self.smoothed is not None:
+            self.smoothed.load([checkpoint.rank_file(path, r) for r in range(self.saved_world)], checkpoint.read_rank)
         self.load_state_dict(state)
         cursor = checkpoint.restore_rank_state(path, min(self.world.rank, self.saved_world - 1))
         if rescaled:
@@ -308,10 +310,11 @@ class Trainer:
                 if self.step % cfg.train.eval_interval == 0 or last:
                     final = self._evaluate_and_log()
                 stop = self._stop_reason(first)
-                if self._save_due(stop, saved_at):
+                if checkpoint.due(self.step, stop, saved_at, cfg.train.max_steps, cfg.checkpoint.interval):
                     metrics.message(f"saved checkpoint {self.save()}")
                     saved_at = self.step
-            if self._save_due(stop, saved_at):  # resumed at max_steps: nothing ran, still leave a checkpoint
+            # resumed at max_steps: nothing ran, still leave a checkpoint
+            if checkpoint.due(self.step, stop, saved_at, cfg.train.max_steps, cfg.checkpoint.interval):
                 metrics.message(f"saved checkpoint {self.save()}")
                 saved_at = self.step
             self._finish(stop, final, time.perf_counter() - started, saved_at)
@@ -379,10 +382,3 @@ class Trainer:
         if self.step - first == self.cfg.train.steps_this_run:
             return "train.steps_this_run"
         return None
-
-    def _save_due(self, stop: Optional[str], saved_at: Optional[int]) -> bool:
-        """When to checkpoint: every checkpoint.interval steps, at the last step and when asked to
-        stop; never twice at one step."""
-        interval = self.cfg.checkpoint.interval
-        return saved_at != self.step and (stop is not None or self.step >= self.cfg.train.max_steps
-                                          or bool(interval and self.step % interval == 0))
