@@ -134,3 +134,14 @@ def test_the_memory_estimate_counts_the_average(half, stage):
     assert shadow.params == share * (2 + 4 if half else 4)  # its weights, and the fp32 average beside bf16 ones
     assert est.resident - plain.resident == shadow.params
     assert est.step_peak() > plain.step_peak()
+
+
+def test_the_average_moves_once_per_optimizer_step_under_accumulation(tmp_path):
+    from codistill.trainer import Trainer
+
+    trainer = Trainer(load_config(MICRO, [f"output_dir={tmp_path}", "distill.teacher_ema=0.5", "train.max_steps=2",
+                                          "train.gradient_accumulation_steps=2", "checkpoint.interval=0"]))
+    moved, update = [], trainer.smoothed.update
+    trainer.smoothed.update = lambda: (moved.append(trainer.step), update())
+    trainer.fit()
+    assert moved == [0, 1]
