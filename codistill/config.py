@@ -86,6 +86,11 @@ class DataConfig(_Section):
         "training split and cached; default: the bundled corpus's or the teacher's"
     )
     seq_len: int = Field(128, gt=1)
+    teacher_seq_len: Optional[int] = Field(
+        None, gt=1, description="a teacher with another tokenizer: the most tokens of its side of a paired block "
+        "(default: seq_len). A block ends where either side is full, so a teacher whose tokenizer needs more tokens "
+        "for the text (e.g. GPT-2's on code) cuts the students' side short; seq_len × its tokens per student token "
+        "fills both (the run's start-up line gives the ratio)")
     pack: bool = Field(True, description="concatenate documents into seq_len blocks (no padding)")
     val_split: Optional[str] = Field(None, description="name of an existing validation split")
     val_fraction: float = Field(0.05, gt=0.0, lt=1.0, description="share of documents held out")
@@ -106,6 +111,11 @@ class DataConfig(_Section):
         if self.messages_field and self.prompt_field:
             raise ValueError("give data.messages_field or data.prompt_field, not both")
         return self
+
+    @property
+    def teacher_block(self) -> int:
+        """The most tokens of a teacher's side of a paired block (another tokenizer's)."""
+        return self.teacher_seq_len or self.seq_len
 
     def resolved_cache_dir(self) -> Path:
         root = self.cache_dir or os.environ.get("CODISTILL_CACHE") or "~/.cache/codistill"

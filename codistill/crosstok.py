@@ -413,18 +413,21 @@ def projected_loss(student_logits: torch.Tensor, student_chunk: torch.Tensor, te
 
 
 CROSS = "teacher_"  # the prefix of a paired block's columns in the teacher's own tokenization
-STATS = ("dropped_tokens", "tokenize_s", "align_s")  # what pairing a batch of documents left out, and cost
+STATS = ("dropped_tokens", "tokenize_s", "align_s", "student_tokens", "teacher_tokens")  # what pairing a batch
+# of documents left out, its cost, and the tokens each side's blocks hold
 PAIRED = ("input_ids", "attention_mask", "loss_mask", CROSS + "input_ids", CROSS + "attention_mask",
           "student_chunk", "teacher_chunk")  # the columns of a paired block
 
 
-def pair_blocks(texts: Sequence[str], student, teacher, seq_len: int) -> dict[str, list]:
+def pair_blocks(texts: Sequence[str], student, teacher, seq_len: int, teacher_len: Optional[int] = None
+                ) -> dict[str, list]:
     """Documents tokenized both ways and packed into paired blocks of the same characters (a ``datasets``
     batched map): each block starts and ends at a common boundary and holds at most ``seq_len`` tokens on
-    each side (the side with fewer is padded); a document ends with each tokenizer's end-of-text, which
-    both place at one boundary. Chunk ids count from 0 in each block (-1: padding). A chunk longer than
-    ``seq_len`` on either side (characters neither tokenizer cuts alike over that span) is left out, and
-    counted in ``dropped_tokens``."""
+    the students' side and ``teacher_len`` (default ``seq_len``) on the teacher's (each side padded to its
+    length); a document ends with each tokenizer's end-of-text, which both place at one boundary. Chunk ids
+    count from 0 in each block (-1: padding). A chunk longer than a side's length (characters neither
+    tokenizer cuts alike over that span) is left out, and counted in ``dropped_tokens``."""
+    teacher_len = teacher_len or seq_len
     s_ids, s_reach, t_ids, t_reach = [], [], [], []
     base, started, tokenizing = 0, time.perf_counter(), 0.0
     for text in texts:
@@ -447,34 +450,36 @@ def pair_blocks(texts: Sequence[str], student, teacher, seq_len: int) -> dict[st
     c0, dropped = 0, 0
     while c0 < len(common):
         c1 = min(np.searchsorted(s_cum, s_cum[c0] + seq_len, side="right"),
-                 np.searchsorted(t_cum, t_cum[c0] + seq_len, side="right")) - 1
+                 np.searchsorted(t_cum, t_cum[c0] + teacher_len, side="right")) - 1
         if c1 <= c0:  # one chunk longer than a block
             dropped += int(s_cum[c0 + 1] - s_cum[c0])
             c0 += 1
             continue
-        _add_block(out, seq_len, s_ids[s_cum[c0]:s_cum[c1]], s_chunk[s_cum[c0]:s_cum[c1]] - c0, student,
-                   t_ids[t_cum[c0]:t_cum[c1]], t_chunk[t_cum[c0]:t_cum[c1]] - c0, teacher)
+        _add_block(out, (seq_len, teacher_len), s_ids[s_cum[c0]:s_cum[c1]], s_chunk[s_cum[c0]:s_cum[c1]] - c0,
+                   student, t_ids[t_cum[c0]:t_cum[c1]], t_chunk[t_cum[c0]:t_cum[c1]] - c0, teacher)
         c0 = c1
     rows = len(out["input_ids"])  # the batch's figures ride on its first block (a map's columns are per row)
-    for name, value in zip(STATS, (dropped, tokenizing, time.perf_counter() - started - tokenizing)):
+    held = (sum(map(sum, out["attention_mask"])), sum(map(sum, out[CROSS + "attention_mask"])))
+    for name, value in zip(STATS, (dropped, tokenizing, time.perf_counter() - started - tokenizing, *held)):
         out[name] = [value] + [0] * (rows - 1) if rows else []
     return out
 
 
-def _add_block(out: dict[str, list], seq_len: int, s_ids, s_chunk, student, t_ids, t_chunk, teacher) -> None:
-    def padded(values, fill):
+def _add_block(out: dict[str, list], lengths: tuple[int, int], s_ids, s_chunk, student, t_ids, t_chunk,
+               teacher) -> None:
+    def padded(values, fill, side):
         values = list(values)
-        return values + [fill] * (seq_len - len(values))
+        return values + [fill] * (lengths[side] - len(values))
 
     s_pad = student.pad_token_id if student.pad_token_id is not None else student.eos_token_id
     t_pad = teacher.pad_token_id if teacher.pad_token_id is not None else teacher.eos_token_id
-    out["input_ids"].append(padded(s_ids, s_pad))
-    out["attention_mask"].append(padded([1] * len(s_ids), 0))
-    out["loss_mask"].append(padded([1] * len(s_ids), 0))
-    out[CROSS + "input_ids"].append(padded(t_ids, t_pad))
-    out[CROSS + "attention_mask"].append(padded([1] * len(t_ids), 0))
-    out["student_chunk"].append(padded(s_chunk.tolist(), -1))
-    out["teacher_chunk"].append(padded(t_chunk.tolist(), -1))
+    out["input_ids"].append(padded(s_ids, s_pad, 0))
+    out["attention_mask"].append(padded([1] * len(s_ids), 0, 0))
+    out["loss_mask"].append(padded([1] * len(s_ids), 0, 0))
+    out[CROSS + "input_ids"].append(padded(t_ids, t_pad, 1))
+    out[CROSS + "attention_mask"].append(padded([1] * len(t_ids), 0, 1))
+    out["student_chunk"].append(padded(s_chunk.tolist(), -1, 0))
+    out["teacher_chunk"].append(padded(t_chunk.tolist(), -1, 1))
 
 
 READS_LOGITS = ("sorted", "project", "spread")  # the methods that read the teacher's logits (likelihood: its CE)

@@ -582,7 +582,8 @@ def build_splits(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int,
              cfg.val_split,
              cfg.val_fraction, seed, tokenizer_fingerprint(tokenizer)]
     if teacher_tokenizer is not None:
-        parts += [{"teacher_tokenizer": tokenizer_fingerprint(teacher_tokenizer), "paired": PAIRED_VERSION}]
+        parts += [{"teacher_tokenizer": tokenizer_fingerprint(teacher_tokenizer), "paired": PAIRED_VERSION,
+                   **({"teacher_seq_len": cfg.teacher_block} if cfg.teacher_block != cfg.seq_len else {})}]
     key = json.dumps(parts + ([{"probe_fraction": probe_fraction}] if probe_fraction else []))  # (no probe: as before)
     fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
     parent = cfg.resolved_cache_dir() / "processed"
@@ -742,16 +743,20 @@ def _paired_blocks(part: datasets.Dataset, cfg: DataConfig, tokenizer: PreTraine
             bad = next(x for x in texts if not isinstance(x, str))
             raise ConfigError(f"data.text_field: a row of '{cfg.dataset}' holds {quoted(bad)} in column '{field}'; "
                               "expected text in every row")
-        return pair_blocks(texts, tokenizer, teacher_tokenizer, cfg.seq_len)
+        return pair_blocks(texts, tokenizer, teacher_tokenizer, cfg.seq_len, cfg.teacher_block)
 
     blocks = part.map(pair, batched=True, batch_size=1000, remove_columns=part.column_names, num_proc=cfg.num_proc)
-    dropped, tokenizing, aligning = (sum(blocks[name]) for name in STATS)
+    dropped, tokenizing, aligning, own, other = (sum(blocks[name]) for name in STATS)
     if dropped:
-        log.warning("data: %d tokens lie in stretches of text the two tokenizers cut alike nowhere within "
-                    "data.seq_len=%d tokens; left out of the blocks", dropped, cfg.seq_len)
+        log.warning("data: %d tokens lie in stretches of text the two tokenizers cut alike nowhere within a "
+                    "block (data.seq_len=%d, data.teacher_seq_len=%d); left out of the blocks", dropped, cfg.seq_len,
+                    cfg.teacher_block)
+    rows = max(len(blocks), 1)
     print(f"data: {len(blocks):,} paired blocks from {len(part):,} documents (built once, cached): tokenizing both "
           f"ways {tokenizing:.1f} s, aligning and packing {aligning:.1f} s "
-          f"({aligning / max(tokenizing + aligning, 1e-9):.0%} of the two)", flush=True)
+          f"({aligning / max(tokenizing + aligning, 1e-9):.0%} of the two); the students' side {own / rows:.0f} of "
+          f"{cfg.seq_len} tokens a block, the teacher's {other / rows:.0f} of {cfg.teacher_block} "
+          f"({other / max(own, 1):.2f} teacher tokens per student token)", flush=True)
     return blocks.remove_columns(list(STATS))
 
 

@@ -601,12 +601,14 @@ def _plain_estimate(cfg: RunConfig, world_size: int, device: Optional[str] = Non
     own = teacher_tokenizer(cfg, tokenizer) if cfg.teacher in loaded else None
     est.cross = own is not None
     for spec in loaded:
-        tok = own if est.cross and spec is cfg.teacher else tokenizer  # the teacher's vocabulary may be its own
-        est.models.append(_model_memory(spec, model_config(spec, tok), ds_configs[spec.name],
-                                        is_trainable(cfg, spec), world_size, batch, seq, len(tok)))
+        side = est.cross and spec is cfg.teacher  # the teacher's vocabulary (and its side of a block) may be its own
+        tok = own if side else tokenizer
+        est.models.append(_model_memory(spec, model_config(spec, tok), ds_configs[spec.name], is_trainable(cfg, spec),
+                                        world_size, batch, cfg.data.teacher_block if side else seq, len(tok)))
     teacher = next((m for m in est.models if m.name == teacher_name), None)
     if cfg.distill.teacher_ema and teacher is not None:
-        est.models.insert(1, smoothed_teacher(cfg, own or tokenizer, world_size, device))
+        est.models.insert(1, smoothed_teacher(cfg, own or tokenizer, cfg.data.teacher_block if est.cross else seq,
+                                              world_size, device))
     learners = cfg.learners()
     settings = [d for s, d, _ in learners if s is not cfg.teacher]
     for spec, d, _ in learners:
@@ -640,7 +642,7 @@ def _plain_estimate(cfg: RunConfig, world_size: int, device: Optional[str] = Non
     return est
 
 
-def smoothed_teacher(cfg: RunConfig, tokenizer, world_size: int, device: str) -> ModelMemory:
+def smoothed_teacher(cfg: RunConfig, tokenizer, seq_len: int, world_size: int, device: str) -> ModelMemory:
     """The teacher's moving average (distill.teacher_ema, codistill/ema.py): a frozen copy of the teacher
     (partitioned alike under ZeRO-3), and where it trains in bf16/fp16 the average in fp32 beside it."""
     from .ema import shadow_name
@@ -648,7 +650,7 @@ def smoothed_teacher(cfg: RunConfig, tokenizer, world_size: int, device: str) ->
     spec = cfg.teacher.model_copy(update={"name": shadow_name(cfg.teacher.name), "gradient_checkpointing": False})
     ds = resolve_deepspeed_config(cfg.teacher, cfg.train, world_size, on_cpu=device == "cpu", trainable=False)
     m = _model_memory(spec, model_config(cfg.teacher, tokenizer), ds, False, world_size, cfg.train.micro_batch_size,
-                      cfg.data.seq_len, len(tokenizer))
+                      seq_len, len(tokenizer))
     if m.dtype_bytes < 4:
         m.params += 4 * m.parameters // (world_size if m.stage == 3 else 1)
     return m

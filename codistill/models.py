@@ -119,7 +119,7 @@ def _check_language_model(spec: ModelSpec, cfg: PretrainedConfig, where: str) ->
 
 
 def check_model(spec: ModelSpec, cfg: PretrainedConfig, tokenizer: PreTrainedTokenizerBase,
-                tokenizer_fp: str, seq_len: int) -> None:
+                tokenizer_fp: str, seq_len: int, length_key: Optional[str] = None) -> None:
     """Refuse a model that cannot read this run's token ids or sequence length."""
     own = pretrained_tokenizer_dir(spec)
     if own is not None and tokenizer_fingerprint(load_tokenizer(own)) != tokenizer_fp:
@@ -134,11 +134,10 @@ def check_model(spec: ModelSpec, cfg: PretrainedConfig, tokenizer: PreTrainedTok
             "teacher and students must share the tokenizer's vocabulary"
         )
     positions = getattr(cfg, "max_position_embeddings", None)
+    key = length_key or "data.seq_len"
     if positions is not None and seq_len > positions:
-        raise ConfigError(
-            f"data.seq_len={seq_len} exceeds {spec.name}'s max_position_embeddings={positions}; "
-            "lower data.seq_len or raise the model's positions"
-        )
+        raise ConfigError(f"{key}={seq_len} exceeds {spec.name}'s max_position_embeddings={positions}; lower {key} "
+                          "or raise the model's positions")
 
 
 def check_attention(spec: ModelSpec, cfg: PretrainedConfig, half: bool) -> None:

@@ -105,7 +105,12 @@ def check_inputs(cfg: RunConfig, output_dir: Path) -> Inputs:
     for spec in specs:
         tok = readers[spec.name]
         fingerprint = tokenizer_fp if tok is tokenizer else tokenizer_fingerprint(tok)  # (once per tokenizer)
-        check_model(spec, hf_configs[spec.name], tok, fingerprint, cfg.data.seq_len)
+        teacher_side = tok is own and bool(cfg.data.teacher_seq_len)
+        check_model(spec, hf_configs[spec.name], tok, fingerprint, cfg.data.teacher_block if tok is own else
+                    cfg.data.seq_len, "data.teacher_seq_len" if teacher_side else None)
+    if own is None and cfg.data.teacher_seq_len:
+        raise ConfigError(f"data.teacher_seq_len={cfg.data.teacher_seq_len}: a teacher's own side of the blocks exists "
+                          "only with a tokenizer of its own (teacher.tokenizer, or one in teacher.pretrained); remove it")
     check_sample_lengths(cfg, hf_configs)
     cached = cfg.teacher is not None and bool(cfg.teacher.cache)
     if cached:

@@ -3,6 +3,7 @@ and real texts (multi-byte characters, whitespace runs, a word one tokenizer spl
 not), and each loss against its formula written out by hand."""
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -315,6 +316,31 @@ def test_a_chunk_longer_than_a_block_is_left_out_and_counted():
     assert out["input_ids"] == [[1, 0]] * 2 and sum(out["dropped_tokens"]) == 3 + 6
 
 
+def test_a_longer_teacher_side_fills_the_students_side():
+    """A teacher whose tokenizer needs twice the tokens: with blocks of 4 on both sides the students' side holds
+    2 (the teacher's fills first); with data.teacher_seq_len 8 both sides are full."""
+    from codistill.crosstok import PAIRED, pair_blocks
+
+    class Cut:  # a stand-in fast tokenizer cutting the text every ``step`` characters
+        is_fast, pad_token_id, eos_token_id, unk_token_id = True, 0, 1, None
+
+        def __init__(self, step):
+            self.step = step
+
+        def __call__(self, text, **_):
+            ends = list(range(self.step, len(text), self.step)) + [len(text)]
+            return {"input_ids": [2] * len(ends), "offset_mapping": [(e - self.step, e) for e in ends]}
+
+    docs = ["a" * 16]
+    short = pair_blocks(docs, Cut(2), Cut(1), seq_len=4)
+    assert [sum(m) for m in short["attention_mask"]][:4] == [2, 2, 2, 2]
+    full = pair_blocks(docs, Cut(2), Cut(1), seq_len=4, teacher_len=8)
+    assert [sum(m) for m in full["attention_mask"]] == [4, 4, 1] and sum(full["student_tokens"]) == 9
+    assert [sum(m) for m in full["teacher_attention_mask"]] == [8, 8, 1] and sum(full["teacher_tokens"]) == 17
+    for column in PAIRED:
+        assert {len(row) for row in full[column]} == {8 if column.startswith("teacher") else 4}, column
+
+
 # ------------------------------------------------------------------ runs with a teacher of another tokenizer
 
 CROSS_RUN = ["train.max_steps=4", "distill.benefit_interval=2", "train.eval_interval=2", "distill.burn_in_steps=0",
@@ -346,6 +372,7 @@ def test_a_two_rank_codistillation_across_tokenizers_logs_its_tags_and_resumes_e
     from conftest import launch, read_scalars
 
     straight, split = tmp_path / "straight", tmp_path / "split"
+    cross_setup = [*cross_setup, "data.teacher_seq_len=40"]  # the teacher's side longer than the students' 32
     log = launch(f"output_dir={straight}", *cross_setup).stdout
     assert f"its own tokenizer ({OTHER_VOCAB} tokens), aligned with the run's by characters" in log
     assert "across tokenizers by projected distributions (forward_kl, full)" in log  # the default
@@ -404,16 +431,18 @@ def _fit(overrides, capsys):
     return capsys.readouterr().out, read_scalars(out)
 
 
-@pytest.mark.parametrize("method,line", [("sorted", "sorted distributions (top 8 ranks)"),
-                                         ("spread", "spread distributions (forward_kl, top-8)")])
+@pytest.mark.parametrize("method,line,side", [("sorted", "sorted distributions (top 8 ranks)", 24),
+                                              ("spread", "spread distributions (forward_kl, top-8)", 48)])
 def test_a_frozen_teacher_of_another_tokenizer_teaches_in_soft_mode(tmp_path, cross_setup, other_teacher, capsys,
-                                                                    method, line):
-    """A pretrained teacher folder that holds its own tokenizer: no teacher.tokenizer needed."""
+                                                                    method, line, side):
+    """A pretrained teacher folder that holds its own tokenizer: no teacher.tokenizer needed; its side of the
+    blocks as long as the students' or longer (data.teacher_seq_len)."""
     setup = [x for x in cross_setup if not x.startswith("teacher.tokenizer=")]
     log, tb = _fit([f"output_dir={tmp_path / 'run'}", *setup, "mode=soft", f"teacher.pretrained={other_teacher}",
-                    "teacher.config={}", "teacher.deepspeed=configs/ds/zero3_cpu.json",
+                    "teacher.config={}", "teacher.deepspeed=configs/ds/zero3_cpu.json", f"data.teacher_seq_len={side}",
                     f"distill.cross_tokenizer={method}", "distill.targets=topk", "distill.top_k=8"], capsys)
     assert "ZeRO stage 3, bf16=False, frozen" in log and f"its own tokenizer ({OTHER_VOCAB} tokens)" in log
+    assert re.search(rf"the students' side \d+ of 32 tokens a block, the teacher's \d+ of {side} ", log), log
     assert f"across tokenizers by {line}" in log
     for tag in ("teacher/frozen/loss_ce", "teacher/cross/loss_ce", "student/train/loss_kd", "distill/teacher_lead"):
         assert len(tb[tag]) == 4 and all(map(math.isfinite, tb[tag].values())), tag
@@ -426,6 +455,8 @@ def test_a_frozen_teacher_of_another_tokenizer_teaches_in_soft_mode(tmp_path, cr
                                   "takes the logits path; set it to auto or false"),
     ("distill.token_filter=true", "student.distill.token_filter: not available with a teacher with another "
                                   "tokenizer (teacher.tokenizer); set it to false"),
+    ("data.teacher_seq_len=80", "data.teacher_seq_len=80 exceeds teacher's max_position_embeddings=64; lower "
+                                "data.teacher_seq_len or raise the model's positions"),
 ])
 def test_what_is_not_available_across_tokenizers_is_one_line(tmp_path, cross_setup, override, line):
     from codistill.config import load_config
@@ -438,6 +469,18 @@ def test_what_is_not_available_across_tokenizers_is_one_line(tmp_path, cross_set
         check_inputs(cfg, tmp_path / "run")
     assert str(err.value).startswith(line)
     assert not (tmp_path / "run").exists()  # refused before the output folder is claimed
+
+
+def test_a_teacher_side_needs_a_teacher_of_another_tokenizer(tmp_path):
+    from codistill.config import load_config
+    from codistill.preflight import check_inputs
+
+    from conftest import MICRO
+
+    cfg = load_config(MICRO, ["data.teacher_seq_len=48", f"output_dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match=r"^data.teacher_seq_len=48: a teacher's own side of the blocks exists only "
+                                          r"with a tokenizer of its own"):
+        check_inputs(cfg, tmp_path / "run")
 
 
 def test_a_student_cannot_have_a_tokenizer_of_its_own():
@@ -490,15 +533,19 @@ def test_the_memory_estimate_gives_the_teacher_its_own_vocabulary(cross_setup):
     assert est.kept_per_position == 2 * OTHER_VOCAB * 4 + 4096 * (2 * 4 + 4)
     likelihood = memory.estimate(load_config(MICRO, [*cross_setup, "distill.cross_tokenizer=likelihood"]), 2, "cpu")
     assert likelihood.kept_per_position == 0 and likelihood.step_peak() < est.step_peak()
+    longer = memory.estimate(load_config(MICRO, [*cross_setup, "data.teacher_seq_len=64"]), 2, "cpu")
+    assert longer.models[0].logits == 2 * est.models[0].logits and longer.models[1].logits == est.models[1].logits
 
 
 def test_the_cross_tokenizer_comparison_builds_its_runs_and_checks_its_targets(tmp_path):
-    from codistill.commands.compare_crosstok import _run, crossed, report, soft_run
+    from codistill.commands.compare_crosstok import _run, crossed, report, same, soft_run
     from codistill.config import load_config, validate
 
     from conftest import MICRO
 
     base = load_config(MICRO).model_dump(mode="json")
+    sided = load_config(MICRO, ["data.teacher_seq_len=48"]).model_dump(mode="json")  # the cross runs' teacher side
+    assert validate(same(_run(sided, tmp_path / "t")), "test").data.teacher_seq_len is None  # not the same-tokenizer's
     soft = validate(soft_run(base, 5, tmp_path / "soft", tmp_path / "teacher_hf"), "test")
     assert soft.mode == "soft" and soft.teacher.pretrained == str(tmp_path / "teacher_hf")
     assert [s.name for s in soft.students] == ["student", "student_alone"] and soft.students[0].init_seed == 6

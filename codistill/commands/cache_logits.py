@@ -68,7 +68,8 @@ def _checked_teacher(cfg: RunConfig):
     own = own if own is not None and tokenizer_fingerprint(own) != tokenizer_fingerprint(tokenizer) else None
     reads = own or tokenizer
     hf = model_config(cfg.teacher, reads)
-    check_model(cfg.teacher, hf, reads, tokenizer_fingerprint(reads), cfg.data.seq_len)
+    check_model(cfg.teacher, hf, reads, tokenizer_fingerprint(reads), cfg.data.teacher_block if own else cfg.data.seq_len,
+                "data.teacher_seq_len" if own is not None and cfg.data.teacher_seq_len else None)
     ds_config = resolve_deepspeed_config(cfg.teacher, cfg.train, distributed.env_world_size(),
                                          not torch.cuda.is_available(), trainable=False)
     return tokenizer, own, hf, ds_config
@@ -119,8 +120,8 @@ def _cache_parts(args: argparse.Namespace, cfg: RunConfig, engine, train, out: P
         chunk = todo[r] if r < len(todo) else None
         blocks = list(range(chunk * args.shard_blocks, min(len(train), (chunk + 1) * args.shard_blocks))) \
             if chunk is not None else []
-        rows = _part_rows(engine, train, blocks, cfg.train.micro_batch_size, k, temperature, cfg.data.seq_len,
-                          vocab, world.device, cross)
+        rows = _part_rows(engine, train, blocks, cfg.train.micro_batch_size, k, temperature,
+                          cfg.data.teacher_block if cross else cfg.data.seq_len, vocab, world.device, cross)
         if chunk is not None:
             cache.write_part(out, chunk, rows)
         bar.update(world.size if world.is_main else 0)

@@ -67,6 +67,12 @@ def crossed(tree: dict[str, Any], tokenizer: Path) -> dict[str, Any]:
     return tree
 
 
+def same(tree: dict[str, Any]) -> dict[str, Any]:
+    """A run whose teacher shares the students' tokenizer: no teacher's side of the blocks (data.teacher_seq_len)."""
+    tree["data"] = {k: v for k, v in tree.get("data", {}).items() if k != "teacher_seq_len"}
+    return tree
+
+
 def soft_run(base: dict[str, Any], seed: int, output: Path, teacher_dir: Path) -> dict[str, Any]:
     """Mode soft from an exported teacher (its own tokenizer inside), the student and its twin alone; no head
     start (the teacher is finished)."""
@@ -125,7 +131,7 @@ def run_cross_tokenizer(args, cfg, labels: list[str], out: Path, seeds: list[int
         for kind in ("cross", "same"):
             print(f"{label}, the {kind}-tokenizer teacher:", flush=True)
             tree = _run(base, folder / f"teacher_{kind}")
-            run_training(f"teacher_{kind}", crossed(tree, tokenizer) if kind == "cross" else tree, args.nproc,
+            run_training(f"teacher_{kind}", crossed(tree, tokenizer) if kind == "cross" else same(tree), args.nproc,
                          folder / f"teacher_{kind}.log")
             exported[kind] = exported_teacher(folder / f"teacher_{kind}", folder / f"teacher_{kind}_hf", teacher,
                                               folder / f"teacher_{kind}.log")
@@ -135,7 +141,7 @@ def run_cross_tokenizer(args, cfg, labels: list[str], out: Path, seeds: list[int
             print(f"{label}, seed {s}:", flush=True)
             runs = {"soft_cross": soft_run(base, s, seed_dir / "soft_cross", exported["cross"]),
                     "codistill": crossed(_run(base, seed_dir / "codistill", s), tokenizer),
-                    "soft_same": soft_run(base, s, seed_dir / "soft_same", exported["same"])}
+                    "soft_same": same(soft_run(base, s, seed_dir / "soft_same", exported["same"]))}
             for name, tree in runs.items():
                 run_training(name, tree, args.nproc, seed_dir / f"{name}.log")
             alone = twin_name(student)
