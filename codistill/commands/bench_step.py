@@ -3,7 +3,8 @@
 In one run, on the same engines and the same batches, rotates through
   (a) the co-distillation step: teacher fwd + CE + bwd + step, then each student
       fwd + (1-α)·CE + α·T²·KL to the teacher's logits + bwd + step (mode mutual: every peer's
-      forward, its loss against the others' average, its backward and step);
+      forward, its loss against the others' average, its backward and step; with distill.teacher_ema, the
+      students read the teacher's moving average, one more forward, and the average moves after the step);
   (b) every model's step alone (CE only) on the same batch (the teacher's and each student's, or
       each peer's);
   (c) the two-stage pipeline's cost per student step: a teacher training step, plus a
@@ -81,7 +82,9 @@ def variants(trainer, plans: list, gated: list, probes: dict, sampled: list) -> 
                 micro_step(batch, plans_of_step, sink, probes=probes.get("now") if probe_first and k == 0 else None)
         return run
 
-    out = {"codistill": steps(step_of(models), plans),
+    run_step = step_of(models)
+    run_step.smoothed = trainer.smoothed  # a smoothed teacher's update after the teacher's step, as the run does
+    out = {"codistill": steps(run_step, plans),
            "separate": steps(step_of(replace(models, sources=[[] for _ in models.sources])), plans)}
     cached = cfg.teacher is not None and bool(cfg.teacher.cache)
     if not models.cross and not fused_problems(static_problem(cfg.mode, cached), trainer.members, trainer.vocab):
