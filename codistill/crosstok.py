@@ -427,9 +427,12 @@ def pair_blocks(texts: Sequence[str], student, teacher, seq_len: int, teacher_le
     length); a document ends with each tokenizer's end-of-text, which both place at one boundary. Chunk ids
     count from 0 in each block (-1: padding). A chunk longer than a side's length (characters neither
     tokenizer cuts alike over that span) is left out, and counted in ``dropped_tokens``."""
+    from .data import start_tokens
+
     teacher_len = teacher_len or seq_len
     s_ids, s_reach, t_ids, t_reach = [], [], [], []
     base, started, tokenizing = 0, time.perf_counter(), 0.0
+    starts = {id(student): start_tokens(student), id(teacher): start_tokens(teacher)}  # each document's first ids
     for text in texts:
         for ids, reach, tok, side in ((s_ids, s_reach, student, "students'"), (t_ids, t_reach, teacher, "teacher's")):
             at = time.perf_counter()
@@ -440,8 +443,10 @@ def pair_blocks(texts: Sequence[str], student, teacher, seq_len: int, teacher_le
                 raise ConfigError(f"data: the {side} tokenizer cannot represent some of the text (it writes its unknown "
                                   f"token {tok.unk_token!r} at {text[max(0, at - 20):at]!r}); distilling across "
                                   "tokenizers needs both to write every character (byte-level tokenizers do)")
-            ids += [*got, tok.eos_token_id]
-            reach += [*(base + np.maximum.accumulate(ends)).tolist(), base + len(text) + 1]
+            reached = [*(base + np.maximum.accumulate(ends)).tolist(), base + len(text) + 1]
+            start = starts[id(tok)]  # in the chunk of the document's first characters
+            ids += [*start, *got, tok.eos_token_id]
+            reach += [reached[0]] * len(start) + reached
         base += len(text) + 1
     common, s_chunk, t_chunk = _chunked(np.asarray(s_reach, dtype=np.int64), np.asarray(t_reach, dtype=np.int64))
     s_cum = np.searchsorted(s_chunk, np.arange(len(common) + 1))  # tokens before chunk c, each side
@@ -456,7 +461,8 @@ def pair_blocks(texts: Sequence[str], student, teacher, seq_len: int, teacher_le
             c0 += 1
             continue
         _add_block(out, (seq_len, teacher_len), s_ids[s_cum[c0]:s_cum[c1]], s_chunk[s_cum[c0]:s_cum[c1]] - c0,
-                   student, t_ids[t_cum[c0]:t_cum[c1]], t_chunk[t_cum[c0]:t_cum[c1]] - c0, teacher)
+                   student, t_ids[t_cum[c0]:t_cum[c1]], t_chunk[t_cum[c0]:t_cum[c1]] - c0, teacher,
+                   set(starts[id(student)]) - {student.eos_token_id})
         c0 = c1
     rows = len(out["input_ids"])  # the batch's figures ride on its first block (a map's columns are per row)
     held = (sum(map(sum, out["attention_mask"])), sum(map(sum, out[CROSS + "attention_mask"])))
@@ -466,7 +472,9 @@ def pair_blocks(texts: Sequence[str], student, teacher, seq_len: int, teacher_le
 
 
 def _add_block(out: dict[str, list], lengths: tuple[int, int], s_ids, s_chunk, student, t_ids, t_chunk,
-               teacher) -> None:
+               teacher, unscored: set) -> None:
+    """One paired block, each side padded to its length; the students' ``unscored`` ids (a document's start
+    tokens) are read, not predicted."""
     def padded(values, fill, side):
         values = list(values)
         return values + [fill] * (lengths[side] - len(values))
@@ -475,7 +483,7 @@ def _add_block(out: dict[str, list], lengths: tuple[int, int], s_ids, s_chunk, s
     t_pad = teacher.pad_token_id if teacher.pad_token_id is not None else teacher.eos_token_id
     out["input_ids"].append(padded(s_ids, s_pad, 0))
     out["attention_mask"].append(padded([1] * len(s_ids), 0, 0))
-    out["loss_mask"].append(padded([1] * len(s_ids), 0, 0))
+    out["loss_mask"].append(padded([int(i not in unscored) for i in s_ids], 0, 0))
     out[CROSS + "input_ids"].append(padded(t_ids, t_pad, 1))
     out[CROSS + "attention_mask"].append(padded([1] * len(t_ids), 0, 1))
     out["student_chunk"].append(padded(s_chunk.tolist(), -1, 0))

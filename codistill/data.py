@@ -271,6 +271,15 @@ def tokenizer_fingerprint(tok: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def start_tokens(tok: PreTrainedTokenizerBase) -> list[int]:
+    """The ids a tokenizer puts before a text of its own accord (Llama's <s>, Gemma's <bos>; none for a GPT-2-style
+    byte-level BPE): each packed document starts with them, as the model's pretraining text did."""
+    plain = tok("a", add_special_tokens=False)["input_ids"]
+    full = tok("a", add_special_tokens=True)["input_ids"]
+    at = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), 0)
+    return list(full[:at])
+
+
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
@@ -581,9 +590,12 @@ def build_splits(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int,
              cfg.prompt_field, cfg.messages_field, cfg.seq_len, cfg.pack,
              cfg.val_split,
              cfg.val_fraction, seed, tokenizer_fingerprint(tokenizer)]
+    starts = {"start": start_tokens(tokenizer)} if start_tokens(tokenizer) and not cfg.messages_field else {}
+    parts += [starts] if starts else []  # (none: the key of caches built before documents had a start)
     if teacher_tokenizer is not None:
         parts += [{"teacher_tokenizer": tokenizer_fingerprint(teacher_tokenizer), "paired": PAIRED_VERSION,
-                   **({"teacher_seq_len": cfg.teacher_block} if cfg.teacher_block != cfg.seq_len else {})}]
+                   **({"teacher_seq_len": cfg.teacher_block} if cfg.teacher_block != cfg.seq_len else {}),
+                   **({"teacher_start": start_tokens(teacher_tokenizer)} if start_tokens(teacher_tokenizer) else {})}]
     key = json.dumps(parts + ([{"probe_fraction": probe_fraction}] if probe_fraction else []))  # (no probe: as before)
     fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
     parent = cfg.resolved_cache_dir() / "processed"
@@ -693,6 +705,8 @@ def _to_blocks(part: datasets.Dataset, cfg: DataConfig, tokenizer: PreTrainedTok
     def encode(texts):
         return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
 
+    start = [] if cfg.messages_field else start_tokens(tokenizer)  # (a chat template writes its own)
+
     def tokenize(batch):
         # ``counted`` marks the tokens the losses are computed on: all of a plain text,
         # the response (and its eos) of a prompt/response pair.
@@ -702,9 +716,9 @@ def _to_blocks(part: datasets.Dataset, cfg: DataConfig, tokenizer: PreTrainedTok
                 raise ConfigError(f"data.{'prompt_field' if column == prompt_field else 'text_field'}: a row of "
                                   f"'{cfg.dataset}' holds {quoted(bad)} in column '{column}'; expected text in every row")
         ids = [x + [eos] for x in encode(batch[field])]
-        if prompt_field is None:
-            return {"ids": ids, "counted": [[1] * len(x) for x in ids]}
-        prompts = encode(batch[prompt_field])
+        if prompt_field is None:  # the start tokens are read, never predicted (they follow an end-of-text)
+            return {"ids": [start + x for x in ids], "counted": [[0] * len(start) + [1] * len(x) for x in ids]}
+        prompts = [start + p for p in encode(batch[prompt_field])]
         return {"ids": [p + x for p, x in zip(prompts, ids)],
                 "counted": [[0] * len(p) + [1] * len(x) for p, x in zip(prompts, ids)]}
 

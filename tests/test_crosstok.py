@@ -222,6 +222,61 @@ def llama_style():
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
+@pytest.fixture(scope="module")
+def llama_with_start(llama_style):
+    """The same tokenizer putting <s> before every text of its own accord, as Llama's and Mistral's do."""
+    from tokenizers import Tokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer.from_str(llama_style.backend_tokenizer.to_str())  # a copy: the fixture's stays as it is
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_each_document_starts_as_the_teacher_read_its_pretraining_text(pair, llama_with_start):
+    """A tokenizer that puts <s> before a text gets it at every document's start, in the chunk of the first
+    characters (the other side has no start token); one without (GPT-2's) gets none."""
+    from codistill.crosstok import pair_blocks
+    from codistill.data import start_tokens
+
+    student, bos = pair[0], llama_with_start.bos_token_id
+    assert start_tokens(llama_with_start) == [bos] and start_tokens(student) == start_tokens(pair[1]) == []
+    out = pair_blocks(DOCS, student, llama_with_start, seq_len=24)
+    starts = 0
+    for row in range(len(out["input_ids"])):
+        t_ids, t_chunk = out["teacher_input_ids"][row], out["teacher_chunk"][row]
+        for k, i in enumerate(t_ids):
+            if i == bos:
+                starts += 1
+                assert k == 0 or t_ids[k - 1] == llama_with_start.eos_token_id  # right after a document's end
+                assert t_chunk[k] == t_chunk[k + 1] and t_chunk[k] >= 0  # with the first characters
+        assert bos not in out["input_ids"][row] and all(out["loss_mask"][row][:sum(out["attention_mask"][row])])
+    assert starts == len(DOCS)
+    swapped = pair_blocks(DOCS, llama_with_start, student, seq_len=24)  # a student's start: read, not scored
+    for ids, mask, attended in zip(swapped["input_ids"], swapped["loss_mask"], swapped["attention_mask"]):
+        assert all(m == int(i != bos) for i, m, a in zip(ids, mask, attended) if a)
+    assert sum(i == bos for ids in swapped["input_ids"] for i in ids) == len(DOCS)
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_one_tokenizer_with_a_start_token_starts_every_document_too(llama_with_start, pack):
+    import datasets
+
+    from codistill.data import _to_blocks
+
+    texts, bos = ["the tea", "a hat", "the end"], llama_with_start.bos_token_id
+    blocks = _to_blocks(datasets.Dataset.from_dict({"text": texts}), DataConfig(seq_len=8, pack=pack),
+                        llama_with_start)
+    ids = [i for row, a in zip(blocks["input_ids"], blocks["attention_mask"]) for i, x in zip(row, a) if x]
+    scored = [m for row, a in zip(blocks["loss_mask"], blocks["attention_mask"]) for m, x in zip(row, a) if x]
+    eos = llama_with_start.eos_token_id
+    assert ids[0] == bos and all(m == int(i != bos) for i, m in zip(ids, scored))
+    assert all(ids[k - 1] == eos for k, i in enumerate(ids) if i == bos and k and pack)  # each after an end
+    assert ids.count(bos) == (ids.count(eos) + (ids[-1] != eos) if pack else len(texts))
+    if not pack:  # one document a row, its start first
+        assert [row[0] for row in blocks["input_ids"]] == [bos] * len(texts)
+
+
 def test_the_vocabulary_map_reads_sentencepiece_spaces_and_byte_fallback(pair, llama_style):
     student, sp = pair[0], llama_style
     assert sp.decode(sp.convert_tokens_to_ids(["▁the"])) == "the"  # what a map by lone decodes would read
