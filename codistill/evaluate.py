@@ -10,6 +10,7 @@ from typing import Callable, Optional
 import torch
 
 from .config import OnPolicyConfig
+from .data import start_tokens
 from .engines import (CROSS, Member, forward_hidden, forward_logits, heads_gathered, lm_head, view,
                       whole_for_generation)
 from .fused import Head, HeadLogits, fused_linear_losses, fused_rows
@@ -151,8 +152,9 @@ class Shown:
         if count == 0:
             return None
         if cfg.train.sample_prompts:
-            rows = [tokenizer(p, add_special_tokens=False)["input_ids"][-cfg.data.seq_len:] or [sampling.pad_id]
-                    for p in cfg.train.sample_prompts[:count]]
+            start = start_tokens(tokenizer)  # as every document of the data begins
+            rows = [(start + tokenizer(p, add_special_tokens=False)["input_ids"])[-cfg.data.seq_len:]
+                    or [sampling.pad_id] for p in cfg.train.sample_prompts[:count]]
         else:
             rows = [r[:PROMPT_TOKENS].tolist() for b in batches for r in b["input_ids"]][:count]
         ids = torch.full((len(rows), max(map(len, rows))), sampling.pad_id, dtype=torch.long)
