@@ -419,6 +419,15 @@ PAIRED = ("input_ids", "attention_mask", "loss_mask", CROSS + "input_ids", CROSS
           "student_chunk", "teacher_chunk")  # the columns of a paired block
 
 
+def start_tokens(tok) -> list[int]:
+    """The ids a tokenizer puts before a text of its own accord (Llama's <s>, Gemma's <bos>; none for a GPT-2-style
+    byte-level BPE): each packed document starts with them, as the model's pretraining text did."""
+    plain = tok("a", add_special_tokens=False)["input_ids"]
+    full = tok("a", add_special_tokens=True)["input_ids"]
+    at = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), 0)
+    return list(full[:at])
+
+
 def pair_blocks(texts: Sequence[str], student, teacher, seq_len: int, teacher_len: Optional[int] = None
                 ) -> dict[str, list]:
     """Documents tokenized both ways and packed into paired blocks of the same characters (a ``datasets``
@@ -427,8 +436,6 @@ def pair_blocks(texts: Sequence[str], student, teacher, seq_len: int, teacher_le
     length); a document ends with each tokenizer's end-of-text, which both place at one boundary. Chunk ids
     count from 0 in each block (-1: padding). A chunk longer than a side's length (characters neither
     tokenizer cuts alike over that span) is left out, and counted in ``dropped_tokens``."""
-    from .data import start_tokens
-
     teacher_len = teacher_len or seq_len
     s_ids, s_reach, t_ids, t_reach = [], [], [], []
     base, started, tokenizing = 0, time.perf_counter(), 0.0

@@ -271,15 +271,6 @@ def tokenizer_fingerprint(tok: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def start_tokens(tok: PreTrainedTokenizerBase) -> list[int]:
-    """The ids a tokenizer puts before a text of its own accord (Llama's <s>, Gemma's <bos>; none for a GPT-2-style
-    byte-level BPE): each packed document starts with them, as the model's pretraining text did."""
-    plain = tok("a", add_special_tokens=False)["input_ids"]
-    full = tok("a", add_special_tokens=True)["input_ids"]
-    at = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), 0)
-    return list(full[:at])
-
-
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
@@ -590,6 +581,8 @@ def build_splits(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int,
              cfg.prompt_field, cfg.messages_field, cfg.seq_len, cfg.pack,
              cfg.val_split,
              cfg.val_fraction, seed, tokenizer_fingerprint(tokenizer)]
+    from .crosstok import start_tokens
+
     starts = {"start": start_tokens(tokenizer)} if start_tokens(tokenizer) and not cfg.messages_field else {}
     parts += [starts] if starts else []  # (none: the key of caches built before documents had a start)
     if teacher_tokenizer is not None:
@@ -704,6 +697,8 @@ def _to_blocks(part: datasets.Dataset, cfg: DataConfig, tokenizer: PreTrainedTok
 
     def encode(texts):
         return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+
+    from .crosstok import start_tokens
 
     start = [] if cfg.messages_field else start_tokens(tokenizer)  # (a chat template writes its own)
 

@@ -10,7 +10,7 @@ from typing import Callable, Optional
 import torch
 
 from .config import OnPolicyConfig
-from .data import start_tokens
+from .crosstok import start_tokens
 from .engines import (CROSS, Member, forward_hidden, forward_logits, heads_gathered, lm_head, view,
                       whole_for_generation)
 from .fused import Head, HeadLogits, fused_linear_losses, fused_rows

@@ -237,7 +237,7 @@ def test_each_document_starts_as_the_teacher_read_its_pretraining_text(pair, lla
     """A tokenizer that puts <s> before a text gets it at every document's start, in the chunk of the first
     characters (the other side has no start token); one without (GPT-2's) gets none."""
     from codistill.crosstok import pair_blocks
-    from codistill.data import start_tokens
+    from codistill.crosstok import start_tokens
 
     student, bos = pair[0], llama_with_start.bos_token_id
     assert start_tokens(llama_with_start) == [bos] and start_tokens(student) == start_tokens(pair[1]) == []
