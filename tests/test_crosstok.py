@@ -349,18 +349,21 @@ def test_paired_blocks_hold_the_same_text_on_both_sides_and_all_of_it(pair):
     assert "".join(texts) == "".join(d + student.eos_token for d in DOCS)
 
 
+class Cut:
+    """A stand-in fast tokenizer cutting the text every ``step`` characters."""
+
+    is_fast, pad_token_id, eos_token_id, unk_token_id = True, 0, 1, None
+
+    def __init__(self, step):
+        self.step = step
+
+    def __call__(self, text, **_):
+        ends = list(range(self.step, len(text), self.step)) + [len(text)]
+        return {"input_ids": [2] * len(ends), "offset_mapping": [(e - self.step, e) for e in ends]}
+
+
 def test_a_chunk_longer_than_a_block_is_left_out_and_counted():
     from codistill.crosstok import pair_blocks
-
-    class Cut:  # a stand-in fast tokenizer cutting the text every ``step`` characters
-        is_fast, pad_token_id, eos_token_id, unk_token_id = True, 0, 1, None
-
-        def __init__(self, step):
-            self.step = step
-
-        def __call__(self, text, **_):
-            ends = list(range(self.step, len(text), self.step)) + [len(text)]
-            return {"input_ids": [2] * len(ends), "offset_mapping": [(e - self.step, e) for e in ends]}
 
     # cut every 2 and every 3 characters: they end together every 6 characters and at each end-of-text
     out = pair_blocks(["aaaaaa", "bbbbbbbbbbbb"], Cut(2), Cut(3), seq_len=2)
@@ -375,16 +378,6 @@ def test_a_longer_teacher_side_fills_the_students_side():
     """A teacher whose tokenizer needs twice the tokens: with blocks of 4 on both sides the students' side holds
     2 (the teacher's fills first); with data.teacher_seq_len 8 both sides are full."""
     from codistill.crosstok import PAIRED, pair_blocks
-
-    class Cut:  # a stand-in fast tokenizer cutting the text every ``step`` characters
-        is_fast, pad_token_id, eos_token_id, unk_token_id = True, 0, 1, None
-
-        def __init__(self, step):
-            self.step = step
-
-        def __call__(self, text, **_):
-            ends = list(range(self.step, len(text), self.step)) + [len(text)]
-            return {"input_ids": [2] * len(ends), "offset_mapping": [(e - self.step, e) for e in ends]}
 
     docs = ["a" * 16]
     short = pair_blocks(docs, Cut(2), Cut(1), seq_len=4)
