@@ -583,12 +583,13 @@ def build_splits(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int,
              cfg.val_fraction, seed, tokenizer_fingerprint(tokenizer)]
     from .crosstok import start_tokens
 
-    starts = {"start": start_tokens(tokenizer)} if start_tokens(tokenizer) and not cfg.messages_field else {}
-    parts += [starts] if starts else []  # (none: the key of caches built before documents had a start)
+    start = [] if cfg.messages_field else start_tokens(tokenizer)
+    parts += [{"start": start}] if start else []  # (none: the key of caches built before documents had a start)
     if teacher_tokenizer is not None:
+        teacher_start = start_tokens(teacher_tokenizer)
         parts += [{"teacher_tokenizer": tokenizer_fingerprint(teacher_tokenizer), "paired": PAIRED_VERSION,
                    **({"teacher_seq_len": cfg.teacher_block} if cfg.teacher_block != cfg.seq_len else {}),
-                   **({"teacher_start": start_tokens(teacher_tokenizer)} if start_tokens(teacher_tokenizer) else {})}]
+                   **({"teacher_start": teacher_start} if teacher_start else {})}]
     key = json.dumps(parts + ([{"probe_fraction": probe_fraction}] if probe_fraction else []))  # (no probe: as before)
     fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
     parent = cfg.resolved_cache_dir() / "processed"
