@@ -47,6 +47,7 @@ setup(
     extras_require={
         # An MPI for `mpirun -np N python launch/train.py` (bundles its libraries and mpirun).
         "mpi": ["mpich>=4.1"],
-        "test": ["pytest>=8", "mpich>=4.1", "psutil>=5.9"],  # psutil: the tests find and signal a run's ranks
+        # xdist: two test files at a time (pytest.ini); psutil: the tests find and signal a run's ranks
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "mpich>=4.1", "psutil>=5.9"],
     },
 )

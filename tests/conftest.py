@@ -23,7 +23,7 @@ os.environ.setdefault("CODISTILL_CACHE", str(ROOT / ".cache"))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 __all__ = ["MICRO", "ROOT", "TRAIN", "launch", "launch_cmd", "launch_env", "read_layout", "read_scalars", "run_cmd",
-           "train_here", "run_here"]
+           "train_here", "run_here", "train_cli_here", "zero_weights"]
 
 
 def launch_env(**extra: str) -> dict:
@@ -99,6 +99,23 @@ def run_here(main, *args: str, config=MICRO, ok: bool = True) -> subprocess.Comp
     if ok:
         assert code == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
+
+
+def train_cli_here(*args: str, config=MICRO, ok: bool = True) -> subprocess.CompletedProcess:
+    """``codistill-train`` on one rank in the test process: what a python launch of it gives (exit code, output),
+    without an interpreter's start-up, for tests whose point is not the process itself. Its warnings reach
+    pytest's log capture (caplog), not its stderr."""
+    from codistill.commands import train
+
+    return run_here(train.main, *args, config=config, ok=ok)
+
+
+def zero_weights(out, step: int, names=("teacher", "student")) -> dict:
+    """Each model's fp32 weights in a run's checkpoint at ``step``, joined from its ZeRO partitions."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    root = Path(out) / "checkpoints" / f"step_{step:08d}"
+    return {name: get_fp32_state_dict_from_zero_checkpoint(str(root / name), tag="ds") for name in names}
 
 
 def read_layout(output_dir) -> dict[str, list[str]]:

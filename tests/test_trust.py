@@ -10,7 +10,19 @@ import torch
 from codistill.checkpoint import MANIFEST
 from codistill.files import sha256_file
 
-from conftest import launch
+from conftest import run_here
+
+
+def train(*args, ok=True):
+    from codistill.commands import train
+
+    return run_here(train.main, *args, ok=ok)
+
+
+def export(*args, ok=True):
+    from codistill.commands import export
+
+    return run_here(export.main, *args, config=None, ok=ok)
 
 
 class Payload:
@@ -26,7 +38,7 @@ class Payload:
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     out = tmp_path_factory.mktemp("trust") / "run"
-    launch(f"output_dir={out}", "train.max_steps=2", "train.eval_interval=2", how="python")
+    train(f"output_dir={out}", "train.max_steps=2", "train.eval_interval=2")
     return out
 
 
@@ -47,7 +59,7 @@ def poisoned_copy(saved, tmp_path, victim: str):
 @pytest.mark.parametrize("victim", ["rank_00000.pt", "student/ds/mp_rank_00_model_states.pt"])
 def test_resume_refuses_a_checkpoint_file_that_would_run_code(saved, tmp_path, victim):
     run, file, marker = poisoned_copy(saved, tmp_path, victim)
-    proc = launch(f"output_dir={run}", "resume=auto", "train.max_steps=3", how="python", ok=False)
+    proc = train(f"output_dir={run}", "resume=auto", "train.max_steps=3", ok=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1] == (
         f"codistill-train: error: checkpoint file {file} asks to load posix.system, which is not data DeepSpeed or "
@@ -57,7 +69,7 @@ def test_resume_refuses_a_checkpoint_file_that_would_run_code(saved, tmp_path, v
 
 def test_export_refuses_a_checkpoint_file_that_would_run_code(saved, tmp_path):
     run, file, marker = poisoned_copy(saved, tmp_path, "teacher/ds/mp_rank_00_model_states.pt")
-    proc = launch(str(run), str(tmp_path / "hf"), how="python", script="tools/export.py", config=None, ok=False)
+    proc = export(str(run), str(tmp_path / "hf"), ok=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("codistill-export: error: checkpoint file ") and "asks to load posix.system" in line
@@ -67,9 +79,9 @@ def test_export_refuses_a_checkpoint_file_that_would_run_code(saved, tmp_path):
 def test_an_honest_checkpoint_still_resumes_and_exports(saved, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(saved, run)
-    proc = launch(f"output_dir={run}", "resume=auto", "train.max_steps=3", how="python")
+    proc = train(f"output_dir={run}", "resume=auto", "train.max_steps=3")
     assert "at step 2" in proc.stdout
-    launch(str(run), str(tmp_path / "hf"), how="python", script="tools/export.py", config=None)
+    export(str(run), str(tmp_path / "hf"))
     assert (tmp_path / "hf" / "student" / "model.safetensors").exists()
 
 
@@ -85,7 +97,7 @@ def test_export_refuses_a_model_name_from_disk_that_would_leave_its_folder(saved
                                                "sha256": sha256_file(step / "trainer_state.json")}
     (step / MANIFEST).write_text(json.dumps(manifest))
     out = tmp_path / "hf" / "inner"
-    proc = launch(str(run), str(out), how="python", script="tools/export.py", config=None, ok=False)
+    proc = export(str(run), str(out), ok=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1] == (
         f"codistill-export: error: {step / 'trainer_state.json'}: model name '..' is not allowed: it names folders, so it "
