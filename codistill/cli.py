@@ -94,11 +94,13 @@ def run(prog: str, parser: argparse.ArgumentParser, body: Callable[[argparse.Nam
     try:
         code = _outcome(prog, args, body)
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        _settled()  # the outcome is decided (a finished run is saved): a late signal must not change it
         made = ours and dist.is_available() and dist.is_initialized()
         if made:
             shutdown()
+        if argv is not None:  # a caller's process goes on with its own handlers
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     if argv is None and made:
         leave(code)
     return code
@@ -148,6 +150,13 @@ def _interruptible() -> dict:
     if threading.current_thread() is not threading.main_thread():
         return {}
     return {signal.SIGTERM: signal.signal(signal.SIGTERM, interrupt)}
+
+
+def _settled() -> None:
+    """From here on SIGTERM is noted and ignored: the command's work is done or has failed with its own code,
+    and only the teardown (process groups, exit handlers) is left, which a signal would cut short."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, _frame: _received.append(signum))
 
 
 def check_interrupted() -> None:

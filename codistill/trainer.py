@@ -325,11 +325,11 @@ class Trainer:
             else:
                 exc.args = (f"{exc}; {checkpoint.last_good(self.output_dir, self.run_id)}",)
             raise
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+        finally:  # the folder's lock is released before a signal can raise again
             metrics.close()
             self._release()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         return final
 
     def _start_run(self) -> Metrics:

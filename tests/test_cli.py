@@ -87,18 +87,21 @@ def test_a_failed_subprocess_run_names_itself_and_its_log(tmp_path):
     assert "codistill-train: error: config file /nonexistent.yaml does not exist" in log.read_text()
 
 
-def test_a_command_line_that_made_a_process_group_ends_at_once_with_its_code(tmp_path):
+@pytest.mark.parametrize("late_signal", ["", "1"], ids=["quiet", "sigterm in the teardown"])
+def test_a_command_line_that_made_a_process_group_ends_at_once_with_its_code(tmp_path, late_signal):
     """What a finished run leaves behind (here a thread that never ends) cannot turn it into a
-    failed or hung one: the process ends itself with its code, exit handlers run, output flushed."""
+    failed or hung one: the process ends itself with its code, exit handlers run, output flushed;
+    a SIGTERM that arrives once the work is done (a scheduler's, at the end of a job) changes none of it."""
     import subprocess
     import sys
     from pathlib import Path
 
     out = tmp_path / "handlers"
     helper = Path(__file__).parent / "helpers" / "left_behind.py"
-    proc = subprocess.run([sys.executable, str(helper), str(out)], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, str(helper), str(out)], capture_output=True, text=True, timeout=60,
+                          env=launch_env(LATE_SIGNAL=late_signal))
     assert proc.returncode == 7, proc.stderr[-2000:]
-    assert proc.stdout == "work done\n"
+    assert proc.stdout == "work done\n" and "error" not in proc.stderr
     assert out.read_text() == "handlers ran\n"
 
 

@@ -9,7 +9,7 @@ from codistill.commands.compare_mutual import arm_runs, larger, report, steps_to
 from codistill.config import MUTUAL_DEFAULTS, ConfigError, RunConfig, dump_config, load_config, validate
 from codistill.fused import Head, Term, fused_losses
 from codistill.losses import SoftSpec, Targets, distill_loss, next_token_targets
-from codistill.mixture import Mixture, mix, mixture_ce, position_ce
+from codistill.mixture import Mixture, mixture_ce, position_ce
 
 from conftest import MICRO, ROOT, launch, read_layout, read_scalars
 
@@ -48,7 +48,7 @@ def test_the_fused_pass_over_peers_equals_each_loss_from_logits_with_its_gradien
     """Three peers, each reading the other two (one on top-k targets, one with the token filter), and one
     reading a single peer: every loss and gradient as distill_loss gives it from the logits."""
     torch.manual_seed(1)
-    n, h, v = 12, 8, 17
+    h, v = 8, 17
     ids = torch.randint(0, v, (2, 7))
     labels, mask = next_token_targets(ids, torch.ones_like(ids))
     hidden = [torch.randn(2, 7, h, requires_grad=True) for _ in range(3)]

@@ -1,11 +1,14 @@
 """A command that makes a one-rank process group, writes its result and leaves something behind
 that would stop the interpreter's teardown (a thread that never ends, standing in for the C++
 threads of a ZeRO-3 model, which abort it). Run as its own command line, it must still end at
-once with its exit code, its exit handlers run:
+once with its exit code, its exit handlers run; also when a SIGTERM arrives after its work, while its
+process group is torn down (LATE_SIGNAL=1):
 
     left_behind.py OUT_FILE
 """
 import atexit
+import os
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -26,4 +29,9 @@ def body(args) -> int:
 
 
 if __name__ == "__main__":
+    if os.environ.get("LATE_SIGNAL"):
+        import codistill.distributed as distributed
+
+        real = distributed.shutdown
+        distributed.shutdown = lambda: (os.kill(os.getpid(), signal.SIGTERM), real())
     sys.exit(cli.run("left_behind", cli.parser_for("left_behind", __doc__), body))
