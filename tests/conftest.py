@@ -23,7 +23,7 @@ os.environ.setdefault("CODISTILL_CACHE", str(ROOT / ".cache"))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 __all__ = ["MICRO", "ROOT", "TRAIN", "launch", "launch_cmd", "launch_env", "read_layout", "read_scalars", "run_cmd",
-           "train_here", "run_here", "train_cli_here", "zero_weights"]
+           "train_here", "run_here", "train_cli_here", "zero_weights", "resumed_beside", "after"]
 
 
 def launch_env(**extra: str) -> dict:
@@ -116,6 +116,17 @@ def zero_weights(out, step: int, names=("teacher", "student")) -> dict:
 
     root = Path(out) / "checkpoints" / f"step_{step:08d}"
     return {name: get_fp32_state_dict_from_zero_checkpoint(str(root / name), tag="ds") for name in names}
+
+
+def resumed_beside(run, step: int, folder, *args: str, **kw) -> subprocess.CompletedProcess:
+    """Continue ``run`` from its checkpoint at ``step`` in another ``folder`` (``resume=<that checkpoint>``):
+    what a stop at ``step`` and resume=auto would train, one launch cheaper; ``args``, ``kw``: the run's own."""
+    return launch(f"output_dir={folder}", *args, f"resume={Path(run) / 'checkpoints' / f'step_{step:08d}'}", **kw)
+
+
+def after(scalars: dict, step: int) -> dict:
+    """Each tag's values after ``step`` (what a run resumed at ``step`` logs itself)."""
+    return {tag: {s: v for s, v in values.items() if s > step} for tag, values in scalars.items()}
 
 
 def read_layout(output_dir) -> dict[str, list[str]]:

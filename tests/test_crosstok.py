@@ -417,28 +417,28 @@ def cross_setup(tmp_path_factory):
 
 
 def test_a_two_rank_codistillation_across_tokenizers_logs_its_tags_and_resumes_exactly(tmp_path, cross_setup):
-    from conftest import launch, read_scalars
+    from conftest import after, launch, read_scalars, resumed_beside
 
     straight, split = tmp_path / "straight", tmp_path / "split"
     cross_setup = [*cross_setup, "data.teacher_seq_len=40"]  # the teacher's side longer than the students' 32
-    log = launch(f"output_dir={straight}", *cross_setup).stdout
+    log = launch(f"output_dir={straight}", *cross_setup, "checkpoint.interval=2").stdout
     assert f"its own tokenizer ({OTHER_VOCAB} tokens), aligned with the run's by characters" in log
     assert "across tokenizers by projected distributions (forward_kl, full)" in log  # the default
-    launch(f"output_dir={split}", *cross_setup, "train.steps_this_run=2")
-    resumed = launch(f"output_dir={split}", *cross_setup, "resume=auto").stdout
+    resumed = resumed_beside(straight, 2, split, *cross_setup).stdout
     assert "step_00000002 at step 2" in resumed
     a, b = read_scalars(straight), read_scalars(split)
     for tag in ("teacher/train/loss", "teacher/cross/loss_ce", "student/train/loss", "student/train/loss_kd",
                 "student/train/aligned_share", "schedule/alpha", "benefit/openness"):
         assert sorted(a[tag]) == [1, 2, 3, 4] and all(map(math.isfinite, a[tag].values())), tag
-        assert a[tag] == b[tag], tag  # the same batches, targets and steps after the restart
+        assert after(a, 2)[tag] == b[tag], tag  # the same batches, targets and steps after the restart
     assert 0 < min(a["student/train/aligned_share"].values()) <= 1
     # the benefit gate measures the projected term's hypergradient, alike after the restart
-    assert sorted(a["benefit/signal"]) == [1, 3] and a["benefit/signal"] == b["benefit/signal"]
+    assert sorted(a["benefit/signal"]) == [1, 3] and after(a, 2)["benefit/signal"] == b["benefit/signal"] == {3: a[
+        "benefit/signal"][3]}
     assert all(map(math.isfinite, a["benefit/signal"].values()))
     assert max(a["schedule/alpha"].values()) > 0 and max(a["student/train/loss_kd"].values()) > 0
     for tag in ("teacher/eval/loss", "teacher/eval/loss_aligned", "student/eval/loss"):
-        assert sorted(a[tag]) == [0, 2, 4] and a[tag] == b[tag], tag
+        assert sorted(a[tag]) == [0, 2, 4] and after(a, 2)[tag] == b[tag], tag
     # the teacher's CE per token of its own tokenization, and per token of the students' (same text, fewer tokens)
     assert a["teacher/eval/loss_aligned"][4] != a["teacher/eval/loss"][4]
     assert "student/eval/agreement" not in a  # top-1 tokens of two vocabularies do not compare

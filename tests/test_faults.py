@@ -198,7 +198,8 @@ def test_a_really_full_disk(tmp_path):
         pytest.skip("cannot mount a small tmpfs here (needs root); the injected full disk above covers the logic")
     try:
         out, root = disk / "run", disk / "run" / "checkpoints"
-        proc = train_cli_here(f"output_dir={out}", "checkpoint.interval=2", "checkpoint.keep_last=0", ok=False)
+        # its own process: what a failed save leaves open ends with it, and the disk can be unmounted
+        proc = launch(f"output_dir={out}", "checkpoint.interval=2", "checkpoint.keep_last=0", how="python", ok=False)
         assert proc.returncode == 5 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         assert proc.stderr.strip().splitlines()[-1].startswith(
             "codistill-train: error: checkpoint step_00000004: the disk is full (rank 0: No space left on device: ")

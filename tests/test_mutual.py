@@ -11,7 +11,7 @@ from codistill.fused import Head, Term, fused_losses
 from codistill.losses import SoftSpec, Targets, distill_loss, next_token_targets
 from codistill.mixture import Mixture, mixture_ce, position_ce
 
-from conftest import MICRO, ROOT, launch, read_layout, read_scalars
+from conftest import MICRO, ROOT, after, launch, read_layout, read_scalars, resumed_beside
 
 PEER = ("{name: %s, config: {hidden_size: %d, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, "
         "num_key_value_heads: 2, max_position_embeddings: 64}, deepspeed: {zero_optimization: {stage: %d}, "
@@ -174,11 +174,10 @@ def deepspeed(out, *overrides, **kw):
 
 @pytest.fixture(scope="module")
 def three_peers(tmp_path_factory):
-    """Three peers of two sizes (one at ZeRO-3) on two ranks, straight; and the same split at step 4."""
+    """Three peers of two sizes (one at ZeRO-3) on two ranks, straight; and continued from its step 4."""
     root = tmp_path_factory.mktemp("peers")
-    straight = deepspeed(root / "straight", *THREE_PEERS)
-    deepspeed(root / "split", *THREE_PEERS, "train.steps_this_run=4", "checkpoint.interval=4")
-    resumed = deepspeed(root / "split", *THREE_PEERS, "resume=auto")
+    straight = deepspeed(root / "straight", *THREE_PEERS, "checkpoint.interval=4")
+    resumed = resumed_beside(root / "straight", 4, root / "split", *GATED, *THREE_PEERS)
     return root, straight.stdout, resumed.stdout
 
 
@@ -203,23 +202,22 @@ def test_three_peers_train_each_from_the_others_with_every_tag_finite_and_gates_
 
 def test_three_peers_resume_exactly(three_peers):
     root, _, resumed = three_peers
-    assert "resumed from" in resumed
-    straight, split = read_scalars(root / "straight"), read_scalars(root / "split")
+    assert "resumed from" in resumed and "at step 4" in resumed
+    straight, split = after(read_scalars(root / "straight"), 4), read_scalars(root / "split")
     for peer in ("p1", "p2", "p3"):
         for tag in (f"{peer}/train/loss", f"{peer}/train/loss_kd", f"schedule/alpha/{peer}",
                     f"benefit/openness/{peer}", f"schedule/lead/{peer}"):
-            assert split[tag] == straight[tag], tag
+            assert split[tag] == straight[tag] and sorted(split[tag]) == [5, 6, 7, 8], tag
 
 
 @pytest.fixture(scope="module")
 def listening(tmp_path_factory):
     """A teacher listening to its student, on the fused-linear path with the teacher at ZeRO-3 (each head
-    gathered from the pass to its own backward), on two ranks: straight, and split at 4."""
+    gathered from the pass to its own backward), on two ranks: straight, and continued from its step 4."""
     root = tmp_path_factory.mktemp("listening")
     common = [*LISTENING, "distill.fused_linear=true", "teacher.deepspeed.zero_optimization.stage=3"]
-    straight = deepspeed(root / "straight", *common)
-    deepspeed(root / "split", *common, "train.steps_this_run=4", "checkpoint.interval=4")
-    deepspeed(root / "split", *common, "resume=auto")
+    straight = deepspeed(root / "straight", *common, "checkpoint.interval=4")
+    resumed_beside(root / "straight", 4, root / "split", *GATED, *common)
     return root, straight.stdout
 
 
@@ -233,7 +231,7 @@ def test_a_listening_teacher_distils_from_its_student_gated_and_resumes_exactly(
         assert tb[f"schedule/alpha/{name}"][4] > 0
         assert len(set(tb[f"benefit/openness/{name}"].values())) > 1
         for tag in (f"{name}/train/loss", f"schedule/alpha/{name}", f"benefit/openness/{name}"):
-            assert split[tag] == tb[tag], tag
+            assert split[tag] == after(tb, 4)[tag] and sorted(split[tag]) == [5, 6, 7, 8], tag
 
 
 def test_every_target_is_taken_before_any_model_steps(tmp_path):

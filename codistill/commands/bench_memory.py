@@ -210,6 +210,7 @@ def run_arm(args: argparse.Namespace) -> dict:
                          gathered=zero3_gathered(trainer) if args.timeline else None)
     instrument(trainer, memory)
     rest = []
+    memory.step = 1  # the sampling thread starts with the block: its first readings are step 1's, not a step 0's
     with memory:
         for step in range(args.steps):
             memory.step = step + 1
