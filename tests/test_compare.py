@@ -1,4 +1,4 @@
-"""codistill-compare end to end on micro models (through its console entry point): five arms and
+"""codistill-compare end to end on micro models (its driver in the test process, each run a process): five arms and
 a variant, a table, a plot, and reruns that repeat nothing; its --variant checks without a run."""
 import copy
 import json
@@ -10,18 +10,17 @@ import yaml
 from codistill.commands import compare
 from codistill.config import ConfigError, load_config
 
-from conftest import MICRO, bin_path, run_cmd
+from conftest import MICRO, run_cmd, run_here
 
 
 def test_compare_trains_five_arms_writes_table_and_plot_and_resumes(tmp_path):
     """Two corpora (the bundled one and Django's source, each with its own tokenizer), one seed."""
     top = tmp_path / "cmp"
     out = top / "shakespeare"
-    cmd = [bin_path("codistill-compare"), "--config", str(MICRO), "--seeds", "1", "--output-dir", str(top),
+    cmd = ["--seeds", "1", "--output-dir", str(top),
            "--variant", "t2:distill.temperature=2 distill.divergence=jsd", "--datasets", "shakespeare", "django-code",
            "train.max_steps=6", "distill.head_start_steps=2", "train.eval_interval=3"]
-    proc = run_cmd(cmd, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_here(compare.main, *cmd)  # the driver in this process; its runs are processes of their own
     across = (top / "results.md").read_text()
     assert "| shakespeare | 7 |" in across and "| django-code | 7 |" in across and "never worse on every corpus" in across
     assert "(e) − (a)" in across and "mean share of the (a) → teacher gap closed" in across
@@ -59,16 +58,14 @@ def test_compare_trains_five_arms_writes_table_and_plot_and_resumes(tmp_path):
     assert weak["teacher"]["deepspeed"]["optimizer"]["params"]["lr"] == lr * 0.1
     assert two["mode"] == "soft" and two["teacher"]["pretrained"].endswith("teacher_hf/teacher")
     # A second run finds every run done and only rebuilds the report.
-    again = run_cmd(cmd, timeout=300)
-    assert again.returncode == 0, again.stderr[-2000:]
+    again = run_here(compare.main, *cmd)
     assert again.stdout.count("already done") == 6 and "training ->" not in again.stdout
     # --paired-only reports the paired run's arms only; another set of variants is refused, not mixed in.
-    paired_only = run_cmd([*cmd, "--paired-only"], timeout=300)
-    assert paired_only.returncode == 0, paired_only.stderr[-2000:]
+    paired_only = run_here(compare.main, *cmd, "--paired-only")
     assert paired_only.stdout.count("already done") == 2
     assert "(c) two-stage" not in (out / "results.md").read_text() and "| +" in (top / "results.md").read_text()
     assert "| — |" in (top / "results.md").read_text()
-    other = run_cmd([*cmd, "--variant", "rkl:distill.divergence=reverse_kl"], timeout=300)
+    other = run_here(compare.main, *cmd, "--variant", "rkl:distill.divergence=reverse_kl", ok=False)
     assert other.returncode == 2 and "paired.yaml: this run's students were" in other.stderr
     assert "give another --output-dir" in other.stderr
 
