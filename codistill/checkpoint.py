@@ -291,11 +291,15 @@ class _Guarded:
 
 def _torch_save(save: Callable, obj, path) -> None:
     """``save(obj, path)``: torch.save reports a write the disk refused as a RuntimeError of its
-    zip writer ("unexpected pos ...", "file write failed"), which becomes the OSError it is."""
+    zip writer ("unexpected pos ...", "file write failed"), which becomes the OSError it is. The
+    RuntimeError is not kept: its traceback holds the writer, whose file (removed with the unfinished
+    checkpoint) would stay open, and its space taken, for as long as the error is remembered."""
     try:
         save(obj, path)
+        return
     except RuntimeError as exc:
-        raise OSError(None, str(exc).strip().splitlines()[0], str(path)) from exc
+        message = str(exc).strip().splitlines()[0]
+    raise OSError(None, message, str(path))
 
 
 def _tensor_bytes(obj) -> int:

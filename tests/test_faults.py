@@ -2,6 +2,7 @@
 non-finite loss, two runs on one folder."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -191,18 +192,25 @@ def test_a_full_disk_during_a_save_ends_every_rank_with_one_line_and_keeps_the_e
 
 def test_a_really_full_disk(tmp_path):
     """The same on a real disk that fills up (a 22 MB tmpfs holds one checkpoint of the micro run
-    and not two), where torch.save reports the full disk as a RuntimeError of its zip writer."""
+    and not two), where torch.save reports the full disk as a RuntimeError of its zip writer. In the
+    test's own process: nothing of the failed save stays open (the disk unmounts at once), and the free
+    space the error reports is the disk's once the unfinished checkpoint is gone."""
     disk = tmp_path / "disk"
     disk.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=22m", "tmpfs", str(disk)], capture_output=True).returncode:
         pytest.skip("cannot mount a small tmpfs here (needs root); the injected full disk above covers the logic")
     try:
         out, root = disk / "run", disk / "run" / "checkpoints"
-        # its own process: what a failed save leaves open ends with it, and the disk can be unmounted
-        proc = launch(f"output_dir={out}", "checkpoint.interval=2", "checkpoint.keep_last=0", how="python", ok=False)
+        proc = train_cli_here(f"output_dir={out}", "checkpoint.interval=2", "checkpoint.keep_last=0", ok=False)
         assert proc.returncode == 5 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-        assert proc.stderr.strip().splitlines()[-1].startswith(
-            "codistill-train: error: checkpoint step_00000004: the disk is full (rank 0: No space left on device: ")
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("codistill-train: error: checkpoint step_00000004: the disk is full (rank 0: No space "
+                               "left on device: ")
         assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002"]
+        free = float(last.split(" MB is free in ")[0].rsplit(" ", 1)[1]) * 1e6
+        assert abs(free - shutil.disk_usage(disk).free) < 0.2e6, (free, shutil.disk_usage(disk).free)
     finally:
-        subprocess.run(["umount", str(disk)])
+        unmounted = subprocess.run(["umount", str(disk)], capture_output=True, text=True)
+        if unmounted.returncode:
+            subprocess.run(["umount", "-l", str(disk)])  # detached all the same: the machine keeps no mount
+    assert unmounted.returncode == 0, unmounted.stderr  # "target is busy": a file of the failed save still open
