@@ -416,7 +416,7 @@ CROSS = "teacher_"  # the prefix of a paired block's columns in the teacher's ow
 STATS = ("dropped_tokens", "tokenize_s", "align_s", "student_tokens", "teacher_tokens")  # what pairing a batch
 # of documents left out, its cost, and the tokens each side's blocks hold
 PAIRED = ("input_ids", "attention_mask", "loss_mask", CROSS + "input_ids", CROSS + "attention_mask",
-          "student_chunk", "teacher_chunk")  # the columns of a paired block
+          CROSS + "loss_mask", "student_chunk", "teacher_chunk")  # the columns of a paired block
 
 
 def start_tokens(tok) -> list[int]:
@@ -469,7 +469,7 @@ def pair_blocks(texts: Sequence[str], student, teacher, seq_len: int, teacher_le
             continue
         _add_block(out, (seq_len, teacher_len), s_ids[s_cum[c0]:s_cum[c1]], s_chunk[s_cum[c0]:s_cum[c1]] - c0,
                    student, t_ids[t_cum[c0]:t_cum[c1]], t_chunk[t_cum[c0]:t_cum[c1]] - c0, teacher,
-                   set(starts[id(student)]) - {student.eos_token_id})
+                   [set(starts[id(tok)]) - {tok.eos_token_id} for tok in (student, teacher)])
         c0 = c1
     rows = len(out["input_ids"])  # the batch's figures ride on its first block (a map's columns are per row)
     held = (sum(map(sum, out["attention_mask"])), sum(map(sum, out[CROSS + "attention_mask"])))
@@ -479,9 +479,10 @@ def pair_blocks(texts: Sequence[str], student, teacher, seq_len: int, teacher_le
 
 
 def _add_block(out: dict[str, list], lengths: tuple[int, int], s_ids, s_chunk, student, t_ids, t_chunk,
-               teacher, unscored: set) -> None:
-    """One paired block, each side padded to its length; the students' ``unscored`` ids (a document's start
-    tokens) are read, not predicted."""
+               teacher, unscored: list[set]) -> None:
+    """One paired block, each side padded to its length; each side's ``unscored`` ids (a document's start
+    tokens, the students' then the teacher's) are read, not predicted: neither model's CE, nor a chunk's
+    likelihood, counts them."""
     def padded(values, fill, side):
         values = list(values)
         return values + [fill] * (lengths[side] - len(values))
@@ -490,9 +491,10 @@ def _add_block(out: dict[str, list], lengths: tuple[int, int], s_ids, s_chunk, s
     t_pad = teacher.pad_token_id if teacher.pad_token_id is not None else teacher.eos_token_id
     out["input_ids"].append(padded(s_ids, s_pad, 0))
     out["attention_mask"].append(padded([1] * len(s_ids), 0, 0))
-    out["loss_mask"].append(padded([int(i not in unscored) for i in s_ids], 0, 0))
+    out["loss_mask"].append(padded([int(i not in unscored[0]) for i in s_ids], 0, 0))
     out[CROSS + "input_ids"].append(padded(t_ids, t_pad, 1))
     out[CROSS + "attention_mask"].append(padded([1] * len(t_ids), 0, 1))
+    out[CROSS + "loss_mask"].append(padded([int(i not in unscored[1]) for i in t_ids], 0, 1))
     out["student_chunk"].append(padded(s_chunk.tolist(), -1, 0))
     out["teacher_chunk"].append(padded(t_chunk.tolist(), -1, 1))
 

@@ -589,7 +589,7 @@ def build_splits(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int,
         teacher_start = start_tokens(teacher_tokenizer)
         parts += [{"teacher_tokenizer": tokenizer_fingerprint(teacher_tokenizer), "paired": PAIRED_VERSION,
                    **({"teacher_seq_len": cfg.teacher_block} if cfg.teacher_block != cfg.seq_len else {}),
-                   **({"teacher_start": teacher_start} if teacher_start else {})}]
+                   **({"teacher_start_unscored": teacher_start} if teacher_start else {})}]
     key = json.dumps(parts + ([{"probe_fraction": probe_fraction}] if probe_fraction else []))  # (no probe: as before)
     fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
     parent = cfg.resolved_cache_dir() / "processed"
@@ -838,8 +838,8 @@ def on_device(raw: dict[str, torch.Tensor], device: torch.device) -> dict[str, t
     batch["labels"], batch["mask"] = next_token_targets(batch["input_ids"], batch["attention_mask"],
                                                         batch.get("loss_mask"))
     if CROSS + "input_ids" in batch:
-        batch[CROSS + "labels"], batch[CROSS + "mask"] = next_token_targets(batch[CROSS + "input_ids"],
-                                                                            batch[CROSS + "attention_mask"])
+        batch[CROSS + "labels"], batch[CROSS + "mask"] = next_token_targets(  # (blocks built before it: no loss mask)
+            batch[CROSS + "input_ids"], batch[CROSS + "attention_mask"], batch.get(CROSS + "loss_mask"))
     return batch
 
 

@@ -236,8 +236,7 @@ def llama_with_start(llama_style):
 def test_each_document_starts_as_the_teacher_read_its_pretraining_text(pair, llama_with_start):
     """A tokenizer that puts <s> before a text gets it at every document's start, in the chunk of the first
     characters (the other side has no start token); one without (GPT-2's) gets none."""
-    from codistill.crosstok import pair_blocks
-    from codistill.crosstok import start_tokens
+    from codistill.crosstok import PAIRED, pair_blocks, start_tokens
 
     student, bos = pair[0], llama_with_start.bos_token_id
     assert start_tokens(llama_with_start) == [bos] and start_tokens(student) == start_tokens(pair[1]) == []
@@ -251,7 +250,16 @@ def test_each_document_starts_as_the_teacher_read_its_pretraining_text(pair, lla
                 assert k == 0 or t_ids[k - 1] == llama_with_start.eos_token_id  # right after a document's end
                 assert t_chunk[k] == t_chunk[k + 1] and t_chunk[k] >= 0  # with the first characters
         assert bos not in out["input_ids"][row] and all(out["loss_mask"][row][:sum(out["attention_mask"][row])])
+        # the teacher reads its start token and is not scored on it (as the students' side below)
+        assert [m for i, m, a in zip(t_ids, out["teacher_loss_mask"][row], out["teacher_attention_mask"][row])
+                if a] == [int(i != bos) for i, a in zip(t_ids, out["teacher_attention_mask"][row]) if a]
     assert starts == len(DOCS)
+    from codistill.crosstok import CROSS
+    from codistill.data import on_device
+
+    batch = on_device({k: torch.tensor(v) for k, v in out.items() if k in PAIRED}, torch.device("cpu"))
+    predicts_start = batch[CROSS + "labels"] == bos
+    assert predicts_start.any() and not batch[CROSS + "mask"][predicts_start].any()
     swapped = pair_blocks(DOCS, llama_with_start, student, seq_len=24)  # a student's start: read, not scored
     for ids, mask, attended in zip(swapped["input_ids"], swapped["loss_mask"], swapped["attention_mask"]):
         assert all(m == int(i != bos) for i, m, a in zip(ids, mask, attended) if a)
