@@ -221,15 +221,24 @@ def module_command(module: str, nproc: int = 1) -> list[str]:
             "-m", module]
 
 
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a command this one starts (a run of codistill-compare, an arm of a benchmark): ours
+    without this process's rendezvous variables (RANK, MASTER_PORT, ...: a run made in this process sets them,
+    and a child that read them would join that finished run's address), plus ``extra``."""
+    from .distributed import RENDEZVOUS
+
+    return {**{k: v for k, v in os.environ.items() if k not in RENDEZVOUS}, **extra}
+
+
 def run_module(module: str, args: list[str], nproc: int = 1, log_file: Optional[Path] = None) -> None:
     """Run a codistill command as a subprocess (appending its output to ``log_file``, else
     inheriting ours); a failure raises :class:`RunFailed` naming the command and where to look."""
     cmd = module_command(module, nproc) + args
     if log_file is None:
-        proc = subprocess.run(cmd)
+        proc = subprocess.run(cmd, env=child_env())
     else:
         with open(log_file, "a") as fh:
-            proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT)
+            proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=child_env())
     if proc.returncode != 0:
         where = f"; see {log_file}" if log_file else " (its output is above)"
         raise RunFailed(f"'python -m {module} {' '.join(args[:3])} ...' failed with exit code {proc.returncode}{where}")

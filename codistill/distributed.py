@@ -17,7 +17,7 @@ import torch
 
 from . import accelerator  # noqa: F401  (first: sets DS_ACCELERATOR before anything imports deepspeed)
 
-_RENDEZVOUS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")
+RENDEZVOUS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")
 _MPI_MARKERS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
 
 
@@ -41,7 +41,7 @@ def free_port() -> int:
 
 
 def how_started() -> str:
-    if all(v in os.environ for v in _RENDEZVOUS):
+    if all(v in os.environ for v in RENDEZVOUS):
         return "launcher"
     if any(v in os.environ for v in _MPI_MARKERS):
         return "mpi"

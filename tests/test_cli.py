@@ -105,6 +105,17 @@ def test_a_command_line_that_made_a_process_group_ends_at_once_with_its_code(tmp
     assert out.read_text() == "handlers ran\n"
 
 
+def test_a_command_started_by_another_never_joins_that_ones_process_group(monkeypatch):
+    """A run made in this process (codistill-compare's driver in a notebook after a training run, a test
+    worker) leaves RANK, MASTER_PORT, ... set: the runs and arms a command starts get none of them."""
+    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29512",
+                           KEEP_ME="1").items():
+        monkeypatch.setenv(key, value)
+    env = cli.child_env(OMP_NUM_THREADS="1")
+    assert not {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"} & set(env)
+    assert env["KEEP_ME"] == "1" and env["OMP_NUM_THREADS"] == "1" and env["PATH"] == os.environ["PATH"]
+
+
 def test_two_runs_from_one_python_process(tmp_path):
     """A second run in the same process (a notebook, a sweep from Python) gets fresh process groups:
     the first run's teardown also drops the groups DeepSpeed and the disk barrier cached."""

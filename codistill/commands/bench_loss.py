@@ -291,7 +291,7 @@ def run_variants(args: argparse.Namespace, shape: str, kind: tuple[str, str], di
                "--repeats", str(args.repeats), "--device", args.device, "--dtype", args.dtype,
                *(["--top-k", str(args.top_k)] if args.top_k else [])]
         available = available_bytes(args.device if kind == LINEAR else "cpu")
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=cli.child_env())
         out_of_memory = proc.returncode < 0 or "OutOfMemoryError" in proc.stderr
         if out_of_memory and variant == base:  # the plain path does not fit this machine
             figures[variant] = {"killed": True, "available": available}

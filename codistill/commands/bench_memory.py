@@ -41,7 +41,6 @@ import ctypes
 import functools
 import gc
 import json
-import os
 import subprocess
 import tempfile
 import threading
@@ -357,7 +356,7 @@ def body(args: argparse.Namespace) -> int:
         # Here, not in the arm's process: the estimate's runtime term is measured in the process it runs in.
         estimates[name] = estimate(cfg, 1, "cpu")
     results: dict[str, dict] = {}
-    env = dict(os.environ)
+    env = cli.child_env()
     if args.trim:
         env["GLIBC_TUNABLES"] = ":".join(t for t in (env.get("GLIBC_TUNABLES"), MMAP_THRESHOLD) if t)
     with tempfile.TemporaryDirectory(prefix="codistill-bench-memory-") as tmp:
