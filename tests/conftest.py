@@ -27,11 +27,11 @@ __all__ = ["MICRO", "ROOT", "TRAIN", "launch", "launch_cmd", "launch_env", "read
 
 
 def launch_env(**extra: str) -> dict:
-    """This process's environment without any rendezvous variables of its own, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(extra)
-    return env
+    """This process's environment without any rendezvous variables of its own, plus ``extra``: what the
+    commands give the runs they start (codistill.cli.child_env)."""
+    from codistill.cli import child_env
+
+    return child_env(**extra)
 
 
 def run_cmd(cmd: list[str], timeout: int = 300, **env: str) -> subprocess.CompletedProcess:

@@ -11,12 +11,7 @@ from codistill.checkpoint import MANIFEST
 from codistill.files import sha256_file
 
 from conftest import run_here
-
-
-def train(*args, ok=True):
-    from codistill.commands import train
-
-    return run_here(train.main, *args, ok=ok)
+from conftest import train_cli_here as train
 
 
 def export(*args, ok=True):
