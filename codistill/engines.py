@@ -11,6 +11,7 @@ import contextlib
 import inspect
 import logging
 import math
+import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -336,12 +337,31 @@ def build_engine(spec: ModelSpec, hf_config, ds_config: dict[str, Any], seed: in
     model = build_model(spec, hf_config, seed=seed, zero3=ds_config if stage3 else None)  # ZeRO-3: never whole
     if spec.gradient_checkpointing and trainable:  # a frozen model keeps no activations to recompute
         enable_checkpointing(model)
-    if not trainable:
-        engine, *_ = deepspeed.initialize(model=model.requires_grad_(False).eval(), config=ds_config)
-        return Member(spec, engine, trainable=False, vocab=vocab)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-                                      config=ds_config)
+    with _muon_uncompiled(ds_config):
+        if not trainable:
+            engine, *_ = deepspeed.initialize(model=model.requires_grad_(False).eval(), config=ds_config)
+            return Member(spec, engine, trainable=False, vocab=vocab)
+        engine, *_ = deepspeed.initialize(model=model, config=ds_config,
+                                          model_parameters=[p for p in model.parameters() if p.requires_grad])
     return Member(spec, engine, vocab=vocab)
+
+
+@contextlib.contextmanager
+def _muon_uncompiled(ds_config: dict[str, Any]):
+    """deepspeed.initialize under ZeRO imports DeepSpeed's Muon optimizer to check the run's optimizer against it, and
+    Muon's ``torch.compile`` decorators load TorchInductor: about 2 s of a core per rank at every start, for an
+    optimizer the run does not use. Unless the config asks for Muon, TorchDynamo is off while the engine is built
+    (TORCHDYNAMO_DISABLE, read when a function is decorated): Muon's functions stay plain Python, and nothing else
+    DeepSpeed builds there is compiled. A user's own TORCHDYNAMO_DISABLE is left as it is."""
+    kind = str((ds_config.get("optimizer") or {}).get("type", ""))
+    if "muon" in kind.lower() or "TORCHDYNAMO_DISABLE" in os.environ:
+        yield
+        return
+    os.environ["TORCHDYNAMO_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop("TORCHDYNAMO_DISABLE", None)
 
 
 def forward_logits(member: Member, batch: dict[str, torch.Tensor], vocab: int) -> torch.Tensor:

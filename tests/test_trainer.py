@@ -265,3 +265,26 @@ def test_tokens_per_second_counts_no_padding(tmp_path, tokenizer):
     values = trainer.train_step(0)
     assert values["perf/tokens"] == int(batch["attention_mask"].sum()) < 4 * 32  # padding not counted
     assert values["perf/tokens_per_sec"] > 0
+
+
+@pytest.mark.parametrize("kind, off", [("AdamW", True), ("MuonWithAuxAdam", False)])
+def test_an_engine_is_built_with_torchdynamo_off_unless_it_trains_with_muon(monkeypatch, tokenizer, kind, off):
+    """DeepSpeed's ZeRO check imports its Muon optimizer, whose torch.compile decorators load TorchInductor: not
+    for a run that does not use Muon. A user's own setting is kept and the variable is restored after."""
+    from transformers import AutoConfig
+
+    from codistill import engines
+
+    seen = []
+    monkeypatch.setattr(deepspeed, "initialize", lambda **kw: seen.append(engines.os.environ.get(
+        "TORCHDYNAMO_DISABLE")) or (None,))
+    monkeypatch.delenv("TORCHDYNAMO_DISABLE", raising=False)
+    spec = load_config(MICRO).students[0]
+    hf = AutoConfig.for_model("llama", vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                              num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
+    ds = {"optimizer": {"type": kind}, "zero_optimization": {"stage": 2}}
+    engines.build_engine(spec, hf, ds, seed=0, trainable=True)
+    assert seen == ["1" if off else None] and "TORCHDYNAMO_DISABLE" not in engines.os.environ
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "0")
+    engines.build_engine(spec, hf, ds, seed=0, trainable=False)
+    assert seen[-1] == "0" and engines.os.environ["TORCHDYNAMO_DISABLE"] == "0"
