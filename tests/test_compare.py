@@ -14,19 +14,14 @@ from conftest import MICRO, run_cmd, run_here
 
 
 def test_compare_trains_five_arms_writes_table_and_plot_and_resumes(tmp_path):
-    """Two corpora (the bundled one and Django's source, each with its own tokenizer), one seed."""
+    """Every arm on the bundled corpus, one seed; then its paired run with a second corpus (Django's source, its own
+    tokenizer) in one cross-corpus table (--paired-only: three runs fewer than every arm on both)."""
     top = tmp_path / "cmp"
     out = top / "shakespeare"
-    cmd = ["--seeds", "1", "--output-dir", str(top),
-           "--variant", "t2:distill.temperature=2 distill.divergence=jsd", "--datasets", "shakespeare", "django-code",
-           "train.max_steps=6", "distill.head_start_steps=2", "train.eval_interval=3"]
+    common = ["--seeds", "1", "--variant", "t2:distill.temperature=2 distill.divergence=jsd", "train.max_steps=6",
+              "distill.head_start_steps=2", "train.eval_interval=3"]
+    cmd = [*common, "--datasets", "shakespeare", "--output-dir", str(out)]  # the folder a corpus gets below
     run_here(compare.main, *cmd)  # the driver in this process; its runs are processes of their own
-    across = (top / "results.md").read_text()
-    assert "| shakespeare | 7 |" in across and "| django-code | 7 |" in across and "never worse on every corpus" in across
-    assert "(e) − (a)" in across and "mean share of the (a) → teacher gap closed" in across
-    assert "| corpus | seed | (b) | t2 |" in across and "- t2: `distill.temperature=2 distill.divergence=jsd`" in across
-    code = yaml.safe_load((top / "django-code" / "seed_7" / "paired.yaml").read_text())
-    assert code["data"]["dataset"] == "django-code"
     table = (out / "results.md").read_text()
     for label in ("(a) student alone", "(b) co-distilled", "(c) two-stage (frozen teacher)",
                   "(d) co-distilled, handicapped teacher", "(e) co-distilled, lead-only gate",
@@ -59,12 +54,19 @@ def test_compare_trains_five_arms_writes_table_and_plot_and_resumes(tmp_path):
     assert two["mode"] == "soft" and two["teacher"]["pretrained"].endswith("teacher_hf/teacher")
     # A second run finds every run done and only rebuilds the report.
     again = run_here(compare.main, *cmd)
-    assert again.stdout.count("already done") == 6 and "training ->" not in again.stdout
-    # --paired-only reports the paired run's arms only; another set of variants is refused, not mixed in.
-    paired_only = run_here(compare.main, *cmd, "--paired-only")
-    assert paired_only.stdout.count("already done") == 2
-    assert "(c) two-stage" not in (out / "results.md").read_text() and "| +" in (top / "results.md").read_text()
-    assert "| — |" in (top / "results.md").read_text()
+    assert again.stdout.count("already done") == 3 and "training ->" not in again.stdout
+    # --paired-only with a second corpus: its paired run only, reported beside the first corpus's paired arms.
+    paired_only = run_here(compare.main, *common, "--datasets", "shakespeare", "django-code", "--paired-only",
+                           "--output-dir", str(top))
+    assert paired_only.stdout.count("already done") == 1 and paired_only.stdout.count("training ->") == 1
+    code = yaml.safe_load((top / "django-code" / "seed_7" / "paired.yaml").read_text())
+    assert code["data"]["dataset"] == "django-code"
+    across = (top / "results.md").read_text()
+    assert "| shakespeare | 7 |" in across and "| django-code | 7 |" in across and "never worse on every corpus" in across
+    assert "(e) − (a)" in across and "mean share of the (a) → teacher gap closed" in across
+    assert "| corpus | seed | (b) | t2 |" in across and "- t2: `distill.temperature=2 distill.divergence=jsd`" in across
+    assert "(c) two-stage" not in (out / "results.md").read_text() and "| +" in across and "| — |" in across
+    # Another set of variants is refused, not mixed in.
     other = run_here(compare.main, *cmd, "--variant", "rkl:distill.divergence=reverse_kl", ok=False)
     assert other.returncode == 2 and "paired.yaml: this run's students were" in other.stderr
     assert "give another --output-dir" in other.stderr
