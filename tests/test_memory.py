@@ -78,7 +78,7 @@ def test_dry_run_prints_the_estimate_and_writes_nothing(tmp_path):
 def test_the_estimate_is_within_25_percent_of_the_measured_peak_of_a_mid_size_zero3_run(tmp_path):
     """An ~82M teacher and a ~16M student, ZeRO-3 with checkpointing, 2 ranks: every rank's peak
     RSS against the estimate, which the models' states, DeepSpeed's buffers and the activations
-    dominate here (measured 2.99 GB, estimated 2.86 GB when written)."""
+    dominate here (measured 2.92 GB, estimated 2.89 GB when written)."""
     mid = ROOT / "tests" / "configs" / "mid.yaml"
     out = tmp_path / "mid"
     launch(f"output_dir={out}", config=mid, timeout=600)
