@@ -36,7 +36,7 @@ def test_sigterm_finishes_the_step_saves_and_exits_zero_then_resumes(tmp_path):
     assert stopped, log[-3000:]
     step = int(stopped[0].split("stopping at step ")[1].split()[0])
     assert (out / "checkpoints" / f"step_{step:08d}" / "manifest.json").exists()
-    resumed = launch(f"output_dir={out}", f"train.max_steps={step + 2}", "resume=auto", how="deepspeed")
+    resumed = launch(f"output_dir={out}", f"train.max_steps={step + 2}", "resume=auto")
     assert f"at step {step}" in resumed.stdout and f"step {step + 2}/{step + 2}" in resumed.stdout
 
 
@@ -160,7 +160,7 @@ def test_a_save_that_takes_longer_than_the_collective_timeout_completes(tmp_path
     waits on the checkpoint's own (long) timeout, not the one that detects dead ranks."""
     out = tmp_path / "run"
     proc = launch(f"output_dir={out}", "train.max_steps=2", "train.eval_interval=2", "train.collective_timeout_s=4",
-                  how="deepspeed", script="tests/helpers/slow_hash.py", timeout=400, SLOW_HASH_S="8")
+                  script="tests/helpers/slow_hash.py", timeout=400, SLOW_HASH_S="8")
     assert (out / "checkpoints" / "step_00000002" / "manifest.json").exists(), proc.stdout[-2000:]
     from codistill.checkpoint import verify
 
@@ -186,7 +186,7 @@ def test_a_full_disk_during_a_save_ends_every_rank_with_one_line_and_keeps_the_e
     assert 0.8 < needed / stored < 1.25, (needed, stored)  # the size a checkpoint of this run takes
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002"]
     assert (root / "latest").read_text().split()[0] == "step_00000002" and verify(root / "step_00000002") is None
-    resumed = launch(f"output_dir={out}", "checkpoint.interval=2", "resume=auto", how="deepspeed")
+    resumed = launch(f"output_dir={out}", "checkpoint.interval=2", "resume=auto")
     assert "step_00000002 at step 2" in resumed.stdout and verify(root / "step_00000006") is None
 
 
