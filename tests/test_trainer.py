@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from codistill import distributed
 from codistill.config import ConfigError, load_config
 from codistill.trainer import Trainer
 
@@ -59,7 +60,7 @@ def run(tmp_path_factory, tokenizer):
             m.engine.train()
     yield dict(trainer=trainer, saved=saved, start=start_weights, seen=seen, before=before, after=after, cfg=cfg,
                batches=batches, final_logits=final_logits)
-    torch.distributed.destroy_process_group()
+    distributed.shutdown()  # DeepSpeed's cached groups too: a later run in this process makes fresh ones
 
 
 def test_pretrained_teacher_starts_from_the_saved_weights(run):
