@@ -268,6 +268,12 @@ class DistillConfig(_DistillNames):
         "is 1/(1−d) steps) instead of the teacher itself: a smoothed, lagging teacher, at one more forward per "
         "micro-batch and a copy of the teacher's weights (fp32 where it trains in bf16/fp16); 0: the teacher "
         "itself. Set in the top-level distill section: one smoothed teacher serves every student")
+    selection_interval: int = Field(
+        0, ge=0, description="every N optimizer steps and at the last, each student with a twin (students.N.twin) and "
+        "its twin are scored on held-out training documents (data.probe_fraction, never the validation split) and "
+        "the worse takes the better's weights, optimizer and schedule state: the student handed back is the better "
+        "of the two (codistill/selection.py); 0: off. Set in the top-level distill section")
+    selection_batches: int = Field(4, gt=0, description="selection: probe micro-batches per rank at each decision")
     head_start_steps: int = Field(0, ge=0, description="the teacher trains alone for this many steps first")
     temperature: float = Field(1.0, gt=0.0)
     temperature_final: Optional[float] = Field(None, gt=0.0, description="anneal T linearly to this by max_steps")
@@ -462,6 +468,7 @@ class RunConfig(_Section):
                 raise ValueError(f"{spec.name}.distill.teacher_progress={d.teacher_progress}: α follows a teacher "
                                  f"that trains, a student's in mode codistill (here {here}); set it to none")
         self._check_teacher_ema()
+        self._check_selection()
         tail, steps = self.train.tail_steps, self.train.max_steps
         if not tail:
             return
@@ -476,6 +483,19 @@ class RunConfig(_Section):
             if tail > steps - d.head_start_steps:
                 raise ValueError(f"train.tail_steps={tail} is longer than {s.name}'s steps (train.max_steps {steps} "
                                  f"less distill.head_start_steps {d.head_start_steps}); lower it")
+
+    def _check_selection(self) -> None:
+        """Selection is one setting for the run, between students and their twins."""
+        n = self.distill.selection_interval
+        for spec, merged, _ in self.learners():
+            for key in ("selection_interval", "selection_batches"):
+                if getattr(merged, key) != getattr(self.distill, key):
+                    raise ValueError(f"{spec.name}.distill.{key}={getattr(merged, key)}: selection is one setting for "
+                                     f"the run; set it in the top-level distill section (here "
+                                     f"{getattr(self.distill, key)})")
+        if n and not self.twins():
+            raise ValueError(f"distill.selection_interval={n}: selection chooses between a student and its twin "
+                             "trained alone; give a student twin: true (modes codistill and soft), or set it to 0")
 
     def _check_teacher_ema(self) -> None:
         """One smoothed teacher serves every student of a teacher that trains."""
@@ -612,9 +632,10 @@ class RunConfig(_Section):
         return self._merged[index]
 
     def probe_fraction(self) -> Optional[float]:
-        """The share of training documents set aside as the benefit gate's probe (None: no student
-        measures on held-out documents, and the training split is every training document)."""
+        """The share of training documents set aside as the benefit gate's and selection's probe (None: no
+        student measures on held-out documents, and the training split is every training document)."""
         heldout = any(d.benefit_gate and d.benefit_probe == "heldout" for d in self._merged)
+        heldout = heldout or bool(self.distill.selection_interval)  # selection scores on them too
         return self.data.probe_fraction if heldout and self.mode != "hard" else None
 
     @property

@@ -200,10 +200,11 @@ def format_values(values: Mapping[str, float]) -> str:
 
 def summary_lines(final: Mapping[str, float], start: Mapping[str, float], teacher: Optional[str], students: list[str],
                   wall_s: float, tokens: int, checkpoint: Path, output_dir: Path,
-                  twins: Optional[Mapping[str, str]] = None) -> list[str]:
+                  twins: Optional[Mapping[str, str]] = None, selected: Optional[list[str]] = None) -> list[str]:
     """The run's face at its end: each model's validation loss and perplexity, each student's gap
     to the teacher and its change since step 0, each student against its twin trained alone (or how to
-    get that comparison), time and throughput, and where to look next."""
+    get that comparison; ``selected``: instead, what selection between them decided), time and throughput,
+    and where to look next."""
     lines = ["run finished:"]
     for name in [*([teacher] if teacher else []), *students]:
         loss = final.get(f"{name}/eval/loss")
@@ -218,7 +219,7 @@ def summary_lines(final: Mapping[str, float], start: Mapping[str, float], teache
         if f"{name}/eval/loss" in start and loss != start[f"{name}/eval/loss"]:  # (a frozen teacher's never moves)
             parts.append(f"{loss - start[f'{name}/eval/loss']:+.4f} since step 0")
         lines.append(f"  {name}: " + ", ".join(parts))
-    lines += baseline_lines(final, teacher, twins or {})
+    lines += [f"  {line}" for line in selected] if selected is not None else baseline_lines(final, teacher, twins or {})
     rate = f", {tokens / wall_s:,.0f} tokens/s" if wall_s > 0 and tokens else ""
     lines += [f"  {wall_s:,.1f} s of training in this run{rate}",
               f"  checkpoint: {checkpoint}",

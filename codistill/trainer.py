@@ -19,7 +19,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from . import checkpoint, distributed, ema, identity, onpolicy, report
+from . import checkpoint, distributed, ema, identity, onpolicy, report, selection
 from .cache import TeacherCache
 from .config import ConfigError, RunConfig, dump_config
 from .crosstok import vocab_maps
@@ -116,6 +116,7 @@ class Trainer:
         self.evaluate_models = Validator(self.val_batches, self.prepare_batch, self.vocab, self.fused,
                                          cfg.distill.chunk_tokens, self.micro_step.sampling.scoring(learners),
                                          Shown.of(cfg, self.tokenizer, self.val_batches, self.micro_step.sampling))
+        self.selection = selection.join(cfg, self.members, self.heldout, self.prepare_batch, self.evaluate_models.model)
 
     def _init_state(self) -> None:
         """What the loop keeps between steps (saved with a checkpoint) and this rank's RNGs."""
@@ -169,7 +170,7 @@ class Trainer:
             values.update(report.schedule_values(plans, list(self.learners), self.tags))
         values.update(report.perf_values(elapsed, values.pop("perf/tokens") * gas * self.world.size))
         values.update(onpolicy.rates(values, [s.name for s in self.learners], elapsed, gas))
-        return values
+        return {**values, **(self.selection.after_step(step + 1) if self.selection else {})}
 
     def plan(self, step: int) -> list[StudentPlan]:
         """What every learner does at optimizer step ``step``: α, T and whether it trains."""
@@ -226,7 +227,7 @@ class Trainer:
         heldout = None if self.heldout is None else len(self.heldout.dataset)
         lines += [report.describe_student(s, self.cfg.train.max_steps, heldout, [self.members[j].name for j in
                                                                              self.models.sources[i]], self.models.cross)
-                  for i, s in enumerate(self.learners)]
+                  for i, s in enumerate(self.learners)] + (self.selection.describe() if self.selection else [])
         engine = self.members[0].engine
         return lines + report.describe_targets(self.cfg, [] if self.models.cross else list(self.learners), self.vocab,
                                                self.fused,
@@ -237,7 +238,7 @@ class Trainer:
     def parts(self) -> dict[str, Any]:
         """The components whose state a checkpoint carries beside the engines, data cursor and RNGs, by key:
         each has ``state_dict``/``load_state_dict`` (a new one is added here, not to save or load)."""
-        return {"students": self.learners}
+        return {"students": self.learners, **({"selection": self.selection} if self.selection else {})}
 
     def state_dict(self) -> dict[str, Any]:
         """The trainer's own state: the run's identity, its step-0 evaluation and every part's state."""
@@ -360,7 +361,8 @@ class Trainer:
             return
         for line in summary_lines(final, self.start_eval, self.teacher_name, [s.name for s in self.students],
                                   wall_s, self.metrics.tokens,
-                                  checkpoint.step_dir(self.output_dir, saved_at), self.output_dir, self.cfg.twins()):
+                                  checkpoint.step_dir(self.output_dir, saved_at), self.output_dir, self.cfg.twins(),
+                                  self.selection and self.selection.summary()):
             self.metrics.message(line)
 
     def _evaluate_and_log(self) -> dict[str, float]:

@@ -1,0 +1,92 @@
+"""Selection between a student and its twin (distill.selection_interval): the worse takes the better's whole
+training state (then both step alike, at ZeRO-2 here and at ZeRO-3 on two ranks), the decisions are the same after
+a restart and never read the validation split, and the settings it needs are one-line errors."""
+import json
+import math
+import sys
+
+import pytest
+import torch
+
+from codistill import distributed
+from codistill.config import ConfigError, load_config
+
+from conftest import MICRO, ROOT, launch, read_scalars, train_cli_here, zero_weights
+
+SELECTING = ["students.0.twin=true", "distill.selection_interval=2", "distill.burn_in_steps=0",
+             "distill.schedule=constant", "distill.benefit_gate=false", "train.log_interval=1"]
+TAGS = ["student/selection/probe_ce", "student_alone/selection/probe_ce", "selection/student/distilled_won"]
+
+
+def test_selection_chooses_between_a_student_and_its_twin_once_for_the_run():
+    with pytest.raises(ConfigError, match=r"distill\.selection_interval=5: selection chooses between a student and "
+                                          r"its twin trained alone; give a student twin: true"):
+        load_config(MICRO, ["distill.selection_interval=5"])
+    with pytest.raises(ConfigError, match=r"student\.distill\.selection_batches=2: selection is one setting for the "
+                                          r"run; set it in the top-level distill section \(here 4\)"):
+        load_config(MICRO, [*SELECTING, "students.0.distill={selection_batches: 2}"])
+    assert load_config(MICRO, SELECTING).probe_fraction() == 0.05  # it scores on training documents set aside
+    assert load_config(MICRO, ["students.0.twin=true"]).probe_fraction() is None
+
+
+def test_the_worse_takes_the_betters_state_and_both_then_step_alike(tmp_path, monkeypatch):
+    """After a run with selection, one more step parts the two; the twin takes the student's state and both step on
+    one batch: every weight and this rank's optimizer state (fp32 masters, moments) are bitwise equal."""
+    monkeypatch.syspath_prepend(str(ROOT / "tests" / "helpers"))
+    monkeypatch.setattr(sys, "argv", ["adopt_step.py", f"output_dir={tmp_path}", *SELECTING])
+    import adopt_step
+
+    try:
+        adopt_step.main()
+    finally:
+        distributed.shutdown()
+    assert json.loads((tmp_path / "rank0.json").read_text()) == {
+        "ended_equal": True, "differed": True, "weights_equal": True, "optimizer_equal": True, "lr": [3e-3, 3e-3]}
+
+
+def test_two_ranks_at_zero3_select_log_their_tags_and_take_state_alike(tmp_path):
+    out = tmp_path / "run"
+    proc = launch(f"output_dir={out}", *SELECTING, *(f"students.0.deepspeed.zero_optimization.{k}" for k in (
+        "stage=3", "stage3_param_persistence_threshold=0")), script=str(ROOT / "tests" / "helpers" / "adopt_step.py"),
+        config=None)
+    for rank in (0, 1):
+        assert json.loads((out / f"rank{rank}.json").read_text())["weights_equal"]
+        assert json.loads((out / f"rank{rank}.json").read_text())["optimizer_equal"]
+    assert "student: selected against student_alone every 2 steps and at the last" in proc.stdout
+    assert "selection: student no worse than student_alone on the held-out probe at " in proc.stdout
+    scalars = read_scalars(out)
+    for tag in TAGS:
+        assert sorted(scalars[tag]) == [2, 4, 6] and all(map(math.isfinite, scalars[tag].values())), tag
+    assert set(scalars["selection/student/distilled_won"].values()) <= {0.0, 1.0}
+    assert scalars["student/eval/loss"][6] == scalars["student_alone/eval/loss"][6]  # both the last winner
+
+
+def test_a_restart_across_a_decision_continues_exactly(tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train_cli_here(f"output_dir={straight}", *SELECTING)
+    train_cli_here(f"output_dir={split}", *SELECTING, "train.steps_this_run=3")
+    train_cli_here(f"output_dir={split}", *SELECTING, "resume=auto")
+    a, b = read_scalars(straight), read_scalars(split)
+    for tag in [*TAGS, "student/train/loss", "student_alone/train/loss"]:
+        assert a[tag] == b[tag], tag
+    assert a["selection/student/distilled_won"][2] == 1.0  # identical before distilling moved them: a tie
+    wa, wb = (zero_weights(run, 6, ("student", "student_alone")) for run in (straight, split))
+    assert all(torch.equal(wa[n][k], wb[n][k]) for n in wa for k in wa[n])
+
+
+def test_selection_never_reads_the_validation_split(tmp_path):
+    """The same run with its validation batches replaced by noise: other validation losses, the same decisions."""
+    from codistill.trainer import Trainer
+
+    train_cli_here(f"output_dir={tmp_path / 'clean'}", *SELECTING)
+    trainer = Trainer(load_config(MICRO, [f"output_dir={tmp_path / 'noise'}", *SELECTING]))
+    try:
+        for batch in trainer.val_batches:
+            batch["input_ids"] = torch.randint_like(batch["input_ids"], 0, trainer.vocab)
+        trainer.fit()
+    finally:
+        distributed.shutdown()
+    clean, noise = read_scalars(tmp_path / "clean"), read_scalars(tmp_path / "noise")
+    assert clean["student/eval/loss"][6] != noise["student/eval/loss"][6]
+    for tag in TAGS:
+        assert clean[tag] == noise[tag], tag
