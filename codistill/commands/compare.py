@@ -97,10 +97,11 @@ def arm_configs(base: dict[str, Any], seed: int, folder: Path, handicap: float,
 
     paired = copy.deepcopy(base)
     alone = copy.deepcopy(student)
+    alone["twin"] = False  # (a) and (e) are single models; (b) keeps a twin it selects against (selection.py)
     alone["name"] = ALONE
     alone["distill"] = {**(alone.get("distill") or {}), "schedule": "constant", "alpha_max": 0.0,
                         "token_filter": False, "benefit_gate": False}
-    lead = copy.deepcopy(student)
+    lead = {**copy.deepcopy(student), "twin": False}
     lead["name"] = LEAD
     lead["distill"] = {**(lead.get("distill") or {}), "benefit_gate": False}
     paired["students"] = [copy.deepcopy(student), lead, alone]
@@ -128,7 +129,8 @@ def arm_configs(base: dict[str, Any], seed: int, folder: Path, handicap: float,
     two = copy.deepcopy(base)
     two["mode"] = "soft"
     two["train"]["tail_steps"] = 0  # the paired run's teacher, finished: its tail is the whole run
-    two["students"] = [copy.deepcopy(student)]
+    two["distill"] = {**two.get("distill", {}), "selection_interval": 0}  # plain two-stage: one student
+    two["students"] = [{**copy.deepcopy(student), "twin": False}]
     two["teacher"] = {"name": teacher["name"], "pretrained": str(folder / "teacher_hf" / teacher["name"]),
                       "deepspeed": teacher["deepspeed"]}
     two["output_dir"] = str(folder / "two_stage")
