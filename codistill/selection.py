@@ -22,7 +22,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 from .data import ProbeBatches
 from .engines import Member
 
@@ -168,5 +168,13 @@ def join(cfg: RunConfig, members: list[Member], heldout: Optional[ProbeBatches],
         return None
     by_name = {m.name: m for m in members}
     pairs = [Pair(by_name[s], by_name[t]) for s, t in cfg.twins().items()]
+    for pair in pairs:
+        swapped = [part for part, section in (("offload_optimizer", pair.student.engine.zero_offload_optimizer()),
+                                              ("offload_param", pair.student.engine.zero_offload_param()))
+                   if section is not None and str(getattr(section, "device", "")).endswith("nvme")]
+        if swapped:
+            raise ConfigError(f"distill.selection_interval={d.selection_interval}: {pair.student.name}'s "
+                              f"zero_optimization.{swapped[0]} swaps to NVMe, and selection copies a model's state in "
+                              "memory; offload to device cpu, or set distill.selection_interval=0")
     return Selection(pairs, heldout, prepare, score, d.selection_interval, d.selection_batches, cfg.train.max_steps,
                      cfg.train.seed)

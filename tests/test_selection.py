@@ -29,6 +29,20 @@ def test_selection_chooses_between_a_student_and_its_twin_once_for_the_run():
     assert load_config(MICRO, ["students.0.twin=true"]).probe_fraction() is None
 
 
+def test_a_student_swapped_to_nvme_is_refused_in_one_line():
+    from types import SimpleNamespace
+
+    from codistill import selection
+
+    cfg = load_config(MICRO, SELECTING)
+    engine = SimpleNamespace(zero_offload_optimizer=lambda: SimpleNamespace(device="nvme"),
+                             zero_offload_param=lambda: None)
+    members = [SimpleNamespace(name=n, engine=engine) for n in ("teacher", "student", "student_alone")]
+    with pytest.raises(ConfigError, match=r"distill\.selection_interval=2: student's zero_optimization\."
+                                          r"offload_optimizer swaps to NVMe, and selection copies"):
+        selection.join(cfg, members, None, None, None)
+
+
 def test_the_worse_takes_the_betters_state_and_both_then_step_alike(tmp_path, monkeypatch):
     """After a run with selection, one more step parts the two; the twin takes the student's state and both step on
     one batch: every weight and this rank's optimizer state (fp32 masters, moments) are bitwise equal."""
