@@ -1,0 +1,47 @@
+#!/bin/bash
+# The GPU check of selection between a student and its twin, distill.selection_interval (about 4 minutes on one
+# CUDA GPU):
+#   - the mid-size pair (configs/examples/mid-gpt2.yaml: ~360M teacher, ~58M student, GPT-2 vocabulary, bf16,
+#     ZeRO-3, checkpointing) with the student's twin, 30 steps, without and with a decision every 10 steps: the
+#     peak memory (selection copies in place: the same peak), the estimate, tokens/s and the decisions' tags;
+#   - the copy itself on CUDA tensors (tests/helpers/adopt_step.py on the micro models, bf16 and ZeRO-3): after
+#     the twin takes the student's state, one CE step of both gives bitwise-equal weights and optimizer state.
+# Writes everything under ${OUT:-gpu_check_selection}/ and prints a summary.
+#   bash tools/gpu_check_selection.sh            (after: pip install -e ".[test]" with a CUDA torch)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_check_selection}
+mkdir -p "$OUT"
+CONFIG=configs/examples/mid-gpt2.yaml
+python tools/estimate.py --config $CONFIG --world-size 1 students.0.twin=true > "$OUT/estimate.txt"
+for N in 0 10; do
+  timeout 150 python launch/train.py --config $CONFIG output_dir="$OUT/run_$N" overwrite=true students.0.twin=true \
+    train.max_steps=30 train.log_interval=5 train.eval_interval=30 train.eval_batches=2 \
+    distill.head_start_steps=0 distill.burn_in_steps=0 checkpoint.interval=0 distill.selection_interval=$N \
+    > "$OUT/run_$N.log" 2>&1 || true
+done
+timeout 120 python tests/helpers/adopt_step.py output_dir="$OUT/adopt" students.0.twin=true \
+  distill.selection_interval=2 distill.burn_in_steps=0 distill.schedule=constant distill.benefit_gate=false \
+  "students.0.deepspeed.bf16={enabled: true}" students.0.deepspeed.zero_optimization.stage=3 \
+  students.0.deepspeed.zero_optimization.stage3_param_persistence_threshold=0 > "$OUT/adopt.log" 2>&1 || true
+python - "$OUT" <<'PY'
+import json, re, sys
+from pathlib import Path
+from codistill.metrics import read_scalars
+out = Path(sys.argv[1])
+est = re.search(r"expected peak per rank: ([\d.]+) GB", (out / "estimate.txt").read_text())
+print(f"estimate with the twin: {est.group(1) if est else '?'} GB per rank")
+for n in ("0", "10"):
+    try:
+        s = read_scalars(out / f"run_{n}")
+    except Exception as exc:  # the run failed: its log says why
+        print(f"selection_interval={n}: the run failed, see {out}/run_{n}.log ({exc})"); continue
+    tps = sorted(s["perf/tokens_per_sec"].values())[len(s["perf/tokens_per_sec"]) // 2]
+    line = f"selection_interval={n}: {tps:,.0f} tokens/s, peak {max(s['perf/peak_memory_gb'].values()):.2f} GB"
+    if "selection/student/distilled_won" in s:
+        won = s["selection/student/distilled_won"]
+        line += f"; decisions at steps {sorted(won)}, the student no worse at {int(sum(won.values()))}"
+    print(line)
+rank = out / "adopt" / "rank0.json"
+print("the copy on CUDA, bf16, ZeRO-3:", json.loads(rank.read_text()) if rank.exists() else f"failed, see {out}/adopt.log")
+PY
