@@ -100,7 +100,7 @@ class Selection:
     def summary(self) -> list[str]:
         """The run's last lines about the decisions."""
         return [f"selection: {p.student.name} no worse than {p.twin.name} on the held-out probe at "
-                f"{p.distilled_won} of {p.decisions} decisions; both end as the last winner, "
+                f"{p.distilled_won} of {p.decisions} decisions; both end with the weights of the last winner, "
                 f"{'the distilled student' if p.last_winner == p.student.name else 'the twin trained alone'}"
                 for p in self.pairs if p.decisions]
 
