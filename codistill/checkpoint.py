@@ -389,9 +389,10 @@ def _prune(root: Path, keep_last: int, keep: Path, run: str) -> None:
         elif kept < keep_last:
             kept += 1
         else:
-            for folder in (old, old.parent / f".universal_{old.name}"):
-                shutil.rmtree(folder, onerror=lambda _f, path, exc: log.warning(
-                    "could not remove %s while pruning old checkpoints: %s", path, exc[1]))
+            for folder in (old, old.parent / f".universal_{old.name}"):  # (the second only after a rescale)
+                if folder.exists():
+                    shutil.rmtree(folder, onerror=lambda _f, path, exc: log.warning(
+                        "could not remove %s while pruning old checkpoints: %s", path, exc[1]))
 
 
 def _sizes_intact(path: Path) -> bool:
