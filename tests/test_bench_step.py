@@ -12,15 +12,16 @@ def test_one_round_reports_every_variant_and_its_ratios(tmp_path):
     out = tmp_path / "bench.json"
     proc = run_cmd([sys.executable, "tools/bench_step.py", "--config", str(MICRO), "--rounds", "1", "--warmup", "0",
                     "--out", str(out), f"output_dir={tmp_path / 'run'}", "distill.benefit_interval=1",
-                    "distill.on_policy={prefix_tokens: 8, max_new_tokens: 8}", "train.tail_steps=2"])
+                    "distill.on_policy={prefix_tokens: 8, max_new_tokens: 8}", "train.tail_steps=2",
+                    "students.0.twin=true", "distill.selection_interval=3"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     for name in ("codistill", "fused", "separate", "two_stage", "teacher_alone", "frozen_teacher", "measured",
-                 "on_policy"):  # micro's heads are linear
+                 "on_policy", "selecting"):  # micro's heads are linear
         assert result[f"{name}_ms"] > 0, name
     assert result["fused_linear"] is False and result["benefit_gate_interval"] == 1
     for ratio in ("ratio_a_over_b", "ratio_a_over_c", "ratio_fused_over_a", "benefit_gate_cost_share",
-                  "ratio_on_policy_over_a", "ratio_lambda_half_over_a"):
+                  "ratio_on_policy_over_a", "ratio_lambda_half_over_a", "selection_step_ratio"):
         assert 0 < abs(result[ratio]) < 100, ratio
     assert 0 < result["on_policy_sampling_share"] < 1
     assert result["ratio_lambda_half_over_a"] == pytest.approx((result["ratio_on_policy_over_a"] + 1) / 2)
@@ -29,6 +30,8 @@ def test_one_round_reports_every_variant_and_its_ratios(tmp_path):
     assert result["two_stage_run_s"] == pytest.approx(4 * ms["teacher_alone"] + 6 * ms["frozen_teacher"])
     assert "the whole run (head start, co-distillation, tail) against two-stage" in proc.stdout
     assert "(a') step (a) with fused-linear losses" in proc.stdout and "at lambda 0.5" in proc.stdout
+    assert result["selection_cost_share"] == pytest.approx(result["selection_step_ratio"] / 3)
+    assert "selection: (s - a) / a = " in proc.stdout
 
 
 def test_peers_and_a_listening_teacher_are_benchmarked_against_their_models_alone_and_deaf(tmp_path):

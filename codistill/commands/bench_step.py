@@ -21,10 +21,13 @@ In one run, on the same engines and the same batches, rotates through
       by itself, as a user would without co-distillation),
   (o) with on-policy students (distill.on_policy): step (a), through the path the run takes, at which every
       one of them also learns on its own samples (sampling, the teacher's scoring forward, its pass on them),
+  (s) with selection (distill.selection_interval, students with twins): step (a), then a decision (both
+      members' probe forwards and the loser's copy of the winner's state; the twin's own step is in (a)),
 and prints median times, tokens/s, the ratios a/b and a/c (and a'/b, a'/c, a'/a), the benefit gate's cost per
 step (d − a, or d − a' where the run takes the fused path, paid once every distill.benefit_interval steps,
 as a share of that step), an on-policy step against an off-policy one (o/a, and at λ = 0.5, half the steps
-on-policy: (o + a) / 2a, with the share of (o) spent sampling) and each
+on-policy: (o + a) / 2a, with the share of (o) spent sampling), a decision's cost (s − a, once every
+distill.selection_interval steps, as a share of the step) and each
 rank's peak memory. Rotating the order round by round cancels most of the drift of a shared,
 noisy machine.
 
@@ -122,6 +125,14 @@ def variants(trainer, plans: list, gated: list, probes: dict, sampled: list) -> 
             sampled.append(sum(v for k, v in sink.items() if k.endswith("/on_policy/seconds")))
 
         out["on_policy"] = on_policy
+    if trainer.selection is not None:
+        decide = out["codistill"]
+
+        def selecting(batches):
+            decide(batches)
+            trainer.selection.after_step(trainer.selection.interval)  # a step at which the decision is due
+
+        out["selecting"] = selecting
     return out
 
 
@@ -168,6 +179,10 @@ def summary(trainer, med: dict[str, float], rounds: int, config: Optional[str],
         result["ratio_on_policy_over_a"] = med["on_policy"] / base
         result["ratio_lambda_half_over_a"] = (med["on_policy"] + base) / (2 * base)
         result["on_policy_sampling_share"] = (sampling or 0.0) / med["on_policy"]
+    if "selecting" in med:  # a decision once every selection_interval steps, against the step it follows
+        result["selection_interval"] = trainer.selection.interval
+        result["selection_step_ratio"] = (med["selecting"] - med["codistill"]) / med["codistill"]
+        result["selection_cost_share"] = result["selection_step_ratio"] / trainer.selection.interval
     return result
 
 
@@ -189,7 +204,8 @@ LABELS = {"codistill": "(a) co-distillation step", "separate": "(b) every model'
           "teacher_alone": "(c1) its first stage: the teacher's step alone",
           "frozen_teacher": "(c2) its second stage (and a tail step): frozen fwd + student step",
           "measured": "(d) step (a) with the benefit gate measuring", "fused": "(a') step (a) with fused-linear losses",
-          "on_policy": "(o) step (a) with every on-policy student also on its samples"}
+          "on_policy": "(o) step (a) with every on-policy student also on its samples",
+          "selecting": "(s) step (a), then a selection decision"}
 
 
 def print_report(result: dict, names: list[str]) -> None:
@@ -221,6 +237,9 @@ def print_report(result: dict, names: list[str]) -> None:
         print(f"  on-policy: o/{a} = {result['ratio_on_policy_over_a']:.3f} "
               f"({result['on_policy_sampling_share']:.0%} of (o) sampling); at lambda 0.5 (half the steps "
               f"on-policy): {result['ratio_lambda_half_over_a']:.3f}")
+    if "selecting" in names:
+        print(f"  selection: (s - a) / a = {result['selection_step_ratio']:.3f} at a deciding step, once every "
+              f"{result['selection_interval']} steps: {result['selection_cost_share']:.1%} of the co-distillation step")
     kind = "peak RSS" if result["device"] == "cpu" else "peak allocated"
     print(f"  {kind} per rank (whole run): " + ", ".join(f"{m:,.0f} MB" for m in result["peak_memory_mb_per_rank"]))
 
