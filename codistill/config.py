@@ -86,11 +86,12 @@ class DataConfig(_Section):
         "training split and cached; default: the bundled corpus's or the teacher's"
     )
     seq_len: int = Field(128, gt=1)
-    teacher_seq_len: Optional[int] = Field(
-        None, gt=1, description="a teacher with another tokenizer: the most tokens of its side of a paired block "
+    teacher_seq_len: Union[None, int, Literal["auto"]] = Field(
+        None, description="a teacher with another tokenizer: the most tokens of its side of a paired block "
         "(default: seq_len). A block ends where either side is full, so a teacher whose tokenizer needs more tokens "
         "for the text (e.g. GPT-2's on code) cuts the students' side short; seq_len × its tokens per student token "
-        "fills both (the run's start-up line gives the ratio)")
+        "fills both (the run's start-up line gives the ratio); auto: that, measured on the first training "
+        "documents when the run starts (the resolved number is what config.yaml keeps)")
     pack: bool = Field(True, description="concatenate documents into seq_len blocks (no padding)")
     val_split: Optional[str] = Field(None, description="name of an existing validation split")
     val_fraction: float = Field(0.05, gt=0.0, lt=1.0, description="share of documents held out")
@@ -106,6 +107,13 @@ class DataConfig(_Section):
             raise ValueError("expected a bundled corpus name, a data path or 'hub:<name>', got an empty value")
         return value
 
+    @field_validator("teacher_seq_len", mode="before")
+    @classmethod
+    def _tokens_or_auto(cls, value: Any) -> Any:
+        if value is None or value == "auto" or (type(value) is int and value > 1):
+            return value
+        raise ValueError(f"expected a number of tokens above 1, or auto, got {quoted(value)}")
+
     @model_validator(mode="after")
     def _one_layout(self) -> "DataConfig":
         if self.messages_field and self.prompt_field:
@@ -114,7 +122,10 @@ class DataConfig(_Section):
 
     @property
     def teacher_block(self) -> int:
-        """The most tokens of a teacher's side of a paired block (another tokenizer's)."""
+        """The most tokens of a teacher's side of a paired block (another tokenizer's); ``auto`` is resolved with
+        the teacher's tokenizer (data.teacher_tokenizer) before anything reads this."""
+        if self.teacher_seq_len == "auto":
+            raise RuntimeError("data.teacher_seq_len=auto read before the teacher's tokenizer resolved it")
         return self.teacher_seq_len or self.seq_len
 
     def resolved_cache_dir(self) -> Path:

@@ -300,7 +300,39 @@ def teacher_tokenizer(cfg: RunConfig, run: PreTrainedTokenizerBase) -> Optional[
     if spec is None or cfg.mode == "hard":
         return None
     tok = own_tokenizer(spec)
-    return None if tok is None or tokenizer_fingerprint(tok) == tokenizer_fingerprint(run) else tok
+    tok = None if tok is None or tokenizer_fingerprint(tok) == tokenizer_fingerprint(run) else tok
+    if tok is not None and cfg.data.teacher_seq_len == "auto":  # resolved once, where the tokenizer is loaded
+        cfg.data.teacher_seq_len = auto_teacher_seq_len(cfg, run, tok)
+    return tok
+
+
+AUTO_DOCUMENTS, AUTO_CHARACTERS = 256, 1_000_000  # what data.teacher_seq_len=auto measures the tokenizers on, at most
+
+
+def auto_teacher_seq_len(cfg: RunConfig, run: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase) -> int:
+    """``data.teacher_seq_len: auto``: data.seq_len x the teacher's tokens per student token on the first training
+    documents (their first million characters at most), rounded up, so that a paired block's students' side holds about data.seq_len tokens instead of
+    ending where the teacher's fills (said once, on the first rank)."""
+    if cfg.data.messages_field:  # (refused across tokenizers by the checks that follow: plain text only)
+        return cfg.data.seq_len
+    kind, _ = _source_identity(cfg.data)
+    train, _ = _raw_splits(cfg.data, cfg.train.seed, kind)
+    texts, room = [], AUTO_CHARACTERS
+    for text in train.select(range(min(len(train), AUTO_DOCUMENTS)))[cfg.data.text_field]:
+        if isinstance(text, str) and room > 0:
+            texts.append(text[:room])
+            room -= len(texts[-1])
+    own, other = (sum(map(len, tok(texts, add_special_tokens=False, verbose=False)["input_ids"])) if texts else 0
+                  for tok in (run, teacher))
+    if own == 0:
+        raise ConfigError(f"data.teacher_seq_len=auto: the first training documents of '{cfg.data.dataset}' hold no "
+                          "text to measure the two tokenizers on; give the number of tokens instead")
+    length = max(2, -(-cfg.data.seq_len * other // own))
+    if os.environ.get("RANK", "0") == "0":
+        print(f"data: data.teacher_seq_len auto: {length} (data.seq_len {cfg.data.seq_len} x {other / own:.2f} teacher "
+              f"tokens per student token on {len(texts)} training documents, {AUTO_CHARACTERS - room:,} "
+              "characters)", flush=True)
+    return length
 
 
 def own_tokenizer(spec: ModelSpec) -> Optional[PreTrainedTokenizerBase]:

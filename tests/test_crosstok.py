@@ -424,6 +424,33 @@ def cross_setup(tmp_path_factory):
             f"data.cache_dir={folder / 'cache'}", f"teacher.tokenizer={folder / 'other'}", *CROSS_RUN]
 
 
+def test_an_auto_teacher_side_fills_the_students_side_and_is_written_resolved(tmp_path, cross_setup, capsys):
+    """data.teacher_seq_len=auto: data.seq_len x the teacher's tokens per student token, measured on the first
+    training documents; the students' side of the paired blocks is then about full, where with the teacher's side
+    at data.seq_len it ends where the teacher's fills. The resolved number is what the run's config keeps."""
+    import re
+
+    from codistill.config import dump_config, load_config
+    from codistill.data import build_splits, run_tokenizer, teacher_tokenizer
+
+    from conftest import MICRO
+
+    cfg = load_config(MICRO, [*cross_setup, "data.teacher_seq_len=auto", f"output_dir={tmp_path / 'run'}"])
+    run = run_tokenizer(cfg)
+    own = teacher_tokenizer(cfg, run)
+    said = re.search(r"data.teacher_seq_len auto: (\d+) \(data.seq_len 32 x ([\d.]+) teacher tokens per student "
+                     r"token on 256 training documents, [\d,]+ characters\)", capsys.readouterr().out)
+    assert said and int(said.group(1)) == cfg.data.teacher_seq_len > 32, said
+    assert abs(cfg.data.teacher_seq_len - 32 * float(said.group(2))) <= 1
+    assert f"teacher_seq_len: {cfg.data.teacher_seq_len}" in dump_config(cfg)
+    fill = {}
+    for side in ("auto", None):
+        c = cfg if side else load_config(MICRO, [*cross_setup, f"output_dir={tmp_path / 'run'}"])
+        train = build_splits(c.data, run, c.train.seed, None, own).train
+        fill[side] = float(train[:]["attention_mask"].float().sum(1).mean())
+    assert fill["auto"] >= 0.85 * 32 and fill["auto"] > fill[None] + 2, fill
+
+
 def test_a_two_rank_codistillation_across_tokenizers_logs_its_tags_and_resumes_exactly(tmp_path, cross_setup):
     from conftest import after, launch, read_scalars, resumed_beside
 
@@ -527,15 +554,16 @@ def test_what_is_not_available_across_tokenizers_is_one_line(tmp_path, cross_set
     assert not (tmp_path / "run").exists()  # refused before the output folder is claimed
 
 
-def test_a_teacher_side_needs_a_teacher_of_another_tokenizer(tmp_path):
+@pytest.mark.parametrize("side", ["48", "auto"])
+def test_a_teacher_side_needs_a_teacher_of_another_tokenizer(tmp_path, side):
     from codistill.config import load_config
     from codistill.preflight import check_inputs
 
     from conftest import MICRO
 
-    cfg = load_config(MICRO, ["data.teacher_seq_len=48", f"output_dir={tmp_path / 'run'}"])
-    with pytest.raises(ConfigError, match=r"^data.teacher_seq_len=48: a teacher's own side of the blocks exists only "
-                                          r"with a tokenizer of its own"):
+    cfg = load_config(MICRO, [f"data.teacher_seq_len={side}", f"output_dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match=rf"^data.teacher_seq_len={side}: a teacher's own side of the blocks exists "
+                                          r"only with a tokenizer of its own"):
         check_inputs(cfg, tmp_path / "run")
 
 

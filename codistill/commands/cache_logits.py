@@ -58,14 +58,13 @@ def _checked_teacher(cfg: RunConfig):
     import torch
 
     from .. import distributed
-    from ..data import check_data_source, own_tokenizer, run_tokenizer, tokenizer_fingerprint
+    from ..data import check_data_source, run_tokenizer, teacher_tokenizer, tokenizer_fingerprint
     from ..engines import resolve_deepspeed_config
     from ..models import check_model, model_config
 
     check_data_source(cfg.data)
     tokenizer = run_tokenizer(cfg)
-    own = own_tokenizer(cfg.teacher)
-    own = own if own is not None and tokenizer_fingerprint(own) != tokenizer_fingerprint(tokenizer) else None
+    own = teacher_tokenizer(cfg, tokenizer)  # (data.teacher_seq_len=auto resolved with it)
     reads = own or tokenizer
     hf = model_config(cfg.teacher, reads)
     check_model(cfg.teacher, hf, reads, tokenizer_fingerprint(reads), cfg.data.teacher_block if own else cfg.data.seq_len,
