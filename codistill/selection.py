@@ -37,6 +37,7 @@ class Pair:
     twin: Member
     decisions: int = 0
     distilled_won: int = 0  # decisions where the student was no worse than its twin
+    ties: int = 0  # of them, where the two scored the same (the same weights: before the student distils)
     last_winner: Optional[str] = None
 
 
@@ -66,6 +67,7 @@ class Selection:
             adopt(loser, winner)
             pair.decisions += 1
             pair.distilled_won += int(won)
+            pair.ties += int(student_ce == twin_ce)
             pair.last_winner = winner.name
             out.update({f"{pair.student.name}/selection/probe_ce": student_ce,
                         f"{pair.twin.name}/selection/probe_ce": twin_ce,
@@ -100,18 +102,20 @@ class Selection:
     def summary(self) -> list[str]:
         """The run's last lines about the decisions."""
         return [f"selection: {p.student.name} no worse than {p.twin.name} on the held-out probe at "
-                f"{p.distilled_won} of {p.decisions} decisions; both end with the weights of the last winner, "
+                f"{p.distilled_won} of {p.decisions} decisions{f' ({p.ties} ties)' if p.ties else ''}; both end with "
+                "the weights of the last winner, "
                 f"{'the distilled student' if p.last_winner == p.student.name else 'the twin trained alone'}"
                 for p in self.pairs if p.decisions]
 
     def state_dict(self) -> dict:
-        return {p.student.name: {"decisions": p.decisions, "distilled_won": p.distilled_won,
+        return {p.student.name: {"decisions": p.decisions, "distilled_won": p.distilled_won, "ties": p.ties,
                                  "last_winner": p.last_winner} for p in self.pairs}
 
     def load_state_dict(self, state: dict) -> None:
         for p in self.pairs:
             saved = state.get(p.student.name, {})
             p.decisions, p.distilled_won = int(saved.get("decisions", 0)), int(saved.get("distilled_won", 0))
+            p.ties = int(saved.get("ties", 0))
             p.last_winner = saved.get("last_winner")
 
 

@@ -76,14 +76,18 @@ def test_two_ranks_at_zero3_select_log_their_tags_and_take_state_alike(tmp_path)
 
 
 def test_a_restart_across_a_decision_continues_exactly(tmp_path):
+    """Split at step 3, between the decisions at 2 and 4; the student distils from step 3 (a burn-in of 2), so the
+    decision at 2 is a tie of two identical models."""
     straight, split = tmp_path / "straight", tmp_path / "split"
-    train_cli_here(f"output_dir={straight}", *SELECTING)
-    train_cli_here(f"output_dir={split}", *SELECTING, "train.steps_this_run=3")
-    train_cli_here(f"output_dir={split}", *SELECTING, "resume=auto")
+    late = [*SELECTING, "distill.burn_in_steps=2"]
+    whole = train_cli_here(f"output_dir={straight}", *late)
+    train_cli_here(f"output_dir={split}", *late, "train.steps_this_run=3")
+    train_cli_here(f"output_dir={split}", *late, "resume=auto")
     a, b = read_scalars(straight), read_scalars(split)
     for tag in [*TAGS, "student/train/loss", "student_alone/train/loss"]:
         assert a[tag] == b[tag], tag
-    assert a["selection/student/distilled_won"][2] == 1.0  # identical before distilling moved them: a tie
+    assert a["student/selection/probe_ce"][2] == a["student_alone/selection/probe_ce"][2]
+    assert a["selection/student/distilled_won"][2] == 1.0 and "decisions (1 ties); both end with" in whole.stdout
     wa, wb = (zero_weights(run, 6, ("student", "student_alone")) for run in (straight, split))
     assert all(torch.equal(wa[n][k], wb[n][k]) for n in wa for k in wa[n])
 
