@@ -114,6 +114,14 @@ def variants(trainer, plans: list, gated: list, probes: dict, sampled: list) -> 
             out["deaf"] = steps(step_of(replace(models, sources=deaf)), plans)
     if any(s.benefit is not None for s in trainer.learners):
         out["measured"] = steps(trainer.micro_step, gated, probe_first=True)  # the path the run takes
+    return {**out, **learners_variants(trainer, plans, out["codistill"], steps, sink, sampled)}
+
+
+def learners_variants(trainer, plans: list, codistill: Callable, steps: Callable, sink: dict,
+                      sampled: list) -> dict[str, Callable[[list], None]]:
+    """(o), where students learn on their own samples (``sampled`` gets the seconds each step spent sampling), and
+    (s), step (a) then a selection decision, where students are selected against their twins."""
+    out = {}
     if any(s.distill.on_policy is not None for s in trainer.learners):
         own = steps(trainer.micro_step, [replace(p, on_policy=s.distill.on_policy is not None)
                                          for p, s in zip(plans, trainer.learners)])
@@ -126,10 +134,8 @@ def variants(trainer, plans: list, gated: list, probes: dict, sampled: list) -> 
 
         out["on_policy"] = on_policy
     if trainer.selection is not None:
-        decide = out["codistill"]
-
         def selecting(batches):
-            decide(batches)
+            codistill(batches)
             trainer.selection.after_step(trainer.selection.interval)  # a step at which the decision is due
 
         out["selecting"] = selecting
