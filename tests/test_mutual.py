@@ -168,7 +168,7 @@ def test_the_mutual_arms_pair_every_peer_with_an_equal_twin_and_read_steps_to_re
 
 # --------------------------------------------------------------------------- runs on two ranks
 
-def deepspeed(out, *overrides, **kw):
+def two_ranks(out, *overrides, **kw):
     return launch(f"output_dir={out}", *GATED, *overrides, **kw)
 
 
@@ -176,7 +176,7 @@ def deepspeed(out, *overrides, **kw):
 def three_peers(tmp_path_factory):
     """Three peers of two sizes (one at ZeRO-3) on two ranks, straight; and continued from its step 4."""
     root = tmp_path_factory.mktemp("peers")
-    straight = deepspeed(root / "straight", *THREE_PEERS, "checkpoint.interval=4")
+    straight = two_ranks(root / "straight", *THREE_PEERS, "checkpoint.interval=4")
     resumed = resumed_beside(root / "straight", 4, root / "split", *GATED, *THREE_PEERS)
     return root, straight.stdout, resumed.stdout
 
@@ -216,7 +216,7 @@ def listening(tmp_path_factory):
     gathered from the pass to its own backward), on two ranks: straight, and continued from its step 4."""
     root = tmp_path_factory.mktemp("listening")
     common = [*LISTENING, "distill.fused_linear=true", "teacher.deepspeed.zero_optimization.stage=3"]
-    straight = deepspeed(root / "straight", *common, "checkpoint.interval=4")
+    straight = two_ranks(root / "straight", *common, "checkpoint.interval=4")
     resumed_beside(root / "straight", 4, root / "split", *GATED, *common)
     return root, straight.stdout
 
