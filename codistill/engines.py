@@ -350,11 +350,12 @@ def build_engine(spec: ModelSpec, hf_config, ds_config: dict[str, Any], seed: in
 def _muon_uncompiled(ds_config: dict[str, Any]):
     """deepspeed.initialize under ZeRO imports DeepSpeed's Muon optimizer to check the run's optimizer against it, and
     Muon's ``torch.compile`` decorators load TorchInductor: about 2 s of a core per rank at every start, for an
-    optimizer the run does not use. Unless the config asks for Muon, TorchDynamo is off while the engine is built
-    (TORCHDYNAMO_DISABLE, read when a function is decorated): Muon's functions stay plain Python, and nothing else
-    DeepSpeed builds there is compiled. A user's own TORCHDYNAMO_DISABLE is left as it is."""
+    optimizer the run does not use. Unless the config asks for Muon or for DeepSpeed's compile section, TorchDynamo
+    is off while the engine is built (TORCHDYNAMO_DISABLE, read when a function is decorated): Muon's functions stay
+    plain Python, and nothing else DeepSpeed builds there is compiled. A user's own TORCHDYNAMO_DISABLE is left as
+    it is."""
     kind = str((ds_config.get("optimizer") or {}).get("type", ""))
-    if "muon" in kind.lower() or "TORCHDYNAMO_DISABLE" in os.environ:
+    if "muon" in kind.lower() or ds_config.get("compile") or "TORCHDYNAMO_DISABLE" in os.environ:
         yield
         return
     os.environ["TORCHDYNAMO_DISABLE"] = "1"

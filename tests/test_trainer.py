@@ -268,10 +268,13 @@ def test_tokens_per_second_counts_no_padding(tmp_path, tokenizer):
     assert values["perf/tokens_per_sec"] > 0
 
 
-@pytest.mark.parametrize("kind, off", [("AdamW", True), ("MuonWithAuxAdam", False)])
-def test_an_engine_is_built_with_torchdynamo_off_unless_it_trains_with_muon(monkeypatch, tokenizer, kind, off):
+@pytest.mark.parametrize("kind, compile_section, off", [("AdamW", None, True), ("MuonWithAuxAdam", None, False),
+                                                     ("AdamW", {"deepcompile": True}, False)])
+def test_an_engine_is_built_with_torchdynamo_off_unless_it_trains_with_muon(monkeypatch, tokenizer, kind,
+                                                                            compile_section, off):
     """DeepSpeed's ZeRO check imports its Muon optimizer, whose torch.compile decorators load TorchInductor: not
-    for a run that does not use Muon. A user's own setting is kept and the variable is restored after."""
+    for a run that does not use Muon, nor one that asks DeepSpeed to compile. A user's own setting is kept and the
+    variable is restored after."""
     from transformers import AutoConfig
 
     from codistill import engines
@@ -283,7 +286,8 @@ def test_an_engine_is_built_with_torchdynamo_off_unless_it_trains_with_muon(monk
     spec = load_config(MICRO).students[0]
     hf = AutoConfig.for_model("llama", vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
                               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
-    ds = {"optimizer": {"type": kind}, "zero_optimization": {"stage": 2}}
+    ds = {"optimizer": {"type": kind}, "zero_optimization": {"stage": 2},
+          **({"compile": compile_section} if compile_section else {})}
     engines.build_engine(spec, hf, ds, seed=0, trainable=True)
     assert seen == ["1" if off else None] and "TORCHDYNAMO_DISABLE" not in engines.os.environ
     monkeypatch.setenv("TORCHDYNAMO_DISABLE", "0")
