@@ -10,7 +10,7 @@ decision.
 
 The state taken is everything the next step reads, on every rank: the module's weights (this rank's ZeRO-3
 partition, and whatever it holds whole), the optimizer's fp32 master weights and moments, the learning-rate
-schedule's position. A twin is built from its student's spec and DeepSpeed config, so the two are partitioned
+schedule's position, fp16's loss scale. A twin is built from its student's spec and DeepSpeed config, so the two are partitioned
 alike on every rank and each rank copies what it holds: no communication, no transient copy of a model. What
 each learner carries between steps (α's schedule, the teacher's lead, the benefit gate) stays its own.
 """
@@ -161,6 +161,14 @@ def adopt(dst: Member, src: Member) -> None:
                 ours[key] = value.clone() if torch.is_tensor(value) else value
     if src.engine.lr_scheduler is not None:
         dst.engine.lr_scheduler.load_state_dict(src.engine.lr_scheduler.state_dict())
+    scaler_a, scaler_b = (getattr(m.engine.optimizer, "loss_scaler", None) for m in (dst, src))
+    for key in _SCALE:  # fp16's dynamic loss scale (a static one, bf16's or fp32's, has only its fixed scale)
+        if hasattr(scaler_a, key) and hasattr(scaler_b, key):
+            value = getattr(scaler_b, key)
+            setattr(scaler_a, key, value.clone() if torch.is_tensor(value) else value)
+
+
+_SCALE = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")  # DeepSpeed's loss scalers' state
 
 
 def join(cfg: RunConfig, members: list[Member], heldout: Optional[ProbeBatches], prepare: Callable, score: Callable

@@ -43,6 +43,32 @@ def test_a_student_swapped_to_nvme_is_refused_in_one_line():
         selection.join(cfg, members, None, None, None)
 
 
+def test_the_copy_takes_weights_moments_and_an_fp16_loss_scale():
+    """Outside DeepSpeed (a torch optimizer under a wrapper with a dynamic loss scaler, as fp16 runs have on a GPU):
+    what adopt takes, checked field by field."""
+    from types import SimpleNamespace
+
+    from codistill.selection import adopt
+
+    def member(seed, scale):
+        torch.manual_seed(seed)
+        module = torch.nn.Linear(3, 2)
+        inner = torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9)
+        module(torch.randn(4, 3)).sum().backward()
+        inner.step()  # a momentum buffer per parameter
+        scaler = SimpleNamespace(cur_scale=scale, cur_iter=seed, last_overflow_iter=-seed, cur_hysteresis=seed)
+        wrapper = SimpleNamespace(optimizer=inner, loss_scaler=scaler)
+        return SimpleNamespace(engine=SimpleNamespace(module=module, optimizer=wrapper, lr_scheduler=None))
+
+    dst, src = member(1, 1024.0), member(2, 2048.0)
+    adopt(dst, src)
+    for a, b in zip(dst.engine.module.parameters(), src.engine.module.parameters()):
+        assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()
+        ours, theirs = dst.engine.optimizer.optimizer.state[a], src.engine.optimizer.optimizer.state[b]
+        assert torch.equal(ours["momentum_buffer"], theirs["momentum_buffer"])
+    assert vars(dst.engine.optimizer.loss_scaler) == vars(src.engine.optimizer.loss_scaler)
+
+
 def test_the_worse_takes_the_betters_state_and_both_then_step_alike(tmp_path, monkeypatch):
     """After a run with selection, one more step parts the two; the twin takes the student's state and both step on
     one batch: every weight and this rank's optimizer state (fp32 masters, moments) are bitwise equal."""

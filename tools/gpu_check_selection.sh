@@ -4,8 +4,9 @@
 #   - the mid-size pair (configs/examples/mid-gpt2.yaml: ~360M teacher, ~58M student, GPT-2 vocabulary, bf16,
 #     ZeRO-3, checkpointing) with the student's twin, 30 steps, without and with a decision every 10 steps: the
 #     peak memory (selection copies in place: the same peak), the estimate, tokens/s and the decisions' tags;
-#   - the copy itself on CUDA tensors (tests/helpers/adopt_step.py on the micro models, bf16 and ZeRO-3): after
-#     the twin takes the student's state, one CE step of both gives bitwise-equal weights and optimizer state.
+#   - the copy itself on CUDA tensors (tests/helpers/adopt_step.py on the micro models, ZeRO-3, bf16 and fp16 with
+#     its dynamic loss scale): after the twin takes the student's state, one CE step of both gives bitwise-equal
+#     weights and optimizer state.
 # Writes everything under ${OUT:-gpu_check_selection}/ and prints a summary.
 #   bash tools/gpu_check_selection.sh            (after: pip install -e ".[test]" with a CUDA torch)
 set -euo pipefail
@@ -20,10 +21,12 @@ for N in 0 10; do
     distill.head_start_steps=0 distill.burn_in_steps=0 checkpoint.interval=0 distill.selection_interval=$N \
     > "$OUT/run_$N.log" 2>&1 || true
 done
-timeout 120 python tests/helpers/adopt_step.py output_dir="$OUT/adopt" students.0.twin=true \
-  distill.selection_interval=2 distill.burn_in_steps=0 distill.schedule=constant distill.benefit_gate=false \
-  "students.0.deepspeed.bf16={enabled: true}" students.0.deepspeed.zero_optimization.stage=3 \
-  students.0.deepspeed.zero_optimization.stage3_param_persistence_threshold=0 > "$OUT/adopt.log" 2>&1 || true
+for HALF in bf16 fp16; do  # fp16: its dynamic loss scale is taken too
+  timeout 120 python tests/helpers/adopt_step.py output_dir="$OUT/adopt_$HALF" students.0.twin=true \
+    distill.selection_interval=2 distill.burn_in_steps=0 distill.schedule=constant distill.benefit_gate=false \
+    "students.0.deepspeed.$HALF={enabled: true}" students.0.deepspeed.zero_optimization.stage=3 \
+    students.0.deepspeed.zero_optimization.stage3_param_persistence_threshold=0 > "$OUT/adopt_$HALF.log" 2>&1 || true
+done
 python - "$OUT" <<'PY'
 import json, re, sys
 from pathlib import Path
@@ -42,6 +45,8 @@ for n in ("0", "10"):
         won = s["selection/student/distilled_won"]
         line += f"; decisions at steps {sorted(won)}, the student no worse at {int(sum(won.values()))}"
     print(line)
-rank = out / "adopt" / "rank0.json"
-print("the copy on CUDA, bf16, ZeRO-3:", json.loads(rank.read_text()) if rank.exists() else f"failed, see {out}/adopt.log")
+for half in ("bf16", "fp16"):
+    rank = out / f"adopt_{half}" / "rank0.json"
+    print(f"the copy on CUDA, {half}, ZeRO-3:",
+          json.loads(rank.read_text()) if rank.exists() else f"failed, see {out}/adopt_{half}.log")
 PY
