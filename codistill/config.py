@@ -495,15 +495,19 @@ class RunConfig(_Section):
                 raise ValueError(f"train.tail_steps={tail} is longer than {s.name}'s steps (train.max_steps {steps} "
                                  f"less distill.head_start_steps {d.head_start_steps}); lower it")
 
+    def _set_once(self, key: str, why: str) -> None:
+        """``distill.<key>`` is one setting for the run: no learner's own section gives it another value."""
+        top = getattr(self.distill, key)
+        for spec, merged, _ in self.learners():
+            if getattr(merged, key) != top:
+                raise ValueError(f"{spec.name}.distill.{key}={getattr(merged, key)}: {why}; set it in the top-level "
+                                 f"distill section (here {top})")
+
     def _check_selection(self) -> None:
         """Selection is one setting for the run, between students and their twins."""
         n = self.distill.selection_interval
-        for spec, merged, _ in self.learners():
-            for key in ("selection_interval", "selection_batches"):
-                if getattr(merged, key) != getattr(self.distill, key):
-                    raise ValueError(f"{spec.name}.distill.{key}={getattr(merged, key)}: selection is one setting for "
-                                     f"the run; set it in the top-level distill section (here "
-                                     f"{getattr(self.distill, key)})")
+        for key in ("selection_interval", "selection_batches"):
+            self._set_once(key, "selection is one setting for the run")
         if n and not self.twins():
             raise ValueError(f"distill.selection_interval={n}: selection chooses between a student and its twin "
                              "trained alone; give a student twin: true (modes codistill and soft), or set it to 0")
@@ -511,10 +515,7 @@ class RunConfig(_Section):
     def _check_teacher_ema(self) -> None:
         """One smoothed teacher serves every student of a teacher that trains."""
         d = self.distill.teacher_ema
-        for spec, merged, _ in self.learners():
-            if merged.teacher_ema != d:
-                raise ValueError(f"{spec.name}.distill.teacher_ema={merged.teacher_ema}: one smoothed teacher serves "
-                                 f"every student; set it in the top-level distill section (here {d})")
+        self._set_once("teacher_ema", "one smoothed teacher serves every student")
         if d and (self.mode != "codistill" or self.teacher is None):
             raise ValueError(f"distill.teacher_ema={d}: the students read a moving average of a teacher that trains, "
                              f"in mode codistill (here mode {self.mode}); set it to 0")
