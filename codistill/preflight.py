@@ -10,7 +10,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from . import checkpoint, distributed, identity
+from . import checkpoint, distributed, identity, selection
 from .cache import TeacherCache
 from .config import ConfigError, ModelSpec, RunConfig, is_resolved_config
 from .data import check_data_source, run_tokenizer, teacher_tokenizer, tokenizer_fingerprint
@@ -117,6 +117,7 @@ def check_inputs(cfg: RunConfig, output_dir: Path) -> Inputs:
         TeacherCache.check_ready(Path(cfg.teacher.cache).expanduser())
     world_size = distributed.env_world_size()
     ds_configs = deepspeed_configs(cfg, specs, world_size, on_cpu=not torch.cuda.is_available())
+    selection.check_in_memory(cfg, ds_configs)
     for spec in specs:
         check_attention(spec, hf_configs[spec.name], half_precision(ds_configs[spec.name]))
     refusal = static_problem(cfg.mode, cached)

@@ -180,13 +180,19 @@ def join(cfg: RunConfig, members: list[Member], heldout: Optional[ProbeBatches],
         return None
     by_name = {m.name: m for m in members}
     pairs = [Pair(by_name[s], by_name[t]) for s, t in cfg.twins().items()]
-    for pair in pairs:
-        swapped = [part for part, section in (("offload_optimizer", pair.student.engine.zero_offload_optimizer()),
-                                              ("offload_param", pair.student.engine.zero_offload_param()))
-                   if section is not None and str(getattr(section, "device", "")).endswith("nvme")]
-        if swapped:
-            raise ConfigError(f"distill.selection_interval={d.selection_interval}: {pair.student.name}'s "
-                              f"zero_optimization.{swapped[0]} swaps to NVMe, and selection copies a model's state in "
-                              "memory; offload to device cpu, or set distill.selection_interval=0")
     return Selection(pairs, heldout, prepare, score, d.selection_interval, d.selection_batches, cfg.train.max_steps,
                      cfg.train.seed)
+
+
+def check_in_memory(cfg: RunConfig, ds_configs: dict[str, dict]) -> None:
+    """Selection copies a model's state in memory: a selected student swapped to NVMe is refused, from the
+    DeepSpeed configs, before any engine is built."""
+    n = cfg.distill.selection_interval
+    for student in cfg.twins() if n else ():
+        zero = ds_configs[student].get("zero_optimization") or {}
+        for part in ("offload_optimizer", "offload_param"):
+            section = zero.get(part) or {}
+            if isinstance(section, dict) and section.get("device") == "nvme":
+                raise ConfigError(f"distill.selection_interval={n}: {student}'s zero_optimization.{part} swaps to "
+                                  "NVMe, and selection copies a model's state in memory; offload to device cpu, or "
+                                  "set distill.selection_interval=0")

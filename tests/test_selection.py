@@ -30,17 +30,15 @@ def test_selection_chooses_between_a_student_and_its_twin_once_for_the_run():
 
 
 def test_a_student_swapped_to_nvme_is_refused_in_one_line():
-    from types import SimpleNamespace
-
     from codistill import selection
 
     cfg = load_config(MICRO, SELECTING)
-    engine = SimpleNamespace(zero_offload_optimizer=lambda: SimpleNamespace(device="nvme"),
-                             zero_offload_param=lambda: None)
-    members = [SimpleNamespace(name=n, engine=engine) for n in ("teacher", "student", "student_alone")]
+    swapped = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme", "nvme_path": "/nvme"}}}
+    resident = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}
+    selection.check_in_memory(cfg, {"teacher": resident, "student": resident, "student_alone": resident})
     with pytest.raises(ConfigError, match=r"distill\.selection_interval=2: student's zero_optimization\."
                                           r"offload_optimizer swaps to NVMe, and selection copies"):
-        selection.join(cfg, members, None, None, None)
+        selection.check_in_memory(cfg, {"teacher": resident, "student": swapped, "student_alone": swapped})
 
 
 def test_the_copy_takes_weights_moments_and_an_fp16_loss_scale():
