@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from .config import ConfigError, DataConfig, ModelSpec, RunConfig, TokenizerRequest
+from .distributed import env_rank
 from .errors import quoted
 from .files import check_writable, sha256_file
 
@@ -311,8 +312,8 @@ AUTO_DOCUMENTS, AUTO_CHARACTERS = 256, 1_000_000  # what data.teacher_seq_len=au
 
 def auto_teacher_seq_len(cfg: RunConfig, run: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase) -> int:
     """``data.teacher_seq_len: auto``: data.seq_len x the teacher's tokens per student token on the first training
-    documents (their first million characters at most), rounded up, so that a paired block's students' side holds about data.seq_len tokens instead of
-    ending where the teacher's fills (said once, on the first rank)."""
+    documents (their first million characters at most), rounded up, so that a paired block's students' side holds
+    about data.seq_len tokens instead of ending where the teacher's fills (said once, on the first rank)."""
     if cfg.data.messages_field:  # (refused across tokenizers by the checks that follow: plain text only)
         return cfg.data.seq_len
     kind, _ = _source_identity(cfg.data)
@@ -328,7 +329,7 @@ def auto_teacher_seq_len(cfg: RunConfig, run: PreTrainedTokenizerBase, teacher: 
         raise ConfigError(f"data.teacher_seq_len=auto: the first training documents of '{cfg.data.dataset}' hold no "
                           "text to measure the two tokenizers on; give the number of tokens instead")
     length = max(2, -(-cfg.data.seq_len * other // own))
-    if os.environ.get("RANK", "0") == "0":
+    if env_rank() == 0:
         print(f"data: data.teacher_seq_len auto: {length} (data.seq_len {cfg.data.seq_len} x {other / own:.2f} teacher "
               f"tokens per student token on {len(texts)} training documents, {AUTO_CHARACTERS - room:,} "
               "characters)", flush=True)
