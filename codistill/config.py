@@ -16,7 +16,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model, field_validator,
@@ -40,6 +40,11 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 def twin_name(student: str) -> str:
     """The name of ``student``'s twin trained on cross-entropy alone (``twin: true``)."""
     return f"{student}_alone"
+
+
+def copy_name(student: str, j: int) -> str:
+    """The name of the ``j``-th (1-based) copy of ``student`` in its population (``population``)."""
+    return f"{student}_p{j}"
 
 
 def check_name(name: object, what: str) -> str:
@@ -280,11 +285,16 @@ class DistillConfig(_DistillNames):
         "micro-batch and a copy of the teacher's weights (fp32 where it trains in bf16/fp16); 0: the teacher "
         "itself. Set in the top-level distill section: one smoothed teacher serves every student")
     selection_interval: int = Field(
-        0, ge=0, description="every N optimizer steps and at the last, each student with a twin (students.N.twin) and "
-        "its twin are scored on held-out training documents (data.probe_fraction, never the validation split) and "
-        "the worse takes the better's weights, optimizer and schedule state: the student handed back is the better "
-        "of the two (codistill/selection.py); 0: off. Set in the top-level distill section")
+        0, ge=0, description="every N optimizer steps and at the last, each student with a twin (students.N.twin) or "
+        "a population (students.N.population) is scored with them on held-out training documents "
+        "(data.probe_fraction, never the validation split) and the worst takes the best's weights, optimizer and "
+        "schedule state (at the last, every member does): the student handed back is the best of them "
+        "(codistill/selection.py); 0: off. Set in the top-level distill section")
     selection_batches: int = Field(4, gt=0, description="selection: probe micro-batches per rank at each decision")
+    selection_perturb: float = Field(
+        0.2, ge=0.0, lt=1.0, description="selection: a distilling member that loses also takes the winner's "
+        "alpha_max (its own where the winner is the twin trained alone) times 1 - p or 1 + p, the sign drawn by "
+        "step and member, at most 1: the population explores α; 0: α is taken unchanged")
     head_start_steps: int = Field(0, ge=0, description="the teacher trains alone for this many steps first")
     temperature: float = Field(1.0, gt=0.0)
     temperature_final: Optional[float] = Field(None, gt=0.0, description="anneal T linearly to this by max_steps")
@@ -374,6 +384,10 @@ class ModelSpec(_Section):
     twin: bool = Field(False, description="a student: also train its copy on cross-entropy alone, named <name>_alone "
                                           "(the same initial weights and batches), so that the run shows whether "
                                           "distilling helped on this data")
+    population: list[Annotated[float, Field(ge=0.0, le=1.0)]] = Field(
+        default_factory=list, description="a student: the alpha_max of each further copy of it (the same initial "
+        "weights, settings and batches; named <name>_p1, <name>_p2, ...), selected with it and its twin every "
+        "distill.selection_interval steps: K members at K times the student's cost, the one handed back the best")
     gradient_checkpointing: bool = Field(
         False, description="recompute each decoder layer in the backward pass (non-reentrant) instead of keeping its "
         "activations: less memory, about a third more compute; trainable models only")
@@ -504,13 +518,19 @@ class RunConfig(_Section):
                                  f"distill section (here {top})")
 
     def _check_selection(self) -> None:
-        """Selection is one setting for the run, between students and their twins."""
+        """Selection is one setting for the run, among students, their twins and their populations."""
         n = self.distill.selection_interval
-        for key in ("selection_interval", "selection_batches"):
+        for key in ("selection_interval", "selection_batches", "selection_perturb"):
             self._set_once(key, "selection is one setting for the run")
-        if n and not self.twins():
-            raise ValueError(f"distill.selection_interval={n}: selection chooses between a student and its twin "
-                             "trained alone; give a student twin: true (modes codistill and soft), or set it to 0")
+        if n and not self.selection_groups():
+            raise ValueError(f"distill.selection_interval={n}: selection chooses among a student, its twin trained "
+                             "alone and its population; give a student twin: true or population: [alpha_max, ...] "
+                             "(modes codistill and soft), or set it to 0")
+        for s in self.students:
+            if s.population and not n:
+                raise ValueError(f"{s.name}.population={s.population}: its copies are selected among every "
+                                 "distill.selection_interval steps, which is 0; set it (e.g. 50), or list the "
+                                 "copies as students of their own")
 
     def _check_teacher_ema(self) -> None:
         """One smoothed teacher serves every student of a teacher that trains."""
@@ -546,33 +566,42 @@ class RunConfig(_Section):
 
     def _add_twins(self) -> None:
         """Each student with ``twin: true`` gets its CE-only copy (α 0, no gate, no samples of its own) as one more
-        student, with the same initial weights: the student's seed is made explicit and shared. A resolved config
-        already lists the twin, which is then kept as it is. A listening teacher listens to the others only."""
+        student, and each with a ``population`` its copies at those α_max, all with the same initial weights: the
+        student's seed is made explicit and shared. A resolved config already lists them, and they are then kept
+        as they are. A listening teacher listens to the others only."""
         names = {m.name for m in self.models}
         for i, s in enumerate(list(self.students)):
-            if not s.twin:
+            if not (s.twin or s.population):
                 continue
             if self.mode not in ("codistill", "soft"):
-                raise ValueError(f"{s.name}.twin: a twin trained alone is the baseline of a student that learns from a "
-                                 f"teacher (modes codistill and soft), not of mode {self.mode}")
+                what = "a twin trained alone is the baseline" if s.twin else "a population is selected among copies"
+                raise ValueError(f"{s.name}.{'twin' if s.twin else 'population'}: {what} of a student that learns "
+                                 f"from a teacher (modes codistill and soft), not of mode {self.mode}")
             if s.init_seed is None:
                 s.init_seed = self.train.seed + 1 + i  # its default: the model's position, the teacher first
-            name = twin_name(s.name)
-            check_name(name, f"{s.name}.twin: its twin's name")
-            if name in names:
-                continue
             alone = {**overrides(s), "schedule": "constant", "alpha_max": 0.0, "token_filter": False,
                      "benefit_gate": False, "on_policy": None}
-            self.students.append(s.model_copy(deep=True, update={"name": name, "twin": False,
-                                                                  "distill": DistillOverrides(**alone)}))
-            names.add(name)
-        twins = set(self.twins().values())
-        if twins and self.teacher is not None and self.teacher.distill is not None and self.teacher.sources is None:
-            self.teacher.sources = [t.name for t in self.students if t.name not in twins]
+            copies = [(twin_name(s.name), alone)] if s.twin else []
+            copies += [(copy_name(s.name, j), {**overrides(s), "alpha_max": a}) for j, a in enumerate(s.population, 1)]
+            for name, distill in copies:
+                check_name(name, f"{s.name}: its copy's name")
+                if name not in names:
+                    self.students.append(s.model_copy(deep=True, update={
+                        "name": name, "twin": False, "population": [], "distill": DistillOverrides(**distill)}))
+                    names.add(name)
+        copies = {name for group in self.selection_groups().values() for name in group}
+        if copies and self.teacher is not None and self.teacher.distill is not None and self.teacher.sources is None:
+            self.teacher.sources = [t.name for t in self.students if t.name not in copies]
 
     def twins(self) -> dict[str, str]:
         """Each student with a twin, and its twin's name."""
         return {s.name: twin_name(s.name) for s in self.students if s.twin}
+
+    def selection_groups(self) -> dict[str, list[str]]:
+        """Each student with a twin or a population, and the names of its copies: the twin first, then the
+        population's."""
+        return {s.name: [twin_name(s.name)] * s.twin + [copy_name(s.name, j) for j in range(1, len(s.population) + 1)]
+                for s in self.students if s.twin or s.population}
 
     def _check_models(self) -> None:
         """Which models a mode takes, and what only some modes allow."""

@@ -1,23 +1,26 @@
-"""Selection between a student and its twin (``distill.selection_interval = N``): every N optimizer steps, and at
-the last, both are scored on the same held-out *training* documents (``data.probe_fraction`` of them, set aside
-before packing and never trained on; the validation split that reports the run is never read) and the worse one
-takes the better one's state. The distilling student and its CE-only twin (``students.N.twin: true``) are a
-population of two: where distilling helps the twin is pulled along, where it hurts the student starts again from
-the twin's weights and keeps distilling; the student handed back (its checkpoint and export, under its own name)
-is the better of the two on the last probe. Never worse than training alone, up to the probe's noise, at the cost
-of the twin's steps (which a run with ``twin: true`` pays anyway) and 2 x ``selection_batches`` forwards per
-decision.
+"""Selection among a student, its twin and its population (``distill.selection_interval = N``): every N optimizer
+steps, and at the last, the members are scored on the same held-out *training* documents (``data.probe_fraction``
+of them, set aside before packing and never trained on; the validation split that reports the run is never read)
+and the worst takes the best's state (at the last, every member does). The distilling student, its CE-only twin
+(``students.N.twin: true``) and its copies at other α_max (``students.N.population``) are one population: where
+distilling helps the twin is pulled along, where it hurts the student starts again from the twin's weights and
+keeps distilling; a distilling member that loses also takes the winner's α_max (its own where the twin won),
+perturbed by a factor 1 ± ``distill.selection_perturb`` (population-based training's exploit and explore). The
+student handed back (its checkpoint and export, under its own name) is the best of them on the last probe. Never
+worse than training alone, up to the probe's noise, where the twin is a member; the cost is the members' steps
+(K - 1 students more) and K x ``selection_batches`` forwards per decision.
 
 The state taken is everything the next step reads, on every rank: the module's weights (this rank's ZeRO-3
 partition, and whatever it holds whole), the optimizer's fp32 master weights and moments, the learning-rate
-schedule's position, fp16's loss scale. A twin is built from its student's spec and DeepSpeed config, so the two are partitioned
-alike on every rank and each rank copies what it holds: no communication, no transient copy of a model. What
-each learner carries between steps (α's schedule, the teacher's lead, the benefit gate) stays its own.
+schedule's position, fp16's loss scale. The copies are built from their student's spec and DeepSpeed config, so
+they are partitioned alike on every rank and each rank copies what it holds: no communication, no transient copy
+of a model. What each learner carries between steps (α's schedule, the teacher's lead, the benefit gate) stays its
+own; α_max is the selection's (saved with it).
 """
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -25,31 +28,42 @@ import torch
 from .config import ConfigError, RunConfig
 from .data import ProbeBatches
 from .engines import Member
+from .student import StudentState
 
 Batch = dict[str, torch.Tensor]
 
 
 @dataclass
-class Pair:
-    """A distilling student, its twin, and the decisions so far."""
+class Group:
+    """A distilling student, its copies (its twin first, if it has one), their learners' states and the decisions
+    so far."""
 
-    student: Member
-    twin: Member
+    members: list[Member]
+    states: list[StudentState]
+    twin: Optional[str]  # the member trained alone: never perturbed, its α stays 0
     decisions: int = 0
-    distilled_won: int = 0  # decisions where the student was no worse than its twin
-    ties: int = 0  # of them, where the two scored the same (the same weights: before the student distils)
+    wins: dict[str, int] = field(default_factory=dict)  # decisions each member won
+    ties: int = 0  # decisions where the best and the worst scored the same (before any distils: the same weights)
     last_winner: Optional[str] = None
+
+    @property
+    def student(self) -> Member:
+        return self.members[0]
+
+    def distilled_won(self) -> int:
+        """Decisions a distilling member won (a tie goes to the student)."""
+        return self.decisions - self.wins.get(self.twin, 0)
 
 
 class Selection:
-    """Every ``interval`` steps, and at ``last``, each pair's worse member takes the better's state.
+    """Every ``interval`` steps, and at ``last``, each group's worst member takes the best's state.
     ``score(member, batch)``: a model's mean CE on a batch and anything (the validator's); ``prepare``: a raw
     micro-batch to the device with its labels."""
 
-    def __init__(self, pairs: list[Pair], heldout: ProbeBatches, prepare: Callable[[Batch], Batch],
-                 score: Callable, interval: int, batches: int, last: int, seed: int):
-        self.pairs, self.heldout, self.prepare, self.score = pairs, heldout, prepare, score
-        self.interval, self.batches, self.last, self.seed = interval, batches, last, seed
+    def __init__(self, groups: list[Group], heldout: ProbeBatches, prepare: Callable[[Batch], Batch],
+                 score: Callable, interval: int, batches: int, last: int, seed: int, perturb: float):
+        self.groups, self.heldout, self.prepare, self.score = groups, heldout, prepare, score
+        self.interval, self.batches, self.last, self.seed, self.perturb = interval, batches, last, seed, perturb
 
     def due(self, step: int) -> bool:
         return step % self.interval == 0 or step == self.last
@@ -58,26 +72,40 @@ class Selection:
         """After optimizer step ``step`` (1-based): decide where due; returns the decision's tags. Collective."""
         if not self.due(step):
             return {}
-        batches = [self.prepare(self.heldout.at(self.draw(step, j))) for j in range(self.batches)]
+        batches = [self.prepare(self.heldout.at(self.draw(f"{step} {j}"))) for j in range(self.batches)]
         out: dict[str, float] = {}
-        for pair in self.pairs:
-            student_ce, twin_ce = (self.probe_ce(m, batches) for m in (pair.student, pair.twin))
-            won = student_ce <= twin_ce  # a tie keeps the distilling student's weights in both
-            winner, loser = (pair.student, pair.twin) if won else (pair.twin, pair.student)
-            adopt(loser, winner)
-            pair.decisions += 1
-            pair.distilled_won += int(won)
-            pair.ties += int(student_ce == twin_ce)
-            pair.last_winner = winner.name
-            out.update({f"{pair.student.name}/selection/probe_ce": student_ce,
-                        f"{pair.twin.name}/selection/probe_ce": twin_ce,
-                        f"selection/{pair.student.name}/distilled_won": float(won)})
+        for group in self.groups:
+            scores = [self.probe_ce(m, batches) for m in group.members]
+            out.update(self.decide(group, scores, step))
+            out.update({f"{m.name}/selection/probe_ce": ce for m, ce in zip(group.members, scores)})
         return out
 
-    def draw(self, step: int, j: int) -> int:
-        """Which probe micro-batch the ``j``-th of step ``step``'s decision is: a function of the step alone (a
-        resumed run draws what an uninterrupted one did), apart from the benefit gate's draws."""
-        digest = hashlib.sha256(f"selection {self.seed} {step} {j}".encode()).digest()[:7]
+    def decide(self, group: Group, scores: list[float], step: int) -> dict[str, float]:
+        """The worst of ``group`` (every other member at the last step) takes the best's state; a distilling
+        loser, its α_max perturbed. A tie goes to the student, then to the members' order."""
+        order = range(len(scores))
+        best, worst = min(order, key=lambda i: (scores[i], i)), max(order, key=lambda i: (scores[i], i))
+        winner, loser = group.members[best], group.members[worst]
+        for i in (order if step == self.last else [worst]):
+            if i != best:
+                adopt(group.members[i], winner)
+        tie = scores[worst] == scores[best]
+        if not tie and loser.name != group.twin:
+            source = group.states[worst if winner.name == group.twin else best]
+            up = self.draw(f"perturb {step} {loser.name}") % 2 == 1
+            set_alpha(group.states[worst], min(1.0, source.distill.alpha_max * (1 + (self.perturb if up else
+                                                                                      -self.perturb))))
+        group.decisions += 1
+        group.wins[winner.name] = group.wins.get(winner.name, 0) + 1
+        group.ties += int(tie)
+        group.last_winner = winner.name
+        return {f"selection/{group.student.name}/distilled_won": float(winner.name != group.twin),
+                **{f"{s.name}/selection/alpha_max": s.distill.alpha_max for s in group.states if s.name != group.twin}}
+
+    def draw(self, what: str) -> int:
+        """A number drawn by what it is for (``"<step> <j>"``: the j-th probe micro-batch of a decision): a function
+        of the step alone (a resumed run draws what an uninterrupted one did), apart from the benefit gate's draws."""
+        digest = hashlib.sha256(f"selection {self.seed} {what}".encode()).digest()[:7]
         return int.from_bytes(digest, "little")
 
     @torch.no_grad()
@@ -95,28 +123,56 @@ class Selection:
 
     def describe(self) -> list[str]:
         """The run's opening lines about the selection."""
-        return [f"{p.student.name}: selected against {p.twin.name} every {self.interval} steps and at the last, on "
-                f"{self.batches} micro-batch(es) per rank of the held-out probe ({len(self.heldout.dataset):,} blocks "
-                "of training documents set aside); the worse takes the better's state" for p in self.pairs]
+        probe = (f"every {self.interval} steps and at the last, on {self.batches} micro-batch(es) per rank of the "
+                 f"held-out probe ({len(self.heldout.dataset):,} blocks of training documents set aside)")
+        lines = []
+        for g in self.groups:
+            if len(g.members) == 2 and g.twin:
+                lines.append(f"{g.student.name}: selected against {g.twin} {probe}; the worse takes the better's "
+                             "state")
+            else:
+                alphas = ", ".join(f"{s.name} {s.distill.alpha_max:g}" for s in g.states)
+                lines.append(f"{g.student.name}: selected among {len(g.members)} (alpha_max {alphas}) {probe}; the "
+                             f"worst takes the best's state and, distilling, its alpha_max x (1 ± {self.perturb:g})")
+        return lines
 
     def summary(self) -> list[str]:
         """The run's last lines about the decisions."""
-        return [f"selection: {p.student.name} no worse than {p.twin.name} on the held-out probe at "
-                f"{p.distilled_won} of {p.decisions} decisions{f' ({p.ties} ties)' if p.ties else ''}; both end with "
-                "the weights of the last winner, "
-                f"{'the distilled student' if p.last_winner == p.student.name else 'the twin trained alone'}"
-                for p in self.pairs if p.decisions]
+        lines = []
+        for g in (g for g in self.groups if g.decisions):
+            ties = f" ({g.ties} ties)" if g.ties else ""
+            if len(g.members) == 2 and g.twin:
+                last = "the twin trained alone" if g.last_winner == g.twin else "the distilled student"
+                lines.append(f"selection: {g.student.name} no worse than {g.twin} on the held-out probe at "
+                             f"{g.distilled_won()} of {g.decisions} decisions{ties}; both end with the weights of the "
+                             f"last winner, {last}")
+                continue
+            wins = ", ".join(f"{m.name} {g.wins.get(m.name, 0)}" for m in g.members)
+            alphas = ", ".join(f"{s.name} {s.distill.alpha_max:.3g}" for s in g.states if s.name != g.twin)
+            lines.append(f"selection among {g.student.name}'s {len(g.members)}: {g.decisions} decisions{ties}, won by "
+                         f"{wins}; all end with the weights of the last winner, {g.last_winner} (alpha_max at the end: "
+                         f"{alphas})")
+        return lines
 
     def state_dict(self) -> dict:
-        return {p.student.name: {"decisions": p.decisions, "distilled_won": p.distilled_won, "ties": p.ties,
-                                 "last_winner": p.last_winner} for p in self.pairs}
+        return {g.student.name: {"decisions": g.decisions, "wins": dict(g.wins), "ties": g.ties,
+                                 "last_winner": g.last_winner,
+                                 "alpha_max": {s.name: s.distill.alpha_max for s in g.states}} for g in self.groups}
 
     def load_state_dict(self, state: dict) -> None:
-        for p in self.pairs:
-            saved = state.get(p.student.name, {})
-            p.decisions, p.distilled_won = int(saved.get("decisions", 0)), int(saved.get("distilled_won", 0))
-            p.ties = int(saved.get("ties", 0))
-            p.last_winner = saved.get("last_winner")
+        for g in self.groups:
+            saved = state.get(g.student.name, {})
+            g.decisions, g.ties = int(saved.get("decisions", 0)), int(saved.get("ties", 0))
+            g.wins = {str(k): int(v) for k, v in saved.get("wins", {}).items()}
+            g.last_winner = saved.get("last_winner")
+            for s in g.states:
+                if s.name in saved.get("alpha_max", {}):
+                    set_alpha(s, float(saved["alpha_max"][s.name]))
+
+
+def set_alpha(state: StudentState, alpha_max: float) -> None:
+    """A learner's α_max from now on (its schedule's ceiling)."""
+    state.distill = state.distill.model_copy(update={"alpha_max": alpha_max})
 
 
 def _inner(optimizer):
@@ -171,24 +227,25 @@ def adopt(dst: Member, src: Member) -> None:
 _SCALE = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")  # DeepSpeed's loss scalers' state
 
 
-def join(cfg: RunConfig, members: list[Member], heldout: Optional[ProbeBatches], prepare: Callable, score: Callable
-         ) -> Optional[Selection]:
-    """The run's selection between each student with a twin and the twin; None where
+def join(cfg: RunConfig, members: list[Member], learners: list[StudentState], heldout: Optional[ProbeBatches],
+         prepare: Callable, score: Callable) -> Optional[Selection]:
+    """The run's selection among each student with a twin or a population and its copies; None where
     ``distill.selection_interval`` is 0."""
     d = cfg.distill
     if not d.selection_interval:
         return None
-    by_name = {m.name: m for m in members}
-    pairs = [Pair(by_name[s], by_name[t]) for s, t in cfg.twins().items()]
-    return Selection(pairs, heldout, prepare, score, d.selection_interval, d.selection_batches, cfg.train.max_steps,
-                     cfg.train.seed)
+    by_name, states = {m.name: m for m in members}, {s.name: s for s in learners}
+    groups = [Group([by_name[n] for n in (s, *copies)], [states[n] for n in (s, *copies)],
+                    cfg.twins().get(s)) for s, copies in cfg.selection_groups().items()]
+    return Selection(groups, heldout, prepare, score, d.selection_interval, d.selection_batches, cfg.train.max_steps,
+                     cfg.train.seed, d.selection_perturb)
 
 
 def check_in_memory(cfg: RunConfig, ds_configs: dict[str, dict]) -> None:
     """Selection copies a model's state in memory: a selected student swapped to NVMe is refused, from the
     DeepSpeed configs, before any engine is built."""
     n = cfg.distill.selection_interval
-    for student in cfg.twins() if n else ():
+    for student in (name for s, copies in cfg.selection_groups().items() for name in (s, *copies)) if n else ():
         zero = ds_configs[student].get("zero_optimization") or {}
         for part in ("offload_optimizer", "offload_param"):
             section = zero.get(part) or {}

@@ -116,7 +116,8 @@ class Trainer:
         self.evaluate_models = Validator(self.val_batches, self.prepare_batch, self.vocab, self.fused,
                                          cfg.distill.chunk_tokens, self.micro_step.sampling.scoring(learners),
                                          Shown.of(cfg, self.tokenizer, self.val_batches, self.micro_step.sampling))
-        self.selection = selection.join(cfg, self.members, self.heldout, self.prepare_batch, self.evaluate_models.model)
+        self.selection = selection.join(cfg, self.members, list(self.learners), self.heldout, self.prepare_batch,
+                                        self.evaluate_models.model)
 
     def _init_state(self) -> None:
         """What the loop keeps between steps (saved with a checkpoint) and this rank's RNGs."""

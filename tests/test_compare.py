@@ -109,10 +109,12 @@ def test_a_tail_stays_in_the_co_distilled_runs_and_two_stage_distils_the_finishe
 def test_selection_stays_in_the_co_distilled_student_and_two_stage_is_one_student(tmp_path):
     from codistill.config import validate
 
-    base = load_config(MICRO, ["students.0.twin=true", "distill.selection_interval=2"]).model_dump(mode="json")
+    base = load_config(MICRO, ["students.0.twin=true", "students.0.population=[0.1]", "distill.selection_interval=2"]
+                       ).model_dump(mode="json")
     runs = compare.arm_configs(base, 7, tmp_path, 0.1)
     paired = validate(copy.deepcopy(runs["paired"]), "paired")
-    assert paired.twins() == {"student": "student_alone"} and paired.distill.selection_interval == 2
+    assert paired.selection_groups() == {"student": ["student_alone", "student_p1"]}
+    assert paired.distill.selection_interval == 2
     two = validate(copy.deepcopy(runs["two_stage"]), "two_stage")
     assert [s.name for s in two.students] == ["student"] and two.distill.selection_interval == 0
 

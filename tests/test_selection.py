@@ -1,6 +1,7 @@
-"""Selection between a student and its twin (distill.selection_interval): the worse takes the better's whole
-training state (then both step alike, at ZeRO-2 here and at ZeRO-3 on two ranks), the decisions are the same after
-a restart and never read the validation split, and the settings it needs are one-line errors."""
+"""Selection among a student, its twin and its population (distill.selection_interval): the worse takes the
+better's whole training state (then both step alike, at ZeRO-2 here and at ZeRO-3 on two ranks) and, distilling,
+its α perturbed; the decisions are the same after a restart and never read the validation split, and the settings it
+needs are one-line errors."""
 import json
 import math
 import sys
@@ -18,10 +19,21 @@ SELECTING = ["students.0.twin=true", "distill.selection_interval=2", "distill.bu
 TAGS = ["student/selection/probe_ce", "student_alone/selection/probe_ce", "selection/student/distilled_won"]
 
 
-def test_selection_chooses_between_a_student_and_its_twin_once_for_the_run():
-    with pytest.raises(ConfigError, match=r"distill\.selection_interval=5: selection chooses between a student and "
-                                          r"its twin trained alone; give a student twin: true"):
+def test_selection_chooses_among_a_student_its_twin_and_its_population_once_for_the_run():
+    with pytest.raises(ConfigError, match=r"distill\.selection_interval=5: selection chooses among a student, its "
+                                          r"twin trained alone and its population; give a student twin: true or "
+                                          r"population: \[alpha_max, \.\.\.\]"):
         load_config(MICRO, ["distill.selection_interval=5"])
+    with pytest.raises(ConfigError, match=r"student\.population=\[0\.5\]: its copies are selected among every "
+                                          r"distill\.selection_interval steps, which is 0; set it"):
+        load_config(MICRO, ["students.0.population=[0.5]"])
+    with pytest.raises(ConfigError, match=r"config key 'students\.0\.population\.1': input should be less than or "
+                                          r"equal to 1 \(got 2\)"):
+        load_config(MICRO, ["students.0.population=[0.5, 2]", "distill.selection_interval=5"])
+    cfg = load_config(MICRO, [*SELECTING, "students.0.population=[0.1, 1]"])
+    assert cfg.selection_groups() == {"student": ["student_alone", "student_p1", "student_p2"]}
+    assert [(s.name, d.alpha_max, s.init_seed) for s, d, _ in cfg.learners()] == [
+        ("student", 0.5, 8), ("student_alone", 0.0, 8), ("student_p1", 0.1, 8), ("student_p2", 1.0, 8)]
     with pytest.raises(ConfigError, match=r"student\.distill\.selection_batches=2: selection is one setting for the "
                                           r"run; set it in the top-level distill section \(here 4\)"):
         load_config(MICRO, [*SELECTING, "students.0.distill={selection_batches: 2}"])
@@ -67,6 +79,49 @@ def test_the_copy_takes_weights_moments_and_an_fp16_loss_scale():
     assert vars(dst.engine.optimizer.loss_scaler) == vars(src.engine.optimizer.loss_scaler)
 
 
+def test_the_worst_takes_the_best_and_a_distilling_loser_its_alpha_perturbed(monkeypatch):
+    """The decision alone (the state copy stubbed): who takes whose state, whose α moves and by how much, ties,
+    the last step's copy into every member, and the α and counts across a save and load."""
+    from types import SimpleNamespace
+
+    from codistill import selection
+    from codistill.student import StudentState
+
+    taken = []
+    monkeypatch.setattr(selection, "adopt", lambda dst, src: taken.append((dst.name, src.name)))
+    cfg = load_config(MICRO, [*SELECTING, "students.0.population=[0.1, 1]", "distill.selection_perturb=0.5"])
+
+    def selecting():
+        states = [StudentState(s.name, d, False) for s, d, _ in cfg.learners()]
+        members = [SimpleNamespace(name=s.name) for s in states]
+        return selection.Selection([selection.Group(members, states, "student_alone")], None, None, None, 2, 1,
+                                   6, 7, 0.5)
+
+    sel = selecting()
+    group, alphas = sel.groups[0], lambda: [s.distill.alpha_max for s in sel.groups[0].states]
+    sel.decide(group, [3.0, 3.0, 3.0, 3.0], 2)  # a tie (before distilling): the student wins, no α moves
+    assert taken == [("student_p2", "student")] and alphas() == [0.5, 0.0, 0.1, 1.0] and group.ties == 1
+    tags = sel.decide(group, [3.0, 2.9, 3.1, 3.2], 4)  # the twin best: p2 keeps its own α, perturbed, at most 1
+    up = sel.draw("perturb 4 student_p2") % 2 == 1
+    assert taken[-1] == ("student_p2", "student_alone") and alphas()[3] == (1.0 if up else 0.5)
+    assert tags["selection/student/distilled_won"] == 0.0 and "student_alone/selection/alpha_max" not in tags
+    sel.decide(group, [3.0, 3.3, 2.9, 3.1], 5)  # p1 best, the twin worst: the twin takes its weights, keeps α 0
+    assert taken[-1] == ("student_alone", "student_p1") and alphas()[:3] == [0.5, 0.0, 0.1]
+    sel.decide(group, [3.3, 3.0, 2.9, 3.1], 5)  # the student worst: p1's α, perturbed
+    up = sel.draw("perturb 5 student") % 2 == 1
+    assert taken[-1] == ("student", "student_p1") and alphas()[0] == pytest.approx(0.1 * (1.5 if up else 0.5))
+    taken.clear()
+    sel.decide(group, [3.0, 3.1, 2.9, 3.2], 6)  # the last step: every member takes the best's state
+    assert sorted(taken) == [("student", "student_p1"), ("student_alone", "student_p1"), ("student_p2", "student_p1")]
+    assert group.wins == {"student": 1, "student_alone": 1, "student_p1": 3} and group.last_winner == "student_p1"
+    assert "won by student 1, student_alone 1, student_p1 3, student_p2 0; all end with the weights of the last " \
+           "winner, student_p1" in sel.summary()[0]
+    again = selecting()
+    again.load_state_dict(json.loads(json.dumps(sel.state_dict())))
+    assert [s.distill.alpha_max for s in again.groups[0].states] == alphas()
+    assert again.state_dict() == sel.state_dict()
+
+
 def test_the_worse_takes_the_betters_state_and_both_then_step_alike(tmp_path, monkeypatch):
     """After a run with selection, one more step parts the two; the twin takes the student's state and both step on
     one batch: every weight and this rank's optimizer state (fp32 masters, moments) are bitwise equal."""
@@ -100,20 +155,24 @@ def test_two_ranks_at_zero3_select_log_their_tags_and_take_state_alike(tmp_path)
 
 
 def test_a_restart_across_a_decision_continues_exactly(tmp_path):
-    """Split at step 3, between the decisions at 2 and 4; the student distils from step 3 (a burn-in of 2), so the
-    decision at 2 is a tie of two identical models."""
+    """A population of three (the student, its twin, a copy at α_max 1) split at step 3, between the decisions at 2
+    and 4; the students distil from step 3 (a burn-in of 2), so the decision at 2 is a tie of identical models."""
     straight, split = tmp_path / "straight", tmp_path / "split"
-    late = [*SELECTING, "distill.burn_in_steps=2"]
+    late = [*SELECTING, "distill.burn_in_steps=2", "students.0.population=[1.0]"]
     whole = train_cli_here(f"output_dir={straight}", *late)
     train_cli_here(f"output_dir={split}", *late, "train.steps_this_run=3")
     train_cli_here(f"output_dir={split}", *late, "resume=auto")
     a, b = read_scalars(straight), read_scalars(split)
-    for tag in [*TAGS, "student/train/loss", "student_alone/train/loss"]:
+    names = ("student", "student_alone", "student_p1")
+    for tag in [*TAGS, "student_p1/selection/probe_ce", "student/selection/alpha_max", "student_p1/selection/alpha_max",
+                *(f"{n}/train/loss" for n in names)]:
         assert a[tag] == b[tag], tag
     assert a["student/selection/probe_ce"][2] == a["student_alone/selection/probe_ce"][2]
-    assert a["selection/student/distilled_won"][2] == 1.0 and "decisions (1 ties); both end with" in whole.stdout
-    wa, wb = (zero_weights(run, 6, ("student", "student_alone")) for run in (straight, split))
+    assert a["selection/student/distilled_won"][2] == 1.0 and "3 decisions (1 ties), won by student" in whole.stdout
+    assert "student: selected among 3 (alpha_max student 0.5, student_alone 0, student_p1 1)" in whole.stdout
+    wa, wb = (zero_weights(run, 6, names) for run in (straight, split))
     assert all(torch.equal(wa[n][k], wb[n][k]) for n in wa for k in wa[n])
+    assert all(torch.equal(wa["student"][k], wa[n][k]) for n in names for k in wa[n])  # all end as the last winner
 
 
 def test_selection_never_reads_the_validation_split(tmp_path):

@@ -97,11 +97,12 @@ def arm_configs(base: dict[str, Any], seed: int, folder: Path, handicap: float,
 
     paired = copy.deepcopy(base)
     alone = copy.deepcopy(student)
-    alone["twin"] = False  # (a) and (e) are single models; (b) keeps a twin it selects against (selection.py)
+    # (a) and (e) are single models; (b) keeps a twin and a population it selects among (selection.py)
+    alone["twin"], alone["population"] = False, []
     alone["name"] = ALONE
     alone["distill"] = {**(alone.get("distill") or {}), "schedule": "constant", "alpha_max": 0.0,
                         "token_filter": False, "benefit_gate": False}
-    lead = {**copy.deepcopy(student), "twin": False}
+    lead = {**copy.deepcopy(student), "twin": False, "population": []}
     lead["name"] = LEAD
     lead["distill"] = {**(lead.get("distill") or {}), "benefit_gate": False}
     paired["students"] = [copy.deepcopy(student), lead, alone]
@@ -130,7 +131,7 @@ def arm_configs(base: dict[str, Any], seed: int, folder: Path, handicap: float,
     two["mode"] = "soft"
     two["train"]["tail_steps"] = 0  # the paired run's teacher, finished: its tail is the whole run
     two["distill"] = {**two.get("distill", {}), "selection_interval": 0}  # plain two-stage: one student
-    two["students"] = [{**copy.deepcopy(student), "twin": False}]
+    two["students"] = [{**copy.deepcopy(student), "twin": False, "population": []}]
     two["teacher"] = {"name": teacher["name"], "pretrained": str(folder / "teacher_hf" / teacher["name"]),
                       "deepspeed": teacher["deepspeed"]}
     two["output_dir"] = str(folder / "two_stage")
