@@ -138,20 +138,24 @@ def test_the_worse_takes_the_betters_state_and_both_then_step_alike(tmp_path, mo
 
 
 def test_two_ranks_at_zero3_select_log_their_tags_and_take_state_alike(tmp_path):
+    """A population of three (the student, its twin, a copy at α_max 1) on two ranks at ZeRO-3."""
     out = tmp_path / "run"
-    proc = launch(f"output_dir={out}", *SELECTING, *(f"students.0.deepspeed.zero_optimization.{k}" for k in (
-        "stage=3", "stage3_param_persistence_threshold=0")), script=str(ROOT / "tests" / "helpers" / "adopt_step.py"),
-        config=None)
+    proc = launch(f"output_dir={out}", *SELECTING, "students.0.population=[1.0]", *(
+        f"students.0.deepspeed.zero_optimization.{k}" for k in ("stage=3", "stage3_param_persistence_threshold=0")),
+        script=str(ROOT / "tests" / "helpers" / "adopt_step.py"), config=None)
     for rank in (0, 1):
         assert json.loads((out / f"rank{rank}.json").read_text())["weights_equal"]
         assert json.loads((out / f"rank{rank}.json").read_text())["optimizer_equal"]
-    assert "student: selected against student_alone every 2 steps and at the last" in proc.stdout
-    assert "selection: student no worse than student_alone on the held-out probe at " in proc.stdout
+    assert "student: selected among 3 (alpha_max student 0.5, student_alone 0, student_p1 1) every 2 steps" \
+        in proc.stdout
+    assert "selection among student's 3: 3 decisions" in proc.stdout
     scalars = read_scalars(out)
-    for tag in TAGS:
+    for tag in [*TAGS, *(f"student{n}/selection/{k}" for n, k in (("_p1", "probe_ce"), ("", "alpha_max"),
+                                                                  ("_p1", "alpha_max")))]:
         assert sorted(scalars[tag]) == [2, 4, 6] and all(map(math.isfinite, scalars[tag].values())), tag
     assert set(scalars["selection/student/distilled_won"].values()) <= {0.0, 1.0}
-    assert scalars["student/eval/loss"][6] == scalars["student_alone/eval/loss"][6]  # both the last winner
+    final = [scalars[f"{n}/eval/loss"][6] for n in ("student", "student_alone", "student_p1")]
+    assert final[0] == final[1] == final[2]  # all end as the last winner
 
 
 def test_a_restart_across_a_decision_continues_exactly(tmp_path):
@@ -164,8 +168,8 @@ def test_a_restart_across_a_decision_continues_exactly(tmp_path):
     train_cli_here(f"output_dir={split}", *late, "resume=auto")
     a, b = read_scalars(straight), read_scalars(split)
     names = ("student", "student_alone", "student_p1")
-    for tag in [*TAGS, "student_p1/selection/probe_ce", "student/selection/alpha_max", "student_p1/selection/alpha_max",
-                *(f"{n}/train/loss" for n in names)]:
+    for tag in [*TAGS, "student_p1/selection/probe_ce", "student/selection/alpha_max",
+                "student_p1/selection/alpha_max", *(f"{n}/train/loss" for n in names)]:
         assert a[tag] == b[tag], tag
     assert a["student/selection/probe_ce"][2] == a["student_alone/selection/probe_ce"][2]
     assert a["selection/student/distilled_won"][2] == 1.0 and "3 decisions (1 ties), won by student" in whole.stdout
@@ -179,7 +183,9 @@ def test_selection_never_reads_the_validation_split(tmp_path):
     """The same run with its validation batches replaced by noise: other validation losses, the same decisions."""
     from codistill.trainer import Trainer
 
-    train_cli_here(f"output_dir={tmp_path / 'clean'}", *SELECTING)
+    proc = train_cli_here(f"output_dir={tmp_path / 'clean'}", *SELECTING)
+    assert "student: selected against student_alone every 2 steps and at the last" in proc.stdout
+    assert "selection: student no worse than student_alone on the held-out probe at " in proc.stdout
     trainer = Trainer(load_config(MICRO, [f"output_dir={tmp_path / 'noise'}", *SELECTING]))
     try:
         for batch in trainer.val_batches:
