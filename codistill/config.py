@@ -287,9 +287,10 @@ class DistillConfig(_DistillNames):
     selection_interval: int = Field(
         0, ge=0, description="every N optimizer steps and at the last, each student with a twin (students.N.twin) or "
         "a population (students.N.population) is scored with them on held-out training documents "
-        "(data.probe_fraction, never the validation split) and the worst takes the best's weights, optimizer and "
-        "schedule state (at the last, every member does): the student handed back is the best of them "
-        "(codistill/selection.py); 0: off. Set in the top-level distill section")
+        "(data.probe_fraction, never the validation split) and the worst distilling member takes the best's weights, "
+        "optimizer and schedule state (the twin never does: it stays the student trained alone); at the last, the "
+        "student takes the best's, so the student handed back is the best of them (codistill/selection.py); 0: off. "
+        "Set in the top-level distill section")
     selection_batches: int = Field(4, gt=0, description="selection: probe micro-batches per rank at each decision")
     selection_perturb: float = Field(
         0.2, ge=0.0, lt=1.0, description="selection: a distilling member that loses also takes the winner's "

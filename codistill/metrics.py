@@ -203,7 +203,7 @@ def summary_lines(final: Mapping[str, float], start: Mapping[str, float], teache
                   twins: Optional[Mapping[str, str]] = None, selected: Optional[list[str]] = None) -> list[str]:
     """The run's face at its end: each model's validation loss and perplexity, each student's gap
     to the teacher and its change since step 0, each student against its twin trained alone (or how to
-    get that comparison; ``selected``: instead, what selection between them decided), time and throughput,
+    get that comparison; ``selected``: before it, what selection among them decided), time and throughput,
     and where to look next."""
     lines = ["run finished:"]
     for name in [*([teacher] if teacher else []), *students]:
@@ -219,7 +219,7 @@ def summary_lines(final: Mapping[str, float], start: Mapping[str, float], teache
         if f"{name}/eval/loss" in start and loss != start[f"{name}/eval/loss"]:  # (a frozen teacher's never moves)
             parts.append(f"{loss - start[f'{name}/eval/loss']:+.4f} since step 0")
         lines.append(f"  {name}: " + ", ".join(parts))
-    lines += [f"  {line}" for line in selected] if selected is not None else baseline_lines(final, teacher, twins or {})
+    lines += [f"  {line}" for line in selected or []] + baseline_lines(final, teacher, twins or {})
     rate = f", {tokens / wall_s:,.0f} tokens/s" if wall_s > 0 and tokens else ""
     lines += [f"  {wall_s:,.1f} s of training in this run{rate}",
               f"  checkpoint: {checkpoint}",

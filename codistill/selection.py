@@ -1,14 +1,15 @@
 """Selection among a student, its twin and its population (``distill.selection_interval = N``): every N optimizer
 steps, and at the last, the members are scored on the same held-out *training* documents (``data.probe_fraction``
-of them, set aside before packing and never trained on; the validation split that reports the run is never read)
-and the worst takes the best's state (at the last, every member does). The distilling student, its CE-only twin
-(``students.N.twin: true``) and its copies at other α_max (``students.N.population``) are one population: where
-distilling helps the twin is pulled along, where it hurts the student starts again from the twin's weights and
-keeps distilling; a distilling member that loses also takes the winner's α_max (its own where the twin won),
-perturbed by a factor 1 ± ``distill.selection_perturb`` (population-based training's exploit and explore). The
-student handed back (its checkpoint and export, under its own name) is the best of them on the last probe. Never
-worse than training alone, up to the probe's noise, where the twin is a member; the cost is the members' steps
-(K - 1 students more) and K x ``selection_batches`` forwards per decision.
+of them, set aside before packing and never trained on; the validation split that reports the run is never read).
+The distilling student, its CE-only twin (``students.N.twin: true``) and its copies at other α_max
+(``students.N.population``) are one population. At each decision the worst *distilling* member takes the best's
+state, and its α_max becomes the winner's (its own where the twin won) times 1 ± ``distill.selection_perturb``
+(population-based training's exploit and explore): where distilling hurts, the student starts again from the twin's
+weights and keeps distilling. The twin never takes another's state: it stays the student trained alone, so the
+run's last line still compares the two on validation, and a harm of distilling that shows only later cannot reach
+it through an early decision. At the last decision the student (handed back under its own name: its checkpoint and
+export) takes the best's state: never worse than training alone, up to the probe's noise, where the twin is a
+member. The cost is the members' steps (K - 1 students more) and K x ``selection_batches`` forwards per decision.
 
 The state taken is everything the next step reads, on every rank: the module's weights (this rank's ZeRO-3
 partition, and whatever it holds whole), the optimizer's fp32 master weights and moments, the learning-rate
@@ -81,23 +82,25 @@ class Selection:
         return out
 
     def decide(self, group: Group, scores: list[float], step: int) -> dict[str, float]:
-        """The worst of ``group`` (every other member at the last step) takes the best's state; a distilling
-        loser, its α_max perturbed. A tie goes to the student, then to the members' order."""
+        """The worst distilling member of ``group`` (the student at the last step) takes the best's state, and a
+        loser before the last its α_max perturbed. A tie goes to the student, then to the members' order; a member
+        that scores as the best takes nothing."""
         order = range(len(scores))
-        best, worst = min(order, key=lambda i: (scores[i], i)), max(order, key=lambda i: (scores[i], i))
-        winner, loser = group.members[best], group.members[worst]
-        for i in (order if step == self.last else [worst]):
-            if i != best:
-                adopt(group.members[i], winner)
-        tie = scores[worst] == scores[best]
-        if not tie and loser.name != group.twin:
-            source = group.states[worst if winner.name == group.twin else best]
-            up = self.draw(f"perturb {step} {loser.name}") % 2 == 1
-            set_alpha(group.states[worst], min(1.0, source.distill.alpha_max * (1 + (self.perturb if up else
-                                                                                      -self.perturb))))
+        best = min(order, key=lambda i: (scores[i], i))
+        last = step == self.last
+        loser = 0 if last else max((i for i in order if group.members[i].name != group.twin),
+                                   key=lambda i: (scores[i], i))
+        winner = group.members[best]
+        if scores[loser] > scores[best]:
+            adopt(group.members[loser], winner)
+            if not last:
+                source = group.states[loser if winner.name == group.twin else best]
+                up = self.draw(f"perturb {step} {group.members[loser].name}") % 2 == 1
+                factor = 1 + (self.perturb if up else -self.perturb)
+                set_alpha(group.states[loser], min(1.0, source.distill.alpha_max * factor))
         group.decisions += 1
         group.wins[winner.name] = group.wins.get(winner.name, 0) + 1
-        group.ties += int(tie)
+        group.ties += int(max(scores) == min(scores))
         group.last_winner = winner.name
         return {f"selection/{group.student.name}/distilled_won": float(winner.name != group.twin),
                 **{f"{s.name}/selection/alpha_max": s.distill.alpha_max for s in group.states if s.name != group.twin}}
@@ -128,12 +131,13 @@ class Selection:
         lines = []
         for g in self.groups:
             if len(g.members) == 2 and g.twin:
-                lines.append(f"{g.student.name}: selected against {g.twin} {probe}; the worse takes the better's "
-                             "state")
+                lines.append(f"{g.student.name}: selected against {g.twin} {probe}; the student takes the twin's "
+                             "state where it is the worse")
             else:
                 alphas = ", ".join(f"{s.name} {s.distill.alpha_max:g}" for s in g.states)
                 lines.append(f"{g.student.name}: selected among {len(g.members)} (alpha_max {alphas}) {probe}; the "
-                             f"worst takes the best's state and, distilling, its alpha_max x (1 ± {self.perturb:g})")
+                             "worst distilling member takes the best's state and its alpha_max x "
+                             f"(1 ± {self.perturb:g})")
         return lines
 
     def summary(self) -> list[str]:
@@ -141,17 +145,16 @@ class Selection:
         lines = []
         for g in (g for g in self.groups if g.decisions):
             ties = f" ({g.ties} ties)" if g.ties else ""
+            ends = f"{g.student.name} ends with the weights of the last winner"
             if len(g.members) == 2 and g.twin:
-                last = "the twin trained alone" if g.last_winner == g.twin else "the distilled student"
+                last = "the twin trained alone" if g.last_winner == g.twin else "itself"
                 lines.append(f"selection: {g.student.name} no worse than {g.twin} on the held-out probe at "
-                             f"{g.distilled_won()} of {g.decisions} decisions{ties}; both end with the weights of the "
-                             f"last winner, {last}")
+                             f"{g.distilled_won()} of {g.decisions} decisions{ties}; {ends}, {last}")
                 continue
             wins = ", ".join(f"{m.name} {g.wins.get(m.name, 0)}" for m in g.members)
             alphas = ", ".join(f"{s.name} {s.distill.alpha_max:.3g}" for s in g.states if s.name != g.twin)
             lines.append(f"selection among {g.student.name}'s {len(g.members)}: {g.decisions} decisions{ties}, won by "
-                         f"{wins}; all end with the weights of the last winner, {g.last_winner} (alpha_max at the end: "
-                         f"{alphas})")
+                         f"{wins}; {ends}, {g.last_winner} (alpha_max at the end: {alphas})")
         return lines
 
     def state_dict(self) -> dict:

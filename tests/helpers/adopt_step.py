@@ -43,14 +43,13 @@ def main() -> None:
     cfg, trainer = micro_trainer()
     trainer.fit()
     student, twin = (next(m for m in trainer.members if m.name == n) for n in ("student", "student_alone"))
-    ended_equal = same(weights(student), weights(twin))  # the last step's decision left both the winner
     trainer.train_step(cfg.train.max_steps)  # one more step: the student distils, the twin does not
     differed = not same(weights(student), weights(twin))
     adopt(twin, student)
     batch = trainer.prepare_batch(next(trainer.stream))
     for m in (student, twin):
         ce_step(trainer, m, batch)
-    write_rank(cfg, trainer, {"ended_equal": ended_equal, "differed": differed,
+    write_rank(cfg, trainer, {"differed": differed,
                               "weights_equal": same(weights(student), weights(twin)),
                               "optimizer_equal": same(states(student), states(twin)),
                               "lr": [student.engine.get_lr()[0], twin.engine.get_lr()[0]]})
