@@ -570,7 +570,6 @@ class RunConfig(_Section):
         student, and each with a ``population`` its copies at those α_max, all with the same initial weights: the
         student's seed is made explicit and shared. A resolved config already lists them, and they are then kept
         as they are. A listening teacher listens to the others only."""
-        names = {m.name for m in self.models}
         for i, s in enumerate(list(self.students)):
             if not (s.twin or s.population):
                 continue
@@ -586,10 +585,14 @@ class RunConfig(_Section):
             copies += [(copy_name(s.name, j), {**overrides(s), "alpha_max": a}) for j, a in enumerate(s.population, 1)]
             for name, distill in copies:
                 check_name(name, f"{s.name}: its copy's name")
-                if name not in names:
-                    self.students.append(s.model_copy(deep=True, update={
-                        "name": name, "twin": False, "population": [], "distill": DistillOverrides(**distill)}))
-                    names.add(name)
+                made = s.model_copy(deep=True, update={"name": name, "twin": False, "population": [],
+                                                       "distill": DistillOverrides(**distill)})
+                there = next((m for m in self.models if m.name == name), None)
+                if there is None:
+                    self.students.append(made)
+                elif there.model_dump(exclude={"distill"}) != made.model_dump(exclude={"distill"}):
+                    raise ValueError(f"{s.name}: its copy's name {name} is taken by another model; rename that one "
+                                     "(a resolved config lists the copy as it was made, and is read as it is)")
         copies = {name for group in self.selection_groups().values() for name in group}
         if copies and self.teacher is not None and self.teacher.distill is not None and self.teacher.sources is None:
             self.teacher.sources = [t.name for t in self.students if t.name not in copies]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from codistill import distributed
-from codistill.config import ConfigError, load_config
+from codistill.config import ConfigError, load_config, validate
 
 from conftest import MICRO, ROOT, launch, read_scalars, train_cli_here, zero_weights
 
@@ -30,6 +30,11 @@ def test_selection_chooses_among_a_student_its_twin_and_its_population_once_for_
     with pytest.raises(ConfigError, match=r"config key 'students\.0\.population\.1': input should be less than or "
                                           r"equal to 1 \(got 2\)"):
         load_config(MICRO, ["students.0.population=[0.5, 2]", "distill.selection_interval=5"])
+    with pytest.raises(ConfigError, match=r"student: its copy's name student_p1 is taken by another model; rename "
+                                          r"that one"):
+        tree = load_config(MICRO, [*SELECTING, "students.0.population=[0.1]"]).model_dump(mode="json")
+        tree["students"][2]["init_seed"] += 1  # another model under the copy's name
+        validate(tree, "resolved")
     cfg = load_config(MICRO, [*SELECTING, "students.0.population=[0.1, 1]"])
     assert cfg.selection_groups() == {"student": ["student_alone", "student_p1", "student_p2"]}
     assert [(s.name, d.alpha_max, s.init_seed) for s, d, _ in cfg.learners()] == [
