@@ -169,8 +169,9 @@ class MicroStep:
             for index in self.roles(plans).on_policy:
                 self._own[self.m.learners[index]] = self.on_own_samples(index, batch, plans[index], where)
             self.losses(batch, plans, sums, panels, probes)
-            for member in self._deferred:
-                self.optimizer_step(member)
+            stepped = [self.optimizer_step(member) for member in self._deferred]
+            if any(stepped) and self.smoothed is not None and self.teacher_rests(self.at):
+                self.smoothed.update()  # in the teacher's tail its average goes on towards its final weights
         finally:
             self._deferred = None
             self._own.clear()
@@ -244,12 +245,14 @@ class MicroStep:
         else:
             self._deferred.append(member)
 
-    def optimizer_step(self, member: Member) -> None:
-        """``member``'s engine step; after an optimizer step of the teacher, its moving average follows."""
+    def optimizer_step(self, member: Member) -> bool:
+        """``member``'s engine step; after an optimizer step of the teacher, its moving average follows. Returns
+        whether it was an optimizer step (the last micro-batch of an accumulation)."""
         boundary = member.engine.is_gradient_accumulation_boundary()
         member.engine.step()
         if boundary and self.smoothed is not None and member is self.m.teacher:
             self.smoothed.update()
+        return boundary
 
     def finite(self, member: Member, loss: torch.Tensor) -> bool:
         """Whether ``loss`` is finite on every rank; if not, apply ``train.nonfinite``: ``stop`` raises,

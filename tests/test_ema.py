@@ -137,11 +137,41 @@ def test_the_memory_estimate_counts_the_average(half, stage):
 
 
 def test_the_average_moves_once_per_optimizer_step_under_accumulation(tmp_path):
+    from codistill import distributed
     from codistill.trainer import Trainer
 
     trainer = Trainer(load_config(MICRO, [f"output_dir={tmp_path}", "distill.teacher_ema=0.5", "train.max_steps=2",
                                           "train.gradient_accumulation_steps=2", "checkpoint.interval=0"]))
     moved, update = [], trainer.smoothed.update
     trainer.smoothed.update = lambda: (moved.append(trainer.step), update())
-    trainer.fit()
+    try:
+        trainer.fit()
+    finally:
+        distributed.shutdown()
     assert moved == [0, 1]
+
+
+def test_in_the_teachers_tail_the_average_goes_on_towards_its_final_weights(tmp_path):
+    """Three teacher steps, then three of its tail: the average moves after each of the six, and ends closer to
+    the final teacher than where the tail found it."""
+    from codistill import distributed
+    from codistill.trainer import Trainer
+
+    trainer = Trainer(load_config(MICRO, [f"output_dir={tmp_path}", "distill.teacher_ema=0.5", "train.max_steps=6",
+                                          "train.tail_steps=3", "checkpoint.interval=0"]))
+    moved, update, gaps = [], trainer.smoothed.update, []
+
+    def follow():
+        moved.append(trainer.step)
+        update()
+        live = dict(trainer.smoothed.teacher.engine.module.named_parameters())
+        gaps.append(sum(float((p.detach() - live[n].detach()).abs().sum())
+                        for n, p in trainer.smoothed.shadow.engine.module.named_parameters()))
+
+    trainer.smoothed.update = follow
+    try:
+        trainer.fit()
+    finally:
+        distributed.shutdown()
+    assert moved == [0, 1, 2, 3, 4, 5]
+    assert gaps[5] < gaps[4] < gaps[3] and gaps[5] == pytest.approx(gaps[2] / 8, rel=1e-3)
