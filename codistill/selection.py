@@ -57,7 +57,7 @@ class Group:
 
 
 class Selection:
-    """Every ``interval`` steps, and at ``last``, each group's worst member takes the best's state.
+    """Every ``interval`` steps, and at ``last``, each group's worst distilling member takes the best's state.
     ``score(member, batch)``: a model's mean CE on a batch and anything (the validator's); ``prepare``: a raw
     micro-batch to the device with its labels."""
 
