@@ -449,7 +449,7 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":
-        self._add_twins()
+        self._add_copies()
         self._check_models()
         if self.train.nonfinite == "skip" and self.train.gradient_accumulation_steps != 1:
             raise ValueError("train.nonfinite=skip needs train.gradient_accumulation_steps=1 (a skipped "
@@ -565,7 +565,7 @@ class RunConfig(_Section):
                     raise ValueError(f"{where}.prefix_tokens={d.on_policy.prefix_tokens} leaves nothing of "
                                      f"data.seq_len={self.data.seq_len} to continue; lower it")
 
-    def _add_twins(self) -> None:
+    def _add_copies(self) -> None:
         """Each student with ``twin: true`` gets its CE-only copy (α 0, no gate, no samples of its own) as one more
         student, and each with a ``population`` its copies at those α_max, all with the same initial weights: the
         student's seed is made explicit and shared. A resolved config already lists them, and they are then kept
@@ -593,9 +593,9 @@ class RunConfig(_Section):
                 elif there.model_dump(exclude={"distill"}) != made.model_dump(exclude={"distill"}):
                     raise ValueError(f"{s.name}: its copy's name {name} is taken by another model; rename that one "
                                      "(a resolved config lists the copy as it was made, and is read as it is)")
-        copies = {name for group in self.selection_groups().values() for name in group}
-        if copies and self.teacher is not None and self.teacher.distill is not None and self.teacher.sources is None:
-            self.teacher.sources = [t.name for t in self.students if t.name not in copies]
+        grouped = {name for group in self.selection_groups().values() for name in group}
+        if grouped and self.teacher is not None and self.teacher.distill is not None and self.teacher.sources is None:
+            self.teacher.sources = [t.name for t in self.students if t.name not in grouped]
 
     def twins(self) -> dict[str, str]:
         """Each student with a twin, and its twin's name."""

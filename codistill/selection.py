@@ -51,6 +51,11 @@ class Group:
     def student(self) -> Member:
         return self.members[0]
 
+    @property
+    def pair(self) -> bool:
+        """A student and its twin alone (described and summed up as a pair)."""
+        return len(self.members) == 2 and self.twin is not None
+
     def distilled_won(self) -> int:
         """Decisions a distilling member won (a tie goes to the student)."""
         return self.decisions - self.wins.get(self.twin, 0)
@@ -130,7 +135,7 @@ class Selection:
                  f"held-out probe ({len(self.heldout.dataset):,} blocks of training documents set aside)")
         lines = []
         for g in self.groups:
-            if len(g.members) == 2 and g.twin:
+            if g.pair:
                 lines.append(f"{g.student.name}: selected against {g.twin} {probe}; the student takes the twin's "
                              "state where it is the worse")
             else:
@@ -146,7 +151,7 @@ class Selection:
         for g in (g for g in self.groups if g.decisions):
             ties = f" ({g.ties} ties)" if g.ties else ""
             ends = f"{g.student.name} ends with the weights of the last winner"
-            if len(g.members) == 2 and g.twin:
+            if g.pair:
                 last = "the twin trained alone" if g.last_winner == g.twin else "itself"
                 lines.append(f"selection: {g.student.name} no worse than {g.twin} on the held-out probe at "
                              f"{g.distilled_won()} of {g.decisions} decisions{ties}; {ends}, {last}")
