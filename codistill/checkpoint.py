@@ -646,7 +646,7 @@ def export_checkpoint(found: Path, out: Path, names: Optional[list[str]] = None,
                               f"unexpected {sorted(unexpected)}")
         model.tie_weights()
         model.save_pretrained(str(target), safe_serialization=True)
-        own = found / "tokenizer" / name  # a teacher with its own tokenizer (codistill/crosstok.py)
+        own = found / "tokenizer" / name  # a model with its own tokenizer (codistill/crosstok.py)
         tokenizer = own if (own / "tokenizer_config.json").is_file() else found / "tokenizer"
         AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True).save_pretrained(str(target))
         exported.append(target)

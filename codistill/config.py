@@ -379,9 +379,10 @@ class ModelSpec(_Section):
         None, description="the models it distils from, by name (the average of their predictions is its target); "
         "default: the teacher for a student, the students for a listening teacher, the other peers in mode mutual")
     cache: Optional[str] = Field(None, description="soft-mode teacher: a top-k cache folder used instead of the model")
-    tokenizer: Optional[str] = Field(None, description="the teacher: its own tokenizer folder (default: the one in its "
-                                     "pretrained folder, else data.tokenizer); one that differs from the students' is "
-                                     "distilled from across tokenizers (distill.cross_tokenizer)")
+    tokenizer: Optional[str] = Field(None, description="its own tokenizer folder (default: the one in its pretrained "
+                                     "folder for the teacher, else data.tokenizer); a teacher's that differs from the "
+                                     "students' is distilled from across tokenizers (distill.cross_tokenizer); a "
+                                     "student's own needs such a teacher, and reads its own side of the paired blocks")
     twin: bool = Field(False, description="a student: also train its copy on cross-entropy alone, named <name>_alone "
                                           "(the same initial weights and batches), so that the run shows whether "
                                           "distilling helped on this data")
@@ -620,8 +621,9 @@ class RunConfig(_Section):
         if len(set(names)) != len(names):
             raise ValueError(f"model names must be unique, got {names}")
         for s in self.students:
-            if s.tokenizer is not None:
-                raise ValueError(f"{s.name}.tokenizer: students read data.tokenizer; only the teacher has its own")
+            if s.tokenizer is not None and self.mode not in ("codistill", "soft"):
+                raise ValueError(f"{s.name}.tokenizer: a student with a tokenizer of its own learns from a teacher "
+                                 f"in mode codistill or soft; in mode {self.mode} students read data.tokenizer")
         if self.teacher is None:
             return
         if (self.teacher.distill is not None or self.teacher.sources is not None) and self.mode != "codistill":

@@ -218,6 +218,14 @@ def vocab_maps(teacher, student, learners, device: torch.device) -> tuple[Option
     return mapping, spread_map(mapping, vocab_map(student, teacher, device)) if "spread" in methods else None
 
 
+def side_maps(teacher, run, sides: dict, learners, device: torch.device) -> dict[str, tuple]:
+    """:func:`vocab_maps` per students' side (by column prefix: "" for the run's tokenizer, one per further
+    side of ``sides``, data.student_sides), each for the learners that read that side."""
+    tokenizers = {"": run} | dict(sides.values())
+    return {prefix: vocab_maps(teacher, tok, [x for x in learners if sides.get(x[0].name, ("",))[0] == prefix], device)
+            for prefix, tok in tokenizers.items()}
+
+
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte-fallback tokens
 
 
@@ -428,48 +436,61 @@ def start_tokens(tok) -> list[int]:
     return list(full[:at])
 
 
-def pair_blocks(texts: Sequence[str], student, teacher, seq_len: int, teacher_len: Optional[int] = None
-                ) -> dict[str, list]:
+def side_prefix(k: int) -> str:
+    """The column prefix of the k-th further students' side of a paired block (k >= 1): a student with a
+    tokenizer of its own reads ``s<k>_input_ids``, ..., and its chunks against the teacher's tokens
+    ``s<k>_student_chunk`` / ``s<k>_teacher_chunk``; the first students' side keeps the plain names."""
+    return f"s{k}_"
+
+
+def side_columns(prefix: str) -> tuple[str, ...]:
+    """The columns of one further students' side (:func:`side_prefix`)."""
+    return tuple(prefix + name for name in ("input_ids", "attention_mask", "loss_mask", "student_chunk",
+                                            "teacher_chunk"))
+
+
+def pair_blocks(texts: Sequence[str], student, teacher, seq_len: int, teacher_len: Optional[int] = None,
+                others: Sequence = ()) -> dict[str, list]:
     """Documents tokenized both ways and packed into paired blocks of the same characters (a ``datasets``
     batched map): each block starts and ends at a common boundary and holds at most ``seq_len`` tokens on
     the students' side and ``teacher_len`` (default ``seq_len``) on the teacher's (each side padded to its
     length); a document ends with each tokenizer's end-of-text, which both place at one boundary. Chunk ids
     count from 0 in each block (-1: padding). A chunk longer than a side's length (characters neither
-    tokenizer cuts alike over that span) is left out, and counted in ``dropped_tokens``."""
+    tokenizer cuts alike over that span) is left out, and counted in ``dropped_tokens``.
+
+    ``others``: the tokenizers of further students' sides (:func:`side_prefix`), each of at most ``seq_len``
+    tokens. Blocks are then cut at boundaries common to every side, so that every model reads the same
+    characters; inside a block each students' side keeps its own chunks against the teacher's tokens (the
+    boundaries common to the two of them, finer than those common to all)."""
     teacher_len = teacher_len or seq_len
-    s_ids, s_reach, t_ids, t_reach = [], [], [], []
-    base, started, tokenizing = 0, time.perf_counter(), 0.0
-    starts = {id(student): start_tokens(student), id(teacher): start_tokens(teacher)}  # each document's first ids
-    for text in texts:
-        for ids, reach, tok, side in ((s_ids, s_reach, student, "students'"), (t_ids, t_reach, teacher, "teacher's")):
-            at = time.perf_counter()
-            got, ends = offsets(tok, text, "data")
-            tokenizing += time.perf_counter() - at
-            if tok.unk_token_id is not None and tok.unk_token_id in got:
-                at = ends[got.index(tok.unk_token_id)]
-                raise ConfigError(f"data: the {side} tokenizer cannot represent some of the text (it writes its unknown "
-                                  f"token {tok.unk_token!r} at {text[max(0, at - 20):at]!r}); distilling across "
-                                  "tokenizers needs both to write every character (byte-level tokenizers do)")
-            reached = [*(base + np.maximum.accumulate(ends)).tolist(), base + len(text) + 1]
-            start = starts[id(tok)]  # in the chunk of the document's first characters
-            ids += [*start, *got, tok.eos_token_id]
-            reach += [reached[0]] * len(start) + reached
-        base += len(text) + 1
-    common, s_chunk, t_chunk = _chunked(np.asarray(s_reach, dtype=np.int64), np.asarray(t_reach, dtype=np.int64))
-    s_cum = np.searchsorted(s_chunk, np.arange(len(common) + 1))  # tokens before chunk c, each side
-    t_cum = np.searchsorted(t_chunk, np.arange(len(common) + 1))
+    tokenizers = [student, teacher, *others]
+    lengths = [seq_len, teacher_len] + [seq_len] * len(others)
+    ids, reach, started, tokenizing = _tokenized(texts, tokenizers)
+    common = reach[0][np.isin(reach[0], reach[1])]
+    for r in reach[2:]:
+        common = common[np.isin(common, r)]
+    common = np.unique(common[common > 0])
+    cum = [np.searchsorted(np.searchsorted(common, r, side="left"), np.arange(len(common) + 1)) for r in reach]
+    pairs = [_chunked(reach[k], reach[1])[1:] for k in (0, *range(2, len(tokenizers)))]  # per students' side
     out: dict[str, list] = {name: [] for name in (*PAIRED, *STATS)}
+    for k in range(1, len(others) + 1):
+        out.update({name: [] for name in side_columns(side_prefix(k))})
+    starts = [set(start_tokens(tok)) - {tok.eos_token_id} for tok in tokenizers]
     c0, dropped = 0, 0
     while c0 < len(common):
-        c1 = min(np.searchsorted(s_cum, s_cum[c0] + seq_len, side="right"),
-                 np.searchsorted(t_cum, t_cum[c0] + teacher_len, side="right")) - 1
+        c1 = min(np.searchsorted(c, c[c0] + n, side="right") for c, n in zip(cum, lengths)) - 1
         if c1 <= c0:  # one chunk longer than a block
-            dropped += int(s_cum[c0 + 1] - s_cum[c0])
+            dropped += int(cum[0][c0 + 1] - cum[0][c0])
             c0 += 1
             continue
-        _add_block(out, (seq_len, teacher_len), s_ids[s_cum[c0]:s_cum[c1]], s_chunk[s_cum[c0]:s_cum[c1]] - c0,
-                   student, t_ids[t_cum[c0]:t_cum[c1]], t_chunk[t_cum[c0]:t_cum[c1]] - c0, teacher,
-                   [set(starts[id(tok)]) - {tok.eos_token_id} for tok in (student, teacher)])
+        spans = [slice(c[c0], c[c1]) for c in cum]
+        t_ids = ids[1][spans[1]]
+        for k, (s_chunk, t_chunk) in enumerate(pairs):
+            side = 0 if k == 0 else k + 1
+            s_part, t_part = s_chunk[spans[side]], t_chunk[spans[1]]
+            _add_block(out, side_prefix(k) if k else "", (lengths[side], teacher_len), ids[side][spans[side]],
+                       s_part - s_part[0], tokenizers[side], t_ids, t_part - t_part[0], teacher,
+                       [starts[side], starts[1]], teacher_side=k == 0)
         c0 = c1
     rows = len(out["input_ids"])  # the batch's figures ride on its first block (a map's columns are per row)
     held = (sum(map(sum, out["attention_mask"])), sum(map(sum, out[CROSS + "attention_mask"])))
@@ -478,25 +499,52 @@ def pair_blocks(texts: Sequence[str], student, teacher, seq_len: int, teacher_le
     return out
 
 
-def _add_block(out: dict[str, list], lengths: tuple[int, int], s_ids, s_chunk, student, t_ids, t_chunk,
-               teacher, unscored: list[set]) -> None:
+def _tokenized(texts: Sequence[str], tokenizers: Sequence) -> tuple[list[list[int]], list[np.ndarray], float, float]:
+    """Every document tokenized by each tokenizer and concatenated: per tokenizer the ids (each document opened by
+    the tokenizer's start tokens and closed by its end-of-text) and each token's running maximum end in characters
+    of the whole batch; then the start time and the seconds spent in the tokenizers."""
+    names = ["students'", "teacher's"] + [f"student side {k}'s" for k in range(1, len(tokenizers) - 1)]
+    ids, reach = [[] for _ in tokenizers], [[] for _ in tokenizers]
+    base, started, tokenizing = 0, time.perf_counter(), 0.0
+    starts = [start_tokens(tok) for tok in tokenizers]  # each document's first ids
+    for text in texts:
+        for k, tok in enumerate(tokenizers):
+            at = time.perf_counter()
+            got, ends = offsets(tok, text, "data")
+            tokenizing += time.perf_counter() - at
+            if tok.unk_token_id is not None and tok.unk_token_id in got:
+                at = ends[got.index(tok.unk_token_id)]
+                raise ConfigError(f"data: the {names[k]} tokenizer cannot represent some of the text (it writes its "
+                                  f"unknown token {tok.unk_token!r} at {text[max(0, at - 20):at]!r}); distilling across "
+                                  "tokenizers needs both to write every character (byte-level tokenizers do)")
+            reached = [*(base + np.maximum.accumulate(ends)).tolist(), base + len(text) + 1]
+            ids[k] += [*starts[k], *got, tok.eos_token_id]  # the start tokens: in the chunk of the first characters
+            reach[k] += [reached[0]] * len(starts[k]) + reached
+        base += len(text) + 1
+    return ids, [np.asarray(r, dtype=np.int64) for r in reach], started, tokenizing
+
+
+def _add_block(out: dict[str, list], prefix: str, lengths: tuple[int, int], s_ids, s_chunk, student, t_ids, t_chunk,
+               teacher, unscored: list[set], teacher_side: bool = True) -> None:
     """One paired block, each side padded to its length; each side's ``unscored`` ids (a document's start
     tokens, the students' then the teacher's) are read, not predicted: neither model's CE, nor a chunk's
-    likelihood, counts them."""
+    likelihood, counts them. ``prefix``: the students' side's columns (:func:`side_prefix`); the teacher's
+    columns are written with the first side only (``teacher_side``)."""
     def padded(values, fill, side):
         values = list(values)
         return values + [fill] * (lengths[side] - len(values))
 
     s_pad = student.pad_token_id if student.pad_token_id is not None else student.eos_token_id
-    t_pad = teacher.pad_token_id if teacher.pad_token_id is not None else teacher.eos_token_id
-    out["input_ids"].append(padded(s_ids, s_pad, 0))
-    out["attention_mask"].append(padded([1] * len(s_ids), 0, 0))
-    out["loss_mask"].append(padded([int(i not in unscored[0]) for i in s_ids], 0, 0))
-    out[CROSS + "input_ids"].append(padded(t_ids, t_pad, 1))
-    out[CROSS + "attention_mask"].append(padded([1] * len(t_ids), 0, 1))
-    out[CROSS + "loss_mask"].append(padded([int(i not in unscored[1]) for i in t_ids], 0, 1))
-    out["student_chunk"].append(padded(s_chunk.tolist(), -1, 0))
-    out["teacher_chunk"].append(padded(t_chunk.tolist(), -1, 1))
+    out[prefix + "input_ids"].append(padded(s_ids, s_pad, 0))
+    out[prefix + "attention_mask"].append(padded([1] * len(s_ids), 0, 0))
+    out[prefix + "loss_mask"].append(padded([int(i not in unscored[0]) for i in s_ids], 0, 0))
+    out[prefix + "student_chunk"].append(padded(s_chunk.tolist(), -1, 0))
+    out[prefix + "teacher_chunk"].append(padded(t_chunk.tolist(), -1, 1))
+    if teacher_side:
+        t_pad = teacher.pad_token_id if teacher.pad_token_id is not None else teacher.eos_token_id
+        out[CROSS + "input_ids"].append(padded(t_ids, t_pad, 1))
+        out[CROSS + "attention_mask"].append(padded([1] * len(t_ids), 0, 1))
+        out[CROSS + "loss_mask"].append(padded([int(i not in unscored[1]) for i in t_ids], 0, 1))
 
 
 READS_LOGITS = ("sorted", "project", "spread")  # the methods that read the teacher's logits (likelihood: its CE)

@@ -24,7 +24,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import datasets
 import torch
@@ -305,6 +305,43 @@ def teacher_tokenizer(cfg: RunConfig, run: PreTrainedTokenizerBase) -> Optional[
     if tok is not None and cfg.data.teacher_seq_len == "auto":  # resolved once, where the tokenizer is loaded
         cfg.data.teacher_seq_len = auto_teacher_seq_len(cfg, run, tok)
     return tok
+
+
+def student_sides(cfg: RunConfig, run: PreTrainedTokenizerBase) -> dict[str, tuple[str, PreTrainedTokenizerBase]]:
+    """Each student with a tokenizer of its own (``students.N.tokenizer``) that differs from the run's: the prefix
+    of its side's columns in the paired blocks (codistill/crosstok.py ``side_prefix``: one side per distinct
+    tokenizer, numbered in the students' order; a twin or copy reads its student's) and that tokenizer."""
+    from .crosstok import side_prefix
+
+    out, sides, loaded = {}, {}, {}
+    for spec in cfg.students:
+        if spec.tokenizer is None:
+            continue
+        if spec.tokenizer not in loaded:
+            loaded[spec.tokenizer] = load_tokenizer(spec.tokenizer, f"{spec.name}.tokenizer")
+        tok = loaded[spec.tokenizer]
+        fingerprint = tokenizer_fingerprint(tok)
+        if fingerprint == tokenizer_fingerprint(run):
+            continue
+        if fingerprint not in sides:
+            sides[fingerprint] = (side_prefix(len(sides) + 1), tok)
+        out[spec.name] = sides[fingerprint]
+    return out
+
+
+def side_tokenizers(sides: dict[str, tuple[str, PreTrainedTokenizerBase]]) -> list[PreTrainedTokenizerBase]:
+    """The further students' sides' tokenizers of :func:`student_sides`, in the order of their prefixes (s1_, s2_...)."""
+    return [tok for _, tok in sorted(dict(sides.values()).items(), key=lambda side: int(side[0][1:-1]))]
+
+
+def save_tokenizers(folder: Path, run: PreTrainedTokenizerBase, teacher_name: Optional[str],
+                    teacher: Optional[PreTrainedTokenizerBase], sides: dict[str, tuple[str, PreTrainedTokenizerBase]]) -> None:
+    """The run's tokenizer in ``folder`` and each model's own (a teacher's, students' of :func:`student_sides`) in
+    ``folder/<name>``: an export gives each model the tokenizer it read."""
+    run.save_pretrained(str(folder))
+    for name, tok in [(teacher_name, teacher), *((name, tok) for name, (_, tok) in sides.items())]:
+        if tok is not None:
+            tok.save_pretrained(str(folder / name))
 
 
 AUTO_DOCUMENTS, AUTO_CHARACTERS = 256, 1_000_000  # what data.teacher_seq_len=auto measures the tokenizers on, at most
@@ -603,12 +640,14 @@ def _unreadable(files: list[Path], fmt: str) -> Optional[str]:
 
 def build_splits(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int,
                  probe_fraction: Optional[float] = None,
-                 teacher_tokenizer: Optional[PreTrainedTokenizerBase] = None) -> Splits:
+                 teacher_tokenizer: Optional[PreTrainedTokenizerBase] = None,
+                 student_tokenizers: Sequence[PreTrainedTokenizerBase] = ()) -> Splits:
     """Tokenized, packed (or padded) train and validation blocks, cached on disk; with
     ``probe_fraction``, that share of the training documents set aside (before packing, like the
     validation split) as the benefit gate's probe: never trained on, never validated on. With
     ``teacher_tokenizer`` (a teacher with its own), each block holds the same text tokenized both
-    ways (codistill/crosstok.py)."""
+    ways (codistill/crosstok.py), and once more by each of ``student_tokenizers`` (students with
+    tokenizers of their own: the further sides, crosstok.side_prefix)."""
     kind, identity = _source_identity(cfg)
     parts = [CHAT_BLOCKS_VERSION if cfg.messages_field else BLOCKS_VERSION, kind, identity, cfg.format, cfg.text_field,
              cfg.prompt_field, cfg.messages_field, cfg.seq_len, cfg.pack,
@@ -623,12 +662,14 @@ def build_splits(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int,
         parts += [{"teacher_tokenizer": tokenizer_fingerprint(teacher_tokenizer), "paired": PAIRED_VERSION,
                    **({"teacher_seq_len": cfg.teacher_block} if cfg.teacher_block != cfg.seq_len else {}),
                    **({"teacher_start_unscored": teacher_start} if teacher_start else {})}]
+        parts += [{"student_sides": [[tokenizer_fingerprint(t), start_tokens(t)] for t in student_tokenizers]}] \
+            if student_tokenizers else []
     key = json.dumps(parts + ([{"probe_fraction": probe_fraction}] if probe_fraction else []))  # (no probe: as before)
     fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
     parent = cfg.resolved_cache_dir() / "processed"
 
     def build(work: Path) -> str:
-        return _build_blocks(cfg, tokenizer, seed, kind, work, probe_fraction, teacher_tokenizer)
+        return _build_blocks(cfg, tokenizer, seed, kind, work, probe_fraction, teacher_tokenizer, student_tokenizers)
 
     target = build_once(parent, fingerprint, build)
     names = ["train", "validation", *(["probe"] if probe_fraction else [])]
@@ -692,7 +733,8 @@ def _raw_splits(cfg: DataConfig, seed: int, kind: str) -> tuple[datasets.Dataset
 
 def _build_blocks(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, kind: str, work: Path,
                   probe_fraction: Optional[float] = None,
-                  teacher_tokenizer: Optional[PreTrainedTokenizerBase] = None) -> str:
+                  teacher_tokenizer: Optional[PreTrainedTokenizerBase] = None,
+                  student_tokenizers: Sequence[PreTrainedTokenizerBase] = ()) -> str:
     """Tokenize and pack the splits into ``work``; returns the READY text."""
     train, val = _raw_splits(cfg, seed, kind)
     splits = {"train": train, "validation": val}
@@ -708,7 +750,7 @@ def _build_blocks(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int
     out = {}
     for name, part in splits.items():
         blocks = _to_blocks(part, cfg, tokenizer) if teacher_tokenizer is None else \
-            _paired_blocks(part, cfg, tokenizer, teacher_tokenizer)
+            _paired_blocks(part, cfg, tokenizer, teacher_tokenizer, student_tokenizers)
         if len(blocks) == 0:
             hint = " (or raise data.probe_fraction)" if name == "probe" else ""
             raise ConfigError(
@@ -773,10 +815,11 @@ def _to_blocks(part: datasets.Dataset, cfg: DataConfig, tokenizer: PreTrainedTok
 
 
 def _paired_blocks(part: datasets.Dataset, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase,
-                   teacher_tokenizer: PreTrainedTokenizerBase) -> datasets.Dataset:
+                   teacher_tokenizer: PreTrainedTokenizerBase,
+                   others: Sequence[PreTrainedTokenizerBase] = ()) -> datasets.Dataset:
     """Blocks of the same text in both tokenizations (codistill/crosstok.py); how much text fell in a chunk
     longer than a block, and so was left out, is logged."""
-    from .crosstok import STATS, pair_blocks
+    from .crosstok import STATS, pair_blocks, side_prefix
 
     field = cfg.text_field
 
@@ -786,7 +829,7 @@ def _paired_blocks(part: datasets.Dataset, cfg: DataConfig, tokenizer: PreTraine
             bad = next(x for x in texts if not isinstance(x, str))
             raise ConfigError(f"data.text_field: a row of '{cfg.dataset}' holds {quoted(bad)} in column '{field}'; "
                               "expected text in every row")
-        return pair_blocks(texts, tokenizer, teacher_tokenizer, cfg.seq_len, cfg.teacher_block)
+        return pair_blocks(texts, tokenizer, teacher_tokenizer, cfg.seq_len, cfg.teacher_block, others)
 
     blocks = part.map(pair, batched=True, batch_size=1000, remove_columns=part.column_names, num_proc=cfg.num_proc)
     dropped, tokenizing, aligning, own, other = (sum(blocks[name]) for name in STATS)
@@ -799,8 +842,15 @@ def _paired_blocks(part: datasets.Dataset, cfg: DataConfig, tokenizer: PreTraine
           f"ways {tokenizing:.1f} s, aligning and packing {aligning:.1f} s "
           f"({aligning / max(tokenizing + aligning, 1e-9):.0%} of the two); the students' side {own / rows:.0f} of "
           f"{cfg.seq_len} tokens a block, the teacher's {other / rows:.0f} of {cfg.teacher_block} "
-          f"({other / max(own, 1):.2f} teacher tokens per student token)", flush=True)
+          f"({other / max(own, 1):.2f} teacher tokens per student token)"
+          + "".join(f"; further students' side {k} {_held(blocks, side_prefix(k)) / rows:.0f} of {cfg.seq_len}"
+                    for k in range(1, len(others) + 1)), flush=True)
     return blocks.remove_columns(list(STATS))
+
+
+def _held(blocks: datasets.Dataset, prefix: str) -> int:
+    """The tokens one side of paired blocks holds (its attention mask's ones)."""
+    return sum(sum(row) for row in blocks[prefix + "attention_mask"])
 
 
 def _render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict], where: str, opened: bool) -> str:
@@ -863,16 +913,14 @@ def _split_chats(chats: list, tokenizer: PreTrainedTokenizerBase) -> dict[str, l
 
 
 def on_device(raw: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """A micro-batch moved to ``device`` with next-token labels and mask, for each tokenization it holds."""
-    from .crosstok import CROSS
+    """A micro-batch moved to ``device`` with next-token labels and mask, for each tokenization it holds (the
+    run's, a teacher's own, further students' own: codistill/crosstok.py)."""
     from .losses import next_token_targets
 
     batch = {k: v.to(device, non_blocking=True) for k, v in raw.items()}
-    batch["labels"], batch["mask"] = next_token_targets(batch["input_ids"], batch["attention_mask"],
-                                                        batch.get("loss_mask"))
-    if CROSS + "input_ids" in batch:
-        batch[CROSS + "labels"], batch[CROSS + "mask"] = next_token_targets(  # (blocks built before it: no loss mask)
-            batch[CROSS + "input_ids"], batch[CROSS + "attention_mask"], batch.get(CROSS + "loss_mask"))
+    for side in [key[:-len("input_ids")] for key in raw if key.endswith("input_ids")]:
+        batch[side + "labels"], batch[side + "mask"] = next_token_targets(  # (blocks built before: no loss mask)
+            batch[side + "input_ids"], batch[side + "attention_mask"], batch.get(side + "loss_mask"))
     return batch
 
 

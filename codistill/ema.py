@@ -112,7 +112,7 @@ def join(cfg: RunConfig, members: list[Member], teacher: Optional[Member], input
     ds = shadow_config(resolve_deepspeed_config(teacher.spec, cfg.train, world.size, world.device.type == "cpu",
                                                 trainable=False))
     shadow = build_engine(spec, inputs.hf_configs[teacher.name], ds, init_seed(cfg, teacher.spec), trainable=False,
-                          vocab=inputs.own_vocab(teacher.spec))
+                          vocab=inputs.own_vocab(teacher.spec), side=inputs.side(teacher.spec))
     shadow.about = f"the moving average of {teacher.name}'s weights, decay {decay}: ~{1 / (1 - decay):.0f} steps"
     members.insert(members.index(teacher) + 1, shadow)
     return SmoothedTeacher(teacher, shadow, decay)

@@ -303,6 +303,8 @@ class Member:
     trainable: bool = True  # False for the frozen teacher of soft mode
     vocab: Optional[int] = None  # its own vocabulary: a teacher with another tokenizer, reading its own columns
     about: Optional[str] = None  # where its weights come from, when neither a random init nor a folder
+    side: str = ""  # the prefix of the columns it reads: CROSS for such a teacher, crosstok.side_prefix(k) for a
+    # student with a tokenizer of its own; "" for the run's
 
     @property
     def name(self) -> str:
@@ -311,10 +313,16 @@ class Member:
 
 def view(member: Member, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The micro-batch as ``member`` reads it: its own tokenization of the same text for a teacher with another
-    tokenizer (ids, attention, labels and mask), the batch itself for every other model."""
-    if member.vocab is None:
+    tokenizer (ids, attention, labels and mask); for a student with a tokenizer of its own, its side's columns
+    under the plain names (its chunks against the teacher's tokens too) beside the teacher's; the batch itself for
+    every other model."""
+    if not member.side:
         return batch
-    return {key: batch[CROSS + key] for key in ("input_ids", "attention_mask", "labels", "mask")}
+    own = ("input_ids", "attention_mask", "labels", "mask")
+    if member.side == CROSS:
+        return {key: batch[CROSS + key] for key in own}
+    seen = {key: value for key, value in batch.items() if key.startswith(CROSS)}
+    return seen | {key: batch[member.side + key] for key in (*own, "student_chunk", "teacher_chunk")}
 
 
 def half_precision(ds_config: dict[str, Any]) -> bool:
@@ -328,7 +336,7 @@ def zero_stage(ds_config: dict[str, Any]) -> int:
 
 
 def build_engine(spec: ModelSpec, hf_config, ds_config: dict[str, Any], seed: int, trainable: bool,
-                 vocab: Optional[int] = None) -> Member:
+                 vocab: Optional[int] = None, side: str = "") -> Member:
     """The model's weights (random init under ``seed``, or loaded) wrapped in its DeepSpeed
     engine; a frozen model gets an inference-only engine (no optimizer, eval mode, no grads)."""
     import deepspeed
@@ -340,10 +348,10 @@ def build_engine(spec: ModelSpec, hf_config, ds_config: dict[str, Any], seed: in
     with _muon_uncompiled(ds_config):
         if not trainable:
             engine, *_ = deepspeed.initialize(model=model.requires_grad_(False).eval(), config=ds_config)
-            return Member(spec, engine, trainable=False, vocab=vocab)
+            return Member(spec, engine, trainable=False, vocab=vocab, side=side)
         engine, *_ = deepspeed.initialize(model=model, config=ds_config,
                                           model_parameters=[p for p in model.parameters() if p.requires_grad])
-    return Member(spec, engine, vocab=vocab)
+    return Member(spec, engine, vocab=vocab, side=side)
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ import torch
 
 from .config import OnPolicyConfig
 from .crosstok import start_tokens
-from .engines import (CROSS, Member, forward_hidden, forward_logits, heads_gathered, lm_head, view,
+from .engines import (Member, forward_hidden, forward_logits, heads_gathered, lm_head, view,
                       whole_for_generation)
 from .fused import Head, HeadLogits, fused_linear_losses, fused_rows
 from .losses import distill_loss, top1_agreement
@@ -41,15 +41,17 @@ class Validator:
         teacher = teacher if teacher is not None and teacher.vocab is None else None  # top-1 ids of one vocabulary
         if teacher is not None:
             keys += [f"{s.name}/eval/agreement" for s in students] + [f"{teacher.name}/eval/top1_share"]
-        sums = torch.zeros(len(keys) + 2, dtype=torch.float64)  # the last two count tokens: the run's, another's
+        sums = torch.zeros(len(keys), dtype=torch.float64)
+        counts = torch.zeros(len(members) + 1, dtype=torch.float64)  # tokens: each model's own, then the run's
         for raw in self.batches:
             batch = self.prepare(raw)
-            n, own = int(batch["mask"].sum()), int(batch[CROSS + "mask"].sum()) if CROSS + "mask" in batch else 0
-            sums[-2:] += torch.tensor([own, n], dtype=torch.float64)
+            counts[-1] += int(batch["mask"].sum())
             top1 = {}
             for i, m in enumerate(members):  # one model's logits (or none, fused) at a time
                 ce, top1[m.name] = self.model(m, batch)
-                sums[i] += ce * (own if m.vocab is not None else n)
+                own = int(view(m, batch)["mask"].sum())
+                counts[i] += own
+                sums[i] += ce * own
             if teacher is not None:
                 for j, student in enumerate(students):
                     sums[len(members) + j] += top1_agreement(top1[student.name], top1[teacher.name], batch["mask"])
@@ -61,10 +63,11 @@ class Validator:
             if m.trainable:
                 m.engine.train()
         torch.distributed.all_reduce(sums)
-        out = {key: float(sums[i] / sums[-1]) for i, key in enumerate(keys)}
+        torch.distributed.all_reduce(counts)
+        out = {key: float(sums[i] / counts[i if i < len(members) else -1]) for i, key in enumerate(keys)}
         for i, m in enumerate(members):  # another tokenizer: its CE per own token, and per token of the run's
             if m.vocab is not None:
-                out[f"{m.name}/eval/loss_aligned"], out[keys[i]] = out[keys[i]], float(sums[i] / sums[-2])
+                out[f"{m.name}/eval/loss_aligned"] = float(sums[i] / counts[-1])
         return {**out, **scored}
 
     def scores(self, teacher: Member, students: list[Member]) -> dict[str, float]:

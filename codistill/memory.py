@@ -34,7 +34,7 @@ import torch
 
 from . import accelerator  # noqa: F401  (first: sets DS_ACCELERATOR before anything imports deepspeed)
 from .config import ConfigError, ModelSpec, RunConfig
-from .data import run_tokenizer, teacher_tokenizer
+from .data import run_tokenizer, student_sides, teacher_tokenizer
 from .engines import (deepspeed_configs, half_precision, is_trainable, loaded_models, resolve_deepspeed_config,
                       zero_stage)
 from .fused import FUSED_AUTO_VOCAB, auto_problem, fused_rows, static_problem
@@ -600,9 +600,10 @@ def _plain_estimate(cfg: RunConfig, world_size: int, device: Optional[str] = Non
     ds_configs = deepspeed_configs(cfg, loaded, world_size, on_cpu=device == "cpu")
     own = teacher_tokenizer(cfg, tokenizer) if cfg.teacher in loaded else None
     est.cross = own is not None
+    sides = student_sides(cfg, tokenizer) if est.cross else {}  # students with tokenizers of their own
     for spec in loaded:
         side = est.cross and spec is cfg.teacher  # the teacher's vocabulary (and its side of a block) may be its own
-        tok = own if side else tokenizer
+        tok = own if side else sides[spec.name][1] if spec.name in sides else tokenizer
         est.models.append(_model_memory(spec, model_config(spec, tok), ds_configs[spec.name], is_trainable(cfg, spec),
                                         world_size, batch, cfg.data.teacher_block if side else seq, len(tok)))
     teacher = next((m for m in est.models if m.name == teacher_name), None)

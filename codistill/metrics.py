@@ -36,10 +36,15 @@ FROZEN_CE = "frozen/loss_ce"  # a frozen (or cached) model's CE on each training
 CROSS_CE = "cross/loss_ce"  # a model with its own tokenizer: its CE in nats per token of the run's tokenization
 
 
-def batch_ce(values: Mapping[str, float], name: str) -> Optional[float]:
+def cross_tag(side: str = "") -> str:
+    """:data:`CROSS_CE` per token of a further students' side (crosstok.side_prefix, e.g. ``cross/s1/loss_ce``)."""
+    return f"cross/{side.rstrip('_')}/loss_ce" if side else CROSS_CE
+
+
+def batch_ce(values: Mapping[str, float], name: str, side: str = "") -> Optional[float]:
     """A model's CE on the step's training batches (trained on or only scored), per token of the run's
-    tokenization: comparable across models."""
-    for tag in (CROSS_CE, "train/loss_ce", FROZEN_CE):
+    tokenization (or of a further students' side: ``side``): comparable across models."""
+    for tag in (cross_tag(side), "train/loss_ce", FROZEN_CE):
         if f"{name}/{tag}" in values:
             return values[f"{name}/{tag}"]
     return None
@@ -212,10 +217,11 @@ def summary_lines(final: Mapping[str, float], start: Mapping[str, float], teache
             continue
         parts = [f"validation loss {loss:.4f} (perplexity {math.exp(min(loss, 50.0)):,.1f})"]
         ref = final.get(f"{teacher}/eval/loss_aligned", final.get(f"{teacher}/eval/loss"))  # per token of the run's
-        if name == teacher and f"{teacher}/eval/loss_aligned" in final:  # another tokenizer: say both figures
-            parts[0] += f" per token of its own tokenizer, {ref:.4f} per token of the students'"
+        aligned = final.get(f"{name}/eval/loss_aligned")  # another tokenizer: say both figures, compare the run's
+        if aligned is not None:
+            parts[0] += f" per token of its own tokenizer, {aligned:.4f} per token of the run's (data.tokenizer)"
         if name != teacher and ref is not None:
-            parts.append(f"{loss - ref:+.4f} vs the teacher")
+            parts.append(f"{(loss if aligned is None else aligned) - ref:+.4f} vs the teacher")
         if f"{name}/eval/loss" in start and loss != start[f"{name}/eval/loss"]:  # (a frozen teacher's never moves)
             parts.append(f"{loss - start[f'{name}/eval/loss']:+.4f} since step 0")
         lines.append(f"  {name}: " + ", ".join(parts))

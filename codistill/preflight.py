@@ -4,7 +4,7 @@ the DeepSpeed configs and the checkpoint to resume from. Ends by claiming the ou
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -13,7 +13,8 @@ import torch
 from . import checkpoint, distributed, identity, selection
 from .cache import TeacherCache
 from .config import ConfigError, ModelSpec, RunConfig, is_resolved_config
-from .data import check_data_source, run_tokenizer, teacher_tokenizer, tokenizer_fingerprint
+from .crosstok import CROSS
+from .data import check_data_source, run_tokenizer, student_sides, teacher_tokenizer, tokenizer_fingerprint
 from .engines import deepspeed_configs, half_precision, loaded_models, zero_stage
 from .fused import static_problem
 from .models import check_attention, check_model, model_config
@@ -52,15 +53,25 @@ class Inputs:
     release: Callable[[], None]  # frees the output folder for another run
     teacher_tokenizer: Any = None  # the teacher's own, where it differs from the run's (codistill/crosstok.py)
     teacher_name: Optional[str] = None
+    sides: dict[str, tuple[str, Any]] = field(default_factory=dict)  # students with their own (data.student_sides)
 
     @property
     def vocab(self) -> int:
         return len(self.tokenizer)
 
     def own_vocab(self, spec: ModelSpec) -> Optional[int]:
-        """The vocabulary of a model that reads its own tokenization (the teacher with another tokenizer)."""
+        """The vocabulary of a model that reads its own tokenization (the teacher with another tokenizer, a
+        student with its own)."""
+        if spec.name in self.sides:
+            return len(self.sides[spec.name][1])
         cross = self.teacher_tokenizer is not None and spec.name == self.teacher_name
         return len(self.teacher_tokenizer) if cross else None
+
+    def side(self, spec: ModelSpec) -> str:
+        """The prefix of the columns a model reads (codistill/engines.py ``view``)."""
+        if spec.name in self.sides:
+            return self.sides[spec.name][0]
+        return CROSS if self.teacher_tokenizer is not None and spec.name == self.teacher_name else ""
 
 
 def check_cross(cfg: RunConfig) -> None:
@@ -85,6 +96,33 @@ def check_cross(cfg: RunConfig) -> None:
                                   f"{'null' if key == 'on_policy' else 'false'}")
 
 
+def own_tokenizers(cfg: RunConfig, specs: list[ModelSpec], hf_configs: dict[str, Any], run: Any, own: Any,
+                   sides: dict[str, tuple[str, Any]]) -> dict[str, Any]:
+    """The tokenizer each model reads (the run's, a teacher's ``own``, a student's of ``sides``), its vocabulary put
+    in ``hf_configs``, after the checks of what reading another tokenizer does not do yet."""
+    if own is not None:
+        check_cross(cfg)
+    check_sides(cfg, sides, own)
+    readers = {s.name: own if own is not None and s is cfg.teacher else sides[s.name][1] if s.name in sides else run
+               for s in specs}
+    hf_configs.update({s.name: model_config(s, readers[s.name]) for s in specs if readers[s.name] is not run})
+    return readers
+
+
+def check_sides(cfg: RunConfig, sides: dict[str, tuple[str, Any]], own: Any) -> None:
+    """What students with tokenizers of their own need, each refused in one line naming the key."""
+    if not sides:
+        return
+    first = next(iter(sides))
+    if own is None:
+        raise ConfigError(f"{first}.tokenizer: a student with a tokenizer of its own learns from a teacher with its "
+                          "own too (teacher.tokenizer, or the one in teacher.pretrained); set data.tokenizer to one "
+                          "student's and teacher.tokenizer to the teacher's")
+    if cfg.teacher.cache:
+        raise ConfigError(f"{cfg.teacher.name}.cache: a cache is made over the blocks of one students' tokenizer; "
+                          f"{first} has its own ({first}.tokenizer): distil from the live teacher (teacher.pretrained)")
+
+
 def check_inputs(cfg: RunConfig, output_dir: Path) -> Inputs:
     """Check the run's input (see the module docstring); a problem raises :class:`ConfigError`."""
     check_data_source(cfg.data)
@@ -96,12 +134,8 @@ def check_inputs(cfg: RunConfig, output_dir: Path) -> Inputs:
                               f"{vocab:,} tokens; top-k targets keep k < V (targets: full keeps them all)")
     specs = loaded_models(cfg)
     hf_configs = {s.name: model_config(s, tokenizer) for s in specs}
-    own = teacher_tokenizer(cfg, tokenizer)
-    if own is not None:  # its vocabulary is its own tokenizer's
-        check_cross(cfg)
-        if cfg.teacher in specs:
-            hf_configs[cfg.teacher.name] = model_config(cfg.teacher, own)
-    readers = {s.name: (own if own is not None and s is cfg.teacher else tokenizer) for s in specs}
+    own, sides = teacher_tokenizer(cfg, tokenizer), student_sides(cfg, tokenizer)
+    readers = own_tokenizers(cfg, specs, hf_configs, tokenizer, own, sides)
     for spec in specs:
         tok = readers[spec.name]
         fingerprint = tokenizer_fp if tok is tokenizer else tokenizer_fingerprint(tok)  # (once per tokenizer)
@@ -144,4 +178,4 @@ def check_inputs(cfg: RunConfig, output_dir: Path) -> Inputs:
     # One run per output_dir: another would remove this one's staging folders, or it theirs.
     release = checkpoint.claim(output_dir) if distributed.env_rank() == 0 else (lambda: None)
     return Inputs(tokenizer, tokenizer_fp, specs, hf_configs, ds_configs, resume_from, saved_world, release, own,
-                  None if cfg.teacher is None else cfg.teacher.name)
+                  None if cfg.teacher is None else cfg.teacher.name, sides)

@@ -28,7 +28,7 @@ import torch
 
 from .config import ConfigError, RunConfig
 from .data import ProbeBatches
-from .engines import Member
+from .engines import Member, view
 from .student import StudentState
 
 Batch = dict[str, torch.Tensor]
@@ -122,7 +122,7 @@ class Selection:
         member.engine.eval()
         sums = torch.zeros(2, dtype=torch.float64)
         for batch in batches:
-            n = int(batch["mask"].sum())
+            n = int(view(member, batch)["mask"].sum())  # its own tokens (a student with its own tokenizer)
             sums += torch.tensor([self.score(member, batch)[0] * n, n], dtype=torch.float64)
         member.engine.train()
         if torch.distributed.is_initialized():

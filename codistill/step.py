@@ -40,7 +40,7 @@ from .fused import FUSED_AUTO_VOCAB, Head, HeadLogits, Term, auto_problem, fused
 from .gate import hypergradient_terms, trainable_parameters
 from .losses import LossParts, SoftSpec, Targets, chunk_rows, distill_loss, panel_stats
 from .memory import fused_lowers_peak
-from .metrics import CROSS_CE, FROZEN_CE, Tags
+from .metrics import CROSS_CE, FROZEN_CE, Tags, cross_tag
 from .mixture import Mixture, source_targets
 from .onpolicy import Sampling, left_padded, on_policy_loss, prompt_lengths, sample, sample_seed, sampled_batch
 from .student import StudentPlan, StudentState
@@ -68,8 +68,8 @@ class Models:
     vocab: int
     tags: Tags
     teacher_name: Optional[str] = None  # the teacher's name, loaded or not
-    vocab_map: Optional[torch.Tensor] = None  # a teacher of another tokenizer: its ids onto the students' (crosstok)
-    spread: Optional[SpreadMap] = None  # and the groups of crosstok.spread_map, where a learner spreads
+    maps: dict[str, tuple[Optional[torch.Tensor], Optional[SpreadMap]]] = field(default_factory=dict)  # a teacher of
+    # another tokenizer, per students' side (crosstok.side_maps): its ids onto theirs, the groups of spread_map
 
     def learner(self, index: int) -> Member:
         return self.members[self.learners[index]]
@@ -283,10 +283,14 @@ class MicroStep:
 
     def cross_ce(self, sums: dict[str, float], member: Member, batch: Batch, ce: torch.Tensor) -> None:
         """A model with its own tokenizer: its CE on the text in nats per token of the run's tokenization (the
-        same text: comparable with the students' CE, e.g. for the teacher-lead schedule)."""
-        if member.vocab is not None:
-            per = batch[CROSS + "mask"].sum() / batch["mask"].sum().clamp(min=1)
-            add(sums, f"{member.name}/{CROSS_CE}", float(ce * per))
+        same text: comparable with the students' CE, e.g. for the teacher-lead schedule); a teacher's also per
+        token of each further students' side (crosstok.side_prefix), which their schedules compare with."""
+        if member.vocab is None:
+            return
+        for side in ["", *(side for side in self.m.maps if side and member.side == CROSS)]:
+            if side + "mask" in batch:
+                per = batch[member.side + "mask"].sum() / batch[side + "mask"].sum().clamp(min=1)
+                add(sums, f"{member.name}/{cross_tag(side)}", float(ce * per))
 
     def add_panels(self, panels: dict[str, float], index: int, logits, batch: Batch, targets: Targets,
                    plan: StudentPlan, source_logits) -> None:
@@ -445,14 +449,14 @@ class LogitsStep(MicroStep):
         cross = isinstance(preset.get(index), CrossTeacher) or (  # its one source: another tokenizer
             bool(sources) and self.m.members[sources[0]].vocab is not None)
         teacher = None if not cross else preset.get(index) if not sources else \
-            CrossTeacher(got.logits.get(sources[0]), got.known[sources[0]][0], self.m.vocab_map,  # cached, or live
-                         self.m.spread)
+            CrossTeacher(got.logits.get(sources[0]), got.known[sources[0]][0],  # cached, or live
+                         *self.m.maps.get(member.side, (None, None)))
         targets = None if cross else preset.get(index) if not sources else got.make(sources, self.m.states[index],
                                                                                      plan.temperature)
         spec = plan.spec if targets is not None else SoftSpec()
         d = self.m.states[index].distill if index is not None else None
         with self.phase("loss"):
-            parts = cross_parts(logits, batch, teacher, d, plan.spec.alpha, plan.temperature) if cross else \
+            parts = cross_parts(logits, seen, teacher, d, plan.spec.alpha, plan.temperature) if cross else \
                 distill_loss(logits, seen["labels"], seen["mask"], targets, spec, d and d.chunk_tokens)
         if panels is not None and targets is not None:
             self.add_panels(panels, index, logits, batch, targets, plan,
@@ -467,7 +471,7 @@ class LogitsStep(MicroStep):
         probe = None if index is None or not probes or not plan.measure else \
             probes.get(self.m.states[index].distill.benefit_probe)
         if probe is not None and (targets is not None or cross):  # before the learner's step
-            self.measure_benefit(index, batch, teacher if cross else targets, plan, probe, sums)
+            self.measure_benefit(index, seen, teacher if cross else targets, plan, view(member, probe), sums)
         self.step(member)
         self.add_sums(sums, position, parts, soft=targets is not None or cross)
         self.cross_ce(sums, member, batch, parts.ce)

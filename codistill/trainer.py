@@ -22,8 +22,8 @@ import torch
 from . import checkpoint, distributed, ema, identity, onpolicy, report, selection
 from .cache import TeacherCache
 from .config import ConfigError, RunConfig, dump_config
-from .crosstok import vocab_maps
-from .data import BatchStream, ProbeBatches, build_splits, eval_batches, on_device
+from .crosstok import side_maps
+from .data import BatchStream, ProbeBatches, build_splits, eval_batches, on_device, save_tokenizers, side_tokenizers
 from .engines import Member, build_engine, init_seed, is_trainable, quiet_library_noise
 from .errors import NonFinite
 from .evaluate import Shown, Validator
@@ -46,7 +46,7 @@ class Trainer:
         self.output_dir = Path(cfg.output_dir).expanduser().resolve()
         inputs = check_inputs(cfg, self.output_dir)
         self.tokenizer, self.vocab, self.tokenizer_fp = inputs.tokenizer, inputs.vocab, inputs.tokenizer_fp
-        self.teacher_tokenizer = inputs.teacher_tokenizer  # a teacher's own, where it differs (codistill/crosstok.py)
+        self.teacher_tokenizer, self.sides = inputs.teacher_tokenizer, inputs.sides  # own ones (codistill/crosstok.py)
         self.resume_from, self.saved_world, self._release = inputs.resume_from, inputs.saved_world, inputs.release
         try:
             self.world = distributed.init(timeout_s=cfg.train.collective_timeout_s)
@@ -65,7 +65,8 @@ class Trainer:
     def _load_data(self) -> str:
         """This rank's training stream and validation batches; returns the data's fingerprint."""
         cfg, world = self.cfg, self.world
-        splits = build_splits(cfg.data, self.tokenizer, cfg.train.seed, cfg.probe_fraction(), self.teacher_tokenizer)
+        splits = build_splits(cfg.data, self.tokenizer, cfg.train.seed, cfg.probe_fraction(), self.teacher_tokenizer,
+                              side_tokenizers(self.sides))
         self.stream = BatchStream(splits.train, cfg.train.micro_batch_size, world.rank, world.size, cfg.train.seed)
         self.heldout = None if splits.probe is None else ProbeBatches(  # benefit_probe: heldout's documents
             splits.probe, cfg.train.micro_batch_size, world.rank, cfg.train.seed)
@@ -91,7 +92,8 @@ class Trainer:
         use them."""
         cfg, specs = self.cfg, inputs.specs
         self.members: list[Member] = [build_engine(s, inputs.hf_configs[s.name], inputs.ds_configs[s.name],
-                                                   init_seed(cfg, s), is_trainable(cfg, s), inputs.own_vocab(s))
+                                                   init_seed(cfg, s), is_trainable(cfg, s), inputs.own_vocab(s),
+                                                   inputs.side(s))
                                       for s in specs]
         self.teacher_name = None if cfg.teacher is None else cfg.teacher.name
         self.teacher: Optional[Member] = self.members[0] if cfg.teacher in specs else None
@@ -108,8 +110,8 @@ class Trainer:
                              [[at[n] for n in sources if n in at]
                               for sources in ema.students_sources(learners, self.teacher_name, self.smoothed)],
                              self.vocab, self.tags,
-                             self.teacher_name, *vocab_maps(self.teacher_tokenizer, self.tokenizer, learners,
-                                                            self.world.device))
+                             self.teacher_name, side_maps(self.teacher_tokenizer, self.tokenizer, self.sides,
+                                                          learners, self.world.device))
         self.micro_step = make_step(self.fused, self.models, cfg, self.world.size, self.cache, self.world.device)
         self.micro_step.smoothed = self.smoothed
         self.micro_step.sampling = onpolicy.Sampling.of(cfg, self.tokenizer, self.world.rank)
@@ -197,7 +199,7 @@ class Trainer:
         for i, (state, plan) in enumerate(zip(self.learners, plans)):
             member = self.models.learner(i)
             lr_after = float(member.engine.get_lr()[0])
-            ces = [batch_ce(values, self.members[j].name) for j in self.models.sources[i]]
+            ces = [batch_ce(values, self.members[j].name, member.side) for j in self.models.sources[i]]
             if self.cache is not None:
                 ces = [batch_ce(values, self.teacher_name)]
             ces = [ce for ce in ces if ce is not None]
@@ -267,12 +269,10 @@ class Trainer:
                                self.cfg.checkpoint.keep_last, self._write_extra)
 
     def _write_extra(self, folder: Path) -> None:
-        """What an export needs beside the weights: each model's config and tokenizer (a teacher's own, if any)."""
+        """What an export needs beside the weights: each model's config and tokenizer (a model's own, if any)."""
         for m in self.trainable:
             m.engine.module.config.save_pretrained(str(folder / "hf" / m.name))
-        self.tokenizer.save_pretrained(str(folder / "tokenizer"))
-        if self.teacher_tokenizer is not None:
-            self.teacher_tokenizer.save_pretrained(str(folder / "tokenizer" / self.teacher_name))
+        save_tokenizers(folder / "tokenizer", self.tokenizer, self.teacher_name, self.teacher_tokenizer, self.sides)
 
     def _load(self, path: Path) -> None:
         state = checkpoint.read_state(path)

@@ -397,6 +397,30 @@ def test_a_longer_teacher_side_fills_the_students_side():
         assert {len(row) for row in full[column]} == {8 if column.startswith("teacher") else 4}, column
 
 
+def test_a_further_students_side_is_cut_where_every_side_ends_and_keeps_its_own_chunks():
+    """Three tokenizations (every 2, 1 and 3 characters): blocks end only where all three end a token (every 6
+    characters, and the end-of-text), so every side holds the same characters; inside a block each students' side
+    keeps its chunks against the teacher's tokens (boundaries every 2 characters for the first side, every 3 for
+    the further one), and the teacher's columns are written once."""
+    from codistill.crosstok import PAIRED, pair_blocks, side_columns, side_prefix
+
+    out = pair_blocks(["a" * 12], Cut(2), Cut(1), seq_len=4, teacher_len=8, others=[Cut(3)])
+    assert set(side_columns(side_prefix(1))) == {"s1_input_ids", "s1_attention_mask", "s1_loss_mask",
+                                                 "s1_student_chunk", "s1_teacher_chunk"}
+    assert all(len(out[c]) == 2 for c in (*PAIRED, *side_columns("s1_")))  # the end-of-text joins the second
+    held = {c: [sum(m) for m in out[c]] for c in ("attention_mask", "teacher_attention_mask", "s1_attention_mask")}
+    assert held == {"attention_mask": [3, 4], "teacher_attention_mask": [6, 7], "s1_attention_mask": [2, 3]}
+    assert out["student_chunk"] == [[0, 1, 2, -1], [0, 1, 2, 3]]
+    assert out["teacher_chunk"] == [[0, 0, 1, 1, 2, 2, -1, -1], [0, 0, 1, 1, 2, 2, 3, -1]]
+    assert out["s1_student_chunk"] == [[0, 1, -1, -1], [0, 1, 2, -1]]
+    assert out["s1_teacher_chunk"] == [[0, 0, 0, 1, 1, 1, -1, -1], [0, 0, 0, 1, 1, 1, 2, -1]]
+    assert out["s1_input_ids"][1] == [2, 2, 1, 0]  # its own end-of-text, then padding
+    # with no further side, the blocks are those of two tokenizers (the same columns, the same values)
+    two = pair_blocks(["a" * 12], Cut(2), Cut(1), seq_len=4, teacher_len=8)
+    assert {c: two[c] for c in PAIRED} != {c: out[c] for c in PAIRED}  # (the third side cuts them coarser)
+    assert set(two) == {c for c in out if not c.startswith("s1_")}
+
+
 # ------------------------------------------------------------------ runs with a teacher of another tokenizer
 
 CROSS_RUN = ["train.max_steps=4", "distill.benefit_interval=2", "train.eval_interval=2", "distill.burn_in_steps=0",
@@ -404,6 +428,10 @@ CROSS_RUN = ["train.max_steps=4", "distill.benefit_interval=2", "train.eval_inte
 
 
 OTHER_VOCAB = 512  # the runs' teacher tokenizer: a byte-level BPE of another size, trained on other text
+THIRD_VOCAB = 384  # a second student's own tokenizer in the two-rank run
+MICRO_MODEL = ("config: {hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, "
+               "num_key_value_heads: 2, max_position_embeddings: 64}, deepspeed: {zero_optimization: {stage: 2}, "
+               "optimizer: {type: AdamW, params: {lr: 3.0e-3}}, gradient_clipping: 1.0}")
 
 
 @pytest.fixture(scope="module")
@@ -420,8 +448,16 @@ def cross_setup(tmp_path_factory):
     speeches = [s for s in plays[0][:120_000].split("\n\n") if s.strip()]  # ~2,000 documents: a quick build
     (folder / "docs.jsonl").write_text("".join(json.dumps({"text": s}) + "\n" for s in speeches))
     train_bpe_tokenizer([plays[1]], OTHER_VOCAB).save_pretrained(folder / "other")
+    train_bpe_tokenizer([plays[0][120_000:]], THIRD_VOCAB).save_pretrained(folder / "third")  # a student's own
     return [f"data.dataset={folder / 'docs.jsonl'}", f"data.tokenizer={root / 'tokenizer'}",
             f"data.cache_dir={folder / 'cache'}", f"teacher.tokenizer={folder / 'other'}", *CROSS_RUN]
+
+
+def third_tokenizer(cross_setup) -> str:
+    """The folder of the cross runs' third tokenizer (a student's own), beside the teacher's."""
+    from pathlib import Path
+
+    return str(Path(next(x for x in cross_setup if x.startswith("teacher.tokenizer=")).split("=", 1)[1]).parent / "third")
 
 
 def test_an_auto_teacher_side_fills_the_students_side_and_is_written_resolved(tmp_path, cross_setup, capsys):
@@ -452,27 +488,39 @@ def test_an_auto_teacher_side_fills_the_students_side_and_is_written_resolved(tm
 
 
 def test_a_two_rank_codistillation_across_tokenizers_logs_its_tags_and_resumes_exactly(tmp_path, cross_setup):
+    """A teacher with its own tokenizer and two students, one reading the run's tokenizer and one its own (a
+    further side of the paired blocks): every model's tags, the restart, the export with each one's tokenizer."""
     from conftest import after, launch, read_scalars, resumed_beside
 
     straight, split = tmp_path / "straight", tmp_path / "split"
-    cross_setup = [*cross_setup, "data.teacher_seq_len=40"]  # the teacher's side longer than the students' 32
+    third = third_tokenizer(cross_setup)
+    cross_setup = [*cross_setup, "data.teacher_seq_len=40",  # the teacher's side longer than the students' 32
+                   f"students=[{{name: student, {MICRO_MODEL}}}, {{name: other, tokenizer: {third}, {MICRO_MODEL}}}]"]
     log = launch(f"output_dir={straight}", *cross_setup, "checkpoint.interval=2").stdout
-    assert f"its own tokenizer ({OTHER_VOCAB} tokens), aligned with the run's by characters" in log
+    assert "teacher: 147,776 parameters" in log and f"its own tokenizer ({OTHER_VOCAB} tokens), aligned" in log
+    assert "other: 34,912 parameters" in log and f"its own tokenizer ({THIRD_VOCAB} tokens), aligned" in log
     assert "across tokenizers by projected distributions (forward_kl, full)" in log  # the default
+    assert re.search(r"; further students' side 1 \d+ of 32", log)
     resumed = resumed_beside(straight, 2, split, *cross_setup).stdout
     assert "step_00000002 at step 2" in resumed
     a, b = read_scalars(straight), read_scalars(split)
-    for tag in ("teacher/train/loss", "teacher/cross/loss_ce", "student/train/loss", "student/train/loss_kd",
-                "student/train/aligned_share", "schedule/alpha", "benefit/openness"):
+    for tag in ("teacher/train/loss", "teacher/cross/loss_ce", "teacher/cross/s1/loss_ce", "student/train/loss",
+                "student/train/loss_kd", "student/train/aligned_share", "other/train/loss", "other/train/loss_kd",
+                "other/train/aligned_share", "other/cross/loss_ce", "schedule/alpha/student", "schedule/alpha/other",
+                "benefit/openness/student", "benefit/openness/other"):
         assert sorted(a[tag]) == [1, 2, 3, 4] and all(map(math.isfinite, a[tag].values())), tag
         assert after(a, 2)[tag] == b[tag], tag  # the same batches, targets and steps after the restart
-    assert 0 < min(a["student/train/aligned_share"].values()) <= 1
-    # the benefit gate measures the projected term's hypergradient, alike after the restart
-    signal = a["benefit/signal"]
-    assert sorted(signal) == [1, 3] and after(a, 2)["benefit/signal"] == b["benefit/signal"] == {3: signal[3]}
-    assert all(map(math.isfinite, a["benefit/signal"].values()))
-    assert max(a["schedule/alpha"].values()) > 0 and max(a["student/train/loss_kd"].values()) > 0
-    for tag in ("teacher/eval/loss", "teacher/eval/loss_aligned", "student/eval/loss"):
+    for name in ("student", "other"):
+        assert 0 < min(a[f"{name}/train/aligned_share"].values()) <= 1
+        # the benefit gate measures the projected term's hypergradient, alike after the restart
+        signal = a[f"benefit/signal/{name}"]
+        assert sorted(signal) == [1, 3] and after(a, 2)[f"benefit/signal/{name}"] == b[f"benefit/signal/{name}"]
+        assert all(map(math.isfinite, signal.values()))
+        assert max(a[f"schedule/alpha/{name}"].values()) > 0 and max(a[f"{name}/train/loss_kd"].values()) > 0
+    # the teacher's CE per token of each students' side: the same text, so the side with fewer tokens reads higher
+    assert a["teacher/cross/s1/loss_ce"] != a["teacher/cross/loss_ce"]
+    for tag in ("teacher/eval/loss", "teacher/eval/loss_aligned", "student/eval/loss", "other/eval/loss",
+                "other/eval/loss_aligned"):
         assert sorted(a[tag]) == [0, 2, 4] and after(a, 2)[tag] == b[tag], tag
     # the teacher's CE per token of its own tokenization, and per token of the students' (same text, fewer tokens)
     assert a["teacher/eval/loss_aligned"][4] != a["teacher/eval/loss"][4]
@@ -482,8 +530,8 @@ def test_a_two_rank_codistillation_across_tokenizers_logs_its_tags_and_resumes_e
 
     from codistill.checkpoint import export_checkpoint, intact
 
-    folders = export_checkpoint(intact(straight), tmp_path / "hf", ["teacher", "student"])
-    assert [len(AutoTokenizer.from_pretrained(str(f))) for f in folders] == [OTHER_VOCAB, 4096]
+    folders = export_checkpoint(intact(straight), tmp_path / "hf", ["teacher", "student", "other"])
+    assert [len(AutoTokenizer.from_pretrained(str(f))) for f in folders] == [OTHER_VOCAB, 4096, THIRD_VOCAB]
 
 
 @pytest.fixture(scope="module")
@@ -554,6 +602,35 @@ def test_what_is_not_available_across_tokenizers_is_one_line(tmp_path, cross_set
     assert not (tmp_path / "run").exists()  # refused before the output folder is claimed
 
 
+def test_what_a_student_with_its_own_tokenizer_needs_is_one_line(tmp_path, cross_setup):
+    """It learns from a teacher with its own tokenizer, live, in mode codistill or soft; its twin reads its side."""
+    from codistill.config import load_config
+    from codistill.metrics import batch_ce
+    from codistill.preflight import check_inputs
+
+    from conftest import MICRO
+
+    third = third_tokenizer(cross_setup)
+    plain = [x for x in cross_setup if not x.startswith("teacher.tokenizer=")]
+    with pytest.raises(ConfigError, match=r"^student.tokenizer: a student with a tokenizer of its own learns from a "
+                                          r"teacher with its own too \(teacher.tokenizer, or the one in "
+                                          r"teacher.pretrained\); set data.tokenizer to one student's"):
+        check_inputs(load_config(MICRO, [*plain, f"students.0.tokenizer={third}", f"output_dir={tmp_path / 'a'}"]),
+                     tmp_path / "a")
+    with pytest.raises(ValueError, match=r"student.tokenizer: a student with a tokenizer of its own learns from a "
+                                         r"teacher in mode codistill or soft; in mode hard students read data.tokenizer"):
+        load_config(MICRO, [*cross_setup, "mode=hard", f"students.0.tokenizer={third}"])
+    cfg = load_config(MICRO, [*cross_setup, f"students.0.tokenizer={third}", "students.0.twin=true",
+                              f"output_dir={tmp_path / 'b'}"])
+    inputs = check_inputs(cfg, tmp_path / "b")
+    inputs.release()
+    assert {name: prefix for name, (prefix, _) in inputs.sides.items()} == {"student": "s1_", "student_alone": "s1_"}
+    assert inputs.own_vocab(cfg.students[1]) == THIRD_VOCAB and inputs.hf_configs["student_alone"].vocab_size == 384
+    # a further side's student compares its CE with the teacher's per token of its side
+    values = {"teacher/cross/loss_ce": 5.0, "teacher/cross/s1/loss_ce": 7.0, "teacher/train/loss_ce": 4.0}
+    assert batch_ce(values, "teacher") == 5.0 and batch_ce(values, "teacher", "s1_") == 7.0
+
+
 @pytest.mark.parametrize("side", ["48", "auto"])
 def test_a_teacher_side_needs_a_teacher_of_another_tokenizer(tmp_path, side):
     from codistill.config import load_config
@@ -567,13 +644,15 @@ def test_a_teacher_side_needs_a_teacher_of_another_tokenizer(tmp_path, side):
         check_inputs(cfg, tmp_path / "run")
 
 
-def test_a_student_cannot_have_a_tokenizer_of_its_own():
+def test_a_students_missing_tokenizer_folder_is_one_line(tmp_path):
     from codistill.config import load_config
+    from codistill.preflight import check_inputs
 
     from conftest import MICRO
 
-    with pytest.raises(ConfigError, match=r"student\.tokenizer: students read data\.tokenizer; only the teacher"):
-        load_config(MICRO, ["students.0.tokenizer=/somewhere"])
+    cfg = load_config(MICRO, ["students.0.tokenizer=/somewhere", f"output_dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match=r"^student\.tokenizer: tokenizer folder /somewhere does not exist$"):
+        check_inputs(cfg, tmp_path / "run")
 
 
 def test_likelihood_parts_match_the_definition_value_and_gradient_without_an_fp32_copy():
@@ -619,6 +698,11 @@ def test_the_memory_estimate_gives_the_teacher_its_own_vocabulary(cross_setup):
     assert likelihood.kept_per_position == 0 and likelihood.step_peak() < est.step_peak()
     longer = memory.estimate(load_config(MICRO, [*cross_setup, "data.teacher_seq_len=64"]), 2, "cpu")
     assert longer.models[0].logits == 2 * est.models[0].logits and longer.models[1].logits == est.models[1].logits
+    # a student with a tokenizer of its own: its own vocabulary, in the models and in what the boundaries keep
+    third = third_tokenizer(cross_setup)
+    own = memory.estimate(load_config(MICRO, [*cross_setup, f"students.0.tokenizer={third}"]), 2, "cpu")
+    assert [m.width for m in own.models] == [OTHER_VOCAB, THIRD_VOCAB]
+    assert own.kept_per_position == 2 * OTHER_VOCAB * 4 + THIRD_VOCAB * (2 * 4 + 4)
 
 
 def test_the_cross_tokenizer_comparison_builds_its_runs_and_checks_its_targets(tmp_path):
@@ -704,8 +788,12 @@ def test_a_cached_teacher_of_another_tokenizer_holds_its_ce_per_position(tmp_pat
 def test_the_summary_gives_a_teacher_of_another_tokenizer_both_figures(tmp_path):
     from codistill.metrics import summary_lines
 
-    final = {"teacher/eval/loss": 5.7365, "teacher/eval/loss_aligned": 4.9721, "student/eval/loss": 5.3065}
-    lines = summary_lines(final, {}, "teacher", ["student"], 1.0, 0, tmp_path, tmp_path)
+    final = {"teacher/eval/loss": 5.7365, "teacher/eval/loss_aligned": 4.9721, "student/eval/loss": 5.3065,
+             "other/eval/loss": 4.1, "other/eval/loss_aligned": 5.0}
+    lines = summary_lines(final, {}, "teacher", ["student", "other"], 1.0, 0, tmp_path, tmp_path)
     assert lines[1] == ("  teacher: validation loss 5.7365 (perplexity 310.0) per token of its own tokenizer, "
-                        "4.9721 per token of the students'")
+                        "4.9721 per token of the run's (data.tokenizer)")
     assert lines[2].startswith("  student: validation loss 5.3065 (perplexity 201.6), +0.3344 vs the teacher")
+    # a student with a tokenizer of its own: compared with the teacher on the run's tokens, the same text
+    assert lines[3].startswith("  other: validation loss 4.1000 (perplexity 60.3) per token of its own tokenizer, "
+                               "5.0000 per token of the run's (data.tokenizer), +0.0279 vs the teacher")
