@@ -385,7 +385,7 @@ def module_logits(member: Member, batch: dict[str, torch.Tensor], vocab: int) ->
     to the output, so a gradient of it (``torch.autograd.grad``) leaves the engine's state alone."""
     out = member.engine.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                use_cache=False)
-    return out.logits[..., :vocab]
+    return out.logits[..., :member.vocab or vocab]
 
 
 _NO_POSITIONS = None  # an empty index: the model's own head projects no position (logits_to_keep)
