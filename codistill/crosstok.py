@@ -218,6 +218,12 @@ def vocab_maps(teacher, student, learners, device: torch.device) -> tuple[Option
     return mapping, spread_map(mapping, vocab_map(student, teacher, device)) if "spread" in methods else None
 
 
+def own_by_side(teacher, sides: dict) -> dict:
+    """The tokenizers other than the run's by the prefix of their side's columns: a teacher's own (:data:`CROSS`),
+    each further students' side's (``sides``: data.student_sides)."""
+    return ({CROSS: teacher} if teacher is not None else {}) | dict(sides.values())
+
+
 def side_maps(teacher, run, sides: dict, learners, device: torch.device) -> dict[str, tuple]:
     """:func:`vocab_maps` per students' side (by column prefix: "" for the run's tokenizer, one per further
     side of ``sides``, data.student_sides), each for the learners that read that side."""

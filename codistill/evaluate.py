@@ -4,8 +4,8 @@ on-policy student, the teacher's mean log-probability per token of every student
 prompts (how good a student's own text is in the teacher's eyes)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -101,14 +101,15 @@ class Validator:
         evaluation, so a model's samples read as its progress (collective under ZeRO-3: every rank calls)."""
         if self.shown is None:
             return []
-        show, out = self.shown, []
-        ids, attention = left_padded(show.ids, show.lengths, show.pad_id)
-        for m in (m for m in members if m.vocab is None):  # (a teacher with another tokenizer shows none)
+        out = []
+        for m in members:  # each in its own tokenizer
+            show = self.shown.sides[m.side] if m.side else self.shown
+            ids, attention = left_padded(show.ids, show.lengths, show.pad_id)
             m.engine.eval()
             with whole_for_generation(m) as module:
                 device = next(module.parameters()).device
                 tokens, made = sample(module, ids.to(device), attention.to(device), show.max_new_tokens, 0.0, 1.0,
-                                      show.stops, show.pad_id, self.vocab, torch.Generator())
+                                      show.stops, show.pad_id, m.vocab or self.vocab, torch.Generator())
             if m.trainable:
                 m.engine.train()
             for i, text in enumerate(show.texts):
@@ -146,11 +147,14 @@ class Shown:
     stops: tuple[int, ...]
     pad_id: int
     decode: Callable[[list[int]], str]
+    sides: dict[str, "Shown"] = field(default_factory=dict)  # the same prompts in each other tokenizer, by the
+    # prefix of the columns its models read (engines.view: a teacher's own, a student's own)
 
     @classmethod
-    def of(cls, cfg, tokenizer, batches: list[Batch], sampling: Sampling) -> Optional["Shown"]:
+    def of(cls, cfg, tokenizer, batches: list[Batch], sampling: Sampling,
+           own: Optional[dict[str, Any]] = None) -> Optional["Shown"]:
         """``train.sample_prompts``, else the first tokens of this rank's first validation rows; None without
-        ``train.samples``."""
+        ``train.samples``. ``own``: other tokenizers by the prefix of their side (the prompts' text retokenized)."""
         count = cfg.train.samples
         if count == 0:
             return None
@@ -165,5 +169,18 @@ class Shown:
             ids[i, :len(r)] = torch.tensor(r)
         def decode(t: list[int]) -> str:
             return tokenizer.decode(t, skip_special_tokens=True)
-        return cls(ids, torch.tensor([len(r) for r in rows]), [decode(r) for r in rows], cfg.train.sample_tokens,
-                   sampling.stops, sampling.pad_id, decode)
+        shown = cls(ids, torch.tensor([len(r) for r in rows]), [decode(r) for r in rows], cfg.train.sample_tokens,
+                    sampling.stops, sampling.pad_id, decode)
+        shown.sides = {side: shown.retokenized(tok) for side, tok in (own or {}).items()}
+        return shown
+
+    def retokenized(self, tokenizer) -> "Shown":
+        """The same prompts' text in another tokenizer (opened by its start tokens), ending at its end-of-text."""
+        start, eos = start_tokens(tokenizer), tokenizer.eos_token_id
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+        rows = [start + tokenizer(text, add_special_tokens=False)["input_ids"] or [pad] for text in self.texts]
+        ids = torch.full((len(rows), max(map(len, rows))), pad, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = torch.tensor(r)
+        return Shown(ids, torch.tensor([len(r) for r in rows]), self.texts, self.max_new_tokens, (eos,), pad,
+                     lambda t: tokenizer.decode(t, skip_special_tokens=True))

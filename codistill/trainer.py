@@ -22,7 +22,7 @@ import torch
 from . import checkpoint, distributed, ema, identity, onpolicy, report, selection
 from .cache import TeacherCache
 from .config import ConfigError, RunConfig, dump_config
-from .crosstok import side_maps
+from .crosstok import own_by_side, side_maps
 from .data import BatchStream, ProbeBatches, build_splits, eval_batches, on_device, save_tokenizers, side_tokenizers
 from .engines import Member, build_engine, init_seed, is_trainable, quiet_library_noise
 from .errors import NonFinite
@@ -117,7 +117,8 @@ class Trainer:
         self.micro_step.sampling = onpolicy.Sampling.of(cfg, self.tokenizer, self.world.rank)
         self.evaluate_models = Validator(self.val_batches, self.prepare_batch, self.vocab, self.fused,
                                          cfg.distill.chunk_tokens, self.micro_step.sampling.scoring(learners),
-                                         Shown.of(cfg, self.tokenizer, self.val_batches, self.micro_step.sampling))
+                                         Shown.of(cfg, self.tokenizer, self.val_batches, self.micro_step.sampling,
+                                                  own_by_side(self.teacher_tokenizer, self.sides)))
         self.selection = selection.join(cfg, self.members, list(self.learners), self.heldout, self.prepare_batch,
                                         self.evaluate_models.model)
 

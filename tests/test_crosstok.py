@@ -496,7 +496,10 @@ def test_a_two_rank_codistillation_across_tokenizers_logs_its_tags_and_resumes_e
     third = third_tokenizer(cross_setup)
     cross_setup = [*cross_setup, "data.teacher_seq_len=40",  # the teacher's side longer than the students' 32
                    f"students=[{{name: student, {MICRO_MODEL}}}, {{name: other, tokenizer: {third}, {MICRO_MODEL}}}]"]
-    log = launch(f"output_dir={straight}", *cross_setup, "checkpoint.interval=2").stdout
+    log = launch(f"output_dir={straight}", *cross_setup, "checkpoint.interval=2", "train.samples=1",
+                 "train.sample_tokens=4").stdout
+    for name in ("teacher", "student", "other"):  # each writes in its own tokenizer, from the same prompt's text
+        assert re.search(rf"sample at step 4, {name}: .+ -> ", log), name
     assert "teacher: 147,776 parameters" in log and f"its own tokenizer ({OTHER_VOCAB} tokens), aligned" in log
     assert "other: 34,912 parameters" in log and f"its own tokenizer ({THIRD_VOCAB} tokens), aligned" in log
     assert "across tokenizers by projected distributions (forward_kl, full)" in log  # the default
