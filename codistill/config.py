@@ -310,7 +310,7 @@ class DistillConfig(_DistillNames):
         "token's probability shared among the student tokens the teacher begins with it, by the student's own "
         "probabilities), likelihood (the chunks of text both "
         "tokenize alike, their likelihoods matched) or sorted (the next-token distributions at the chunks' ends, "
-        "compared by rank); auto: project, or likelihood from a cached teacher (which holds no logits); see "
+        "compared by rank); auto: spread, or likelihood from a cached teacher (which holds no logits); see "
         "docs/distillation.md")
     likelihood_temperature: float = Field(
         100.0, gt=0, description="cross_tokenizer likelihood: each chunk's log-likelihood is divided by it before the "
@@ -464,7 +464,7 @@ class RunConfig(_Section):
             base.update({k: v for k, v in MUTUAL_DEFAULTS.items() if k not in self.distill.model_fields_set})
         self._merged = [DistillConfig.model_validate({**base, **overrides(s)}) for s in self.students]
         cached = self.teacher is not None and bool(self.teacher.cache)  # a cache holds the teacher's CE, no logits
-        self._merged = [d.model_copy(update={"cross_tokenizer": "likelihood" if cached else "project"})
+        self._merged = [d.model_copy(update={"cross_tokenizer": "likelihood" if cached else "spread"})
                         if d.cross_tokenizer == "auto" else d for d in self._merged]
         for s, d in zip(self.students, self._merged):
             if d.head_start_steps >= self.train.max_steps:

@@ -502,7 +502,7 @@ def test_a_two_rank_codistillation_across_tokenizers_logs_its_tags_and_resumes_e
         assert re.search(rf"sample at step 4, {name}: .+ -> ", log), name
     assert "teacher: 147,776 parameters" in log and f"its own tokenizer ({OTHER_VOCAB} tokens), aligned" in log
     assert "other: 34,912 parameters" in log and f"its own tokenizer ({THIRD_VOCAB} tokens), aligned" in log
-    assert "across tokenizers by projected distributions (forward_kl, full)" in log  # the default
+    assert "across tokenizers by spread distributions (forward_kl, full)" in log  # the default
     assert re.search(r"; further students' side 1 \d+ of 32", log)
     resumed = resumed_beside(straight, 2, split, *cross_setup).stdout
     assert "step_00000002 at step 2" in resumed
@@ -694,8 +694,8 @@ def test_the_memory_estimate_gives_the_teacher_its_own_vocabulary(cross_setup):
 
     est = memory.estimate(load_config(MICRO, cross_setup), 2, "cpu")
     assert est.cross and not est.fused and [m.width for m in est.models] == [OTHER_VOCAB, 4096]
-    # project (the default): the teacher's logits and their rows at the boundaries, the student's rows, its
-    # gradient and the fp32 targets; chunk likelihoods read the teacher's CE per position only
+    # spread (the default) as project: the teacher's logits and their rows at the boundaries, the student's rows,
+    # its gradient and the fp32 targets; chunk likelihoods read the teacher's CE per position only
     assert est.kept_per_position == 2 * OTHER_VOCAB * 4 + 4096 * (2 * 4 + 4)
     likelihood = memory.estimate(load_config(MICRO, [*cross_setup, "distill.cross_tokenizer=likelihood"]), 2, "cpu")
     assert likelihood.kept_per_position == 0 and likelihood.step_peak() < est.step_peak()
