@@ -165,8 +165,9 @@ def summary(trainer, med: dict[str, float], rounds: int, config: Optional[str],
     }
     if "two_stage" in med:
         result["ratio_a_over_c"] = med["codistill"] / med["two_stage"]
-        result.update(run_cost(trainer.cfg, med["fused" if trainer.fused else "codistill"], med["teacher_alone"],
-                               med["frozen_teacher"]))
+        base = med["fused" if trainer.fused else "codistill"]
+        result.update(run_cost(trainer.cfg, base, med["teacher_alone"], med["frozen_teacher"],
+                               med["measured"] - base if "measured" in med else 0.0))
     if "deaf" in med:
         result["ratio_listening_over_deaf"] = med["codistill"] / med["deaf"]
     if "fused" in med:
@@ -192,16 +193,22 @@ def summary(trainer, med: dict[str, float], rounds: int, config: Optional[str],
     return result
 
 
-def run_cost(cfg, codistill: float, teacher: float, frozen: float) -> dict[str, float]:
+def run_cost(cfg, codistill: float, teacher: float, frozen: float, gate: float = 0.0) -> dict[str, float]:
     """The whole run's seconds from its steps' medians, against the two-stage pipeline that trains the same
     teacher for as many steps and then the students from it, frozen: the run takes its head start H of
     teacher steps alone, then S − K co-distillation steps and its tail of K frozen-teacher steps (S: the
-    first student's steps); two-stage takes H + S − K teacher steps alone, then S frozen-teacher steps."""
-    head, tail = cfg.distill_for(0).head_start_steps, cfg.train.tail_steps
+    first student's steps); two-stage takes H + S − K teacher steps alone, then S frozen-teacher steps.
+    ``gate``: the seconds the benefit gate adds to a step where it measures (measured: (d) − (a)), added to
+    both at each of the student's measuring steps (every benefit_interval of its steps after burn-in, from a
+    live or a frozen teacher alike: the same student's forwards and gradients on its batch and probe)."""
+    d = cfg.distill_for(0)
+    head, tail = d.head_start_steps, cfg.train.tail_steps
     students = cfg.train.max_steps - head
-    run = head * teacher + (students - tail) * codistill + tail * frozen
-    two = cfg.train.teacher_steps * teacher + students * frozen
-    return {"run_s": run, "two_stage_run_s": two, "ratio_run_over_two_stage": run / two}
+    measuring = -(-(students - d.burn_in_steps) // d.benefit_interval) if d.benefit_gate else 0
+    run = head * teacher + (students - tail) * codistill + tail * frozen + max(measuring, 0) * gate
+    two = cfg.train.teacher_steps * teacher + students * frozen + max(measuring, 0) * gate
+    return {"run_s": run, "two_stage_run_s": two, "ratio_run_over_two_stage": run / two,
+            "benefit_gate_run_s": max(measuring, 0) * gate}
 
 
 LABELS = {"codistill": "(a) co-distillation step", "separate": "(b) every model's step alone (CE only)",
@@ -228,7 +235,8 @@ def print_report(result: dict, names: list[str]) -> None:
     if "ratio_run_over_two_stage" in result:
         print(f"  the whole run (head start, co-distillation, tail) against two-stage (the teacher's steps, then "
               f"the students'): {result['run_s']:,.0f} s / {result['two_stage_run_s']:,.0f} s = "
-              f"{result['ratio_run_over_two_stage']:.3f}")
+              f"{result['ratio_run_over_two_stage']:.3f} (the benefit gate's measuring steps, "
+              f"{result['benefit_gate_run_s']:,.0f} s, in both)")
     if "fused" in names:
         over_c = f"   ratio a'/c = {result['ratio_fused_a_over_c']:.3f}" if "ratio_fused_a_over_c" in result else ""
         print(f"  fused: ratio a'/b = {result['ratio_fused_a_over_b']:.3f}{over_c}   "
