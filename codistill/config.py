@@ -380,7 +380,7 @@ class ModelSpec(_Section):
         "default: the teacher for a student, the students for a listening teacher, the other peers in mode mutual")
     cache: Optional[str] = Field(None, description="soft-mode teacher: a top-k cache folder used instead of the model")
     tokenizer: Optional[str] = Field(None, description="its own tokenizer folder (default: the one in its pretrained "
-                                     "folder for the teacher, else data.tokenizer); a teacher's that differs from the "
+                                     "folder, else data.tokenizer); a teacher's that differs from the "
                                      "students' is distilled from across tokenizers (distill.cross_tokenizer); a "
                                      "student's own needs such a teacher, and reads its own side of the paired blocks")
     twin: bool = Field(False, description="a student: also train its copy on cross-entropy alone, named <name>_alone "

@@ -308,18 +308,20 @@ def teacher_tokenizer(cfg: RunConfig, run: PreTrainedTokenizerBase) -> Optional[
 
 
 def student_sides(cfg: RunConfig, run: PreTrainedTokenizerBase) -> dict[str, tuple[str, PreTrainedTokenizerBase]]:
-    """Each student with a tokenizer of its own (``students.N.tokenizer``) that differs from the run's: the prefix
-    of its side's columns in the paired blocks (codistill/crosstok.py ``side_prefix``: one side per distinct
-    tokenizer, numbered in the students' order; a twin or copy reads its student's) and that tokenizer."""
+    """Each student (modes codistill and soft) with a tokenizer of its own that differs from the run's
+    (``students.N.tokenizer``, else the one in its pretrained folder): the prefix of its side's columns in the
+    paired blocks (codistill/crosstok.py ``side_prefix``: one side per distinct tokenizer, numbered in the
+    students' order; a twin or copy reads its student's) and that tokenizer."""
     from .crosstok import side_prefix
 
     out, sides, loaded = {}, {}, {}
-    for spec in cfg.students:
-        if spec.tokenizer is None:
+    for spec in cfg.students if cfg.mode in ("codistill", "soft") else ():
+        folder = spec.tokenizer or pretrained_tokenizer_dir(spec)
+        if folder is None:
             continue
-        if spec.tokenizer not in loaded:
-            loaded[spec.tokenizer] = load_tokenizer(spec.tokenizer, f"{spec.name}.tokenizer")
-        tok = loaded[spec.tokenizer]
+        if str(folder) not in loaded:
+            loaded[str(folder)] = load_tokenizer(folder, f"{spec.name}.{'tokenizer' if spec.tokenizer else 'pretrained'}")
+        tok = loaded[str(folder)]
         fingerprint = tokenizer_fingerprint(tok)
         if fingerprint == tokenizer_fingerprint(run):
             continue

@@ -124,8 +124,9 @@ def check_model(spec: ModelSpec, cfg: PretrainedConfig, tokenizer: PreTrainedTok
     own = pretrained_tokenizer_dir(spec)
     if own is not None and tokenizer_fingerprint(load_tokenizer(own)) != tokenizer_fp:
         raise ConfigError(
-            f"{spec.name}.pretrained: the tokenizer in {own} differs from the run's tokenizer; teacher "
-            "and students must share one vocabulary"
+            f"{spec.name}.pretrained: the tokenizer in {own} differs from the one it would read; a model reads "
+            "the tokenizer its weights learned (a student its own beside a teacher with its own, in modes "
+            "codistill and soft; else data.tokenizer, shared)"
         )
     vocab = getattr(cfg, "vocab_size", None)
     if vocab is None or vocab < len(tokenizer):

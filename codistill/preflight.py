@@ -113,14 +113,15 @@ def check_sides(cfg: RunConfig, sides: dict[str, tuple[str, Any]], own: Any) -> 
     """What students with tokenizers of their own need, each refused in one line naming the key."""
     if not sides:
         return
-    first = next(iter(sides))
+    spec = next(s for s in cfg.students if s.name in sides)
+    key = f"{spec.name}.tokenizer" if spec.tokenizer else f"{spec.name}.pretrained"
     if own is None:
-        raise ConfigError(f"{first}.tokenizer: a student with a tokenizer of its own learns from a teacher with its "
-                          "own too (teacher.tokenizer, or the one in teacher.pretrained); set data.tokenizer to one "
-                          "student's and teacher.tokenizer to the teacher's")
+        raise ConfigError(f"{key}: a student with a tokenizer of its own (differing from data.tokenizer) learns from a "
+                          "teacher with its own too (teacher.tokenizer, or the one in teacher.pretrained); set "
+                          "data.tokenizer to one student's and teacher.tokenizer to the teacher's")
     if cfg.teacher.cache:
         raise ConfigError(f"{cfg.teacher.name}.cache: a cache is made over the blocks of one students' tokenizer; "
-                          f"{first} has its own ({first}.tokenizer): distil from the live teacher (teacher.pretrained)")
+                          f"{spec.name} has its own ({key}): distil from the live teacher (teacher.pretrained)")
 
 
 def check_inputs(cfg: RunConfig, output_dir: Path) -> Inputs:

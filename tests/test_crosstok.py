@@ -615,9 +615,10 @@ def test_what_a_student_with_its_own_tokenizer_needs_is_one_line(tmp_path, cross
 
     third = third_tokenizer(cross_setup)
     plain = [x for x in cross_setup if not x.startswith("teacher.tokenizer=")]
-    with pytest.raises(ConfigError, match=r"^student.tokenizer: a student with a tokenizer of its own learns from a "
-                                          r"teacher with its own too \(teacher.tokenizer, or the one in "
-                                          r"teacher.pretrained\); set data.tokenizer to one student's"):
+    with pytest.raises(ConfigError, match=r"^student.tokenizer: a student with a tokenizer of its own \(differing "
+                                          r"from data.tokenizer\) learns from a teacher with its own too "
+                                          r"\(teacher.tokenizer, or the one in teacher.pretrained\); set "
+                                          r"data.tokenizer to one student's"):
         check_inputs(load_config(MICRO, [*plain, f"students.0.tokenizer={third}", f"output_dir={tmp_path / 'a'}"]),
                      tmp_path / "a")
     with pytest.raises(ValueError, match=r"student.tokenizer: a student with a tokenizer of its own learns from a "
@@ -629,6 +630,25 @@ def test_what_a_student_with_its_own_tokenizer_needs_is_one_line(tmp_path, cross
     inputs.release()
     assert {name: prefix for name, (prefix, _) in inputs.sides.items()} == {"student": "s1_", "student_alone": "s1_"}
     assert inputs.own_vocab(cfg.students[1]) == THIRD_VOCAB and inputs.hf_configs["student_alone"].vocab_size == 384
+    # a pretrained student folder that holds its own tokenizer reads it, as a teacher's folder does
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from codistill.data import load_tokenizer
+
+    folder = tmp_path / "pretrained_student"
+    hf = AutoConfig.for_model("llama", vocab_size=THIRD_VOCAB, hidden_size=32, intermediate_size=64,
+                              num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    AutoModelForCausalLM.from_config(hf).save_pretrained(folder)
+    load_tokenizer(third).save_pretrained(folder)
+    student = (f"students=[{{name: student, pretrained: {folder}, deepspeed: {{zero_optimization: {{stage: 2}}, "
+               "optimizer: {type: AdamW, params: {lr: 1.0e-3}}}}]")
+    cfg = load_config(MICRO, [*cross_setup, student, f"output_dir={tmp_path / 'c'}"])
+    inputs = check_inputs(cfg, tmp_path / "c")
+    inputs.release()
+    assert inputs.side(cfg.students[0]) == "s1_" and inputs.own_vocab(cfg.students[0]) == THIRD_VOCAB
+    with pytest.raises(ConfigError, match=r"^student.pretrained: a student with a tokenizer of its own \(differing "
+                                          r"from data.tokenizer\) learns from a teacher with its own too"):
+        check_inputs(load_config(MICRO, [*plain, student, f"output_dir={tmp_path / 'd'}"]), tmp_path / "d")
     # a further side's student compares its CE with the teacher's per token of its side
     values = {"teacher/cross/loss_ce": 5.0, "teacher/cross/s1/loss_ce": 7.0, "teacher/train/loss_ce": 4.0}
     assert batch_ce(values, "teacher") == 5.0 and batch_ce(values, "teacher", "s1_") == 7.0
