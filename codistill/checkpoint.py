@@ -24,6 +24,7 @@ import pickle
 import random
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -112,6 +113,23 @@ def claim(output_dir: Path) -> Callable[[], None]:
     check_run_folder(output_dir)
     lock = output_dir / LOCK
     mine = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    with _signals_held():  # a stop that lands while the lock is written is raised once its release is registered
+        return _claimed(output_dir, lock, mine, made)
+
+
+@contextmanager
+def _signals_held():
+    """SIGINT and SIGTERM held back (delivered, and so raised, at the end of the block) on this thread."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _claimed(output_dir: Path, lock: Path, mine: dict, made: list[Path]) -> Callable[[], None]:
+    """:func:`claim`'s lock, written, and its release registered at exit."""
     for _ in range(2):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

@@ -40,6 +40,33 @@ def test_sigterm_finishes_the_step_saves_and_exits_zero_then_resumes(tmp_path):
     assert f"at step {step}" in resumed.stdout and f"step {step + 2}/{step + 2}" in resumed.stdout
 
 
+def test_a_stop_while_the_output_dir_is_claimed_lands_after_its_lock_is_written(tmp_path, monkeypatch):
+    """SIGTERM that arrives while the lock is being written is held back until the lock holds this process and
+    its release is registered at exit: a stop can never leave a lock that nothing will remove."""
+    from codistill import checkpoint
+
+    class Stop(Exception):
+        pass
+
+    claimed = checkpoint._claimed
+
+    def stopped_first(*args):
+        os.kill(os.getpid(), signal.SIGTERM)  # before the lock exists
+        return claimed(*args)
+
+    def stop(*_):
+        raise Stop
+
+    monkeypatch.setattr(checkpoint, "_claimed", stopped_first)
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        with pytest.raises(Stop):
+            checkpoint.claim(tmp_path / "run")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert json.loads((tmp_path / "run" / checkpoint.LOCK).read_text())["pid"] == os.getpid()
+
+
 def test_sigterm_during_start_up_ends_with_one_line_and_frees_the_output_dir(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen(launch_cmd(["--config", str(MICRO), f"output_dir={out}"], how="python", ranks=1), cwd=ROOT,
