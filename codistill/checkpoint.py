@@ -28,6 +28,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 from contextlib import contextmanager
@@ -119,13 +120,22 @@ def claim(output_dir: Path) -> Callable[[], None]:
 
 @contextmanager
 def _signals_held():
-    """SIGINT and SIGTERM held back (delivered, and so raised, at the end of the block) on this thread."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    """SIGINT and SIGTERM noted, not acted on, inside the block; the first one noted is then raised again, to the
+    handler that was in place (handlers run on the main thread, whichever thread the signal reached: elsewhere
+    nothing is held)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    noted: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, _frame: noted.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        if noted:
+            signal.raise_signal(noted[0])
 
 
 def _claimed(output_dir: Path, lock: Path, mine: dict, made: list[Path]) -> Callable[[], None]:
