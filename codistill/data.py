@@ -314,7 +314,7 @@ def student_sides(cfg: RunConfig, run: PreTrainedTokenizerBase) -> dict[str, tup
     students' order; a twin or copy reads its student's) and that tokenizer."""
     from .crosstok import side_prefix
 
-    out, sides, loaded = {}, {}, {}
+    out, sides, loaded, runs = {}, {}, {}, tokenizer_fingerprint(run)
     for spec in cfg.students if cfg.mode in ("codistill", "soft") else ():
         folder = spec.tokenizer or pretrained_tokenizer_dir(spec)
         if folder is None:
@@ -323,7 +323,7 @@ def student_sides(cfg: RunConfig, run: PreTrainedTokenizerBase) -> dict[str, tup
             loaded[str(folder)] = load_tokenizer(folder, f"{spec.name}.{'tokenizer' if spec.tokenizer else 'pretrained'}")
         tok = loaded[str(folder)]
         fingerprint = tokenizer_fingerprint(tok)
-        if fingerprint == tokenizer_fingerprint(run):
+        if fingerprint == runs:
             continue
         if fingerprint not in sides:
             sides[fingerprint] = (side_prefix(len(sides) + 1), tok)
@@ -332,8 +332,9 @@ def student_sides(cfg: RunConfig, run: PreTrainedTokenizerBase) -> dict[str, tup
 
 
 def side_tokenizers(sides: dict[str, tuple[str, PreTrainedTokenizerBase]]) -> list[PreTrainedTokenizerBase]:
-    """The further students' sides' tokenizers of :func:`student_sides`, in the order of their prefixes (s1_, s2_...)."""
-    return [tok for _, tok in sorted(dict(sides.values()).items(), key=lambda side: int(side[0][1:-1]))]
+    """The further students' sides' tokenizers of :func:`student_sides`, in the order of their prefixes (s1_, s2_...:
+    numbered as the students first name them, the order its dict holds them in)."""
+    return list(dict(sides.values()).values())
 
 
 def save_tokenizers(folder: Path, run: PreTrainedTokenizerBase, teacher_name: Optional[str],

@@ -164,12 +164,9 @@ class Shown:
                     or [sampling.pad_id] for p in cfg.train.sample_prompts[:count]]
         else:
             rows = [r[:PROMPT_TOKENS].tolist() for b in batches for r in b["input_ids"]][:count]
-        ids = torch.full((len(rows), max(map(len, rows))), sampling.pad_id, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, :len(r)] = torch.tensor(r)
         def decode(t: list[int]) -> str:
             return tokenizer.decode(t, skip_special_tokens=True)
-        shown = cls(ids, torch.tensor([len(r) for r in rows]), [decode(r) for r in rows], cfg.train.sample_tokens,
+        shown = cls(*_right_padded(rows, sampling.pad_id), [decode(r) for r in rows], cfg.train.sample_tokens,
                     sampling.stops, sampling.pad_id, decode)
         shown.sides = {side: shown.retokenized(tok) for side, tok in (own or {}).items()}
         return shown
@@ -179,8 +176,13 @@ class Shown:
         start, eos = start_tokens(tokenizer), tokenizer.eos_token_id
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
         rows = [start + tokenizer(text, add_special_tokens=False)["input_ids"] or [pad] for text in self.texts]
-        ids = torch.full((len(rows), max(map(len, rows))), pad, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, :len(r)] = torch.tensor(r)
-        return Shown(ids, torch.tensor([len(r) for r in rows]), self.texts, self.max_new_tokens, (eos,), pad,
+        return Shown(*_right_padded(rows, pad), self.texts, self.max_new_tokens, (eos,), pad,
                      lambda t: tokenizer.decode(t, skip_special_tokens=True))
+
+
+def _right_padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id rows as one tensor [N, longest] right-padded with ``pad``, and each row's length [N]."""
+    ids = torch.full((len(rows), max(map(len, rows))), pad, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r)
+    return ids, torch.tensor([len(r) for r in rows])

@@ -204,11 +204,11 @@ def run_cost(cfg, codistill: float, teacher: float, frozen: float, gate: float =
     d = cfg.distill_for(0)
     head, tail = d.head_start_steps, cfg.train.tail_steps
     students = cfg.train.max_steps - head
-    measuring = -(-(students - d.burn_in_steps) // d.benefit_interval) if d.benefit_gate else 0
-    run = head * teacher + (students - tail) * codistill + tail * frozen + max(measuring, 0) * gate
-    two = cfg.train.teacher_steps * teacher + students * frozen + max(measuring, 0) * gate
-    return {"run_s": run, "two_stage_run_s": two, "ratio_run_over_two_stage": run / two,
-            "benefit_gate_run_s": max(measuring, 0) * gate}
+    measuring = max(-(-(students - d.burn_in_steps) // d.benefit_interval), 0) if d.benefit_gate else 0
+    gated = measuring * gate
+    run = head * teacher + (students - tail) * codistill + tail * frozen + gated
+    two = cfg.train.teacher_steps * teacher + students * frozen + gated
+    return {"run_s": run, "two_stage_run_s": two, "ratio_run_over_two_stage": run / two, "benefit_gate_run_s": gated}
 
 
 LABELS = {"codistill": "(a) co-distillation step", "separate": "(b) every model's step alone (CE only)",
